@@ -1,0 +1,5 @@
+//! The Sluice control plane: policy validation today; serving, injection and
+//! rules generation build on it.
+#![forbid(unsafe_code)]
+
+pub mod validate;

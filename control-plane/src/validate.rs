@@ -1,0 +1,60 @@
+//! `sluice-cp validate PATH...`: the same checks the proxy and the control plane
+//! apply, run ahead of time (in CI, in a pre-commit hook).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sluice_policy::{Algorithm, TrafficPolicy};
+
+/// Validates every path together (names and hosts must be unique across all of
+/// them, as they would be when served). Exit 0 when valid, 1 otherwise.
+pub fn run(paths: &[PathBuf]) -> ExitCode {
+    match sluice_policy::load_paths(paths) {
+        Ok(set) => {
+            let mut out = std::io::stdout().lock();
+            for policy in &set.policies {
+                let _ = writeln!(out, "{}", summary(policy));
+            }
+            let _ = writeln!(
+                out,
+                "{} valid {}",
+                set.policies.len(),
+                plural(set.policies.len(), "policy", "policies")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            let _ = writeln!(std::io::stderr().lock(), "{errors}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+/// `demo: valid, 4 hosts, 3 backends (weighted-round-robin), 5 routes, mode enforce`
+pub fn summary(p: &TrafficPolicy) -> String {
+    let algorithm = match &p.load_balancer.algorithm {
+        Algorithm::WeightedRoundRobin => "weighted-round-robin".to_owned(),
+        Algorithm::P2cEwma => "p2c-ewma".to_owned(),
+        Algorithm::ConsistentHash { hash_on } => format!("consistent-hash on {hash_on}"),
+    };
+    format!(
+        "{}: valid, {} {}, {} {} ({algorithm}), {} {}, mode {}",
+        p.name,
+        p.hosts.len(),
+        plural(p.hosts.len(), "host", "hosts"),
+        p.backends.len(),
+        plural(p.backends.len(), "backend", "backends"),
+        p.routes.len(),
+        plural(p.routes.len(), "route", "routes"),
+        p.mode.as_str()
+    )
+}

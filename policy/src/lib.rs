@@ -1,0 +1,34 @@
+//! Sluice's policy model, shared by the proxy and the control plane.
+//!
+//! A `TrafficPolicy` document is read in two layers: the serde `*Spec` types in
+//! [`spec`] mirror the YAML and reject unknown fields; [`validate`] converts them
+//! with `TryFrom` into the [`model`] types, which the data plane trusts without
+//! re-checking. [`load`] reads files and directories and places every error at
+//! `file:line:column` with its YAML path.
+#![forbid(unsafe_code)]
+
+pub mod duration;
+pub mod error;
+pub mod load;
+pub mod model;
+mod node;
+pub mod schema;
+pub mod spec;
+mod unparse;
+pub mod validate;
+
+pub use error::{PolicyError, PolicyErrors, Problem};
+pub use load::{load_path, load_paths, parse_sources, parse_str};
+pub use model::*;
+
+/// Writes policies back as multi-document YAML in canonical form.
+pub fn to_yaml(set: &PolicySet) -> String {
+    let mut out = String::new();
+    for policy in &set.policies {
+        let spec = spec::TrafficPolicySpec::from(policy);
+        out.push_str("---\n");
+        // Serializing plain structs of strings and numbers cannot fail.
+        out.push_str(&serde_saphyr::to_string(&spec).unwrap_or_default());
+    }
+    out
+}

@@ -1,0 +1,335 @@
+//! Reading policy sources: a file or a directory of `*.yaml`/`*.yml`, each holding one
+//! or more documents. Every error found in any file is returned, placed at
+//! `file:line:column` with its YAML path; a source with any error yields no policy.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{did_you_mean, PolicyError, PolicyErrors, Problem, Violation};
+use crate::model::{PolicySet, TrafficPolicy};
+use crate::node::{self, PathIndex, Position};
+use crate::spec::TrafficPolicySpec;
+
+/// Largest policy file accepted. Policies are small; a bigger file is a mistake or
+/// an attack, and refusing it bounds parse time and memory.
+pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Most files read from one policy directory.
+pub const MAX_FILES: usize = 1024;
+
+/// One validated document and where it came from (for cross-document errors).
+struct Loaded {
+    policy: TrafficPolicy,
+    file: PathBuf,
+    index: PathIndex,
+}
+
+/// Loads a policy file or directory.
+pub fn load_path(path: &Path) -> Result<PolicySet, PolicyErrors> {
+    load_paths(&[path.to_owned()])
+}
+
+/// Loads several files or directories as one set: names and hosts must be unique
+/// across all of them, as they are when served together.
+pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        match policy_files(path) {
+            Ok(found) => files.extend(found),
+            Err(problem) => errors.push(PolicyError {
+                file: path.to_owned(),
+                line: 0,
+                column: 0,
+                path: String::new(),
+                problem,
+            }),
+        }
+    }
+    let mut sources = Vec::with_capacity(files.len());
+    for file in files {
+        match read_bounded(&file) {
+            Ok(text) => sources.push((file, text)),
+            Err(problem) => errors.push(PolicyError {
+                file,
+                line: 0,
+                column: 0,
+                path: String::new(),
+                problem,
+            }),
+        }
+    }
+    match parse_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str()))) {
+        Ok(set) if errors.is_empty() => Ok(set),
+        Ok(_) => Err(PolicyErrors(errors)),
+        Err(PolicyErrors(more)) => {
+            errors.extend(more);
+            Err(PolicyErrors(errors))
+        }
+    }
+}
+
+/// Parses policy text as if read from `file` (the name is only used in messages).
+pub fn parse_str(file: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
+    parse_sources([(file, text)])
+}
+
+/// Parses several named texts as one policy set (the cross-policy rules apply across them).
+pub fn parse_sources<'a>(
+    sources: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<PolicySet, PolicyErrors> {
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for (file, text) in sources {
+        parse_file(file, text, &mut loaded, &mut errors);
+    }
+    check_across(&loaded, &mut errors);
+    if errors.is_empty() {
+        Ok(PolicySet {
+            policies: loaded.into_iter().map(|l| l.policy).collect(),
+        })
+    } else {
+        Err(PolicyErrors(errors))
+    }
+}
+
+fn parse_file(file: &Path, text: &str, loaded: &mut Vec<Loaded>, errors: &mut Vec<PolicyError>) {
+    let first_new = errors.len();
+    parse_documents_of(file, text, loaded, errors);
+    // Report in reading order, whatever order the checks ran in.
+    errors[first_new..].sort_by_key(|e| (e.line, e.column));
+}
+
+fn parse_documents_of(
+    file: &Path,
+    text: &str,
+    loaded: &mut Vec<Loaded>,
+    errors: &mut Vec<PolicyError>,
+) {
+    let documents = match node::parse_documents(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            errors.push(PolicyError {
+                file: file.to_owned(),
+                line: e.position.line,
+                column: e.position.column,
+                path: String::new(),
+                problem: Problem::Invalid(format!("invalid YAML: {}", e.message)),
+            });
+            return;
+        }
+    };
+    for document in documents {
+        // `---` at the end of a file or between comments yields an empty document.
+        if matches!(document.value, node::Node::Null) {
+            continue;
+        }
+        let index = PathIndex::build(&document);
+        let place = |v: Violation| {
+            let Position { line, column } = if v.at_key {
+                index.key(&v.path)
+            } else {
+                index.value(&v.path)
+            };
+            PolicyError {
+                file: file.to_owned(),
+                line,
+                column,
+                path: v.path,
+                problem: v.problem,
+            }
+        };
+        let spec: TrafficPolicySpec =
+            match serde_path_to_error::deserialize(document.value.to_json()) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    errors.push(place(violation_from_serde(&e)));
+                    continue;
+                }
+            };
+        match TrafficPolicy::try_from(&spec) {
+            Ok(policy) => loaded.push(Loaded {
+                policy,
+                file: file.to_owned(),
+                index,
+            }),
+            Err(violations) => errors.extend(violations.into_iter().map(place)),
+        }
+    }
+}
+
+/// Turns serde's error (a path and a sentence) into a violation a person can act on.
+fn violation_from_serde(e: &serde_path_to_error::Error<serde_json::Error>) -> Violation {
+    let path = match e.path().to_string() {
+        p if p == "." => String::new(),
+        p => p,
+    };
+    let message = e.inner().to_string();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (field, expected) = split_expected(rest);
+        let suggestion = did_you_mean(&field, expected.iter().map(String::as_str));
+        let path = join(&path, &field);
+        return Violation {
+            path,
+            problem: Problem::UnknownField {
+                field,
+                suggestion,
+                expected,
+            },
+            at_key: true,
+        };
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let (got, expected) = split_expected(rest);
+        let suggestion = did_you_mean(&got, expected.iter().map(String::as_str));
+        return Violation::new(
+            path,
+            Problem::UnknownVariant {
+                got,
+                suggestion,
+                expected,
+            },
+        );
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.trim_end_matches('`').to_owned();
+        return Violation::new(path, Problem::MissingField { field });
+    }
+    // serde names Rust types ("i64", "struct RouteSpec"); say what YAML was expected.
+    let message = message
+        .replace(" i64", " an integer")
+        .replace(" f64", " a number");
+    let message = match message.split_once("expected struct ") {
+        Some((head, _)) if path.is_empty() => {
+            format!("{head}expected a TrafficPolicy document (apiVersion, kind, metadata, spec)")
+        }
+        Some((head, _)) => format!("{head}expected a mapping"),
+        None => message,
+    };
+    Violation::new(path, Problem::WrongType(message))
+}
+
+/// "`name`, expected one of `a`, `b`" -> ("name", ["a", "b"]).
+fn split_expected(rest: &str) -> (String, Vec<String>) {
+    let (name, tail) = rest.split_once('`').unwrap_or((rest, ""));
+    let expected = tail
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    (name.to_owned(), expected)
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() || path.ends_with(field) {
+        if path.is_empty() {
+            field.to_owned()
+        } else {
+            path.to_owned()
+        }
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// Rules spanning policies: names unique, each host governed by one policy.
+fn check_across(loaded: &[Loaded], errors: &mut Vec<PolicyError>) {
+    let mut names: HashMap<&str, &Loaded> = HashMap::new();
+    let mut hosts: HashMap<&str, &Loaded> = HashMap::new();
+    for l in loaded {
+        let at = |path: String, problem: Problem| {
+            let p = l.index.value(&path);
+            PolicyError {
+                file: l.file.clone(),
+                line: p.line,
+                column: p.column,
+                path,
+                problem,
+            }
+        };
+        if let Some(first) = names.insert(&l.policy.name, l) {
+            let where_first = first.index.value("metadata.name");
+            errors.push(at(
+                "metadata.name".into(),
+                Problem::Duplicate {
+                    what: "policy name",
+                    name: l.policy.name.clone(),
+                    first: format!(
+                        "at {}:{}:{}",
+                        first.file.display(),
+                        where_first.line,
+                        where_first.column
+                    ),
+                },
+            ));
+            names.insert(&first.policy.name, first);
+        }
+        for (i, host) in l.policy.hosts.iter().enumerate() {
+            match hosts.get(host.as_str()) {
+                Some(owner) if owner.policy.name != l.policy.name => errors.push(at(
+                    format!("spec.hosts[{i}]"),
+                    Problem::HostClaimed {
+                        host: host.clone(),
+                        policy: owner.policy.name.clone(),
+                    },
+                )),
+                _ => {
+                    hosts.insert(host, l);
+                }
+            }
+        }
+    }
+}
+
+fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Problem> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Problem::Invalid(format!("cannot read policy path: {e}")))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| Problem::Invalid(format!("cannot list policy directory: {e}")))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| Problem::Invalid(format!("cannot list policy directory: {e}")))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Kubernetes ConfigMap mounts hold `..data` and `..2024_...` entries next to the
+        // user-visible symlinks; only the visible names are policies.
+        if name.starts_with('.') {
+            continue;
+        }
+        let p = entry.path();
+        if (name.ends_with(".yaml") || name.ends_with(".yml")) && p.is_file() {
+            files.push(p);
+        }
+    }
+    if files.len() > MAX_FILES {
+        return Err(Problem::TooLarge {
+            max: format!("{MAX_FILES} policy files"),
+            got: files.len().to_string(),
+        });
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read_bounded(file: &Path) -> Result<String, Problem> {
+    let meta =
+        std::fs::metadata(file).map_err(|e| Problem::Invalid(format!("cannot read file: {e}")))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Problem::TooLarge {
+            max: format!("{MAX_FILE_BYTES} bytes"),
+            got: format!("{} bytes", meta.len()),
+        });
+    }
+    let bytes =
+        std::fs::read(file).map_err(|e| Problem::Invalid(format!("cannot read file: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Problem::Invalid(format!(
+            "not UTF-8 text (invalid byte at offset {}): is this a policy file?",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}

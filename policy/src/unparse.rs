@@ -1,0 +1,184 @@
+//! Model -> spec: the inverse of `validate`, so a validated policy can be written
+//! back as YAML (the control plane serves policies in their canonical form, and the
+//! round-trip property test holds the two directions to each other).
+
+use crate::duration;
+use crate::model::*;
+use crate::spec::*;
+
+fn mode(m: Mode) -> ModeSpec {
+    match m {
+        Mode::Enforce => ModeSpec::Enforce,
+        Mode::Shadow => ModeSpec::Shadow,
+    }
+}
+
+fn dur(d: std::time::Duration) -> DurationSpec {
+    DurationSpec(duration::format(d))
+}
+
+impl From<&TrafficPolicy> for TrafficPolicySpec {
+    fn from(p: &TrafficPolicy) -> Self {
+        TrafficPolicySpec {
+            api_version: API_VERSION.into(),
+            kind: KIND.into(),
+            metadata: MetadataSpec {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                labels: Default::default(),
+                annotations: Default::default(),
+            },
+            spec: PolicyBodySpec {
+                hosts: p.hosts.clone(),
+                mode: Some(mode(p.mode)),
+                backends: p
+                    .backends
+                    .iter()
+                    .map(|b| BackendSpec {
+                        address: b.address.to_string(),
+                        weight: Some(i64::from(b.weight)),
+                        protocol: Some(match b.protocol {
+                            Protocol::Http1 => ProtocolSpec::Http1,
+                            Protocol::H2c => ProtocolSpec::H2c,
+                        }),
+                    })
+                    .collect(),
+                load_balancer: Some(LoadBalancerSpec {
+                    algorithm: Some(match p.load_balancer.algorithm {
+                        Algorithm::WeightedRoundRobin => AlgorithmSpec::WeightedRoundRobin,
+                        Algorithm::P2cEwma => AlgorithmSpec::P2cEwma,
+                        Algorithm::ConsistentHash { .. } => AlgorithmSpec::ConsistentHash,
+                    }),
+                    hash_on: match &p.load_balancer.algorithm {
+                        Algorithm::ConsistentHash { hash_on } => Some(hash_on.to_string()),
+                        _ => None,
+                    },
+                    slow_start: p.load_balancer.slow_start.map(dur),
+                }),
+                health_check: p.health_check.as_ref().map(|h| HealthCheckSpec {
+                    path: h.path.clone(),
+                    interval: dur(h.interval),
+                    timeout: dur(h.timeout),
+                    unhealthy_after: Some(i64::from(h.unhealthy_after)),
+                    healthy_after: Some(i64::from(h.healthy_after)),
+                }),
+                outlier_detection: p.outlier_detection.as_ref().map(|o| OutlierDetectionSpec {
+                    consecutive_failures: i64::from(o.consecutive_failures),
+                    eject_for: dur(o.eject_for),
+                    max_ejected_percent: Some(i64::from(o.max_ejected_percent)),
+                }),
+                slo: p.slo.as_ref().map(|s| SloSpec {
+                    availability: s.availability,
+                    latency: s.latency.as_ref().map(|l| LatencySloSpec {
+                        threshold: dur(l.threshold),
+                        target: l.target,
+                    }),
+                }),
+                routes: p.routes.iter().map(route).collect(),
+            },
+        }
+    }
+}
+
+fn route(r: &Route) -> RouteSpec {
+    let m = &r.matcher;
+    RouteSpec {
+        name: r.name.clone(),
+        matcher: Some(MatchSpec {
+            path: match &m.path {
+                PathMatch::Exact(p) => Some(p.clone()),
+                _ => None,
+            },
+            path_prefix: match &m.path {
+                PathMatch::Prefix(p) => Some(p.clone()),
+                _ => None,
+            },
+            methods: m.methods.clone(),
+            headers: m.headers.iter().cloned().collect(),
+        }),
+        timeout: r.timeout.map(dur),
+        retries: r.retries.as_ref().map(|x| RetriesSpec {
+            attempts: i64::from(x.attempts),
+            on: x
+                .on
+                .iter()
+                .map(|o| match o {
+                    RetryOn::ConnectFailure => RetryOnSpec::ConnectFailure,
+                    RetryOn::GatewayError => RetryOnSpec::GatewayError,
+                    RetryOn::Reset => RetryOnSpec::Reset,
+                })
+                .collect(),
+            budget: Some(RetryBudgetSpec {
+                ratio: x.budget.ratio,
+                min_per_second: Some(x.budget.min_per_second),
+            }),
+        }),
+        rate_limit: r.rate_limit.as_ref().map(|l| RateLimitSpec {
+            requests_per_second: l.requests_per_second,
+            burst: i64::from(l.burst),
+            key: l.key.as_ref().map(|k| k.key.to_string()),
+            max_keys: l.key.as_ref().map(|k| i64::from(k.max_keys)),
+        }),
+        concurrency: r.concurrency.as_ref().map(|c| match c {
+            Concurrency::Fixed { max } => ConcurrencySpec {
+                max: Some(i64::from(*max)),
+                adaptive: None,
+            },
+            Concurrency::Adaptive { min, max } => ConcurrencySpec {
+                max: None,
+                adaptive: Some(AdaptiveSpec {
+                    min: i64::from(*min),
+                    max: i64::from(*max),
+                }),
+            },
+        }),
+        circuit_breaker: r.circuit_breaker.as_ref().map(|b| CircuitBreakerSpec {
+            consecutive_failures: b.consecutive_failures.map(i64::from),
+            error_ratio: b.error_ratio,
+            slow_call: b.slow_call.as_ref().map(|s| SlowCallSpec {
+                threshold: dur(s.threshold),
+                ratio: s.ratio,
+            }),
+            window: Some(dur(b.window)),
+            min_requests: Some(i64::from(b.min_requests)),
+            open_for: Some(dur(b.open_for)),
+            half_open_requests: Some(i64::from(b.half_open_requests)),
+        }),
+        fallback: r.fallback.as_ref().map(|f| {
+            let on =
+                f.on.iter()
+                    .map(|c| match c {
+                        FallbackCause::BreakerOpen => FallbackCauseSpec::BreakerOpen,
+                        FallbackCause::RateLimited => FallbackCauseSpec::RateLimited,
+                        FallbackCause::Overloaded => FallbackCauseSpec::Overloaded,
+                        FallbackCause::UpstreamError => FallbackCauseSpec::UpstreamError,
+                    })
+                    .collect();
+            match &f.action {
+                FallbackAction::Static {
+                    status,
+                    headers,
+                    body,
+                } => FallbackSpec {
+                    status: Some(i64::from(*status)),
+                    headers: headers.iter().cloned().collect(),
+                    body: Some(body.clone()),
+                    backend: None,
+                    on,
+                },
+                FallbackAction::Backend(a) => FallbackSpec {
+                    status: None,
+                    headers: Default::default(),
+                    body: None,
+                    backend: Some(a.to_string()),
+                    on,
+                },
+            }
+        }),
+        priority: r.priority.as_ref().map(|p| PrioritySpec {
+            header: p.header.clone(),
+            shed_first: p.shed_first.clone(),
+        }),
+        mode: r.mode.map(mode),
+    }
+}

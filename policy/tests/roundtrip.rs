@@ -1,0 +1,289 @@
+//! Property: any valid model, written back as YAML, parses to the same model.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use proptest::collection::{btree_set, vec};
+use proptest::option;
+use proptest::prelude::*;
+use sluice_policy::*;
+
+fn name() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9-]{0,8}[a-z0-9]"
+}
+
+fn duration() -> impl Strategy<Value = Duration> {
+    prop_oneof![
+        (1u64..5000).prop_map(Duration::from_millis),
+        (1u64..600).prop_map(Duration::from_secs),
+    ]
+}
+
+fn open_ratio() -> impl Strategy<Value = f64> {
+    (1u32..1000).prop_map(|x| f64::from(x) / 1000.0)
+}
+
+fn closed_ratio() -> impl Strategy<Value = f64> {
+    (0u32..=100).prop_map(|x| f64::from(x) / 100.0)
+}
+
+fn address() -> impl Strategy<Value = Address> {
+    (prop_oneof![name(), "127\\.0\\.0\\.[1-9]"], 1u16..=u16::MAX)
+        .prop_map(|(host, port)| Address { host, port })
+}
+
+fn key() -> impl Strategy<Value = Key> {
+    prop_oneof![Just(Key::ClientIp), "x-[a-z]{1,8}".prop_map(Key::Header)]
+}
+
+fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+    proptest::collection::btree_map("x-[a-z]{1,6}", "[a-z0-9]{0,6}", 0..3)
+        .prop_map(|m| m.into_iter().collect())
+}
+
+fn route(name: String) -> impl Strategy<Value = Route> {
+    let matcher = (
+        prop_oneof![
+            Just(PathMatch::Any),
+            "/[a-z]{0,6}".prop_map(PathMatch::Exact),
+            "/[a-z]{0,6}".prop_map(PathMatch::Prefix)
+        ],
+        btree_set(prop_oneof![Just("GET"), Just("POST"), Just("PUT")], 0..3),
+        headers(),
+    )
+        .prop_map(|(path, methods, headers)| RouteMatch {
+            path,
+            methods: methods.into_iter().map(str::to_owned).collect(),
+            headers,
+        });
+    let retries = (
+        1u32..=10,
+        btree_set(0usize..3, 1..3),
+        closed_ratio(),
+        (0u32..100).prop_map(f64::from),
+    )
+        .prop_map(|(attempts, on, ratio, min_per_second)| Retries {
+            attempts,
+            on: on
+                .into_iter()
+                .map(|i| {
+                    [
+                        RetryOn::ConnectFailure,
+                        RetryOn::GatewayError,
+                        RetryOn::Reset,
+                    ][i]
+                })
+                .collect(),
+            budget: RetryBudget {
+                ratio,
+                min_per_second,
+            },
+        });
+    let rate_limit = (
+        (1u32..100_000).prop_map(|x| f64::from(x) / 4.0),
+        1u32..10_000,
+        option::of(
+            (key(), 1u32..1_000_000).prop_map(|(key, max_keys)| KeyedLimit { key, max_keys }),
+        ),
+    )
+        .prop_map(|(requests_per_second, burst, key)| RateLimit {
+            requests_per_second,
+            burst,
+            key,
+        });
+    let concurrency = prop_oneof![
+        (1u32..1000).prop_map(|max| Concurrency::Fixed { max }),
+        (1u32..100, 0u32..1000).prop_map(|(min, extra)| Concurrency::Adaptive {
+            min,
+            max: min + extra
+        }),
+    ];
+    let breaker = (
+        option::of(1u32..100),
+        option::of(closed_ratio()),
+        option::of(
+            (duration(), closed_ratio())
+                .prop_map(|(threshold, ratio)| SlowCall { threshold, ratio }),
+        ),
+        (duration(), 1u32..1000, duration(), 1u32..10),
+    )
+        .prop_filter("a breaker needs a trigger", |(c, e, s, _)| {
+            c.is_some() || e.is_some() || s.is_some()
+        })
+        .prop_map(
+            |(
+                consecutive_failures,
+                error_ratio,
+                slow_call,
+                (window, min_requests, open_for, half_open_requests),
+            )| {
+                CircuitBreaker {
+                    consecutive_failures,
+                    error_ratio,
+                    slow_call,
+                    window,
+                    min_requests,
+                    open_for,
+                    half_open_requests,
+                }
+            },
+        );
+    let fallback = (
+        prop_oneof![
+            (200u16..600, headers(), "[ -~]{0,20}").prop_map(|(status, headers, body)| {
+                FallbackAction::Static {
+                    status,
+                    headers,
+                    body,
+                }
+            }),
+            address().prop_map(FallbackAction::Backend),
+        ],
+        btree_set(0usize..4, 1..4),
+    )
+        .prop_map(|(action, on)| Fallback {
+            action,
+            on: on.into_iter().map(|i| FallbackCause::ALL[i]).collect(),
+        });
+    let priority = ("x-[a-z]{1,6}", vec("[a-z]{1,5}", 1..3))
+        .prop_map(|(header, shed_first)| Priority { header, shed_first });
+    (
+        matcher,
+        option::of(duration()),
+        option::of(retries),
+        option::of(rate_limit),
+        option::of(concurrency),
+        option::of(breaker),
+        option::of(fallback),
+        option::of(priority),
+        option::of(prop_oneof![Just(Mode::Enforce), Just(Mode::Shadow)]),
+    )
+        .prop_map(
+            move |(
+                matcher,
+                timeout,
+                retries,
+                rate_limit,
+                concurrency,
+                circuit_breaker,
+                fallback,
+                priority,
+                mode,
+            )| Route {
+                name: name.clone(),
+                matcher,
+                timeout,
+                retries,
+                rate_limit,
+                concurrency,
+                circuit_breaker,
+                fallback,
+                priority,
+                mode,
+            },
+        )
+}
+
+fn policy() -> impl Strategy<Value = TrafficPolicy> {
+    let backends = btree_set(address(), 0..4).prop_flat_map(|addrs| {
+        let n = addrs.len();
+        (Just(addrs), vec(1u32..=10_000, n), vec(any::<bool>(), n))
+    });
+    let algorithm = prop_oneof![
+        Just(Algorithm::WeightedRoundRobin),
+        Just(Algorithm::P2cEwma),
+        key().prop_map(|hash_on| Algorithm::ConsistentHash { hash_on }),
+    ];
+    let routes = btree_set(name(), 0..4)
+        .prop_flat_map(|names| names.into_iter().map(route).collect::<Vec<_>>());
+    (
+        name(),
+        btree_set("[a-z]{1,8}(\\.[a-z]{1,5})?", 0..3),
+        prop_oneof![Just(Mode::Enforce), Just(Mode::Shadow)],
+        backends,
+        (algorithm, option::of(duration())),
+        option::of(
+            ("/[a-z]{0,5}", duration(), 1u32..10, 1u32..10).prop_map(|(path, t, u, h)| {
+                HealthCheck {
+                    path,
+                    interval: t * 2,
+                    timeout: t,
+                    unhealthy_after: u,
+                    healthy_after: h,
+                }
+            }),
+        ),
+        option::of(
+            (1u32..20, duration(), 0u8..=100).prop_map(|(c, e, m)| OutlierDetection {
+                consecutive_failures: c,
+                eject_for: e,
+                max_ejected_percent: m,
+            }),
+        ),
+        option::of(
+            (
+                option::of(open_ratio()),
+                option::of((duration(), open_ratio())),
+            )
+                .prop_map(|(availability, latency)| Slo {
+                    availability,
+                    latency: latency.map(|(threshold, target)| LatencySlo { threshold, target }),
+                }),
+        ),
+        routes,
+    )
+        .prop_map(
+            |(
+                name,
+                hosts,
+                mode,
+                (addrs, weights, h2c),
+                (algorithm, slow_start),
+                health_check,
+                outlier_detection,
+                slo,
+                routes,
+            )| {
+                TrafficPolicy {
+                    hosts: hosts.into_iter().map(|h| format!("{name}-{h}")).collect(),
+                    name,
+                    namespace: None,
+                    mode,
+                    backends: addrs
+                        .into_iter()
+                        .zip(weights)
+                        .zip(h2c)
+                        .map(|((address, weight), h2c)| Backend {
+                            address,
+                            weight,
+                            protocol: if h2c { Protocol::H2c } else { Protocol::Http1 },
+                        })
+                        .collect(),
+                    load_balancer: LoadBalancer {
+                        algorithm,
+                        slow_start,
+                    },
+                    health_check,
+                    outlier_detection,
+                    slo,
+                    routes,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn any_valid_model_round_trips_through_yaml(policies in vec(policy(), 1..3)) {
+        let mut seen = BTreeSet::new();
+        let policies: Vec<_> = policies.into_iter().filter(|p| seen.insert(p.name.clone())).collect();
+        let set = PolicySet { policies };
+        let yaml = to_yaml(&set);
+        let parsed = parse_str(Path::new("roundtrip.yaml"), &yaml)
+            .map_err(|e| TestCaseError::fail(format!("{e}\n--- yaml ---\n{yaml}")))?;
+        prop_assert_eq!(parsed, set, "yaml:\n{}", yaml);
+    }
+}
