@@ -1,0 +1,85 @@
+//! The admin listener (loopback by default): `/live`, `/ready`, `/metrics`,
+//! `/config_dump`. Read-only; it never changes the proxy's state.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use sluice_policy::spec::TrafficPolicySpec;
+
+use crate::accesslog::Timestamp;
+use crate::proxy::Shared;
+
+pub struct Admin {
+    pub shared: Arc<Shared>,
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
+    let mut resp = http::Response::new(body);
+    *resp.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = resp.headers_mut();
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        headers.insert(http::header::CONTENT_TYPE, v);
+    }
+    let len = resp.body().len();
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    resp
+}
+
+impl Admin {
+    /// The admin response for `path` (separate from the session for tests).
+    pub fn answer(&self, path: &str) -> http::Response<Vec<u8>> {
+        let runtime = self.shared.runtime.load_full();
+        match path {
+            "/live" => reply(200, "text/plain", b"live\n".to_vec()),
+            "/ready" => match &runtime {
+                Some(rt) => reply(
+                    200,
+                    "text/plain",
+                    format!("ready: policy version {} from {}\n", rt.version, rt.source)
+                        .into_bytes(),
+                ),
+                None => reply(
+                    503,
+                    "text/plain",
+                    b"not ready: no valid policy loaded yet\n".to_vec(),
+                ),
+            },
+            "/metrics" => reply(
+                200,
+                "text/plain; version=0.0.4",
+                self.shared.metrics.render(),
+            ),
+            "/config_dump" => {
+                let dump = match &runtime {
+                    Some(rt) => serde_json::json!({
+                        "version": rt.version,
+                        "source": rt.source,
+                        "loadedAt": Timestamp(rt.loaded_at).to_string(),
+                        "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
+                    }),
+                    None => serde_json::json!({"version": null, "source": null, "policies": []}),
+                };
+                let mut body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
+                body.push(b'\n');
+                reply(200, "application/json", body)
+            }
+            _ => reply(
+                404,
+                "text/plain",
+                b"not found; try /live, /ready, /metrics, /config_dump\n".to_vec(),
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_owned();
+        self.answer(&path)
+    }
+}

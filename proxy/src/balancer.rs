@@ -1,0 +1,186 @@
+//! Smooth weighted round robin (nginx's algorithm) over a policy's backends.
+//!
+//! nginx's SWRR spreads picks evenly: with weights 5/1/1 it yields a a b a c a a, not
+//! a a a a a b c, so no backend gets a burst. Its state (one running score per
+//! backend) would need a lock per pick; instead the whole period of the sequence
+//! (the sum of the weights, after dividing by their gcd) is computed once when the
+//! policy is compiled, and a pick is one atomic increment of a cursor into it. The
+//! sequence is exactly nginx's, so any window of `period` consecutive picks splits
+//! exactly by weight (90/10: any 100 consecutive picks are exactly 90 and 10).
+//!
+//! Bound: periods longer than [`MAX_PERIOD`] (only with many backends and large,
+//! coprime weights) are scaled down proportionally, keeping every weight >= 1.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sluice_policy::{Backend, LoadBalancer};
+
+/// Longest precomputed sequence (2 bytes per entry: 128 KiB at most).
+pub const MAX_PERIOD: u64 = 1 << 16;
+
+/// The rule a balancer was built from: state carries over a reload only when this is equal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalancerRule {
+    pub backends: Vec<Backend>,
+    pub load_balancer: LoadBalancer,
+}
+
+pub struct Balancer {
+    rule: BalancerRule,
+    sequence: Vec<u16>,
+    cursor: AtomicUsize,
+}
+
+impl Balancer {
+    pub fn new(rule: BalancerRule) -> Self {
+        let weights: Vec<u64> = rule.backends.iter().map(|b| u64::from(b.weight)).collect();
+        Balancer {
+            sequence: smooth_sequence(&weights),
+            rule,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn rule(&self) -> &BalancerRule {
+        &self.rule
+    }
+
+    /// The next backend index in the smooth order, skipping those `skip` rejects
+    /// (already tried, unhealthy). `None` when every backend is skipped.
+    pub fn pick(&self, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        let len = self.sequence.len();
+        if len == 0 {
+            return None;
+        }
+        // Bounded: one full period visits every backend with weight > 0.
+        for _ in 0..len {
+            let at = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
+            let index = usize::from(self.sequence[at]);
+            if !skip(index) {
+                return Some(index);
+            }
+        }
+        None
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// nginx's smooth weighted round robin, run for one full period.
+fn smooth_sequence(weights: &[u64]) -> Vec<u16> {
+    let divisor = weights.iter().copied().filter(|w| *w > 0).fold(0, gcd);
+    if divisor == 0 || weights.len() > usize::from(u16::MAX) {
+        return Vec::new();
+    }
+    let mut weights: Vec<u64> = weights.iter().map(|w| w / divisor).collect();
+    let total: u64 = weights.iter().sum();
+    if total > MAX_PERIOD {
+        for w in weights.iter_mut().filter(|w| **w > 0) {
+            *w = (*w * MAX_PERIOD / total).max(1);
+        }
+    }
+    let total: i64 = weights.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; weights.len()];
+    let mut sequence = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += *w as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        sequence.push(best as u16);
+    }
+    sequence
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_policy::{Address, Protocol};
+
+    fn balancer(weights: &[u32]) -> Balancer {
+        Balancer::new(BalancerRule {
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| Backend {
+                    address: Address {
+                        host: "127.0.0.1".into(),
+                        port: 9000 + i as u16,
+                    },
+                    weight: *w,
+                    protocol: Protocol::Http1,
+                })
+                .collect(),
+            load_balancer: LoadBalancer::default(),
+        })
+    }
+
+    #[test]
+    fn matches_nginx_smooth_order() {
+        let b = balancer(&[5, 1, 1]);
+        let picks: Vec<usize> = (0..7).map(|_| b.pick(|_| false).unwrap_or(99)).collect();
+        assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn any_hundred_consecutive_picks_split_exactly_ninety_ten() {
+        let b = balancer(&[90, 10]);
+        let picks: Vec<usize> = (0..1000).map(|_| b.pick(|_| false).unwrap_or(99)).collect();
+        for window in picks.windows(100) {
+            assert_eq!(window.iter().filter(|i| **i == 0).count(), 90);
+        }
+    }
+
+    #[test]
+    fn zero_weight_backends_get_nothing_and_skips_fall_through() {
+        let b = balancer(&[0, 3, 1]);
+        for _ in 0..100 {
+            assert_ne!(b.pick(|_| false), Some(0));
+        }
+        assert_eq!(b.pick(|i| i == 1), Some(2));
+        assert_eq!(b.pick(|_| true), None);
+        assert_eq!(balancer(&[]).pick(|_| false), None);
+    }
+
+    #[test]
+    fn huge_periods_are_bounded() {
+        let b = balancer(&[10_000, 9_999, 9_997, 9_991, 9_973, 9_967, 9_949, 9_941]);
+        assert!(b.sequence.len() as u64 <= MAX_PERIOD + 8);
+    }
+
+    proptest::proptest! {
+        /// Over one period every backend gets exactly its (reduced) weight, and the
+        /// picks are smooth: a backend's count never strays from its ideal share by
+        /// a whole pick.
+        #[test]
+        fn one_period_splits_exactly_by_weight(weights in proptest::collection::vec(1u32..50, 1..6)) {
+            let b = balancer(&weights);
+            let total: u32 = weights.iter().sum();
+            let g = weights.iter().fold(0, |a, w| gcd(a, u64::from(*w))) as u32;
+            let period = (total / g) as usize;
+            proptest::prop_assert_eq!(b.sequence.len(), period);
+            let mut counts = vec![0u32; weights.len()];
+            for step in 1..=period {
+                let i = b.pick(|_| false).unwrap_or(0);
+                counts[i] += 1;
+                for (j, w) in weights.iter().enumerate() {
+                    let ideal = f64::from(*w) * step as f64 / f64::from(total);
+                    proptest::prop_assert!((f64::from(counts[j]) - ideal).abs() < 1.0 + 1e-9);
+                }
+            }
+            for (j, w) in weights.iter().enumerate() {
+                proptest::prop_assert_eq!(counts[j], w / g);
+            }
+        }
+    }
+}

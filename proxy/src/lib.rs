@@ -1,0 +1,19 @@
+//! Sluice's data plane: a pingora proxy governed by `TrafficPolicy`.
+//!
+//! `ProxyHttp` phases ([`proxy`]) stay thin and call plain components with
+//! synchronous APIs: the router and compiled snapshot ([`runtime`]), token buckets
+//! ([`ratelimit`]), the balancer ([`balancer`]). All live policy state is one
+//! `ArcSwap` of a [`runtime::Runtime`], replaced whole by [`source`] on reload.
+#![forbid(unsafe_code)]
+
+pub mod accesslog;
+pub mod admin;
+pub mod balancer;
+pub mod demo_upstream;
+pub mod metrics;
+pub mod proxy;
+pub mod ratelimit;
+pub mod runtime;
+pub mod shutdown;
+pub mod source;
+pub mod trace;

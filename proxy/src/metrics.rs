@@ -1,0 +1,209 @@
+//! The proxy's Prometheus metrics, on an explicit registry (no globals), so every
+//! proxy instance and every test has its own.
+//!
+//! Labels are bounded by configuration: policy, route and backend names come from the
+//! policy, outcomes and decisions from fixed sets; never raw paths or client IPs.
+//! The request-duration histogram is a custom collector because each route's buckets
+//! include that route's SLO latency threshold, which a single `HistogramVec` (one
+//! bucket layout for all) cannot express.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::runtime::Runtime;
+
+/// Bucket bounds (seconds) every route gets; a route's SLO threshold is added to them.
+pub const BASE_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub rate_limit_keys: IntGaugeVec,
+    pub rate_limit_overflow: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub policy_reloads: IntCounterVec,
+    pub policy_info: IntGaugeVec,
+    pub inflight: IntGauge,
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// Registers every metric; `runtime` is read at scrape time for the per-route histograms.
+    pub fn register(
+        registry: Registry,
+        runtime: Arc<ArcSwapOption<Runtime>>,
+    ) -> prometheus::Result<Self> {
+        let r = &registry;
+        let inflight = IntGauge::new(
+            "sluice_inflight_requests_current",
+            "Requests being served right now, all routes.",
+        )?;
+        r.register(Box::new(inflight.clone()))?;
+        r.register(Box::new(DurationCollector::new(runtime)?))?;
+        Ok(Metrics {
+            requests: counter(
+                r,
+                "sluice_requests_total",
+                "Requests answered, by policy, route, status class and governance decision.",
+                &["policy", "route", "code_class", "decision"],
+            )?,
+            rate_limited: counter(
+                r,
+                "sluice_rate_limited_total",
+                "Requests over a route's rate limit; mode=shadow ones were let through.",
+                &["policy", "route", "mode"],
+            )?,
+            rate_limit_keys: gauge(
+                r,
+                "sluice_rate_limit_keys",
+                "Keys with a token bucket of their own on a keyed rate limit.",
+                &["policy", "route"],
+            )?,
+            rate_limit_overflow: counter(
+                r,
+                "sluice_rate_limit_overflow_total",
+                "Requests whose key found the maxKeys cap reached and shared the overflow bucket.",
+                &["policy", "route"],
+            )?,
+            upstream_requests: counter(
+                r,
+                "sluice_upstream_requests_total",
+                "Attempts to reach a backend, by outcome (success, http_5xx, connect_error, timeout, error).",
+                &["policy", "backend", "outcome"],
+            )?,
+            policy_reloads: counter(
+                r,
+                "sluice_policy_reloads_total",
+                "Policy loads, by result (accepted, rejected, unchanged) and source.",
+                &["result", "source"],
+            )?,
+            policy_info: gauge(
+                r,
+                "sluice_policy_info",
+                "1 for the policy version being served.",
+                &["version"],
+            )?,
+            inflight,
+            registry,
+        })
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on malformed families, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// `sluice_request_duration_seconds{policy,route}`: a histogram per route, created
+/// with the route (so its buckets include the SLO threshold) and carried over reloads
+/// with it; removed routes disappear from the exposition.
+struct DurationCollector {
+    runtime: Arc<ArcSwapOption<Runtime>>,
+    desc: Desc,
+}
+
+pub const DURATION_NAME: &str = "sluice_request_duration_seconds";
+const DURATION_HELP: &str = "Time from request received to response finished, by policy and route.";
+
+impl DurationCollector {
+    fn new(runtime: Arc<ArcSwapOption<Runtime>>) -> prometheus::Result<Self> {
+        let desc = Desc::new(
+            DURATION_NAME.into(),
+            DURATION_HELP.into(),
+            vec!["policy".into(), "route".into()],
+            Default::default(),
+        )?;
+        Ok(DurationCollector { runtime, desc })
+    }
+}
+
+impl Collector for DurationCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(runtime) = self.runtime.load_full() else {
+            return Vec::new();
+        };
+        let mut family: Option<MetricFamily> = None;
+        for route in runtime.routes() {
+            for mut f in route.duration.collect() {
+                match family.as_mut() {
+                    None => family = Some(f),
+                    Some(all) => all.mut_metric().append(f.mut_metric()),
+                }
+            }
+        }
+        family.into_iter().collect()
+    }
+}
+
+/// A route's duration histogram: base buckets plus its SLO threshold.
+pub fn route_histogram(
+    policy: &str,
+    route: &str,
+    slo_threshold: Option<Duration>,
+) -> prometheus::Result<Histogram> {
+    let mut buckets = BASE_BUCKETS.to_vec();
+    if let Some(t) = slo_threshold {
+        let t = t.as_secs_f64();
+        if !buckets.iter().any(|b| (b - t).abs() < 1e-9) {
+            buckets.push(t);
+            buckets.sort_by(f64::total_cmp);
+        }
+    }
+    Histogram::with_opts(
+        HistogramOpts::new(DURATION_NAME, DURATION_HELP)
+            .const_label("policy", policy)
+            .const_label("route", route)
+            .buckets(buckets),
+    )
+}
+
+/// `2xx`-style class of a status code.
+pub fn code_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}

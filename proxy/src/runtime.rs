@@ -1,0 +1,233 @@
+//! The compiled, live policy: one immutable snapshot (routes, limiters, balancers,
+//! metric handles) that a request pins for its whole life.
+//!
+//! A new snapshot is built off the request path from a validated `PolicySet` and the
+//! previous snapshot. Stateful parts whose rule did not change are *carried over*
+//! (the same `Arc` moves into the new snapshot): a token bucket keeps its tokens, a
+//! balancer its position, a histogram its counts. Every stateful component goes
+//! through [`carry`], so later ones (breakers, EWMA) get the same guarantee.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::Histogram;
+use sluice_policy::{Mode, PathMatch, PolicySet, Protocol, Route, TrafficPolicy};
+
+use crate::balancer::{Balancer, BalancerRule};
+use crate::metrics::route_histogram;
+use crate::ratelimit::RouteLimiter;
+
+pub struct Runtime {
+    /// Content hash of the canonical policy: equal policies give equal versions on
+    /// every proxy, which makes version skew visible.
+    pub version: String,
+    /// Where the policy came from (`file:/path`, later `control-plane:URL`).
+    pub source: String,
+    pub loaded_at: SystemTime,
+    pub set: PolicySet,
+    pub policies: Vec<PolicyRuntime>,
+    hosts: HashMap<String, usize>,
+}
+
+pub struct PolicyRuntime {
+    pub name: String,
+    pub mode: Mode,
+    pub routes: Vec<RouteRuntime>,
+    pub balancer: Arc<Balancer>,
+    pub backends: Vec<Target>,
+}
+
+/// A backend as the proxy dials it.
+pub struct Target {
+    /// `host:port` as written in the policy: the metrics label.
+    pub label: String,
+    /// Resolved when the snapshot was built; `None` if the name did not resolve.
+    pub addr: Option<SocketAddr>,
+    pub protocol: Protocol,
+}
+
+pub struct RouteRuntime {
+    pub policy: String,
+    pub name: String,
+    pub route: Route,
+    /// The route's override, else the policy's mode.
+    pub mode: Mode,
+    pub limiter: Option<Arc<RouteLimiter>>,
+    pub duration: Histogram,
+    /// Part of the histogram's bucket layout, so part of its carry-over rule.
+    slo_threshold: Option<std::time::Duration>,
+}
+
+/// Where a request goes: indices into the runtime it was routed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    NoPolicy,
+    NoRoute { policy: usize },
+    Route { policy: usize, route: usize },
+}
+
+/// Reuses `previous` when `same` says its rule is unchanged, else builds anew.
+pub fn carry<S>(
+    previous: Option<&Arc<S>>,
+    same: impl Fn(&S) -> bool,
+    make: impl FnOnce() -> S,
+) -> Arc<S> {
+    match previous {
+        Some(p) if same(p) => Arc::clone(p),
+        _ => Arc::new(make()),
+    }
+}
+
+impl Runtime {
+    pub fn build(
+        set: PolicySet,
+        source: String,
+        previous: Option<&Runtime>,
+    ) -> prometheus::Result<Runtime> {
+        let mut policies = Vec::with_capacity(set.policies.len());
+        let mut hosts = HashMap::new();
+        for (index, policy) in set.policies.iter().enumerate() {
+            let before = previous.and_then(|p| p.policy(&policy.name));
+            policies.push(compile_policy(policy, before)?);
+            for host in &policy.hosts {
+                hosts.insert(host.clone(), index);
+            }
+        }
+        Ok(Runtime {
+            version: version_of(&set),
+            source,
+            loaded_at: SystemTime::now(),
+            set,
+            policies,
+            hosts,
+        })
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&PolicyRuntime> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &RouteRuntime> {
+        self.policies.iter().flat_map(|p| p.routes.iter())
+    }
+
+    /// Matches the Host (port ignored, case-insensitive) to a policy, then the first
+    /// route whose path, method and headers match.
+    pub fn route<'h>(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<&'h [u8]>,
+    ) -> Routed {
+        let bare = sluice_policy::validate::host_without_port(host);
+        let found = if bare.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.hosts.get(&bare.to_ascii_lowercase())
+        } else {
+            self.hosts.get(bare)
+        };
+        let Some(&policy) = found else {
+            return Routed::NoPolicy;
+        };
+        let matched = self.policies[policy].routes.iter().position(|r| {
+            let m = &r.route.matcher;
+            let path_ok = match &m.path {
+                PathMatch::Any => true,
+                PathMatch::Exact(p) => path == p,
+                PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            };
+            path_ok
+                && (m.methods.is_empty() || m.methods.iter().any(|x| x == method))
+                && m.headers
+                    .iter()
+                    .all(|(name, value)| header(name) == Some(value.as_bytes()))
+        });
+        match matched {
+            Some(route) => Routed::Route { policy, route },
+            None => Routed::NoRoute { policy },
+        }
+    }
+}
+
+fn compile_policy(
+    policy: &TrafficPolicy,
+    before: Option<&PolicyRuntime>,
+) -> prometheus::Result<PolicyRuntime> {
+    let rule = BalancerRule {
+        backends: policy.backends.clone(),
+        load_balancer: policy.load_balancer.clone(),
+    };
+    let balancer = carry(
+        before.map(|b| &b.balancer),
+        |b| *b.rule() == rule,
+        || Balancer::new(rule.clone()),
+    );
+    let backends = policy
+        .backends
+        .iter()
+        .map(|b| Target {
+            label: b.address.to_string(),
+            addr: (b.address.host.as_str(), b.address.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next()),
+            protocol: b.protocol,
+        })
+        .collect();
+    let slo_threshold = policy
+        .slo
+        .as_ref()
+        .and_then(|s| s.latency.as_ref())
+        .map(|l| l.threshold);
+    let mut routes = Vec::with_capacity(policy.routes.len());
+    for route in &policy.routes {
+        let old = before.and_then(|b| b.routes.iter().find(|r| r.name == route.name));
+        let limiter = route.rate_limit.as_ref().map(|rule| {
+            carry(
+                old.and_then(|o| o.limiter.as_ref()),
+                |l| l.rule() == rule,
+                || RouteLimiter::new(rule, governor::clock::DefaultClock::default()),
+            )
+        });
+        // The histogram carries over while its bucket layout is unchanged.
+        let duration = match old {
+            Some(o) if o.slo_threshold == slo_threshold => o.duration.clone(),
+            _ => route_histogram(&policy.name, &route.name, slo_threshold)?,
+        };
+        routes.push(RouteRuntime {
+            policy: policy.name.clone(),
+            name: route.name.clone(),
+            mode: route.effective_mode(policy.mode),
+            route: route.clone(),
+            limiter,
+            duration,
+            slo_threshold,
+        });
+    }
+    Ok(PolicyRuntime {
+        name: policy.name.clone(),
+        mode: policy.mode,
+        routes,
+        balancer,
+        backends,
+    })
+}
+
+/// FNV-1a over the canonical YAML: stable across processes and Rust versions.
+fn version_of(set: &PolicySet) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sluice_policy::to_yaml(set).bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")[..12].to_owned()
+}
+
+/// Milliseconds since the epoch, for logs and dumps.
+pub fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

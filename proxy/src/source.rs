@@ -1,0 +1,176 @@
+//! Policy from a file or directory, applied at start and on every change.
+//!
+//! The watch is on the *directory* (the file's parent, or the policy directory itself)
+//! because editors and Kubernetes replace files rather than write them in place: a
+//! ConfigMap mount swaps its `..data` symlink, an editor renames a temp file over
+//! the original. Only create/modify/remove/rename events of policy files or of the
+//! `..`-prefixed ConfigMap entries count; inotify's access events (our own reads)
+//! are ignored, which is what keeps a reload from triggering the next one. Events
+//! are debounced so one save is one reload.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use serde_json::json;
+
+use crate::accesslog::event;
+use crate::proxy::Shared;
+use crate::runtime::Runtime;
+
+/// Quiet time after the last event before reloading.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A stream of events never delays a reload longer than this.
+pub const MAX_DELAY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    Accepted,
+    Unchanged,
+    Rejected,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Accepted => "accepted",
+            ReloadResult::Unchanged => "unchanged",
+            ReloadResult::Rejected => "rejected",
+        }
+    }
+}
+
+pub struct FileSource {
+    pub shared: Arc<Shared>,
+    pub path: PathBuf,
+}
+
+impl FileSource {
+    fn label(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+
+    /// Loads, validates and swaps in the policy. A rejected policy leaves the
+    /// current one serving.
+    pub fn reload(&self) -> ReloadResult {
+        let result = match sluice_policy::load_path(&self.path) {
+            Err(errors) => {
+                for e in &errors.0 {
+                    event(
+                        "error",
+                        "policy rejected",
+                        json!({"error": e.to_string(), "source": self.label()}),
+                    );
+                }
+                ReloadResult::Rejected
+            }
+            Ok(set) => {
+                let current = self.shared.runtime.load_full();
+                match Runtime::build(set, self.label(), current.as_deref()) {
+                    Err(e) => {
+                        event(
+                            "error",
+                            "policy rejected",
+                            json!({"error": e.to_string(), "source": self.label()}),
+                        );
+                        ReloadResult::Rejected
+                    }
+                    Ok(next) if current.as_ref().is_some_and(|c| c.version == next.version) => {
+                        ReloadResult::Unchanged
+                    }
+                    Ok(next) => {
+                        let metrics = &self.shared.metrics;
+                        if let Some(old) = &current {
+                            let _ = metrics
+                                .policy_info
+                                .remove_label_values(&[old.version.as_str()]);
+                        }
+                        metrics
+                            .policy_info
+                            .with_label_values(&[next.version.as_str()])
+                            .set(1);
+                        event(
+                            "info",
+                            "policy applied",
+                            json!({
+                                "version": next.version,
+                                "previous": current.as_ref().map(|c| c.version.clone()),
+                                "policies": next.policies.len(),
+                                "source": self.label(),
+                            }),
+                        );
+                        self.shared.runtime.store(Some(Arc::new(next)));
+                        ReloadResult::Accepted
+                    }
+                }
+            }
+        };
+        self.shared
+            .metrics
+            .policy_reloads
+            .with_label_values(&[result.as_str(), "file"])
+            .inc();
+        result
+    }
+
+    /// Starts watching; the returned watcher must be kept alive. Changes are applied
+    /// on a dedicated thread, off the request path.
+    pub fn watch(self) -> notify::Result<notify::RecommendedWatcher> {
+        let (tx, rx) = mpsc::channel();
+        let mut watcher = notify::recommended_watcher(tx)?;
+        let is_dir = self.path.is_dir();
+        let dir = if is_dir {
+            self.path.clone()
+        } else {
+            self.path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned()
+        };
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let file_name = (!is_dir)
+            .then(|| self.path.file_name().map(|n| n.to_owned()))
+            .flatten();
+        std::thread::Builder::new()
+            .name("policy-watch".into())
+            .spawn(move || {
+                let relevant = |e: &notify::Event| {
+                    matches!(
+                        e.kind,
+                        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                    ) && e.paths.iter().any(|p| {
+                        let Some(name) = p.file_name() else {
+                            return false;
+                        };
+                        let text = name.to_string_lossy();
+                        text.starts_with("..")
+                            || match &file_name {
+                                Some(f) => name == f.as_os_str(),
+                                None => text.ends_with(".yaml") || text.ends_with(".yml"),
+                            }
+                    })
+                };
+                // Ends when the watcher (and so the sender) is dropped.
+                while let Ok(first) = rx.recv() {
+                    if !first.as_ref().is_ok_and(relevant) {
+                        continue;
+                    }
+                    let started = Instant::now();
+                    loop {
+                        let left = MAX_DELAY.saturating_sub(started.elapsed());
+                        match rx.recv_timeout(DEBOUNCE.min(left)) {
+                            Ok(_) if !left.is_zero() => continue,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                            _ => break,
+                        }
+                    }
+                    self.reload();
+                }
+            })
+            .map_err(|e| notify::Error::generic(&e.to_string()))?;
+        Ok(watcher)
+    }
+}
