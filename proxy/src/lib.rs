@@ -9,6 +9,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod balancer;
+pub mod demo_client;
 pub mod demo_upstream;
 pub mod metrics;
 pub mod proxy;

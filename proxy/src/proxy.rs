@@ -118,6 +118,11 @@ impl Ctx {
     }
 }
 
+/// Request bodies up to this size are read and discarded when the proxy answers
+/// itself, so the client's keep-alive connection stays usable; larger (or chunked)
+/// bodies are not waited for and the connection is closed after the answer.
+pub const MAX_DRAINED_BODY: u64 = 64 * 1024;
+
 /// Writes a complete response with a body (Content-Length set, so the client
 /// connection stays usable).
 async fn respond(
@@ -126,6 +131,18 @@ async fn respond(
     headers: &[(&'static str, String)],
     body: String,
 ) -> Result<()> {
+    let req = &session.req_header().headers;
+    let chunked = req.contains_key(http::header::TRANSFER_ENCODING);
+    let length = req
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if chunked || length > MAX_DRAINED_BODY {
+        session.set_keepalive(None);
+    } else if length > 0 {
+        session.drain_request_body().await?;
+    }
     let mut resp = ResponseHeader::build(status, Some(headers.len() + 2))?;
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     for (name, value) in headers {
@@ -414,6 +431,27 @@ impl ProxyHttp for SluiceProxy {
             let what = match code {
                 504 => "sluice: the backend did not answer within the route's timeout".to_owned(),
                 400 => "sluice: malformed request".to_owned(),
+                _ if matches!(
+                    e.etype(),
+                    ErrorType::ConnectRefused
+                        | ErrorType::ConnectTimedout
+                        | ErrorType::ConnectNoRoute
+                        | ErrorType::ConnectError
+                ) =>
+                {
+                    let (name, last) = match (ctx.policy(), ctx.backend) {
+                        (Some(p), Some(i)) => (
+                            p.name.as_str(),
+                            p.backends.get(i).map(|b| b.label.as_str()).unwrap_or("?"),
+                        ),
+                        _ => ("?", "?"),
+                    };
+                    format!(
+                        "sluice: no backend of policy {name:?} accepted a connection ({} tried, last {last}: {})",
+                        ctx.tried.len(),
+                        e.etype().as_str()
+                    )
+                }
                 _ => match (ctx.policy(), ctx.backend) {
                     (Some(p), _) if matches!(e.etype(), ErrorType::HTTPStatus(_)) => {
                         format!(

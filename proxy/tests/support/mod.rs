@@ -1,0 +1,297 @@
+//! Shared helpers for the proxy's integration tests: a minimal HTTP/1.1 client, raw
+//! socket exchanges, free ports, temporary directories, and [`ProxyProcess`], which runs
+//! the real `sluice-proxy` binary and reads its access log and stderr.
+//!
+//! The client is hand-rolled on tokio and `httparse` so tests see the wire exactly:
+//! keep-alive is explicit (one [`HttpClient`] is one connection, never silently
+//! reconnected) and nothing is retried or rewritten behind the test's back.
+//!
+//! Every wait is bounded: a request gives up after 10 s, a raw exchange after 5 s,
+//! readiness after 15 s; a test that fails does so with the proxy's stderr in hand.
+
+// Each test file uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use sluice_proxy::demo_client::{get, HttpClient};
+
+const RAW_TIMEOUT: Duration = Duration::from_secs(5);
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// Most bytes `send_raw` keeps.
+const MAX_RAW_BYTES: usize = 1024 * 1024;
+
+/// Writes `bytes` as they are, then returns everything read until the peer closes or
+/// 5 s pass. The write side stays open, so a well-formed request should carry
+/// `Connection: close` or the call takes the full 5 s. A reset after some bytes arrived
+/// returns those bytes.
+pub async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(bytes).await?;
+    let deadline = tokio::time::Instant::now() + RAW_TIMEOUT;
+    let mut received = Vec::new();
+    // Ends at EOF, at the deadline, or at the size cap.
+    while received.len() < MAX_RAW_BYTES {
+        received.reserve(8 * 1024);
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut received)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) if !received.is_empty() => break,
+            Ok(Err(err)) => return Err(err),
+        }
+    }
+    Ok(received)
+}
+
+/// A loopback port that was free a moment ago. Another process may take it before the
+/// caller binds it; that is rare enough for tests, and shows up as a bind error.
+pub fn free_port() -> u16 {
+    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A fresh directory under cargo's per-target scratch space, removed on drop — unless
+/// the test is panicking, in which case it is kept and its path printed for inspection.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> Self {
+        // Unique across tests in this process (counter) and across runs (pid, clock).
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "sluice-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("create temp dir {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes (or replaces) file `name` in this directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path.join(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.path.display());
+            return;
+        }
+        // Best effort: a leftover directory under target/ harms nothing.
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The real `sluice-proxy` binary, running on free loopback ports, killed on drop.
+pub struct ProxyProcess {
+    /// Behind a mutex so `&self` methods can reap it: once reaped, its PID may be
+    /// reused, so every signal is sent while holding this lock and only to a child
+    /// known to be unreaped.
+    child: Mutex<Child>,
+    pid: u32,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+    dir: TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts `sluice-proxy --policy <policy> --listen 127.0.0.1:<free> --admin
+    /// 127.0.0.1:<free> <extra_args>`, with stdout and stderr captured to files.
+    /// Call [`ProxyProcess::wait_ready`] before sending traffic.
+    pub fn start(policy: impl AsRef<Path>, extra_args: &[&str]) -> Self {
+        let dir = TempDir::new();
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let stdout_path = dir.path().join("stdout.log");
+        let stderr_path = dir.path().join("stderr.log");
+        let create = |path: &Path| {
+            File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-proxy"))
+            .arg("--policy")
+            .arg(policy.as_ref())
+            .args(["--listen", &listen.to_string()])
+            .args(["--admin", &admin.to_string()])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(create(&stdout_path))
+            .stderr(create(&stderr_path))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn sluice-proxy: {e}"));
+        Self {
+            pid: child.id(),
+            child: Mutex::new(child),
+            listen,
+            admin,
+            stdout_path,
+            stderr_path,
+            dir,
+        }
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The scratch directory holding the captured output; tests may keep files here.
+    pub fn dir(&self) -> &TempDir {
+        &self.dir
+    }
+
+    /// Polls `GET /ready` on the admin address until it answers 200. Panics with the
+    /// proxy's stderr if that takes over 15 s or the proxy exits first.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        // Bounded by the deadline.
+        loop {
+            if let Some(status) = self.exit_status() {
+                panic!(
+                    "sluice-proxy exited ({status}) before it was ready; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                panic!(
+                    "sluice-proxy not ready after {READY_TIMEOUT:?} on {}; stderr:\n{}",
+                    self.admin,
+                    self.stderr()
+                );
+            }
+            let probe = get(self.admin, "127.0.0.1", "/ready");
+            if let Ok(Ok(response)) = tokio::time::timeout(remaining, probe).await {
+                if response.status == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Sends SIGTERM. Panics if the proxy has already exited.
+    pub fn sigterm(&self) {
+        let mut child = self.lock_child();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "sigterm: sluice-proxy already exited ({status}); stderr:\n{}",
+                self.stderr()
+            );
+        }
+        // The child is unreaped while we hold the lock, so the PID is still its own.
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("run kill: {e}"));
+        assert!(killed.success(), "kill -TERM {} failed: {killed}", self.pid);
+    }
+
+    /// Waits up to `timeout` for the proxy to exit. Async so that in-process fake
+    /// upstreams on the same runtime keep serving while the proxy drains.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        // Bounded by the deadline.
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Everything the proxy wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path)
+    }
+
+    /// Everything the proxy wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
+    /// The JSON access-log records on stdout so far. A last line still being written
+    /// (no newline yet) is left for the next call; any other line that is not JSON
+    /// fails the test, since stdout is meant to carry only the access log.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        let stdout = self.stdout();
+        let complete = stdout.rsplit_once('\n').map_or("", |(done, _)| done);
+        complete
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"))
+            })
+            .collect()
+    }
+
+    fn exit_status(&self) -> Option<ExitStatus> {
+        self.lock_child().try_wait().ok().flatten()
+    }
+
+    fn lock_child(&self) -> MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Ok(None) = child.try_wait() {
+            // SIGKILL to our own unreaped child, then reap it so no zombie is left.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    match fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
