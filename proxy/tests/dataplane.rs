@@ -287,7 +287,12 @@ async fn rate_limited_requests_get_429_with_retry_after_and_ratelimit_headers() 
         2,
         "the limited request never reached the backend"
     );
-    let m = metrics(&proxy).await;
+    let m = metrics_once(
+        &proxy,
+        "sluice_requests_total{code_class=\"4xx\",decision=\"rate_limited\",policy=\"shop\",route=\"limited\"}",
+        1.0,
+    )
+    .await;
     assert_eq!(
         sample(
             &m,
@@ -456,7 +461,12 @@ async fn reload_applies_within_a_second_and_an_invalid_policy_keeps_the_last_goo
             .header("x-upstream"),
         Some("b")
     );
-    let m = metrics(&proxy).await;
+    let m = metrics_once(
+        &proxy,
+        "sluice_policy_reloads_total{result=\"rejected\",source=\"file\"}",
+        1.0,
+    )
+    .await;
     assert_eq!(
         sample(
             &m,
@@ -616,7 +626,12 @@ async fn fifty_reloads_under_load_fail_no_request_and_mix_no_versions() {
     for c in clients {
         responses.extend(c.await.expect("client task"));
     }
-    let m = metrics(&proxy).await;
+    let m = metrics_once(
+        &proxy,
+        "sluice_policy_reloads_total{result=\"accepted\",source=\"file\"}",
+        51.0,
+    )
+    .await;
     assert_eq!(
         sample(
             &m,
