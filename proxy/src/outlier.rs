@@ -1,0 +1,369 @@
+//! Passive outlier ejection: take a backend out of rotation after consecutive failed
+//! real requests, and put it back by itself after a while.
+//!
+//! Active health checks probe one path every few seconds; a backend that passes them
+//! but fails real traffic (a broken dependency, a full disk) is only caught here. This
+//! follows Envoy's `consecutive_5xx` detector:
+//!
+//! - `consecutive_failures` failures in a row (connect error, timeout or 5xx, as the
+//!   caller decides) eject the backend; any success resets the streak.
+//! - The ejection lasts `eject_for * (times ejected before + 1)`, so a backend that
+//!   keeps failing as soon as it returns stays out longer each time. The multiplier is
+//!   capped at [`MAX_EJECTION_MULTIPLIER`] (Envoy's defaults, 30 s base and 300 s
+//!   `max_ejection_time`, are the same factor of 10), so a backend is never gone for
+//!   more than ten base periods. Like Envoy, which decrements the multiplier for
+//!   every interval a host stays un-ejected, the count of past ejections drops by one
+//!   for every `eject_for` the backend has been back without being ejected again.
+//! - An ejected backend returns when its time is up; there is no timer, `is_ejected`
+//!   compares against the injected `now`.
+//! - Results of requests that finish while their backend is ejected (sent before the
+//!   ejection) are ignored: they say nothing about the backend after its break.
+//!
+//! Cap: at most [`OutlierDetector::max_ejected`] backends are ejected at once:
+//! `floor(n * max_ejected_percent / 100)`, but at least one when the percentage is
+//! above zero. The floor keeps the percentage a true upper bound for large sets;
+//! "at least one" is Envoy's rule, so that 10% of a three-backend service still
+//! ejects a failing backend instead of never ejecting anything. A percentage of 0
+//! turns ejection off. With one backend and a percentage above zero that backend can
+//! be ejected; the caller then has no candidate and should fall back to ignoring
+//! ejection (Envoy's panic mode) rather than fail every request.
+//!
+//! Thread safety: each backend's counters sit in their own small `Mutex`, held for a
+//! few assignments per recorded outcome, so requests to different backends do not
+//! contend. Ejecting (rare) additionally takes one detector-wide lock so that checking
+//! the cap and ejecting are one step: two backends failing at the same moment cannot
+//! both squeeze under the cap. Lock order is always detector lock, then backend lock.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use sluice_policy::OutlierDetection;
+
+/// Longest ejection, in multiples of `eject_for`.
+pub const MAX_EJECTION_MULTIPLIER: u32 = 10;
+
+#[derive(Debug, Default)]
+struct Slot {
+    consecutive_failures: u32,
+    ejected_until: Option<Instant>,
+    /// Past ejections, before the decay for the clean time since `ejected_until`.
+    times_ejected: u32,
+}
+
+impl Slot {
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| until > now)
+    }
+}
+
+#[derive(Debug)]
+pub struct OutlierDetector {
+    rule: OutlierDetection,
+    slots: Vec<Mutex<Slot>>,
+    /// Serialises "count ejected, then eject" so the cap holds under concurrency.
+    ejecting: Mutex<()>,
+}
+
+/// The guarded data is counters and instants that are valid after any partial
+/// update, so a poisoned lock is simply taken over.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl OutlierDetector {
+    pub fn new(rule: &OutlierDetection, n: usize) -> Self {
+        OutlierDetector {
+            rule: rule.clone(),
+            slots: (0..n).map(|_| Mutex::new(Slot::default())).collect(),
+            ejecting: Mutex::new(()),
+        }
+    }
+
+    pub fn rule(&self) -> &OutlierDetection {
+        &self.rule
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// How many backends may be ejected at once (see the module doc for the rounding).
+    pub fn max_ejected(&self) -> usize {
+        let n = self.slots.len();
+        let percent = usize::from(self.rule.max_ejected_percent.min(100));
+        if percent == 0 || n == 0 {
+            0
+        } else {
+            (n * percent / 100).max(1)
+        }
+    }
+
+    /// An outcome of a real request to `index` (failure = connect error, timeout or
+    /// 5xx). Returns `true` when this call ejected the backend.
+    pub fn record(&self, index: usize, failed: bool, now: Instant) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        {
+            let mut slot = lock(slot);
+            if slot.is_ejected(now) {
+                return false;
+            }
+            if !failed {
+                slot.consecutive_failures = 0;
+                return false;
+            }
+            slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
+            if slot.consecutive_failures < self.rule.consecutive_failures.max(1) {
+                return false;
+            }
+            // Released before taking the detector lock, to keep the lock order.
+        }
+        let _ejecting = lock(&self.ejecting);
+        if self.ejected_count(now) >= self.max_ejected() {
+            // The streak is kept: the next failure tries again, and ejects as soon
+            // as another backend has returned.
+            return false;
+        }
+        let mut slot = lock(slot);
+        // Another thread may have ejected it, or a success reset the streak, while
+        // no lock was held.
+        if slot.is_ejected(now) || slot.consecutive_failures < self.rule.consecutive_failures.max(1)
+        {
+            return false;
+        }
+        let before = self.decayed_times_ejected(&slot, now);
+        let length = ejection_length(self.rule.eject_for, before.saturating_add(1));
+        let Some(until) = now.checked_add(length) else {
+            return false;
+        };
+        slot.ejected_until = Some(until);
+        slot.times_ejected = before.saturating_add(1);
+        slot.consecutive_failures = 0;
+        true
+    }
+
+    /// Past ejections minus one per `eject_for` the backend has been back since the last.
+    fn decayed_times_ejected(&self, slot: &Slot, now: Instant) -> u32 {
+        let (Some(returned_at), false) = (slot.ejected_until, self.rule.eject_for.is_zero())
+        else {
+            return slot.times_ejected;
+        };
+        let clean = now.saturating_duration_since(returned_at);
+        let periods = clean.as_nanos() / self.rule.eject_for.as_nanos();
+        let periods = u32::try_from(periods).unwrap_or(u32::MAX);
+        slot.times_ejected.saturating_sub(periods)
+    }
+
+    /// An ejected backend returns by itself once its time is up.
+    pub fn is_ejected(&self, index: usize, now: Instant) -> bool {
+        self.slots
+            .get(index)
+            .is_some_and(|slot| lock(slot).is_ejected(now))
+    }
+
+    /// When an ejected backend returns; `None` when it is not ejected at `now`.
+    pub fn ejected_until(&self, index: usize, now: Instant) -> Option<Instant> {
+        let slot = lock(self.slots.get(index)?);
+        slot.ejected_until.filter(|until| *until > now)
+    }
+
+    pub fn ejected_count(&self, now: Instant) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| lock(slot).is_ejected(now))
+            .count()
+    }
+}
+
+/// How long the `times`-th ejection (1-based, after decay) lasts:
+/// `eject_for * min(times, MAX_EJECTION_MULTIPLIER)`.
+pub fn ejection_length(eject_for: Duration, times: u32) -> Duration {
+    eject_for.saturating_mul(times.clamp(1, MAX_EJECTION_MULTIPLIER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: Duration = Duration::from_secs(30);
+
+    fn detector(consecutive_failures: u32, max_ejected_percent: u8, n: usize) -> OutlierDetector {
+        OutlierDetector::new(
+            &OutlierDetection {
+                consecutive_failures,
+                eject_for: BASE,
+                max_ejected_percent,
+            },
+            n,
+        )
+    }
+
+    /// Fails `index` until it is ejected; returns how many failures it took.
+    fn fail_until_ejected(d: &OutlierDetector, index: usize, now: Instant) -> usize {
+        (1..=1_000).find(|_| d.record(index, true, now)).unwrap_or(0)
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures() {
+        let t0 = Instant::now();
+        let d = detector(5, 100, 4);
+        for _ in 0..4 {
+            assert!(!d.record(0, true, t0));
+        }
+        assert!(!d.is_ejected(0, t0));
+        assert!(d.record(0, true, t0));
+        assert!(d.is_ejected(0, t0));
+        assert_eq!(d.ejected_count(t0), 1);
+        assert_eq!(d.ejected_until(0, t0), Some(t0 + BASE));
+    }
+
+    #[test]
+    fn a_success_resets_the_streak() {
+        let t0 = Instant::now();
+        let d = detector(3, 100, 1);
+        for _ in 0..20 {
+            assert!(!d.record(0, true, t0));
+            assert!(!d.record(0, true, t0));
+            assert!(!d.record(0, false, t0));
+        }
+        assert!(!d.is_ejected(0, t0));
+    }
+
+    #[test]
+    fn returns_by_itself_after_its_time() {
+        let t0 = Instant::now();
+        let d = detector(1, 100, 2);
+        assert!(d.record(1, true, t0));
+        assert!(d.is_ejected(1, t0 + BASE - Duration::from_millis(1)));
+        assert!(!d.is_ejected(1, t0 + BASE));
+        assert_eq!(d.ejected_count(t0 + BASE), 0);
+    }
+
+    #[test]
+    fn outcomes_while_ejected_are_ignored() {
+        let t0 = Instant::now();
+        let d = detector(2, 100, 1);
+        assert_eq!(fail_until_ejected(&d, 0, t0), 2);
+        for _ in 0..10 {
+            assert!(!d.record(0, true, t0 + Duration::from_secs(1)));
+        }
+        // Back with a clean streak: one failure is not enough.
+        let back = t0 + BASE;
+        assert!(!d.record(0, true, back));
+        assert!(!d.is_ejected(0, back));
+    }
+
+    #[test]
+    fn repeated_ejections_grow_up_to_the_cap() {
+        let t0 = Instant::now();
+        let d = detector(1, 100, 1);
+        let mut now = t0;
+        for times in 1..=12u32 {
+            assert!(d.record(0, true, now));
+            let expected = BASE * times.min(MAX_EJECTION_MULTIPLIER);
+            assert_eq!(d.ejected_until(0, now), Some(now + expected));
+            assert_eq!(expected, ejection_length(BASE, times));
+            // Fails again the moment it returns.
+            now += expected;
+        }
+    }
+
+    #[test]
+    fn time_back_in_rotation_shrinks_the_next_ejection() {
+        let t0 = Instant::now();
+        let d = detector(1, 100, 1);
+        assert!(d.record(0, true, t0));
+        let back = t0 + BASE;
+        assert!(d.record(0, true, back));
+        let back = back + BASE * 2;
+        assert!(d.record(0, true, back));
+        let back = back + BASE * 3;
+        // Three past ejections; two clean periods leave one, so the next lasts 2x.
+        let later = back + BASE * 2;
+        assert!(d.record(0, true, later));
+        assert_eq!(d.ejected_until(0, later), Some(later + BASE * 2));
+    }
+
+    #[test]
+    fn never_ejects_more_than_the_percentage() {
+        let t0 = Instant::now();
+        let d = detector(1, 50, 5);
+        assert_eq!(d.max_ejected(), 2);
+        assert!(d.record(0, true, t0));
+        assert!(d.record(1, true, t0));
+        assert!(!d.record(2, true, t0));
+        assert!(!d.is_ejected(2, t0));
+        assert_eq!(d.ejected_count(t0), 2);
+        // Once one returns, the still-failing backend is ejected on its next failure.
+        let back = t0 + BASE;
+        assert!(d.record(2, true, back));
+    }
+
+    #[test]
+    fn rounds_down_but_allows_one_ejection_unless_zero_percent() {
+        assert_eq!(detector(1, 10, 3).max_ejected(), 1);
+        assert_eq!(detector(1, 10, 25).max_ejected(), 2);
+        assert_eq!(detector(1, 100, 4).max_ejected(), 4);
+        assert_eq!(detector(1, 0, 10).max_ejected(), 0);
+        assert_eq!(detector(1, 50, 0).max_ejected(), 0);
+        let t0 = Instant::now();
+        let off = detector(1, 0, 3);
+        assert!(!off.record(0, true, t0));
+        assert_eq!(off.ejected_count(t0), 0);
+    }
+
+    #[test]
+    fn unknown_index_is_ignored() {
+        let t0 = Instant::now();
+        let d = detector(1, 100, 1);
+        assert!(!d.record(3, true, t0));
+        assert!(!d.is_ejected(3, t0));
+        assert_eq!(d.ejected_until(3, t0), None);
+    }
+
+    #[test]
+    fn the_cap_holds_under_concurrent_failures() {
+        let t0 = Instant::now();
+        let d = detector(3, 30, 10);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for round in 0..50 {
+                        for index in 0..10 {
+                            d.record(index, round % 7 != 6, t0);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(d.ejected_count(t0), 3);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ejected_count_never_exceeds_the_cap(
+            n in 1usize..12,
+            percent in 0u8..=100,
+            threshold in 1u32..4,
+            ops in proptest::collection::vec((0usize..12, proptest::bool::weighted(0.8), 0u64..20), 0..300),
+        ) {
+            let d = detector(threshold, percent, n);
+            let cap = if percent == 0 { 0 } else { (n * usize::from(percent) / 100).max(1) };
+            proptest::prop_assert_eq!(d.max_ejected(), cap);
+            let mut now = Instant::now();
+            for (index, failed, advance_s) in ops {
+                now += Duration::from_secs(advance_s);
+                let ejected = d.record(index % n, failed, now);
+                if ejected {
+                    proptest::prop_assert!(d.is_ejected(index % n, now));
+                }
+                proptest::prop_assert!(d.ejected_count(now) <= cap);
+            }
+        }
+    }
+}
