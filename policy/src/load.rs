@@ -138,22 +138,148 @@ fn parse_documents_of(
                 problem: v.problem,
             }
         };
-        let spec: TrafficPolicySpec =
-            match serde_path_to_error::deserialize(document.value.to_json()) {
-                Ok(spec) => spec,
-                Err(e) => {
-                    errors.push(place(violation_from_serde(&e)));
-                    continue;
-                }
-            };
+        let (spec, shape_errors, explained) = deserialize_all(document.value.to_json());
+        let had_shape_errors = !shape_errors.is_empty();
+        errors.extend(shape_errors.into_iter().map(place));
+        let Some(spec) = spec else { continue };
         match TrafficPolicy::try_from(&spec) {
+            Ok(_) if had_shape_errors => {}
             Ok(policy) => loaded.push(Loaded {
                 policy,
                 file: file.to_owned(),
                 index,
             }),
-            Err(violations) => errors.extend(violations.into_iter().map(place)),
+            Err(violations) => errors.extend(
+                violations
+                    .into_iter()
+                    .filter(|v| !explained.contains(&v.path))
+                    .map(place),
+            ),
         }
+    }
+}
+
+/// Most shape errors reported for one document before giving up.
+const MAX_SHAPE_ERRORS: usize = 64;
+
+/// Deserializes the spec, collecting every shape error rather than the first: a
+/// field serde rejects (unknown, or of the wrong type) is reported, removed, and
+/// deserialization is tried again, so the value checks still run on the rest.
+/// Stops when removing the field would only produce a "missing field" for it.
+fn deserialize_all(
+    mut json: serde_json::Value,
+) -> (Option<TrafficPolicySpec>, Vec<Violation>, Vec<String>) {
+    let mut violations: Vec<Violation> = Vec::new();
+    // Fields already reported (removed, or suggested for a typo): a later "missing
+    // field" or value error for one of them says nothing new.
+    let mut explained: Vec<String> = Vec::new();
+    for _ in 0..MAX_SHAPE_ERRORS {
+        let error = match serde_path_to_error::deserialize::<_, TrafficPolicySpec>(&json) {
+            Ok(spec) => return (Some(spec), violations, explained),
+            Err(e) => e,
+        };
+        let violation = violation_from_serde(&error);
+        match &violation.problem {
+            Problem::MissingField { field } => {
+                let full = join(&violation.path, field);
+                if !explained.contains(&full) {
+                    violations.push(violation);
+                    break;
+                }
+                // A required field we removed: put back a placeholder of whatever
+                // type lets deserialization go on; its value is never reported.
+                if !fill_placeholder(&mut json, error.path(), field) {
+                    break;
+                }
+                continue;
+            }
+            Problem::UnknownField { suggestion, .. } => {
+                if let (Some(s), Some((parent, _))) = (suggestion, violation.path.rsplit_once('.'))
+                {
+                    explained.push(join(parent, s));
+                }
+            }
+            Problem::WrongType(_) | Problem::UnknownVariant { .. } => {
+                explained.push(violation.path.clone())
+            }
+            _ => {}
+        }
+        let removed = remove_at(&mut json, error.path(), &violation);
+        violations.push(violation);
+        if !removed {
+            break;
+        }
+    }
+    (None, violations, explained)
+}
+
+/// Inserts `field` into the map at `path` with the first placeholder value that
+/// deserializes there; false if none does.
+fn fill_placeholder(
+    json: &mut serde_json::Value,
+    path: &serde_path_to_error::Path,
+    field: &str,
+) -> bool {
+    use serde_json::json;
+    for candidate in [json!(1), json!("1s"), json!(true), json!([]), json!({})] {
+        let mut attempt = json.clone();
+        let Some(serde_json::Value::Object(map)) = value_at(&mut attempt, path.iter()) else {
+            return false;
+        };
+        map.insert(field.to_owned(), candidate);
+        let same_field_fails = match serde_path_to_error::deserialize::<_, TrafficPolicySpec>(
+            &attempt,
+        ) {
+            Ok(_) => false,
+            Err(e) => {
+                e.path().to_string() == join(&path.to_string(), field)
+                    || matches!(violation_from_serde(&e).problem, Problem::MissingField { field: ref f } if f == field)
+            }
+        };
+        if !same_field_fails {
+            *json = attempt;
+            return true;
+        }
+    }
+    false
+}
+
+fn value_at<'a, 'p>(
+    json: &'a mut serde_json::Value,
+    segments: impl Iterator<Item = &'p serde_path_to_error::Segment>,
+) -> Option<&'a mut serde_json::Value> {
+    use serde_path_to_error::Segment;
+    let mut at = json;
+    for segment in segments {
+        at = match (segment, at) {
+            (Segment::Map { key }, serde_json::Value::Object(m)) => m.get_mut(key)?,
+            (Segment::Seq { index }, serde_json::Value::Array(a)) => a.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// Removes the map entry named by `path` (or, for an unknown field, by the field in
+/// the error); false when the path does not end in a map key.
+fn remove_at(
+    json: &mut serde_json::Value,
+    path: &serde_path_to_error::Path,
+    violation: &Violation,
+) -> bool {
+    use serde_path_to_error::Segment;
+    let mut segments: Vec<Segment> = path.iter().cloned().collect();
+    if let Problem::UnknownField { field, .. } = &violation.problem {
+        if !matches!(segments.last(), Some(Segment::Map { key }) if key == field) {
+            segments.push(Segment::Map { key: field.clone() });
+        }
+    }
+    let Some((Segment::Map { key }, parents)) = segments.split_last() else {
+        return false;
+    };
+    match value_at(json, parents.iter()) {
+        Some(serde_json::Value::Object(m)) => m.remove(key).is_some(),
+        _ => false,
     }
 }
 

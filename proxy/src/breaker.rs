@@ -358,11 +358,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use sluice_policy::SlowCall;
+    use BreakerState::{Closed, HalfOpen, Open};
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn rule() -> sluice_policy::CircuitBreaker {
-        sluice_policy::CircuitBreaker {
+    /// A breaker with only the triggers `tune` sets: window 10 s, minRequests 10,
+    /// openFor 30 s, one probe.
+    fn breaker(tune: impl FnOnce(&mut sluice_policy::CircuitBreaker)) -> (CircuitBreaker, Instant) {
+        let mut rule = sluice_policy::CircuitBreaker {
             consecutive_failures: None,
             error_ratio: None,
             slow_call: None,
@@ -370,324 +373,213 @@ mod tests {
             min_requests: 10,
             open_for: Duration::from_secs(30),
             half_open_requests: 1,
-        }
+        };
+        tune(&mut rule);
+        let t0 = Instant::now();
+        (CircuitBreaker::new(&rule, t0), t0)
     }
 
-    fn consecutive(n: u32) -> sluice_policy::CircuitBreaker {
-        sluice_policy::CircuitBreaker {
-            consecutive_failures: Some(n),
-            ..rule()
-        }
+    fn slow_call(threshold_ms: u64, ratio: f64) -> Option<SlowCall> {
+        let threshold = Duration::from_millis(threshold_ms);
+        Some(SlowCall { threshold, ratio })
     }
 
-    /// Admits and records one request; returns the transition it caused, if any.
-    fn call(b: &CircuitBreaker, now: Instant, failed: bool) -> Option<Transition> {
+    fn moved(from: BreakerState, to: BreakerState) -> Option<Transition> {
+        Some(Transition { from, to })
+    }
+
+    /// Admits and records one request while Closed.
+    fn call(
+        b: &CircuitBreaker,
+        now: Instant,
+        failed: bool,
+        latency: Duration,
+    ) -> Option<Transition> {
         let (admission, _) = b.admit(now);
         assert_eq!(admission, Admission::Allowed);
-        b.record(now, admission, failed, MS)
+        b.record(now, admission, failed, latency)
     }
 
-    /// Trips a `consecutive(1)`-style breaker and waits out `openFor`.
-    fn open_and_wait(b: &CircuitBreaker, t0: Instant) -> Instant {
-        assert!(call(b, t0, true).is_some());
-        assert_eq!(b.state(), BreakerState::Open);
+    /// Trips a breaker that opens on one failure; returns when it may probe.
+    fn trip(b: &CircuitBreaker, t0: Instant) -> Instant {
+        assert_eq!(call(b, t0, true, MS), moved(Closed, Open));
         t0 + b.rule().open_for
     }
 
-    const TO_OPEN: Option<Transition> = Some(Transition {
-        from: BreakerState::Closed,
-        to: BreakerState::Open,
-    });
-
     #[test]
     fn opens_after_five_consecutive_failures() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(&consecutive(5), t0);
+        let (b, t0) = breaker(|r| r.consecutive_failures = Some(5));
         for _ in 0..4 {
-            assert_eq!(call(&b, t0, true), None);
+            assert_eq!(call(&b, t0, true, MS), None);
         }
-        assert_eq!(b.state(), BreakerState::Closed);
-        assert_eq!(call(&b, t0, true), TO_OPEN);
-        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(call(&b, t0, true, MS), moved(Closed, Open));
+        assert_eq!(b.state(), Open);
     }
 
     #[test]
     fn a_success_resets_the_consecutive_count() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(&consecutive(3), t0);
-        for _ in 0..5 {
-            call(&b, t0, true);
-            call(&b, t0, true);
-            call(&b, t0, false);
+        let (b, t0) = breaker(|r| r.consecutive_failures = Some(3));
+        for i in 0..30 {
+            call(&b, t0, i % 3 != 2, MS);
         }
-        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.state(), Closed);
     }
 
     #[test]
     fn opens_on_error_ratio_only_once_min_requests_were_seen() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                error_ratio: Some(0.5),
-                ..rule()
-            },
-            t0,
-        );
-        // 9 failures of 9: ratio 100%, but below minRequests (10).
+        let (b, t0) = breaker(|r| r.error_ratio = Some(0.5));
+        // 9 failures of 9 is 100%, but below minRequests (10).
         for _ in 0..9 {
-            assert_eq!(call(&b, t0, true), None);
+            assert_eq!(call(&b, t0, true, MS), None);
         }
-        assert_eq!(b.state(), BreakerState::Closed);
-        assert_eq!(call(&b, t0, false), TO_OPEN);
-    }
-
-    #[test]
-    fn stays_closed_while_error_ratio_is_below_the_threshold() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                error_ratio: Some(0.5),
-                ..rule()
-            },
-            t0,
-        );
-        for i in 0..100 {
-            // 1 failure in 3: 33%.
-            call(&b, t0 + i * MS, i % 3 == 0);
-        }
-        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(call(&b, t0, false, MS), moved(Closed, Open));
     }
 
     #[test]
     fn error_ratio_zero_never_trips_a_healthy_window() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                error_ratio: Some(0.0),
-                ..rule()
-            },
-            t0,
-        );
+        let (b, t0) = breaker(|r| r.error_ratio = Some(0.0));
         for _ in 0..50 {
-            call(&b, t0, false);
+            call(&b, t0, false, MS);
         }
-        assert_eq!(b.state(), BreakerState::Closed);
-        assert_eq!(call(&b, t0, true), TO_OPEN);
+        assert_eq!(b.state(), Closed);
+        assert_eq!(call(&b, t0, true, MS), moved(Closed, Open));
     }
 
     #[test]
     fn opens_on_slow_call_ratio() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                slow_call: Some(SlowCall {
-                    threshold: Duration::from_millis(100),
-                    ratio: 0.5,
-                }),
-                ..rule()
-            },
-            t0,
-        );
+        let (b, t0) = breaker(|r| r.slow_call = slow_call(100, 0.5));
         for i in 0..9 {
             // Exactly at the threshold is not slower than it.
             let latency = if i % 2 == 0 { 101 * MS } else { 100 * MS };
-            let (a, _) = b.admit(t0);
-            assert_eq!(b.record(t0, a, false, latency), None);
+            assert_eq!(call(&b, t0, false, latency), None);
         }
-        // 5 slow of 10.
-        let (a, _) = b.admit(t0);
-        assert_eq!(b.record(t0, a, false, 500 * MS), TO_OPEN);
+        // 5 slow calls of 10.
+        assert_eq!(call(&b, t0, false, 500 * MS), moved(Closed, Open));
     }
 
     #[test]
     fn sliding_window_forgets_old_failures() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                error_ratio: Some(0.5),
-                ..rule()
-            },
-            t0,
-        );
+        let (b, t0) = breaker(|r| r.error_ratio = Some(0.5));
         for _ in 0..9 {
-            call(&b, t0, true);
+            call(&b, t0, true, MS);
         }
-        // A whole window later those 9 failures are gone: 9 successes and one
-        // failure is 10%, not 55%.
+        // A window later those failures are gone: 1 failure in 10, not 10 in 19.
         let later = t0 + Duration::from_secs(11);
         for _ in 0..9 {
-            call(&b, later, false);
+            call(&b, later, false, MS);
         }
-        assert_eq!(call(&b, later, true), None);
-        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(call(&b, later, true, MS), None);
+        assert_eq!(b.state(), Closed);
     }
 
     #[test]
     fn open_rejects_until_open_for_has_elapsed() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(&consecutive(1), t0);
-        call(&b, t0, true);
+        let (b, t0) = breaker(|r| r.consecutive_failures = Some(1));
+        let t3 = trip(&b, t0);
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(b.admit(t1), (Admission::Rejected, None));
         assert_eq!(b.retry_in(t1), Duration::from_secs(20));
-        let t2 = t0 + Duration::from_secs(30) - MS;
-        assert_eq!(b.admit(t2), (Admission::Rejected, None));
-        assert_eq!(b.state(), BreakerState::Open);
-        let t3 = t0 + Duration::from_secs(30);
-        assert_eq!(
-            b.admit(t3),
-            (
-                Admission::Probe,
-                Some(Transition {
-                    from: BreakerState::Open,
-                    to: BreakerState::HalfOpen
-                })
-            )
-        );
+        assert_eq!(b.admit(t3 - MS), (Admission::Rejected, None));
+        assert_eq!(b.admit(t3), (Admission::Probe, moved(Open, HalfOpen)));
         assert_eq!(b.retry_in(t3), Duration::ZERO);
     }
 
     #[test]
     fn half_open_admits_exactly_the_configured_probes() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                half_open_requests: 3,
-                ..consecutive(1)
-            },
-            t0,
-        );
-        let t1 = open_and_wait(&b, t0);
+        let (b, t0) = breaker(|r| {
+            r.consecutive_failures = Some(1);
+            r.half_open_requests = 3;
+        });
+        let t1 = trip(&b, t0);
         let answers: Vec<Admission> = (0..10).map(|_| b.admit(t1).0).collect();
         assert_eq!(&answers[..3], &[Admission::Probe; 3]);
         assert_eq!(&answers[3..], &[Admission::Rejected; 7]);
-        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.state(), HalfOpen);
     }
 
     #[test]
     fn closes_with_a_fresh_window_when_all_probes_succeed() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                half_open_requests: 2,
-                ..consecutive(2)
-            },
-            t0,
-        );
-        call(&b, t0, true);
-        assert!(call(&b, t0, true).is_some());
-        let t1 = t0 + b.rule().open_for;
+        let (b, t0) = breaker(|r| {
+            r.consecutive_failures = Some(2);
+            r.half_open_requests = 2;
+        });
+        call(&b, t0, true, MS);
+        let t1 = trip(&b, t0);
         let (p1, _) = b.admit(t1);
         let (p2, _) = b.admit(t1);
         assert_eq!(b.record(t1, p1, false, MS), None);
-        assert_eq!(
-            b.record(t1, p2, false, MS),
-            Some(Transition {
-                from: BreakerState::HalfOpen,
-                to: BreakerState::Closed
-            })
-        );
-        assert_eq!(b.admit(t1), (Admission::Allowed, None));
+        assert_eq!(b.record(t1, p2, false, MS), moved(HalfOpen, Closed));
         // The failures before the trip are forgotten: one more does not re-open.
-        assert_eq!(call(&b, t1, true), None);
-        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(call(&b, t1, true, MS), None);
+        assert_eq!(b.state(), Closed);
     }
 
     #[test]
     fn one_probe_failure_reopens_for_open_for() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                half_open_requests: 2,
-                ..consecutive(1)
-            },
-            t0,
-        );
-        let t1 = open_and_wait(&b, t0);
+        let (b, t0) = breaker(|r| {
+            r.consecutive_failures = Some(1);
+            r.half_open_requests = 2;
+        });
+        let t1 = trip(&b, t0);
         let (p1, _) = b.admit(t1);
         let (p2, _) = b.admit(t1);
         assert_eq!(b.record(t1, p1, false, MS), None);
         let t2 = t1 + Duration::from_secs(1);
-        assert_eq!(
-            b.record(t2, p2, true, MS),
-            Some(Transition {
-                from: BreakerState::HalfOpen,
-                to: BreakerState::Open
-            })
-        );
+        assert_eq!(b.record(t2, p2, true, MS), moved(HalfOpen, Open));
         assert_eq!(b.retry_in(t2), Duration::from_secs(30));
         assert_eq!(b.admit(t2 + Duration::from_secs(29)).0, Admission::Rejected);
     }
 
     #[test]
     fn a_slow_probe_counts_as_a_failure() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                slow_call: Some(SlowCall {
-                    threshold: Duration::from_millis(100),
-                    ratio: 1.0,
-                }),
-                ..consecutive(1)
-            },
-            t0,
-        );
-        let t1 = open_and_wait(&b, t0);
+        let (b, t0) = breaker(|r| {
+            r.consecutive_failures = Some(1);
+            r.slow_call = slow_call(100, 1.0);
+        });
+        let t1 = trip(&b, t0);
         let (p, _) = b.admit(t1);
-        b.record(t1, p, false, Duration::from_secs(1));
-        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.record(t1, p, false, 101 * MS), moved(HalfOpen, Open));
     }
 
     #[test]
     fn cancel_frees_a_probe_slot() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(&consecutive(1), t0);
-        let t1 = open_and_wait(&b, t0);
+        let (b, t0) = breaker(|r| r.consecutive_failures = Some(1));
+        let t1 = trip(&b, t0);
         let (p, _) = b.admit(t1);
         assert_eq!(p, Admission::Probe);
         assert_eq!(b.admit(t1).0, Admission::Rejected);
         b.cancel(p);
         assert_eq!(b.admit(t1).0, Admission::Probe);
-        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.state(), HalfOpen);
     }
 
     #[test]
     fn late_outcomes_of_requests_admitted_before_the_trip_are_ignored() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(&consecutive(1), t0);
+        let (b, t0) = breaker(|r| r.consecutive_failures = Some(1));
         let (early, _) = b.admit(t0);
         let (also_early, _) = b.admit(t0);
-        call(&b, t0, true);
-        // Successes cannot close an open breaker...
+        let t1 = trip(&b, t0);
+        // A success cannot close an open breaker...
         assert_eq!(b.record(t0, early, false, MS), None);
-        assert_eq!(b.state(), BreakerState::Open);
-        // ...nor a half-open one, nor use up its probe.
-        let t1 = t0 + b.rule().open_for;
+        assert_eq!(b.state(), Open);
+        // ...nor can a failure re-open a half-open one or use up its probe.
         let (probe, _) = b.admit(t1);
         assert_eq!(b.record(t1, also_early, true, MS), None);
-        assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert_eq!(
-            b.record(t1, probe, false, MS).map(|t| t.to),
-            Some(BreakerState::Closed)
-        );
+        assert_eq!(b.record(t1, probe, false, MS), moved(HalfOpen, Closed));
     }
 
     #[test]
     fn a_probe_outlasting_its_period_keeps_its_slot() {
-        let t0 = Instant::now();
-        let b = CircuitBreaker::new(
-            &sluice_policy::CircuitBreaker {
-                half_open_requests: 2,
-                ..consecutive(1)
-            },
-            t0,
-        );
-        let t1 = open_and_wait(&b, t0);
+        let (b, t0) = breaker(|r| {
+            r.consecutive_failures = Some(1);
+            r.half_open_requests = 2;
+        });
+        let t1 = trip(&b, t0);
         let (slow_probe, _) = b.admit(t1);
         let (failing, _) = b.admit(t1);
         b.record(t1, failing, true, MS);
         let t2 = t1 + b.rule().open_for;
-        // The slow probe is still out, so the new period has one slot.
+        // The slow probe is still out, so the new period has one slot left.
         assert_eq!(b.admit(t2).0, Admission::Probe);
         assert_eq!(b.admit(t2).0, Admission::Rejected);
         b.cancel(slow_probe);
@@ -696,103 +588,69 @@ mod tests {
 
     #[test]
     fn states_have_stable_labels_and_gauge_values() {
-        let all = [
-            BreakerState::Closed,
-            BreakerState::Open,
-            BreakerState::HalfOpen,
-        ];
-        let labels: Vec<_> = all.iter().map(|s| s.as_str()).collect();
-        let gauges: Vec<_> = all.iter().map(|s| s.gauge()).collect();
-        assert_eq!(labels, ["closed", "open", "half_open"]);
-        assert_eq!(gauges, [0, 1, 2]);
-    }
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Admit,
-        Record {
-            pick: usize,
-            failed: bool,
-            slow: bool,
-        },
-        Cancel {
-            pick: usize,
-        },
-        Advance {
-            ms: u64,
-        },
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            3 => Just(Op::Admit),
-            3 => (any::<usize>(), any::<bool>(), any::<bool>())
-                .prop_map(|(pick, failed, slow)| Op::Record { pick, failed, slow }),
-            1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
-            2 => (0u64..300).prop_map(|ms| Op::Advance { ms }),
-        ]
+        let labels = [Closed, Open, HalfOpen].map(|s| (s.as_str(), s.gauge()));
+        assert_eq!(labels, [("closed", 0), ("open", 1), ("half_open", 2)]);
     }
 
     proptest! {
         #[test]
         fn never_has_more_probes_out_than_half_open_requests(
             slots in 1u32..4,
-            ops in proptest::collection::vec(op(), 1..300),
+            // (0 admit | 1 record | 2 cancel | 3 let time pass, which, failed, slow, ms)
+            ops in proptest::collection::vec(
+                (0u8..4, any::<usize>(), any::<bool>(), any::<bool>(), 0u64..300),
+                1..300,
+            ),
         ) {
-            let rule = sluice_policy::CircuitBreaker {
-                consecutive_failures: Some(3),
-                error_ratio: Some(0.5),
-                slow_call: Some(SlowCall { threshold: 50 * MS, ratio: 0.5 }),
-                window: Duration::from_secs(1),
-                min_requests: 4,
-                open_for: Duration::from_millis(100),
-                half_open_requests: slots,
-            };
-            let t0 = Instant::now();
-            let mut now = t0;
-            let b = CircuitBreaker::new(&rule, t0);
+            let (b, mut now) = breaker(|r| {
+                r.consecutive_failures = Some(3);
+                r.error_ratio = Some(0.5);
+                r.slow_call = slow_call(50, 0.5);
+                r.window = Duration::from_secs(1);
+                r.min_requests = 4;
+                r.open_for = Duration::from_millis(100);
+                r.half_open_requests = slots;
+            });
             let mut outstanding: Vec<Admission> = Vec::new();
             // Probes handed out in the current half-open period, less cancels in it.
             let mut period_probes: i64 = 0;
-            for op in ops {
+            for (kind, pick, failed, slow, ms) in ops {
                 let before = b.state();
-                let transition = match op {
-                    Op::Admit => {
+                let transition = match kind {
+                    0 => {
                         let (a, t) = b.admit(now);
-                        if t.is_some_and(|t| t.to == BreakerState::HalfOpen) {
+                        if t.is_some_and(|t| t.to == HalfOpen) {
                             period_probes = 0;
                         }
-                        match a {
-                            Admission::Allowed => prop_assert_eq!(b.state(), BreakerState::Closed),
-                            Admission::Probe => {
-                                prop_assert_eq!(b.state(), BreakerState::HalfOpen);
-                                period_probes += 1;
-                            }
-                            Admission::Rejected => prop_assert_ne!(b.state(), BreakerState::Closed),
-                        }
+                        let expected = match a {
+                            Admission::Allowed => b.state() == Closed,
+                            Admission::Probe => b.state() == HalfOpen,
+                            Admission::Rejected => b.state() != Closed,
+                        };
+                        prop_assert!(expected, "{:?} while {:?}", a, b.state());
+                        period_probes += i64::from(a == Admission::Probe);
                         if a != Admission::Rejected {
                             outstanding.push(a);
                         }
                         t
                     }
-                    Op::Record { pick, failed, slow } if !outstanding.is_empty() => {
+                    1 | 2 if !outstanding.is_empty() => {
                         let a = outstanding.swap_remove(pick % outstanding.len());
-                        let latency = if slow { 100 * MS } else { MS };
-                        b.record(now, a, failed, latency)
-                    }
-                    Op::Cancel { pick } if !outstanding.is_empty() => {
-                        let a = outstanding.swap_remove(pick % outstanding.len());
-                        if a == Admission::Probe && b.state() == BreakerState::HalfOpen {
-                            period_probes -= 1;
+                        if kind == 1 {
+                            b.record(now, a, failed, if slow { 100 * MS } else { MS })
+                        } else {
+                            if a == Admission::Probe && b.state() == HalfOpen {
+                                period_probes -= 1;
+                            }
+                            b.cancel(a);
+                            None
                         }
-                        b.cancel(a);
-                        None
                     }
-                    Op::Advance { ms } => {
+                    3 => {
                         now += Duration::from_millis(ms);
                         None
                     }
-                    Op::Record { .. } | Op::Cancel { .. } => None,
+                    _ => None,
                 };
                 if let Some(t) = transition {
                     prop_assert_eq!(t.from, before);
