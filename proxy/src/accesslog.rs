@@ -26,6 +26,8 @@ pub struct AccessRecord<'a> {
     pub decision: &'a str,
     /// What shadow mode would have done (`rate_limited`, ...), when it would have acted.
     pub shadow_decision: Option<&'a str>,
+    /// The cause a fallback was served for, when one was.
+    pub fallback: Option<&'a str>,
     pub attempts: u32,
     pub policy_version: Option<&'a str>,
     pub direction: &'a str,

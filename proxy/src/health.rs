@@ -123,7 +123,11 @@ impl HealthState {
         streaks.against = 0;
         streaks.changed_at = Some(now);
         backend.healthy.store(ok, Ordering::Relaxed);
-        Some(if ok { Health::Healthy } else { Health::Unhealthy })
+        Some(if ok {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        })
     }
 
     pub fn health(&self, index: usize) -> Health {
@@ -214,7 +218,10 @@ mod tests {
         let t0 = Instant::now();
         let state = HealthState::new(2, t0);
         let r = rule(1, 2);
-        assert_eq!(state.record_check(1, false, &r, t0), Some(Health::Unhealthy));
+        assert_eq!(
+            state.record_check(1, false, &r, t0),
+            Some(Health::Unhealthy)
+        );
         assert_eq!(state.healthy_since(1), None);
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(state.record_check(1, true, &r, t1), None);

@@ -9,11 +9,15 @@
 pub mod accesslog;
 pub mod admin;
 pub mod balancer;
+pub mod breaker;
+pub mod budget;
+pub mod concurrency;
 pub mod demo_client;
 pub mod demo_upstream;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod respond;
 pub mod runtime;
 pub mod shutdown;
 pub mod source;

@@ -64,13 +64,14 @@ fn check_bindable(addr: SocketAddr, what: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
 }
 
-/// Every second: publish keyed-limiter sizes and overflow; every 10 s forget refilled keys.
-struct LimiterHousekeeping {
+/// Every second: publish route gauges (breaker state, concurrency limit and in-flight,
+/// keyed-limiter sizes and overflow); every 10 s forget refilled rate-limit keys.
+struct Housekeeping {
     shared: Arc<Shared>,
 }
 
 #[async_trait]
-impl BackgroundService for LimiterHousekeeping {
+impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut n: u64 = 0;
@@ -85,6 +86,23 @@ impl BackgroundService for LimiterHousekeeping {
             };
             let metrics = &self.shared.metrics;
             for route in runtime.routes() {
+                let labels = [route.policy.as_str(), route.name.as_str()];
+                if let Some(breaker) = &route.breaker {
+                    metrics
+                        .breaker_state
+                        .with_label_values(&labels)
+                        .set(breaker.state().gauge());
+                }
+                if let Some(limiter) = &route.concurrency {
+                    metrics
+                        .concurrency_limit
+                        .with_label_values(&labels)
+                        .set(i64::from(limiter.limit()));
+                    metrics
+                        .route_inflight
+                        .with_label_values(&labels)
+                        .set(i64::from(limiter.inflight()));
+                }
                 let Some(limiter) = &route.limiter else {
                     continue;
                 };
@@ -94,7 +112,6 @@ impl BackgroundService for LimiterHousekeeping {
                 if n.is_multiple_of(10) {
                     limiter.sweep();
                 }
-                let labels = [route.policy.as_str(), route.name.as_str()];
                 metrics
                     .rate_limit_keys
                     .with_label_values(&labels)
@@ -189,8 +206,8 @@ fn main() -> ExitCode {
     admin.threads = Some(1);
     server.add_service(admin);
     server.add_service(background_service(
-        "limiter-housekeeping",
-        LimiterHousekeeping {
+        "housekeeping",
+        Housekeeping {
             shared: Arc::clone(&shared),
         },
     ));

@@ -149,8 +149,7 @@ impl OutlierDetector {
 
     /// Past ejections minus one per `eject_for` the backend has been back since the last.
     fn decayed_times_ejected(&self, slot: &Slot, now: Instant) -> u32 {
-        let (Some(returned_at), false) = (slot.ejected_until, self.rule.eject_for.is_zero())
-        else {
+        let (Some(returned_at), false) = (slot.ejected_until, self.rule.eject_for.is_zero()) else {
             return slot.times_ejected;
         };
         let clean = now.saturating_duration_since(returned_at);
@@ -205,7 +204,9 @@ mod tests {
 
     /// Fails `index` until it is ejected; returns how many failures it took.
     fn fail_until_ejected(d: &OutlierDetector, index: usize, now: Instant) -> usize {
-        (1..=1_000).find(|_| d.record(index, true, now)).unwrap_or(0)
+        (1..=1_000)
+            .find(|_| d.record(index, true, now))
+            .unwrap_or(0)
     }
 
     #[test]
@@ -350,7 +351,10 @@ mod tests {
             n in 1usize..12,
             percent in 0u8..=100,
             threshold in 1u32..4,
-            ops in proptest::collection::vec((0usize..12, proptest::bool::weighted(0.8), 0u64..20), 0..300),
+            ops in proptest::collection::vec(
+                (0usize..12, proptest::bool::weighted(0.8), 0u64..20),
+                0..300,
+            ),
         ) {
             let d = detector(threshold, percent, n);
             let cap = if percent == 0 { 0 } else { (n * usize::from(percent) / 100).max(1) };

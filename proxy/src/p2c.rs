@@ -27,9 +27,9 @@
 //! in-flight requests settle in proportion to the weights. Weights can be changed in
 //! place with [`P2c::set_weight`] (slow start) without losing the latency state.
 //!
-//! Invariants: `pick` returns only an index with weight > 0 that `skip` rejects not;
-//! it is `None` only when no such index exists. `pending` never underflows (an `end`
-//! without a `start` is ignored).
+//! Invariants: `pick` returns only an index with weight > 0 that `skip` does not
+//! exclude; it is `None` only when no such index exists. `pending` never underflows
+//! (an `end` without a `start` is ignored).
 //!
 //! Thread safety: `pending` and the weights are atomics. Each backend's estimate (an
 //! `f64` and the `Instant` it was taken at, which must change together) sits in its own

@@ -1,6 +1,13 @@
 //! The request flow, as pingora's `ProxyHttp` phases. Each phase is thin: it asks the
-//! pinned [`Runtime`] (router, limiter, balancer) and records what happened in the
-//! per-request [`Ctx`]; `logging` turns the `Ctx` into metrics and the access log.
+//! pinned [`Runtime`]'s components (router, limiter, breaker, concurrency limit,
+//! balancer, retry budget) and records what happened in the per-request [`Ctx`];
+//! `logging` settles the request's outcome with the components and turns the `Ctx`
+//! into metrics and one access-log line.
+//!
+//! Governance order, cheapest refusal first: rate limit, circuit breaker,
+//! concurrency limit. A refusal is served by the route's fallback when its `on` lists
+//! the cause, else answered 429/503. In shadow mode nothing is refused: what would
+//! have happened is counted (`mode="shadow"`) and logged as `shadow_decision`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -9,16 +16,18 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use sluice_policy::{Key, Mode, Protocol};
+use sluice_policy::{FallbackAction, FallbackCause, Key, Mode, Protocol, RetryOn};
 
 use crate::accesslog::{self, AccessRecord, Timestamp};
+use crate::breaker::{Admission, Transition};
 use crate::metrics::{code_class, Metrics};
 use crate::ratelimit::Decision as Limit;
-use crate::runtime::{Routed, Runtime};
+use crate::respond::{respond, text};
+use crate::runtime::{PolicyRuntime, RouteRuntime, Routed, Runtime};
 use crate::trace::{self, IdGenerator};
 
 /// How long a connection attempt to a backend may take before the next one is tried.
@@ -60,11 +69,14 @@ impl Drop for InflightGuard {
     }
 }
 
-/// Why the proxy answered itself instead of a backend.
+/// What governance decided for a request (the access log's `decision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Allowed,
     RateLimited,
+    BreakerOpen,
+    Shed,
+    Fallback,
     NoPolicy,
     NoRoute,
     NotReady,
@@ -75,9 +87,38 @@ impl Verdict {
         match self {
             Verdict::Allowed => "allowed",
             Verdict::RateLimited => "rate_limited",
+            Verdict::BreakerOpen => "breaker_open",
+            Verdict::Shed => "shed",
+            Verdict::Fallback => "fallback",
             Verdict::NoPolicy => "no_policy",
             Verdict::NoRoute => "no_route",
             Verdict::NotReady => "not_ready",
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    RateLimited { retry_after: Duration, limit: u32 },
+    BreakerOpen { retry_in: Duration },
+    Overloaded { limit: u32 },
+}
+
+impl Refusal {
+    fn cause(self) -> FallbackCause {
+        match self {
+            Refusal::RateLimited { .. } => FallbackCause::RateLimited,
+            Refusal::BreakerOpen { .. } => FallbackCause::BreakerOpen,
+            Refusal::Overloaded { .. } => FallbackCause::Overloaded,
+        }
+    }
+
+    fn verdict(self) -> Verdict {
+        match self {
+            Refusal::RateLimited { .. } => Verdict::RateLimited,
+            Refusal::BreakerOpen { .. } => Verdict::BreakerOpen,
+            Refusal::Overloaded { .. } => Verdict::Shed,
         }
     }
 }
@@ -92,16 +133,29 @@ pub struct Ctx {
     traceparent: String,
     /// Set when the traceparent was generated here and must be added upstream.
     traceparent_generated: bool,
-    /// Backends tried so far, by index (bounded by the number of backends).
+    /// Backends tried so far, by index (bounded by attempts).
     tried: Vec<usize>,
     backend: Option<usize>,
+    /// The status of the last upstream response seen.
     upstream_status: Option<u16>,
+    /// Whether the last attempt at a backend failed (connect error, timeout, reset, 5xx).
+    last_attempt_failed: bool,
     rate_headers: Option<(u32, u32, u64)>,
+    /// The breaker admission to settle in `logging`.
+    admission: Option<Admission>,
+    /// Holds a slot of the route's concurrency limit, released in `logging`.
+    permit: bool,
+    /// Retries made (beyond the first attempt), bounded by `retries.attempts`.
+    retries: u32,
+    /// The cause a fallback is (being) served for.
+    fallback: Option<FallbackCause>,
+    /// The next `upstream_peer` goes to the fallback backend.
+    to_fallback_backend: bool,
     _inflight: InflightGuard,
 }
 
 impl Ctx {
-    fn policy(&self) -> Option<&crate::runtime::PolicyRuntime> {
+    fn policy(&self) -> Option<&PolicyRuntime> {
         let rt = self.runtime.as_ref()?;
         match self.routed {
             Routed::NoRoute { policy } | Routed::Route { policy, .. } => rt.policies.get(policy),
@@ -109,51 +163,21 @@ impl Ctx {
         }
     }
 
-    fn route(&self) -> Option<&crate::runtime::RouteRuntime> {
+    fn route(&self) -> Option<&RouteRuntime> {
         let rt = self.runtime.as_ref()?;
         match self.routed {
             Routed::Route { policy, route } => rt.policies.get(policy)?.routes.get(route),
             _ => None,
         }
     }
-}
 
-/// Request bodies up to this size are read and discarded when the proxy answers
-/// itself, so the client's keep-alive connection stays usable; larger (or chunked)
-/// bodies are not waited for and the connection is closed after the answer.
-pub const MAX_DRAINED_BODY: u64 = 64 * 1024;
-
-/// Writes a complete response with a body (Content-Length set, so the client
-/// connection stays usable).
-async fn respond(
-    session: &mut Session,
-    status: u16,
-    headers: &[(&'static str, String)],
-    body: String,
-) -> Result<()> {
-    let req = &session.req_header().headers;
-    let chunked = req.contains_key(http::header::TRANSFER_ENCODING);
-    let length = req
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    if chunked || length > MAX_DRAINED_BODY {
-        session.set_keepalive(None);
-    } else if length > 0 {
-        session.drain_request_body().await?;
+    fn backend_label(&self) -> Option<&str> {
+        if self.to_fallback_backend {
+            return None;
+        }
+        let (p, i) = (self.policy()?, self.backend?);
+        p.backends.get(i).map(|b| b.label.as_str())
     }
-    let mut resp = ResponseHeader::build(status, Some(headers.len() + 2))?;
-    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
-    for (name, value) in headers {
-        resp.insert_header(*name, value.as_str())?;
-    }
-    resp.set_content_length(body.len())?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await?;
-    Ok(())
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -169,81 +193,54 @@ fn host_of(session: &Session) -> &str {
         .unwrap_or("")
 }
 
-#[async_trait]
-impl ProxyHttp for SluiceProxy {
-    type CTX = Ctx;
+fn is_idempotent(req: &RequestHeader) -> bool {
+    matches!(
+        req.method.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
-            start: Instant::now(),
-            runtime: None,
-            routed: Routed::NoPolicy,
-            verdict: Verdict::Allowed,
-            shadow: None,
-            traceparent: String::new(),
-            traceparent_generated: false,
-            tried: Vec::new(),
-            backend: None,
-            upstream_status: None,
-            rate_headers: None,
-            _inflight: InflightGuard::new(&self.shared),
+fn is_connect_error(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectRefused
+            | ErrorType::ConnectTimedout
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+    )
+}
+
+impl SluiceProxy {
+    fn note_transition(&self, route: &RouteRuntime, t: Option<Transition>) {
+        if let Some(t) = t {
+            let m = &self.shared.metrics;
+            let labels = [route.policy.as_str(), route.name.as_str()];
+            m.breaker_state.with_label_values(&labels).set(t.to.gauge());
+            m.breaker_transitions
+                .with_label_values(&[route.policy.as_str(), route.name.as_str(), t.to.as_str()])
+                .inc();
+            accesslog::event(
+                "warn",
+                "circuit breaker state changed",
+                serde_json::json!({"policy": route.policy, "route": route.name, "from": t.from.as_str(), "to": t.to.as_str()}),
+            );
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let incoming = session
-            .req_header()
-            .headers
-            .get("traceparent")
-            .filter(|v| trace::trace_id(v.as_bytes()).is_some())
-            .and_then(|v| v.to_str().ok());
-        match incoming {
-            Some(tp) => ctx.traceparent = tp.to_owned(),
-            None => {
-                ctx.traceparent = self.shared.ids.new_traceparent();
-                ctx.traceparent_generated = true;
-            }
-        }
+    /// Rate limit, breaker, concurrency limit, in that order. `Err` is a refusal
+    /// (never in shadow mode, which only records).
+    fn govern(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        route: &RouteRuntime,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let m = &self.shared.metrics;
+        let shadow = route.mode == Mode::Shadow;
+        let mode = route.mode.as_str();
+        let labels3 = |third: &'static str| [route.policy.as_str(), route.name.as_str(), third];
 
-        let Some(runtime) = self.shared.runtime.load_full() else {
-            ctx.verdict = Verdict::NotReady;
-            respond(session, 503, &[], "sluice: no policy loaded yet\n".into()).await?;
-            return Ok(true);
-        };
-        let req = session.req_header();
-        let routed = runtime.route(
-            host_of(session),
-            req.method.as_str(),
-            req.uri.path(),
-            |name| req.headers.get(name).map(|v| v.as_bytes()),
-        );
-        ctx.runtime = Some(Arc::clone(&runtime));
-        ctx.routed = routed;
-        match routed {
-            Routed::NoPolicy => {
-                ctx.verdict = Verdict::NoPolicy;
-                let body = format!("sluice: no policy governs host {:?}\n", host_of(session));
-                respond(session, 404, &[], body).await?;
-                return Ok(true);
-            }
-            Routed::NoRoute { policy } => {
-                ctx.verdict = Verdict::NoRoute;
-                let req = session.req_header();
-                let body = format!(
-                    "sluice: policy {:?} has no route for {} {}\n",
-                    runtime.policies[policy].name,
-                    req.method,
-                    req.uri.path()
-                );
-                respond(session, 404, &[], body).await?;
-                return Ok(true);
-            }
-            Routed::Route { .. } => {}
-        }
-
-        let Some(route) = ctx.route() else {
-            return Ok(false);
-        };
         if let Some(limiter) = &route.limiter {
             let key = match limiter.key() {
                 None => None,
@@ -269,34 +266,326 @@ impl ProxyHttp for SluiceProxy {
                     ctx.rate_headers = Some((limiter.limit(), remaining, ceil_secs(reset)));
                 }
                 Limit::Limited { retry_after } => {
-                    let mode = route.mode;
-                    self.shared
-                        .metrics
-                        .rate_limited
-                        .with_label_values(&[
-                            route.policy.as_str(),
-                            route.name.as_str(),
-                            mode.as_str(),
-                        ])
-                        .inc();
-                    if mode == Mode::Shadow {
-                        ctx.shadow = Some(Verdict::RateLimited.as_str());
-                    } else {
-                        let secs = ceil_secs(retry_after).max(1);
-                        let body = format!(
-                            "sluice: rate limit of route {:?} (policy {:?}) exceeded; retry in {secs}s\n",
-                            route.name, route.policy
-                        );
-                        let headers = [
-                            ("retry-after", secs.to_string()),
-                            ("ratelimit-limit", limiter.limit().to_string()),
-                            ("ratelimit-remaining", "0".to_owned()),
-                            ("ratelimit-reset", secs.to_string()),
-                        ];
-                        ctx.verdict = Verdict::RateLimited;
-                        respond(session, 429, &headers, body).await?;
-                        return Ok(true);
+                    m.rate_limited.with_label_values(&labels3(mode)).inc();
+                    if !shadow {
+                        return Err(Refusal::RateLimited {
+                            retry_after,
+                            limit: limiter.limit(),
+                        });
                     }
+                    ctx.shadow = Some(Verdict::RateLimited.as_str());
+                }
+            }
+        }
+
+        if let Some(breaker) = &route.breaker {
+            let (admission, transition) = breaker.admit(now);
+            self.note_transition(route, transition);
+            if admission == Admission::Rejected {
+                m.breaker_rejected.with_label_values(&labels3(mode)).inc();
+                if !shadow {
+                    return Err(Refusal::BreakerOpen {
+                        retry_in: breaker.retry_in(now),
+                    });
+                }
+                ctx.shadow.get_or_insert(Verdict::BreakerOpen.as_str());
+            } else {
+                ctx.admission = Some(admission);
+            }
+        }
+
+        if let Some(limiter) = &route.concurrency {
+            let (class, shed_first) = match &route.route.priority {
+                Some(p) => {
+                    let value = session
+                        .req_header()
+                        .headers
+                        .get(p.header.as_str())
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    // The label is bounded: a listed class, or "default".
+                    match p.shed_first.iter().find(|c| c.as_str() == value) {
+                        Some(c) => (c.as_str(), true),
+                        None => ("default", false),
+                    }
+                }
+                None => ("default", false),
+            };
+            if limiter.try_acquire(shed_first) {
+                ctx.permit = true;
+            } else {
+                m.shed
+                    .with_label_values(&[route.policy.as_str(), route.name.as_str(), class, mode])
+                    .inc();
+                if !shadow {
+                    return Err(Refusal::Overloaded {
+                        limit: limiter.limit(),
+                    });
+                }
+                ctx.shadow.get_or_insert(Verdict::Shed.as_str());
+            }
+        }
+        if let Some(budget) = &route.budget {
+            budget.deposit(now);
+        }
+        Ok(())
+    }
+
+    /// Answers a refusal: the route's fallback when it covers the cause, else the
+    /// refusal's own status. Returns true when a response was written (false: the
+    /// request goes on to the fallback backend).
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, refusal: Refusal) -> Result<bool> {
+        let Some(runtime) = ctx.runtime.clone() else {
+            return Ok(true);
+        };
+        let Routed::Route { policy, route } = ctx.routed else {
+            return Ok(true);
+        };
+        let Some(route) = runtime
+            .policies
+            .get(policy)
+            .and_then(|p| p.routes.get(route))
+        else {
+            return Ok(true);
+        };
+        let cause = refusal.cause();
+        if let Some(fallback) = route
+            .route
+            .fallback
+            .as_ref()
+            .filter(|f| f.on.contains(&cause))
+        {
+            self.count_fallback(route, cause, Mode::Enforce);
+            ctx.verdict = Verdict::Fallback;
+            ctx.fallback = Some(cause);
+            if let FallbackAction::Backend(_) = fallback.action {
+                ctx.to_fallback_backend = true;
+                return Ok(false);
+            }
+            self.serve_static_fallback(session, ctx).await?;
+            return Ok(true);
+        }
+        ctx.verdict = refusal.verdict();
+        let (policy, name) = (route.policy.clone(), route.name.clone());
+        match refusal {
+            Refusal::RateLimited { retry_after, limit } => {
+                let secs = ceil_secs(retry_after).max(1).to_string();
+                let limit = limit.to_string();
+                let headers = [
+                    ("retry-after", secs.as_str()),
+                    ("ratelimit-limit", limit.as_str()),
+                    ("ratelimit-remaining", "0"),
+                    ("ratelimit-reset", secs.as_str()),
+                ];
+                let body = format!("sluice: rate limit of route {name:?} (policy {policy:?}) exceeded; retry in {secs}s\n");
+                text(session, 429, &headers, body).await?;
+            }
+            Refusal::BreakerOpen { retry_in } => {
+                let secs = ceil_secs(retry_in).max(1).to_string();
+                let body = format!(
+                    "sluice: circuit breaker of route {name:?} (policy {policy:?}) is open; retry in {secs}s\n"
+                );
+                text(session, 503, &[("retry-after", secs.as_str())], body).await?;
+            }
+            Refusal::Overloaded { limit } => {
+                let body = format!(
+                    "sluice: route {name:?} (policy {policy:?}) is overloaded ({limit} requests in flight); retry later\n"
+                );
+                text(session, 503, &[("retry-after", "1")], body).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn count_fallback(&self, route: &RouteRuntime, cause: FallbackCause, mode: Mode) {
+        self.shared
+            .metrics
+            .fallbacks
+            .with_label_values(&[
+                route.policy.as_str(),
+                route.name.as_str(),
+                cause.as_str(),
+                mode.as_str(),
+            ])
+            .inc();
+    }
+
+    async fn serve_static_fallback(&self, session: &mut Session, ctx: &Ctx) -> Result<()> {
+        let (Some(route), Some(cause)) = (ctx.route(), ctx.fallback) else {
+            return Ok(());
+        };
+        let Some(FallbackAction::Static {
+            status,
+            headers,
+            body,
+        }) = route.route.fallback.as_ref().map(|f| &f.action)
+        else {
+            return Ok(());
+        };
+        let mut all: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        all.push(("x-sluice-fallback", cause.as_str()));
+        let content_type = (!headers.iter().any(|(k, _)| k == "content-type"))
+            .then_some("text/plain; charset=utf-8");
+        respond(
+            session,
+            *status,
+            content_type,
+            &all,
+            Bytes::from(body.clone()),
+        )
+        .await
+    }
+
+    /// Whether one more retry may be made for `on`, drawing from the budget.
+    fn may_retry(&self, session: &Session, ctx: &Ctx, on: RetryOn, nothing_sent: bool) -> bool {
+        let Some(route) = ctx.route() else {
+            return false;
+        };
+        let Some(retries) = &route.route.retries else {
+            return false;
+        };
+        if !retries.on.contains(&on) || ctx.retries >= retries.attempts {
+            return false;
+        }
+        if !nothing_sent
+            && (!is_idempotent(session.req_header()) || session.retry_buffer_truncated())
+        {
+            return false;
+        }
+        let labels = |r: &'static str| [route.policy.as_str(), route.name.as_str(), r];
+        let granted = route
+            .budget
+            .as_ref()
+            .is_none_or(|b| b.withdraw(Instant::now()));
+        let result = if granted {
+            "retried"
+        } else {
+            "budget_exhausted"
+        };
+        self.shared
+            .metrics
+            .retries
+            .with_label_values(&labels(result))
+            .inc();
+        granted
+    }
+
+    /// Whether a failed primary request can be answered by the fallback backend.
+    fn fallback_backend_for_error(&self, ctx: &mut Ctx) -> bool {
+        let Some(route) = ctx.route() else {
+            return false;
+        };
+        let covers = route.route.fallback.as_ref().is_some_and(|f| {
+            f.on.contains(&FallbackCause::UpstreamError)
+                && matches!(f.action, FallbackAction::Backend(_))
+        });
+        if !covers || ctx.to_fallback_backend {
+            return false;
+        }
+        self.count_fallback(route, FallbackCause::UpstreamError, Mode::Enforce);
+        ctx.to_fallback_backend = true;
+        ctx.fallback = Some(FallbackCause::UpstreamError);
+        ctx.verdict = Verdict::Fallback;
+        true
+    }
+
+    fn record_upstream(&self, ctx: &Ctx, outcome: &'static str) {
+        if let (Some(p), Some(label)) = (ctx.policy(), ctx.backend_label()) {
+            self.shared
+                .metrics
+                .upstream_requests
+                .with_label_values(&[p.name.as_str(), label, outcome])
+                .inc();
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for SluiceProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            runtime: None,
+            routed: Routed::NoPolicy,
+            verdict: Verdict::Allowed,
+            shadow: None,
+            traceparent: String::new(),
+            traceparent_generated: false,
+            tried: Vec::new(),
+            backend: None,
+            upstream_status: None,
+            last_attempt_failed: false,
+            rate_headers: None,
+            admission: None,
+            permit: false,
+            retries: 0,
+            fallback: None,
+            to_fallback_backend: false,
+            _inflight: InflightGuard::new(&self.shared),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let incoming = session
+            .req_header()
+            .headers
+            .get("traceparent")
+            .filter(|v| trace::trace_id(v.as_bytes()).is_some())
+            .and_then(|v| v.to_str().ok());
+        match incoming {
+            Some(tp) => ctx.traceparent = tp.to_owned(),
+            None => {
+                ctx.traceparent = self.shared.ids.new_traceparent();
+                ctx.traceparent_generated = true;
+            }
+        }
+
+        let Some(runtime) = self.shared.runtime.load_full() else {
+            ctx.verdict = Verdict::NotReady;
+            text(session, 503, &[], "sluice: no policy loaded yet\n".into()).await?;
+            return Ok(true);
+        };
+        let req = session.req_header();
+        let routed = runtime.route(
+            host_of(session),
+            req.method.as_str(),
+            req.uri.path(),
+            |name| req.headers.get(name).map(|v| v.as_bytes()),
+        );
+        ctx.runtime = Some(Arc::clone(&runtime));
+        ctx.routed = routed;
+        match routed {
+            Routed::NoPolicy => {
+                ctx.verdict = Verdict::NoPolicy;
+                let body = format!("sluice: no policy governs host {:?}\n", host_of(session));
+                text(session, 404, &[], body).await?;
+                return Ok(true);
+            }
+            Routed::NoRoute { policy } => {
+                ctx.verdict = Verdict::NoRoute;
+                let req = session.req_header();
+                let body = format!(
+                    "sluice: policy {:?} has no route for {} {}\n",
+                    runtime.policies[policy].name,
+                    req.method,
+                    req.uri.path()
+                );
+                text(session, 404, &[], body).await?;
+                return Ok(true);
+            }
+            Routed::Route { policy, route } => {
+                let route = &runtime.policies[policy].routes[route];
+                if route.route.retries.is_some() {
+                    // Keep (a bounded prefix of) the request body so a retry can resend it.
+                    session.enable_retry_buffering();
+                }
+                if let Err(refusal) = self.govern(session, ctx, route, Instant::now()) {
+                    return self.refuse(session, ctx, refusal).await;
                 }
             }
         }
@@ -304,37 +593,54 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let timeout = ctx.route().and_then(|r| r.route.timeout);
+        let remaining = timeout.map(|t| {
+            t.saturating_sub(ctx.start.elapsed())
+                .max(Duration::from_millis(1))
+        });
+        if ctx.to_fallback_backend {
+            let Some(addr) = ctx.route().and_then(|r| r.fallback_addr) else {
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(502),
+                    "the fallback backend does not resolve",
+                ));
+            };
+            let mut peer = HttpPeer::new(addr, false, String::new());
+            peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+            peer.options.read_timeout = remaining;
+            peer.options.write_timeout = remaining;
+            return Ok(Box::new(peer));
+        }
         let Some(policy) = ctx.policy() else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(502),
                 "request was not routed",
             ));
         };
+        let reachable = |i: usize| policy.backends.get(i).is_some_and(|b| b.addr.is_some());
         let tried = &ctx.tried;
-        let pick = policy.balancer.pick(|i| {
-            tried.contains(&i) || policy.backends.get(i).is_none_or(|b| b.addr.is_none())
-        });
+        // Prefer a backend not tried yet; a retry may reuse one when all were tried.
+        let pick = policy
+            .balancer
+            .pick(|i| tried.contains(&i) || !reachable(i))
+            .or_else(|| {
+                (!tried.is_empty())
+                    .then(|| policy.balancer.pick(|i| !reachable(i)))
+                    .flatten()
+            });
         let Some((index, addr)) = pick.and_then(|i| policy.backends[i].addr.map(|a| (i, a))) else {
-            let reason = if ctx.tried.is_empty() {
-                format!("policy {:?} has no reachable backend", policy.name)
-            } else {
-                format!(
-                    "no backend of policy {:?} accepted a connection ({} tried)",
-                    policy.name,
-                    ctx.tried.len()
-                )
-            };
+            let reason = format!("policy {:?} has no reachable backend", policy.name);
             return Err(Error::explain(ErrorType::HTTPStatus(502), reason));
         };
         let h2c = policy.backends[index].protocol == Protocol::H2c;
-        let timeout = ctx.route().and_then(|r| r.route.timeout);
         ctx.tried.push(index);
         ctx.backend = Some(index);
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        peer.options.connection_timeout =
+            Some(remaining.map_or(CONNECT_TIMEOUT, |r| r.min(CONNECT_TIMEOUT)));
         peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        peer.options.read_timeout = timeout;
-        peer.options.write_timeout = timeout;
+        peer.options.read_timeout = remaining;
+        peer.options.write_timeout = remaining;
         if h2c {
             peer.options.set_http_version(2, 2);
             peer.options.max_h2_streams = 100;
@@ -344,30 +650,36 @@ impl ProxyHttp for SluiceProxy {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let (Some(policy), Some(i)) = (ctx.policy(), ctx.backend) {
-            if let Some(target) = policy.backends.get(i) {
-                self.shared
-                    .metrics
-                    .upstream_requests
-                    .with_label_values(&[
-                        policy.name.as_str(),
-                        target.label.as_str(),
-                        "connect_error",
-                    ])
-                    .inc();
+        self.record_upstream(ctx, "connect_error");
+        ctx.last_attempt_failed = true;
+        if ctx.to_fallback_backend {
+            return e;
+        }
+        let Some(policy) = ctx.policy() else { return e };
+        let untried = policy
+            .backends
+            .iter()
+            .enumerate()
+            .any(|(j, b)| b.addr.is_some() && !ctx.tried.contains(&j));
+        // Nothing was sent, so any method may go elsewhere. Without a retry policy a
+        // refused connection still fails over to an untried backend (free: no load
+        // reached anyone); with one, failover is a retry and draws from the budget.
+        let retry = match ctx.route().and_then(|r| r.route.retries.as_ref()) {
+            None => untried,
+            Some(_) => self.may_retry(session, ctx, RetryOn::ConnectFailure, true),
+        };
+        if retry {
+            if ctx.route().is_some_and(|r| r.route.retries.is_some()) {
+                ctx.retries += 1;
             }
-            // Nothing was sent yet, so any method may go to the next backend.
-            let untried = policy
-                .backends
-                .iter()
-                .enumerate()
-                .any(|(j, b)| b.addr.is_some() && !ctx.tried.contains(&j));
-            e.set_retry(untried);
+            e.set_retry(true);
+        } else {
+            e.set_retry(self.fallback_backend_for_error(ctx));
         }
         e
     }
@@ -375,7 +687,7 @@ impl ProxyHttp for SluiceProxy {
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
-        upstream: &mut pingora::http::RequestHeader,
+        upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if ctx.traceparent_generated {
@@ -391,30 +703,101 @@ impl ProxyHttp for SluiceProxy {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        ctx.upstream_status = Some(status);
+        ctx.last_attempt_failed = status >= 500;
+        self.record_upstream(ctx, if status >= 500 { "http_5xx" } else { "success" });
+        if status < 500 || ctx.to_fallback_backend {
+            return Ok(());
+        }
+        let gateway = matches!(status, 502..=504);
+        if gateway && self.may_retry(session, ctx, RetryOn::GatewayError, false) {
+            ctx.retries += 1;
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying a gateway error");
+            e.set_retry(true);
+            return Err(e);
+        }
+        let fallback_on_error = ctx
+            .route()
+            .and_then(|r| r.route.fallback.as_ref())
+            .is_some_and(|f| f.on.contains(&FallbackCause::UpstreamError));
+        if fallback_on_error {
+            // Refuse this response; fail_to_proxy serves the static fallback, or the
+            // retry goes to the fallback backend.
+            let to_backend = self.fallback_backend_for_error(ctx);
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "upstream error, serving the fallback",
+            );
+            e.set_retry(to_backend);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let status = resp.status.as_u16();
-        ctx.upstream_status = Some(status);
-        if let (Some(policy), Some(i)) = (ctx.policy(), ctx.backend) {
-            if let Some(target) = policy.backends.get(i) {
-                let outcome = if status >= 500 { "http_5xx" } else { "success" };
-                self.shared
-                    .metrics
-                    .upstream_requests
-                    .with_label_values(&[policy.name.as_str(), target.label.as_str(), outcome])
-                    .inc();
-            }
-        }
         if let Some((limit, remaining, reset)) = ctx.rate_headers {
             resp.insert_header("ratelimit-limit", limit.to_string())?;
             resp.insert_header("ratelimit-remaining", remaining.to_string())?;
             resp.insert_header("ratelimit-reset", reset.to_string())?;
         }
+        if let Some(cause) = ctx.fallback {
+            resp.insert_header("x-sluice-fallback", cause.as_str())?;
+        }
         Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if matches!(e.etype(), ErrorType::HTTPStatus(_)) {
+            // Our own decision from upstream_response_filter, already settled.
+            return e;
+        }
+        ctx.last_attempt_failed = true;
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        self.record_upstream(ctx, if timed_out { "timeout" } else { "error" });
+        if ctx.upstream_status.is_none() && !timed_out && !ctx.to_fallback_backend {
+            // A connection that broke before any response: pingora's rule retries a
+            // stale pooled connection once (nothing reached the app); `reset` retries
+            // the rest when the policy allows it.
+            if client_reused
+                && is_idempotent(session.req_header())
+                && !session.retry_buffer_truncated()
+            {
+                e.retry.decide_reuse(true);
+                return e;
+            }
+            if self.may_retry(session, ctx, RetryOn::Reset, false) {
+                ctx.retries += 1;
+                e.set_retry(true);
+                return e;
+            }
+        }
+        let to_backend =
+            session.response_written().is_none() && self.fallback_backend_for_error(ctx);
+        e.set_retry(to_backend);
+        e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -427,52 +810,65 @@ impl ProxyHttp for SluiceProxy {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
             _ => 502,
         };
-        if code > 0 && session.response_written().is_none() {
-            let what = match code {
-                504 => "sluice: the backend did not answer within the route's timeout".to_owned(),
-                400 => "sluice: malformed request".to_owned(),
-                _ if matches!(
-                    e.etype(),
-                    ErrorType::ConnectRefused
-                        | ErrorType::ConnectTimedout
-                        | ErrorType::ConnectNoRoute
-                        | ErrorType::ConnectError
-                ) =>
-                {
-                    let (name, last) = match (ctx.policy(), ctx.backend) {
-                        (Some(p), Some(i)) => (
-                            p.name.as_str(),
-                            p.backends.get(i).map(|b| b.label.as_str()).unwrap_or("?"),
-                        ),
-                        _ => ("?", "?"),
-                    };
-                    format!(
-                        "sluice: no backend of policy {name:?} accepted a connection ({} tried, last {last}: {})",
-                        ctx.tried.len(),
-                        e.etype().as_str()
-                    )
-                }
-                _ => match (ctx.policy(), ctx.backend) {
-                    (Some(p), _) if matches!(e.etype(), ErrorType::HTTPStatus(_)) => {
-                        format!(
-                            "sluice: {}",
-                            e.context
-                                .as_ref()
-                                .map(|c| c.as_str())
-                                .unwrap_or(p.name.as_str())
-                        )
-                    }
-                    (Some(p), Some(i)) => format!(
-                        "sluice: backend {} of policy {:?} failed: {}",
-                        p.backends.get(i).map(|b| b.label.as_str()).unwrap_or("?"),
-                        p.name,
-                        e.etype().as_str()
-                    ),
-                    _ => format!("sluice: upstream error: {}", e.etype().as_str()),
-                },
+        if code == 0 || session.response_written().is_some() {
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
             };
-            let _ = respond(session, code, &[], format!("{what}\n")).await;
         }
+        // An upstream failure the route's static fallback covers.
+        let static_fallback = code >= 500
+            && !ctx.to_fallback_backend
+            && ctx
+                .route()
+                .and_then(|r| r.route.fallback.as_ref())
+                .is_some_and(|f| {
+                    f.on.contains(&FallbackCause::UpstreamError)
+                        && matches!(f.action, FallbackAction::Static { .. })
+                });
+        if static_fallback {
+            if let Some(route) = ctx.route() {
+                self.count_fallback(route, FallbackCause::UpstreamError, Mode::Enforce);
+            }
+            ctx.fallback = Some(FallbackCause::UpstreamError);
+            ctx.verdict = Verdict::Fallback;
+            let status = match ctx
+                .route()
+                .and_then(|r| r.route.fallback.as_ref())
+                .map(|f| &f.action)
+            {
+                Some(FallbackAction::Static { status, .. }) => *status,
+                _ => code,
+            };
+            let _ = self.serve_static_fallback(session, ctx).await;
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: true,
+            };
+        }
+        let what = match code {
+            504 => "sluice: the backend did not answer within the route's timeout".to_owned(),
+            400 => "sluice: malformed request".to_owned(),
+            _ if is_connect_error(e) => {
+                let name = ctx.policy().map_or("?", |p| p.name.as_str());
+                format!(
+                    "sluice: no backend of policy {name:?} accepted a connection ({} tried, last {}: {})",
+                    ctx.tried.len(),
+                    ctx.backend_label().unwrap_or("the fallback backend"),
+                    e.etype().as_str()
+                )
+            }
+            _ if matches!(e.etype(), ErrorType::HTTPStatus(_)) => match e.context.as_ref() {
+                Some(c) => format!("sluice: {}", c.as_str()),
+                None => format!("sluice: upstream answered {code}"),
+            },
+            _ => format!(
+                "sluice: backend {} failed: {}",
+                ctx.backend_label().unwrap_or("?"),
+                e.etype().as_str()
+            ),
+        };
+        let _ = text(session, code, &[], format!("{what}\n")).await;
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
@@ -483,30 +879,31 @@ impl ProxyHttp for SluiceProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
         let metrics = &self.shared.metrics;
+        let now = Instant::now();
+        // Settle the request with the route's components: exactly one outcome each.
+        if let Some(route) = ctx.route() {
+            let attempted = !ctx.tried.is_empty();
+            let failed = ctx.last_attempt_failed;
+            if let (Some(breaker), Some(admission)) = (&route.breaker, ctx.admission) {
+                if attempted && (e.is_none() || failed) {
+                    let t = breaker.record(now, admission, failed, elapsed);
+                    self.note_transition(route, t);
+                } else {
+                    breaker.cancel(admission);
+                }
+            }
+            if ctx.permit {
+                if let Some(limiter) = &route.concurrency {
+                    limiter.release(now, elapsed, failed);
+                }
+            }
+            route.duration.observe(elapsed.as_secs_f64());
+        }
         let (policy, route) = match (ctx.policy(), ctx.route()) {
             (Some(p), Some(r)) => (Some(p.name.as_str()), Some(r.name.as_str())),
             (Some(p), None) => (Some(p.name.as_str()), None),
             _ => (None, None),
         };
-        if let (Some(p), Some(i), Some(e)) = (ctx.policy(), ctx.backend, e) {
-            // Connect failures were counted per attempt in fail_to_connect.
-            let outcome = match e.etype() {
-                ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
-                    None
-                }
-                ErrorType::ConnectTimedout => None,
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some("timeout"),
-                ErrorType::HTTPStatus(_) => None,
-                _ if ctx.upstream_status.is_none() => Some("error"),
-                _ => None,
-            };
-            if let (Some(outcome), Some(target)) = (outcome, p.backends.get(i)) {
-                metrics
-                    .upstream_requests
-                    .with_label_values(&[p.name.as_str(), target.label.as_str(), outcome])
-                    .inc();
-            }
-        }
         metrics
             .requests
             .with_label_values(&[
@@ -516,14 +913,12 @@ impl ProxyHttp for SluiceProxy {
                 ctx.verdict.as_str(),
             ])
             .inc();
-        if let Some(r) = ctx.route() {
-            r.duration.observe(elapsed.as_secs_f64());
-        }
         if self.shared.access_log {
             let req = session.req_header();
-            let backend = match (ctx.policy(), ctx.backend) {
-                (Some(p), Some(i)) => p.backends.get(i).map(|b| b.label.as_str()),
-                _ => None,
+            let backend = if ctx.to_fallback_backend {
+                Some("fallback")
+            } else {
+                ctx.backend_label()
             };
             accesslog::write(&AccessRecord {
                 ts: Timestamp::now(),
@@ -538,7 +933,8 @@ impl ProxyHttp for SluiceProxy {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 decision: ctx.verdict.as_str(),
                 shadow_decision: ctx.shadow,
-                attempts: ctx.tried.len() as u32,
+                fallback: ctx.fallback.map(FallbackCause::as_str),
+                attempts: ctx.tried.len() as u32 + u32::from(ctx.to_fallback_backend),
                 policy_version: ctx.runtime.as_ref().map(|r| r.version.as_str()),
                 direction: self.direction,
             });

@@ -10,12 +10,15 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::Histogram;
-use sluice_policy::{Mode, PathMatch, PolicySet, Protocol, Route, TrafficPolicy};
+use sluice_policy::{FallbackAction, Mode, PathMatch, PolicySet, Protocol, Route, TrafficPolicy};
 
 use crate::balancer::{Balancer, BalancerRule};
+use crate::breaker::CircuitBreaker;
+use crate::budget::RetryBudget;
+use crate::concurrency::ConcurrencyLimiter;
 use crate::metrics::route_histogram;
 use crate::ratelimit::RouteLimiter;
 
@@ -55,6 +58,11 @@ pub struct RouteRuntime {
     /// The route's override, else the policy's mode.
     pub mode: Mode,
     pub limiter: Option<Arc<RouteLimiter>>,
+    pub breaker: Option<Arc<CircuitBreaker>>,
+    pub concurrency: Option<Arc<ConcurrencyLimiter>>,
+    pub budget: Option<Arc<RetryBudget>>,
+    /// The resolved address of a `fallback.backend`, if any.
+    pub fallback_addr: Option<SocketAddr>,
     pub duration: Histogram,
     /// Part of the histogram's bucket layout, so part of its carry-over rule.
     slo_threshold: Option<std::time::Duration>,
@@ -191,6 +199,35 @@ fn compile_policy(
                 || RouteLimiter::new(rule, governor::clock::DefaultClock::default()),
             )
         });
+        let now = Instant::now();
+        let breaker = route.circuit_breaker.as_ref().map(|rule| {
+            carry(
+                old.and_then(|o| o.breaker.as_ref()),
+                |b| b.rule() == rule,
+                || CircuitBreaker::new(rule, now),
+            )
+        });
+        let concurrency = route.concurrency.as_ref().map(|rule| {
+            carry(
+                old.and_then(|o| o.concurrency.as_ref()),
+                |c| c.rule() == rule,
+                || ConcurrencyLimiter::new(rule, now),
+            )
+        });
+        let budget = route.retries.as_ref().map(|retries| {
+            carry(
+                old.and_then(|o| o.budget.as_ref()),
+                |b| *b.rule() == retries.budget,
+                || RetryBudget::new(&retries.budget, now),
+            )
+        });
+        let fallback_addr = match route.fallback.as_ref().map(|f| &f.action) {
+            Some(FallbackAction::Backend(a)) => (a.host.as_str(), a.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next()),
+            _ => None,
+        };
         // The histogram carries over while its bucket layout is unchanged.
         let duration = match old {
             Some(o) if o.slo_threshold == slo_threshold => o.duration.clone(),
@@ -202,6 +239,10 @@ fn compile_policy(
             mode: route.effective_mode(policy.mode),
             route: route.clone(),
             limiter,
+            breaker,
+            concurrency,
+            budget,
+            fallback_addr,
             duration,
             slo_threshold,
         });
