@@ -12,6 +12,9 @@
 //! coprime weights) are scaled down proportionally, keeping every weight >= 1.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 
 use sluice_policy::{Backend, LoadBalancer};
 
@@ -27,15 +30,19 @@ pub struct BalancerRule {
 
 pub struct Balancer {
     rule: BalancerRule,
-    sequence: Vec<u16>,
+    /// Replaced whole when effective weights change (slow start); picks read it
+    /// without locking.
+    sequence: ArcSwap<Vec<u16>>,
+    weights: Mutex<Vec<u32>>,
     cursor: AtomicUsize,
 }
 
 impl Balancer {
     pub fn new(rule: BalancerRule) -> Self {
-        let weights: Vec<u64> = rule.backends.iter().map(|b| u64::from(b.weight)).collect();
+        let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
         Balancer {
-            sequence: smooth_sequence(&weights),
+            sequence: ArcSwap::from_pointee(smooth_sequence(&weights)),
+            weights: Mutex::new(weights),
             rule,
             cursor: AtomicUsize::new(0),
         }
@@ -45,17 +52,28 @@ impl Balancer {
         &self.rule
     }
 
+    /// Uses `weights` (one per backend) from now on, e.g. while a backend's weight
+    /// ramps up; a no-op when they did not change. Off the request path.
+    pub fn set_weights(&self, weights: &[u32]) {
+        let mut current = self.weights.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_slice() != weights {
+            *current = weights.to_vec();
+            self.sequence.store(Arc::new(smooth_sequence(weights)));
+        }
+    }
+
     /// The next backend index in the smooth order, skipping those `skip` rejects
     /// (already tried, unhealthy). `None` when every backend is skipped.
     pub fn pick(&self, skip: impl Fn(usize) -> bool) -> Option<usize> {
-        let len = self.sequence.len();
+        let sequence = self.sequence.load();
+        let len = sequence.len();
         if len == 0 {
             return None;
         }
         // Bounded: one full period visits every backend with weight > 0.
         for _ in 0..len {
             let at = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-            let index = usize::from(self.sequence[at]);
+            let index = usize::from(sequence[at]);
             if !skip(index) {
                 return Some(index);
             }
@@ -73,7 +91,8 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 /// nginx's smooth weighted round robin, run for one full period.
-fn smooth_sequence(weights: &[u64]) -> Vec<u16> {
+fn smooth_sequence(weights: &[u32]) -> Vec<u16> {
+    let weights: Vec<u64> = weights.iter().map(|w| u64::from(*w)).collect();
     let divisor = weights.iter().copied().filter(|w| *w > 0).fold(0, gcd);
     if divisor == 0 || weights.len() > usize::from(u16::MAX) {
         return Vec::new();
@@ -155,7 +174,7 @@ mod tests {
     #[test]
     fn huge_periods_are_bounded() {
         let b = balancer(&[10_000, 9_999, 9_997, 9_991, 9_973, 9_967, 9_949, 9_941]);
-        assert!(b.sequence.len() as u64 <= MAX_PERIOD + 8);
+        assert!(b.sequence.load().len() as u64 <= MAX_PERIOD + 8);
     }
 
     proptest::proptest! {
@@ -168,7 +187,7 @@ mod tests {
             let total: u32 = weights.iter().sum();
             let g = weights.iter().fold(0, |a, w| gcd(a, u64::from(*w))) as u32;
             let period = (total / g) as usize;
-            proptest::prop_assert_eq!(b.sequence.len(), period);
+            proptest::prop_assert_eq!(b.sequence.load().len(), period);
             let mut counts = vec![0u32; weights.len()];
             for step in 1..=period {
                 let i = b.pick(|_| false).unwrap_or(0);

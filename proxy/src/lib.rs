@@ -14,6 +14,7 @@ pub mod budget;
 pub mod concurrency;
 pub mod demo_client;
 pub mod demo_upstream;
+pub mod endpoints;
 pub mod hashring;
 pub mod health;
 pub mod metrics;

@@ -49,6 +49,21 @@ struct Args {
     /// Turn the JSON access log on stdout off.
     #[arg(long)]
     no_access_log: bool,
+    /// Also accept HTTP/2 with prior knowledge (h2c) on the listeners. pingora peeks
+    /// at the first 24 bytes of each connection to tell, without a timeout, so a
+    /// client that sends less than that and waits is not answered until it sends more.
+    #[arg(long)]
+    h2c: bool,
+    /// The inbound sidecar listener: everything arriving here goes to `--app` under
+    /// the policy named by `--inbound-policy` (its limits protect the app).
+    #[arg(long, requires_all = ["app", "inbound_policy"])]
+    inbound: Option<SocketAddr>,
+    /// The local application the inbound listener delivers to.
+    #[arg(long)]
+    app: Option<SocketAddr>,
+    /// The policy governing inbound traffic.
+    #[arg(long)]
+    inbound_policy: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -85,6 +100,22 @@ impl BackgroundService for Housekeeping {
                 continue;
             };
             let metrics = &self.shared.metrics;
+            let now = std::time::Instant::now();
+            for policy in &runtime.policies {
+                let endpoints = &policy.endpoints;
+                endpoints.refresh(now);
+                if endpoints.rule().health_check.is_some()
+                    || endpoints.rule().outlier_detection.is_some()
+                {
+                    for (i, target) in endpoints.targets.iter().enumerate() {
+                        let up = endpoints.is_healthy(i) && !endpoints.is_ejected(i, now);
+                        metrics
+                            .backend_healthy
+                            .with_label_values(&[policy.name.as_str(), target.label.as_str()])
+                            .set(i64::from(up));
+                    }
+                }
+            }
             for route in runtime.routes() {
                 let labels = [route.policy.as_str(), route.name.as_str()];
                 if let Some(breaker) = &route.breaker {
@@ -128,9 +159,78 @@ impl BackgroundService for Housekeeping {
     }
 }
 
+/// Active health checks: every 100 ms, start the rounds that are due; each check is
+/// an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
+struct HealthChecks {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(runtime) = self.shared.runtime.load_full() else {
+                continue;
+            };
+            let now = std::time::Instant::now();
+            for (p, policy) in runtime.policies.iter().enumerate() {
+                let Some(rule) = policy.endpoints.health_check_due(now).cloned() else {
+                    continue;
+                };
+                for (i, target) in policy.endpoints.targets.iter().enumerate() {
+                    let Some(addr) = target.addr else { continue };
+                    let (runtime, shared, rule) =
+                        (Arc::clone(&runtime), Arc::clone(&self.shared), rule.clone());
+                    let host = target.label.clone();
+                    tokio::spawn(async move {
+                        let ok = tokio::time::timeout(rule.timeout, async {
+                            let mut client =
+                                sluice_proxy::demo_client::HttpClient::connect(addr).await?;
+                            client
+                                .request("GET", &host, &rule.path, &[("connection", "close")], b"")
+                                .await
+                        })
+                        .await
+                        .is_ok_and(|r| r.is_ok_and(|resp| (200..400).contains(&resp.status)));
+                        let Some(policy) = runtime.policies.get(p) else {
+                            return;
+                        };
+                        if let Some(health) =
+                            policy
+                                .endpoints
+                                .record_check(i, ok, std::time::Instant::now())
+                        {
+                            let healthy = health == sluice_proxy::health::Health::Healthy;
+                            shared
+                                .metrics
+                                .backend_healthy
+                                .with_label_values(&[policy.name.as_str(), host.as_str()])
+                                .set(i64::from(healthy));
+                            event(
+                                if healthy { "info" } else { "warn" },
+                                "backend health changed",
+                                serde_json::json!({"policy": policy.name, "backend": host, "healthy": healthy}),
+                            );
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    for (addr, what) in [(args.listen, "--listen"), (args.admin, "--admin")] {
+    let mut listeners = vec![(args.listen, "--listen"), (args.admin, "--admin")];
+    if let Some(inbound) = args.inbound {
+        listeners.push((inbound, "--inbound"));
+    }
+    for (addr, what) in listeners {
         if let Err(e) = check_bindable(addr, what) {
             eprintln!("sluice-proxy: {e}");
             return ExitCode::from(EX_USAGE);
@@ -185,16 +285,42 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let mut h2c_options = pingora::apps::HttpServerOptions::default();
+    h2c_options.h2c = args.h2c;
     let mut outbound = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         SluiceProxy {
             shared: Arc::clone(&shared),
             direction: "outbound",
+            inbound_policy: None,
+            inbound_app: None,
         },
         "outbound",
     );
     outbound.add_tcp(&args.listen.to_string());
+    if let Some(logic) = outbound.app_logic_mut() {
+        logic.server_options = Some(h2c_options.clone());
+    }
     server.add_service(outbound);
+    if let (Some(inbound_addr), Some(app), Some(policy)) =
+        (args.inbound, args.app, args.inbound_policy.clone())
+    {
+        let mut inbound = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            SluiceProxy {
+                shared: Arc::clone(&shared),
+                direction: "inbound",
+                inbound_policy: Some(policy),
+                inbound_app: Some(app),
+            },
+            "inbound",
+        );
+        inbound.add_tcp(&inbound_addr.to_string());
+        if let Some(logic) = inbound.app_logic_mut() {
+            logic.server_options = Some(h2c_options);
+        }
+        server.add_service(inbound);
+    }
 
     let mut admin = Service::new(
         "admin".to_owned(),
@@ -205,6 +331,12 @@ fn main() -> ExitCode {
     admin.add_tcp(&args.admin.to_string());
     admin.threads = Some(1);
     server.add_service(admin);
+    server.add_service(background_service(
+        "health-checks",
+        HealthChecks {
+            shared: Arc::clone(&shared),
+        },
+    ));
     server.add_service(background_service(
         "housekeeping",
         Housekeeping {

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub route_inflight: IntGaugeVec,
     pub shed: IntCounterVec,
     pub retries: IntCounterVec,
+    pub backend_healthy: IntGaugeVec,
+    pub backend_ejections: IntCounterVec,
 }
 
 fn counter(
@@ -84,8 +86,8 @@ impl Metrics {
             requests: counter(
                 r,
                 "sluice_requests_total",
-                "Requests answered, by policy, route, status class and governance decision.",
-                &["policy", "route", "code_class", "decision"],
+                "Requests answered, by policy, route, status class, governance decision and listener direction.",
+                &["policy", "route", "code_class", "decision", "direction"],
             )?,
             rate_limited: counter(
                 r,
@@ -170,6 +172,18 @@ impl Metrics {
                 "sluice_retries_total",
                 "Retry decisions: retried, or budget_exhausted when the retry budget refused one.",
                 &["policy", "route", "result"],
+            )?,
+            backend_healthy: gauge(
+                r,
+                "sluice_backend_healthy",
+                "1 when a backend passes its active health checks and is not ejected, else 0.",
+                &["policy", "backend"],
+            )?,
+            backend_ejections: counter(
+                r,
+                "sluice_backend_ejections_total",
+                "Times outlier detection ejected a backend.",
+                &["policy", "backend"],
             )?,
             inflight,
             registry,

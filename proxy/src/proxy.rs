@@ -47,9 +47,16 @@ pub struct Shared {
 
 pub struct SluiceProxy {
     pub shared: Arc<Shared>,
-    /// `outbound` or `inbound`: the access log's `direction`.
+    /// `outbound` or `inbound`: the access log's and metrics' `direction`.
     pub direction: &'static str,
+    /// Inbound listener: every request is governed by this policy, whatever its Host...
+    pub inbound_policy: Option<String>,
+    /// ...and goes to the local app at this address.
+    pub inbound_app: Option<std::net::SocketAddr>,
 }
+
+/// The backend index standing for the local app of an inbound listener.
+const APP: usize = usize::MAX;
 
 /// Counts a request in flight for exactly as long as its context lives.
 pub struct InflightGuard(Arc<Shared>);
@@ -151,6 +158,9 @@ pub struct Ctx {
     fallback: Option<FallbackCause>,
     /// The next `upstream_peer` goes to the fallback backend.
     to_fallback_backend: bool,
+    /// The attempt in progress: backend index and when it started (for P2C and
+    /// outlier detection), settled exactly once.
+    attempt: Option<(usize, Instant)>,
     _inflight: InflightGuard,
 }
 
@@ -176,7 +186,10 @@ impl Ctx {
             return None;
         }
         let (p, i) = (self.policy()?, self.backend?);
-        p.backends.get(i).map(|b| b.label.as_str())
+        if i == APP {
+            return Some("app");
+        }
+        p.endpoints.targets.get(i).map(|t| t.label.as_str())
     }
 }
 
@@ -492,6 +505,36 @@ impl SluiceProxy {
         true
     }
 
+    /// Settles the attempt in progress with the backend's balancer and outlier
+    /// detector (once; later calls are no-ops).
+    fn end_attempt(&self, ctx: &mut Ctx, failed: bool) {
+        let Some((index, started)) = ctx.attempt.take() else {
+            return;
+        };
+        let Some(policy) = ctx.policy() else { return };
+        let now = Instant::now();
+        if policy
+            .endpoints
+            .finish(index, now, now.saturating_duration_since(started), failed)
+        {
+            let label = policy
+                .endpoints
+                .targets
+                .get(index)
+                .map_or("?", |t| t.label.as_str());
+            self.shared
+                .metrics
+                .backend_ejections
+                .with_label_values(&[policy.name.as_str(), label])
+                .inc();
+            accesslog::event(
+                "warn",
+                "backend ejected",
+                serde_json::json!({"policy": policy.name, "backend": label}),
+            );
+        }
+    }
+
     fn record_upstream(&self, ctx: &Ctx, outcome: &'static str) {
         if let (Some(p), Some(label)) = (ctx.policy(), ctx.backend_label()) {
             self.shared
@@ -526,6 +569,7 @@ impl ProxyHttp for SluiceProxy {
             retries: 0,
             fallback: None,
             to_fallback_backend: false,
+            attempt: None,
             _inflight: InflightGuard::new(&self.shared),
         }
     }
@@ -551,18 +595,24 @@ impl ProxyHttp for SluiceProxy {
             return Ok(true);
         };
         let req = session.req_header();
-        let routed = runtime.route(
-            host_of(session),
-            req.method.as_str(),
-            req.uri.path(),
-            |name| req.headers.get(name).map(|v| v.as_bytes()),
-        );
+        let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
+        let (method, path) = (req.method.as_str(), req.uri.path());
+        let routed = match &self.inbound_policy {
+            Some(name) => match runtime.policy_index(name) {
+                Some(policy) => runtime.route_in_policy(policy, method, path, header),
+                None => Routed::NoPolicy,
+            },
+            None => runtime.route(host_of(session), method, path, header),
+        };
         ctx.runtime = Some(Arc::clone(&runtime));
         ctx.routed = routed;
         match routed {
             Routed::NoPolicy => {
                 ctx.verdict = Verdict::NoPolicy;
-                let body = format!("sluice: no policy governs host {:?}\n", host_of(session));
+                let body = match &self.inbound_policy {
+                    Some(name) => format!("sluice: the inbound policy {name:?} is not loaded\n"),
+                    None => format!("sluice: no policy governs host {:?}\n", host_of(session)),
+                };
                 text(session, 404, &[], body).await?;
                 return Ok(true);
             }
@@ -592,7 +642,7 @@ impl ProxyHttp for SluiceProxy {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let timeout = ctx.route().and_then(|r| r.route.timeout);
         let remaining = timeout.map(|t| {
             t.saturating_sub(ctx.start.elapsed())
@@ -617,24 +667,44 @@ impl ProxyHttp for SluiceProxy {
                 "request was not routed",
             ));
         };
-        let reachable = |i: usize| policy.backends.get(i).is_some_and(|b| b.addr.is_some());
-        let tried = &ctx.tried;
-        // Prefer a backend not tried yet; a retry may reuse one when all were tried.
-        let pick = policy
-            .balancer
-            .pick(|i| tried.contains(&i) || !reachable(i))
-            .or_else(|| {
-                (!tried.is_empty())
-                    .then(|| policy.balancer.pick(|i| !reachable(i)))
-                    .flatten()
-            });
-        let Some((index, addr)) = pick.and_then(|i| policy.backends[i].addr.map(|a| (i, a))) else {
+        let endpoints = Arc::clone(&policy.endpoints);
+        let key = match endpoints.hash_key() {
+            None => String::new(),
+            Some(Key::Header(name)) => session
+                .req_header()
+                .headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            Some(Key::ClientIp) => session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default(),
+        };
+        let now = Instant::now();
+        let picked = match self.inbound_app {
+            // Inbound: the local app is the only backend, whatever the policy lists.
+            Some(app) => Some((APP, app, Protocol::Http1)),
+            None => endpoints
+                .pick(now, key.as_bytes(), &ctx.tried)
+                .and_then(|i| {
+                    let t = endpoints.targets.get(i)?;
+                    Some((i, t.addr?, t.protocol))
+                }),
+        };
+        let Some((index, addr, protocol)) = picked else {
             let reason = format!("policy {:?} has no reachable backend", policy.name);
             return Err(Error::explain(ErrorType::HTTPStatus(502), reason));
         };
-        let h2c = policy.backends[index].protocol == Protocol::H2c;
+        let h2c = protocol == Protocol::H2c;
         ctx.tried.push(index);
         ctx.backend = Some(index);
+        if index != APP {
+            endpoints.begin(index);
+            ctx.attempt = Some((index, now));
+        }
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout =
             Some(remaining.map_or(CONNECT_TIMEOUT, |r| r.min(CONNECT_TIMEOUT)));
@@ -657,15 +727,13 @@ impl ProxyHttp for SluiceProxy {
     ) -> Box<Error> {
         self.record_upstream(ctx, "connect_error");
         ctx.last_attempt_failed = true;
+        self.end_attempt(ctx, true);
         if ctx.to_fallback_backend {
             return e;
         }
         let Some(policy) = ctx.policy() else { return e };
-        let untried = policy
-            .backends
-            .iter()
-            .enumerate()
-            .any(|(j, b)| b.addr.is_some() && !ctx.tried.contains(&j));
+        // The inbound app is the only backend: nothing to fail over to.
+        let untried = self.inbound_app.is_none() && policy.endpoints.untried_left(&ctx.tried);
         // Nothing was sent, so any method may go elsewhere. Without a retry policy a
         // refused connection still fails over to an untried backend (free: no load
         // reached anyone); with one, failover is a retry and draws from the budget.
@@ -712,6 +780,7 @@ impl ProxyHttp for SluiceProxy {
         let status = resp.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.last_attempt_failed = status >= 500;
+        self.end_attempt(ctx, status >= 500);
         self.record_upstream(ctx, if status >= 500 { "http_5xx" } else { "success" });
         if status < 500 || ctx.to_fallback_backend {
             return Ok(());
@@ -772,6 +841,7 @@ impl ProxyHttp for SluiceProxy {
             return e;
         }
         ctx.last_attempt_failed = true;
+        self.end_attempt(ctx, true);
         let timed_out = matches!(
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
@@ -880,6 +950,8 @@ impl ProxyHttp for SluiceProxy {
         let elapsed = ctx.start.elapsed();
         let metrics = &self.shared.metrics;
         let now = Instant::now();
+        // An attempt still open here ended without a response (the client left).
+        self.end_attempt(ctx, e.is_some());
         // Settle the request with the route's components: exactly one outcome each.
         if let Some(route) = ctx.route() {
             let attempted = !ctx.tried.is_empty();
@@ -911,6 +983,7 @@ impl ProxyHttp for SluiceProxy {
                 route.unwrap_or(""),
                 code_class(status),
                 ctx.verdict.as_str(),
+                self.direction,
             ])
             .inc();
         if self.shared.access_log {

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::Histogram;
-use sluice_policy::{FallbackAction, Mode, PathMatch, PolicySet, Protocol, Route, TrafficPolicy};
+use sluice_policy::{FallbackAction, Mode, PathMatch, PolicySet, Route, TrafficPolicy};
 
-use crate::balancer::{Balancer, BalancerRule};
 use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
 use crate::concurrency::ConcurrencyLimiter;
+use crate::endpoints::{Endpoints, EndpointsRule};
 use crate::metrics::route_histogram;
 use crate::ratelimit::RouteLimiter;
 
@@ -38,17 +38,7 @@ pub struct PolicyRuntime {
     pub name: String,
     pub mode: Mode,
     pub routes: Vec<RouteRuntime>,
-    pub balancer: Arc<Balancer>,
-    pub backends: Vec<Target>,
-}
-
-/// A backend as the proxy dials it.
-pub struct Target {
-    /// `host:port` as written in the policy: the metrics label.
-    pub label: String,
-    /// Resolved when the snapshot was built; `None` if the name did not resolve.
-    pub addr: Option<SocketAddr>,
-    pub protocol: Protocol,
+    pub endpoints: Arc<Endpoints>,
 }
 
 pub struct RouteRuntime {
@@ -136,10 +126,29 @@ impl Runtime {
         } else {
             self.hosts.get(bare)
         };
-        let Some(&policy) = found else {
+        match found {
+            Some(&policy) => self.route_in_policy(policy, method, path, header),
+            None => Routed::NoPolicy,
+        }
+    }
+
+    /// The index of the policy named `name`.
+    pub fn policy_index(&self, name: &str) -> Option<usize> {
+        self.policies.iter().position(|p| p.name == name)
+    }
+
+    /// The first route of policy `policy` whose path, method and headers match.
+    pub fn route_in_policy<'h>(
+        &self,
+        policy: usize,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<&'h [u8]>,
+    ) -> Routed {
+        let Some(p) = self.policies.get(policy) else {
             return Routed::NoPolicy;
         };
-        let matched = self.policies[policy].routes.iter().position(|r| {
+        let matched = p.routes.iter().position(|r| {
             let m = &r.route.matcher;
             let path_ok = match &m.path {
                 PathMatch::Any => true,
@@ -163,27 +172,18 @@ fn compile_policy(
     policy: &TrafficPolicy,
     before: Option<&PolicyRuntime>,
 ) -> prometheus::Result<PolicyRuntime> {
-    let rule = BalancerRule {
+    let rule = EndpointsRule {
         backends: policy.backends.clone(),
         load_balancer: policy.load_balancer.clone(),
+        health_check: policy.health_check.clone(),
+        outlier_detection: policy.outlier_detection.clone(),
     };
-    let balancer = carry(
-        before.map(|b| &b.balancer),
-        |b| *b.rule() == rule,
-        || Balancer::new(rule.clone()),
+    let previous = before.map(|b| &b.endpoints);
+    let endpoints = carry(
+        previous,
+        |e| *e.rule() == rule,
+        || Endpoints::new(rule.clone(), previous.map(|p| &**p), Instant::now()),
     );
-    let backends = policy
-        .backends
-        .iter()
-        .map(|b| Target {
-            label: b.address.to_string(),
-            addr: (b.address.host.as_str(), b.address.port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut addrs| addrs.next()),
-            protocol: b.protocol,
-        })
-        .collect();
     let slo_threshold = policy
         .slo
         .as_ref()
@@ -251,8 +251,7 @@ fn compile_policy(
         name: policy.name.clone(),
         mode: policy.mode,
         routes,
-        balancer,
-        backends,
+        endpoints,
     })
 }
 

@@ -223,7 +223,7 @@ async fn skips_a_refusing_backend_and_answers_502_when_none_is_reachable() {
             .expect("request");
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let m = metrics_once(&proxy, "sluice_requests_total{code_class=\"2xx\",decision=\"allowed\",policy=\"shop\",route=\"all\"}", 10.0).await;
+    let m = metrics_once(&proxy, "sluice_requests_total{code_class=\"2xx\",decision=\"allowed\",direction=\"outbound\",policy=\"shop\",route=\"all\"}", 10.0).await;
     let refused = format!("sluice_upstream_requests_total{{backend=\"{dead}\",outcome=\"connect_error\",policy=\"shop\"}}");
     assert!(sample(&m, &refused) >= 5.0, "{m}");
 
@@ -289,7 +289,7 @@ async fn rate_limited_requests_get_429_with_retry_after_and_ratelimit_headers() 
     );
     let m = metrics_once(
         &proxy,
-        "sluice_requests_total{code_class=\"4xx\",decision=\"rate_limited\",policy=\"shop\",route=\"limited\"}",
+        "sluice_requests_total{code_class=\"4xx\",decision=\"rate_limited\",direction=\"outbound\",policy=\"shop\",route=\"limited\"}",
         1.0,
     )
     .await;
@@ -301,7 +301,7 @@ async fn rate_limited_requests_get_429_with_retry_after_and_ratelimit_headers() 
         1.0
     );
     assert_eq!(
-        sample(&m, "sluice_requests_total{code_class=\"4xx\",decision=\"rate_limited\",policy=\"shop\",route=\"limited\"}"),
+        sample(&m, "sluice_requests_total{code_class=\"4xx\",decision=\"rate_limited\",direction=\"outbound\",policy=\"shop\",route=\"limited\"}"),
         1.0
     );
 }

@@ -105,7 +105,7 @@ async fn consecutive_failures_open_the_breaker_and_the_fallback_is_served_withou
         assert_eq!(r.header("content-type"), Some("application/json"));
     }
     assert_eq!(a.requests(), 3, "an open breaker sends nothing upstream");
-    let m = metrics_once(&proxy, "sluice_requests_total{code_class=\"2xx\",decision=\"fallback\",policy=\"shop\",route=\"pay\"}", 5.0).await;
+    let m = metrics_once(&proxy, "sluice_requests_total{code_class=\"2xx\",decision=\"fallback\",direction=\"outbound\",policy=\"shop\",route=\"pay\"}", 5.0).await;
     assert_eq!(
         sample(
             &m,
@@ -377,7 +377,7 @@ async fn shadow_mode_changes_no_response_but_counts_every_would_be_decision() {
     assert_eq!(slow.await.expect("task"), 200);
     assert_eq!(a.requests(), 7, "shadow mode refuses nothing");
 
-    let m = metrics_once(&proxy, "sluice_requests_total{code_class=\"2xx\",decision=\"allowed\",policy=\"shop\",route=\"trial\"}", 6.0).await;
+    let m = metrics_once(&proxy, "sluice_requests_total{code_class=\"2xx\",decision=\"allowed\",direction=\"outbound\",policy=\"shop\",route=\"trial\"}", 6.0).await;
     assert_eq!(
         sample(
             &m,
