@@ -2,4 +2,5 @@
 //! rules generation build on it.
 #![forbid(unsafe_code)]
 
+pub mod inject;
 pub mod validate;

@@ -27,6 +27,18 @@ enum Command {
     },
     /// Print the JSON Schema of the TrafficPolicy format.
     Schema,
+    /// Print Kubernetes manifests with the Sluice sidecar added to every workload.
+    Inject {
+        /// Manifest file (multi-document YAML or a List); `-` reads stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Proxy image for pods without a `sluice.dev/proxy-image` annotation.
+        #[arg(long)]
+        image: Option<String>,
+        /// Control-plane URL for pods without a `sluice.dev/policy-configmap`.
+        #[arg(long)]
+        control_plane: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +48,16 @@ fn main() -> ExitCode {
         Command::Schema => {
             print!("{}", sluice_policy::schema::json_schema());
             ExitCode::SUCCESS
+        }
+        Command::Inject {
+            file,
+            image,
+            control_plane,
+        } => {
+            let mut opts = sluice_control_plane::inject::InjectOptions::default();
+            opts.image = image.unwrap_or(opts.image);
+            opts.control_plane = control_plane.unwrap_or(opts.control_plane);
+            sluice_control_plane::inject::run(&file, &opts)
         }
     }
 }

@@ -37,6 +37,18 @@ struct Args {
     duration: u64,
 }
 
+/// Every `INCIDENT_PERIOD`, the checkout backend "fails" for `INCIDENT_LENGTH`: its
+/// requests ask the demo upstream to answer 503, so the breaker opens, the fallback
+/// answers, and the half-open probes close it again once the incident is over.
+const INCIDENT_PERIOD: Duration = Duration::from_secs(30);
+const INCIDENT_LENGTH: Duration = Duration::from_secs(8);
+const INCIDENT_START: Duration = Duration::from_secs(10);
+
+fn incident(elapsed: Duration) -> bool {
+    let phase = Duration::from_nanos((elapsed.as_nanos() % INCIDENT_PERIOD.as_nanos()) as u64);
+    phase >= INCIDENT_START && phase < INCIDENT_START + INCIDENT_LENGTH
+}
+
 /// One step of the traffic mix: path and an optional user id header.
 const MIX: [(&str, bool); 11] = [
     ("/catalog/items", false),
@@ -58,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let stop = Arc::new(AtomicBool::new(false));
     let per_worker = Duration::from_secs_f64(f64::from(WORKERS) / f64::from(args.rate.max(1)));
+    let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..WORKERS {
         let (stop, host, addr) = (Arc::clone(&stop), args.host.clone(), args.proxy);
@@ -70,11 +83,14 @@ async fn main() -> anyhow::Result<()> {
                 n += 1;
                 let (path, keyed) = MIX[n % MIX.len()];
                 let user = format!("user-{}", n % 7);
-                let headers: Vec<(&str, &str)> = if keyed {
+                let mut headers: Vec<(&str, &str)> = if keyed {
                     vec![("x-user-id", user.as_str())]
                 } else {
                     vec![]
                 };
+                if path.starts_with("/checkout") && incident(started.elapsed()) {
+                    headers.push(("x-demo-status", "503"));
+                }
                 if client.is_none() {
                     client = HttpClient::connect(addr).await.ok();
                 }
@@ -91,7 +107,6 @@ async fn main() -> anyhow::Result<()> {
         "driving ~{} req/s through http://{} (Host: {}); metrics at http://{}/metrics, policy at http://{}/config_dump",
         args.rate, args.proxy, args.host, args.admin, args.admin
     );
-    let started = Instant::now();
     let mut before = scrape(args.admin).await.unwrap_or_default();
     loop {
         let wait = tokio::time::sleep(Duration::from_secs(args.interval.max(1)));
@@ -102,6 +117,9 @@ async fn main() -> anyhow::Result<()> {
         let now = scrape(args.admin)
             .await
             .context("scraping the proxy's /metrics")?;
+        if incident(started.elapsed()) {
+            println!("\n-- incident: checkout's backend answers 503; its breaker opens and the fallback answers --");
+        }
         print_table(&before, &now, args.interval.max(1));
         before = now;
         if args.duration > 0 && started.elapsed() >= Duration::from_secs(args.duration) {
@@ -121,6 +139,8 @@ struct RouteStats {
     by_class: BTreeMap<String, f64>,
     rate_limited: f64,
     shadow_limited: f64,
+    fallbacks: f64,
+    breaker: Option<f64>,
     buckets: Vec<(f64, f64)>,
 }
 
@@ -156,6 +176,10 @@ async fn scrape(admin: SocketAddr) -> anyhow::Result<BTreeMap<String, RouteStats
                 stats.shadow_limited += value
             }
             "sluice_rate_limited_total" => stats.rate_limited += value,
+            "sluice_fallbacks_total" if labels.get("mode") == Some(&"enforce") => {
+                stats.fallbacks += value
+            }
+            "sluice_circuit_breaker_state" => stats.breaker = Some(value),
             "sluice_request_duration_seconds_bucket" => {
                 let le = labels
                     .get("le")
@@ -197,8 +221,8 @@ fn print_table(
 ) {
     println!();
     println!(
-        "{:<10} {:>8} {:>7} {:>7} {:>7} {:>8} {:>10}",
-        "route", "req/s", "2xx", "429", "5xx", "shadow", "p99"
+        "{:<10} {:>8} {:>7} {:>7} {:>7} {:>9} {:>8} {:>10} {:>10}",
+        "route", "req/s", "2xx", "429", "5xx", "fallback", "shadow", "p99", "breaker"
     );
     for (route, stats) in now {
         let old = before.get(route).cloned().unwrap_or_default();
@@ -216,15 +240,23 @@ fn print_table(
             Some(_) => ">120s".to_owned(),
             None => "-".to_owned(),
         };
+        let breaker = match stats.breaker {
+            Some(v) if v == 1.0 => "open",
+            Some(v) if v == 2.0 => "half-open",
+            Some(_) => "closed",
+            None => "-",
+        };
         println!(
-            "{:<10} {:>8.1} {:>7} {:>7} {:>7} {:>8} {:>10}",
+            "{:<10} {:>8.1} {:>7} {:>7} {:>7} {:>9} {:>8} {:>10} {:>10}",
             route,
             total / secs as f64,
             delta("2xx"),
             limited,
             delta("5xx"),
+            stats.fallbacks - old.fallbacks,
             stats.shadow_limited - old.shadow_limited,
-            p99
+            p99,
+            breaker
         );
     }
 }

@@ -1,0 +1,232 @@
+//! The pod annotations that steer injection, read and checked once.
+//!
+//! A bad annotation value is an error naming the annotation and the value, never a
+//! silently ignored setting: a pod that asked for `skip-outbound-ports: 5432,abc`
+//! must not come up with its database traffic going through the proxy.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use super::InjectError;
+
+/// `enabled` or `disabled`: opt a pod in or out (the namespace label opts in too).
+pub const INJECT: &str = "sluice.dev/inject";
+/// The proxy image; defaults to [`super::InjectOptions::image`].
+pub const PROXY_IMAGE: &str = "sluice.dev/proxy-image";
+/// A ConfigMap holding the pod's policies; without it the proxy subscribes to the
+/// control plane.
+pub const POLICY_CONFIGMAP: &str = "sluice.dev/policy-configmap";
+/// Comma-separated TCP ports whose outbound traffic bypasses the proxy.
+pub const SKIP_OUTBOUND_PORTS: &str = "sluice.dev/skip-outbound-ports";
+/// Comma-separated TCP ports whose inbound traffic bypasses the proxy.
+pub const SKIP_INBOUND_PORTS: &str = "sluice.dev/skip-inbound-ports";
+/// Comma-separated IPv4 CIDRs whose outbound traffic bypasses the proxy.
+pub const SKIP_OUTBOUND_CIDRS: &str = "sluice.dev/skip-outbound-cidrs";
+pub const PROXY_CPU_REQUEST: &str = "sluice.dev/proxy-cpu-request";
+pub const PROXY_MEMORY_REQUEST: &str = "sluice.dev/proxy-memory-request";
+pub const PROXY_CPU_LIMIT: &str = "sluice.dev/proxy-cpu-limit";
+pub const PROXY_MEMORY_LIMIT: &str = "sluice.dev/proxy-memory-limit";
+
+/// Whether `sluice.dev/inject: disabled` is set, as an annotation or a label (the
+/// webhook's object selector can only see labels).
+pub fn opted_out(
+    annotations: Option<&BTreeMap<String, String>>,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let disabled = |m: Option<&BTreeMap<String, String>>| {
+        m.and_then(|m| m.get(INJECT))
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("disabled"))
+    };
+    disabled(annotations) || disabled(labels)
+}
+
+/// A comma-separated port list, normalised (`"5432, 6379"` -> `"5432,6379"`);
+/// `None` when the annotation is absent or empty.
+pub fn ports(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Option<String>, InjectError> {
+    list(
+        annotations,
+        key,
+        |item| item.parse::<u16>().ok().filter(|p| *p != 0).is_some(),
+        "a TCP port (1-65535)",
+    )
+}
+
+/// A comma-separated IPv4 CIDR list (`10.0.0.0/8,192.168.1.5/32`), normalised.
+pub fn cidrs(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Option<String>, InjectError> {
+    list(
+        annotations,
+        key,
+        is_ipv4_cidr,
+        "an IPv4 CIDR such as 10.0.0.0/8",
+    )
+}
+
+fn is_ipv4_cidr(item: &str) -> bool {
+    match item.split_once('/') {
+        Some((addr, len)) => {
+            addr.parse::<Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
+        }
+        None => item.parse::<Ipv4Addr>().is_ok(),
+    }
+}
+
+fn list(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+    valid: impl Fn(&str) -> bool,
+    expected: &'static str,
+) -> Result<Option<String>, InjectError> {
+    let Some(raw) = annotations.get(key) else {
+        return Ok(None);
+    };
+    let items: Vec<&str> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(bad) = items.iter().find(|item| !valid(item)) {
+        return Err(InjectError::Annotation {
+            key: key.to_owned(),
+            value: raw.clone(),
+            expected: format!("a comma-separated list of {expected}; `{bad}` is not"),
+        });
+    }
+    Ok((!items.is_empty()).then(|| items.join(",")))
+}
+
+/// A Kubernetes resource quantity (`50m`, `1`, `0.5`, `64Mi`, `1G`), or the default.
+pub fn quantity(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+    default: &str,
+) -> Result<String, InjectError> {
+    let Some(raw) = annotations.get(key) else {
+        return Ok(default.to_owned());
+    };
+    let value = raw.trim();
+    if is_quantity(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(InjectError::Annotation {
+            key: key.to_owned(),
+            value: raw.clone(),
+            expected: "a resource quantity such as 100m, 0.5, 128Mi or 1G".to_owned(),
+        })
+    }
+}
+
+/// The Kubernetes quantity grammar without exponents: a decimal number and an optional
+/// SI or binary suffix.
+fn is_quantity(s: &str) -> bool {
+    const SUFFIXES: [&str; 14] = [
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "M", "G", "T", "P",
+    ];
+    let number = SUFFIXES
+        .iter()
+        .find_map(|suffix| s.strip_suffix(suffix))
+        .unwrap_or(s);
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    !number.is_empty()
+        && number != "."
+        && digits(int)
+        && digits(frac)
+        && (int.len() + frac.len()) > 0
+}
+
+/// The proxy image: the annotation when set, else the default.
+pub fn image(annotations: &BTreeMap<String, String>, default: &str) -> String {
+    annotations
+        .get(PROXY_IMAGE)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(default)
+        .to_owned()
+}
+
+/// The policy ConfigMap's name, checked as a DNS-1123 subdomain.
+pub fn policy_configmap(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<String>, InjectError> {
+    let Some(raw) = annotations.get(POLICY_CONFIGMAP) else {
+        return Ok(None);
+    };
+    let name = raw.trim();
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(Some(name.to_owned()))
+    } else {
+        Err(InjectError::Annotation {
+            key: POLICY_CONFIGMAP.to_owned(),
+            value: raw.clone(),
+            expected: "a ConfigMap name (lower-case letters, digits, '-' and '.')".to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(key: &str, value: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(key.to_owned(), value.to_owned())])
+    }
+
+    #[test]
+    fn normalises_port_lists_and_rejects_non_ports() {
+        let a = map(SKIP_OUTBOUND_PORTS, " 5432, 6379 ,");
+        assert_eq!(ports(&a, SKIP_OUTBOUND_PORTS), Ok(Some("5432,6379".into())));
+        let a = map(SKIP_OUTBOUND_PORTS, "5432,abc");
+        let err = ports(&a, SKIP_OUTBOUND_PORTS).unwrap_err().to_string();
+        assert!(err.contains("`abc` is not"), "{err}");
+        assert!(ports(&map(SKIP_INBOUND_PORTS, "0"), SKIP_INBOUND_PORTS).is_err());
+        assert!(ports(&map(SKIP_INBOUND_PORTS, "65536"), SKIP_INBOUND_PORTS).is_err());
+        assert_eq!(
+            ports(&map(SKIP_INBOUND_PORTS, ""), SKIP_INBOUND_PORTS),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn accepts_ipv4_cidrs_only() {
+        let a = map(SKIP_OUTBOUND_CIDRS, "10.0.0.0/8, 192.168.1.5");
+        assert_eq!(
+            cidrs(&a, SKIP_OUTBOUND_CIDRS),
+            Ok(Some("10.0.0.0/8,192.168.1.5".into()))
+        );
+        for bad in ["10.0.0.0/33", "fd00::/8", "example.com"] {
+            assert!(cidrs(&map(SKIP_OUTBOUND_CIDRS, bad), SKIP_OUTBOUND_CIDRS).is_err());
+        }
+    }
+
+    #[test]
+    fn checks_resource_quantities() {
+        for good in ["50m", "1", "0.5", "64Mi", "1G", "250k"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", "m", "1.2.3", "64MB", "-1", "lots", "."] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn opts_out_by_annotation_or_label() {
+        let off = map(INJECT, "disabled");
+        assert!(opted_out(Some(&off), None));
+        assert!(opted_out(None, Some(&off)));
+        assert!(!opted_out(Some(&map(INJECT, "enabled")), None));
+        assert!(!opted_out(None, None));
+    }
+}
