@@ -240,9 +240,9 @@ fn print_table(
             Some(_) => ">120s".to_owned(),
             None => "-".to_owned(),
         };
-        let breaker = match stats.breaker {
-            Some(v) if v == 1.0 => "open",
-            Some(v) if v == 2.0 => "half-open",
+        let breaker = match stats.breaker.map(|v| v as i64) {
+            Some(1) => "open",
+            Some(2) => "half-open",
             Some(_) => "closed",
             None => "-",
         };
