@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod inject;
+pub mod slo;
 pub mod validate;

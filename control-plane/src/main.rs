@@ -27,6 +27,11 @@ enum Command {
     },
     /// Print the JSON Schema of the TrafficPolicy format.
     Schema,
+    /// Print Prometheus recording and burn-rate alert rules for every policy with an `slo`.
+    SloRules {
+        /// Policy file or directory.
+        path: PathBuf,
+    },
     /// Print Kubernetes manifests with the Sluice sidecar added to every workload.
     Inject {
         /// Manifest file (multi-document YAML or a List); `-` reads stdin.
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
             print!("{}", sluice_policy::schema::json_schema());
             ExitCode::SUCCESS
         }
+        Command::SloRules { path } => sluice_control_plane::slo::run(path),
         Command::Inject {
             file,
             image,
