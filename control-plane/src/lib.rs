@@ -5,3 +5,4 @@
 pub mod inject;
 pub mod slo;
 pub mod validate;
+pub mod webhook;

@@ -44,6 +44,24 @@ enum Command {
         #[arg(long)]
         control_plane: Option<String>,
     },
+    /// Serve the sidecar-injecting admission webhook over HTTPS.
+    Webhook {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:9443")]
+        listen: std::net::SocketAddr,
+        /// PEM certificate chain the API server trusts (via the webhook's caBundle).
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// PEM private key of that certificate.
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// Proxy image for pods without a `sluice.dev/proxy-image` annotation.
+        #[arg(long)]
+        image: Option<String>,
+        /// Control-plane URL for pods without a `sluice.dev/policy-configmap`.
+        #[arg(long)]
+        control_plane: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +82,18 @@ fn main() -> ExitCode {
             opts.image = image.unwrap_or(opts.image);
             opts.control_plane = control_plane.unwrap_or(opts.control_plane);
             sluice_control_plane::inject::run(&file, &opts)
+        }
+        Command::Webhook {
+            listen,
+            tls_cert,
+            tls_key,
+            image,
+            control_plane,
+        } => {
+            let mut opts = sluice_control_plane::inject::InjectOptions::default();
+            opts.image = image.unwrap_or(opts.image);
+            opts.control_plane = control_plane.unwrap_or(opts.control_plane);
+            sluice_control_plane::webhook::run(listen, &tls_cert, &tls_key, opts)
         }
     }
 }

@@ -1,0 +1,404 @@
+//! The mutating admission webhook: `admission.k8s.io/v1` AdmissionReview in, the
+//! sidecar as a JSONPatch out, over HTTPS (the API server calls webhooks over TLS
+//! only).
+//!
+//! Which pods are sent here is the MutatingWebhookConfiguration's business (namespaces
+//! labelled `sluice.dev/inject=enabled`, or pods labelled so); this side injects every
+//! pod it is sent unless the pod opted out (`sluice.dev/inject: disabled`), runs on the
+//! host network, or already has the proxy. The patch is [`inject::patch_for_pod`]'s,
+//! the same code `sluice-cp inject` applies.
+//!
+//! Invariants: no request makes the server panic or hang. A body that is not an
+//! AdmissionReview gets HTTP 400 with an AdmissionReview saying why; a body over
+//! [`MAX_BODY_BYTES`] gets 413; a pod whose Sluice annotations are invalid is denied
+//! with a message naming the annotation (the user asked for something that cannot
+//! be done; admitting it silently would hide that). Connections are bounded in number
+//! and in how long a handshake or a request may take.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use k8s_openapi::api::core::v1::Pod;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::inject::{self, InjectOptions};
+
+/// The path the MutatingWebhookConfiguration calls.
+pub const INJECT_PATH: &str = "/inject";
+/// Largest AdmissionReview accepted: a pod's etcd limit is 1.5 MiB, and the review
+/// carries the object once more on updates.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 256;
+/// Time allowed for the TLS handshake, a request's headers, or its body.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+const API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Why the webhook could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot load TLS {what} from {path}: {message}")]
+    Tls {
+        what: &'static str,
+        path: String,
+        message: String,
+    },
+}
+
+/// A bound, not yet serving, webhook (tests bind to port 0 and read the address).
+pub struct WebhookServer {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    opts: Arc<InjectOptions>,
+}
+
+impl WebhookServer {
+    /// Loads the certificate chain and key (PEM) and binds `addr`.
+    pub async fn bind(
+        addr: SocketAddr,
+        cert_path: &Path,
+        key_path: &Path,
+        opts: InjectOptions,
+    ) -> Result<Self, WebhookError> {
+        let acceptor = tls_acceptor(cert_path, key_path)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| WebhookError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            acceptor,
+            opts: Arc::new(opts),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then gives requests in flight a few seconds.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = self.listener.accept() => {
+                    let Ok((tcp, _peer)) = accepted else {
+                        // Out of file descriptors and the like: back off, do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        continue; // over the limit: dropping `tcp` closes it
+                    };
+                    let acceptor = self.acceptor.clone();
+                    let opts = self.opts.clone();
+                    connections.spawn(async move {
+                        let _permit = permit;
+                        serve_connection(tcp, acceptor, opts).await;
+                    });
+                }
+            }
+        }
+        let drain = async { while connections.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, drain).await;
+    }
+}
+
+/// Binds and serves the webhook until `shutdown` completes.
+pub async fn serve_webhook(
+    addr: SocketAddr,
+    cert_path: &Path,
+    key_path: &Path,
+    opts: InjectOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WebhookError> {
+    WebhookServer::bind(addr, cert_path, key_path, opts)
+        .await?
+        .run(shutdown)
+        .await;
+    Ok(())
+}
+
+fn tls_acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, WebhookError> {
+    let tls_err = |what, path: &Path, message: String| WebhookError::Tls {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| tls_err("certificate", cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(tls_err(
+            "certificate",
+            cert_path,
+            "no certificate in it".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| tls_err("key", key_path, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err("configuration", cert_path, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_err("certificate and key", cert_path, e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    opts: Arc<InjectOptions>,
+) {
+    let Ok(Ok(tls)) = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await else {
+        return; // handshake failed or stalled
+    };
+    let service = hyper::service::service_fn(move |req| {
+        let opts = opts.clone();
+        async move { Ok::<_, Infallible>(handle(req, &opts).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IO_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+}
+
+async fn handle(req: Request<Incoming>, opts: &InjectOptions) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::POST, INJECT_PATH) => {}
+        (_, INJECT_PATH) => return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n"),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
+    let (status, review) = match tokio::time::timeout(IO_TIMEOUT, body).await {
+        Ok(Ok(body)) => review(&body.to_bytes(), opts),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            error_review(
+                "",
+                413,
+                &format!("request body over {MAX_BODY_BYTES} bytes"),
+            ),
+        ),
+        Ok(Err(e)) => (
+            StatusCode::BAD_REQUEST,
+            error_review("", 400, &format!("cannot read the request body: {e}")),
+        ),
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            error_review("", 408, "request body too slow"),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(review.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdmissionReview {
+    api_version: String,
+    kind: String,
+    request: Option<AdmissionRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdmissionRequest {
+    uid: String,
+    kind: GroupVersionKind,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    operation: String,
+    #[serde(default)]
+    object: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct GroupVersionKind {
+    #[serde(default)]
+    group: String,
+    kind: String,
+}
+
+/// Answers one AdmissionReview body: the HTTP status and the AdmissionReview to send.
+/// Pure, so every case is testable without a socket.
+pub fn review(body: &[u8], opts: &InjectOptions) -> (StatusCode, Value) {
+    let parsed: AdmissionReview = match serde_json::from_slice(body) {
+        Ok(review) => review,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                error_review("", 400, &format!("not an AdmissionReview: {e}")),
+            )
+        }
+    };
+    let Some(request) = parsed.request.filter(|r| !r.uid.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            error_review("", 400, "the AdmissionReview has no request with a uid"),
+        );
+    };
+    if parsed.api_version != API_VERSION || parsed.kind != "AdmissionReview" {
+        return (
+            StatusCode::BAD_REQUEST,
+            error_review(
+                &request.uid,
+                400,
+                &format!(
+                    "expected {API_VERSION} AdmissionReview, got {} {}",
+                    parsed.api_version, parsed.kind
+                ),
+            ),
+        );
+    }
+    let uid = request.uid.as_str();
+    // Only pod creation is injected; anything else this webhook is sent is admitted as is.
+    let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+    if !is_pod || request.operation != "CREATE" || request.sub_resource.is_some() {
+        return (StatusCode::OK, allowed(uid, None));
+    }
+    let Some(object) = request.object else {
+        return (StatusCode::OK, denied(uid, "the request carries no pod"));
+    };
+    let pod: Pod = match serde_json::from_value(object) {
+        Ok(pod) => pod,
+        Err(e) => {
+            return (
+                StatusCode::OK,
+                denied(uid, &format!("not a valid pod: {e}")),
+            )
+        }
+    };
+    match inject::patch_for_pod(&pod, opts) {
+        Ok(ops) if ops.is_empty() => (StatusCode::OK, allowed(uid, None)),
+        Ok(ops) => match serde_json::to_vec(&ops) {
+            Ok(patch) => (StatusCode::OK, allowed(uid, Some(&patch))),
+            Err(e) => (StatusCode::OK, denied(uid, &format!("internal error: {e}"))),
+        },
+        Err(e) => (StatusCode::OK, denied(uid, &e.to_string())),
+    }
+}
+
+fn envelope(response: Value) -> Value {
+    json!({"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response})
+}
+
+fn allowed(uid: &str, patch: Option<&[u8]>) -> Value {
+    let mut response = json!({"uid": uid, "allowed": true});
+    if let Some(patch) = patch {
+        response["patchType"] = json!("JSONPatch");
+        response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+    }
+    envelope(response)
+}
+
+fn denied(uid: &str, message: &str) -> Value {
+    error_review(uid, 400, message)
+}
+
+fn error_review(uid: &str, code: u16, message: &str) -> Value {
+    envelope(json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"code": code, "message": format!("sluice: {message}")},
+    }))
+}
+
+/// `sluice-cp webhook`: serves until SIGTERM or Ctrl-C; exit 1 with the reason when
+/// it cannot start.
+pub fn run(
+    listen: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    opts: InjectOptions,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sluice-cp webhook: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let served = runtime.block_on(async {
+        let server = WebhookServer::bind(listen, cert, key, opts).await?;
+        if let Ok(addr) = server.local_addr() {
+            eprintln!("sluice-cp webhook: serving https://{addr}{INJECT_PATH}");
+        }
+        server.run(terminated()).await;
+        Ok::<(), WebhookError>(())
+    });
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-cp webhook: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// Completes on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+async fn terminated() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                () = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    ctrl_c.await;
+}
