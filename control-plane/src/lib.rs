@@ -2,7 +2,12 @@
 //! rules generation build on it.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cli;
+pub mod diff;
 pub mod inject;
+pub mod serve;
 pub mod slo;
+pub mod store;
 pub mod validate;
 pub mod webhook;

@@ -17,8 +17,82 @@ struct Cli {
     command: Command,
 }
 
+/// How CLI commands reach a running control plane.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// The control plane's API, `http://HOST:PORT` or `https://HOST:PORT`.
+    #[arg(long, default_value = sluice_control_plane::cli::DEFAULT_SERVER)]
+    server: String,
+    /// File holding the bearer token (else $SLUICE_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify an https:// server.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    fn remote(self) -> sluice_control_plane::cli::Remote {
+        sluice_control_plane::cli::Remote {
+            server: self.server,
+            token_file: self.token_file,
+            ca_file: self.ca_file,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Serve validated, versioned policy to every proxy (and optionally the webhook).
+    Serve {
+        /// Policy directory, watched for changes (git-ops, ConfigMap mounts).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// The gRPC API. Loopback is open to local processes; any other address
+        /// requires --tls-cert, --tls-key and --token-file.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        listen: std::net::SocketAddr,
+        /// PEM certificate for the API (off loopback) and the webhook.
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// File holding the bearer token proxies and the CLI must present.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Also serve the sidecar-injecting admission webhook (HTTPS) here.
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        webhook: Option<std::net::SocketAddr>,
+    },
+    /// Each connected proxy and the version it runs; the served version and source.
+    Status {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        output: String,
+    },
+    /// What applying PATH would change against the served version, route by route.
+    Diff {
+        /// Policy file or directory.
+        path: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// The versions the control plane keeps (the last 20).
+    History {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Serve an earlier version again (default: the one before the served one).
+    Rollback {
+        /// The version to serve again.
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Validate policy files or directories; prints one line per policy, or every error.
     Validate {
         /// Policy files or directories (every *.yaml / *.yml inside).
@@ -67,6 +141,39 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve {
+            policies,
+            listen,
+            tls_cert,
+            tls_key,
+            token_file,
+            webhook,
+        } => {
+            let tls = tls_cert.zip(tls_key);
+            sluice_control_plane::cli::serve(
+                sluice_control_plane::serve::ServeConfig {
+                    policies,
+                    listen,
+                    tls: tls.clone(),
+                    token_file,
+                },
+                webhook.zip(tls),
+            )
+        }
+        Command::Status { remote, output } => match output.as_str() {
+            "text" | "json" => {
+                sluice_control_plane::cli::status(&remote.remote(), output == "json")
+            }
+            other => {
+                eprintln!("sluice-cp: --output {other:?}: expected text or json");
+                ExitCode::from(64)
+            }
+        },
+        Command::Diff { path, remote } => sluice_control_plane::cli::diff(&path, &remote.remote()),
+        Command::History { remote } => sluice_control_plane::cli::history(&remote.remote()),
+        Command::Rollback { to, remote } => {
+            sluice_control_plane::cli::rollback(&remote.remote(), to)
+        }
         Command::Validate { paths } => sluice_control_plane::validate::run(&paths),
         Command::Schema => {
             print!("{}", sluice_policy::schema::json_schema());

@@ -59,6 +59,7 @@ impl Admin {
                         "version": rt.version,
                         "source": rt.source,
                         "loadedAt": Timestamp(rt.loaded_at).to_string(),
+                        "controlPlaneVersion": rt.control_plane_version,
                         "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
                     }),
                     None => serde_json::json!({"version": null, "source": null, "policies": []}),

@@ -12,6 +12,7 @@ pub mod balancer;
 pub mod breaker;
 pub mod budget;
 pub mod concurrency;
+pub mod control_plane;
 pub mod demo_client;
 pub mod demo_upstream;
 pub mod endpoints;

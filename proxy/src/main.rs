@@ -19,6 +19,7 @@ use pingora::services::listening::Service;
 use prometheus::Registry;
 use sluice_proxy::accesslog::event;
 use sluice_proxy::admin::Admin;
+use sluice_proxy::control_plane::ControlPlaneSource;
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::proxy::{Shared, SluiceProxy};
 use sluice_proxy::shutdown::DrainOnSigterm;
@@ -31,8 +32,34 @@ const EX_USAGE: u8 = 64;
 #[command(name = "sluice-proxy", version, about = "Sluice data-plane proxy")]
 struct Args {
     /// Policy file or directory (every *.yaml / *.yml), watched for changes.
+    #[arg(
+        long,
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    policy: Option<PathBuf>,
+    /// Follow the control plane instead of a file: `http://HOST:PORT` or `https://...`.
     #[arg(long)]
-    policy: PathBuf,
+    control_plane: Option<String>,
+    /// This proxy's name in the control plane's status (default: $POD_NAME, else $HOSTNAME).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Namespace reported to the control plane (default: $POD_NAMESPACE).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// A label reported to the control plane, `key=value` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Where the last good control-plane snapshot is kept, so a restart while the
+    /// control plane is down still starts with a policy.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// File holding the bearer token for the control plane.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify an https:// control plane.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// The HTTP listener.
     #[arg(long, default_value = "127.0.0.1:15001")]
     listen: SocketAddr,
@@ -64,6 +91,12 @@ struct Args {
     /// The policy governing inbound traffic.
     #[arg(long)]
     inbound_policy: Option<String>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -159,6 +192,23 @@ impl BackgroundService for Housekeeping {
     }
 }
 
+/// Runs the control-plane stream on a background service's runtime.
+struct FollowControlPlane(std::sync::Mutex<Option<ControlPlaneSource>>);
+
+#[async_trait]
+impl BackgroundService for FollowControlPlane {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let source = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(source) = source {
+            source.run(shutdown).await;
+        }
+    }
+}
+
 /// Active health checks: every 100 ms, start the rounds that are due; each check is
 /// an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
 struct HealthChecks {
@@ -236,13 +286,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     }
-    if !args.policy.exists() {
+    if let Some(policy) = args.policy.as_ref().filter(|p| !p.exists()) {
         eprintln!(
             "sluice-proxy: --policy {}: no such file or directory",
-            args.policy.display()
+            policy.display()
         );
         return ExitCode::from(EX_USAGE);
     }
+    let node_id = args
+        .node_id
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("sluice-proxy-{}", std::process::id()));
 
     let runtime = Arc::new(ArcSwapOption::empty());
     let metrics = match Metrics::register(Registry::new(), Arc::clone(&runtime)) {
@@ -260,20 +316,42 @@ fn main() -> ExitCode {
         access_log: !args.no_access_log,
     });
 
-    let source = FileSource {
-        shared: Arc::clone(&shared),
-        path: args.policy.clone(),
-    };
     // An invalid policy at start is logged and leaves /ready at 503 until a valid
-    // one is written: the pod gets no traffic, and fixing the ConfigMap recovers it.
-    source.reload();
-    let _watcher = match source.watch() {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("sluice-proxy: cannot watch {}: {e}", args.policy.display());
-            return ExitCode::from(EX_USAGE);
+    // one arrives: the pod gets no traffic, and fixing the source recovers it.
+    let mut _watcher = None;
+    let mut control_plane = None;
+    if let Some(path) = &args.policy {
+        let source = FileSource {
+            shared: Arc::clone(&shared),
+            path: path.clone(),
+        };
+        source.reload();
+        match source.watch() {
+            Ok(w) => _watcher = Some(w),
+            Err(e) => {
+                eprintln!("sluice-proxy: cannot watch {}: {e}", path.display());
+                return ExitCode::from(EX_USAGE);
+            }
         }
-    };
+    }
+    if let Some(url) = &args.control_plane {
+        let source = ControlPlaneSource {
+            shared: Arc::clone(&shared),
+            url: url.clone(),
+            node_id: node_id.clone(),
+            namespace: args
+                .namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_default(),
+            labels: args.labels.iter().cloned().collect(),
+            state_dir: args.state_dir.clone(),
+            token_file: args.token_file.clone(),
+            ca_file: args.ca_file.clone(),
+        };
+        source.restore();
+        control_plane = Some(source);
+    }
 
     let drain_secs = args.drain_timeout.as_secs().max(1);
     let conf = ServerConf {
@@ -337,6 +415,12 @@ fn main() -> ExitCode {
             shared: Arc::clone(&shared),
         },
     ));
+    if let Some(source) = control_plane {
+        server.add_service(background_service(
+            "control-plane",
+            FollowControlPlane(std::sync::Mutex::new(Some(source))),
+        ));
+    }
     server.add_service(background_service(
         "housekeeping",
         Housekeeping {
@@ -347,7 +431,13 @@ fn main() -> ExitCode {
     event(
         "info",
         "listening",
-        serde_json::json!({"listen": args.listen.to_string(), "admin": args.admin.to_string(), "policy": args.policy.display().to_string()}),
+        serde_json::json!({
+            "listen": args.listen.to_string(),
+            "admin": args.admin.to_string(),
+            "policy": args.policy.as_ref().map(|p| p.display().to_string()),
+            "control_plane": args.control_plane,
+            "node_id": node_id,
+        }),
     );
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainOnSigterm {

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub backend_healthy: IntGaugeVec,
     pub backend_ejections: IntCounterVec,
+    pub control_plane_connected: IntGauge,
 }
 
 fn counter(
@@ -81,6 +82,11 @@ impl Metrics {
             "Requests being served right now, all routes.",
         )?;
         r.register(Box::new(inflight.clone()))?;
+        let control_plane_connected = IntGauge::new(
+            "sluice_control_plane_connected",
+            "1 while the proxy holds a policy stream to the control plane.",
+        )?;
+        r.register(Box::new(control_plane_connected.clone()))?;
         r.register(Box::new(DurationCollector::new(runtime)?))?;
         Ok(Metrics {
             requests: counter(
@@ -186,6 +192,7 @@ impl Metrics {
                 &["policy", "backend"],
             )?,
             inflight,
+            control_plane_connected,
             registry,
         })
     }

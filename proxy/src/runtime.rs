@@ -29,6 +29,8 @@ pub struct Runtime {
     /// Where the policy came from (`file:/path`, later `control-plane:URL`).
     pub source: String,
     pub loaded_at: SystemTime,
+    /// The control plane's version number, when the policy came from it.
+    pub control_plane_version: Option<u64>,
     pub set: PolicySet,
     pub policies: Vec<PolicyRuntime>,
     hosts: HashMap<String, usize>,
@@ -97,6 +99,7 @@ impl Runtime {
             version: version_of(&set),
             source,
             loaded_at: SystemTime::now(),
+            control_plane_version: None,
             set,
             policies,
             hosts,

@@ -42,6 +42,68 @@ impl ReloadResult {
     }
 }
 
+/// Validates and swaps in a policy from any source (file, control plane, persisted
+/// state): the one path every policy takes into the proxy. A rejected policy leaves
+/// the current one serving. Returns the result and, when rejected, the errors.
+pub fn apply(
+    shared: &Shared,
+    set: Result<sluice_policy::PolicySet, Vec<String>>,
+    label: &str,
+    kind: &str,
+    control_plane_version: Option<u64>,
+) -> (ReloadResult, Vec<String>) {
+    let current = shared.runtime.load_full();
+    let built = set.and_then(|set| {
+        Runtime::build(set, label.to_owned(), current.as_deref()).map_err(|e| vec![e.to_string()])
+    });
+    let (result, errors) = match built {
+        Err(errors) => {
+            for e in &errors {
+                event(
+                    "error",
+                    "policy rejected",
+                    json!({"error": e, "source": label}),
+                );
+            }
+            (ReloadResult::Rejected, errors)
+        }
+        Ok(next) if current.as_ref().is_some_and(|c| c.version == next.version) => {
+            (ReloadResult::Unchanged, Vec::new())
+        }
+        Ok(mut next) => {
+            next.control_plane_version = control_plane_version;
+            let metrics = &shared.metrics;
+            if let Some(old) = &current {
+                let _ = metrics
+                    .policy_info
+                    .remove_label_values(&[old.version.as_str()]);
+            }
+            metrics
+                .policy_info
+                .with_label_values(&[next.version.as_str()])
+                .set(1);
+            event(
+                "info",
+                "policy applied",
+                json!({
+                    "version": next.version,
+                    "previous": current.as_ref().map(|c| c.version.clone()),
+                    "policies": next.policies.len(),
+                    "source": label,
+                }),
+            );
+            shared.runtime.store(Some(Arc::new(next)));
+            (ReloadResult::Accepted, Vec::new())
+        }
+    };
+    shared
+        .metrics
+        .policy_reloads
+        .with_label_values(&[result.as_str(), kind])
+        .inc();
+    (result, errors)
+}
+
 pub struct FileSource {
     pub shared: Arc<Shared>,
     pub path: PathBuf,
@@ -55,64 +117,9 @@ impl FileSource {
     /// Loads, validates and swaps in the policy. A rejected policy leaves the
     /// current one serving.
     pub fn reload(&self) -> ReloadResult {
-        let result = match sluice_policy::load_path(&self.path) {
-            Err(errors) => {
-                for e in &errors.0 {
-                    event(
-                        "error",
-                        "policy rejected",
-                        json!({"error": e.to_string(), "source": self.label()}),
-                    );
-                }
-                ReloadResult::Rejected
-            }
-            Ok(set) => {
-                let current = self.shared.runtime.load_full();
-                match Runtime::build(set, self.label(), current.as_deref()) {
-                    Err(e) => {
-                        event(
-                            "error",
-                            "policy rejected",
-                            json!({"error": e.to_string(), "source": self.label()}),
-                        );
-                        ReloadResult::Rejected
-                    }
-                    Ok(next) if current.as_ref().is_some_and(|c| c.version == next.version) => {
-                        ReloadResult::Unchanged
-                    }
-                    Ok(next) => {
-                        let metrics = &self.shared.metrics;
-                        if let Some(old) = &current {
-                            let _ = metrics
-                                .policy_info
-                                .remove_label_values(&[old.version.as_str()]);
-                        }
-                        metrics
-                            .policy_info
-                            .with_label_values(&[next.version.as_str()])
-                            .set(1);
-                        event(
-                            "info",
-                            "policy applied",
-                            json!({
-                                "version": next.version,
-                                "previous": current.as_ref().map(|c| c.version.clone()),
-                                "policies": next.policies.len(),
-                                "source": self.label(),
-                            }),
-                        );
-                        self.shared.runtime.store(Some(Arc::new(next)));
-                        ReloadResult::Accepted
-                    }
-                }
-            }
-        };
-        self.shared
-            .metrics
-            .policy_reloads
-            .with_label_values(&[result.as_str(), "file"])
-            .inc();
-        result
+        let set = sluice_policy::load_path(&self.path)
+            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>());
+        apply(&self.shared, set, &self.label(), "file", None).0
     }
 
     /// Starts watching; the returned watcher must be kept alive. Changes are applied

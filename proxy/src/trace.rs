@@ -37,6 +37,11 @@ impl IdGenerator {
         z ^ (z >> 31)
     }
 
+    /// A uniform fraction in [0, 1), for jitter.
+    pub fn fraction(&self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// A fresh sampled `traceparent` value.
     pub fn new_traceparent(&self) -> String {
         let (hi, lo, span) = (self.next(), self.next(), self.next());

@@ -1,0 +1,357 @@
+//! The control-plane commands that talk to a running server: `serve` itself,
+//! `status`, `diff`, `history` and `rollback`. Errors end the command with a clear
+//! message and exit code 1 (64 for bad arguments).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Serialize;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+use crate::api::policy_discovery_client::PolicyDiscoveryClient;
+use crate::api::{self, CurrentRequest, HistoryRequest, RollbackRequest, StatusRequest};
+use crate::serve::{self, ServeConfig, MAX_MESSAGE_BYTES};
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15010";
+
+/// How to reach the server.
+pub struct Remote {
+    pub server: String,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Adds the bearer token to a call.
+pub type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+
+/// A client that adds the bearer token to every call.
+pub type Client = PolicyDiscoveryClient<InterceptedService<Channel, AddToken>>;
+
+/// Connects to `remote.server` (`http://` or `https://`), with the token if given.
+pub async fn connect(remote: &Remote) -> anyhow::Result<Client> {
+    let mut endpoint = Endpoint::from_shared(remote.server.clone())
+        .map_err(|e| anyhow::anyhow!("--server {}: {e}", remote.server))?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if remote.server.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &remote.ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {}: {e}", remote.server))?;
+    let token = match &remote.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("SLUICE_TOKEN").ok(),
+    };
+    let header = token
+        .map(|t| format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<_>>())
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
+    let add_token: AddToken = Box::new(move |mut req: Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
+    Ok(PolicyDiscoveryClient::with_interceptor(channel, add_token)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "sluice-cp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sluice-cp serve`: the API (and the webhook, when asked) until SIGTERM / SIGINT.
+pub fn serve(
+    config: ServeConfig,
+    webhook: Option<(std::net::SocketAddr, (PathBuf, PathBuf))>,
+) -> ExitCode {
+    finish(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                serve::log("info", "shutting down", serde_json::Value::Null);
+                let _ = stop.send(true);
+            });
+            let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            let running = serve::start(config, until_stopped(stopped.clone())).await?;
+            let hook = webhook.map(|(addr, (cert, key))| {
+                tokio::spawn(async move {
+                    crate::webhook::serve_webhook(
+                        addr,
+                        &cert,
+                        &key,
+                        crate::inject::InjectOptions::default(),
+                        until_stopped(stopped),
+                    )
+                    .await
+                })
+            });
+            running.task.await??;
+            if let Some(hook) = hook {
+                hook.await??;
+            }
+            Ok(())
+        })
+    }))
+}
+
+fn ms_to_rfc3339(ms: u64) -> String {
+    if ms == 0 {
+        return "-".to_owned();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    served_version: u64,
+    served_source: &'a str,
+    content_hash: &'a str,
+    rollback: bool,
+    rejected_errors: &'a [String],
+    proxies: Vec<ProxyJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ProxyJson<'a> {
+    node_id: &'a str,
+    namespace: &'a str,
+    labels: std::collections::BTreeMap<&'a str, &'a str>,
+    acked_version: u64,
+    connected: bool,
+    connected_since: String,
+    last_nack_version: u64,
+    last_nack_error: &'a str,
+}
+
+/// `sluice-cp status`.
+pub fn status(remote: &Remote, json: bool) -> ExitCode {
+    finish(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut client = connect(remote).await?;
+            let s = client.get_status(StatusRequest {}).await?.into_inner();
+            let mut out = std::io::stdout().lock();
+            if json {
+                let view = StatusJson {
+                    served_version: s.served_version,
+                    served_source: &s.served_source,
+                    content_hash: &s.content_hash,
+                    rollback: s.rollback,
+                    rejected_errors: &s.rejected_errors,
+                    proxies: s.proxies.iter().map(proxy_json).collect(),
+                };
+                writeln!(out, "{}", serde_json::to_string_pretty(&view)?)?;
+                return Ok(());
+            }
+            print_status(&mut out, &s)?;
+            Ok(())
+        })
+    }))
+}
+
+fn proxy_json(p: &api::ProxyStatus) -> ProxyJson<'_> {
+    ProxyJson {
+        node_id: &p.node_id,
+        namespace: &p.namespace,
+        labels: p
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        acked_version: p.acked_version,
+        connected: p.connected,
+        connected_since: ms_to_rfc3339(p.connected_since_ms),
+        last_nack_version: p.last_nack_version,
+        last_nack_error: &p.last_nack_error,
+    }
+}
+
+fn print_status(out: &mut impl Write, s: &api::StatusResponse) -> std::io::Result<()> {
+    if s.served_version == 0 {
+        writeln!(out, "serving nothing yet")?;
+    } else {
+        writeln!(
+            out,
+            "serving version {} ({}) from {}{}",
+            s.served_version,
+            s.content_hash,
+            s.served_source,
+            if s.rollback { " [rollback]" } else { "" }
+        )?;
+    }
+    if !s.rejected_errors.is_empty() {
+        writeln!(out, "last change refused:")?;
+        for e in &s.rejected_errors {
+            writeln!(out, "  {e}")?;
+        }
+    }
+    writeln!(
+        out,
+        "{:<32} {:>8} {:>10} {:<21} LAST NACK",
+        "NODE", "VERSION", "CONNECTED", "SINCE"
+    )?;
+    for p in &s.proxies {
+        let nack = if p.last_nack_error.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("v{}: {}", p.last_nack_version, p.last_nack_error)
+        };
+        writeln!(
+            out,
+            "{:<32} {:>8} {:>10} {:<21} {nack}",
+            p.node_id,
+            p.acked_version,
+            if p.connected { "yes" } else { "no" },
+            ms_to_rfc3339(p.connected_since_ms)
+        )?;
+    }
+    Ok(())
+}
+
+/// `sluice-cp diff PATH`.
+pub fn diff(path: &Path, remote: &Remote) -> ExitCode {
+    let proposed = match sluice_policy::load_path(path) {
+        Ok(set) => set,
+        Err(errors) => {
+            let _ = writeln!(std::io::stderr(), "{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    finish(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut client = connect(remote).await?;
+            let served = match client.get_current(CurrentRequest {}).await {
+                Ok(s) => {
+                    let s = s.into_inner();
+                    sluice_policy::parse_str(
+                        Path::new(&format!("served version {}", s.version)),
+                        &s.policies_yaml,
+                    )
+                    .map_err(|e| anyhow::anyhow!("the served policy does not parse: {e}"))?
+                }
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    sluice_policy::PolicySet::default()
+                }
+                Err(status) => return Err(status.into()),
+            };
+            let changes = crate::diff::diff(&served, &proposed);
+            let mut out = std::io::stdout().lock();
+            if changes.is_empty() {
+                writeln!(out, "no changes")?;
+            }
+            for c in changes {
+                writeln!(out, "{c}")?;
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// `sluice-cp history`.
+pub fn history(remote: &Remote) -> ExitCode {
+    finish(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut client = connect(remote).await?;
+            let h = client.get_history(HistoryRequest {}).await?.into_inner();
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:>8} {:<17} {:<21} {:>8} SOURCE",
+                "VERSION", "HASH", "ACCEPTED", "POLICIES"
+            )?;
+            for e in h.entries {
+                writeln!(
+                    out,
+                    "{:>8} {:<17} {:<21} {:>8} {}",
+                    e.version,
+                    e.content_hash,
+                    ms_to_rfc3339(e.accepted_at_ms),
+                    e.policies,
+                    e.source
+                )?;
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// `sluice-cp rollback [--to VERSION]`.
+pub fn rollback(remote: &Remote, to: Option<u64>) -> ExitCode {
+    finish(runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut client = connect(remote).await?;
+            let r = client
+                .rollback(RollbackRequest {
+                    to_version: to.unwrap_or(0),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("rollback refused: {}", s.message()))?
+                .into_inner();
+            let served = r
+                .served
+                .ok_or_else(|| anyhow::anyhow!("the server returned no snapshot"))?;
+            writeln!(
+                std::io::stdout(),
+                "now serving version {} ({})",
+                served.version,
+                served.source
+            )?;
+            Ok(())
+        })
+    }))
+}

@@ -1,0 +1,357 @@
+//! `sluice-cp serve`: the policy server.
+//!
+//! Sources feed the [`Store`]: a policy directory watched with `notify` (git-ops,
+//! ConfigMap mounts) and, with `--kubernetes`, the `TrafficPolicy` custom resources.
+//! Every change is validated with the `policy` crate; an invalid one is refused as a
+//! whole and the served version stays. Proxies subscribe over gRPC
+//! (`PolicyDiscovery.StreamPolicies`) and get every accepted snapshot, answering
+//! each with an ACK or a NACK.
+//!
+//! Security: on a loopback address the API is open to local processes (the
+//! sidecar's own node); on any other address it refuses to start without TLS and a
+//! bearer token, and refuses requests without the token.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::policy_discovery_server::{PolicyDiscovery, PolicyDiscoveryServer};
+use crate::api::{self, DiscoveryRequest};
+use crate::store::{Offer, Store};
+
+/// Largest gRPC message either side accepts (a snapshot is every policy as YAML).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Longest node id accepted.
+pub const MAX_NODE_ID: usize = 253;
+
+pub struct ServeConfig {
+    pub policies: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub token_file: Option<PathBuf>,
+}
+
+/// One JSON log line on stderr.
+pub fn log(level: &str, msg: &str, fields: serde_json::Value) {
+    let mut object = serde_json::Map::new();
+    object.insert("ts_ms".into(), crate::store::now_ms().into());
+    object.insert("level".into(), level.into());
+    object.insert("msg".into(), msg.into());
+    if let serde_json::Value::Object(extra) = fields {
+        object.extend(extra);
+    }
+    eprintln!("{}", serde_json::Value::Object(object));
+}
+
+/// A running server (for `main` and for in-process tests).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub store: Arc<Store>,
+    pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Keeps the directory watch alive.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Validates the config, loads the sources, binds and starts serving.
+pub async fn start(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    let token = match &config.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+            let token = text.trim().to_owned();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "--token-file {} is empty",
+                path.display()
+            );
+            Some(token)
+        }
+        None => None,
+    };
+    if !config.listen.ip().is_loopback() {
+        anyhow::ensure!(
+            config.tls.is_some() && token.is_some(),
+            "--listen {} is not a loopback address: it needs --tls-cert, --tls-key and --token-file",
+            config.listen
+        );
+    }
+    let store = Arc::new(Store::default());
+    let watcher = match &config.policies {
+        Some(dir) => {
+            load_dir(&store, dir);
+            Some(watch_dir(Arc::clone(&store), dir.clone())?)
+        }
+        None => None,
+    };
+
+    let listener = TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &config.tls {
+        let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+    }
+    let service = PolicyDiscoveryServer::new(Discovery {
+        store: Arc::clone(&store),
+        nonce: AtomicU64::new(0),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(token) = &token else { return Ok(req) };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
+            None => Err(Status::unauthenticated("a bearer token is required")),
+        }
+    };
+    let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
+        service, auth,
+    ));
+    let incoming = TcpListenerStream::new(listener);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
+    log(
+        "info",
+        "serving",
+        serde_json::json!({"listen": addr.to_string(), "tls": config.tls.is_some()}),
+    );
+    Ok(Running {
+        addr,
+        store,
+        task,
+        _watcher: watcher,
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn source_label(dir: &Path) -> String {
+    format!("dir:{}", dir.display())
+}
+
+/// Loads the directory and offers it to the store.
+pub fn load_dir(store: &Store, dir: &Path) -> Offer {
+    let result = sluice_policy::load_path(dir)
+        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>());
+    let offer = store.offer(result, &source_label(dir));
+    match &offer {
+        Offer::Accepted(v) => log(
+            "info",
+            "policy accepted",
+            serde_json::json!({"version": v, "source": source_label(dir)}),
+        ),
+        Offer::Rejected => {
+            for e in store.rejected() {
+                log("error", "policy rejected", serde_json::json!({"error": e}));
+            }
+        }
+        Offer::Unchanged => {}
+    }
+    offer
+}
+
+/// Watches the directory like the proxy does (create/modify/remove of policy files
+/// and ConfigMap `..` entries, debounced), reloading on a thread of its own.
+fn watch_dir(store: Arc<Store>, dir: PathBuf) -> anyhow::Result<notify::RecommendedWatcher> {
+    let (tx, rx) = mpsc::channel();
+    let mut watcher = notify::recommended_watcher(tx)?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    std::thread::Builder::new()
+        .name("policy-dir-watch".into())
+        .spawn(move || {
+            let relevant = |e: &notify::Event| {
+                matches!(
+                    e.kind,
+                    EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                ) && e.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|n| {
+                        let n = n.to_string_lossy();
+                        n.starts_with("..") || n.ends_with(".yaml") || n.ends_with(".yml")
+                    })
+                })
+            };
+            // Ends when the watcher is dropped.
+            while let Ok(first) = rx.recv() {
+                if !first.as_ref().is_ok_and(relevant) {
+                    continue;
+                }
+                let started = Instant::now();
+                loop {
+                    let left = Duration::from_millis(500).saturating_sub(started.elapsed());
+                    match rx.recv_timeout(Duration::from_millis(100).min(left)) {
+                        Ok(_) if !left.is_zero() => continue,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        _ => break,
+                    }
+                }
+                load_dir(&store, &dir);
+            }
+        })?;
+    Ok(watcher)
+}
+
+struct Discovery {
+    store: Arc<Store>,
+    nonce: AtomicU64,
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PolicyDiscovery for Discovery {
+    type StreamPoliciesStream = SnapshotStream;
+
+    async fn stream_policies(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the stream must start with a subscribe message")
+        })?;
+        let node = first.node_id.clone();
+        if node.is_empty() || node.len() > MAX_NODE_ID {
+            return Err(Status::invalid_argument(format!(
+                "node_id must be 1..={MAX_NODE_ID} characters"
+            )));
+        }
+        let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
+        self.store
+            .connected(&node, labels, first.namespace, first.version);
+        log(
+            "info",
+            "proxy connected",
+            serde_json::json!({"node": node, "version": first.version}),
+        );
+
+        // A few snapshots in flight are plenty: the watch always holds the latest.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let store = Arc::clone(&self.store);
+        let mut snapshots = store.subscribe();
+        let base = self.nonce.fetch_add(1 << 20, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut sent: u64 = 0;
+            let mut outstanding: Vec<(String, u64)> = Vec::new();
+            let mut next = snapshots.borrow_and_update().clone();
+            // Ends when the proxy hangs up or the server shuts down.
+            loop {
+                if let Some(snapshot) = next.take() {
+                    sent += 1;
+                    let nonce = format!("{:x}", base + sent);
+                    outstanding.push((nonce.clone(), snapshot.version));
+                    if outstanding.len() > 8 {
+                        outstanding.remove(0);
+                    }
+                    if tx.send(Ok(snapshot.to_api(nonce))).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = snapshots.changed() => match changed {
+                        Ok(()) => next = snapshots.borrow_and_update().clone(),
+                        Err(_) => break,
+                    },
+                    message = inbound.message() => match message {
+                        Ok(Some(reply)) => {
+                            let version = outstanding
+                                .iter()
+                                .find(|(n, _)| *n == reply.response_nonce)
+                                .map_or(reply.version, |(_, v)| *v);
+                            if reply.error.is_empty() {
+                                store.acked(&node, reply.version);
+                            } else {
+                                log("warn", "proxy refused a snapshot", serde_json::json!({"node": node, "version": version, "error": reply.error}));
+                                store.nacked(&node, version, reply.error);
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                }
+            }
+            store.disconnected(&node);
+            log(
+                "info",
+                "proxy disconnected",
+                serde_json::json!({"node": node}),
+            );
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusResponse>, Status> {
+        Ok(Response::new(self.store.status()))
+    }
+
+    async fn get_current(
+        &self,
+        _: Request<api::CurrentRequest>,
+    ) -> Result<Response<api::Snapshot>, Status> {
+        let current = self
+            .store
+            .current()
+            .ok_or_else(|| Status::not_found("nothing is served yet"))?;
+        Ok(Response::new(current.to_api(String::new())))
+    }
+
+    async fn get_history(
+        &self,
+        _: Request<api::HistoryRequest>,
+    ) -> Result<Response<api::HistoryResponse>, Status> {
+        let entries = self
+            .store
+            .history()
+            .iter()
+            .map(|s| api::HistoryEntry {
+                version: s.version,
+                content_hash: s.content_hash.clone(),
+                source: s.source.clone(),
+                accepted_at_ms: s.accepted_at_ms,
+                policies: s.policies as u32,
+            })
+            .collect();
+        Ok(Response::new(api::HistoryResponse { entries }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<api::RollbackRequest>,
+    ) -> Result<Response<api::RollbackResponse>, Status> {
+        let to = request.into_inner().to_version;
+        let served = self
+            .store
+            .rollback(to)
+            .map_err(Status::failed_precondition)?;
+        log(
+            "warn",
+            "rolled back",
+            serde_json::json!({"version": served.version, "source": served.source}),
+        );
+        Ok(Response::new(api::RollbackResponse {
+            served: Some(served.to_api(String::new())),
+        }))
+    }
+}

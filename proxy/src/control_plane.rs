@@ -1,0 +1,251 @@
+//! Policy from the control plane: one gRPC stream (`PolicyDiscovery.StreamPolicies`)
+//! that subscribes with this proxy's node id, applies every pushed snapshot through
+//! the same path as file reloads ([`crate::source::apply`]: lossless, state carried
+//! over) and answers each with an ACK or a NACK carrying the errors.
+//!
+//! When the control plane is unreachable the proxy keeps serving its last good
+//! policy and reconnects with jittered exponential backoff. Each applied snapshot is
+//! persisted to `--state-dir`, so a proxy restarted while the control plane is down
+//! starts from it (and `/ready` names that source).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::server::ShutdownWatch;
+use serde_json::json;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::accesslog::event;
+use crate::proxy::Shared;
+use crate::source::{apply, ReloadResult};
+
+/// The generated client API.
+#[allow(clippy::all, missing_docs)]
+pub mod api {
+    tonic::include_proto!("sluice.v1");
+}
+
+/// Largest snapshot accepted (the control plane's own limit).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`], each wait drawn at random
+/// below it ("full jitter") so a fleet does not reconnect in lockstep.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// File name of the persisted snapshot inside `--state-dir`.
+pub const STATE_FILE: &str = "last-good-policy.yaml";
+
+pub struct ControlPlaneSource {
+    pub shared: Arc<Shared>,
+    pub url: String,
+    pub node_id: String,
+    pub namespace: String,
+    pub labels: HashMap<String, String>,
+    pub state_dir: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The persisted form: a comment line with the version, then the policy YAML.
+fn persist(dir: &Path, version: u64, yaml: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    std::fs::write(
+        &tmp,
+        format!("# sluice control-plane version {version}\n{yaml}"),
+    )?;
+    // Rename is atomic: a crash leaves the old file or the new one, never half.
+    std::fs::rename(tmp, dir.join(STATE_FILE))
+}
+
+fn restored_version(text: &str) -> Option<u64> {
+    text.lines()
+        .next()?
+        .strip_prefix("# sluice control-plane version ")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl ControlPlaneSource {
+    /// Applies the persisted snapshot, if any; true when one was applied.
+    pub fn restore(&self) -> bool {
+        let Some(dir) = &self.state_dir else {
+            return false;
+        };
+        let path = dir.join(STATE_FILE);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return false;
+        };
+        let version = restored_version(&text);
+        let set = sluice_policy::parse_str(&path, &text)
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect());
+        let label = format!(
+            "state:{} (control-plane version {}, saved while connected to {})",
+            path.display(),
+            version.unwrap_or(0),
+            self.url
+        );
+        let (result, _) = apply(&self.shared, set, &label, "state", version);
+        result == ReloadResult::Accepted
+    }
+
+    fn version(&self) -> u64 {
+        self.shared
+            .runtime
+            .load()
+            .as_ref()
+            .and_then(|r| r.control_plane_version)
+            .unwrap_or(0)
+    }
+
+    async fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        let mut endpoint = Endpoint::from_shared(self.url.clone())?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if self.url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(tokio::fs::read(ca).await?));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        Ok(endpoint)
+    }
+
+    /// One stream until it breaks; Ok(true) if at least one snapshot arrived.
+    async fn session(&self) -> anyhow::Result<bool> {
+        let channel = self.endpoint().await?.connect().await?;
+        let token = match &self.token_file {
+            Some(path) => Some(tokio::fs::read_to_string(path).await?.trim().to_owned()),
+            None => None,
+        };
+        let header: Option<tonic::metadata::MetadataValue<_>> = token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
+        let mut client = api::policy_discovery_client::PolicyDiscoveryClient::with_interceptor(
+            channel,
+            move |mut req: tonic::Request<()>| {
+                if let Some(h) = &header {
+                    req.metadata_mut().insert("authorization", h.clone());
+                }
+                Ok(req)
+            },
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(api::DiscoveryRequest {
+            node_id: self.node_id.clone(),
+            labels: self.labels.clone(),
+            namespace: self.namespace.clone(),
+            version: self.version(),
+            response_nonce: String::new(),
+            error: String::new(),
+        })
+        .await?;
+        let mut snapshots = client
+            .stream_policies(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        self.shared.metrics.control_plane_connected.set(1);
+        event(
+            "info",
+            "connected to the control plane",
+            json!({"url": self.url, "node": self.node_id}),
+        );
+        let mut received = false;
+        while let Some(snapshot) = snapshots.message().await? {
+            received = true;
+            let label = format!("control-plane:{} version {}", self.url, snapshot.version);
+            let name = PathBuf::from(format!("control-plane version {}", snapshot.version));
+            let set = sluice_policy::parse_str(&name, &snapshot.policies_yaml)
+                .map_err(|e| e.0.iter().map(ToString::to_string).collect());
+            let (result, errors) = apply(
+                &self.shared,
+                set,
+                &label,
+                "control-plane",
+                Some(snapshot.version),
+            );
+            let (version, error) = match result {
+                ReloadResult::Rejected => (self.version(), errors.join("\n")),
+                ReloadResult::Accepted | ReloadResult::Unchanged => {
+                    // Unchanged content under a new number is still that number.
+                    if result == ReloadResult::Unchanged {
+                        self.adopt_version(snapshot.version);
+                    }
+                    if let Some(dir) = &self.state_dir {
+                        if let Err(e) = persist(dir, snapshot.version, &snapshot.policies_yaml) {
+                            event(
+                                "warn",
+                                "cannot persist the policy",
+                                json!({"dir": dir.display().to_string(), "error": e.to_string()}),
+                            );
+                        }
+                    }
+                    (snapshot.version, String::new())
+                }
+            };
+            tx.send(api::DiscoveryRequest {
+                node_id: self.node_id.clone(),
+                labels: HashMap::new(),
+                namespace: String::new(),
+                version,
+                response_nonce: snapshot.nonce,
+                error,
+            })
+            .await?;
+        }
+        Ok(received)
+    }
+
+    /// Records `version` as the control-plane version of the (unchanged) runtime.
+    fn adopt_version(&self, version: u64) {
+        let Some(current) = self.shared.runtime.load_full() else {
+            return;
+        };
+        if current.control_plane_version == Some(version) {
+            return;
+        }
+        // Runtime is immutable; rebuilding from the same set carries every component
+        // over, so only the version number changes.
+        let set = current.set.clone();
+        let label = format!("control-plane:{} version {version}", self.url);
+        if let Ok(mut next) = crate::runtime::Runtime::build(set, label, Some(&current)) {
+            next.control_plane_version = Some(version);
+            self.shared.runtime.store(Some(Arc::new(next)));
+        }
+    }
+
+    /// Follows the control plane until shutdown.
+    pub async fn run(self, mut shutdown: ShutdownWatch) {
+        let mut backoff = MIN_BACKOFF;
+        // Ends on shutdown; each iteration is one connection attempt.
+        loop {
+            let outcome = tokio::select! {
+                _ = shutdown.changed() => return,
+                outcome = self.session() => outcome,
+            };
+            self.shared.metrics.control_plane_connected.set(0);
+            match outcome {
+                Ok(true) => backoff = MIN_BACKOFF,
+                Ok(false) => {}
+                Err(e) => event(
+                    "warn",
+                    "control plane unreachable; serving the last good policy",
+                    json!({"url": self.url, "error": format!("{e:#}"), "retry_in_ms": backoff.as_millis() as u64}),
+                ),
+            }
+            let wait = backoff.mul_f64(self.shared.ids.fraction());
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
