@@ -647,6 +647,24 @@ fn fleet() -> Dashboard {
                 )],
             ),
             panel(
+                "Proxies connected to the control plane",
+                "timeseries",
+                "short",
+                "Proxies holding a policy stream to the control plane, and those without one (they serve their last good policy).",
+                vec![
+                    (
+                        r#"sum(sluice_control_plane_connected{namespace=~"$namespace"} == 1) or vector(0)"#
+                            .into(),
+                        "connected",
+                    ),
+                    (
+                        r#"count(sluice_control_plane_connected{namespace=~"$namespace"} == 0) or vector(0)"#
+                            .into(),
+                        "not connected",
+                    ),
+                ],
+            ),
+            panel(
                 "Proxy CPU",
                 "timeseries",
                 "percentunit",
