@@ -105,9 +105,17 @@ pub async fn start(
         let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
         builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
     }
+    // Open streams end on shutdown too (proxies reconnect elsewhere); without this
+    // a graceful stop would wait for them forever.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
     let service = PolicyDiscoveryServer::new(Discovery {
         store: Arc::clone(&store),
         nonce: AtomicU64::new(0),
+        stopping: stopping.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -128,7 +136,10 @@ pub async fn start(
         service, auth,
     ));
     let incoming = TcpListenerStream::new(listener);
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
+    let mut stopped = stopping;
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
     log(
         "info",
         "serving",
@@ -214,6 +225,7 @@ fn watch_dir(store: Arc<Store>, dir: PathBuf) -> anyhow::Result<notify::Recommen
 struct Discovery {
     store: Arc<Store>,
     nonce: AtomicU64,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, Status>> + Send>>;
@@ -250,6 +262,7 @@ impl PolicyDiscovery for Discovery {
         let store = Arc::clone(&self.store);
         let mut snapshots = store.subscribe();
         let base = self.nonce.fetch_add(1 << 20, Ordering::Relaxed);
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut sent: u64 = 0;
             let mut outstanding: Vec<(String, u64)> = Vec::new();
@@ -268,6 +281,7 @@ impl PolicyDiscovery for Discovery {
                     }
                 }
                 tokio::select! {
+                    _ = stopping.wait_for(|s| *s) => break,
                     changed = snapshots.changed() => match changed {
                         Ok(()) => next = snapshots.borrow_and_update().clone(),
                         Err(_) => break,

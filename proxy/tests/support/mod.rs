@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[allow(unused_imports)] // each test file uses its own subset
 pub use sluice_proxy::demo_client::{get, HttpClient};
 
 const RAW_TIMEOUT: Duration = Duration::from_secs(5);
@@ -133,6 +134,14 @@ impl ProxyProcess {
     /// 127.0.0.1:<free> <extra_args>`, with stdout and stderr captured to files.
     /// Call [`ProxyProcess::wait_ready`] before sending traffic.
     pub fn start(policy: impl AsRef<Path>, extra_args: &[&str]) -> Self {
+        let mut args = vec!["--policy".to_owned(), policy.as_ref().display().to_string()];
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
+        Self::start_args(&args)
+    }
+
+    /// Starts `sluice-proxy --listen 127.0.0.1:<free> --admin 127.0.0.1:<free> <args>`
+    /// (the caller names the policy source).
+    pub fn start_args(args: &[String]) -> Self {
         let dir = TempDir::new();
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -142,11 +151,9 @@ impl ProxyProcess {
             File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
         };
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-proxy"))
-            .arg("--policy")
-            .arg(policy.as_ref())
             .args(["--listen", &listen.to_string()])
             .args(["--admin", &admin.to_string()])
-            .args(extra_args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(create(&stdout_path))
             .stderr(create(&stderr_path))

@@ -1,0 +1,286 @@
+//! The control plane and its proxies end to end: an in-process `sluice-cp serve`
+//! (the library the binary runs) and real `sluice-proxy` processes on loopback.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_control_plane::serve::{start, Running, ServeConfig};
+use sluice_control_plane::store::Store;
+use sluice_proxy::demo_upstream::{Upstream, UpstreamConfig};
+use support::{get, ProxyProcess, TempDir};
+
+async fn upstream(name: &str) -> Upstream {
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    Upstream::start(any, UpstreamConfig::new(name))
+        .await
+        .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
+}
+
+fn policy(backend: SocketAddr, burst: u32) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: shop}}\nspec:\n  hosts: [shop]\n  backends:\n    - address: \"{backend}\"\n  routes:\n    - name: all\n      rateLimit: {{requestsPerSecond: 0.01, burst: {burst}}}\n"
+    )
+}
+
+/// Replaces `name` in `dir` atomically.
+fn write(dir: &Path, name: &str, yaml: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, yaml).expect("write");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
+struct ControlPlane {
+    running: Running,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ControlPlane {
+    async fn start(dir: &Path, listen: SocketAddr) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = ServeConfig {
+            policies: Some(dir.to_owned()),
+            listen,
+            tls: None,
+            token_file: None,
+        };
+        let running = start(config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("control plane starts");
+        ControlPlane {
+            running,
+            stop: Some(stop),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.running.addr)
+    }
+
+    fn store(&self) -> Arc<Store> {
+        Arc::clone(&self.running.store)
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let finished = tokio::time::timeout(Duration::from_secs(5), &mut self.running.task).await;
+        assert!(
+            finished.is_ok(),
+            "the control plane did not stop within 5 s"
+        );
+    }
+}
+
+fn proxy(url: &str, node: &str, state: &Path) -> ProxyProcess {
+    let args: Vec<String> = [
+        "--control-plane",
+        url,
+        "--node-id",
+        node,
+        "--state-dir",
+        &state.display().to_string(),
+        "--label",
+        "app=shop",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    ProxyProcess::start_args(&args)
+}
+
+async fn dump(proxy: &ProxyProcess) -> serde_json::Value {
+    let body = get(proxy.admin_addr(), "admin", "/config_dump")
+        .await
+        .expect("config_dump")
+        .body;
+    serde_json::from_slice(&body).expect("json")
+}
+
+/// Polls (bounded by `within`) until `check` holds; panics with `what` otherwise.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn acked(store: &Store, node: &str) -> u64 {
+    store
+        .status()
+        .proxies
+        .iter()
+        .find(|p| p.node_id == node)
+        .map_or(0, |p| p.acked_version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_reaches_three_proxies_and_an_invalid_edit_reaches_none() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let dir = TempDir::new();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    write(&policies, "shop.yaml", &policy(a.addr(), 5));
+    let cp = ControlPlane::start(&policies, ([127, 0, 0, 1], 0).into()).await;
+    let store = cp.store();
+    let proxies: Vec<ProxyProcess> = (1..=3)
+        .map(|i| {
+            proxy(
+                &cp.url(),
+                &format!("proxy-{i}"),
+                &dir.path().join(format!("state-{i}")),
+            )
+        })
+        .collect();
+    for p in &proxies {
+        p.wait_ready().await;
+    }
+    eventually(Duration::from_secs(5), "all three ACK version 1", || {
+        let store = Arc::clone(&store);
+        async move { (1..=3).all(|i| acked(&store, &format!("proxy-{i}")) == 1) }
+    })
+    .await;
+    let status = store.status();
+    assert_eq!(status.proxies.len(), 3);
+    assert!(status
+        .proxies
+        .iter()
+        .all(|p| p.connected && p.labels.get("app").map(String::as_str) == Some("shop")));
+
+    // An edit reaches all three within 2 s: ACKed, and in their /config_dump.
+    let edited = Instant::now();
+    write(&policies, "shop.yaml", &policy(b.addr(), 5));
+    eventually(Duration::from_secs(2), "all three ACK version 2", || {
+        let store = Arc::clone(&store);
+        async move { (1..=3).all(|i| acked(&store, &format!("proxy-{i}")) == 2) }
+    })
+    .await;
+    assert!(edited.elapsed() < Duration::from_secs(2));
+    for p in &proxies {
+        let d = dump(p).await;
+        assert_eq!(d["controlPlaneVersion"], 2);
+        let r = get(p.listen_addr(), "shop", "/").await.expect("request");
+        assert_eq!(r.header("x-upstream"), Some("b"));
+    }
+
+    // An invalid edit is refused with its file:line:column; proxies stay on version 2.
+    write(&policies, "shop.yaml", &policy(a.addr(), 0));
+    eventually(
+        Duration::from_secs(3),
+        "the refused change shows in status",
+        || {
+            let store = Arc::clone(&store);
+            async move { !store.status().rejected_errors.is_empty() }
+        },
+    )
+    .await;
+    let status = store.status();
+    assert_eq!(status.served_version, 2);
+    assert!(
+        status.rejected_errors[0].ends_with(
+            "shop.yaml:10:51: spec.routes[0].rateLimit.burst: must be at least 1, got 0"
+        ),
+        "{:?}",
+        status.rejected_errors
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for p in &proxies {
+        assert_eq!(dump(p).await["controlPlaneVersion"], 2);
+        // Traffic still behaves by version 2: backend b, its limit of 5.
+        let r = get(p.listen_addr(), "shop", "/").await.expect("request");
+        assert_eq!((r.status, r.header("x-upstream")), (200, Some("b")));
+    }
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_outlive_the_control_plane_and_a_restarted_proxy_serves_the_persisted_policy() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let dir = TempDir::new();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    write(&policies, "shop.yaml", &policy(a.addr(), 100));
+    let listen: SocketAddr = ([127, 0, 0, 1], support::free_port()).into();
+    let cp = ControlPlane::start(&policies, listen).await;
+    let url = cp.url();
+    let state = dir.path().join("state");
+    let p = proxy(&url, "survivor", &state);
+    p.wait_ready().await;
+    let connected = |p: &ProxyProcess| {
+        let admin = p.admin_addr();
+        async move {
+            get(admin, "admin", "/metrics")
+                .await
+                .map(|m| m.text().contains("sluice_control_plane_connected 1"))
+                .unwrap_or(false)
+        }
+    };
+    eventually(Duration::from_secs(3), "connected", || connected(&p)).await;
+
+    cp.stop().await;
+    eventually(Duration::from_secs(3), "the proxy notices", || {
+        let admin = p.admin_addr();
+        async move {
+            get(admin, "admin", "/metrics")
+                .await
+                .map(|m| m.text().contains("sluice_control_plane_connected 0"))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert_eq!(
+        get(p.listen_addr(), "shop", "/")
+            .await
+            .expect("still serving")
+            .header("x-upstream"),
+        Some("a")
+    );
+
+    // Restarted while the control plane is down: it starts from the persisted snapshot.
+    drop(p);
+    let restarted = proxy(&url, "survivor", &state);
+    restarted.wait_ready().await;
+    let ready = get(restarted.admin_addr(), "admin", "/ready")
+        .await
+        .expect("ready")
+        .text();
+    assert!(ready.contains("from state:"), "{ready}");
+    assert_eq!(
+        get(restarted.listen_addr(), "shop", "/")
+            .await
+            .expect("persisted")
+            .header("x-upstream"),
+        Some("a")
+    );
+
+    // The control plane comes back (with a new policy meanwhile): the proxy converges.
+    write(&policies, "shop.yaml", &policy(b.addr(), 100));
+    let cp = ControlPlane::start(&policies, listen).await;
+    eventually(Duration::from_secs(10), "reconnects and converges", || {
+        let listen = restarted.listen_addr();
+        async move {
+            get(listen, "shop", "/")
+                .await
+                .map(|r| r.header("x-upstream") == Some("b"))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let ready = get(restarted.admin_addr(), "admin", "/ready")
+        .await
+        .expect("ready")
+        .text();
+    assert!(ready.contains("from control-plane:"), "{ready}");
+    cp.stop().await;
+}
