@@ -89,11 +89,17 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
 
 /// `sluice-cp serve`: the API (and the webhook, when asked) until SIGTERM / SIGINT.
 pub fn serve(
-    config: ServeConfig,
+    mut config: ServeConfig,
+    kubernetes: bool,
     webhook: Option<(std::net::SocketAddr, (PathBuf, PathBuf))>,
 ) -> ExitCode {
     finish(runtime().and_then(|rt| {
         rt.block_on(async {
+            if kubernetes {
+                config.kubernetes = Some(kube::Config::infer().await.map_err(|e| {
+                    anyhow::anyhow!("--kubernetes: no cluster configuration found: {e}")
+                })?);
+            }
             let (stop, stopped) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 let mut term =

@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod diff;
 pub mod inject;
+pub mod kubernetes;
 pub mod serve;
 pub mod slo;
 pub mod store;

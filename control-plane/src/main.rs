@@ -61,6 +61,10 @@ enum Command {
         /// File holding the bearer token proxies and the CLI must present.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Follow the cluster's TrafficPolicy resources (in-cluster config or
+        /// $KUBECONFIG) instead of a directory.
+        #[arg(long, conflicts_with = "policies")]
+        kubernetes: bool,
         /// Also serve the sidecar-injecting admission webhook (HTTPS) here.
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         webhook: Option<std::net::SocketAddr>,
@@ -101,6 +105,8 @@ enum Command {
     },
     /// Print the JSON Schema of the TrafficPolicy format.
     Schema,
+    /// Print the TrafficPolicy CustomResourceDefinition (as in k8s/base/crd.yaml).
+    Crd,
     /// Print Prometheus recording and burn-rate alert rules for every policy with an `slo`.
     SloRules {
         /// Policy file or directory.
@@ -147,6 +153,7 @@ fn main() -> ExitCode {
             tls_cert,
             tls_key,
             token_file,
+            kubernetes,
             webhook,
         } => {
             let tls = tls_cert.zip(tls_key);
@@ -156,9 +163,15 @@ fn main() -> ExitCode {
                     listen,
                     tls: tls.clone(),
                     token_file,
+                    kubernetes: None,
                 },
+                kubernetes,
                 webhook.zip(tls),
             )
+        }
+        Command::Crd => {
+            print!("{}", sluice_control_plane::kubernetes::crd_yaml());
+            ExitCode::SUCCESS
         }
         Command::Status { remote, output } => match output.as_str() {
             "text" | "json" => {

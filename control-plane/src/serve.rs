@@ -40,6 +40,9 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub token_file: Option<PathBuf>,
+    /// Follow the TrafficPolicy custom resources of this cluster (instead of, or
+    /// with no, `policies` directory).
+    pub kubernetes: Option<kube::Config>,
 }
 
 /// One JSON log line on stderr.
@@ -98,6 +101,14 @@ pub async fn start(
         None => None,
     };
 
+    if let Some(kube_config) = config.kubernetes.clone() {
+        anyhow::ensure!(
+            config.policies.is_none(),
+            "--kubernetes and --policies are two sources of truth: choose one"
+        );
+        let client = kube::Client::try_from(kube_config)?;
+        tokio::spawn(crate::kubernetes::follow(Arc::clone(&store), client));
+    }
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let mut builder = Server::builder();

@@ -29,6 +29,7 @@ async fn serve(
         listen: "127.0.0.1:0".parse()?,
         tls: None,
         token_file: None,
+        kubernetes: None,
     };
     config(&mut c);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

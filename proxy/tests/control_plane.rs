@@ -46,6 +46,7 @@ impl ControlPlane {
             listen,
             tls: None,
             token_file: None,
+            kubernetes: None,
         };
         let running = start(config, async {
             let _ = stopped.await;

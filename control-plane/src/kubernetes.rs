@@ -1,0 +1,276 @@
+//! Kubernetes: the `TrafficPolicy` CustomResourceDefinition, generated from the same
+//! Rust types that parse policy files, and the custom resources as a policy source.
+//!
+//! The Kubernetes API is the store: every control-plane replica lists and watches
+//! `trafficpolicies.sluice.dev` (kube's watcher resumes a broken watch from the last
+//! resourceVersion), rebuilds the whole set on each change, and offers it to the
+//! [`Store`] like a directory reload: validated with the `policy` crate, refused as a
+//! whole when any resource is invalid. Policy names are global across namespaces.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use serde_json::{json, Map, Value};
+use sluice_policy::spec::PolicyBodySpec;
+
+use crate::serve::log;
+use crate::store::Store;
+
+pub const GROUP: &str = "sluice.dev";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "TrafficPolicy";
+pub const PLURAL: &str = "trafficpolicies";
+
+/// Rewrites a schemars schema into a Kubernetes *structural* schema: `$ref`s
+/// inlined, nullable types expressed with `nullable`, and the JSON-Schema-only
+/// keywords (`$schema`, `title`, `additionalProperties: false`) dropped.
+fn structural(schema: &Value, defs: &Map<String, Value>, depth: usize) -> Value {
+    // The policy types are not recursive; the bound only guards against a cycle.
+    if depth > 32 {
+        return json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    }
+    let Value::Object(object) = schema else {
+        return schema.clone();
+    };
+    if let Some(target) = object.get("$ref").and_then(Value::as_str) {
+        let name = target.rsplit('/').next().unwrap_or_default();
+        let mut inlined = match defs.get(name) {
+            Some(def) => structural(def, defs, depth + 1),
+            None => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        };
+        if let (Value::Object(out), Some(d)) = (&mut inlined, object.get("description")) {
+            out.insert("description".into(), d.clone());
+        }
+        return inlined;
+    }
+    let nullable_of = |variants: &Vec<Value>| -> Option<Value> {
+        let (nulls, others): (Vec<&Value>, Vec<&Value>) = variants
+            .iter()
+            .partition(|v| v.get("type").and_then(Value::as_str) == Some("null"));
+        (nulls.len() == 1 && others.len() == 1).then(|| others[0].clone())
+    };
+    let mut out = Map::new();
+    for (key, value) in object {
+        match key.as_str() {
+            "$schema" | "title" | "$defs" | "default" => {}
+            "additionalProperties" if value == &Value::Bool(false) => {}
+            "type" => match value {
+                Value::Array(types) => {
+                    let real: Vec<&Value> = types
+                        .iter()
+                        .filter(|t| t.as_str() != Some("null"))
+                        .collect();
+                    if let Some(t) = real.first() {
+                        out.insert("type".into(), (*t).clone());
+                    }
+                    if real.len() < types.len() {
+                        out.insert("nullable".into(), Value::Bool(true));
+                    }
+                }
+                other => {
+                    out.insert("type".into(), other.clone());
+                }
+            },
+            "anyOf" | "oneOf" => match value.as_array().and_then(nullable_of) {
+                Some(inner) => {
+                    if let Value::Object(inner) = structural(&inner, defs, depth + 1) {
+                        out.extend(inner);
+                    }
+                    out.insert("nullable".into(), Value::Bool(true));
+                }
+                None => {
+                    let items: Vec<Value> = value
+                        .as_array()
+                        .map(|a| a.iter().map(|v| structural(v, defs, depth + 1)).collect())
+                        .unwrap_or_default();
+                    out.insert(key.clone(), Value::Array(items));
+                }
+            },
+            "properties" => {
+                let props: Map<String, Value> = value
+                    .as_object()
+                    .map(|p| {
+                        p.iter()
+                            .map(|(k, v)| (k.clone(), structural(v, defs, depth + 1)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.insert(key.clone(), Value::Object(props));
+            }
+            "items" | "additionalProperties" => {
+                out.insert(key.clone(), structural(value, defs, depth + 1));
+            }
+            _ => {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// The CRD as YAML, as committed at `k8s/base/crd.yaml`.
+pub fn crd_yaml() -> String {
+    let root = serde_json::to_value(schemars::schema_for!(PolicyBodySpec)).unwrap_or_default();
+    let defs = root
+        .get("$defs")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let spec = structural(&root, &defs, 0);
+    let crd = json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{PLURAL}.{GROUP}")},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": format!("{KIND}List"),
+                "plural": PLURAL,
+                "singular": "trafficpolicy",
+                "shortNames": ["tp"],
+            },
+            "scope": "Namespaced",
+            "versions": [{
+                "name": VERSION,
+                "served": true,
+                "storage": true,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "Everything that governs one service's traffic (see the README's policy reference).",
+                    "required": ["spec"],
+                    "properties": {"spec": spec},
+                }},
+                "additionalPrinterColumns": [
+                    {"name": "Hosts", "type": "string", "jsonPath": ".spec.hosts"},
+                    {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+            }],
+        },
+    });
+    let body = serde_saphyr::to_string(&crd).unwrap_or_default();
+    format!("# Generated by `sluice-cp crd` from the policy crate's types; do not edit.\n{body}")
+}
+
+/// A custom resource as the policy document it stands for (the API server already
+/// dropped unknown fields; the policy crate checks the values).
+fn document(object: &DynamicObject) -> Value {
+    let mut metadata = Map::new();
+    if let Some(name) = &object.metadata.name {
+        metadata.insert("name".into(), name.clone().into());
+    }
+    if let Some(ns) = &object.metadata.namespace {
+        metadata.insert("namespace".into(), ns.clone().into());
+    }
+    json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"),
+        "kind": KIND,
+        "metadata": metadata,
+        "spec": object.data.get("spec").cloned().unwrap_or(Value::Object(Map::new())),
+    })
+}
+
+/// Validates every resource together and offers the set to the store.
+fn offer(store: &Store, objects: &BTreeMap<(String, String), DynamicObject>) {
+    let texts: Vec<(String, String)> = objects
+        .iter()
+        .map(|((ns, name), object)| {
+            (
+                format!("kubernetes:{ns}/{name}"),
+                serde_saphyr::to_string(&document(object)).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let result = sluice_policy::parse_sources(
+        texts
+            .iter()
+            .map(|(f, t)| (Path::new(f.as_str()), t.as_str())),
+    )
+    .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>());
+    match store.offer(result, "kubernetes") {
+        crate::store::Offer::Accepted(v) => log(
+            "info",
+            "policy accepted",
+            json!({"version": v, "source": "kubernetes", "resources": objects.len()}),
+        ),
+        crate::store::Offer::Rejected => {
+            for e in store.rejected() {
+                log("error", "policy rejected", json!({"error": e}));
+            }
+        }
+        crate::store::Offer::Unchanged => {}
+    }
+}
+
+/// Lists and watches the TrafficPolicies of `client` until the stream ends (never,
+/// under normal operation: errors are retried with backoff).
+pub async fn follow(store: Arc<Store>, client: kube::Client) {
+    let gvk = GroupVersionKind::gvk(GROUP, VERSION, KIND);
+    let resource = ApiResource::from_gvk_with_plural(&gvk, PLURAL);
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let mut objects: BTreeMap<(String, String), DynamicObject> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<(String, String), DynamicObject>> = None;
+    let key = |o: &DynamicObject| {
+        (
+            o.metadata.namespace.clone().unwrap_or_default(),
+            o.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => relisting = Some(BTreeMap::new()),
+            Ok(Event::InitApply(o)) => {
+                if let Some(list) = relisting.as_mut() {
+                    list.insert(key(&o), o);
+                }
+            }
+            Ok(Event::InitDone) => {
+                objects = relisting.take().unwrap_or_default();
+                offer(&store, &objects);
+            }
+            Ok(Event::Apply(o)) => {
+                objects.insert(key(&o), o);
+                offer(&store, &objects);
+            }
+            Ok(Event::Delete(o)) => {
+                objects.remove(&key(&o));
+                offer(&store, &objects);
+            }
+            Err(e) => log(
+                "warn",
+                "kubernetes watch failed; retrying",
+                json!({"error": e.to_string()}),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_crd_schema_is_structural() {
+        let yaml = crd_yaml();
+        for forbidden in [
+            "$ref",
+            "$defs",
+            "additionalProperties: false",
+            "- 'null'",
+            "type:\n",
+        ] {
+            assert!(!yaml.contains(forbidden), "CRD contains {forbidden:?}");
+        }
+        assert!(yaml.contains("requestsPerSecond:"));
+        assert!(yaml.contains("nullable: true"));
+    }
+}
