@@ -18,6 +18,7 @@ pub mod demo_upstream;
 pub mod endpoints;
 pub mod hashring;
 pub mod health;
+pub mod iptables;
 pub mod metrics;
 pub mod outlier;
 pub mod p2c;

@@ -29,8 +29,16 @@ use sluice_proxy::trace::IdGenerator;
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "sluice-proxy", version, about = "Sluice data-plane proxy")]
+#[command(
+    name = "sluice-proxy",
+    version,
+    about = "Sluice data-plane proxy",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// Policy file or directory (every *.yaml / *.yml), watched for changes.
     #[arg(
         long,
@@ -91,6 +99,90 @@ struct Args {
     /// The policy governing inbound traffic.
     #[arg(long)]
     inbound_policy: Option<String>,
+    /// Sidecar interception (iptables REDIRECT): recover each connection's original
+    /// destination. Outbound requests no policy claims by Host are matched by that
+    /// address against the policies' backends, else forwarded to it untouched;
+    /// inbound requests go to the app on 127.0.0.1 at their original port.
+    #[arg(long)]
+    transparent: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Install the pod's iptables rules redirecting TCP to the proxy (the init step).
+    InitIptables {
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// The proxy's uid: its own connections are never redirected.
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+        /// Comma-separated ports whose outbound traffic is not intercepted.
+        #[arg(long, value_delimiter = ',')]
+        skip_outbound_ports: Vec<u16>,
+        /// Comma-separated ports whose inbound traffic is not intercepted.
+        #[arg(long, value_delimiter = ',')]
+        skip_inbound_ports: Vec<u16>,
+        /// Comma-separated CIDRs whose outbound traffic is not intercepted.
+        #[arg(long, value_delimiter = ',')]
+        skip_outbound_cidrs: Vec<String>,
+        /// The iptables binary.
+        #[arg(long, default_value = "iptables")]
+        iptables: String,
+        /// Print the commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn init_iptables(sub: Sub) -> ExitCode {
+    let Sub::InitIptables {
+        outbound_port,
+        inbound_port,
+        proxy_uid,
+        admin_port,
+        skip_outbound_ports,
+        skip_inbound_ports,
+        skip_outbound_cidrs,
+        iptables,
+        dry_run,
+    } = sub;
+    let cfg = sluice_proxy::iptables::InterceptConfig {
+        outbound_port,
+        inbound_port,
+        proxy_uid,
+        admin_port,
+        skip_outbound_ports,
+        skip_inbound_ports,
+        skip_outbound_cidrs,
+    };
+    if let Err(e) = cfg.check() {
+        eprintln!("sluice-proxy init-iptables: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    if dry_run {
+        for rule in sluice_proxy::iptables::rules(&cfg) {
+            println!("{iptables} {}", rule.join(" "));
+        }
+        return ExitCode::SUCCESS;
+    }
+    match sluice_proxy::iptables::apply(&cfg, &iptables) {
+        Ok(()) => {
+            event(
+                "info",
+                "iptables interception installed",
+                serde_json::json!({"outbound_port": outbound_port, "inbound_port": inbound_port, "proxy_uid": proxy_uid}),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice-proxy init-iptables: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -275,7 +367,10 @@ impl BackgroundService for HealthChecks {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(sub) = args.command.take() {
+        return init_iptables(sub);
+    }
     let mut listeners = vec![(args.listen, "--listen"), (args.admin, "--admin")];
     if let Some(inbound) = args.inbound {
         listeners.push((inbound, "--inbound"));
@@ -372,6 +467,7 @@ fn main() -> ExitCode {
             direction: "outbound",
             inbound_policy: None,
             inbound_app: None,
+            transparent: args.transparent,
         },
         "outbound",
     );
@@ -390,6 +486,7 @@ fn main() -> ExitCode {
                 direction: "inbound",
                 inbound_policy: Some(policy),
                 inbound_app: Some(app),
+                transparent: args.transparent,
             },
             "inbound",
         );

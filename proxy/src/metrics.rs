@@ -46,6 +46,7 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     pub backend_ejections: IntCounterVec,
     pub control_plane_connected: IntGauge,
+    pub passthrough: IntCounterVec,
 }
 
 fn counter(
@@ -190,6 +191,12 @@ impl Metrics {
                 "sluice_backend_ejections_total",
                 "Times outlier detection ejected a backend.",
                 &["policy", "backend"],
+            )?,
+            passthrough: counter(
+                r,
+                "sluice_passthrough_requests_total",
+                "Transparent requests no policy claimed, forwarded untouched to their original destination.",
+                &["direction"],
             )?,
             inflight,
             control_plane_connected,

@@ -53,6 +53,8 @@ pub struct SluiceProxy {
     pub inbound_policy: Option<String>,
     /// ...and goes to the local app at this address.
     pub inbound_app: Option<std::net::SocketAddr>,
+    /// Connections arrive by iptables REDIRECT: use their original destination.
+    pub transparent: bool,
 }
 
 /// The backend index standing for the local app of an inbound listener.
@@ -87,6 +89,8 @@ pub enum Verdict {
     NoPolicy,
     NoRoute,
     NotReady,
+    /// Transparent outbound traffic no policy claims, forwarded untouched.
+    Passthrough,
 }
 
 impl Verdict {
@@ -100,6 +104,7 @@ impl Verdict {
             Verdict::NoPolicy => "no_policy",
             Verdict::NoRoute => "no_route",
             Verdict::NotReady => "not_ready",
+            Verdict::Passthrough => "passthrough",
         }
     }
 }
@@ -161,6 +166,10 @@ pub struct Ctx {
     /// The attempt in progress: backend index and when it started (for P2C and
     /// outlier detection), settled exactly once.
     attempt: Option<(usize, Instant)>,
+    /// Transparent mode: where the client was really connecting to.
+    original_dst: Option<std::net::SocketAddr>,
+    /// Unclaimed transparent traffic goes here, ungoverned.
+    passthrough: Option<std::net::SocketAddr>,
     _inflight: InflightGuard,
 }
 
@@ -204,6 +213,15 @@ fn host_of(session: &Session) -> &str {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or("")
+}
+
+/// The destination an iptables-redirected connection was really for (pingora reads
+/// `SO_ORIGINAL_DST`); `None` when the client connected to the proxy directly.
+fn original_destination(session: &Session) -> Option<std::net::SocketAddr> {
+    let socket = session.digest()?.socket_digest.as_ref()?;
+    let original = *socket.original_dst()?.as_inet()?;
+    let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+    (Some(original) != local).then_some(original)
 }
 
 fn is_idempotent(req: &RequestHeader) -> bool {
@@ -570,6 +588,8 @@ impl ProxyHttp for SluiceProxy {
             fallback: None,
             to_fallback_backend: false,
             attempt: None,
+            original_dst: None,
+            passthrough: None,
             _inflight: InflightGuard::new(&self.shared),
         }
     }
@@ -594,6 +614,9 @@ impl ProxyHttp for SluiceProxy {
             text(session, 503, &[], "sluice: no policy loaded yet\n".into()).await?;
             return Ok(true);
         };
+        if self.transparent {
+            ctx.original_dst = original_destination(session);
+        }
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
         let (method, path) = (req.method.as_str(), req.uri.path());
@@ -602,8 +625,35 @@ impl ProxyHttp for SluiceProxy {
                 Some(policy) => runtime.route_in_policy(policy, method, path, header),
                 None => Routed::NoPolicy,
             },
-            None => runtime.route(host_of(session), method, path, header),
+            None => match runtime.route(host_of(session), method, path, header) {
+                // Transparent outbound: no policy claims the Host; try the address the
+                // app connected to against the policies' backends.
+                Routed::NoPolicy if ctx.original_dst.is_some() => {
+                    match ctx
+                        .original_dst
+                        .and_then(|dst| runtime.policy_by_backend(dst))
+                    {
+                        Some(policy) => runtime.route_in_policy(policy, method, path, header),
+                        None => Routed::NoPolicy,
+                    }
+                }
+                routed => routed,
+            },
         };
+        if routed == Routed::NoPolicy && self.inbound_policy.is_none() {
+            if let Some(dst) = ctx.original_dst {
+                // Nobody governs it: forward untouched (and count it), never drop it.
+                ctx.passthrough = Some(dst);
+                ctx.verdict = Verdict::Passthrough;
+                ctx.runtime = Some(Arc::clone(&runtime));
+                self.shared
+                    .metrics
+                    .passthrough
+                    .with_label_values(&[self.direction])
+                    .inc();
+                return Ok(false);
+            }
+        }
         ctx.runtime = Some(Arc::clone(&runtime));
         ctx.routed = routed;
         match routed {
@@ -661,6 +711,12 @@ impl ProxyHttp for SluiceProxy {
             peer.options.write_timeout = remaining;
             return Ok(Box::new(peer));
         }
+        if let Some(dst) = ctx.passthrough {
+            let mut peer = HttpPeer::new(dst, false, String::new());
+            peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+            peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+            return Ok(Box::new(peer));
+        }
         let Some(policy) = ctx.policy() else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(502),
@@ -686,7 +742,14 @@ impl ProxyHttp for SluiceProxy {
         let now = Instant::now();
         let picked = match self.inbound_app {
             // Inbound: the local app is the only backend, whatever the policy lists.
-            Some(app) => Some((APP, app, Protocol::Http1)),
+            // Transparent inbound: the app listens on the port the client dialled.
+            Some(app) => {
+                let app = match ctx.original_dst {
+                    Some(dst) => std::net::SocketAddr::from(([127, 0, 0, 1], dst.port())),
+                    None => app,
+                };
+                Some((APP, app, Protocol::Http1))
+            }
             None => endpoints
                 .pick(now, key.as_bytes(), &ctx.tried)
                 .and_then(|i| {

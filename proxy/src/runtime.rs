@@ -135,6 +135,13 @@ impl Runtime {
         }
     }
 
+    /// The policy one of whose backends is `addr` (transparent outbound matching).
+    pub fn policy_by_backend(&self, addr: std::net::SocketAddr) -> Option<usize> {
+        self.policies
+            .iter()
+            .position(|p| p.endpoints.targets.iter().any(|t| t.addr == Some(addr)))
+    }
+
     /// The index of the policy named `name`.
     pub fn policy_index(&self, name: &str) -> Option<usize> {
         self.policies.iter().position(|p| p.name == name)
