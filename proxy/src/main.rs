@@ -91,12 +91,14 @@ struct Args {
     h2c: bool,
     /// The inbound sidecar listener: everything arriving here goes to `--app` under
     /// the policy named by `--inbound-policy` (its limits protect the app).
-    #[arg(long, requires_all = ["app", "inbound_policy"])]
+    #[arg(long)]
     inbound: Option<SocketAddr>,
-    /// The local application the inbound listener delivers to.
+    /// The local application the inbound listener delivers to (with
+    /// `--transparent`, the port each connection was for is used instead).
     #[arg(long)]
     app: Option<SocketAddr>,
-    /// The policy governing inbound traffic.
+    /// The policy governing inbound traffic; without it (or while it is not
+    /// loaded) inbound traffic reaches the app ungoverned and is counted.
     #[arg(long)]
     inbound_policy: Option<String>,
     /// Sidecar interception (iptables REDIRECT): recover each connection's original
@@ -476,16 +478,20 @@ fn main() -> ExitCode {
         logic.server_options = Some(h2c_options.clone());
     }
     server.add_service(outbound);
-    if let (Some(inbound_addr), Some(app), Some(policy)) =
-        (args.inbound, args.app, args.inbound_policy.clone())
-    {
+    if args.inbound.is_some() && args.app.is_none() && !args.transparent {
+        eprintln!(
+            "sluice-proxy: --inbound needs --app (or --transparent, which delivers to the original port)"
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    if let Some(inbound_addr) = args.inbound {
         let mut inbound = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             SluiceProxy {
                 shared: Arc::clone(&shared),
                 direction: "inbound",
-                inbound_policy: Some(policy),
-                inbound_app: Some(app),
+                inbound_policy: args.inbound_policy.clone(),
+                inbound_app: args.app,
                 transparent: args.transparent,
             },
             "inbound",

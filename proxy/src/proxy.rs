@@ -242,6 +242,15 @@ fn is_connect_error(e: &Error) -> bool {
 }
 
 impl SluiceProxy {
+    /// Where inbound traffic is delivered: in transparent mode the app listens on
+    /// the port the client dialled, else on `--app`.
+    fn app_address(&self, ctx: &Ctx) -> Option<std::net::SocketAddr> {
+        match ctx.original_dst {
+            Some(dst) => Some(std::net::SocketAddr::from(([127, 0, 0, 1], dst.port()))),
+            None => self.inbound_app,
+        }
+    }
+
     fn note_transition(&self, route: &RouteRuntime, t: Option<Transition>) {
         if let Some(t) = t {
             let m = &self.shared.metrics;
@@ -620,12 +629,14 @@ impl ProxyHttp for SluiceProxy {
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
         let (method, path) = (req.method.as_str(), req.uri.path());
-        let routed = match &self.inbound_policy {
-            Some(name) => match runtime.policy_index(name) {
+        let inbound = self.direction == "inbound";
+        let routed = match (&self.inbound_policy, inbound) {
+            (Some(name), true) => match runtime.policy_index(name) {
                 Some(policy) => runtime.route_in_policy(policy, method, path, header),
                 None => Routed::NoPolicy,
             },
-            None => match runtime.route(host_of(session), method, path, header) {
+            (None, true) => Routed::NoPolicy,
+            (_, false) => match runtime.route(host_of(session), method, path, header) {
                 // Transparent outbound: no policy claims the Host; try the address the
                 // app connected to against the policies' backends.
                 Routed::NoPolicy if ctx.original_dst.is_some() => {
@@ -640,8 +651,15 @@ impl ProxyHttp for SluiceProxy {
                 routed => routed,
             },
         };
-        if routed == Routed::NoPolicy && self.inbound_policy.is_none() {
-            if let Some(dst) = ctx.original_dst {
+        if routed == Routed::NoPolicy {
+            // Transparent outbound traffic nobody claims goes where it was going;
+            // inbound traffic without a (loaded) inbound policy still reaches the app.
+            let target = if inbound {
+                self.app_address(ctx)
+            } else {
+                ctx.original_dst
+            };
+            if let Some(dst) = target {
                 // Nobody governs it: forward untouched (and count it), never drop it.
                 ctx.passthrough = Some(dst);
                 ctx.verdict = Verdict::Passthrough;
@@ -740,17 +758,10 @@ impl ProxyHttp for SluiceProxy {
                 .unwrap_or_default(),
         };
         let now = Instant::now();
-        let picked = match self.inbound_app {
+        let picked = match self.direction == "inbound" {
             // Inbound: the local app is the only backend, whatever the policy lists.
-            // Transparent inbound: the app listens on the port the client dialled.
-            Some(app) => {
-                let app = match ctx.original_dst {
-                    Some(dst) => std::net::SocketAddr::from(([127, 0, 0, 1], dst.port())),
-                    None => app,
-                };
-                Some((APP, app, Protocol::Http1))
-            }
-            None => endpoints
+            true => self.app_address(ctx).map(|app| (APP, app, Protocol::Http1)),
+            false => endpoints
                 .pick(now, key.as_bytes(), &ctx.tried)
                 .and_then(|i| {
                     let t = endpoints.targets.get(i)?;
@@ -796,7 +807,7 @@ impl ProxyHttp for SluiceProxy {
         }
         let Some(policy) = ctx.policy() else { return e };
         // The inbound app is the only backend: nothing to fail over to.
-        let untried = self.inbound_app.is_none() && policy.endpoints.untried_left(&ctx.tried);
+        let untried = self.direction != "inbound" && policy.endpoints.untried_left(&ctx.tried);
         // Nothing was sent, so any method may go elsewhere. Without a retry policy a
         // refused connection still fails over to an untried backend (free: no load
         // reached anyone); with one, failover is a retry and draws from the budget.

@@ -28,6 +28,12 @@ pub const PROXY_CONTAINER: &str = "sluice-proxy";
 pub const INIT_CONTAINER: &str = "sluice-init";
 /// Name of the policy ConfigMap volume.
 pub const POLICY_VOLUME: &str = "sluice-policy";
+/// Where the proxy keeps its last good control-plane snapshot (an emptyDir: the
+/// proxy's root filesystem is read-only, and a container restart keeps it).
+pub const STATE_VOLUME: &str = "sluice-state";
+pub const STATE_MOUNT: &str = "/var/run/sluice";
+/// Annotation naming the policy that governs traffic into the pod.
+pub const INBOUND_POLICY_ANNOTATION: &str = "sluice.dev/inbound-policy";
 /// Where the policy ConfigMap is mounted in the proxy.
 pub const POLICY_MOUNT: &str = "/etc/sluice/policy";
 
@@ -97,19 +103,25 @@ pub fn patch_for_pod(pod: &Pod, opts: &InjectOptions) -> Result<Vec<PatchOperati
             ops.push(add(&["spec", "initContainers", "1"], proxy));
         }
     }
-    if let Some(name) = policy_configmap {
-        let volume = to_value(&Volume {
+    let volume = match policy_configmap {
+        Some(name) => Volume {
             name: POLICY_VOLUME.to_owned(),
             config_map: Some(ConfigMapVolumeSource {
                 name: name.clone(),
                 ..Default::default()
             }),
             ..Default::default()
-        })?;
-        match &spec.volumes {
-            None => ops.push(add(&["spec", "volumes"], json!([volume]))),
-            Some(_) => ops.push(add(&["spec", "volumes", "-"], volume)),
-        }
+        },
+        None => Volume {
+            name: STATE_VOLUME.to_owned(),
+            empty_dir: Some(Default::default()),
+            ..Default::default()
+        },
+    };
+    let volume = to_value(&volume)?;
+    match &spec.volumes {
+        None => ops.push(add(&["spec", "volumes"], json!([volume]))),
+        Some(_) => ops.push(add(&["spec", "volumes", "-"], volume)),
     }
     Ok(ops)
 }
@@ -176,6 +188,11 @@ fn proxy_container(
     if let Some(port) = app_port(pod) {
         args.extend(["--app".into(), format!("127.0.0.1:{port}")]);
     }
+    // Without an inbound policy, inbound traffic reaches the app ungoverned (and
+    // counted), so injecting never cuts a pod off.
+    if let Some(policy) = annotations.get(INBOUND_POLICY_ANNOTATION) {
+        args.extend(["--inbound-policy".into(), policy.clone()]);
+    }
     args.extend([
         "--transparent".into(),
         // Probes and Prometheus reach the admin port from outside the pod.
@@ -184,23 +201,29 @@ fn proxy_container(
         "--drain-timeout".into(),
         format!("{}s", drain_timeout_seconds(grace)),
     ]);
-    let mut volume_mounts = None;
-    if from_configmap {
+    let volume_mounts = if from_configmap {
         args.extend(["--policy".into(), POLICY_MOUNT.into()]);
-        volume_mounts = Some(vec![VolumeMount {
+        Some(vec![VolumeMount {
             name: POLICY_VOLUME.to_owned(),
             mount_path: POLICY_MOUNT.to_owned(),
             read_only: Some(true),
             ..Default::default()
-        }]);
+        }])
     } else {
         args.extend([
             "--control-plane".into(),
             opts.control_plane.clone(),
             "--node-id".into(),
             "$(POD_NAME)".into(),
+            "--state-dir".into(),
+            STATE_MOUNT.into(),
         ]);
-    }
+        Some(vec![VolumeMount {
+            name: STATE_VOLUME.to_owned(),
+            mount_path: STATE_MOUNT.to_owned(),
+            ..Default::default()
+        }])
+    };
     let resources = ResourceRequirements {
         requests: Some(BTreeMap::from([
             (
