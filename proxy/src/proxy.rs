@@ -314,6 +314,7 @@ impl SluiceProxy {
                         });
                     }
                     ctx.shadow = Some(Verdict::RateLimited.as_str());
+                    self.shadow_fallback(route, FallbackCause::RateLimited);
                 }
             }
         }
@@ -329,6 +330,7 @@ impl SluiceProxy {
                     });
                 }
                 ctx.shadow.get_or_insert(Verdict::BreakerOpen.as_str());
+                self.shadow_fallback(route, FallbackCause::BreakerOpen);
             } else {
                 ctx.admission = Some(admission);
             }
@@ -363,6 +365,7 @@ impl SluiceProxy {
                     });
                 }
                 ctx.shadow.get_or_insert(Verdict::Shed.as_str());
+                self.shadow_fallback(route, FallbackCause::Overloaded);
             }
         }
         if let Some(budget) = &route.budget {
@@ -435,6 +438,18 @@ impl SluiceProxy {
             }
         }
         Ok(true)
+    }
+
+    /// In shadow mode, counts the fallback that would have answered `cause`.
+    fn shadow_fallback(&self, route: &RouteRuntime, cause: FallbackCause) {
+        if route
+            .route
+            .fallback
+            .as_ref()
+            .is_some_and(|f| f.on.contains(&cause))
+        {
+            self.count_fallback(route, cause, Mode::Shadow);
+        }
     }
 
     fn count_fallback(&self, route: &RouteRuntime, cause: FallbackCause, mode: Mode) {

@@ -350,7 +350,7 @@ async fn a_hung_backend_is_cut_at_the_route_timeout() {
 async fn shadow_mode_changes_no_response_but_counts_every_would_be_decision() {
     let a = upstream("a").await;
     let dir = TempDir::new();
-    let routes = "    - name: trial\n      mode: shadow\n      rateLimit: {requestsPerSecond: 0.01, burst: 1}\n      circuitBreaker: {consecutiveFailures: 1, openFor: 60s}\n      concurrency: {max: 1}\n";
+    let routes = "    - name: trial\n      mode: shadow\n      rateLimit: {requestsPerSecond: 0.01, burst: 1}\n      circuitBreaker: {consecutiveFailures: 1, openFor: 60s}\n      concurrency: {max: 1}\n      fallback: {status: 200, body: degraded, on: [rate-limited]}\n";
     let proxy = start(&dir, &policy(&[a.addr()], routes)).await;
     let addr = proxy.listen_addr();
     let mut client = HttpClient::connect(addr).await.expect("connect");
@@ -393,6 +393,11 @@ async fn shadow_mode_changes_no_response_but_counts_every_would_be_decision() {
             "sluice_rate_limited_total{mode=\"enforce\",policy=\"shop\",route=\"trial\"}"
         ),
         0.0
+    );
+    assert_eq!(
+        sample(&m, "sluice_fallbacks_total{cause=\"rate-limited\",mode=\"shadow\",policy=\"shop\",route=\"trial\"}"),
+        6.0,
+        "the fallback that would have answered is counted, not served"
     );
     let deadline = Instant::now() + Duration::from_secs(3);
     let log = loop {
