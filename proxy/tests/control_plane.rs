@@ -39,23 +39,36 @@ struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// Starts on `listen`. A fixed port (a restart) can be briefly taken by another
+    /// test's outgoing connection, whose ephemeral port is drawn from the same
+    /// range, so binding is retried for a bounded while.
     async fn start(dir: &Path, listen: SocketAddr) -> Self {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config = ServeConfig {
-            policies: Some(dir.to_owned()),
-            listen,
-            tls: None,
-            token_file: None,
-            kubernetes: None,
-        };
-        let running = start(config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("control plane starts");
-        ControlPlane {
-            running,
-            stop: Some(stop),
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let config = ServeConfig {
+                policies: Some(dir.to_owned()),
+                listen,
+                tls: None,
+                token_file: None,
+                kubernetes: None,
+            };
+            match start(config, async {
+                let _ = stopped.await;
+            })
+            .await
+            {
+                Ok(running) => {
+                    return ControlPlane {
+                        running,
+                        stop: Some(stop),
+                    }
+                }
+                Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("control plane does not start: {e}"),
+            }
         }
     }
 

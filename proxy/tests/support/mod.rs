@@ -58,6 +58,21 @@ pub async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> io::Result<Vec<u8>> {
 /// A loopback port that was free a moment ago. Another process may take it before the
 /// caller binds it; that is rare enough for tests, and shows up as a bind error.
 pub fn free_port() -> u16 {
+    // Below Linux's ephemeral range (32768-60999): a port handed out here cannot be
+    // taken meanwhile by some test's outgoing connection, only by another free_port
+    // caller, which the pseudo-random start makes unlikely.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let start = NEXT.fetch_add(7919, Ordering::Relaxed).wrapping_add(seed);
+    for i in 0..200u64 {
+        let port = 20_000 + ((start + i * 104_729) % 12_000) as u16;
+        if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local address").port()
 }
