@@ -13,6 +13,22 @@ use crate::proxy::Shared;
 
 pub struct Admin {
     pub shared: Arc<Shared>,
+    /// The proxy's listeners: ready means they accept connections, not only that a
+    /// policy is loaded (pingora binds each service on its own runtime, so the admin
+    /// listener can be up before them).
+    pub listeners: Vec<std::net::SocketAddr>,
+}
+
+/// The first listener not accepting connections yet, if any.
+fn closed_listener(listeners: &[std::net::SocketAddr]) -> Option<std::net::SocketAddr> {
+    listeners.iter().copied().find(|addr| {
+        let mut target = *addr;
+        if target.ip().is_unspecified() {
+            target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_millis(200))
+            .is_err()
+    })
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
@@ -36,6 +52,11 @@ impl Admin {
         match path {
             "/live" => reply(200, "text/plain", b"live\n".to_vec()),
             "/ready" => match &runtime {
+                Some(_) if closed_listener(&self.listeners).is_some() => reply(
+                    503,
+                    "text/plain",
+                    b"not ready: a listener is not accepting connections yet\n".to_vec(),
+                ),
                 Some(rt) => reply(
                     200,
                     "text/plain",

@@ -25,6 +25,7 @@ use sluice_policy::{
 use crate::balancer::{Balancer, BalancerRule};
 use crate::hashring::Maglev;
 use crate::health::{Health, HealthState};
+use crate::metrics::CounterCache;
 use crate::outlier::OutlierDetector;
 use crate::p2c::P2c;
 use crate::slowstart;
@@ -45,6 +46,8 @@ pub struct Target {
     /// Resolved when the snapshot was built; `None` if the name did not resolve.
     pub addr: Option<SocketAddr>,
     pub protocol: Protocol,
+    /// `sluice_upstream_requests_total` handles, by outcome.
+    pub upstream: CounterCache,
 }
 
 enum Picker {
@@ -81,6 +84,7 @@ impl Endpoints {
                     .ok()
                     .and_then(|mut addrs| addrs.next()),
                 protocol: b.protocol,
+                upstream: CounterCache::new(5),
             })
             .collect();
         let joined = targets

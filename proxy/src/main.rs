@@ -507,6 +507,10 @@ fn main() -> ExitCode {
         "admin".to_owned(),
         Admin {
             shared: Arc::clone(&shared),
+            listeners: [Some(args.listen), args.inbound]
+                .into_iter()
+                .flatten()
+                .collect(),
         },
     );
     admin.add_tcp(&args.admin.to_string());

@@ -280,6 +280,46 @@ pub fn route_histogram(
     )
 }
 
+/// Label handles resolved once and kept: `with_label_values` hashes the labels and
+/// takes a lock on every call, which the request path should not pay per request.
+/// A cache belongs to one fixed label prefix (a route, a backend); the remaining
+/// labels index into it.
+pub struct CounterCache {
+    cells: Box<[std::sync::OnceLock<prometheus::IntCounter>]>,
+}
+
+impl CounterCache {
+    pub fn new(size: usize) -> Self {
+        CounterCache {
+            cells: (0..size).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// The counter at `index`, made by `make` the first time.
+    pub fn get(
+        &self,
+        index: usize,
+        make: impl FnOnce() -> prometheus::IntCounter,
+    ) -> Option<&prometheus::IntCounter> {
+        self.cells.get(index).map(|cell| cell.get_or_init(make))
+    }
+}
+
+/// Status classes, in `code_class` order.
+pub const CODE_CLASSES: usize = 6;
+
+/// The index of a status code's class, for [`CounterCache`]s.
+pub fn code_class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        500..=599 => 4,
+        _ => 5,
+    }
+}
+
 /// `2xx`-style class of a status code.
 pub fn code_class(status: u16) -> &'static str {
     match status {

@@ -24,7 +24,7 @@ use sluice_policy::{FallbackAction, FallbackCause, Key, Mode, Protocol, RetryOn}
 
 use crate::accesslog::{self, AccessRecord, Timestamp};
 use crate::breaker::{Admission, Transition};
-use crate::metrics::{code_class, Metrics};
+use crate::metrics::{code_class, code_class_index, Metrics};
 use crate::ratelimit::Decision as Limit;
 use crate::respond::{respond, text};
 use crate::runtime::{PolicyRuntime, RouteRuntime, Routed, Runtime};
@@ -94,6 +94,9 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// How many verdicts there are (for per-route counter caches).
+    pub const COUNT: usize = 9;
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allowed => "allowed",
@@ -222,6 +225,17 @@ fn original_destination(session: &Session) -> Option<std::net::SocketAddr> {
     let original = *socket.original_dst()?.as_inet()?;
     let local = session.server_addr().and_then(|a| a.as_inet()).copied();
     (Some(original) != local).then_some(original)
+}
+
+/// The position of an outcome in a target's upstream counter cache.
+fn upstream_outcome_index(outcome: &str) -> usize {
+    match outcome {
+        "success" => 0,
+        "http_5xx" => 1,
+        "connect_error" => 2,
+        "timeout" => 3,
+        _ => 4,
+    }
 }
 
 fn is_idempotent(req: &RequestHeader) -> bool {
@@ -578,12 +592,27 @@ impl SluiceProxy {
     }
 
     fn record_upstream(&self, ctx: &Ctx, outcome: &'static str) {
-        if let (Some(p), Some(label)) = (ctx.policy(), ctx.backend_label()) {
-            self.shared
-                .metrics
-                .upstream_requests
-                .with_label_values(&[p.name.as_str(), label, outcome])
-                .inc();
+        let (Some(p), Some(label)) = (ctx.policy(), ctx.backend_label()) else {
+            return;
+        };
+        let make = || {
+            self.shared.metrics.upstream_requests.with_label_values(&[
+                p.name.as_str(),
+                label,
+                outcome,
+            ])
+        };
+        let target = ctx
+            .backend
+            .and_then(|i| p.endpoints.targets.get(i))
+            .filter(|_| !ctx.to_fallback_backend);
+        match target {
+            Some(t) => {
+                if let Some(counter) = t.upstream.get(upstream_outcome_index(outcome), make) {
+                    counter.inc();
+                }
+            }
+            None => make().inc(),
         }
     }
 }
@@ -1065,16 +1094,24 @@ impl ProxyHttp for SluiceProxy {
             (Some(p), None) => (Some(p.name.as_str()), None),
             _ => (None, None),
         };
-        metrics
-            .requests
-            .with_label_values(&[
-                policy.unwrap_or(""),
-                route.unwrap_or(""),
-                code_class(status),
-                ctx.verdict.as_str(),
-                self.direction,
-            ])
-            .inc();
+        let labels = [
+            policy.unwrap_or(""),
+            route.unwrap_or(""),
+            code_class(status),
+            ctx.verdict.as_str(),
+            self.direction,
+        ];
+        let make = || metrics.requests.with_label_values(&labels);
+        match ctx.route() {
+            Some(r) => {
+                let index = (code_class_index(status) * Verdict::COUNT + ctx.verdict as usize) * 2
+                    + usize::from(self.direction == "inbound");
+                if let Some(counter) = r.requests.get(index, make) {
+                    counter.inc();
+                }
+            }
+            None => make().inc(),
+        }
         if self.shared.access_log {
             let req = session.req_header();
             let backend = if ctx.to_fallback_backend {

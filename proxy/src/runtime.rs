@@ -19,7 +19,7 @@ use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
 use crate::concurrency::ConcurrencyLimiter;
 use crate::endpoints::{Endpoints, EndpointsRule};
-use crate::metrics::route_histogram;
+use crate::metrics::{route_histogram, CounterCache, CODE_CLASSES};
 use crate::ratelimit::RouteLimiter;
 
 pub struct Runtime {
@@ -56,6 +56,8 @@ pub struct RouteRuntime {
     /// The resolved address of a `fallback.backend`, if any.
     pub fallback_addr: Option<SocketAddr>,
     pub duration: Histogram,
+    /// `sluice_requests_total` handles by status class, verdict and direction.
+    pub requests: CounterCache,
     /// Part of the histogram's bucket layout, so part of its carry-over rule.
     slo_threshold: Option<std::time::Duration>,
 }
@@ -254,6 +256,7 @@ fn compile_policy(
             budget,
             fallback_addr,
             duration,
+            requests: CounterCache::new(CODE_CLASSES * crate::proxy::Verdict::COUNT * 2),
             slo_threshold,
         });
     }
