@@ -286,6 +286,27 @@ impl BackgroundService for Housekeeping {
     }
 }
 
+/// Writes buffered access-log lines at least every `FLUSH_EVERY`.
+struct FlushAccessLog {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for FlushAccessLog {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(sluice_proxy::accesslog::FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    self.shared.access_log.flush();
+                    return;
+                }
+                _ = tick.tick() => self.shared.access_log.flush(),
+            }
+        }
+    }
+}
+
 /// Runs the control-plane stream on a background service's runtime.
 struct FollowControlPlane(std::sync::Mutex<Option<ControlPlaneSource>>);
 
@@ -410,7 +431,7 @@ fn main() -> ExitCode {
         metrics,
         ids: IdGenerator::default(),
         inflight: AtomicUsize::new(0),
-        access_log: !args.no_access_log,
+        access_log: sluice_proxy::accesslog::AccessLog::new(!args.no_access_log),
     });
 
     // An invalid policy at start is logged and leaves /ready at 503 until a valid
@@ -517,6 +538,12 @@ fn main() -> ExitCode {
     admin.threads = Some(1);
     server.add_service(admin);
     server.add_service(background_service(
+        "access-log",
+        FlushAccessLog {
+            shared: Arc::clone(&shared),
+        },
+    ));
+    server.add_service(background_service(
         "health-checks",
         HealthChecks {
             shared: Arc::clone(&shared),
@@ -546,11 +573,13 @@ fn main() -> ExitCode {
             "node_id": node_id,
         }),
     );
+    let flush_at_exit = Arc::clone(&shared);
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainOnSigterm {
             shared,
             drain_timeout: args.drain_timeout,
         }),
     });
+    flush_at_exit.access_log.flush();
     ExitCode::SUCCESS
 }

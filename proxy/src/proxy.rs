@@ -42,7 +42,7 @@ pub struct Shared {
     pub ids: IdGenerator,
     /// Requests between `new_ctx` and the end of `logging`; the drain waits for 0.
     pub inflight: AtomicUsize,
-    pub access_log: bool,
+    pub access_log: accesslog::AccessLog,
 }
 
 pub struct SluiceProxy {
@@ -1112,14 +1112,14 @@ impl ProxyHttp for SluiceProxy {
             }
             None => make().inc(),
         }
-        if self.shared.access_log {
+        if self.shared.access_log.enabled() {
             let req = session.req_header();
             let backend = if ctx.to_fallback_backend {
                 Some("fallback")
             } else {
                 ctx.backend_label()
             };
-            accesslog::write(&AccessRecord {
+            self.shared.access_log.write(&AccessRecord {
                 ts: Timestamp::now(),
                 trace_id: trace::trace_id(ctx.traceparent.as_bytes()).unwrap_or(""),
                 method: req.method.as_str(),

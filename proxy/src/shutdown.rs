@@ -84,6 +84,7 @@ fn drain_then_exit(shared: &Shared, timeout: Duration) {
         "drained, exiting",
         serde_json::json!({"inflight_dropped": left, "drain_ms": started.elapsed().as_millis() as u64}),
     );
+    shared.access_log.flush();
     let _ = std::io::stdout().flush();
     std::process::exit(0);
 }
