@@ -1,0 +1,632 @@
+#!/usr/bin/env bash
+# bench/proxy.sh: Sluice against nginx and HAProxy (issue 9), on one machine.
+#
+# One backend (nginx, `return 200 "hello\n"`, 127.0.0.1:18080) reached directly and
+# through each proxy. Every proxy runs one worker/thread pinned to core 1
+# (`taskset -c 1`); the backend and the load generators share core 0. Targets:
+#
+#   direct          the backend itself                         127.0.0.1:18080
+#   sluice          sluice-proxy, bench/policy.yaml, JSON access log to a file (same disk)
+#                                                              127.0.0.1:18001 (admin 18000)
+#   sluice-nolog    the same with --no-access-log              127.0.0.1:18004 (admin 18005)
+#   sluice-1k-keys  the same as sluice, the traffic spread over 1,000 x-user-id
+#                   rate-limit keys (route `keyed`, maxKeys 10000)
+#                                                              127.0.0.1:18006 (admin 18007)
+#   nginx           proxy_pass, upstream keepalive pool, HTTP/1.1 127.0.0.1:18002
+#   haproxy         mode http, nbthread 1, http-reuse always   127.0.0.1:18003
+#
+# Closed loop: `wrk -t1 -c64 -d10s --latency` (req/s, p50, p99, CPU per request from
+# /proc/PID/stat, peak RSS = VmHWM). Open loop: `oha -q RATE -z 10s
+# --latency-correction -c 64` at 1k, 5k and 20k req/s. Every round visits every
+# target in turn (A B C A B C ...) so drift hits all alike; the tables show the
+# median of the rounds. Last, 50 policy reloads (atomic rename, each applied before
+# the next, >= 150 ms apart) during a 30 s closed-loop run against `sluice`, errors counted.
+#
+# It installs what it needs (Debian: nginx-light haproxy wrk; `cargo install oha`),
+# builds sluice-proxy in release, waits until no cargo/rustc build runs on the machine
+# (up to 15 min), measures, prints the tables and appends them to bench/RESULTS.md.
+# No pass/fail: it is a measurement. Takes about 8 minutes plus builds.
+#
+# Knobs (environment): ROUNDS=2 DURATION=10 RATES="1000 5000 20000" RELOADS=50 RELOAD_SECS=30
+# IDLE_WAIT=900 (seconds to wait for the machine to be idle) APPEND=1 (0: print only)
+# KEEP=0 (1: keep the temp dir with configs and logs).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-10}
+RATES=${RATES:-"1000 5000 20000"}
+RELOADS=${RELOADS:-50}
+RELOAD_SECS=${RELOAD_SECS:-30}
+IDLE_WAIT=${IDLE_WAIT:-900}
+APPEND=${APPEND:-1}
+KEEP=${KEEP:-0}
+CONNS=64
+HOSTHDR="Host: bench"
+URLPATH=/api/v1/items
+export PATH="$HOME/.cargo/bin:/usr/sbin:/sbin:$PATH"
+COMMAND="bench/proxy.sh"
+for v in ROUNDS DURATION RATES RELOADS RELOAD_SECS; do
+    case "$v" in
+    ROUNDS) [ "$ROUNDS" = 2 ] || COMMAND="ROUNDS=$ROUNDS $COMMAND" ;;
+    DURATION) [ "$DURATION" = 10 ] || COMMAND="DURATION=$DURATION $COMMAND" ;;
+    RATES) [ "$RATES" = "1000 5000 20000" ] || COMMAND="RATES=\"$RATES\" $COMMAND" ;;
+    RELOADS) [ "$RELOADS" = 50 ] || COMMAND="RELOADS=$RELOADS $COMMAND" ;;
+    RELOAD_SECS) [ "$RELOAD_SECS" = 30 ] || COMMAND="RELOAD_SECS=$RELOAD_SECS $COMMAND" ;;
+    esac
+done
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+[ "$(nproc)" -ge 2 ] || die "needs at least 2 cores (one for the proxy, one for backend + load)"
+
+# --- tools ------------------------------------------------------------------------
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
+command -v jq >/dev/null || missing+=(jq)
+command -v taskset >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing from Debian: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v oha >/dev/null; then
+    log "building oha (cargo install oha --locked; a few minutes, cached in ~/.cargo/bin)"
+    cargo install oha --locked
+fi
+
+log "building sluice-proxy (release)"
+cargo build --release --locked -p sluice-proxy
+BUILD_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+BUILD_DIRTY=$(git status --porcelain -- proxy policy Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+
+# --- private workspace, cleanup by PID ---------------------------------------------
+TMP=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    set +e
+    local pid i
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for ((i = 0; i < 50; i++)); do
+        local alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    if [ "$KEEP" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Run the binary we just built from a private copy: another build in the shared target
+# directory must not swap it under the benchmark.
+SLUICE="$TMP/sluice-proxy"
+cp target/release/sluice-proxy "$SLUICE"
+
+for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007; do
+    if ss -ltnH "sport = :$port" | grep -q .; then die "port $port is in use"; fi
+done
+
+# --- backend and proxies ----------------------------------------------------------
+nginx_common() { # $1 = dir
+    cat <<EOF
+worker_processes 1;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+nginx_temp_paths() {
+    cat <<EOF
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
+EOF
+}
+
+mkdir -p "$TMP/backend" "$TMP/nginx" "$TMP/haproxy"
+{
+    nginx_common "$TMP/backend"
+    echo "http {"
+    nginx_temp_paths "$TMP/backend"
+    cat <<'EOF'
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server {
+    listen 127.0.0.1:18080;
+    location / { default_type text/plain; return 200 "hello\n"; }
+  }
+}
+EOF
+} >"$TMP/backend/nginx.conf"
+{
+    nginx_common "$TMP/nginx"
+    echo "http {"
+    nginx_temp_paths "$TMP/nginx"
+    cat <<'EOF'
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  upstream backend {
+    server 127.0.0.1:18080;
+    keepalive 64;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:18002;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+} >"$TMP/nginx/nginx.conf"
+cat >"$TMP/haproxy/haproxy.cfg" <<'EOF'
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 300s
+frontend fe
+  bind 127.0.0.1:18003
+  default_backend be
+backend be
+  server backend 127.0.0.1:18080
+EOF
+
+declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [nginx]=18002 [haproxy]=18003)
+declare -A ADMIN=([sluice]=18000 [sluice-nolog]=18005 [sluice-1k-keys]=18007)
+declare -A PROCS # target -> PIDs whose CPU and memory count as the proxy's
+
+taskset -c 0 nginx -e "$TMP/backend/error.log" -p "$TMP/backend" -c "$TMP/backend/nginx.conf" \
+    >"$TMP/backend/stdout.log" 2>&1 &
+PIDS+=($!)
+BACKEND_PID=$!
+taskset -c 1 nginx -e "$TMP/nginx/error.log" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" \
+    >"$TMP/nginx/stdout.log" 2>&1 &
+PIDS+=($!)
+NGINX_PID=$!
+taskset -c 1 haproxy -db -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/stdout.log" 2>&1 &
+PIDS+=($!)
+PROCS[haproxy]=$!
+
+start_sluice() { # name listen admin [flags...]
+    local name=$1 listen=$2 admin=$3
+    shift 3
+    # The policy in a directory of its own: the proxy watches the policy's directory,
+    # and the access log written next to it would wake the watcher on every request.
+    mkdir -p "$TMP/$name/policy"
+    cp bench/policy.yaml "$TMP/$name/policy/policy.yaml"
+    # >> (O_APPEND): the log can be truncated between runs without leaving a hole.
+    taskset -c 1 "$SLUICE" --threads 1 --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" \
+        --policy "$TMP/$name/policy/policy.yaml" --drain-timeout 1s "$@" \
+        >>"$TMP/$name/access.log" 2>"$TMP/$name/stderr.log" &
+    PIDS+=($!)
+    PROCS[$name]=$!
+}
+start_sluice sluice 18001 18000
+start_sluice sluice-nolog 18004 18005 --no-access-log
+start_sluice sluice-1k-keys 18006 18007
+
+# Wait until everything answers (bounded), then check each target serves the body.
+for name in sluice sluice-nolog sluice-1k-keys; do
+    for ((i = 0; i < 100; i++)); do
+        curl -fsS --max-time 1 "http://127.0.0.1:${ADMIN[$name]}/ready" >/dev/null 2>&1 && break
+        kill -0 "${PROCS[$name]}" 2>/dev/null || die "$name exited: $(tail -5 "$TMP/$name/stderr.log")"
+        sleep 0.1
+    done
+done
+for t in direct sluice sluice-nolog nginx haproxy; do
+    body=""
+    for ((i = 0; i < 100; i++)); do
+        body=$(curl -sS --max-time 1 -H "$HOSTHDR" "http://127.0.0.1:${PORT[$t]}$URLPATH" 2>/dev/null || true)
+        [ "$body" = hello ] && break
+        sleep 0.1
+    done
+    [ "$body" = hello ] || die "$t does not answer 'hello' on port ${PORT[$t]} (got: $body)"
+done
+body=$(curl -sS --max-time 1 -H "$HOSTHDR" -H 'x-user-id: u1' "http://127.0.0.1:18006/keyed/item")
+[ "$body" = hello ] || die "sluice-1k-keys /keyed does not answer 'hello' (got: $body)"
+route_of() { # the route of the last access-log line (written after the response: poll)
+    local r="" i
+    for ((i = 0; i < 20; i++)); do
+        r=$(tail -1 "$TMP/$1/access.log" | jq -r .route 2>/dev/null || true)
+        [ -n "$r" ] && break
+        sleep 0.1
+    done
+    echo "$r"
+}
+route=$(route_of sluice)
+[ "$route" = items ] || die "sluice's access log does not show route items for $URLPATH (got: $route)"
+route=$(route_of sluice-1k-keys)
+[ "$route" = keyed ] || die "sluice-1k-keys' access log does not show route keyed (got: $route)"
+PROCS[nginx]="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"
+PIDS+=($(pgrep -P "$NGINX_PID"))
+[ -n "$(pgrep -P "$BACKEND_PID")" ] && PIDS+=($(pgrep -P "$BACKEND_PID"))
+
+cat >"$TMP/keys.lua" <<'EOF'
+-- 1,000 distinct x-user-id values in rotation on the per-user rate-limited route.
+local i = 0
+request = function()
+  i = i % 1000 + 1
+  wrk.headers["x-user-id"] = "user-" .. i
+  return wrk.format(nil, "/keyed/item")
+end
+EOF
+
+# --- helpers ------------------------------------------------------------------------
+busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
+cpu_ticks() { # sum of utime+stime over PIDs
+    local t=0 pid f
+    for pid in "$@"; do
+        f=$(sed 's/^.*) //' "/proc/$pid/stat")
+        t=$((t + $(awk '{print $12 + $13}' <<<"$f")))
+    done
+    echo $t
+}
+hwm_kb() { # sum of VmHWM over PIDs
+    local t=0 pid
+    for pid in "$@"; do t=$((t + $(awk '/^VmHWM/ {print $2}' "/proc/$pid/status"))); done
+    echo $t
+}
+to_ms() { # wrk durations: 812.00us 1.23ms 1.02s 2.00m
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.3f", n }'
+}
+median() { tr ' ' '\n' | awk NF | sort -g | awk '{a[NR] = $1} END {
+    if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+CLK=$(getconf CLK_TCK)
+
+declare -A R # "metric|target[|rate]" -> values of the rounds, space separated
+add() { R[$1]="${R[$1]:-} $2"; }
+RAW="$TMP/raw.txt"
+: >"$RAW"
+DISTURBED=0
+RUNS=0
+
+wrk_run() { # target seconds [extra wrk args] -> sets W_RPS W_P50 W_P99 W_REQS W_NON2XX W_SOCKERR
+    local t=$1 secs=$2
+    shift 2
+    local out
+    out=$(taskset -c 0 timeout $((secs + 30)) wrk -t1 -c$CONNS -d${secs}s --latency -H "$HOSTHDR" "$@" \
+        "http://127.0.0.1:${PORT[$t]}$URLPATH")
+    W_RPS=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    W_P50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    W_P99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    W_REQS=$(awk '/requests in/ {print $1}' <<<"$out")
+    W_NON2XX=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")
+    W_NON2XX=${W_NON2XX:-0}
+    W_SOCKERR=$(awk '/Socket errors:/ {gsub(/,/, ""); print $4 + $6 + $8 + $10}' <<<"$out")
+    W_SOCKERR=${W_SOCKERR:-0}
+}
+
+closed_loop() { # target round
+    local t=$1 round=$2 pids c0 c1 extra=() mark=""
+    [ "$t" = sluice-1k-keys ] && extra=(-s "$TMP/keys.lua")
+    case $t in sluice | sluice-1k-keys) : >"$TMP/$t/access.log" ;; esac
+    busy && mark="*" && DISTURBED=$((DISTURBED + 1))
+    RUNS=$((RUNS + 1))
+    pids=${PROCS[$t]:-}
+    [ -n "$pids" ] && c0=$(cpu_ticks $pids)
+    wrk_run "$t" "$DURATION" "${extra[@]}"
+    add "rps|$t" "$W_RPS"
+    add "p50|$t" "$W_P50"
+    add "p99|$t" "$W_P99"
+    add "err|$t" $((W_NON2XX + W_SOCKERR))
+    local cpu="-"
+    if [ -n "$pids" ]; then
+        c1=$(cpu_ticks $pids)
+        cpu=$(awk -v d=$((c1 - c0)) -v n="$W_REQS" -v hz="$CLK" 'BEGIN {printf "%.2f", d / hz * 1e6 / n}')
+        add "cpu|$t" "$cpu"
+    fi
+    local logb=""
+    case $t in sluice | sluice-1k-keys)
+        logb=$(awk -v b="$(stat -c %s "$TMP/$t/access.log")" -v n="$W_REQS" 'BEGIN {printf "%.0f", b / n}')
+        add "logb|$t" "$logb"
+        ;;
+    esac
+    printf 'closed round=%s target=%s rps=%s p50=%sms p99=%sms requests=%s non2xx=%s sockerr=%s cpu_us_per_req=%s log_bytes_per_req=%s%s\n' \
+        "$round" "$t" "$W_RPS" "$W_P50" "$W_P99" "$W_REQS" "$W_NON2XX" "$W_SOCKERR" "$cpu" "${logb:--}" "${mark:+ (a build was running)}" |
+        tee -a "$RAW" >&2
+}
+
+open_loop() { # target rate round
+    local t=$1 rate=$2 round=$3 out mark=""
+    case $t in sluice) : >"$TMP/$t/access.log" ;; esac
+    busy && mark="*" && DISTURBED=$((DISTURBED + 1))
+    RUNS=$((RUNS + 1))
+    out=$(taskset -c 0 timeout $((DURATION + 60)) oha -q "$rate" -z "${DURATION}s" --latency-correction --no-tui \
+        -c $CONNS --output-format json -H "$HOSTHDR" "http://127.0.0.1:${PORT[$t]}$URLPATH")
+    local rps p50 p99 ok
+    rps=$(jq -r '.summary.requestsPerSec' <<<"$out")
+    p50=$(jq -r '.latencyPercentiles.p50 * 1000' <<<"$out")
+    p99=$(jq -r '.latencyPercentiles.p99 * 1000' <<<"$out")
+    ok=$(jq -r '.summary.successRate' <<<"$out")
+    add "orps|$t|$rate" "$rps"
+    add "op50|$t|$rate" "$p50"
+    add "op99|$t|$rate" "$p99"
+    printf 'open rate=%s round=%s target=%s achieved=%.0f p50=%.3fms p99=%.3fms success=%s status=%s errors=%s%s\n' \
+        "$rate" "$round" "$t" "$rps" "$p50" "$p99" "$ok" \
+        "$(jq -c '.statusCodeDistribution' <<<"$out")" "$(jq -c '.errorDistribution' <<<"$out")" \
+        "${mark:+ (a build was running)}" | tee -a "$RAW" >&2
+}
+
+reload_metric() { # admin port, result
+    curl -fsS --max-time 2 "http://127.0.0.1:$1/metrics" |
+        awk -v r="result=\"$2\"" '/^sluice_policy_reloads_total\{/ && index($0, r) {s += $NF} END {print s + 0}'
+}
+
+# --- wait for a quiet machine -------------------------------------------------------
+waited=0
+while busy && [ $waited -lt "$IDLE_WAIT" ]; do
+    log "a cargo/rustc build is running on this machine; waiting (${waited}s of at most ${IDLE_WAIT}s)"
+    sleep 30
+    waited=$((waited + 30))
+done
+BUSY_AT_START=no
+busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyway (noted in the results)"
+
+# --- measure ------------------------------------------------------------------------
+CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys nginx haproxy)
+OPEN_TARGETS=(direct sluice sluice-nolog nginx haproxy)
+PROXIES=(sluice sluice-nolog sluice-1k-keys nginx haproxy)
+START=$(date -u '+%Y-%m-%d %H:%M UTC')
+T0=$SECONDS
+
+log "warm-up: 2 s per target"
+for t in "${CLOSED_TARGETS[@]}"; do
+    extra=()
+    [ "$t" = sluice-1k-keys ] && extra=(-s "$TMP/keys.lua")
+    wrk_run "$t" 2 "${extra[@]}"
+done
+
+log "closed loop: ${ROUNDS} rounds x ${#CLOSED_TARGETS[@]} targets x ${DURATION}s"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for t in "${CLOSED_TARGETS[@]}"; do closed_loop "$t" "$r"; done
+done
+declare -A HWM
+for t in "${PROXIES[@]}"; do HWM[$t]=$(hwm_kb ${PROCS[$t]}); done
+
+log "open loop: rates ${RATES}, ${ROUNDS} rounds x ${#OPEN_TARGETS[@]} targets x ${DURATION}s"
+for rate in $RATES; do
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for t in "${OPEN_TARGETS[@]}"; do open_loop "$t" "$rate" "$r"; done
+    done
+done
+
+log "reloads: ${RELOADS} policy rewrites (each applied before the next, >= 150 ms apart) during a ${RELOAD_SECS}s closed-loop run on sluice"
+ACC0=$(reload_metric 18000 accepted)
+REJ0=$(reload_metric 18000 rejected)
+UNCH0=$(reload_metric 18000 unchanged)
+# Each rewrite waits until the proxy has applied the previous one (polling the reload
+# counter, at most 5 s) and at least 150 ms, so the watcher's debounce cannot fold two
+# rewrites into one reload and the run really sees RELOADS reloads. How long each took
+# to be applied (rename -> counter up) is recorded.
+reloader() {
+    local i j n0 t0 now dir="$TMP/sluice/policy"
+    sleep 1
+    for ((i = 1; i <= RELOADS; i++)); do
+        n0=$(reload_metric 18000 accepted)
+        t0=$(date +%s%N)
+        sed "s/requestsPerSecond: 1000000000 # BENCH_RELOAD/requestsPerSecond: $((1000000000 + i)) # BENCH_RELOAD/" \
+            bench/policy.yaml >"$dir/.policy.yaml.tmp"
+        mv -f "$dir/.policy.yaml.tmp" "$dir/policy.yaml"
+        for ((j = 0; j < 100; j++)); do
+            sleep 0.05
+            [ "$(reload_metric 18000 accepted)" -gt "$n0" ] && break
+        done
+        now=$(date +%s%N)
+        echo $(((now - t0) / 1000000)) >>"$TMP/reload-ms.txt"
+        [ $(((now - t0) / 1000000)) -ge 150 ] || sleep 0.15
+    done
+}
+grep -q 'requestsPerSecond: 1000000000 # BENCH_RELOAD' bench/policy.yaml || die "bench/policy.yaml lost its BENCH_RELOAD line"
+: >"$TMP/sluice/access.log"
+reloader &
+RELOADER=$!
+PIDS+=($RELOADER)
+RL_MARK=""
+busy && RL_MARK="*"
+wrk_run sluice "$RELOAD_SECS"
+RL_LATE=no
+kill -0 "$RELOADER" 2>/dev/null && RL_LATE=yes
+ACC_IN_RUN=$(($(reload_metric 18000 accepted) - ACC0))
+wait "$RELOADER" || true
+sleep 1.5 # the watcher's debounce (at most 0.5 s) and the last reload
+ACC=$(($(reload_metric 18000 accepted) - ACC0))
+REJ=$(($(reload_metric 18000 rejected) - REJ0))
+UNCH=$(($(reload_metric 18000 unchanged) - UNCH0))
+RL_RPS=$W_RPS RL_P99=$W_P99 RL_NON2XX=$W_NON2XX RL_SOCKERR=$W_SOCKERR RL_REQS=$W_REQS
+RL_MS_MED=$(median <"$TMP/reload-ms.txt")
+RL_MS_MAX=$(sort -g "$TMP/reload-ms.txt" | tail -1)
+printf 'reload rewrites=%s accepted=%s accepted_during_load=%s apply_ms_median=%s apply_ms_max=%s rejected=%s unchanged=%s rps=%s p99=%sms requests=%s non2xx=%s sockerr=%s%s\n' \
+    "$RELOADS" "$ACC" "$ACC_IN_RUN" "$RL_MS_MED" "$RL_MS_MAX" "$REJ" "$UNCH" "$RL_RPS" "$RL_P99" "$RL_REQS" "$RL_NON2XX" "$RL_SOCKERR" "${RL_MARK:+ (a build was running)}" |
+    tee -a "$RAW" >&2
+HWM_AFTER_RELOADS=$(hwm_kb ${PROCS[sluice]})
+for t in sluice sluice-nolog sluice-1k-keys; do
+    kill -0 "${PROCS[$t]}" 2>/dev/null || die "$t died during the run: $(tail -5 "$TMP/$t/stderr.log")"
+done
+ELAPSED=$((SECONDS - T0))
+
+# --- report -------------------------------------------------------------------------
+m() { median <<<"${R[$1]:-}"; }
+fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "nan" || v == "") print "-"; else printf f, v }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
+
+declare -A M
+for t in "${CLOSED_TARGETS[@]}"; do
+    for k in rps p50 p99 cpu err logb; do M["$k|$t"]=$(m "$k|$t"); done
+done
+for rate in $RATES; do
+    for t in "${OPEN_TARGETS[@]}"; do
+        for k in orps op50 op99; do M["$k|$t|$rate"]=$(m "$k|$t|$rate"); done
+    done
+done
+
+label() {
+    case $1 in
+    direct) echo "direct (no proxy)" ;;
+    sluice) echo "sluice (access log on)" ;;
+    sluice-nolog) echo "sluice (--no-access-log)" ;;
+    sluice-1k-keys) echo "sluice, 1,000 rate-limit keys" ;;
+    *) echo "$1" ;;
+    esac
+}
+
+REPORT="$TMP/report.md"
+{
+    echo "## Proxy comparison: sluice vs nginx vs HAProxy ($START)"
+    echo
+    echo "Command: \`$COMMAND\` (bench/proxy.sh; took ${ELAPSED} s of measuring)."
+    echo
+    echo "Machine: $(nproc) cores ($(lscpu | awk -F: '/^Model name/ {gsub(/^ +/, "", $2); print $2; exit}')),"
+    echo "$(free -g | awk '/^Mem:/ {print $2}') GiB memory, Linux $(uname -r). Core 1 runs the proxy under test"
+    echo "(one worker/thread, \`taskset -c 1\`); core 0 is shared by the backend (nginx, one worker,"
+    echo "\`return 200 \"hello\\n\"\`) and the load generator, so the \`direct\` row is bounded by that core."
+    echo "Tools: $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 {print $3}'),"
+    echo "wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}'), $(oha --version). sluice-proxy built from $BUILD_REV"
+    if [ "$BUILD_DIRTY" -gt 0 ]; then
+        echo "plus $BUILD_DIRTY uncommitted changed file(s) under proxy/, policy/ or Cargo.* (work in progress at the time)."
+    else
+        echo "(clean tree)."
+    fi
+    echo "Sluice runs \`bench/policy.yaml\` (10 routes by prefix, 2 also by header; the traffic's route"
+    echo "\`items\` is the 8th, with a token bucket that never trips, a circuit breaker and a timeout;"
+    echo "metrics on) with \`--threads 1\`; its JSON access log goes to a file on the same ext4 disk"
+    echo "as everything else (\`stdout >> file\`). nginx and HAProxy log nothing (their fastest setup):"
+    echo "nginx \`proxy_pass\` to an upstream with \`keepalive 64\`, HTTP/1.1, \`Connection \"\"\`,"
+    echo "worker_processes 1; HAProxy 2.6 \`mode http\`, \`nbthread 1\`, \`http-reuse always\`."
+    echo "Requests: \`GET $URLPATH\` with \`$HOSTHDR\` on keep-alive connections. Each figure is the"
+    echo "median of $ROUNDS rounds taken A B C .. A B C .. in the same run."
+    if [ "$BUSY_AT_START" = yes ] || [ "$DISTURBED" -gt 0 ] || [ -n "$RL_MARK" ]; then
+        echo
+        echo "**Caution:** another cargo/rustc build was running during $DISTURBED of $RUNS runs"
+        echo "(busy at start: $BUSY_AT_START); those numbers are disturbed (marked in the raw lines)."
+    fi
+    echo
+    echo "### Closed loop: \`wrk -t1 -c$CONNS -d${DURATION}s --latency\`"
+    echo
+    echo "| target | req/s | vs nginx | vs HAProxy | p50 | p99 | CPU/request | peak RSS | errors |"
+    echo "|---|---|---|---|---|---|---|---|---|"
+    for t in "${CLOSED_TARGETS[@]}"; do
+        rss="-"
+        [ -n "${HWM[$t]:-}" ] && rss=$(awk -v k="${HWM[$t]}" 'BEGIN {printf "%.1f MB", k / 1024}')
+        printf '| %s | %s | %s | %s | %s ms | %s ms | %s | %s | %s |\n' "$(label "$t")" \
+            "$(fmt "${M[rps|$t]}" %.0f)" "$(ratio "${M[rps|$t]}" "${M[rps|nginx]}")" \
+            "$(ratio "${M[rps|$t]}" "${M[rps|haproxy]}")" \
+            "$(fmt "${M[p50|$t]}" %.2f)" "$(fmt "${M[p99|$t]}" %.2f)" \
+            "$(fmt "${M[cpu|$t]}" '%.1f µs')" "$rss" "$(fmt "${M[err|$t]}" %.0f)"
+    done
+    echo
+    echo "CPU/request: utime+stime of the proxy's process(es) from \`/proc/PID/stat\` over the run,"
+    echo "divided by the requests wrk completed. Peak RSS: \`VmHWM\` after the closed-loop rounds"
+    echo "(nginx: master + worker). Errors: non-2xx answers plus socket errors reported by wrk."
+    echo "The access log wrote $(fmt "${M[logb|sluice]}" %.0f) bytes per request."
+    echo
+    echo "### Open loop: \`oha -q RATE -z ${DURATION}s --latency-correction --no-tui -c $CONNS\`"
+    echo
+    printf '| target |'
+    for rate in $RATES; do printf ' %s/s p50 | p99 | achieved |' "$rate"; done
+    echo
+    printf '|---|'
+    for rate in $RATES; do printf -- '---|---|---|'; done
+    echo
+    for t in "${OPEN_TARGETS[@]}"; do
+        printf '| %s |' "$(label "$t")"
+        for rate in $RATES; do
+            printf ' %s ms | %s ms | %s |' "$(fmt "${M[op50|$t|$rate]}" %.2f)" "$(fmt "${M[op99|$t|$rate]}" %.2f)" \
+                "$(fmt "${M[orps|$t|$rate]}" %.0f)"
+        done
+        echo
+    done
+    echo
+    printf '| p99 ratio (lower is better) |'
+    for rate in $RATES; do printf ' %s/s |' "$rate"; done
+    echo
+    printf '|---|'
+    for rate in $RATES; do printf -- '---|'; done
+    echo
+    for t in sluice sluice-nolog; do
+        for ref in nginx haproxy; do
+            printf '| %s / %s |' "$(label "$t")" "$ref"
+            for rate in $RATES; do printf ' %s |' "$(ratio "${M[op99|$t|$rate]}" "${M[op99|$ref|$rate]}")"; done
+            echo
+        done
+    done
+    echo
+    echo "Latency is corrected for coordinated omission (measured from each request's scheduled"
+    echo "time). \"achieved\" is requests completed per second; below the asked rate the target"
+    echo "could not keep up and the latency shows the queue."
+    echo
+    echo "### Policy reloads under load"
+    echo
+    echo "$RELOADS rewrites of sluice's policy file (a copy of bench/policy.yaml with the \`items\` route's"
+    echo "rate changed each time, written to a temp file and renamed over it) during a ${RELOAD_SECS} s"
+    echo "closed-loop run (\`wrk -t1 -c$CONNS\`) against \`sluice\`. Each rewrite waits until the previous one"
+    echo "was applied (and at least 150 ms), so the watcher's debounce cannot merge them."
+    echo
+    echo "| rewrites | reloads accepted (during the load) | rejected | unchanged | rename -> applied, median / max | non-2xx | socket errors | req/s | p99 |"
+    echo "|---|---|---|---|---|---|---|---|---|"
+    printf '| %s | %s (%s) | %s | %s | %s / %s ms | %s | %s | %s%s | %s ms |\n' "$RELOADS" "$ACC" "$ACC_IN_RUN" "$REJ" "$UNCH" \
+        "$RL_MS_MED" "$RL_MS_MAX" "$RL_NON2XX" "$RL_SOCKERR" "$(fmt "$RL_RPS" %.0f)" "$RL_MARK" "$(fmt "$RL_P99" %.2f)"
+    echo
+    [ "$RL_LATE" = yes ] && echo "Not all rewrites were applied within the ${RELOAD_SECS} s of load; the rest came after it." && echo
+    echo "Reloads are counted from \`sluice_policy_reloads_total\` on the admin port (polled every 50 ms"
+    echo "by the rewriter, which adds a little admin traffic on the proxy's core). sluice's peak RSS"
+    echo "after the reloads and every other run: $(awk -v k="$HWM_AFTER_RELOADS" 'BEGIN {printf "%.1f MB", k / 1024}')."
+    echo
+    echo "### Issue 9's figures from this run"
+    echo
+    echo "| figure | target | this run |"
+    echo "|---|---|---|"
+    echo "| req/s, Sluice / nginx | >= 1.0 (stretch 1.2) | $(ratio "${M[rps|sluice]}" "${M[rps|nginx]}") (no access log: $(ratio "${M[rps|sluice-nolog]}" "${M[rps|nginx]}")) |"
+    echo "| req/s, Sluice / HAProxy | >= 1.0 | $(ratio "${M[rps|sluice]}" "${M[rps|haproxy]}") (no access log: $(ratio "${M[rps|sluice-nolog]}" "${M[rps|haproxy]}")) |"
+    if [[ " $RATES " == *" 5000 "* ]]; then
+        echo "| p99 at 5k req/s open loop | <= nginx's | $(fmt "${M[op99|sluice|5000]}" %.2f) ms vs $(fmt "${M[op99|nginx|5000]}" %.2f) ms ($(ratio "${M[op99|sluice|5000]}" "${M[op99|nginx|5000]}")) |"
+    fi
+    echo "| peak RSS at 64 connections | <= 20 MB | $(awk -v k="${HWM[sluice]}" 'BEGIN {printf "%.1f MB", k / 1024}') |"
+    echo "| errors during $RELOADS reloads under load | 0 | $((RL_NON2XX + RL_SOCKERR)) |"
+    echo "| req/s with 1,000 keys / one bucket | - | $(ratio "${M[rps|sluice-1k-keys]}" "${M[rps|sluice]}") |"
+    echo
+    echo "<details><summary>Raw runs</summary>"
+    echo
+    echo '```'
+    cat "$RAW"
+    echo '```'
+    echo
+    echo "</details>"
+} >"$REPORT"
+
+echo
+cat "$REPORT"
+if [ "$APPEND" = 1 ]; then
+    [ -f bench/RESULTS.md ] || printf '# Benchmark results\n' >bench/RESULTS.md
+    { echo; cat "$REPORT"; } >>bench/RESULTS.md
+    log "appended to bench/RESULTS.md"
+fi
