@@ -192,12 +192,20 @@ impl Metrics {
                 "Times outlier detection ejected a backend.",
                 &["policy", "backend"],
             )?,
-            passthrough: counter(
-                r,
-                "sluice_passthrough_requests_total",
-                "Transparent requests no policy claimed, forwarded untouched to their original destination.",
-                &["direction"],
-            )?,
+            passthrough: {
+                let c = counter(
+                    r,
+                    "sluice_passthrough_requests_total",
+                    "Transparent requests no policy claimed, forwarded untouched to their original destination.",
+                    &["direction"],
+                )?;
+                // Both series exist from the start (at 0): the label set is fixed, and
+                // rate() over a counter that appears late misses its first increments.
+                for direction in ["outbound", "inbound"] {
+                    c.with_label_values(&[direction]);
+                }
+                c
+            },
             inflight,
             control_plane_connected,
             registry,
