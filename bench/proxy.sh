@@ -389,6 +389,7 @@ while busy && [ $waited -lt "$IDLE_WAIT" ]; do
     sleep 30
     waited=$((waited + 30))
 done
+LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 BUSY_AT_START=no
 busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyway (noted in the results)"
 
@@ -523,7 +524,8 @@ REPORT="$TMP/report.md"
     echo "nginx \`proxy_pass\` to an upstream with \`keepalive 64\`, HTTP/1.1, \`Connection \"\"\`,"
     echo "worker_processes 1; HAProxy 2.6 \`mode http\`, \`nbthread 1\`, \`http-reuse always\`."
     echo "Requests: \`GET $URLPATH\` with \`$HOSTHDR\` on keep-alive connections. Each figure is the"
-    echo "median of $ROUNDS rounds taken A B C .. A B C .. in the same run."
+    echo "median of $ROUNDS rounds taken A B C .. A B C .. in the same run. Load average when the"
+    echo "measuring began: $LOADAVG (no cargo/rustc build running: $([ "$BUSY_AT_START" = no ] && echo yes || echo no))."
     if [ "$BUSY_AT_START" = yes ] || [ "$DISTURBED" -gt 0 ] || [ -n "$RL_MARK" ]; then
         echo
         echo "**Caution:** another cargo/rustc build was running during $DISTURBED of $RUNS runs"
