@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::Stream;
 use notify::{EventKind, RecursiveMode, Watcher};
+use sluice_policy::watch::{is_policy_entry, settle};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -202,30 +203,29 @@ fn watch_dir(store: Arc<Store>, dir: PathBuf) -> anyhow::Result<notify::Recommen
     std::thread::Builder::new()
         .name("policy-dir-watch".into())
         .spawn(move || {
-            let relevant = |e: &notify::Event| {
-                matches!(
-                    e.kind,
-                    EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-                ) && e.paths.iter().any(|p| {
-                    p.file_name().is_some_and(|n| {
-                        let n = n.to_string_lossy();
-                        n.starts_with("..") || n.ends_with(".yaml") || n.ends_with(".yml")
-                    })
+            let relevant = |e: &notify::Result<notify::Event>| {
+                e.as_ref().is_ok_and(|e| {
+                    matches!(
+                        e.kind,
+                        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                    ) && e
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().is_some_and(|n| is_policy_entry(n, None)))
                 })
             };
             // Ends when the watcher is dropped.
             while let Ok(first) = rx.recv() {
-                if !first.as_ref().is_ok_and(relevant) {
+                if !relevant(&first) {
                     continue;
                 }
-                let started = Instant::now();
-                loop {
-                    let left = Duration::from_millis(500).saturating_sub(started.elapsed());
-                    match rx.recv_timeout(Duration::from_millis(100).min(left)) {
-                        Ok(_) if !left.is_zero() => continue,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                        _ => break,
-                    }
+                if !settle(
+                    &rx,
+                    relevant,
+                    Duration::from_millis(100),
+                    Duration::from_millis(500),
+                ) {
+                    return;
                 }
                 load_dir(&store, &dir);
             }

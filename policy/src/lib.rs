@@ -16,6 +16,7 @@ pub mod schema;
 pub mod spec;
 mod unparse;
 pub mod validate;
+pub mod watch;
 
 pub use error::{PolicyError, PolicyErrors, Problem};
 pub use load::{load_path, load_paths, parse_sources, parse_str};

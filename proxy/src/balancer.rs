@@ -180,7 +180,9 @@ mod tests {
     proptest::proptest! {
         /// Over one period every backend gets exactly its (reduced) weight, and the
         /// picks are smooth: a backend's count never strays from its ideal share by
-        /// a whole pick.
+        /// as many picks as there are backends (a blocky a,a,a,b order strays by up
+        /// to its weight). Smooth WRR does not promise less than one pick: proptest
+        /// found weights 1/44/9/44/9 straying by more.
         #[test]
         fn one_period_splits_exactly_by_weight(weights in proptest::collection::vec(1u32..50, 1..6)) {
             let b = balancer(&weights);
@@ -194,7 +196,8 @@ mod tests {
                 counts[i] += 1;
                 for (j, w) in weights.iter().enumerate() {
                     let ideal = f64::from(*w) * step as f64 / f64::from(total);
-                    proptest::prop_assert!((f64::from(counts[j]) - ideal).abs() < 1.0 + 1e-9);
+                    let bound = weights.len() as f64;
+                    proptest::prop_assert!((f64::from(counts[j]) - ideal).abs() < bound, "{counts:?} at {step}");
                 }
             }
             for (j, w) in weights.iter().enumerate() {

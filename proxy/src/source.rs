@@ -11,10 +11,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde_json::json;
+use sluice_policy::watch::{is_policy_entry, settle};
 
 use crate::accesslog::event;
 use crate::proxy::Shared;
@@ -144,35 +145,24 @@ impl FileSource {
         std::thread::Builder::new()
             .name("policy-watch".into())
             .spawn(move || {
-                let relevant = |e: &notify::Event| {
-                    matches!(
-                        e.kind,
-                        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-                    ) && e.paths.iter().any(|p| {
-                        let Some(name) = p.file_name() else {
-                            return false;
-                        };
-                        let text = name.to_string_lossy();
-                        text.starts_with("..")
-                            || match &file_name {
-                                Some(f) => name == f.as_os_str(),
-                                None => text.ends_with(".yaml") || text.ends_with(".yml"),
-                            }
+                let relevant = |e: &notify::Result<notify::Event>| {
+                    e.as_ref().is_ok_and(|e| {
+                        matches!(
+                            e.kind,
+                            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                        ) && e.paths.iter().any(|p| {
+                            p.file_name()
+                                .is_some_and(|n| is_policy_entry(n, file_name.as_deref()))
+                        })
                     })
                 };
                 // Ends when the watcher (and so the sender) is dropped.
                 while let Ok(first) = rx.recv() {
-                    if !first.as_ref().is_ok_and(relevant) {
+                    if !relevant(&first) {
                         continue;
                     }
-                    let started = Instant::now();
-                    loop {
-                        let left = MAX_DELAY.saturating_sub(started.elapsed());
-                        match rx.recv_timeout(DEBOUNCE.min(left)) {
-                            Ok(_) if !left.is_zero() => continue,
-                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                            _ => break,
-                        }
+                    if !settle(&rx, relevant, DEBOUNCE, MAX_DELAY) {
+                        return;
                     }
                     self.reload();
                 }
