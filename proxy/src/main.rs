@@ -28,6 +28,11 @@ use sluice_proxy::trace::IdGenerator;
 
 const EX_USAGE: u8 = 64;
 
+/// The process allocator; a stateless handle, the one `static` the binary has.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice-proxy",

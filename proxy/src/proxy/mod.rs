@@ -261,6 +261,10 @@ mod govern;
 impl ProxyHttp for SluiceProxy {
     type CTX = Ctx;
 
+    /// No downstream modules: pingora's default adds a (disabled) compression
+    /// module that still runs on every request; a sidecar passes bodies through.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
@@ -575,9 +579,10 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some((limit, remaining, reset)) = ctx.rate_headers {
-            resp.insert_header("ratelimit-limit", limit.to_string())?;
-            resp.insert_header("ratelimit-remaining", remaining.to_string())?;
-            resp.insert_header("ratelimit-reset", reset.to_string())?;
+            // HeaderValue::from(integer) formats without an intermediate String.
+            resp.insert_header("ratelimit-limit", http::HeaderValue::from(limit))?;
+            resp.insert_header("ratelimit-remaining", http::HeaderValue::from(remaining))?;
+            resp.insert_header("ratelimit-reset", http::HeaderValue::from(reset))?;
         }
         if let Some(cause) = ctx.fallback {
             resp.insert_header("x-sluice-fallback", cause.as_str())?;
