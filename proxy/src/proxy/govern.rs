@@ -46,25 +46,7 @@ impl SluiceProxy {
         let labels3 = |third: &'static str| [route.policy.as_str(), route.name.as_str(), third];
 
         if let Some(limiter) = &route.limiter {
-            let key = match limiter.key() {
-                None => None,
-                Some(Key::Header(name)) => Some(
-                    session
-                        .req_header()
-                        .headers
-                        .get(name.as_str())
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned(),
-                ),
-                Some(Key::ClientIp) => Some(
-                    session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip().to_string())
-                        .unwrap_or_default(),
-                ),
-            };
+            let key = limiter.key().map(|k| request_key(session, k));
             match limiter.check(key.as_deref().unwrap_or("")) {
                 Limit::Allowed { remaining, reset } => {
                     ctx.rate_headers = Some((limiter.limit(), remaining, ceil_secs(reset)));

@@ -238,6 +238,25 @@ fn upstream_outcome_index(outcome: &str) -> usize {
     }
 }
 
+/// What a request is keyed by (rate-limit keys, consistent hashing): a header's
+/// value (empty when absent: such requests share one key), or the client's IP.
+fn request_key(session: &Session, key: &Key) -> String {
+    match key {
+        Key::Header(name) => session
+            .req_header()
+            .headers
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned(),
+        Key::ClientIp => session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default(),
+    }
+}
+
 fn is_idempotent(req: &RequestHeader) -> bool {
     matches!(
         req.method.as_str(),
@@ -430,21 +449,10 @@ impl ProxyHttp for SluiceProxy {
             ));
         };
         let endpoints = Arc::clone(&policy.endpoints);
-        let key = match endpoints.hash_key() {
-            None => String::new(),
-            Some(Key::Header(name)) => session
-                .req_header()
-                .headers
-                .get(name.as_str())
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned(),
-            Some(Key::ClientIp) => session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default(),
-        };
+        let key = endpoints
+            .hash_key()
+            .map(|k| request_key(session, k))
+            .unwrap_or_default();
         let now = Instant::now();
         let picked = match self.direction == "inbound" {
             // Inbound: the local app is the only backend, whatever the policy lists.
