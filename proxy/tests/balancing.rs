@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sluice_proxy::demo_upstream::{Behaviour, Upstream, UpstreamConfig};
-use support::{get, HttpClient, ProxyProcess, TempDir};
+use support::{
+    get, metrics, replace, sample, version, wait_new_version, HttpClient, ProxyProcess, TempDir,
+};
 
 async fn upstream(name: &str, latency: Duration) -> Upstream {
     let any: SocketAddr = ([127, 0, 0, 1], 0).into();
@@ -39,43 +41,6 @@ async fn start(dir: &TempDir, yaml: &str, extra: &[&str]) -> ProxyProcess {
     let proxy = ProxyProcess::start(&path, extra);
     proxy.wait_ready().await;
     proxy
-}
-
-fn replace(dir: &TempDir, yaml: &str) {
-    let tmp = dir.write(".policy.yaml.tmp", yaml);
-    std::fs::rename(&tmp, dir.path().join("policy.yaml")).expect("rename policy");
-}
-
-async fn version(proxy: &ProxyProcess) -> String {
-    let dump = get(proxy.admin_addr(), "admin", "/config_dump")
-        .await
-        .expect("config_dump");
-    let json: serde_json::Value = serde_json::from_slice(&dump.body).expect("json dump");
-    json["version"].as_str().unwrap_or_default().to_owned()
-}
-
-async fn wait_new_version(proxy: &ProxyProcess, old: &str) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while version(proxy).await == old {
-        assert!(Instant::now() < deadline, "no reload: {}", proxy.stderr());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn metrics(proxy: &ProxyProcess) -> String {
-    get(proxy.admin_addr(), "admin", "/metrics")
-        .await
-        .expect("scrape")
-        .text()
-}
-
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 async fn upstream_of(client: &mut HttpClient, host: &str, headers: &[(&str, &str)]) -> String {

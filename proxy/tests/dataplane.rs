@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_proxy::demo_upstream::{Upstream, UpstreamConfig};
-use support::{free_port, get, send_raw, HttpClient, ProxyProcess, TempDir};
+use support::{
+    free_port, get, log_lines, metrics, metrics_once, replace, sample, send_raw, version,
+    wait_new_version, HttpClient, ProxyProcess, TempDir,
+};
 
 async fn upstream(name: &str) -> Upstream {
     let any: SocketAddr = ([127, 0, 0, 1], 0).into();
@@ -39,80 +42,6 @@ async fn start(dir: &TempDir, yaml: &str) -> ProxyProcess {
     let proxy = ProxyProcess::start(&path, &[]);
     proxy.wait_ready().await;
     proxy
-}
-
-/// Replaces the policy file atomically, as editors and Kubernetes do.
-fn replace(dir: &TempDir, yaml: &str) {
-    let tmp = dir.write(".policy.yaml.tmp", yaml);
-    std::fs::rename(&tmp, dir.path().join("policy.yaml")).expect("rename policy");
-}
-
-async fn metrics(proxy: &ProxyProcess) -> String {
-    get(proxy.admin_addr(), "admin", "/metrics")
-        .await
-        .expect("scrape")
-        .text()
-}
-
-/// The value of the sample whose line starts with `series` (name and labels), or 0.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The access log once it has at least `n` lines: a line is written after its
-/// response, so a client can be a moment ahead of the log (bounded: 3 s).
-async fn log_lines(proxy: &ProxyProcess, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let log = proxy.access_log();
-        if log.len() >= n || Instant::now() > deadline {
-            return log;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Scrapes until `series` reaches `value` (metrics of a request are recorded after
-/// its response is sent), then returns the scrape; bounded: 3 s.
-async fn metrics_once(proxy: &ProxyProcess, series: &str, value: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let m = metrics(proxy).await;
-        if sample(&m, series) >= value || Instant::now() > deadline {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn version(proxy: &ProxyProcess) -> String {
-    let dump = get(proxy.admin_addr(), "admin", "/config_dump")
-        .await
-        .expect("config_dump");
-    let json: serde_json::Value = serde_json::from_slice(&dump.body).expect("json dump");
-    json["version"].as_str().unwrap_or_default().to_owned()
-}
-
-/// Polls until the served version differs from `old` (bounded: 3 s).
-async fn wait_new_version(proxy: &ProxyProcess, old: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let v = version(proxy).await;
-        if v != old {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "policy was not reloaded within 3 s: {}",
-            proxy.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sluice_proxy::demo_upstream::{Behaviour, Upstream, UpstreamConfig};
-use support::{free_port, get, HttpClient, ProxyProcess, TempDir};
+use support::{free_port, get, metrics, metrics_once, sample, HttpClient, ProxyProcess, TempDir};
 
 async fn upstream(name: &str) -> Upstream {
     let any: SocketAddr = ([127, 0, 0, 1], 0).into();
@@ -35,35 +35,6 @@ async fn start(dir: &TempDir, yaml: &str) -> ProxyProcess {
     let proxy = ProxyProcess::start(&path, &[]);
     proxy.wait_ready().await;
     proxy
-}
-
-async fn metrics(proxy: &ProxyProcess) -> String {
-    get(proxy.admin_addr(), "admin", "/metrics")
-        .await
-        .expect("scrape")
-        .text()
-}
-
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Scrapes until `series` reaches `value` (request metrics are recorded after the
-/// response is sent); bounded: 3 s.
-async fn metrics_once(proxy: &ProxyProcess, series: &str, value: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let m = metrics(proxy).await;
-        if sample(&m, series) >= value || Instant::now() > deadline {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn send(
