@@ -23,7 +23,7 @@ struct Args {
     proxy: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// Host header, selecting the policy.
+    /// Host header, selecting the policy; the table shows the policy of that name.
     #[arg(long, default_value = "demo")]
     host: String,
     /// Total requests per second across all routes.
@@ -107,14 +107,14 @@ async fn main() -> anyhow::Result<()> {
         "driving ~{} req/s through http://{} (Host: {}); metrics at http://{}/metrics, policy at http://{}/config_dump",
         args.rate, args.proxy, args.host, args.admin, args.admin
     );
-    let mut before = scrape(args.admin).await.unwrap_or_default();
+    let mut before = scrape(args.admin, &args.host).await.unwrap_or_default();
     loop {
         let wait = tokio::time::sleep(Duration::from_secs(args.interval.max(1)));
         tokio::select! {
             _ = wait => {}
             _ = tokio::signal::ctrl_c() => break,
         }
-        let now = scrape(args.admin)
+        let now = scrape(args.admin, &args.host)
             .await
             .context("scraping the proxy's /metrics")?;
         if incident(started.elapsed()) {
@@ -144,7 +144,8 @@ struct RouteStats {
     buckets: Vec<(f64, f64)>,
 }
 
-async fn scrape(admin: SocketAddr) -> anyhow::Result<BTreeMap<String, RouteStats>> {
+/// The routes of policy `policy`, from the proxy's `/metrics`.
+async fn scrape(admin: SocketAddr, policy: &str) -> anyhow::Result<BTreeMap<String, RouteStats>> {
     let text = get(admin, "admin", "/metrics").await?.text();
     let mut routes: BTreeMap<String, RouteStats> = BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -164,6 +165,9 @@ async fn scrape(admin: SocketAddr) -> anyhow::Result<BTreeMap<String, RouteStats
         let Some(route) = labels.get("route").filter(|r| !r.is_empty()) else {
             continue;
         };
+        if labels.get("policy") != Some(&policy) {
+            continue;
+        }
         let stats = routes.entry((*route).to_owned()).or_default();
         match name {
             "sluice_requests_total" => {
