@@ -1,0 +1,88 @@
+//! Per-decision costs of the request path's components (criterion):
+//! a token-bucket check, a route match against a ten-route policy, and a balancer
+//! pick for each algorithm. Results go to bench/RESULTS.md with the command.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use governor::clock::DefaultClock;
+use sluice_policy::{Algorithm, Backend, Key, LoadBalancer, Protocol, RateLimit};
+use sluice_proxy::endpoints::{Endpoints, EndpointsRule};
+use sluice_proxy::ratelimit::RouteLimiter;
+use sluice_proxy::runtime::Runtime;
+
+fn limiter(c: &mut Criterion) {
+    let rule = RateLimit {
+        requests_per_second: 1e9,
+        burst: 1_000_000,
+        key: None,
+    };
+    let limiter = RouteLimiter::new(&rule, DefaultClock::default());
+    c.bench_function("rate limit decision (one bucket)", |b| b.iter(|| black_box(limiter.check(black_box("")))));
+}
+
+fn route_match(c: &mut Criterion) {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml"))
+        .unwrap_or_default();
+    let Ok(set) = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text) else {
+        return;
+    };
+    let Ok(runtime) = Runtime::build(set, "bench".into(), None) else {
+        return;
+    };
+    let headers: [(&str, &[u8]); 1] = [("user-agent", b"wrk")];
+    c.bench_function("route match (8th of 10 routes)", |b| {
+        b.iter(|| {
+            black_box(runtime.route(
+                black_box("bench"),
+                "GET",
+                black_box("/api/v1/items"),
+                |name| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v),
+            ))
+        })
+    });
+}
+
+fn balancer(c: &mut Criterion) {
+    let backends: Vec<Backend> = (0..5u16)
+        .map(|i| Backend {
+            address: sluice_policy::Address {
+                host: "127.0.0.1".into(),
+                port: 9000 + i,
+            },
+            weight: u32::from(i) + 1,
+            protocol: Protocol::Http1,
+        })
+        .collect();
+    let now = Instant::now();
+    for (name, algorithm) in [
+        ("balancer pick (smooth WRR, 5 backends)", Algorithm::WeightedRoundRobin),
+        ("balancer pick (P2C peak-EWMA, 5 backends)", Algorithm::P2cEwma),
+        (
+            "balancer pick (Maglev, 5 backends)",
+            Algorithm::ConsistentHash {
+                hash_on: Key::Header("x-user-id".into()),
+            },
+        ),
+    ] {
+        let endpoints = Endpoints::new(
+            EndpointsRule {
+                backends: backends.clone(),
+                load_balancer: LoadBalancer {
+                    algorithm,
+                    slow_start: None,
+                },
+                health_check: None,
+                outlier_detection: None,
+            },
+            None,
+            now,
+        );
+        c.bench_function(name, |b| b.iter(|| black_box(endpoints.pick(now, black_box(b"user-42"), &[]))));
+    }
+}
+
+criterion_group!(components, limiter, route_match, balancer);
+criterion_main!(components);
