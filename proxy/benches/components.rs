@@ -20,12 +20,15 @@ fn limiter(c: &mut Criterion) {
         key: None,
     };
     let limiter = RouteLimiter::new(&rule, DefaultClock::default());
-    c.bench_function("rate limit decision (one bucket)", |b| b.iter(|| black_box(limiter.check(black_box("")))));
+    c.bench_function("rate limit decision (one bucket)", |b| {
+        b.iter(|| black_box(limiter.check(black_box(""))))
+    });
 }
 
 fn route_match(c: &mut Criterion) {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml"))
-        .unwrap_or_default();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml"))
+            .unwrap_or_default();
     let Ok(set) = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text) else {
         return;
     };
@@ -58,8 +61,14 @@ fn balancer(c: &mut Criterion) {
         .collect();
     let now = Instant::now();
     for (name, algorithm) in [
-        ("balancer pick (smooth WRR, 5 backends)", Algorithm::WeightedRoundRobin),
-        ("balancer pick (P2C peak-EWMA, 5 backends)", Algorithm::P2cEwma),
+        (
+            "balancer pick (smooth WRR, 5 backends)",
+            Algorithm::WeightedRoundRobin,
+        ),
+        (
+            "balancer pick (P2C peak-EWMA, 5 backends)",
+            Algorithm::P2cEwma,
+        ),
         (
             "balancer pick (Maglev, 5 backends)",
             Algorithm::ConsistentHash {
@@ -80,7 +89,9 @@ fn balancer(c: &mut Criterion) {
             None,
             now,
         );
-        c.bench_function(name, |b| b.iter(|| black_box(endpoints.pick(now, black_box(b"user-42"), &[]))));
+        c.bench_function(name, |b| {
+            b.iter(|| black_box(endpoints.pick(now, black_box(b"user-42"), &[])))
+        });
     }
 }
 
