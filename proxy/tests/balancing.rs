@@ -8,19 +8,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sluice_proxy::demo_upstream::{Behaviour, Upstream, UpstreamConfig};
+use sluice_proxy::demo_upstream::Behaviour;
 use support::{
-    get, metrics, replace, sample, version, wait_new_version, HttpClient, ProxyProcess, TempDir,
+    get, metrics, replace, sample, start_with, upstream_with_latency, version, wait_new_version,
+    HttpClient, ProxyProcess, TempDir,
 };
-
-async fn upstream(name: &str, latency: Duration) -> Upstream {
-    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let mut config = UpstreamConfig::new(name);
-    config.latency = latency;
-    Upstream::start(any, config)
-        .await
-        .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
-}
 
 fn policy(name: &str, backends: &[(SocketAddr, u32)], spec_extra: &str, routes: &str) -> String {
     let mut yaml = format!(
@@ -36,13 +28,6 @@ fn policy(name: &str, backends: &[(SocketAddr, u32)], spec_extra: &str, routes: 
     yaml
 }
 
-async fn start(dir: &TempDir, yaml: &str, extra: &[&str]) -> ProxyProcess {
-    let path = dir.write("policy.yaml", yaml);
-    let proxy = ProxyProcess::start(&path, extra);
-    proxy.wait_ready().await;
-    proxy
-}
-
 async fn upstream_of(client: &mut HttpClient, host: &str, headers: &[(&str, &str)]) -> String {
     let r = client
         .request("GET", host, "/", headers, b"")
@@ -54,8 +39,8 @@ async fn upstream_of(client: &mut HttpClient, host: &str, headers: &[(&str, &str
 
 #[tokio::test]
 async fn p2c_prefers_the_faster_of_two_backends() {
-    let fast = upstream("fast", Duration::ZERO).await;
-    let slow = upstream("slow", Duration::from_millis(40)).await;
+    let fast = upstream_with_latency("fast", Duration::ZERO).await;
+    let slow = upstream_with_latency("slow", Duration::from_millis(40)).await;
     let dir = TempDir::new();
     let yaml = policy(
         "shop",
@@ -63,7 +48,7 @@ async fn p2c_prefers_the_faster_of_two_backends() {
         "  loadBalancer: {algorithm: p2c-ewma}\n",
         "    - name: all\n",
     );
-    let proxy = start(&dir, &yaml, &[]).await;
+    let proxy = start_with(&dir, &yaml, &[]).await;
     let mut client = HttpClient::connect(proxy.listen_addr())
         .await
         .expect("connect");
@@ -78,12 +63,12 @@ async fn p2c_prefers_the_faster_of_two_backends() {
 async fn consistent_hashing_keeps_keys_and_moves_few_when_a_backend_leaves() {
     let mut ups = Vec::new();
     for name in ["a", "b", "c", "d"] {
-        ups.push(upstream(name, Duration::ZERO).await);
+        ups.push(upstream_with_latency(name, Duration::ZERO).await);
     }
     let backends: Vec<(SocketAddr, u32)> = ups.iter().map(|u| (u.addr(), 1)).collect();
     let lb = "  loadBalancer: {algorithm: consistent-hash, hashOn: header:x-user-id}\n";
     let dir = TempDir::new();
-    let proxy = start(
+    let proxy = start_with(
         &dir,
         &policy("shop", &backends, lb, "    - name: all\n"),
         &[],
@@ -126,12 +111,12 @@ async fn consistent_hashing_keeps_keys_and_moves_few_when_a_backend_leaves() {
 #[tokio::test]
 async fn health_checks_evict_a_failing_backend_and_bring_it_back() {
     let (a, b) = (
-        upstream("a", Duration::ZERO).await,
-        upstream("b", Duration::ZERO).await,
+        upstream_with_latency("a", Duration::ZERO).await,
+        upstream_with_latency("b", Duration::ZERO).await,
     );
     let dir = TempDir::new();
     let hc = "  healthCheck: {path: /healthz, interval: 100ms, timeout: 100ms, unhealthyAfter: 1, healthyAfter: 1}\n";
-    let proxy = start(
+    let proxy = start_with(
         &dir,
         &policy(
             "shop",
@@ -172,17 +157,17 @@ async fn health_checks_evict_a_failing_backend_and_bring_it_back() {
 
 #[tokio::test]
 async fn outlier_detection_ejects_failing_backends_up_to_the_cap() {
-    let a = upstream("a", Duration::ZERO).await;
+    let a = upstream_with_latency("a", Duration::ZERO).await;
     let (b, c) = (
-        upstream("b", Duration::ZERO).await,
-        upstream("c", Duration::ZERO).await,
+        upstream_with_latency("b", Duration::ZERO).await,
+        upstream_with_latency("c", Duration::ZERO).await,
     );
     b.set_behaviour(Behaviour::Fail(500));
     c.set_behaviour(Behaviour::Fail(500));
     let dir = TempDir::new();
     let od = "  outlierDetection: {consecutiveFailures: 2, ejectFor: 30s, maxEjectedPercent: 34}\n";
     let backends = [(a.addr(), 1), (b.addr(), 1), (c.addr(), 1)];
-    let proxy = start(
+    let proxy = start_with(
         &dir,
         &policy("shop", &backends, od, "    - name: all\n"),
         &[],
@@ -262,7 +247,7 @@ async fn h2c_clients_and_h2c_backends_go_through_the_proxy() {
     let yaml = format!(
         "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: grpc}}\nspec:\n  hosts: [grpc]\n  backends:\n    - {{address: \"{backend}\", protocol: h2c}}\n  routes:\n    - name: all\n"
     );
-    let proxy = start(&dir, &yaml, &["--h2c"]).await;
+    let proxy = start_with(&dir, &yaml, &["--h2c"]).await;
     let tcp = tokio::net::TcpStream::connect(proxy.listen_addr())
         .await
         .expect("connect");
@@ -301,8 +286,8 @@ async fn h2c_clients_and_h2c_backends_go_through_the_proxy() {
 
 #[tokio::test]
 async fn the_inbound_listener_rate_limits_traffic_into_the_local_app() {
-    let app = upstream("app", Duration::ZERO).await;
-    let other = upstream("other", Duration::ZERO).await;
+    let app = upstream_with_latency("app", Duration::ZERO).await;
+    let other = upstream_with_latency("other", Duration::ZERO).await;
     let dir = TempDir::new();
     let inbound_policy = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: me}\nspec:\n  routes:\n    - name: api\n      rateLimit: {requestsPerSecond: 0.01, burst: 2}\n";
     let outbound = policy("shop", &[(other.addr(), 1)], "", "    - name: all\n");
@@ -362,12 +347,12 @@ async fn the_inbound_listener_rate_limits_traffic_into_the_local_app() {
 #[tokio::test]
 async fn balancer_position_survives_an_unrelated_reload() {
     let (a, b) = (
-        upstream("a", Duration::ZERO).await,
-        upstream("b", Duration::ZERO).await,
+        upstream_with_latency("a", Duration::ZERO).await,
+        upstream_with_latency("b", Duration::ZERO).await,
     );
     let dir = TempDir::new();
     let backends = [(a.addr(), 9), (b.addr(), 1)];
-    let proxy = start(
+    let proxy = start_with(
         &dir,
         &policy("shop", &backends, "", "    - name: all\n"),
         &[],

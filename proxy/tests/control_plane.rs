@@ -10,15 +10,7 @@ use std::time::{Duration, Instant};
 
 use sluice_control_plane::serve::{start, Running, ServeConfig};
 use sluice_control_plane::store::Store;
-use sluice_proxy::demo_upstream::{Upstream, UpstreamConfig};
-use support::{get, ProxyProcess, TempDir};
-
-async fn upstream(name: &str) -> Upstream {
-    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    Upstream::start(any, UpstreamConfig::new(name))
-        .await
-        .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
-}
+use support::{get, upstream, ProxyProcess, TempDir};
 
 fn policy(backend: SocketAddr, burst: u32) -> String {
     format!(

@@ -9,18 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_proxy::demo_upstream::{Upstream, UpstreamConfig};
 use support::{
-    free_port, get, log_lines, metrics, metrics_once, replace, sample, send_raw, version,
-    wait_new_version, HttpClient, ProxyProcess, TempDir,
+    free_port, get, log_lines, metrics, metrics_once, replace, sample, send_raw, start, upstream,
+    version, wait_new_version, HttpClient, ProxyProcess, TempDir,
 };
-
-async fn upstream(name: &str) -> Upstream {
-    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    Upstream::start(any, UpstreamConfig::new(name))
-        .await
-        .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
-}
 
 /// One policy named `shop` for host `shop`, with `backends` and the `routes` YAML.
 fn policy(backends: &[(SocketAddr, u32)], routes: &str) -> String {
@@ -35,13 +27,6 @@ fn policy(backends: &[(SocketAddr, u32)], routes: &str) -> String {
     yaml.push_str("  routes:\n");
     yaml.push_str(routes);
     yaml
-}
-
-async fn start(dir: &TempDir, yaml: &str) -> ProxyProcess {
-    let path = dir.write("policy.yaml", yaml);
-    let proxy = ProxyProcess::start(&path, &[]);
-    proxy.wait_ready().await;
-    proxy
 }
 
 #[tokio::test]

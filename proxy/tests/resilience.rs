@@ -8,15 +8,11 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sluice_proxy::demo_upstream::{Behaviour, Upstream, UpstreamConfig};
-use support::{free_port, get, metrics, metrics_once, sample, HttpClient, ProxyProcess, TempDir};
-
-async fn upstream(name: &str) -> Upstream {
-    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    Upstream::start(any, UpstreamConfig::new(name))
-        .await
-        .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
-}
+use sluice_proxy::demo_upstream::Behaviour;
+use support::{
+    free_port, get, metrics, metrics_once, sample, start, upstream, HttpClient, ProxyProcess,
+    TempDir,
+};
 
 fn policy(backends: &[SocketAddr], routes: &str) -> String {
     let mut yaml = String::from(
@@ -28,13 +24,6 @@ fn policy(backends: &[SocketAddr], routes: &str) -> String {
     yaml.push_str("  routes:\n");
     yaml.push_str(routes);
     yaml
-}
-
-async fn start(dir: &TempDir, yaml: &str) -> ProxyProcess {
-    let path = dir.write("policy.yaml", yaml);
-    let proxy = ProxyProcess::start(&path, &[]);
-    proxy.wait_ready().await;
-    proxy
 }
 
 async fn send(

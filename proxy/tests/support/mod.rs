@@ -393,3 +393,34 @@ pub async fn log_lines(proxy: &ProxyProcess, n: usize) -> Vec<serde_json::Value>
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A fake backend on a free loopback port (keep it alive: dropping it stops it).
+pub async fn upstream(name: &str) -> sluice_proxy::demo_upstream::Upstream {
+    upstream_with_latency(name, Duration::ZERO).await
+}
+
+/// A fake backend that waits `latency` before each answer.
+pub async fn upstream_with_latency(
+    name: &str,
+    latency: Duration,
+) -> sluice_proxy::demo_upstream::Upstream {
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let mut config = sluice_proxy::demo_upstream::UpstreamConfig::new(name);
+    config.latency = latency;
+    sluice_proxy::demo_upstream::Upstream::start(any, config)
+        .await
+        .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
+}
+
+/// The proxy serving `yaml` (written to `dir/policy.yaml`), once ready.
+pub async fn start(dir: &TempDir, yaml: &str) -> ProxyProcess {
+    start_with(dir, yaml, &[]).await
+}
+
+/// Like [`start`], with extra command-line arguments.
+pub async fn start_with(dir: &TempDir, yaml: &str, extra: &[&str]) -> ProxyProcess {
+    let path = dir.write("policy.yaml", yaml);
+    let proxy = ProxyProcess::start(&path, extra);
+    proxy.wait_ready().await;
+    proxy
+}
