@@ -12,6 +12,9 @@
 #   sluice-1k-keys  the same as sluice, the traffic spread over 1,000 x-user-id
 #                   rate-limit keys (route `keyed`, maxKeys 10000)
 #                                                              127.0.0.1:18006 (admin 18007)
+#   pingora-bare    proxy/examples/bare-pingora.rs: pingora with no policy, metrics or
+#                   log, every request to the backend; the floor of any pingora proxy
+#                   (closed loop only)                         127.0.0.1:18008
 #   nginx           proxy_pass, upstream keepalive pool, HTTP/1.1 127.0.0.1:18002
 #   haproxy         mode http, nbthread 1, http-reuse always   127.0.0.1:18003
 #
@@ -86,7 +89,7 @@ if ! command -v oha >/dev/null; then
 fi
 
 log "building sluice-proxy (release)"
-cargo build --release --locked -p sluice-proxy
+cargo build --release --locked -p sluice-proxy --bin sluice-proxy --example bare-pingora
 BUILD_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 BUILD_DIRTY=$(git status --porcelain -- proxy policy Cargo.toml Cargo.lock 2>/dev/null | wc -l)
 
@@ -113,8 +116,9 @@ trap 'exit 130' INT TERM
 # directory must not swap it under the benchmark.
 SLUICE="$TMP/sluice-proxy"
 cp target/release/sluice-proxy "$SLUICE"
+cp target/release/examples/bare-pingora "$TMP/bare-pingora"
 
-for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007; do
+for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008; do
     if ss -ltnH "sport = :$port" | grep -q .; then die "port $port is in use"; fi
 done
 
@@ -198,7 +202,7 @@ backend be
   server backend 127.0.0.1:18080
 EOF
 
-declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [nginx]=18002 [haproxy]=18003)
+declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [pingora-bare]=18008 [nginx]=18002 [haproxy]=18003)
 declare -A ADMIN=([sluice]=18000 [sluice-nolog]=18005 [sluice-1k-keys]=18007)
 declare -A PROCS # target -> PIDs whose CPU and memory count as the proxy's
 
@@ -228,6 +232,9 @@ start_sluice() { # name listen admin [flags...]
     PIDS+=($!)
     PROCS[$name]=$!
 }
+taskset -c 1 "$TMP/bare-pingora" 127.0.0.1:18008 127.0.0.1:18080 >"$TMP/bare-pingora.log" 2>&1 &
+PIDS+=($!)
+PROCS[pingora-bare]=$!
 start_sluice sluice 18001 18000
 start_sluice sluice-nolog 18004 18005 --no-access-log
 start_sluice sluice-1k-keys 18006 18007
@@ -240,7 +247,7 @@ for name in sluice sluice-nolog sluice-1k-keys; do
         sleep 0.1
     done
 done
-for t in direct sluice sluice-nolog nginx haproxy; do
+for t in direct sluice sluice-nolog pingora-bare nginx haproxy; do
     body=""
     for ((i = 0; i < 100; i++)); do
         body=$(curl -sS --max-time 1 -H "$HOSTHDR" "http://127.0.0.1:${PORT[$t]}$URLPATH" 2>/dev/null || true)
@@ -394,9 +401,9 @@ BUSY_AT_START=no
 busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyway (noted in the results)"
 
 # --- measure ------------------------------------------------------------------------
-CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys nginx haproxy)
+CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys pingora-bare nginx haproxy)
 OPEN_TARGETS=(direct sluice sluice-nolog nginx haproxy)
-PROXIES=(sluice sluice-nolog sluice-1k-keys nginx haproxy)
+PROXIES=(sluice sluice-nolog sluice-1k-keys pingora-bare nginx haproxy)
 START=$(date -u '+%Y-%m-%d %H:%M UTC')
 T0=$SECONDS
 
@@ -496,6 +503,7 @@ label() {
     sluice) echo "sluice (access log on)" ;;
     sluice-nolog) echo "sluice (--no-access-log)" ;;
     sluice-1k-keys) echo "sluice, 1,000 rate-limit keys" ;;
+    pingora-bare) echo "bare pingora (no policy, floor)" ;;
     *) echo "$1" ;;
     esac
 }
@@ -609,6 +617,8 @@ REPORT="$TMP/report.md"
     echo "|---|---|---|"
     echo "| req/s, Sluice / nginx | >= 1.0 (stretch 1.2) | $(ratio "${M[rps|sluice]}" "${M[rps|nginx]}") (no access log: $(ratio "${M[rps|sluice-nolog]}" "${M[rps|nginx]}")) |"
     echo "| req/s, Sluice / HAProxy | >= 1.0 | $(ratio "${M[rps|sluice]}" "${M[rps|haproxy]}") (no access log: $(ratio "${M[rps|sluice-nolog]}" "${M[rps|haproxy]}")) |"
+    echo "| req/s, bare pingora / nginx (what pingora itself allows) | - | $(ratio "${M[rps|pingora-bare]}" "${M[rps|nginx]}") |"
+    echo "| req/s, Sluice (no access log) / bare pingora (Sluice's own cost) | - | $(ratio "${M[rps|sluice-nolog]}" "${M[rps|pingora-bare]}") |"
     if [[ " $RATES " == *" 5000 "* ]]; then
         echo "| p99 at 5k req/s open loop | <= nginx's | $(fmt "${M[op99|sluice|5000]}" %.2f) ms vs $(fmt "${M[op99|nginx|5000]}" %.2f) ms ($(ratio "${M[op99|sluice|5000]}" "${M[op99|nginx|5000]}")) |"
     fi
