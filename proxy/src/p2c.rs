@@ -31,87 +31,140 @@
 //! exclude; it is `None` only when no such index exists. `pending` never underflows
 //! (an `end` without a `start` is ignored).
 //!
-//! Thread safety: `pending` and the weights are atomics. Each backend's estimate (an
-//! `f64` and the `Instant` it was taken at, which must change together) sits in its own
-//! `Mutex`, held for a few float operations; a pick takes two of them, one at a time.
+//! Thread safety, without locks: `pending` and the weights are atomics, and each
+//! backend's estimate and the time it was taken (which must change together) are
+//! packed into one `AtomicU64` (see [`Estimate`]), updated by compare-and-swap. A pick
+//! is a few atomic loads (the criterion benchmark in `proxy/benches` times it).
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Estimate for a backend that has not answered yet (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Time constant of the exponential decay (Linkerd's `EWMA_DECAY`).
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+/// A uniform draw in `0..n` from 64 random bits, by multiply-shift (Lemire): no
+/// division on the request path. Also returns the product's low half, 64 bits that
+/// are again uniform and independent of the draw, for a second draw.
+fn below(random: u64, n: u64) -> (u64, u64) {
+    let wide = u128::from(random) * u128::from(n);
+    ((wide >> 64) as u64, wide as u64)
+}
 
-#[derive(Debug, Clone, Copy)]
+/// Up to this many backends, a pick snapshots weights and eligibility on the stack.
+const SNAPSHOT: usize = 64;
+
+/// A latency estimate and when it was taken, packed into one `u64` so that both
+/// change together in one atomic operation: the high half is the estimate in
+/// nanoseconds as an `f32` (24 bits of precision, plenty to compare loads), the low
+/// half the time in milliseconds since the balancer's epoch. That clock wraps every
+/// ~49.7 days; time differences are taken wrapping, so only an estimate left
+/// untouched for that long would be misread (and P2C samples every backend far more
+/// often, since an idle backend's estimate decays toward zero and wins picks).
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Estimate {
-    rtt_ns: f64,
-    at: Instant,
+    rtt_ns: f32,
+    at_ms: u32,
+}
+
+impl Estimate {
+    fn pack(self) -> u64 {
+        (u64::from(self.rtt_ns.to_bits()) << 32) | u64::from(self.at_ms)
+    }
+
+    fn unpack(word: u64) -> Self {
+        Estimate {
+            rtt_ns: f32::from_bits((word >> 32) as u32),
+            at_ms: word as u32,
+        }
+    }
+
+    /// Milliseconds from `at_ms` to `now_ms`; 0 when `now_ms` is earlier (a clock
+    /// reading taken on another thread just before this one's update).
+    fn elapsed_ms(self, now_ms: u32) -> u32 {
+        let d = now_ms.wrapping_sub(self.at_ms);
+        if d > u32::MAX / 2 {
+            0
+        } else {
+            d
+        }
+    }
 }
 
 /// One backend's peak-EWMA latency estimate and in-flight request count.
 #[derive(Debug)]
-pub struct PeakEwma {
-    estimate: Mutex<Estimate>,
+struct PeakEwma {
+    estimate: AtomicU64,
     pending: AtomicU32,
 }
 
-/// `exp(-elapsed / decay)`: how much of the old estimate survives `elapsed`.
-fn survival(elapsed: Duration, decay: Duration) -> f64 {
-    // A zero decay means "no memory"; the max() avoids 0/0.
-    let decay_ns = (decay.as_nanos() as f64).max(1.0);
-    (-(elapsed.as_nanos() as f64) / decay_ns).exp()
+/// `exp(-elapsed / decay)`: how much of the old estimate survives `elapsed_ms`.
+fn survival(elapsed_ms: u32, decay_ms: f64) -> f64 {
+    (-f64::from(elapsed_ms) / decay_ms).exp()
 }
 
 impl PeakEwma {
-    /// A backend with no samples, estimated at [`DEFAULT_RTT`] as of `now`.
-    pub fn new(now: Instant) -> Self {
+    /// A backend with no samples, estimated at [`DEFAULT_RTT`] as of `at_ms`.
+    fn new(at_ms: u32) -> Self {
+        let initial = Estimate {
+            rtt_ns: DEFAULT_RTT.as_nanos() as f32,
+            at_ms,
+        };
         PeakEwma {
-            estimate: Mutex::new(Estimate {
-                rtt_ns: DEFAULT_RTT.as_nanos() as f64,
-                at: now,
-            }),
+            estimate: AtomicU64::new(initial.pack()),
             pending: AtomicU32::new(0),
         }
     }
 
-    fn estimate(&self) -> MutexGuard<'_, Estimate> {
-        // Always a valid (value, instant) pair: a poisoned lock is simply taken over.
-        self.estimate.lock().unwrap_or_else(PoisonError::into_inner)
+    fn estimate(&self) -> Estimate {
+        Estimate::unpack(self.estimate.load(Ordering::Relaxed))
     }
 
     /// Requests started and not yet ended.
-    pub fn pending(&self) -> u32 {
+    fn pending(&self) -> u32 {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate at `now` in nanoseconds, decayed toward zero since the
+    /// The latency estimate at `now_ms` in nanoseconds, decayed toward zero since the
     /// last sample.
-    pub fn rtt_ns(&self, now: Instant, decay: Duration) -> f64 {
-        let e = *self.estimate();
-        e.rtt_ns * survival(now.saturating_duration_since(e.at), decay)
+    fn rtt_ns(&self, now_ms: u32, decay_ms: f64) -> f64 {
+        let e = self.estimate();
+        f64::from(e.rtt_ns) * survival(e.elapsed_ms(now_ms), decay_ms)
     }
 
     fn start(&self) {
         self.pending.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn end(&self, now: Instant, rtt: Duration, decay: Duration) {
+    fn end(&self, now_ms: u32, rtt: Duration, decay_ms: f64) {
         // Saturating: an unmatched end() must not wrap to u32::MAX and shun the backend.
         let _ = self
             .pending
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| p.checked_sub(1));
         let sample = rtt.as_nanos() as f64;
-        let mut e = self.estimate();
-        let w = survival(now.saturating_duration_since(e.at), decay);
-        e.rtt_ns = if sample > e.rtt_ns {
-            sample
-        } else {
-            e.rtt_ns * w + sample * (1.0 - w)
-        };
-        // Another thread may have updated with a later clock reading.
-        e.at = e.at.max(now);
+        // A CAS loop: a concurrent update is folded in, never lost. Each closure call
+        // returns Some, so the update always lands.
+        let _ = self
+            .estimate
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let e = Estimate::unpack(word);
+                let elapsed = e.elapsed_ms(now_ms);
+                let old = f64::from(e.rtt_ns);
+                let rtt_ns = if sample > old {
+                    sample
+                } else {
+                    let w = survival(elapsed, decay_ms);
+                    old * w + sample * (1.0 - w)
+                };
+                let at_ms = if elapsed == 0 { e.at_ms } else { now_ms };
+                Some(
+                    Estimate {
+                        rtt_ns: rtt_ns as f32,
+                        at_ms,
+                    }
+                    .pack(),
+                )
+            });
     }
 }
 
@@ -120,6 +173,13 @@ pub struct P2c {
     backends: Vec<PeakEwma>,
     weights: Vec<AtomicU32>,
     decay: Duration,
+    /// `decay` in milliseconds, at least 1 (a zero decay means "no memory"; the
+    /// floor avoids 0/0).
+    decay_ms: f64,
+    /// `1 / decay_ms`: a multiplication on the request path instead of a division.
+    per_decay_ms: f64,
+    /// Time zero of the estimates' millisecond clock.
+    epoch: Instant,
 }
 
 impl P2c {
@@ -130,10 +190,22 @@ impl P2c {
 
     pub fn with_decay(weights: &[u32], now: Instant, decay: Duration) -> Self {
         P2c {
-            backends: weights.iter().map(|_| PeakEwma::new(now)).collect(),
+            backends: weights.iter().map(|_| PeakEwma::new(0)).collect(),
             weights: weights.iter().map(|w| AtomicU32::new(*w)).collect(),
             decay,
+            decay_ms: (decay.as_secs_f64() * 1e3).max(1.0),
+            per_decay_ms: 1.0 / (decay.as_secs_f64() * 1e3).max(1.0),
+            epoch: now,
         }
+    }
+
+    /// `now` on the estimates' millisecond clock (wrapping, see [`Estimate`]).
+    fn ms(&self, now: Instant) -> u32 {
+        let d = now.saturating_duration_since(self.epoch);
+        // u64 arithmetic (`as_millis` goes through u128); truncation wraps on purpose.
+        d.as_secs()
+            .wrapping_mul(1_000)
+            .wrapping_add(u64::from(d.subsec_millis())) as u32
     }
 
     pub fn len(&self) -> usize {
@@ -165,44 +237,92 @@ impl P2c {
     /// Picks two distinct candidates (weighted random by weight, zero weight never
     /// picked, `skip(i)` excludes `i`) and returns the one with the lower load
     /// (see [`P2c::cost`]); with one eligible backend, that one. `None` when none is
-    /// eligible. Calls `random` at most twice.
+    /// eligible. Calls `random` once.
     pub fn pick(
         &self,
         now: Instant,
         random: &mut impl FnMut() -> u64,
         skip: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let eligible = |i: usize| self.weight(i) > 0 && !skip(i);
-        let total: u64 = (0..self.len())
-            .filter(|i| eligible(*i))
-            .map(|i| u64::from(self.weight(i)))
-            .sum();
+        if self.len() <= SNAPSHOT {
+            // Each backend's eligibility and weight are read once, on the stack: the
+            // passes below then see one consistent view and cost no atomic loads or
+            // `skip` calls (which check health and ejection) each.
+            let mut weights = [0u32; SNAPSHOT];
+            for (i, w) in weights.iter_mut().enumerate().take(self.len()) {
+                if !skip(i) {
+                    *w = self.weight(i);
+                }
+            }
+            self.pick_among(now, random, |i| weights.get(i).copied().unwrap_or(0))
+        } else {
+            self.pick_among(now, random, |i| if skip(i) { 0 } else { self.weight(i) })
+        }
+    }
+
+    /// `pick` over effective weights (0 = not eligible).
+    fn pick_among(
+        &self,
+        now: Instant,
+        random: &mut impl FnMut() -> u64,
+        weight: impl Fn(usize) -> u32,
+    ) -> Option<usize> {
+        let total: u64 = (0..self.len()).map(|i| u64::from(weight(i))).sum();
         if total == 0 {
             return None;
         }
-        // `skip` or a weight may change between passes (another thread); fall back to
-        // any eligible backend rather than fail the pick.
+        // Without a snapshot, `skip` or a weight may change between passes (another
+        // thread); fall back to any eligible backend rather than fail the pick.
+        let (target, leftover) = below(random(), total);
         let first = self
-            .draw(random() % total, eligible)
-            .or_else(|| (0..self.len()).find(|i| eligible(*i)))?;
-        let rest = total.saturating_sub(u64::from(self.weight(first)));
+            .draw(target, &weight)
+            .or_else(|| (0..self.len()).find(|i| weight(*i) > 0))?;
+        let rest = total.saturating_sub(u64::from(weight(first)));
         if rest == 0 {
             return Some(first);
         }
-        let Some(second) = self.draw(random() % rest, |i| i != first && eligible(i)) else {
+        let others = |i: usize| if i == first { 0 } else { weight(i) };
+        let Some(second) = self.draw(below(leftover, rest).0, others) else {
             return Some(first);
         };
-        if self.cost(second, now) < self.cost(first, now) {
+        if self.cheaper(second, first, self.ms(now), &weight) {
             Some(second)
         } else {
             Some(first)
         }
     }
 
-    /// The eligible backend whose cumulative-weight interval contains `target`.
-    fn draw(&self, mut target: u64, eligible: impl Fn(usize) -> bool) -> Option<usize> {
-        for i in (0..self.len()).filter(|i| eligible(*i)) {
-            let w = u64::from(self.weight(i));
+    /// Whether `a`'s load is below `b`'s. The same comparison as [`P2c::cost`] with one
+    /// `exp` instead of two: both estimates decay at the same rate, so only the
+    /// difference of their ages matters.
+    fn cheaper(&self, a: usize, b: usize, now_ms: u32, weight: impl Fn(usize) -> u32) -> bool {
+        let (Some(ea), Some(eb)) = (self.backends.get(a), self.backends.get(b)) else {
+            return false;
+        };
+        let (wa, wb) = (weight(a), weight(b));
+        if wa == 0 || wb == 0 {
+            return wb == 0 && wa > 0;
+        }
+        let (sa, sb) = (ea.estimate(), eb.estimate());
+        let load = |e: &PeakEwma, s: Estimate, w: u32| {
+            f64::from(s.rtt_ns) * f64::from(e.pending().saturating_add(1)) / f64::from(w)
+        };
+        let (la, lb) = (load(ea, sa, wa), load(eb, sb, wb));
+        // la * exp(-age_a / d) < lb * exp(-age_b / d)
+        //   <=>  la * exp((age_b - age_a) / d) < lb
+        let (age_a, age_b) = (sa.elapsed_ms(now_ms), sb.elapsed_ms(now_ms));
+        let shift = f64::from(age_b) - f64::from(age_a);
+        if shift == 0.0 {
+            la < lb
+        } else {
+            la * (shift * self.per_decay_ms).exp() < lb
+        }
+    }
+
+    /// The backend whose cumulative-weight interval contains `target`.
+    fn draw(&self, mut target: u64, weight: impl Fn(usize) -> u32) -> Option<usize> {
+        for i in 0..self.len() {
+            let w = u64::from(weight(i));
             if target < w {
                 return Some(i);
             }
@@ -222,7 +342,7 @@ impl P2c {
     /// `rtt` is a useful peak too). Ignored for an index out of range.
     pub fn end(&self, index: usize, now: Instant, rtt: Duration) {
         if let Some(b) = self.backends.get(index) {
-            b.end(now, rtt, self.decay);
+            b.end(self.ms(now), rtt, self.decay_ms);
         }
     }
 
@@ -235,13 +355,18 @@ impl P2c {
     /// `(pending + 1)`, divided by the weight. Infinite for a zero weight or an index
     /// out of range.
     pub fn cost(&self, index: usize, now: Instant) -> f64 {
-        let (Some(b), weight) = (self.backends.get(index), self.weight(index)) else {
+        self.load(index, self.ms(now), self.weight(index))
+    }
+
+    fn load(&self, index: usize, now_ms: u32, weight: u32) -> f64 {
+        let Some(b) = self.backends.get(index) else {
             return f64::INFINITY;
         };
         if weight == 0 {
             return f64::INFINITY;
         }
-        b.rtt_ns(now, self.decay) * f64::from(b.pending().saturating_add(1)) / f64::from(weight)
+        b.rtt_ns(now_ms, self.decay_ms) * f64::from(b.pending().saturating_add(1))
+            / f64::from(weight)
     }
 }
 
@@ -399,12 +524,88 @@ mod tests {
     }
 
     #[test]
+    fn more_backends_than_the_snapshot_holds() {
+        let t0 = Instant::now();
+        let mut weights = vec![0; 100];
+        weights[80] = 1;
+        weights[90] = 3;
+        let p2c = P2c::new(&weights, t0);
+        let mut random = rng(5);
+        for _ in 0..100 {
+            assert_eq!(p2c.pick(t0, &mut random, |i| i == 80), Some(90));
+            assert!(matches!(
+                p2c.pick(t0, &mut random, |_| false),
+                Some(80 | 90)
+            ));
+        }
+        assert_eq!(p2c.pick(t0, &mut random, |i| i >= 80), None);
+    }
+
+    #[test]
+    fn concurrent_updates_are_never_lost() {
+        let t0 = Instant::now();
+        let p2c = P2c::new(&[1], t0);
+        std::thread::scope(|scope| {
+            for k in 1..=4u32 {
+                let p2c = &p2c;
+                scope.spawn(move || {
+                    for _ in 0..1_000 {
+                        p2c.start(0);
+                        // All at the same instant: nothing decays and every sample
+                        // is above the 30 ms start, so the estimate must end at the
+                        // largest sample any thread reported.
+                        p2c.end(0, t0, MS * (30 + k));
+                    }
+                });
+            }
+        });
+        assert_eq!(p2c.pending(0), 0);
+        assert_eq!(p2c.cost(0, t0), (MS * 34).as_nanos() as f64);
+        p2c.end(0, t0, MS * 40);
+        assert_eq!(p2c.cost(0, t0), (MS * 40).as_nanos() as f64);
+    }
+
+    #[test]
+    fn the_millisecond_clock_wraps_and_never_runs_backwards() {
+        let e = Estimate {
+            rtt_ns: 1.0,
+            at_ms: u32::MAX - 5,
+        };
+        assert_eq!(Estimate::unpack(e.pack()), e);
+        assert_eq!(e.elapsed_ms(4), 10);
+        assert_eq!(e.elapsed_ms(u32::MAX - 6), 0);
+    }
+
+    #[test]
     fn is_shared_across_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<P2c>();
     }
 
     proptest::proptest! {
+        #[test]
+        fn the_pick_comparison_agrees_with_cost(
+            samples in proptest::collection::vec((0usize..2, 0u64..60_000, 1u64..500), 0..20),
+            weights in (1u32..5, 1u32..5),
+            pending in (0u32..4, 0u32..4),
+            at in 0u64..120_000,
+        ) {
+            let t0 = Instant::now();
+            let p2c = P2c::new(&[weights.0, weights.1], t0);
+            for (i, ms, rtt) in samples {
+                p2c.end(i, t0 + MS * ms as u32, MS * rtt as u32);
+            }
+            for _ in 0..pending.0 { p2c.start(0); }
+            for _ in 0..pending.1 { p2c.start(1); }
+            let now = t0 + MS * at as u32;
+            let (c0, c1) = (p2c.cost(0, now), p2c.cost(1, now));
+            // Away from ties (where rounding may decide either way) they must agree.
+            if (c0 - c1).abs() > 1e-9 * c0.max(c1) {
+                let w = |i: usize| p2c.weight(i);
+                proptest::prop_assert_eq!(p2c.cheaper(0, 1, p2c.ms(now), w), c0 < c1);
+            }
+        }
+
         #[test]
         fn picks_only_eligible_backends_and_none_only_when_there_are_none(
             weights in proptest::collection::vec(0u32..5, 0..8),
