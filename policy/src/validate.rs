@@ -336,8 +336,12 @@ pub fn host_without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+    // A byte loop, not `rsplit_once`: host names are short and this runs per request
+    // (memrchr's call costs more than the scan).
+    match host.bytes().rposition(|b| b == b':') {
+        Some(colon) if host.as_bytes()[colon + 1..].iter().all(u8::is_ascii_digit) => {
+            &host[..colon]
+        }
         _ => host,
     }
 }
@@ -736,5 +740,27 @@ fn fallback(c: &mut Checker, at: &str, f: &FallbackSpec) -> Fallback {
             body: String::new(),
         }),
         on,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_without_port;
+
+    #[test]
+    fn host_without_port_strips_only_a_numeric_port() {
+        for (host, bare) in [
+            ("bench", "bench"),
+            ("bench:8080", "bench"),
+            ("bench:", "bench"),
+            ("a.b.c:80", "a.b.c"),
+            ("bench:http", "bench:http"),
+            ("[::1]:8080", "::1"),
+            ("[::1]", "::1"),
+            ("", ""),
+            (":9", ""),
+        ] {
+            assert_eq!(host_without_port(host), bare, "{host:?}");
+        }
     }
 }

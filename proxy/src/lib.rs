@@ -22,6 +22,7 @@ pub mod iptables;
 pub mod metrics;
 pub mod outlier;
 pub mod p2c;
+pub mod pathmatch;
 pub mod proxy;
 pub mod ratelimit;
 pub mod respond;

@@ -7,19 +7,20 @@
 //! balancer its position, a histogram its counts. Every stateful component goes
 //! through [`carry`], so later ones (breakers, EWMA) get the same guarantee.
 
-use std::collections::HashMap;
+use fnv::FnvHashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::Histogram;
-use sluice_policy::{FallbackAction, Mode, PathMatch, PolicySet, Route, TrafficPolicy};
+use sluice_policy::{FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
 
 use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
 use crate::concurrency::ConcurrencyLimiter;
 use crate::endpoints::{Endpoints, EndpointsRule};
 use crate::metrics::{route_histogram, CounterCache, CODE_CLASSES};
+use crate::pathmatch::{self, PathMatcher};
 use crate::ratelimit::RouteLimiter;
 
 pub struct Runtime {
@@ -33,7 +34,9 @@ pub struct Runtime {
     pub control_plane_version: Option<u64>,
     pub set: PolicySet,
     pub policies: Vec<PolicyRuntime>,
-    hosts: HashMap<String, usize>,
+    /// Host -> policy index. FNV, not SipHash: the keys come from validated policies
+    /// (no flooding risk) and are short; FNV hashes them several times faster.
+    hosts: FnvHashMap<String, usize>,
 }
 
 pub struct PolicyRuntime {
@@ -47,6 +50,8 @@ pub struct RouteRuntime {
     pub policy: String,
     pub name: String,
     pub route: Route,
+    /// `route.matcher.path`, compiled (see [`crate::pathmatch`]).
+    path: PathMatcher,
     /// The route's override, else the policy's mode.
     pub mode: Mode,
     pub limiter: Option<Arc<RouteLimiter>>,
@@ -89,7 +94,7 @@ impl Runtime {
         previous: Option<&Runtime>,
     ) -> prometheus::Result<Runtime> {
         let mut policies = Vec::with_capacity(set.policies.len());
-        let mut hosts = HashMap::new();
+        let mut hosts = FnvHashMap::default();
         for (index, policy) in set.policies.iter().enumerate() {
             let before = previous.and_then(|p| p.policy(&policy.name));
             policies.push(compile_policy(policy, before)?);
@@ -160,14 +165,10 @@ impl Runtime {
         let Some(p) = self.policies.get(policy) else {
             return Routed::NoPolicy;
         };
+        let path_head = pathmatch::head(path.as_bytes());
         let matched = p.routes.iter().position(|r| {
             let m = &r.route.matcher;
-            let path_ok = match &m.path {
-                PathMatch::Any => true,
-                PathMatch::Exact(p) => path == p,
-                PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-            };
-            path_ok
+            r.path.matches(path.as_bytes(), path_head)
                 && (m.methods.is_empty() || m.methods.iter().any(|x| x == method))
                 && m.headers
                     .iter()
@@ -250,6 +251,7 @@ fn compile_policy(
             name: route.name.clone(),
             mode: route.effective_mode(policy.mode),
             route: route.clone(),
+            path: PathMatcher::new(&route.matcher.path),
             limiter,
             breaker,
             concurrency,
