@@ -42,10 +42,24 @@ impl IdGenerator {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// A fresh sampled `traceparent` value.
+    /// A fresh sampled `traceparent` value (`00-<32 hex>-<16 hex>-01`), written
+    /// digit by digit into one exact-size allocation (this runs per request; the
+    /// `format!` machinery cost more than the rest of the function).
     pub fn new_traceparent(&self) -> String {
-        let (hi, lo, span) = (self.next(), self.next(), self.next());
-        format!("00-{hi:016x}{lo:016x}-{span:016x}-01")
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        let word = |w: u64, out: &mut String| {
+            for shift in (0..16).rev() {
+                out.push(char::from(HEX[(w >> (shift * 4)) as usize & 0xf]));
+            }
+        };
+        word(self.next(), &mut out);
+        word(self.next(), &mut out);
+        out.push('-');
+        word(self.next(), &mut out);
+        out.push_str("-01");
+        out
     }
 }
 
@@ -87,6 +101,22 @@ mod tests {
             b"garbage",
         ] {
             assert_eq!(trace_id(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn generated_traceparents_spell_the_ids_in_lower_case_hex() {
+        let ids = IdGenerator {
+            state: AtomicU64::new(7),
+        };
+        let twin = IdGenerator {
+            state: AtomicU64::new(7),
+        };
+        for _ in 0..100 {
+            let (hi, lo, span) = (twin.next(), twin.next(), twin.next());
+            let tp = ids.new_traceparent();
+            assert_eq!(tp, format!("00-{hi:016x}{lo:016x}-{span:016x}-01"));
+            assert_eq!(tp.len(), 55);
         }
     }
 
