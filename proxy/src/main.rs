@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -215,103 +215,135 @@ fn check_bindable(addr: SocketAddr, what: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
 }
 
-/// Every second: publish route gauges (breaker state, concurrency limit and in-flight,
-/// keyed-limiter sizes and overflow); every 10 s forget refilled rate-limit keys.
-struct Housekeeping {
-    shared: Arc<Shared>,
+/// A job run every `period` (the first run at once) until shutdown, on a background
+/// service of its own: one job blocked (a stdout write stuck on a full pipe) cannot
+/// delay the others.
+struct Every<F> {
+    period: Duration,
+    job: F,
 }
 
 #[async_trait]
-impl BackgroundService for Housekeeping {
+impl<F: Fn() + Send + Sync + 'static> BackgroundService for Every<F> {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut n: u64 = 0;
+        let mut tick = tokio::time::interval(self.period);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
-            n += 1;
-            let Some(runtime) = self.shared.runtime.load_full() else {
-                continue;
-            };
-            let metrics = &self.shared.metrics;
-            let now = std::time::Instant::now();
-            for policy in &runtime.policies {
-                let endpoints = &policy.endpoints;
-                endpoints.refresh(now);
-                if endpoints.rule().health_check.is_some()
-                    || endpoints.rule().outlier_detection.is_some()
-                {
-                    for (i, target) in endpoints.targets.iter().enumerate() {
-                        let up = endpoints.is_healthy(i) && !endpoints.is_ejected(i, now);
-                        metrics
-                            .backend_healthy
-                            .with_label_values(&[policy.name.as_str(), target.label.as_str()])
-                            .set(i64::from(up));
-                    }
-                }
-            }
-            for route in runtime.routes() {
-                let labels = [route.policy.as_str(), route.name.as_str()];
-                if let Some(breaker) = &route.breaker {
-                    metrics
-                        .breaker_state
-                        .with_label_values(&labels)
-                        .set(breaker.state().gauge());
-                }
-                if let Some(limiter) = &route.concurrency {
-                    metrics
-                        .concurrency_limit
-                        .with_label_values(&labels)
-                        .set(i64::from(limiter.limit()));
-                    metrics
-                        .route_inflight
-                        .with_label_values(&labels)
-                        .set(i64::from(limiter.inflight()));
-                }
-                let Some(limiter) = &route.limiter else {
-                    continue;
-                };
-                if limiter.key().is_none() {
-                    continue;
-                }
-                if n.is_multiple_of(10) {
-                    limiter.sweep();
-                }
-                metrics
-                    .rate_limit_keys
-                    .with_label_values(&labels)
-                    .set(limiter.tracked_keys() as i64);
-                let overflowed = limiter.take_overflowed();
-                if overflowed > 0 {
-                    metrics
-                        .rate_limit_overflow
-                        .with_label_values(&labels)
-                        .inc_by(overflowed);
-                }
+                _ = tick.tick() => (self.job)(),
             }
         }
     }
 }
 
-/// Writes buffered access-log lines at least every `FLUSH_EVERY`.
-struct FlushAccessLog {
-    shared: Arc<Shared>,
+/// Every second: publish route gauges (breaker state, concurrency limit and
+/// in-flight, keyed-limiter sizes and overflow); every 10 s forget refilled
+/// rate-limit keys.
+fn housekeeping(shared: &Shared, n: u64) {
+    let Some(runtime) = shared.runtime.load_full() else {
+        return;
+    };
+    let metrics = &shared.metrics;
+    let now = std::time::Instant::now();
+    for policy in &runtime.policies {
+        let endpoints = &policy.endpoints;
+        endpoints.refresh(now);
+        if endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some() {
+            for (i, target) in endpoints.targets.iter().enumerate() {
+                let up = endpoints.is_healthy(i) && !endpoints.is_ejected(i, now);
+                metrics
+                    .backend_healthy
+                    .with_label_values(&[policy.name.as_str(), target.label.as_str()])
+                    .set(i64::from(up));
+            }
+        }
+    }
+    for route in runtime.routes() {
+        let labels = [route.policy.as_str(), route.name.as_str()];
+        if let Some(breaker) = &route.breaker {
+            metrics
+                .breaker_state
+                .with_label_values(&labels)
+                .set(breaker.state().gauge());
+        }
+        if let Some(limiter) = &route.concurrency {
+            metrics
+                .concurrency_limit
+                .with_label_values(&labels)
+                .set(i64::from(limiter.limit()));
+            metrics
+                .route_inflight
+                .with_label_values(&labels)
+                .set(i64::from(limiter.inflight()));
+        }
+        let Some(limiter) = &route.limiter else {
+            continue;
+        };
+        if limiter.key().is_none() {
+            continue;
+        }
+        if n.is_multiple_of(10) {
+            limiter.sweep();
+        }
+        metrics
+            .rate_limit_keys
+            .with_label_values(&labels)
+            .set(limiter.tracked_keys() as i64);
+        let overflowed = limiter.take_overflowed();
+        if overflowed > 0 {
+            metrics
+                .rate_limit_overflow
+                .with_label_values(&labels)
+                .inc_by(overflowed);
+        }
+    }
 }
 
-#[async_trait]
-impl BackgroundService for FlushAccessLog {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(sluice_proxy::accesslog::FLUSH_EVERY);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => {
-                    self.shared.access_log.flush();
+/// Active health checks, every 100 ms: start the rounds that are due; each check
+/// is an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
+fn health_checks(shared: &Arc<Shared>) {
+    let Some(runtime) = shared.runtime.load_full() else {
+        return;
+    };
+    let now = std::time::Instant::now();
+    for (p, policy) in runtime.policies.iter().enumerate() {
+        let Some(rule) = policy.endpoints.health_check_due(now).cloned() else {
+            continue;
+        };
+        for (i, target) in policy.endpoints.targets.iter().enumerate() {
+            let Some(addr) = target.addr else { continue };
+            let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
+            let host = target.label.clone();
+            tokio::spawn(async move {
+                let ok = tokio::time::timeout(rule.timeout, async {
+                    let mut client = sluice_proxy::demo_client::HttpClient::connect(addr).await?;
+                    client
+                        .request("GET", &host, &rule.path, &[("connection", "close")], b"")
+                        .await
+                })
+                .await
+                .is_ok_and(|r| r.is_ok_and(|resp| (200..400).contains(&resp.status)));
+                let Some(policy) = runtime.policies.get(p) else {
                     return;
+                };
+                if let Some(health) =
+                    policy
+                        .endpoints
+                        .record_check(i, ok, std::time::Instant::now())
+                {
+                    let healthy = health == sluice_proxy::health::Health::Healthy;
+                    shared
+                        .metrics
+                        .backend_healthy
+                        .with_label_values(&[policy.name.as_str(), host.as_str()])
+                        .set(i64::from(healthy));
+                    event(
+                        if healthy { "info" } else { "warn" },
+                        "backend health changed",
+                        serde_json::json!({"policy": policy.name, "backend": host, "healthy": healthy}),
+                    );
                 }
-                _ = tick.tick() => self.shared.access_log.flush(),
-            }
+            });
         }
     }
 }
@@ -329,71 +361,6 @@ impl BackgroundService for FollowControlPlane {
             .take();
         if let Some(source) = source {
             source.run(shutdown).await;
-        }
-    }
-}
-
-/// Active health checks: every 100 ms, start the rounds that are due; each check is
-/// an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
-struct HealthChecks {
-    shared: Arc<Shared>,
-}
-
-#[async_trait]
-impl BackgroundService for HealthChecks {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
-            let Some(runtime) = self.shared.runtime.load_full() else {
-                continue;
-            };
-            let now = std::time::Instant::now();
-            for (p, policy) in runtime.policies.iter().enumerate() {
-                let Some(rule) = policy.endpoints.health_check_due(now).cloned() else {
-                    continue;
-                };
-                for (i, target) in policy.endpoints.targets.iter().enumerate() {
-                    let Some(addr) = target.addr else { continue };
-                    let (runtime, shared, rule) =
-                        (Arc::clone(&runtime), Arc::clone(&self.shared), rule.clone());
-                    let host = target.label.clone();
-                    tokio::spawn(async move {
-                        let ok = tokio::time::timeout(rule.timeout, async {
-                            let mut client =
-                                sluice_proxy::demo_client::HttpClient::connect(addr).await?;
-                            client
-                                .request("GET", &host, &rule.path, &[("connection", "close")], b"")
-                                .await
-                        })
-                        .await
-                        .is_ok_and(|r| r.is_ok_and(|resp| (200..400).contains(&resp.status)));
-                        let Some(policy) = runtime.policies.get(p) else {
-                            return;
-                        };
-                        if let Some(health) =
-                            policy
-                                .endpoints
-                                .record_check(i, ok, std::time::Instant::now())
-                        {
-                            let healthy = health == sluice_proxy::health::Health::Healthy;
-                            shared
-                                .metrics
-                                .backend_healthy
-                                .with_label_values(&[policy.name.as_str(), host.as_str()])
-                                .set(i64::from(healthy));
-                            event(
-                                if healthy { "info" } else { "warn" },
-                                "backend health changed",
-                                serde_json::json!({"policy": policy.name, "backend": host, "healthy": healthy}),
-                            );
-                        }
-                    });
-                }
-            }
         }
     }
 }
@@ -550,16 +517,31 @@ fn main() -> ExitCode {
     admin.add_tcp(&args.admin.to_string());
     admin.threads = Some(1);
     server.add_service(admin);
+    let log = Arc::clone(&shared);
     server.add_service(background_service(
         "access-log",
-        FlushAccessLog {
-            shared: Arc::clone(&shared),
+        Every {
+            period: sluice_proxy::accesslog::FLUSH_EVERY,
+            job: move || log.access_log.flush(),
         },
     ));
+    let checks = Arc::clone(&shared);
     server.add_service(background_service(
         "health-checks",
-        HealthChecks {
-            shared: Arc::clone(&shared),
+        Every {
+            period: Duration::from_millis(100),
+            job: move || health_checks(&checks),
+        },
+    ));
+    let (house, seconds) = (Arc::clone(&shared), AtomicU64::new(0));
+    server.add_service(background_service(
+        "housekeeping",
+        Every {
+            period: Duration::from_secs(1),
+            job: move || {
+                let n = seconds.fetch_add(1, Ordering::Relaxed) + 1;
+                housekeeping(&house, n);
+            },
         },
     ));
     if let Some(source) = control_plane {
@@ -568,12 +550,6 @@ fn main() -> ExitCode {
             FollowControlPlane(std::sync::Mutex::new(Some(source))),
         ));
     }
-    server.add_service(background_service(
-        "housekeeping",
-        Housekeeping {
-            shared: Arc::clone(&shared),
-        },
-    ));
 
     event(
         "info",
