@@ -33,10 +33,13 @@ fn main() -> ExitCode {
         eprintln!("usage: bare-pingora LISTEN UPSTREAM");
         return ExitCode::from(64);
     };
-    // The same server settings as sluice-proxy: one thread, no work stealing.
+    // The same server settings as sluice-proxy: one thread, no work stealing; and
+    // a prompt exit on SIGTERM (the benchmark stops it by PID).
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
