@@ -108,10 +108,25 @@ where
 
     /// Takes one token for `key` (ignored when the limit is not keyed).
     pub fn check(&self, key: &str) -> Decision {
-        let outcome = match &self.buckets {
-            Buckets::Single(limiter) => limiter.check(),
-            Buckets::PerKey(limiter, _) => limiter.check_key(&key.to_owned()),
-        };
+        match &self.buckets {
+            Buckets::Single(limiter) => self.decision(limiter.check()),
+            Buckets::PerKey(..) => self.check_owned(&key.to_owned()),
+        }
+    }
+
+    /// [`RouteLimiter::check`] with a key the caller already owns (the request
+    /// path's), saving a copy: governor's keyed store looks keys up as `&String`.
+    pub fn check_owned(&self, key: &String) -> Decision {
+        match &self.buckets {
+            Buckets::Single(limiter) => self.decision(limiter.check()),
+            Buckets::PerKey(limiter, _) => self.decision(limiter.check_key(key)),
+        }
+    }
+
+    fn decision(
+        &self,
+        outcome: Result<governor::middleware::StateSnapshot, governor::NotUntil<C::Instant>>,
+    ) -> Decision {
         match outcome {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();

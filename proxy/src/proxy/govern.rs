@@ -47,7 +47,11 @@ impl SluiceProxy {
 
         if let Some(limiter) = &route.limiter {
             let key = limiter.key().map(|k| request_key(session, k));
-            match limiter.check(key.as_deref().unwrap_or("")) {
+            let decision = match &key {
+                Some(key) => limiter.check_owned(key),
+                None => limiter.check(""),
+            };
+            match decision {
                 Limit::Allowed { remaining, reset } => {
                     ctx.rate_headers = Some((limiter.limit(), remaining, ceil_secs(reset)));
                 }
