@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use governor::clock::DefaultClock;
-use sluice_policy::{Algorithm, Backend, Key, LoadBalancer, Protocol, RateLimit};
+use sluice_policy::{Algorithm, Backend, Key, KeyedLimit, LoadBalancer, Protocol, RateLimit};
 use sluice_proxy::endpoints::{Endpoints, EndpointsRule};
 use sluice_proxy::ratelimit::RouteLimiter;
 use sluice_proxy::runtime::Runtime;
@@ -22,6 +22,27 @@ fn limiter(c: &mut Criterion) {
     let limiter = RouteLimiter::new(&rule, DefaultClock::default());
     c.bench_function("rate limit decision (one bucket)", |b| {
         b.iter(|| black_box(limiter.check(black_box(""))))
+    });
+
+    // Per key, 1,000 keys in rotation (all tracked: maxKeys 10,000), as the request
+    // path calls it (the key already extracted into a String).
+    let keyed = RouteLimiter::new(
+        &RateLimit {
+            key: Some(KeyedLimit {
+                key: Key::Header("x-user-id".into()),
+                max_keys: 10_000,
+            }),
+            ..rule
+        },
+        DefaultClock::default(),
+    );
+    let keys: Vec<String> = (0..1_000).map(|i| format!("user-{i}")).collect();
+    let mut next = keys.iter().cycle();
+    c.bench_function("rate limit decision (1,000 keys)", |b| {
+        b.iter(|| {
+            let key = next.next().map_or("", String::as_str);
+            black_box(keyed.check_owned(&key.to_owned()))
+        })
     });
 }
 

@@ -149,20 +149,24 @@ impl Endpoints {
         }
     }
 
+    #[inline]
     pub fn is_healthy(&self, index: usize) -> bool {
         self.health.as_ref().is_none_or(|h| h.is_healthy(index))
     }
 
+    #[inline]
     pub fn is_ejected(&self, index: usize, now: Instant) -> bool {
         self.outlier
             .as_ref()
             .is_some_and(|o| o.is_ejected(index, now))
     }
 
+    #[inline]
     fn dialable(&self, index: usize) -> bool {
         self.targets.get(index).is_some_and(|t| t.addr.is_some())
     }
 
+    #[inline]
     fn available(&self, index: usize, now: Instant) -> bool {
         self.dialable(index) && self.is_healthy(index) && !self.is_ejected(index, now)
     }
@@ -177,15 +181,10 @@ impl Endpoints {
         z ^ (z >> 31)
     }
 
-    fn pick_with(
-        &self,
-        now: Instant,
-        key: &[u8],
-        allowed: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
+    fn pick_with(&self, key: &[u8], allowed: impl Fn(usize) -> bool) -> Option<usize> {
         match &self.picker {
             Picker::RoundRobin(b) => b.pick(|i| !allowed(i)),
-            Picker::P2c(p) => p.pick(now, &mut || self.random(), |i| !allowed(i)),
+            Picker::P2c(p) => p.pick(&mut || self.random(), |i| !allowed(i)),
             Picker::Hash { ring, .. } => ring.load().pick_skipping(key, |i| !allowed(i)),
         }
     }
@@ -193,10 +192,10 @@ impl Endpoints {
     /// The backend for the next attempt of a request (see the module doc for the
     /// order of preferences). `key` is the consistent-hash key (empty otherwise).
     pub fn pick(&self, now: Instant, key: &[u8], tried: &[usize]) -> Option<usize> {
-        self.pick_with(now, key, |i| !tried.contains(&i) && self.available(i, now))
-            .or_else(|| self.pick_with(now, key, |i| self.available(i, now)))
-            .or_else(|| self.pick_with(now, key, |i| self.dialable(i) && !tried.contains(&i)))
-            .or_else(|| self.pick_with(now, key, |i| self.dialable(i)))
+        self.pick_with(key, |i| !tried.contains(&i) && self.available(i, now))
+            .or_else(|| self.pick_with(key, |i| self.available(i, now)))
+            .or_else(|| self.pick_with(key, |i| self.dialable(i) && !tried.contains(&i)))
+            .or_else(|| self.pick_with(key, |i| self.dialable(i)))
     }
 
     /// Whether a backend not yet tried could still take the request.

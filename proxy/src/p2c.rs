@@ -240,7 +240,6 @@ impl P2c {
     /// eligible. Calls `random` once.
     pub fn pick(
         &self,
-        now: Instant,
         random: &mut impl FnMut() -> u64,
         skip: impl Fn(usize) -> bool,
     ) -> Option<usize> {
@@ -254,16 +253,15 @@ impl P2c {
                     *w = self.weight(i);
                 }
             }
-            self.pick_among(now, random, |i| weights.get(i).copied().unwrap_or(0))
+            self.pick_among(random, |i| weights.get(i).copied().unwrap_or(0))
         } else {
-            self.pick_among(now, random, |i| if skip(i) { 0 } else { self.weight(i) })
+            self.pick_among(random, |i| if skip(i) { 0 } else { self.weight(i) })
         }
     }
 
     /// `pick` over effective weights (0 = not eligible).
     fn pick_among(
         &self,
-        now: Instant,
         random: &mut impl FnMut() -> u64,
         weight: impl Fn(usize) -> u32,
     ) -> Option<usize> {
@@ -285,7 +283,7 @@ impl P2c {
         let Some(second) = self.draw(below(leftover, rest).0, others) else {
             return Some(first);
         };
-        if self.cheaper(second, first, self.ms(now), &weight) {
+        if self.cheaper(second, first, &weight) {
             Some(second)
         } else {
             Some(first)
@@ -295,7 +293,14 @@ impl P2c {
     /// Whether `a`'s load is below `b`'s. The same comparison as [`P2c::cost`] with one
     /// `exp` instead of two: both estimates decay at the same rate, so only the
     /// difference of their ages matters.
-    fn cheaper(&self, a: usize, b: usize, now_ms: u32, weight: impl Fn(usize) -> u32) -> bool {
+    ///
+    /// Without divisions or a clock: with `l = rtt * (pending + 1)`, `w` the weight and
+    /// `t` when the estimate was taken,
+    ///   `l_a / w_a * exp(-(now - t_a) / d)  <  l_b / w_b * exp(-(now - t_b) / d)`
+    /// holds exactly when `l_a * w_b * exp((t_a - t_b) / d)  <  l_b * w_a`: `now`
+    /// cancels out. (`cost` counts an estimate stamped after `now`, by another thread,
+    /// as 0 ms old; here it counts as its true age, a difference of microseconds.)
+    fn cheaper(&self, a: usize, b: usize, weight: impl Fn(usize) -> u32) -> bool {
         let (Some(ea), Some(eb)) = (self.backends.get(a), self.backends.get(b)) else {
             return false;
         };
@@ -304,18 +309,17 @@ impl P2c {
             return wb == 0 && wa > 0;
         }
         let (sa, sb) = (ea.estimate(), eb.estimate());
-        let load = |e: &PeakEwma, s: Estimate, w: u32| {
-            f64::from(s.rtt_ns) * f64::from(e.pending().saturating_add(1)) / f64::from(w)
+        let load = |e: &PeakEwma, s: Estimate| {
+            f64::from(s.rtt_ns) * f64::from(e.pending().saturating_add(1))
         };
-        let (la, lb) = (load(ea, sa, wa), load(eb, sb, wb));
-        // la * exp(-age_a / d) < lb * exp(-age_b / d)
-        //   <=>  la * exp((age_b - age_a) / d) < lb
-        let (age_a, age_b) = (sa.elapsed_ms(now_ms), sb.elapsed_ms(now_ms));
-        let shift = f64::from(age_b) - f64::from(age_a);
-        if shift == 0.0 {
+        let la = load(ea, sa) * f64::from(wb);
+        let lb = load(eb, sb) * f64::from(wa);
+        // The wrapping difference of the two stamps, as a signed number of ms.
+        let shift = sa.at_ms.wrapping_sub(sb.at_ms) as i32;
+        if shift == 0 {
             la < lb
         } else {
-            la * (shift * self.per_decay_ms).exp() < lb
+            la * (f64::from(shift) * self.per_decay_ms).exp() < lb
         }
     }
 
@@ -403,7 +407,7 @@ mod tests {
                     true
                 }
             });
-            if let Some(i) = p2c.pick(now, &mut random, |_| false) {
+            if let Some(i) = p2c.pick(&mut random, |_| false) {
                 p2c.start(i);
                 picks[i] += 1;
                 in_flight.push((now + rtts[i], i));
@@ -477,7 +481,7 @@ mod tests {
         let p2c = P2c::new(&[1, 1], t0);
         p2c.end(0, t0, MS * 50);
         let mut random = rng(1);
-        assert_eq!(p2c.pick(t0, &mut random, |_| false), Some(1));
+        assert_eq!(p2c.pick(&mut random, |_| false), Some(1));
     }
 
     #[test]
@@ -489,11 +493,11 @@ mod tests {
         let mut random = rng(1);
         let later = t0 + Duration::from_secs(5);
         p2c.end(1, later, MS * 5);
-        assert_eq!(p2c.pick(later, &mut random, |_| false), Some(1));
+        assert_eq!(p2c.pick(&mut random, |_| false), Some(1));
         // 500 ms * exp(-50 s / 10 s) ≈ 3.4 ms, below the fast backend's 5 ms.
         let much_later = later + Duration::from_secs(45);
         p2c.end(1, much_later, MS * 5);
-        assert_eq!(p2c.pick(much_later, &mut random, |_| false), Some(0));
+        assert_eq!(p2c.pick(&mut random, |_| false), Some(0));
     }
 
     #[test]
@@ -502,14 +506,14 @@ mod tests {
         let p2c = P2c::new(&[0, 2, 1], t0);
         let mut random = rng(3);
         for _ in 0..200 {
-            assert_ne!(p2c.pick(t0, &mut random, |_| false), Some(0));
-            assert_eq!(p2c.pick(t0, &mut random, |i| i == 1), Some(2));
+            assert_ne!(p2c.pick(&mut random, |_| false), Some(0));
+            assert_eq!(p2c.pick(&mut random, |i| i == 1), Some(2));
         }
-        assert_eq!(p2c.pick(t0, &mut random, |i| i != 0), None);
-        assert_eq!(P2c::new(&[], t0).pick(t0, &mut random, |_| false), None);
+        assert_eq!(p2c.pick(&mut random, |i| i != 0), None);
+        assert_eq!(P2c::new(&[], t0).pick(&mut random, |_| false), None);
         p2c.set_weight(0, 5);
         p2c.set_weight(9, 5);
-        assert_eq!(p2c.pick(t0, &mut random, |i| i != 0), Some(0));
+        assert_eq!(p2c.pick(&mut random, |i| i != 0), Some(0));
     }
 
     #[test]
@@ -532,13 +536,10 @@ mod tests {
         let p2c = P2c::new(&weights, t0);
         let mut random = rng(5);
         for _ in 0..100 {
-            assert_eq!(p2c.pick(t0, &mut random, |i| i == 80), Some(90));
-            assert!(matches!(
-                p2c.pick(t0, &mut random, |_| false),
-                Some(80 | 90)
-            ));
+            assert_eq!(p2c.pick(&mut random, |i| i == 80), Some(90));
+            assert!(matches!(p2c.pick(&mut random, |_| false), Some(80 | 90)));
         }
-        assert_eq!(p2c.pick(t0, &mut random, |i| i >= 80), None);
+        assert_eq!(p2c.pick(&mut random, |i| i >= 80), None);
     }
 
     #[test]
@@ -597,12 +598,13 @@ mod tests {
             }
             for _ in 0..pending.0 { p2c.start(0); }
             for _ in 0..pending.1 { p2c.start(1); }
-            let now = t0 + MS * at as u32;
+            // After every sample (estimates are never stamped after `now` here).
+            let now = t0 + MS * (60_000 + at as u32);
             let (c0, c1) = (p2c.cost(0, now), p2c.cost(1, now));
             // Away from ties (where rounding may decide either way) they must agree.
             if (c0 - c1).abs() > 1e-9 * c0.max(c1) {
                 let w = |i: usize| p2c.weight(i);
-                proptest::prop_assert_eq!(p2c.cheaper(0, 1, p2c.ms(now), w), c0 < c1);
+                proptest::prop_assert_eq!(p2c.cheaper(0, 1, w), c0 < c1);
             }
         }
 
@@ -617,7 +619,7 @@ mod tests {
             let mut random = rng(seed);
             let any_eligible = weights.iter().zip(&skipped).any(|(w, s)| *w > 0 && !s);
             for _ in 0..20 {
-                match p2c.pick(t0, &mut random, |i| skipped[i]) {
+                match p2c.pick(&mut random, |i| skipped[i]) {
                     Some(i) => {
                         proptest::prop_assert!(weights[i] > 0 && !skipped[i]);
                     }
