@@ -15,6 +15,9 @@
 #   pingora-bare    proxy/examples/bare-pingora.rs: pingora with no policy, metrics or
 #                   log, every request to the backend; the floor of any pingora proxy
 #                   (closed loop only)                         127.0.0.1:18008
+#   minimal-h1      proxy/examples/minimal-h1.rs: tokio + httparse, head parsed and
+#                   forwarded, no policy; what an HTTP/1 engine itself must cost
+#                   (closed loop only)                         127.0.0.1:18009
 #   nginx           proxy_pass, upstream keepalive pool, HTTP/1.1 127.0.0.1:18002
 #   haproxy         mode http, nbthread 1, http-reuse always   127.0.0.1:18003
 #
@@ -28,7 +31,7 @@
 # It installs what it needs (Debian: nginx-light haproxy wrk; `cargo install oha`),
 # builds sluice-proxy in release, waits until no cargo/rustc build runs on the machine
 # (up to 15 min), measures, prints the tables and appends them to bench/RESULTS.md.
-# No pass/fail: it is a measurement. Takes about 8 minutes plus builds.
+# No pass/fail: it is a measurement. Takes about 9 minutes (ROUNDS=2) plus builds.
 #
 # Knobs (environment): ROUNDS=2 DURATION=10 RATES="1000 5000 20000" RELOADS=50 RELOAD_SECS=30
 # IDLE_WAIT=900 (seconds to wait for the machine to be idle) APPEND=1 (0: print only)
@@ -89,7 +92,7 @@ if ! command -v oha >/dev/null; then
 fi
 
 log "building sluice-proxy (release)"
-cargo build --release --locked -p sluice-proxy --bin sluice-proxy --example bare-pingora
+cargo build --release --locked -p sluice-proxy --bin sluice-proxy --example bare-pingora --example minimal-h1
 BUILD_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 BUILD_DIRTY=$(git status --porcelain -- proxy policy Cargo.toml Cargo.lock 2>/dev/null | wc -l)
 
@@ -117,8 +120,9 @@ trap 'exit 130' INT TERM
 SLUICE="$TMP/sluice-proxy"
 cp target/release/sluice-proxy "$SLUICE"
 cp target/release/examples/bare-pingora "$TMP/bare-pingora"
+cp target/release/examples/minimal-h1 "$TMP/minimal-h1"
 
-for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008; do
+for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008 18009; do
     if ss -ltnH "sport = :$port" | grep -q .; then die "port $port is in use"; fi
 done
 
@@ -202,7 +206,7 @@ backend be
   server backend 127.0.0.1:18080
 EOF
 
-declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [pingora-bare]=18008 [nginx]=18002 [haproxy]=18003)
+declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [pingora-bare]=18008 [minimal-h1]=18009 [nginx]=18002 [haproxy]=18003)
 declare -A ADMIN=([sluice]=18000 [sluice-nolog]=18005 [sluice-1k-keys]=18007)
 declare -A PROCS # target -> PIDs whose CPU and memory count as the proxy's
 
@@ -232,9 +236,12 @@ start_sluice() { # name listen admin [flags...]
     PIDS+=($!)
     PROCS[$name]=$!
 }
-taskset -c 1 "$TMP/bare-pingora" 127.0.0.1:18008 127.0.0.1:18080 >"$TMP/bare-pingora.log" 2>&1 &
+taskset -c 1 "$TMP/bare-pingora" --listen 127.0.0.1:18008 --upstream 127.0.0.1:18080 >"$TMP/bare-pingora.log" 2>&1 &
 PIDS+=($!)
 PROCS[pingora-bare]=$!
+taskset -c 1 "$TMP/minimal-h1" --listen 127.0.0.1:18009 --upstream 127.0.0.1:18080 >"$TMP/minimal-h1.log" 2>&1 &
+PIDS+=($!)
+PROCS[minimal-h1]=$!
 start_sluice sluice 18001 18000
 start_sluice sluice-nolog 18004 18005 --no-access-log
 start_sluice sluice-1k-keys 18006 18007
@@ -247,7 +254,7 @@ for name in sluice sluice-nolog sluice-1k-keys; do
         sleep 0.1
     done
 done
-for t in direct sluice sluice-nolog pingora-bare nginx haproxy; do
+for t in direct sluice sluice-nolog pingora-bare minimal-h1 nginx haproxy; do
     body=""
     for ((i = 0; i < 100; i++)); do
         body=$(curl -sS --max-time 1 -H "$HOSTHDR" "http://127.0.0.1:${PORT[$t]}$URLPATH" 2>/dev/null || true)
@@ -401,9 +408,9 @@ BUSY_AT_START=no
 busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyway (noted in the results)"
 
 # --- measure ------------------------------------------------------------------------
-CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys pingora-bare nginx haproxy)
+CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys pingora-bare minimal-h1 nginx haproxy)
 OPEN_TARGETS=(direct sluice sluice-nolog nginx haproxy)
-PROXIES=(sluice sluice-nolog sluice-1k-keys pingora-bare nginx haproxy)
+PROXIES=(sluice sluice-nolog sluice-1k-keys pingora-bare minimal-h1 nginx haproxy)
 START=$(date -u '+%Y-%m-%d %H:%M UTC')
 T0=$SECONDS
 
@@ -504,6 +511,7 @@ label() {
     sluice-nolog) echo "sluice (--no-access-log)" ;;
     sluice-1k-keys) echo "sluice, 1,000 rate-limit keys" ;;
     pingora-bare) echo "bare pingora (no policy, floor)" ;;
+    minimal-h1) echo "minimal tokio+httparse proxy (no policy)" ;;
     *) echo "$1" ;;
     esac
 }
@@ -619,6 +627,7 @@ REPORT="$TMP/report.md"
     echo "| req/s, Sluice / HAProxy | >= 1.0 | $(ratio "${M[rps|sluice]}" "${M[rps|haproxy]}") (no access log: $(ratio "${M[rps|sluice-nolog]}" "${M[rps|haproxy]}")) |"
     echo "| req/s, bare pingora / nginx (what pingora itself allows) | - | $(ratio "${M[rps|pingora-bare]}" "${M[rps|nginx]}") |"
     echo "| req/s, Sluice (no access log) / bare pingora (Sluice's own cost) | - | $(ratio "${M[rps|sluice-nolog]}" "${M[rps|pingora-bare]}") |"
+    echo "| req/s, minimal tokio+httparse proxy / nginx (what an engine of our own allows) | - | $(ratio "${M[rps|minimal-h1]}" "${M[rps|nginx]}") |"
     if [[ " $RATES " == *" 5000 "* ]]; then
         echo "| p99 at 5k req/s open loop | <= nginx's | $(fmt "${M[op99|sluice|5000]}" %.2f) ms vs $(fmt "${M[op99|nginx|5000]}" %.2f) ms ($(ratio "${M[op99|sluice|5000]}" "${M[op99|nginx|5000]}")) |"
     fi

@@ -2,7 +2,8 @@
 //! metrics, no log. `bench/proxy.sh` runs it beside Sluice to show how much of
 //! Sluice's per-request cost is pingora's own (the floor any pingora-based proxy pays).
 //!
-//! `cargo run --release --example bare-pingora -- LISTEN UPSTREAM`
+//! `cargo run --release --example bare-pingora -- --listen ADDR --upstream ADDR`
+//! (other `--flag value` pairs, as `bench/ab.sh` passes them, are ignored).
 use std::process::ExitCode;
 
 use async_trait::async_trait;
@@ -27,10 +28,16 @@ impl ProxyHttp for Bare {
     }
 }
 
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a String> {
+    let at = args.iter().position(|a| a == name)?;
+    args.get(at + 1)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, upstream] = args.as_slice() else {
-        eprintln!("usage: bare-pingora LISTEN UPSTREAM");
+    let (Some(listen), Some(upstream)) = (flag(&args, "--listen"), flag(&args, "--upstream"))
+    else {
+        eprintln!("usage: bare-pingora --listen ADDR --upstream ADDR");
         return ExitCode::from(64);
     };
     // The same server settings as sluice-proxy: one thread, no work stealing; and
