@@ -24,39 +24,19 @@ for tool in nginx wrk taskset; do
     command -v "$tool" >/dev/null || { echo "ab.sh: $tool is missing (bench/proxy.sh installs it)" >&2; exit 1; }
 done
 
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+
 TMP=$(mktemp -d /tmp/sluice-ab.XXXXXX)
 PIDS=()
 cleanup() {
     set +e
-    local pid i alive
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    for ((i = 0; i < 50; i++)); do
-        alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ $alive = 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    stop_pids "${PIDS[@]}"
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-nginx_conf() { # dir, then the server block on stdin
-    cat <<EOF
-worker_processes 1;
-daemon off;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 4096; }
-http {
-  client_body_temp_path $1/body; proxy_temp_path $1/proxy; fastcgi_temp_path $1/fastcgi;
-  uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
-  access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
-$(cat)
-}
-EOF
-}
 mkdir -p "$TMP/backend" "$TMP/nginx"
 nginx_conf "$TMP/backend" >"$TMP/backend/nginx.conf" <<'EOF'
   server { listen 127.0.0.1:18080; location / { default_type text/plain; return 200 "hello\n"; } }
@@ -119,23 +99,15 @@ done
 PROC[nginx]="$NGINX $(pgrep -P "$NGINX" | tr '\n' ' ')"
 PIDS+=($(pgrep -P "$NGINX"))
 
-ticks() {
-    local t=0 pid f
-    for pid in "$@"; do
-        f=$(sed 's/^.*) //' "/proc/$pid/stat")
-        t=$((t + $(awk '{print $12 + $13}' <<<"$f")))
-    done
-    echo $t
-}
 CLK=$(getconf CLK_TCK)
 echo "ab.sh: $ROUNDS rounds x ${SECS}s, wrk -t1 -c64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 for ((r = 1; r <= ROUNDS; r++)); do
     for label in "${labels[@]}"; do
         [ -f "$TMP/$label/access.log" ] && : >"$TMP/$label/access.log"
-        c0=$(ticks ${PROC[$label]})
+        c0=$(cpu_ticks ${PROC[$label]})
         out=$(taskset -c 0 timeout $((SECS + 30)) wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench' \
             "http://127.0.0.1:${PORT[$label]}/api/v1/items")
-        c1=$(ticks ${PROC[$label]})
+        c1=$(cpu_ticks ${PROC[$label]})
         rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
         n=$(awk '/requests in/ {print $1}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
@@ -145,7 +117,6 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 for label in "${labels[@]}"; do
-    kb=0
-    for pid in ${PROC[$label]}; do kb=$((kb + $(awk '/^VmHWM/ {print $2}' "/proc/$pid/status"))); done
+    kb=$(hwm_kb ${PROC[$label]})
     printf '%-16s peak RSS %.1f MB\n' "$label" "$(awk -v k=$kb 'BEGIN {print k / 1024}')"
 done

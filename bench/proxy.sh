@@ -97,19 +97,13 @@ BUILD_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 BUILD_DIRTY=$(git status --porcelain -- proxy policy Cargo.toml Cargo.lock 2>/dev/null | wc -l)
 
 # --- private workspace, cleanup by PID ---------------------------------------------
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 TMP=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 PIDS=()
 cleanup() {
     set +e
-    local pid i
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for ((i = 0; i < 50; i++)); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ $alive = 0 ] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    stop_pids "${PIDS[@]}"
     if [ "$KEEP" = 1 ]; then log "kept $TMP"; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
@@ -127,49 +121,14 @@ for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008 18009; d
 done
 
 # --- backend and proxies ----------------------------------------------------------
-nginx_common() { # $1 = dir
-    cat <<EOF
-worker_processes 1;
-daemon off;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 4096; }
-EOF
-}
-nginx_temp_paths() {
-    cat <<EOF
-  client_body_temp_path $1/body;
-  proxy_temp_path $1/proxy;
-  fastcgi_temp_path $1/fastcgi;
-  uwsgi_temp_path $1/uwsgi;
-  scgi_temp_path $1/scgi;
-EOF
-}
-
 mkdir -p "$TMP/backend" "$TMP/nginx" "$TMP/haproxy"
-{
-    nginx_common "$TMP/backend"
-    echo "http {"
-    nginx_temp_paths "$TMP/backend"
-    cat <<'EOF'
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 300s;
+nginx_conf "$TMP/backend" >"$TMP/backend/nginx.conf" <<'EOF'
   server {
     listen 127.0.0.1:18080;
     location / { default_type text/plain; return 200 "hello\n"; }
   }
-}
 EOF
-} >"$TMP/backend/nginx.conf"
-{
-    nginx_common "$TMP/nginx"
-    echo "http {"
-    nginx_temp_paths "$TMP/nginx"
-    cat <<'EOF'
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 300s;
+nginx_conf "$TMP/nginx" >"$TMP/nginx/nginx.conf" <<'EOF'
   upstream backend {
     server 127.0.0.1:18080;
     keepalive 64;
@@ -184,9 +143,7 @@ EOF
       proxy_set_header Connection "";
     }
   }
-}
 EOF
-} >"$TMP/nginx/nginx.conf"
 cat >"$TMP/haproxy/haproxy.cfg" <<'EOF'
 global
   nbthread 1
@@ -294,19 +251,6 @@ EOF
 
 # --- helpers ------------------------------------------------------------------------
 busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
-cpu_ticks() { # sum of utime+stime over PIDs
-    local t=0 pid f
-    for pid in "$@"; do
-        f=$(sed 's/^.*) //' "/proc/$pid/stat")
-        t=$((t + $(awk '{print $12 + $13}' <<<"$f")))
-    done
-    echo $t
-}
-hwm_kb() { # sum of VmHWM over PIDs
-    local t=0 pid
-    for pid in "$@"; do t=$((t + $(awk '/^VmHWM/ {print $2}' "/proc/$pid/status"))); done
-    echo $t
-}
 to_ms() { # wrk durations: 812.00us 1.23ms 1.02s 2.00m
     awk -v v="$1" 'BEGIN {
         n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
