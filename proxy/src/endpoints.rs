@@ -70,6 +70,9 @@ pub struct Endpoints {
     joined: Vec<Option<Instant>>,
     random: AtomicU64,
     next_check: Mutex<Instant>,
+    /// Every target resolved and no health checks or outlier detection: every backend
+    /// is always available, so a pick only has to avoid the ones already tried.
+    always_available: bool,
 }
 
 impl Endpoints {
@@ -117,7 +120,11 @@ impl Endpoints {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x5eed, |d| d.as_nanos() as u64);
+        let always_available = targets.iter().all(|t| t.addr.is_some())
+            && rule.health_check.is_none()
+            && rule.outlier_detection.is_none();
         let endpoints = Endpoints {
+            always_available,
             health: rule
                 .health_check
                 .as_ref()
@@ -192,6 +199,12 @@ impl Endpoints {
     /// The backend for the next attempt of a request (see the module doc for the
     /// order of preferences). `key` is the consistent-hash key (empty otherwise).
     pub fn pick(&self, now: Instant, key: &[u8], tried: &[usize]) -> Option<usize> {
+        if self.always_available {
+            // The same order of preferences, with "available" and "dialable" true.
+            return self
+                .pick_with(key, |i| !tried.contains(&i))
+                .or_else(|| self.pick_with(key, |_| true));
+        }
         self.pick_with(key, |i| !tried.contains(&i) && self.available(i, now))
             .or_else(|| self.pick_with(key, |i| self.available(i, now)))
             .or_else(|| self.pick_with(key, |i| self.dialable(i) && !tried.contains(&i)))
@@ -322,6 +335,52 @@ mod tests {
             .filter(|_| e.pick(now, b"", &[]) == Some(index))
             .count();
         hits as f64 / picks as f64
+    }
+
+    #[test]
+    fn without_checks_a_pick_avoids_tried_backends_and_still_answers_when_all_were_tried() {
+        let now = Instant::now();
+        for algorithm in [
+            Algorithm::WeightedRoundRobin,
+            Algorithm::P2cEwma,
+            Algorithm::ConsistentHash {
+                hash_on: Key::Header("x-user".into()),
+            },
+        ] {
+            let e = Endpoints::new(
+                rule(
+                    vec![backend(1, 1), backend(2, 1), backend(3, 1)],
+                    algorithm,
+                    None,
+                ),
+                None,
+                now,
+            );
+            assert!(e.always_available);
+            for _ in 0..30 {
+                assert_eq!(e.pick(now, b"k", &[0, 2]), Some(1));
+                assert!(e.pick(now, b"k", &[0, 1, 2]).is_some());
+            }
+        }
+        // Health checks turn the shortcut off: an unhealthy backend is avoided.
+        let mut checked = rule(
+            vec![backend(1, 1), backend(2, 1)],
+            Algorithm::WeightedRoundRobin,
+            None,
+        );
+        checked.health_check = Some(HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            unhealthy_after: 1,
+            healthy_after: 1,
+        });
+        let e = Endpoints::new(checked, None, now);
+        assert!(!e.always_available);
+        e.record_check(1, false, now);
+        for _ in 0..10 {
+            assert_eq!(e.pick(now, b"", &[]), Some(0));
+        }
     }
 
     #[test]
