@@ -99,8 +99,8 @@ struct PeakEwma {
 }
 
 /// `exp(-elapsed / decay)`: how much of the old estimate survives `elapsed_ms`.
-fn survival(elapsed_ms: u32, decay_ms: f64) -> f64 {
-    (-f64::from(elapsed_ms) / decay_ms).exp()
+fn survival(elapsed_ms: u32, per_decay_ms: f64) -> f64 {
+    (-f64::from(elapsed_ms) * per_decay_ms).exp()
 }
 
 impl PeakEwma {
@@ -127,16 +127,16 @@ impl PeakEwma {
 
     /// The latency estimate at `now_ms` in nanoseconds, decayed toward zero since the
     /// last sample.
-    fn rtt_ns(&self, now_ms: u32, decay_ms: f64) -> f64 {
+    fn rtt_ns(&self, now_ms: u32, per_decay_ms: f64) -> f64 {
         let e = self.estimate();
-        f64::from(e.rtt_ns) * survival(e.elapsed_ms(now_ms), decay_ms)
+        f64::from(e.rtt_ns) * survival(e.elapsed_ms(now_ms), per_decay_ms)
     }
 
     fn start(&self) {
         self.pending.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn end(&self, now_ms: u32, rtt: Duration, decay_ms: f64) {
+    fn end(&self, now_ms: u32, rtt: Duration, per_decay_ms: f64) {
         // Saturating: an unmatched end() must not wrap to u32::MAX and shun the backend.
         let _ = self
             .pending
@@ -153,7 +153,7 @@ impl PeakEwma {
                 let rtt_ns = if sample > old {
                     sample
                 } else {
-                    let w = survival(elapsed, decay_ms);
+                    let w = survival(elapsed, per_decay_ms);
                     old * w + sample * (1.0 - w)
                 };
                 let at_ms = if elapsed == 0 { e.at_ms } else { now_ms };
@@ -173,10 +173,9 @@ pub struct P2c {
     backends: Vec<PeakEwma>,
     weights: Vec<AtomicU32>,
     decay: Duration,
-    /// `decay` in milliseconds, at least 1 (a zero decay means "no memory"; the
-    /// floor avoids 0/0).
-    decay_ms: f64,
-    /// `1 / decay_ms`: a multiplication on the request path instead of a division.
+    /// `1 / decay` in 1/ms (decay floored at 1 ms: a zero decay means "no memory"
+    /// and must not divide by zero); a multiplication on the request path instead of
+    /// a division.
     per_decay_ms: f64,
     /// Time zero of the estimates' millisecond clock.
     epoch: Instant,
@@ -193,7 +192,6 @@ impl P2c {
             backends: weights.iter().map(|_| PeakEwma::new(0)).collect(),
             weights: weights.iter().map(|w| AtomicU32::new(*w)).collect(),
             decay,
-            decay_ms: (decay.as_secs_f64() * 1e3).max(1.0),
             per_decay_ms: 1.0 / (decay.as_secs_f64() * 1e3).max(1.0),
             epoch: now,
         }
@@ -346,7 +344,7 @@ impl P2c {
     /// `rtt` is a useful peak too). Ignored for an index out of range.
     pub fn end(&self, index: usize, now: Instant, rtt: Duration) {
         if let Some(b) = self.backends.get(index) {
-            b.end(self.ms(now), rtt, self.decay_ms);
+            b.end(self.ms(now), rtt, self.per_decay_ms);
         }
     }
 
@@ -369,7 +367,7 @@ impl P2c {
         if weight == 0 {
             return f64::INFINITY;
         }
-        b.rtt_ns(now_ms, self.decay_ms) * f64::from(b.pending().saturating_add(1))
+        b.rtt_ns(now_ms, self.per_decay_ms) * f64::from(b.pending().saturating_add(1))
             / f64::from(weight)
     }
 }
