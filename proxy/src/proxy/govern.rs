@@ -1,16 +1,18 @@
-//! Governance decisions of a request, apart from pingora's phases: the rate limit,
+//! Governance decisions of a request, apart from the engines: the rate limit,
 //! circuit breaker and concurrency limit in order, refusals and the fallbacks that
 //! answer them, retry permission from the budget, and the balancer/outlier
 //! bookkeeping of each attempt.
+
+use std::borrow::Cow;
 
 use super::*;
 
 impl SluiceProxy {
     /// Where inbound traffic is delivered: in transparent mode the app listens on
     /// the port the client dialled, else on `--app`.
-    pub(super) fn app_address(&self, ctx: &Ctx) -> Option<std::net::SocketAddr> {
+    pub(super) fn app_address(&self, ctx: &Ctx) -> Option<SocketAddr> {
         match ctx.original_dst {
-            Some(dst) => Some(std::net::SocketAddr::from(([127, 0, 0, 1], dst.port()))),
+            Some(dst) => Some(SocketAddr::from(([127, 0, 0, 1], dst.port()))),
             None => self.inbound_app,
         }
     }
@@ -35,7 +37,7 @@ impl SluiceProxy {
     /// (never in shadow mode, which only records).
     pub(super) fn govern(
         &self,
-        session: &Session,
+        req: &impl Request,
         ctx: &mut Ctx,
         route: &RouteRuntime,
         now: Instant,
@@ -46,7 +48,7 @@ impl SluiceProxy {
         let labels3 = |third: &'static str| [route.policy.as_str(), route.name.as_str(), third];
 
         if let Some(limiter) = &route.limiter {
-            let key = limiter.key().map(|k| request_key(session, k));
+            let key = limiter.key().map(|k| request_key(req, k));
             let decision = match &key {
                 Some(key) => limiter.check_owned(key),
                 None => limiter.check(""),
@@ -89,11 +91,9 @@ impl SluiceProxy {
         if let Some(limiter) = &route.concurrency {
             let (class, shed_first) = match &route.route.priority {
                 Some(p) => {
-                    let value = session
-                        .req_header()
-                        .headers
-                        .get(p.header.as_str())
-                        .and_then(|v| v.to_str().ok())
+                    let value = req
+                        .header(p.header.as_str())
+                        .and_then(|v| std::str::from_utf8(v).ok())
                         .unwrap_or("");
                     // The label is bounded: a listed class, or "default".
                     match p.shed_first.iter().find(|c| c.as_str() == value) {
@@ -125,27 +125,13 @@ impl SluiceProxy {
     }
 
     /// Answers a refusal: the route's fallback when it covers the cause, else the
-    /// refusal's own status. Returns true when a response was written (false: the
-    /// request goes on to the fallback backend).
-    pub(super) async fn refuse(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        refusal: Refusal,
-    ) -> Result<bool> {
-        let Some(runtime) = ctx.runtime.clone() else {
-            return Ok(true);
-        };
+    /// refusal's own status. `None`: the request goes on to the fallback backend.
+    pub(super) fn refusal_reply(&self, ctx: &mut Ctx, refusal: Refusal) -> Option<Reply> {
+        let runtime = ctx.runtime.clone()?;
         let Routed::Route { policy, route } = ctx.routed else {
-            return Ok(true);
+            return None;
         };
-        let Some(route) = runtime
-            .policies
-            .get(policy)
-            .and_then(|p| p.routes.get(route))
-        else {
-            return Ok(true);
-        };
+        let route = runtime.policies.get(policy)?.routes.get(route)?;
         let cause = refusal.cause();
         if let Some(fallback) = route
             .route
@@ -158,41 +144,38 @@ impl SluiceProxy {
             ctx.fallback = Some(cause);
             if let FallbackAction::Backend(_) = fallback.action {
                 ctx.to_fallback_backend = true;
-                return Ok(false);
+                return None;
             }
-            self.serve_static_fallback(session, ctx).await?;
-            return Ok(true);
+            return self.static_fallback_reply(ctx);
         }
         ctx.verdict = refusal.verdict();
-        let (policy, name) = (route.policy.clone(), route.name.clone());
-        match refusal {
+        let (policy, name) = (&route.policy, &route.name);
+        Some(match refusal {
             Refusal::RateLimited { retry_after, limit } => {
                 let secs = ceil_secs(retry_after).max(1).to_string();
-                let limit = limit.to_string();
-                let headers = [
-                    ("retry-after", secs.as_str()),
-                    ("ratelimit-limit", limit.as_str()),
-                    ("ratelimit-remaining", "0"),
-                    ("ratelimit-reset", secs.as_str()),
-                ];
                 let body = format!("sluice: rate limit of route {name:?} (policy {policy:?}) exceeded; retry in {secs}s\n");
-                text(session, 429, &headers, body).await?;
+                let headers = vec![
+                    ("retry-after".into(), secs.clone()),
+                    ("ratelimit-limit".into(), limit.to_string()),
+                    ("ratelimit-remaining".into(), "0".to_owned()),
+                    ("ratelimit-reset".into(), secs),
+                ];
+                Reply::text(429, headers, body)
             }
             Refusal::BreakerOpen { retry_in } => {
                 let secs = ceil_secs(retry_in).max(1).to_string();
                 let body = format!(
                     "sluice: circuit breaker of route {name:?} (policy {policy:?}) is open; retry in {secs}s\n"
                 );
-                text(session, 503, &[("retry-after", secs.as_str())], body).await?;
+                Reply::text(503, vec![("retry-after".into(), secs)], body)
             }
             Refusal::Overloaded { limit } => {
                 let body = format!(
                     "sluice: route {name:?} (policy {policy:?}) is overloaded ({limit} requests in flight); retry later\n"
                 );
-                text(session, 503, &[("retry-after", "1")], body).await?;
+                Reply::text(503, vec![("retry-after".into(), "1".to_owned())], body)
             }
-        }
-        Ok(true)
+        })
     }
 
     /// In shadow mode, counts the fallback that would have answered `cause`.
@@ -220,43 +203,35 @@ impl SluiceProxy {
             .inc();
     }
 
-    pub(super) async fn serve_static_fallback(
-        &self,
-        session: &mut Session,
-        ctx: &Ctx,
-    ) -> Result<()> {
-        let (Some(route), Some(cause)) = (ctx.route(), ctx.fallback) else {
-            return Ok(());
-        };
+    /// The route's static fallback for the cause in `ctx.fallback`.
+    pub(super) fn static_fallback_reply(&self, ctx: &Ctx) -> Option<Reply> {
+        let (route, cause) = (ctx.route()?, ctx.fallback?);
         let Some(FallbackAction::Static {
             status,
             headers,
             body,
         }) = route.route.fallback.as_ref().map(|f| &f.action)
         else {
-            return Ok(());
+            return None;
         };
-        let mut all: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        all.push(("x-sluice-fallback", cause.as_str()));
         let content_type = (!headers.iter().any(|(k, _)| k == "content-type"))
             .then_some("text/plain; charset=utf-8");
-        respond(
-            session,
-            *status,
+        Some(Reply {
+            status: *status,
             content_type,
-            &all,
-            Bytes::from(body.clone()),
-        )
-        .await
+            headers: headers
+                .iter()
+                .map(|(k, v)| (Cow::Owned(k.clone()), v.clone()))
+                .chain([("x-sluice-fallback".into(), cause.as_str().to_owned())])
+                .collect(),
+            body: Bytes::from(body.clone()),
+        })
     }
 
     /// Whether one more retry may be made for `on`, drawing from the budget.
     pub(super) fn may_retry(
         &self,
-        session: &Session,
+        req: &impl Request,
         ctx: &Ctx,
         on: RetryOn,
         nothing_sent: bool,
@@ -270,9 +245,7 @@ impl SluiceProxy {
         if !retries.on.contains(&on) || ctx.retries >= retries.attempts {
             return false;
         }
-        if !nothing_sent
-            && (!is_idempotent(session.req_header()) || session.retry_buffer_truncated())
-        {
+        if !nothing_sent && (!is_idempotent(req.method()) || req.body_truncated()) {
             return false;
         }
         let labels = |r: &'static str| [route.policy.as_str(), route.name.as_str(), r];
