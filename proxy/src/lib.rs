@@ -16,6 +16,7 @@ pub mod control_plane;
 pub mod demo_client;
 pub mod demo_upstream;
 pub mod endpoints;
+pub mod h1;
 pub mod hashring;
 pub mod health;
 pub mod iptables;

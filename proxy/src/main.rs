@@ -116,6 +116,17 @@ struct Args {
     /// inbound requests go to the app on 127.0.0.1 at their original port.
     #[arg(long)]
     transparent: bool,
+    /// The HTTP engine of the listeners: `h1`, Sluice's own HTTP/1.1 fast path, which
+    /// hands everything else (h2c, upgrades, chunked request bodies, HTTP/1.0, ...)
+    /// to pingora; or `pingora` for every request.
+    #[arg(long, value_enum, default_value_t = EngineArg::H1)]
+    engine: EngineArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EngineArg {
+    H1,
+    Pingora,
 }
 
 #[derive(clap::Subcommand)]
@@ -348,6 +359,43 @@ fn health_checks(shared: &Arc<Shared>) {
     }
 }
 
+/// Serves `flow` on `addr` with the engine the flags choose.
+fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, addr: SocketAddr) {
+    let name = flow.direction;
+    let mut h2c = pingora::apps::HttpServerOptions::default();
+    h2c.h2c = args.h2c;
+    match args.engine {
+        EngineArg::Pingora => {
+            let mut service =
+                pingora::proxy::http_proxy_service_with_name(&server.configuration, flow, name);
+            service.add_tcp(&addr.to_string());
+            if let Some(logic) = service.app_logic_mut() {
+                logic.server_options = Some(h2c);
+            }
+            server.add_service(service);
+        }
+        EngineArg::H1 => {
+            // pingora serves what the fast path hands over: one instance without
+            // h2c for HTTP/1 connections (its h2c check would wait for 24 bytes the
+            // fast path already read), one with it for connections opening with the
+            // HTTP/2 preface.
+            let conf = &server.configuration;
+            let pingora = pingora::proxy::http_proxy(conf, flow.clone());
+            let pingora_h2c = args.h2c.then(|| {
+                let mut proxy = pingora::proxy::http_proxy(conf, flow.clone());
+                proxy.server_options = Some(h2c);
+                proxy
+            });
+            let mut service = background_service(
+                name,
+                sluice_proxy::h1::Listener::new(flow, addr, pingora, pingora_h2c),
+            );
+            service.threads = Some(args.threads.max(1));
+            server.add_service(service);
+        }
+    }
+}
+
 /// Runs the control-plane stream on a background service's runtime.
 struct FollowControlPlane(std::sync::Mutex<Option<ControlPlaneSource>>);
 
@@ -461,47 +509,29 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut h2c_options = pingora::apps::HttpServerOptions::default();
-    h2c_options.h2c = args.h2c;
-    let mut outbound = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        SluiceProxy {
-            shared: Arc::clone(&shared),
-            direction: "outbound",
-            inbound_policy: None,
-            inbound_app: None,
-            transparent: args.transparent,
-        },
-        "outbound",
-    );
-    outbound.add_tcp(&args.listen.to_string());
-    if let Some(logic) = outbound.app_logic_mut() {
-        logic.server_options = Some(h2c_options.clone());
-    }
-    server.add_service(outbound);
     if args.inbound.is_some() && args.app.is_none() && !args.transparent {
         eprintln!(
             "sluice-proxy: --inbound needs --app (or --transparent, which delivers to the original port)"
         );
         return ExitCode::from(EX_USAGE);
     }
+    let outbound = SluiceProxy {
+        shared: Arc::clone(&shared),
+        direction: "outbound",
+        inbound_policy: None,
+        inbound_app: None,
+        transparent: args.transparent,
+    };
+    add_listener(&mut server, &args, outbound, args.listen);
     if let Some(inbound_addr) = args.inbound {
-        let mut inbound = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            SluiceProxy {
-                shared: Arc::clone(&shared),
-                direction: "inbound",
-                inbound_policy: args.inbound_policy.clone(),
-                inbound_app: args.app,
-                transparent: args.transparent,
-            },
-            "inbound",
-        );
-        inbound.add_tcp(&inbound_addr.to_string());
-        if let Some(logic) = inbound.app_logic_mut() {
-            logic.server_options = Some(h2c_options);
-        }
-        server.add_service(inbound);
+        let inbound = SluiceProxy {
+            shared: Arc::clone(&shared),
+            direction: "inbound",
+            inbound_policy: args.inbound_policy.clone(),
+            inbound_app: args.app,
+            transparent: args.transparent,
+        };
+        add_listener(&mut server, &args, inbound, inbound_addr);
     }
 
     let mut admin = Service::new(

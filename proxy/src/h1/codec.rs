@@ -1,0 +1,448 @@
+//! HTTP/1.1 message heads and body framing for the fast path: parsed with httparse
+//! in place, kept as ranges into the received bytes (no header map, no copies).
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+/// The longest request or response head accepted (431 / 502 beyond it).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields a head may have.
+pub const MAX_HEADERS: usize = 100;
+
+/// Why a head could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    Malformed,
+    TooLarge,
+}
+
+/// A parsed request head: the bytes as received and where each part is.
+#[derive(Default)]
+pub struct RequestHead {
+    pub bytes: Bytes,
+    method: Range<usize>,
+    target: Range<usize>,
+    /// The request target up to `?`.
+    path: Range<usize>,
+    pub minor_version: u8,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    pub content_length: Option<u64>,
+    pub transfer_encoding: bool,
+    /// `Connection: close`.
+    pub close: bool,
+    /// `Upgrade`, `Expect` or a CONNECT: not for the fast path.
+    pub special: bool,
+}
+
+fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn parse_length(value: &[u8]) -> Result<u64, HeadError> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(HeadError::Malformed);
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d - b'0')))
+            .ok_or(HeadError::Malformed)
+    })
+}
+
+/// One more Content-Length value: repeats must agree (RFC 9110 §8.6).
+fn merge_length(seen: Option<u64>, value: &[u8]) -> Result<Option<u64>, HeadError> {
+    let n = parse_length(value)?;
+    match seen {
+        Some(m) if m != n => Err(HeadError::Malformed),
+        _ => Ok(Some(n)),
+    }
+}
+
+impl RequestHead {
+    /// Parses the head at the start of `buf`. `Ok(None)`: incomplete so far.
+    /// On success `self` describes `buf[..n]`, whose bytes the caller then hands over
+    /// with [`Self::attach`].
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Option<usize>, HeadError> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut fields);
+        let n = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(HeadError::TooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(_) => return Err(HeadError::Malformed),
+        };
+        if n > MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+            return Err(HeadError::Malformed);
+        };
+        self.method = offset(buf, method.as_bytes());
+        self.target = offset(buf, target.as_bytes());
+        let path_len = target.find('?').unwrap_or(target.len());
+        self.path = self.target.start..self.target.start + path_len;
+        self.minor_version = minor;
+        self.headers.clear();
+        self.content_length = None;
+        self.transfer_encoding = false;
+        self.close = false;
+        self.special = method == "CONNECT";
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                self.content_length = merge_length(self.content_length, h.value)?;
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                self.transfer_encoding = true;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                self.close |= has_token(h.value, "close");
+                self.special |= has_token(h.value, "upgrade");
+            } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect")
+            {
+                self.special = true;
+            }
+            self.headers.push((offset(buf, name), offset(buf, h.value)));
+        }
+        Ok(Some(n))
+    }
+
+    /// Takes the head's bytes (exactly the `n` bytes [`Self::parse`] reported).
+    pub fn attach(&mut self, bytes: Bytes) {
+        self.bytes = bytes;
+    }
+
+    fn str(&self, range: &Range<usize>) -> &str {
+        self.bytes
+            .get(range.clone())
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+
+    pub fn method(&self) -> &str {
+        self.str(&self.method)
+    }
+
+    pub fn path(&self) -> &str {
+        self.str(&self.path)
+    }
+
+    /// The request target is a path (origin form), not `http://host/...` or `*`.
+    pub fn origin_form(&self) -> bool {
+        self.bytes.get(self.target.start) == Some(&b'/')
+    }
+
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find_map(|(n, v)| {
+            let field = self.bytes.get(n.clone())?;
+            field
+                .eq_ignore_ascii_case(name.as_bytes())
+                .then(|| self.bytes.get(v.clone()))
+                .flatten()
+        })
+    }
+
+    /// The head without its final empty line, to append header lines to.
+    pub fn without_end(&self) -> &[u8] {
+        &self.bytes[..self.bytes.len().saturating_sub(2)]
+    }
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes the connection.
+    UntilClose,
+}
+
+/// A parsed response head: its length in the buffer and what matters for relaying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub framing: Framing,
+    /// The connection cannot carry another exchange afterwards.
+    pub close: bool,
+}
+
+/// Parses a response head at the start of `buf`; `head_request`: it answers a HEAD.
+pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
+        return Err(HeadError::Malformed);
+    };
+    let mut length = None;
+    let mut chunked = None;
+    let (mut close, mut keep_alive) = (false, false);
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            length = merge_length(length, h.value)?;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Chunked only when it is the last coding (RFC 9112 §6.3).
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= has_token(h.value, "close");
+            keep_alive |= has_token(h.value, "keep-alive");
+        }
+    }
+    let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
+    {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    close |= minor == 0 && !keep_alive;
+    close |= framing == Framing::UntilClose;
+    Ok(Some(ResponseHead {
+        len,
+        status,
+        framing,
+        close,
+    }))
+}
+
+/// Finds where a chunked body ends while its bytes stream past unchanged.
+#[derive(Debug, Default)]
+pub struct ChunkScanner {
+    /// Bytes of chunk data (plus its CRLF) still to pass before the next size line.
+    data_left: u64,
+    /// After the last chunk: in the trailer section.
+    trailers: bool,
+    /// Trailer bytes seen, bounded.
+    trailer_bytes: usize,
+}
+
+/// The longest trailer section accepted after the last chunk.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+impl ChunkScanner {
+    /// Scans `buf`: `Ok((n, done))`, the first `n` bytes belong to the body and
+    /// `done` says the body ends there. Bytes after `n` wait for more input
+    /// (an incomplete size or trailer line), unless `done`.
+    pub fn scan(&mut self, buf: &[u8]) -> Result<(usize, bool), HeadError> {
+        let mut pos = 0;
+        loop {
+            if self.data_left > 0 {
+                let take = self.data_left.min((buf.len() - pos) as u64);
+                pos += take as usize;
+                self.data_left -= take;
+                if self.data_left > 0 {
+                    return Ok((pos, false));
+                }
+            }
+            let rest = &buf[pos..];
+            if self.trailers {
+                // Lines until an empty one.
+                let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    self.trailer_bytes += rest.len();
+                    if self.trailer_bytes > MAX_TRAILERS {
+                        return Err(HeadError::TooLarge);
+                    }
+                    return Ok((pos, false));
+                };
+                pos += eol + 2;
+                if eol == 0 {
+                    return Ok((pos, true));
+                }
+                self.trailer_bytes += eol + 2;
+                if self.trailer_bytes > MAX_TRAILERS {
+                    return Err(HeadError::TooLarge);
+                }
+                continue;
+            }
+            match httparse::parse_chunk_size(rest) {
+                Ok(httparse::Status::Complete((n, 0))) => {
+                    pos += n;
+                    self.trailers = true;
+                }
+                Ok(httparse::Status::Complete((n, size))) => {
+                    pos += n;
+                    self.data_left = size.checked_add(2).ok_or(HeadError::Malformed)?;
+                }
+                Ok(httparse::Status::Partial) if rest.len() > 4096 => {
+                    return Err(HeadError::Malformed)
+                }
+                Ok(httparse::Status::Partial) => return Ok((pos, false)),
+                Err(_) => return Err(HeadError::Malformed),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> Result<RequestHead, HeadError> {
+        let mut head = RequestHead::default();
+        let n = head.parse(text.as_bytes())?.expect("complete head");
+        head.attach(Bytes::copy_from_slice(&text.as_bytes()[..n]));
+        Ok(head)
+    }
+
+    #[test]
+    fn request_parts_and_headers() {
+        let head = parsed("GET /a/b?x=1 HTTP/1.1\r\nHost: api\r\nX-Key: k1\r\n\r\nrest").unwrap();
+        assert_eq!(head.method(), "GET");
+        assert_eq!(head.path(), "/a/b");
+        assert!(head.origin_form());
+        assert_eq!(head.header("host"), Some(&b"api"[..]));
+        assert_eq!(head.header("x-key"), Some(&b"k1"[..]));
+        assert_eq!(head.header("missing"), None);
+        assert_eq!(head.content_length, None);
+        assert!(!head.close && !head.special && !head.transfer_encoding);
+        assert!(head.without_end().ends_with(b"k1\r\n"));
+    }
+
+    #[test]
+    fn request_flags() {
+        let head =
+            parsed("POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n").unwrap();
+        assert_eq!(head.content_length, Some(5));
+        assert!(head.close);
+        let head =
+            parsed("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+        assert!(head.special);
+        let head = parsed("POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap();
+        assert!(head.special);
+        let head = parsed("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        assert!(head.transfer_encoding);
+        let head = parsed("GET http://a/b HTTP/1.1\r\n\r\n").unwrap();
+        assert!(!head.origin_form());
+    }
+
+    #[test]
+    fn bad_requests() {
+        assert_eq!(
+            parsed("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").err(),
+            Some(HeadError::Malformed)
+        );
+        assert_eq!(
+            parsed("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").err(),
+            Some(HeadError::Malformed)
+        );
+        assert_eq!(
+            parsed("GET /\x01 HTTP/1.1\r\n\r\n").err(),
+            Some(HeadError::Malformed)
+        );
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "a: b\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert_eq!(parsed(&many).err(), Some(HeadError::TooLarge));
+        let mut head = RequestHead::default();
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(head.parse(long.as_bytes()), Err(HeadError::TooLarge));
+        assert_eq!(head.parse(b"GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
+    }
+
+    #[test]
+    fn response_framing() {
+        let r = |text: &str, head: bool| parse_response(text.as_bytes(), head).unwrap().unwrap();
+        let plain = r("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);
+        assert_eq!(
+            (plain.status, plain.framing, plain.close),
+            (200, Framing::Length(3), false)
+        );
+        assert_eq!(plain.len, 38);
+        let chunked = r(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(chunked.framing, Framing::Chunked);
+        let until = r("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((until.framing, until.close), (Framing::UntilClose, true));
+        assert_eq!(
+            r("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).framing,
+            Framing::Empty
+        );
+        assert_eq!(
+            r(
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n",
+                false
+            )
+            .framing,
+            Framing::Empty
+        );
+        assert_eq!(
+            r("HTTP/1.1 103 Early Hints\r\n\r\n", false).framing,
+            Framing::Empty
+        );
+        assert!(r("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false).close);
+        assert!(
+            !r(
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+                false
+            )
+            .close
+        );
+        assert!(
+            r(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                false
+            )
+            .close
+        );
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", false), Ok(None));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 2x0 OK\r\n\r\n", false).err(),
+            Some(HeadError::Malformed)
+        );
+    }
+
+    #[test]
+    fn chunk_scanner_finds_the_end_across_splits() {
+        let body = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: t\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        // Every split point: feed the first part, then the rest after what was consumed.
+        for split in 0..body.len() {
+            let mut scanner = ChunkScanner::default();
+            let (n, done) = scanner.scan(&body[..split]).unwrap();
+            assert!(!done || n == end, "split {split}");
+            if done {
+                continue;
+            }
+            let mut pending = body[n..split].to_vec();
+            pending.extend_from_slice(&body[split..]);
+            let (m, done) = scanner.scan(&pending).unwrap();
+            assert!(done, "split {split}");
+            assert_eq!(n + m, end, "split {split}");
+        }
+    }
+
+    #[test]
+    fn chunk_scanner_rejects_garbage() {
+        assert!(ChunkScanner::default().scan(b"zz\r\n").is_err());
+        let huge = format!("1{}\r\n", "0".repeat(20));
+        assert!(ChunkScanner::default().scan(huge.as_bytes()).is_err());
+    }
+}

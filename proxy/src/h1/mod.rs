@@ -1,0 +1,823 @@
+//! Sluice's own HTTP/1.1 engine for the common request, under the same flow as
+//! pingora's phases ([`crate::proxy`]).
+//!
+//! Why: pingora spends ~25 µs of CPU per proxied request on this machine against
+//! nginx's ~10 (bench/RESULTS.md: a second header map, a cloned request header, a
+//! task and an `Arc<Mutex>` per pooled connection). This engine parses heads in
+//! place with httparse, forwards them as bytes with Sluice's headers appended, and
+//! keeps idle upstream connections in a per-thread Vec.
+//!
+//! What it serves itself: HTTP/1.1 keep-alive requests in origin form whose body
+//! has a Content-Length of at most [`MAX_BODY`] (read whole, so retries can resend
+//! it), to HTTP/1 backends; responses framed by length, chunks or close, HEAD, 1xx,
+//! 204 and 304. Anything else — HTTP/1.0, chunked or larger request bodies,
+//! `Expect`, upgrades and CONNECT, absolute-form targets, h2c (the preface, or a
+//! policy whose backends speak h2c) — is handed over, connection and bytes already
+//! read, to pingora for the rest of the connection.
+
+pub mod codec;
+pub mod pool;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::protocols::{GetSocketDigest, SocketDigest};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::ErrorType;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::accesslog::event;
+use crate::proxy::{
+    Admit, Ctx, ExchangeFailure, Failure, Reply, Request, SluiceProxy, StatusVerdict,
+};
+use codec::{parse_response, ChunkScanner, Framing, HeadError, RequestHead, ResponseHead};
+use pool::Pool;
+
+/// Request bodies up to this size are read whole on the fast path; larger ones go
+/// to pingora, which streams them.
+pub const MAX_BODY: u64 = 64 * 1024;
+/// How long a client connection may sit idle between requests (and how long a
+/// request head may take to arrive).
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts per request (first try, failovers, retries, fallback backend), as
+/// pingora's own bound.
+const MAX_ATTEMPTS: usize = 16;
+/// The HTTP/2 connection preface (h2c with prior knowledge).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One listener served by the fast path, as a pingora background service (so it
+/// shares pingora's runtimes, worker threads and shutdown).
+pub struct Listener {
+    inner: Arc<Engine>,
+}
+
+struct Engine {
+    flow: SluiceProxy,
+    listen: SocketAddr,
+    /// Where connections the fast path does not serve go.
+    pingora: Arc<HttpProxy<SluiceProxy>>,
+    /// Only with `--h2c`: the pingora instance that speaks h2c, for connections that
+    /// open with the HTTP/2 preface.
+    pingora_h2c: Option<Arc<HttpProxy<SluiceProxy>>>,
+    pool: Pool,
+}
+
+impl Listener {
+    pub fn new(
+        flow: SluiceProxy,
+        listen: SocketAddr,
+        pingora: HttpProxy<SluiceProxy>,
+        pingora_h2c: Option<HttpProxy<SluiceProxy>>,
+    ) -> Self {
+        Listener {
+            inner: Arc::new(Engine {
+                flow,
+                listen,
+                pingora: Arc::new(pingora),
+                pingora_h2c: pingora_h2c.map(Arc::new),
+                pool: Pool::default(),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Listener {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let listener = match TcpListener::bind(self.inner.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                event(
+                    "error",
+                    "cannot listen",
+                    serde_json::json!({"listen": self.inner.listen.to_string(), "error": e.to_string()}),
+                );
+                std::process::exit(1);
+            }
+        };
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return } else { continue }
+                }
+            };
+            let Ok((stream, peer)) = accepted else {
+                // EMFILE and the like: back off briefly instead of spinning.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            let engine = Arc::clone(&self.inner);
+            let shutdown = shutdown.clone();
+            // A random worker thread's runtime (each is single-threaded).
+            pingora_runtime::current_handle().spawn(async move {
+                engine.serve(stream, peer, shutdown).await;
+            });
+        }
+    }
+}
+
+/// A request as the flow sees it on the fast path.
+struct FastRequest<'a> {
+    head: &'a RequestHead,
+    client_ip: IpAddr,
+}
+
+impl Request for FastRequest<'_> {
+    fn method(&self) -> &str {
+        self.head.method()
+    }
+
+    fn path(&self) -> &str {
+        self.head.path()
+    }
+
+    fn host(&self) -> &str {
+        self.head
+            .header("host")
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .unwrap_or("")
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.head.header(name)
+    }
+
+    fn client_ip(&self) -> Option<IpAddr> {
+        Some(self.client_ip)
+    }
+
+    fn body_truncated(&self) -> bool {
+        false
+    }
+}
+
+/// The client side of a connection.
+struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Bytes received and not yet used (pipelined requests stay here).
+    buf: BytesMut,
+    /// Transparent mode: the destination the connection was redirected from.
+    original_dst: Option<SocketAddr>,
+    shutdown: ShutdownWatch,
+}
+
+/// How a request ended, for the connection loop.
+enum Served {
+    /// Done; the connection can carry the next request.
+    KeepAlive,
+    Close,
+    /// Not for the fast path: the connection goes to pingora.
+    HandOff,
+}
+
+/// Where an exchange with a backend failed.
+enum Broken {
+    Io,
+    TimedOut,
+    Closed,
+    BadResponse,
+}
+
+impl Broken {
+    fn name(&self) -> &'static str {
+        match self {
+            Broken::Io => ErrorType::ReadError.as_str(),
+            Broken::TimedOut => ErrorType::ReadTimedout.as_str(),
+            Broken::Closed => ErrorType::ConnectionClosed.as_str(),
+            Broken::BadResponse => ErrorType::InvalidHTTPHeader.as_str(),
+        }
+    }
+}
+
+async fn within<T>(
+    limit: Option<Duration>,
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, Broken> {
+    match limit {
+        Some(limit) => match tokio::time::timeout(limit, io).await {
+            Ok(r) => r.map_err(|_| Broken::Io),
+            Err(_) => Err(Broken::TimedOut),
+        },
+        None => io.await.map_err(|_| Broken::Io),
+    }
+}
+
+/// Reads more into `buf`; EOF is [`Broken::Closed`].
+async fn fill(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    limit: Option<Duration>,
+) -> Result<(), Broken> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    match within(limit, stream.read_buf(buf)).await? {
+        0 => Err(Broken::Closed),
+        _ => Ok(()),
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_number(out: &mut Vec<u8>, name: &str, value: u64) {
+    let mut digits = itoa::Buffer::new();
+    push_header(out, name, digits.format(value).as_bytes());
+}
+
+impl Engine {
+    async fn serve(&self, stream: TcpStream, peer: SocketAddr, shutdown: ShutdownWatch) {
+        let _ = stream.set_nodelay(true);
+        let original_dst = self
+            .flow
+            .transparent
+            .then(|| original_destination(&stream))
+            .flatten();
+        let mut client = Client {
+            stream,
+            peer,
+            buf: BytesMut::with_capacity(8 * 1024),
+            original_dst,
+            shutdown,
+        };
+        if let Some(h2c) = &self.pingora_h2c {
+            match client.starts_with_preface().await {
+                Some(true) => return hand_off(client, h2c).await,
+                Some(false) => {}
+                None => return,
+            }
+        }
+        let mut head = RequestHead::default();
+        let mut out = Vec::with_capacity(4 * 1024);
+        let mut upstream_buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            if *client.shutdown.borrow() {
+                return;
+            }
+            match self
+                .serve_one(&mut client, &mut head, &mut out, &mut upstream_buf)
+                .await
+            {
+                Served::KeepAlive => {}
+                Served::Close => return,
+                Served::HandOff => return hand_off(client, &self.pingora).await,
+            }
+        }
+    }
+
+    /// Reads one request and answers it.
+    async fn serve_one(
+        &self,
+        client: &mut Client,
+        head: &mut RequestHead,
+        out: &mut Vec<u8>,
+        upstream_buf: &mut BytesMut,
+    ) -> Served {
+        // The head, within the idle timeout.
+        let n = loop {
+            if !client.buf.is_empty() {
+                match head.parse(&client.buf) {
+                    Ok(Some(n)) => break n,
+                    Ok(None) => {}
+                    Err(e) => return self.reject(client, e).await,
+                }
+            }
+            match fill(
+                &mut client.stream,
+                &mut client.buf,
+                Some(CLIENT_IDLE_TIMEOUT),
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(_) => return Served::Close,
+            }
+        };
+        let fast = head.minor_version == 1
+            && !head.special
+            && !head.transfer_encoding
+            && head.origin_form()
+            && head.content_length.unwrap_or(0) <= MAX_BODY;
+        if !fast {
+            return Served::HandOff;
+        }
+        // The body, whole (bounded by MAX_BODY).
+        let length = head.content_length.unwrap_or(0) as usize;
+        while client.buf.len() < n + length {
+            if fill(
+                &mut client.stream,
+                &mut client.buf,
+                Some(CLIENT_IDLE_TIMEOUT),
+            )
+            .await
+            .is_err()
+            {
+                return Served::Close;
+            }
+        }
+        let head_bytes = client.buf.split_to(n).freeze();
+        let body = client.buf.split_to(length).freeze();
+        head.attach(head_bytes);
+        let keep_alive = !head.close;
+
+        let req = FastRequest {
+            head,
+            client_ip: client.peer.ip(),
+        };
+        let mut ctx = self.flow.new_ctx();
+        ctx.original_dst = client.original_dst;
+        if let Err(reply) = self.flow.route_request(&req, &mut ctx) {
+            return self
+                .answer(client, &req, &mut ctx, reply, keep_alive, out)
+                .await;
+        }
+        // A policy with h2c backends needs pingora's HTTP/2 client: hand over before
+        // any governance is spent on the request.
+        if ctx.policy().is_some_and(|p| {
+            p.endpoints
+                .targets
+                .iter()
+                .any(|t| t.protocol == sluice_policy::Protocol::H2c)
+        }) {
+            drop(ctx);
+            let mut replay =
+                BytesMut::with_capacity(req.head.bytes.len() + body.len() + client.buf.len());
+            replay.extend_from_slice(&req.head.bytes);
+            replay.extend_from_slice(&body);
+            replay.extend_from_slice(&client.buf);
+            client.buf = replay;
+            return Served::HandOff;
+        }
+        match self.flow.admit(&req, &mut ctx) {
+            Admit::Reply(reply) => {
+                self.answer(client, &req, &mut ctx, reply, keep_alive, out)
+                    .await
+            }
+            Admit::Proxy => {
+                self.proxy(client, &req, &body, &mut ctx, keep_alive, out, upstream_buf)
+                    .await
+            }
+        }
+    }
+
+    /// A head that cannot be parsed: 400 (431 when too large), then close.
+    async fn reject(&self, client: &mut Client, error: HeadError) -> Served {
+        let status = match error {
+            HeadError::Malformed => 400,
+            HeadError::TooLarge => 431,
+        };
+        let body = format!("sluice: {}\n", reason(status).to_ascii_lowercase());
+        let mut out = Vec::new();
+        write_reply_head(
+            &mut out,
+            status,
+            Some("text/plain; charset=utf-8"),
+            &[],
+            body.len(),
+            false,
+        );
+        out.extend_from_slice(body.as_bytes());
+        let _ = client.stream.write_all(&out).await;
+        Served::Close
+    }
+
+    /// Writes the proxy's own answer and settles the request.
+    async fn answer(
+        &self,
+        client: &mut Client,
+        req: &FastRequest<'_>,
+        ctx: &mut Ctx,
+        reply: Reply,
+        keep_alive: bool,
+        out: &mut Vec<u8>,
+    ) -> Served {
+        out.clear();
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_str()))
+            .collect();
+        write_reply_head(
+            out,
+            reply.status,
+            reply.content_type,
+            &headers,
+            reply.body.len(),
+            !keep_alive,
+        );
+        if req.method() != "HEAD" {
+            out.extend_from_slice(&reply.body);
+        }
+        let written = client.stream.write_all(out).await.is_ok();
+        self.flow.finish(req, reply.status, !written, ctx);
+        if written && keep_alive {
+            Served::KeepAlive
+        } else {
+            Served::Close
+        }
+    }
+
+    /// Sends the request upstream (failovers, retries, fallbacks) and relays the answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn proxy(
+        &self,
+        client: &mut Client,
+        req: &FastRequest<'_>,
+        body: &Bytes,
+        ctx: &mut Ctx,
+        keep_alive: bool,
+        out: &mut Vec<u8>,
+        ubuf: &mut BytesMut,
+    ) -> Served {
+        let head_request = req.method() == "HEAD";
+        let mut last_error: Option<(u16, Failure<'static>)> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let peer = match self.flow.choose_peer(req, ctx) {
+                Ok(peer) => peer,
+                Err(reason) => {
+                    let (reply, keep) =
+                        self.flow
+                            .failure_reply(ctx, 502, Failure::Status(Some(&reason)));
+                    return self
+                        .answer(client, req, ctx, reply, keep_alive && keep, out)
+                        .await;
+                }
+            };
+            // A connection: pooled, else new.
+            let (mut upstream, reused) = match self.pool.take(peer.addr) {
+                Some(s) => (s, true),
+                None => {
+                    match tokio::time::timeout(peer.connect_timeout, TcpStream::connect(peer.addr))
+                        .await
+                    {
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            (s, false)
+                        }
+                        Ok(Err(e)) => {
+                            let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                                ErrorType::ConnectRefused
+                            } else {
+                                ErrorType::ConnectError
+                            };
+                            last_error = Some((502, Failure::Connect(kind.as_str())));
+                            if self.flow.connect_failed(req, ctx) {
+                                continue;
+                            }
+                            break;
+                        }
+                        Err(_) => {
+                            last_error =
+                                Some((502, Failure::Connect(ErrorType::ConnectTimedout.as_str())));
+                            if self.flow.connect_failed(req, ctx) {
+                                continue;
+                            }
+                            break;
+                        }
+                    }
+                }
+            };
+            // The request: the client's head, Sluice's headers, the body, one write.
+            out.clear();
+            out.extend_from_slice(req.head.without_end());
+            if let Some(tp) = self.flow.generated_traceparent(ctx) {
+                push_header(out, "traceparent", tp.as_bytes());
+            }
+            push_header(
+                out,
+                "x-forwarded-for",
+                client.peer.ip().to_string().as_bytes(),
+            );
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(body);
+            ubuf.clear();
+            let exchange = async {
+                within(peer.io_timeout, upstream.write_all(out)).await?;
+                read_response_head(
+                    &mut upstream,
+                    ubuf,
+                    head_request,
+                    peer.io_timeout,
+                    &mut client.stream,
+                )
+                .await
+            };
+            let response = match exchange.await {
+                Ok(head) => head,
+                Err(broken) => {
+                    let timed_out = matches!(broken, Broken::TimedOut);
+                    last_error = Some(if timed_out {
+                        (504, Failure::Other(broken.name()))
+                    } else {
+                        (502, Failure::Other(broken.name()))
+                    });
+                    match self
+                        .flow
+                        .exchange_failed(req, ctx, timed_out, reused, false)
+                    {
+                        ExchangeFailure::Resend | ExchangeFailure::Retry => continue,
+                        ExchangeFailure::Fail { to_backend: true } => continue,
+                        ExchangeFailure::Fail { to_backend: false } => break,
+                    }
+                }
+            };
+            match self.flow.upstream_status(req, ctx, response.status) {
+                StatusVerdict::Accept => {}
+                StatusVerdict::Retry | StatusVerdict::Fallback { to_backend: true } => continue,
+                StatusVerdict::Fallback { to_backend: false } => {
+                    last_error = Some((
+                        response.status,
+                        Failure::Status(Some("upstream error, serving the fallback")),
+                    ));
+                    break;
+                }
+            }
+            return self
+                .relay(
+                    client,
+                    req,
+                    ctx,
+                    upstream,
+                    (peer.addr, peer.io_timeout),
+                    response,
+                    ubuf,
+                    keep_alive,
+                    out,
+                )
+                .await;
+        }
+        let (code, failure) =
+            last_error.unwrap_or((502, Failure::Status(Some("too many attempts"))));
+        let (reply, keep) = self.flow.failure_reply(ctx, code, failure);
+        self.answer(client, req, ctx, reply, keep_alive && keep, out)
+            .await
+    }
+
+    /// Relays an accepted response: its head with Sluice's headers, then its body.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay(
+        &self,
+        client: &mut Client,
+        req: &FastRequest<'_>,
+        ctx: &mut Ctx,
+        mut upstream: TcpStream,
+        (addr, io_timeout): (SocketAddr, Option<Duration>),
+        response: ResponseHead,
+        ubuf: &mut BytesMut,
+        keep_alive: bool,
+        out: &mut Vec<u8>,
+    ) -> Served {
+        let status = response.status;
+        out.clear();
+        out.extend_from_slice(&ubuf[..response.len - 2]);
+        if let Some((limit, remaining, reset)) = ctx.rate_headers {
+            push_number(out, "ratelimit-limit", u64::from(limit));
+            push_number(out, "ratelimit-remaining", u64::from(remaining));
+            push_number(out, "ratelimit-reset", reset);
+        }
+        if let Some(cause) = ctx.fallback {
+            push_header(out, "x-sluice-fallback", cause.as_str().as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        bytes::Buf::advance(ubuf, response.len);
+        let result = relay_body(
+            &mut upstream,
+            ubuf,
+            &mut client.stream,
+            response.framing,
+            out,
+            io_timeout,
+        )
+        .await;
+        let (upstream_ok, client_ok) = match result {
+            Ok(()) => (true, true),
+            Err(Relay::Client) => (false, false),
+            Err(Relay::Upstream(broken)) => {
+                self.flow.exchange_failed(
+                    req,
+                    ctx,
+                    matches!(broken, Broken::TimedOut),
+                    false,
+                    true,
+                );
+                (false, false)
+            }
+        };
+        if upstream_ok && !response.close && ubuf.is_empty() {
+            self.pool.put(addr, upstream);
+        }
+        self.flow.finish(req, status, !client_ok, ctx);
+        if client_ok && keep_alive && !response.close {
+            Served::KeepAlive
+        } else {
+            Served::Close
+        }
+    }
+}
+
+/// Reads a response head into `buf`, passing interim (1xx) responses on to the client.
+async fn read_response_head(
+    upstream: &mut TcpStream,
+    buf: &mut BytesMut,
+    head_request: bool,
+    limit: Option<Duration>,
+    client: &mut TcpStream,
+) -> Result<ResponseHead, Broken> {
+    loop {
+        fill(upstream, buf, limit).await?;
+        loop {
+            match parse_response(buf, head_request) {
+                Ok(Some(head)) if (100..200).contains(&head.status) && head.status != 101 => {
+                    client
+                        .write_all(&buf[..head.len])
+                        .await
+                        .map_err(|_| Broken::Io)?;
+                    bytes::Buf::advance(buf, head.len);
+                }
+                Ok(Some(head)) if head.status == 101 => return Err(Broken::BadResponse),
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => break,
+                Err(_) => return Err(Broken::BadResponse),
+            }
+            if buf.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+enum Relay {
+    /// The client went away.
+    Client,
+    Upstream(Broken),
+}
+
+/// Writes `prefix` (the response head) and the body framed by `framing` from
+/// `buf`/`upstream` to `client`. On success the body was relayed whole and `buf`
+/// holds whatever the backend sent beyond it.
+async fn relay_body(
+    upstream: &mut TcpStream,
+    buf: &mut BytesMut,
+    client: &mut TcpStream,
+    framing: Framing,
+    prefix: &mut Vec<u8>,
+    limit: Option<Duration>,
+) -> Result<(), Relay> {
+    match framing {
+        Framing::Empty => client.write_all(prefix).await.map_err(|_| Relay::Client),
+        Framing::Length(total) => {
+            let mut left = total;
+            let take = left.min(buf.len() as u64) as usize;
+            prefix.extend_from_slice(&buf[..take]);
+            bytes::Buf::advance(buf, take);
+            left -= take as u64;
+            client.write_all(prefix).await.map_err(|_| Relay::Client)?;
+            while left > 0 {
+                fill(upstream, buf, limit).await.map_err(Relay::Upstream)?;
+                let take = left.min(buf.len() as u64) as usize;
+                client
+                    .write_all(&buf[..take])
+                    .await
+                    .map_err(|_| Relay::Client)?;
+                bytes::Buf::advance(buf, take);
+                left -= take as u64;
+            }
+            Ok(())
+        }
+        Framing::Chunked => {
+            let mut scanner = ChunkScanner::default();
+            let mut pending = std::mem::take(prefix);
+            loop {
+                let (n, done) = scanner
+                    .scan(buf)
+                    .map_err(|_| Relay::Upstream(Broken::BadResponse))?;
+                pending.extend_from_slice(&buf[..n]);
+                bytes::Buf::advance(buf, n);
+                if done || !pending.is_empty() {
+                    client
+                        .write_all(&pending)
+                        .await
+                        .map_err(|_| Relay::Client)?;
+                    pending.clear();
+                }
+                if done {
+                    *prefix = pending;
+                    return Ok(());
+                }
+                fill(upstream, buf, limit).await.map_err(Relay::Upstream)?;
+            }
+        }
+        Framing::UntilClose => {
+            client.write_all(prefix).await.map_err(|_| Relay::Client)?;
+            loop {
+                if !buf.is_empty() {
+                    client.write_all(buf).await.map_err(|_| Relay::Client)?;
+                    buf.clear();
+                }
+                match fill(upstream, buf, limit).await {
+                    Ok(()) => {}
+                    Err(Broken::Closed) => return Ok(()),
+                    Err(e) => return Err(Relay::Upstream(e)),
+                }
+            }
+        }
+    }
+}
+
+/// A response head of the proxy's own: status line, type, length, extra headers.
+fn write_reply_head(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: Option<&str>,
+    headers: &[(&str, &str)],
+    length: usize,
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(digits.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if let Some(ct) = content_type {
+        push_header(out, "content-type", ct.as_bytes());
+    }
+    for (name, value) in headers {
+        push_header(out, name, value.as_bytes());
+    }
+    push_number(out, "content-length", length as u64);
+    if close {
+        push_header(out, "connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+impl Client {
+    /// With h2c on: whether the connection opens with the HTTP/2 preface. Reads
+    /// until it can tell (keeping what it read); `None` when the client left.
+    async fn starts_with_preface(&mut self) -> Option<bool> {
+        loop {
+            let n = self.buf.len().min(H2_PREFACE.len());
+            if self.buf[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+            fill(&mut self.stream, &mut self.buf, Some(CLIENT_IDLE_TIMEOUT))
+                .await
+                .ok()?;
+        }
+    }
+}
+
+/// Where an iptables-redirected connection was going (`SO_ORIGINAL_DST`, read by
+/// pingora); `None` for a connection made to the proxy itself.
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let original = pingora::protocols::l4::ext::get_original_dest(stream.as_raw_fd())
+        .ok()
+        .flatten()?;
+    (Some(original) != stream.local_addr().ok()).then_some(original)
+}
+
+/// Gives the connection, with the bytes read so far, to pingora.
+async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>) {
+    let Client {
+        stream,
+        peer,
+        buf,
+        shutdown,
+        ..
+    } = client;
+    let mut stream: pingora::protocols::l4::stream::Stream = stream.into();
+    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+    stream.rewind(&buf);
+    pingora::services::listening::Service::<HttpProxy<SluiceProxy>>::handle_event(
+        Box::new(stream),
+        Arc::clone(app),
+        shutdown,
+    )
+    .await;
+}

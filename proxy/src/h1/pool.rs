@@ -1,0 +1,124 @@
+//! Idle upstream connections, kept per worker thread and backend: a connection is
+//! only ever used by tasks of the runtime that opened it, and returning one is a
+//! push onto a Vec (no task, no timer per connection).
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::thread::ThreadId;
+use std::time::Instant;
+
+use fnv::FnvHashMap;
+use tokio::net::TcpStream;
+
+use crate::proxy::UPSTREAM_IDLE_TIMEOUT;
+
+/// The most idle connections kept per worker thread and backend.
+pub const MAX_IDLE_PER_BACKEND: usize = 128;
+
+type Idle = Vec<(TcpStream, Instant)>;
+
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<FnvHashMap<(ThreadId, SocketAddr), Idle>>,
+}
+
+/// Still open and silent: a backend that closed its end (or sent unasked-for
+/// bytes) shows as readable. `try_read` consults the readiness the reactor already
+/// has, so an idle connection costs no system call here.
+fn usable(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+impl Pool {
+    /// The most recently returned usable connection to `addr` of this thread.
+    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let key = (std::thread::current().id(), addr);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&key)?;
+        let now = Instant::now();
+        while let Some((stream, since)) = list.pop() {
+            if now.saturating_duration_since(since) < UPSTREAM_IDLE_TIMEOUT && usable(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Keeps `stream` for the next request to `addr` on this thread.
+    pub fn put(&self, addr: SocketAddr, stream: TcpStream) {
+        let key = (std::thread::current().id(), addr);
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(key).or_default();
+        // Oldest first: drop the expired ones at the front, and the oldest when full.
+        let expired = list
+            .iter()
+            .take_while(|(_, since)| now.saturating_duration_since(*since) >= UPSTREAM_IDLE_TIMEOUT)
+            .count();
+        list.drain(..expired);
+        if list.len() >= MAX_IDLE_PER_BACKEND {
+            list.remove(0);
+        }
+        list.push((stream, now));
+    }
+
+    /// Idle connections held, all threads and backends.
+    pub fn idle(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn reuses_open_connections_and_drops_closed_ones() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::default();
+        assert!(pool.take(addr).is_none());
+
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        pool.put(addr, client);
+        assert_eq!(pool.idle(), 1);
+        let client = pool.take(addr).expect("an open idle connection is reused");
+        assert_eq!(pool.idle(), 0);
+
+        // The backend closes: the connection must not be handed out again.
+        pool.put(addr, client);
+        let mut server = server;
+        server.shutdown().await.unwrap();
+        drop(server);
+        // Let the reactor see the FIN (bounded wait).
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let idle = pool.idle.lock().unwrap();
+            let readable = idle.values().flatten().all(|(s, _)| !usable(s));
+            if readable {
+                break;
+            }
+        }
+        assert!(pool.take(addr).is_none());
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn bounded_per_backend() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::default();
+        let mut servers = Vec::new();
+        for _ in 0..MAX_IDLE_PER_BACKEND + 3 {
+            let client = TcpStream::connect(addr).await.unwrap();
+            servers.push(listener.accept().await.unwrap());
+            pool.put(addr, client);
+        }
+        assert_eq!(pool.idle(), MAX_IDLE_PER_BACKEND);
+    }
+}
