@@ -22,7 +22,6 @@ pub enum HeadError {
 pub struct RequestHead {
     pub bytes: Bytes,
     method: Range<usize>,
-    target: Range<usize>,
     /// The request target up to `?`.
     path: Range<usize>,
     pub minor_version: u8,
@@ -33,7 +32,14 @@ pub struct RequestHead {
     pub close: bool,
     /// `Upgrade`, `Expect` or a CONNECT: not for the fast path.
     pub special: bool,
+    /// The request target is a path (origin form), not `http://host/...` or `*`.
+    pub origin_form: bool,
+    /// Has hop-by-hop fields (RFC 9110 §7.6.1) that must not be forwarded.
+    hop_by_hop: bool,
 }
+
+/// Fields that describe one connection, never forwarded (with those `Connection` names).
+const HOP_BY_HOP: [&str; 4] = ["connection", "keep-alive", "proxy-connection", "te"];
 
 fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - base.as_ptr() as usize;
@@ -90,14 +96,15 @@ impl RequestHead {
             return Err(HeadError::Malformed);
         };
         self.method = offset(buf, method.as_bytes());
-        self.target = offset(buf, target.as_bytes());
-        let path_len = target.find('?').unwrap_or(target.len());
-        self.path = self.target.start..self.target.start + path_len;
+        let start = offset(buf, target.as_bytes()).start;
+        self.path = start..start + target.find('?').unwrap_or(target.len());
         self.minor_version = minor;
+        self.origin_form = target.starts_with('/');
         self.headers.clear();
         self.content_length = None;
         self.transfer_encoding = false;
         self.close = false;
+        self.hop_by_hop = false;
         self.special = method == "CONNECT";
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
@@ -112,6 +119,9 @@ impl RequestHead {
             {
                 self.special = true;
             }
+            self.hop_by_hop |= HOP_BY_HOP
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
             self.headers.push((offset(buf, name), offset(buf, h.value)));
         }
         Ok(Some(n))
@@ -137,11 +147,6 @@ impl RequestHead {
         self.str(&self.path)
     }
 
-    /// The request target is a path (origin form), not `http://host/...` or `*`.
-    pub fn origin_form(&self) -> bool {
-        self.bytes.get(self.target.start) == Some(&b'/')
-    }
-
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers.iter().find_map(|(n, v)| {
             let field = self.bytes.get(n.clone())?;
@@ -152,9 +157,40 @@ impl RequestHead {
         })
     }
 
-    /// The head without its final empty line, to append header lines to.
-    pub fn without_end(&self) -> &[u8] {
-        &self.bytes[..self.bytes.len().saturating_sub(2)]
+    /// Appends the head as it goes upstream, without its final empty line (for
+    /// more header lines): as received, less the hop-by-hop fields.
+    pub fn write_forwarded(&self, out: &mut Vec<u8>) {
+        let head = &self.bytes[..self.bytes.len().saturating_sub(2)];
+        if !self.hop_by_hop {
+            out.extend_from_slice(head);
+            return;
+        }
+        let line_end = head
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(head.len(), |i| i + 1);
+        out.extend_from_slice(&head[..line_end]);
+        let field = |r: &Range<usize>| self.bytes.get(r.clone()).unwrap_or(b"");
+        let nominated = |name: &[u8]| {
+            self.headers.iter().any(|(n, v)| {
+                field(n).eq_ignore_ascii_case(b"connection")
+                    && field(v)
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+            })
+        };
+        for (n, v) in &self.headers {
+            let name = field(n);
+            let hop = HOP_BY_HOP
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()));
+            if !hop && !nominated(name) {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(field(v));
+                out.extend_from_slice(b"\r\n");
+            }
+        }
     }
 }
 
@@ -314,13 +350,15 @@ mod tests {
         let head = parsed("GET /a/b?x=1 HTTP/1.1\r\nHost: api\r\nX-Key: k1\r\n\r\nrest").unwrap();
         assert_eq!(head.method(), "GET");
         assert_eq!(head.path(), "/a/b");
-        assert!(head.origin_form());
+        assert!(head.origin_form);
         assert_eq!(head.header("host"), Some(&b"api"[..]));
         assert_eq!(head.header("x-key"), Some(&b"k1"[..]));
         assert_eq!(head.header("missing"), None);
         assert_eq!(head.content_length, None);
         assert!(!head.close && !head.special && !head.transfer_encoding);
-        assert!(head.without_end().ends_with(b"k1\r\n"));
+        let mut out = Vec::new();
+        head.write_forwarded(&mut out);
+        assert_eq!(out, b"GET /a/b?x=1 HTTP/1.1\r\nHost: api\r\nX-Key: k1\r\n");
     }
 
     #[test]
@@ -337,7 +375,18 @@ mod tests {
         let head = parsed("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert!(head.transfer_encoding);
         let head = parsed("GET http://a/b HTTP/1.1\r\n\r\n").unwrap();
-        assert!(!head.origin_form());
+        assert!(!head.origin_form);
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_behind() {
+        let head = parsed(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: 5\r\nX-Private: p\r\nX-Kept: k\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        head.write_forwarded(&mut out);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nHost: a\r\nX-Kept: k\r\n");
     }
 
     #[test]

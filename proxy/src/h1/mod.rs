@@ -316,7 +316,7 @@ impl Engine {
         let fast = head.minor_version == 1
             && !head.special
             && !head.transfer_encoding
-            && head.origin_form()
+            && head.origin_form
             && head.content_length.unwrap_or(0) <= MAX_BODY;
         if !fast {
             return Served::HandOff;
@@ -499,7 +499,7 @@ impl Engine {
             };
             // The request: the client's head, Sluice's headers, the body, one write.
             out.clear();
-            out.extend_from_slice(req.head.without_end());
+            req.head.write_forwarded(out);
             if let Some(tp) = self.flow.generated_traceparent(ctx) {
                 push_header(out, "traceparent", tp.as_bytes());
             }

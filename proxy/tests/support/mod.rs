@@ -165,9 +165,16 @@ impl ProxyProcess {
         let create = |path: &Path| {
             File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
         };
+        // SLUICE_TEST_ENGINE=pingora runs a suite against pingora's engine instead of
+        // the default (scripts/test runs the HTTP suites on both).
+        let engine: Vec<String> = match std::env::var("SLUICE_TEST_ENGINE") {
+            Ok(engine) if !args.iter().any(|a| a == "--engine") => vec!["--engine".into(), engine],
+            _ => Vec::new(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-proxy"))
             .args(["--listen", &listen.to_string()])
             .args(["--admin", &admin.to_string()])
+            .args(&engine)
             .args(args)
             .stdin(Stdio::null())
             .stdout(create(&stdout_path))
