@@ -20,8 +20,10 @@ pub mod pool;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -168,6 +170,15 @@ struct Client {
     /// Transparent mode: the destination the connection was redirected from.
     original_dst: Option<SocketAddr>,
     shutdown: ShutdownWatch,
+    /// The `x-forwarded-for` line added to each request, formatted once.
+    forwarded_for: Vec<u8>,
+    /// The worker thread serving the connection (its runtime is single-threaded, so
+    /// the task never moves): the upstream pool's key.
+    thread: ThreadId,
+    /// One idle timer per connection, re-armed lazily from `last_active` when it
+    /// fires, so requests do not touch the timer wheel.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    last_active: Instant,
 }
 
 /// How a request ended, for the connection loop.
@@ -259,6 +270,10 @@ impl Engine {
             buf: BytesMut::with_capacity(8 * 1024),
             original_dst,
             shutdown,
+            forwarded_for: format!("x-forwarded-for: {}\r\n", peer.ip()).into_bytes(),
+            thread: std::thread::current().id(),
+            idle: Box::pin(tokio::time::sleep(CLIENT_IDLE_TIMEOUT)),
+            last_active: Instant::now(),
         };
         if let Some(h2c) = &self.pingora_h2c {
             match client.starts_with_preface().await {
@@ -302,15 +317,8 @@ impl Engine {
                     Err(e) => return self.reject(client, e).await,
                 }
             }
-            match fill(
-                &mut client.stream,
-                &mut client.buf,
-                Some(CLIENT_IDLE_TIMEOUT),
-            )
-            .await
-            {
-                Ok(()) => {}
-                Err(_) => return Served::Close,
+            if !client.read_more().await {
+                return Served::Close;
             }
         };
         let fast = head.minor_version == 1
@@ -324,14 +332,7 @@ impl Engine {
         // The body, whole (bounded by MAX_BODY).
         let length = head.content_length.unwrap_or(0) as usize;
         while client.buf.len() < n + length {
-            if fill(
-                &mut client.stream,
-                &mut client.buf,
-                Some(CLIENT_IDLE_TIMEOUT),
-            )
-            .await
-            .is_err()
-            {
+            if !client.read_more().await {
                 return Served::Close;
             }
         }
@@ -345,6 +346,7 @@ impl Engine {
             client_ip: client.peer.ip(),
         };
         let mut ctx = self.flow.new_ctx();
+        client.last_active = ctx.start;
         ctx.original_dst = client.original_dst;
         if let Err(reply) = self.flow.route_request(&req, &mut ctx) {
             return self
@@ -464,7 +466,7 @@ impl Engine {
                 }
             };
             // A connection: pooled, else new.
-            let (mut upstream, reused) = match self.pool.take(peer.addr) {
+            let (mut upstream, reused) = match self.pool.take(client.thread, peer.addr) {
                 Some(s) => (s, true),
                 None => {
                     match tokio::time::timeout(peer.connect_timeout, TcpStream::connect(peer.addr))
@@ -503,11 +505,7 @@ impl Engine {
             if let Some(tp) = self.flow.generated_traceparent(ctx) {
                 push_header(out, "traceparent", tp.as_bytes());
             }
-            push_header(
-                out,
-                "x-forwarded-for",
-                client.peer.ip().to_string().as_bytes(),
-            );
+            out.extend_from_slice(&client.forwarded_for);
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(body);
             ubuf.clear();
@@ -624,7 +622,7 @@ impl Engine {
             }
         };
         if upstream_ok && !response.close && ubuf.is_empty() {
-            self.pool.put(addr, upstream);
+            self.pool.put(client.thread, addr, upstream);
         }
         self.flow.finish(req, status, !client_ok, ctx);
         if client_ok && keep_alive && !response.close {
@@ -784,9 +782,32 @@ impl Client {
             if n == H2_PREFACE.len() {
                 return Some(true);
             }
-            fill(&mut self.stream, &mut self.buf, Some(CLIENT_IDLE_TIMEOUT))
-                .await
-                .ok()?;
+            if !self.read_more().await {
+                return None;
+            }
+        }
+    }
+
+    /// Reads more from the client: `false` when it closed, failed or stayed idle
+    /// for [`CLIENT_IDLE_TIMEOUT`].
+    async fn read_more(&mut self) -> bool {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        // Bounded: each pass either returns or moves the deadline forward to a
+        // later `last_active`, which only requests (not this loop) advance.
+        loop {
+            tokio::select! {
+                biased;
+                read = self.stream.read_buf(&mut self.buf) => return matches!(read, Ok(n) if n > 0),
+                () = self.idle.as_mut() => {
+                    let deadline = self.last_active + CLIENT_IDLE_TIMEOUT;
+                    if deadline <= Instant::now() {
+                        return false;
+                    }
+                    self.idle.as_mut().reset(deadline.into());
+                }
+            }
         }
     }
 }

@@ -31,9 +31,9 @@ fn usable(stream: &TcpStream) -> bool {
 }
 
 impl Pool {
-    /// The most recently returned usable connection to `addr` of this thread.
-    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
-        let key = (std::thread::current().id(), addr);
+    /// The most recently returned usable connection to `addr` of `thread`.
+    pub fn take(&self, thread: ThreadId, addr: SocketAddr) -> Option<TcpStream> {
+        let key = (thread, addr);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&key)?;
         let now = Instant::now();
@@ -45,9 +45,9 @@ impl Pool {
         None
     }
 
-    /// Keeps `stream` for the next request to `addr` on this thread.
-    pub fn put(&self, addr: SocketAddr, stream: TcpStream) {
-        let key = (std::thread::current().id(), addr);
+    /// Keeps `stream` for the next request to `addr` on `thread`.
+    pub fn put(&self, thread: ThreadId, addr: SocketAddr, stream: TcpStream) {
+        let key = (thread, addr);
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
@@ -81,17 +81,20 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let pool = Pool::default();
-        assert!(pool.take(addr).is_none());
+        let me = std::thread::current().id();
+        assert!(pool.take(me, addr).is_none());
 
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        pool.put(addr, client);
+        pool.put(me, addr, client);
         assert_eq!(pool.idle(), 1);
-        let client = pool.take(addr).expect("an open idle connection is reused");
+        let client = pool
+            .take(me, addr)
+            .expect("an open idle connection is reused");
         assert_eq!(pool.idle(), 0);
 
         // The backend closes: the connection must not be handed out again.
-        pool.put(addr, client);
+        pool.put(me, addr, client);
         let mut server = server;
         server.shutdown().await.unwrap();
         drop(server);
@@ -104,7 +107,7 @@ mod tests {
                 break;
             }
         }
-        assert!(pool.take(addr).is_none());
+        assert!(pool.take(me, addr).is_none());
         assert_eq!(pool.idle(), 0);
     }
 
@@ -117,7 +120,7 @@ mod tests {
         for _ in 0..MAX_IDLE_PER_BACKEND + 3 {
             let client = TcpStream::connect(addr).await.unwrap();
             servers.push(listener.accept().await.unwrap());
-            pool.put(addr, client);
+            pool.put(std::thread::current().id(), addr, client);
         }
         assert_eq!(pool.idle(), MAX_IDLE_PER_BACKEND);
     }

@@ -202,7 +202,8 @@ impl SluiceProxy {
             }
             Routed::Route { policy, route } => {
                 let route = &runtime.policies[policy].routes[route];
-                match self.govern(req, ctx, route, Instant::now()) {
+                // The request's arrival is "now" for its governance (one clock read less).
+                match self.govern(req, ctx, route, ctx.start) {
                     Ok(()) => Admit::Proxy,
                     Err(refusal) => match self.refusal_reply(ctx, refusal) {
                         Some(reply) => Admit::Reply(reply),
@@ -217,9 +218,10 @@ impl SluiceProxy {
     /// inbound app or a balanced pick among the untried backends. `Err` explains
     /// why there is none (a 502).
     pub fn choose_peer(&self, req: &impl Request, ctx: &mut Ctx) -> Result<Peer, String> {
+        let now = Instant::now();
         let timeout = ctx.route().and_then(|r| r.route.timeout);
         let remaining = timeout.map(|t| {
-            t.saturating_sub(ctx.start.elapsed())
+            t.saturating_sub(now.saturating_duration_since(ctx.start))
                 .max(Duration::from_millis(1))
         });
         if ctx.to_fallback_backend {
@@ -249,7 +251,6 @@ impl SluiceProxy {
             .hash_key()
             .map(|k| request_key(req, k))
             .unwrap_or_default();
-        let now = Instant::now();
         let picked = match self.direction == "inbound" {
             // Inbound: the local app is the only backend, whatever the policy lists.
             true => self.app_address(ctx).map(|app| (APP, app, Protocol::Http1)),
@@ -282,7 +283,7 @@ impl SluiceProxy {
     pub fn connect_failed(&self, req: &impl Request, ctx: &mut Ctx) -> bool {
         self.record_upstream(ctx, "connect_error");
         ctx.last_attempt_failed = true;
-        self.end_attempt(ctx, true);
+        self.end_attempt(ctx, Instant::now(), true);
         if ctx.to_fallback_backend {
             return false;
         }
@@ -311,7 +312,7 @@ impl SluiceProxy {
     pub fn upstream_status(&self, req: &impl Request, ctx: &mut Ctx, status: u16) -> StatusVerdict {
         ctx.upstream_status = Some(status);
         ctx.last_attempt_failed = status >= 500;
-        self.end_attempt(ctx, status >= 500);
+        self.end_attempt(ctx, Instant::now(), status >= 500);
         self.record_upstream(ctx, if status >= 500 { "http_5xx" } else { "success" });
         if status < 500 || ctx.to_fallback_backend {
             return StatusVerdict::Accept;
@@ -347,7 +348,7 @@ impl SluiceProxy {
         responding: bool,
     ) -> ExchangeFailure {
         ctx.last_attempt_failed = true;
-        self.end_attempt(ctx, true);
+        self.end_attempt(ctx, Instant::now(), true);
         self.record_upstream(ctx, if timed_out { "timeout" } else { "error" });
         if ctx.upstream_status.is_none() && !timed_out && !ctx.to_fallback_backend {
             // A connection that broke before any response: a stale pooled connection
@@ -416,11 +417,12 @@ impl SluiceProxy {
     /// Settles the request (`status` as sent to the client, 0 if none; `failed`:
     /// it ended in an error) with the route's components, metrics and access log.
     pub fn finish(&self, req: &impl Request, status: u16, failed: bool, ctx: &mut Ctx) {
-        let elapsed = ctx.start.elapsed();
-        let metrics = &self.shared.metrics;
+        // One clock read for the whole settlement.
         let now = Instant::now();
+        let elapsed = now.saturating_duration_since(ctx.start);
+        let metrics = &self.shared.metrics;
         // An attempt still open here ended without a response (the client left).
-        self.end_attempt(ctx, failed);
+        self.end_attempt(ctx, now, failed);
         // Settle the request with the route's components: exactly one outcome each.
         if let Some(route) = ctx.route() {
             let attempted = !ctx.tried.is_empty();
@@ -479,7 +481,7 @@ impl SluiceProxy {
                 route,
                 backend,
                 status,
-                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                duration: elapsed,
                 decision: ctx.verdict.as_str(),
                 shadow_decision: ctx.shadow,
                 fallback: ctx.fallback.map(FallbackCause::as_str),

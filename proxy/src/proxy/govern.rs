@@ -287,12 +287,11 @@ impl SluiceProxy {
 
     /// Settles the attempt in progress with the backend's balancer and outlier
     /// detector (once; later calls are no-ops).
-    pub(super) fn end_attempt(&self, ctx: &mut Ctx, failed: bool) {
+    pub(super) fn end_attempt(&self, ctx: &mut Ctx, now: Instant, failed: bool) {
         let Some((index, started)) = ctx.attempt.take() else {
             return;
         };
         let Some(policy) = ctx.policy() else { return };
-        let now = Instant::now();
         if policy
             .endpoints
             .finish(index, now, now.saturating_duration_since(started), failed)
