@@ -9,6 +9,9 @@
 #   sluice          sluice-proxy, bench/policy.yaml, JSON access log to a file (same disk)
 #                                                              127.0.0.1:18001 (admin 18000)
 #   sluice-nolog    the same with --no-access-log              127.0.0.1:18004 (admin 18005)
+#   sluice-pingora  the same as sluice on --engine pingora (every request through
+#                   pingora's HTTP engine, as before the h1 engine; closed loop only)
+#                                                              127.0.0.1:18010 (admin 18011)
 #   sluice-1k-keys  the same as sluice, the traffic spread over 1,000 x-user-id
 #                   rate-limit keys (route `keyed`, maxKeys 10000)
 #                                                              127.0.0.1:18006 (admin 18007)
@@ -116,7 +119,7 @@ cp target/release/sluice-proxy "$SLUICE"
 cp target/release/examples/bare-pingora "$TMP/bare-pingora"
 cp target/release/examples/minimal-h1 "$TMP/minimal-h1"
 
-for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008 18009; do
+for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008 18009 18010 18011; do
     if ss -ltnH "sport = :$port" | grep -q .; then die "port $port is in use"; fi
 done
 
@@ -163,8 +166,8 @@ backend be
   server backend 127.0.0.1:18080
 EOF
 
-declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [pingora-bare]=18008 [minimal-h1]=18009 [nginx]=18002 [haproxy]=18003)
-declare -A ADMIN=([sluice]=18000 [sluice-nolog]=18005 [sluice-1k-keys]=18007)
+declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [pingora-bare]=18008 [minimal-h1]=18009 [sluice-pingora]=18010 [nginx]=18002 [haproxy]=18003)
+declare -A ADMIN=([sluice]=18000 [sluice-nolog]=18005 [sluice-1k-keys]=18007 [sluice-pingora]=18011)
 declare -A PROCS # target -> PIDs whose CPU and memory count as the proxy's
 
 taskset -c 0 nginx -e "$TMP/backend/error.log" -p "$TMP/backend" -c "$TMP/backend/nginx.conf" \
@@ -202,16 +205,17 @@ PROCS[minimal-h1]=$!
 start_sluice sluice 18001 18000
 start_sluice sluice-nolog 18004 18005 --no-access-log
 start_sluice sluice-1k-keys 18006 18007
+start_sluice sluice-pingora 18010 18011 --engine pingora
 
 # Wait until everything answers (bounded), then check each target serves the body.
-for name in sluice sluice-nolog sluice-1k-keys; do
+for name in sluice sluice-nolog sluice-1k-keys sluice-pingora; do
     for ((i = 0; i < 100; i++)); do
         curl -fsS --max-time 1 "http://127.0.0.1:${ADMIN[$name]}/ready" >/dev/null 2>&1 && break
         kill -0 "${PROCS[$name]}" 2>/dev/null || die "$name exited: $(tail -5 "$TMP/$name/stderr.log")"
         sleep 0.1
     done
 done
-for t in direct sluice sluice-nolog pingora-bare minimal-h1 nginx haproxy; do
+for t in direct sluice sluice-nolog sluice-pingora pingora-bare minimal-h1 nginx haproxy; do
     body=""
     for ((i = 0; i < 100; i++)); do
         body=$(curl -sS --max-time 1 -H "$HOSTHDR" "http://127.0.0.1:${PORT[$t]}$URLPATH" 2>/dev/null || true)
@@ -287,7 +291,7 @@ wrk_run() { # target seconds [extra wrk args] -> sets W_RPS W_P50 W_P99 W_REQS W
 closed_loop() { # target round
     local t=$1 round=$2 pids c0 c1 extra=() mark=""
     [ "$t" = sluice-1k-keys ] && extra=(-s "$TMP/keys.lua")
-    case $t in sluice | sluice-1k-keys) : >"$TMP/$t/access.log" ;; esac
+    case $t in sluice | sluice-1k-keys | sluice-pingora) : >"$TMP/$t/access.log" ;; esac
     busy && mark="*" && DISTURBED=$((DISTURBED + 1))
     RUNS=$((RUNS + 1))
     pids=${PROCS[$t]:-}
@@ -352,9 +356,9 @@ BUSY_AT_START=no
 busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyway (noted in the results)"
 
 # --- measure ------------------------------------------------------------------------
-CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys pingora-bare minimal-h1 nginx haproxy)
+CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys sluice-pingora pingora-bare minimal-h1 nginx haproxy)
 OPEN_TARGETS=(direct sluice sluice-nolog nginx haproxy)
-PROXIES=(sluice sluice-nolog sluice-1k-keys pingora-bare minimal-h1 nginx haproxy)
+PROXIES=(sluice sluice-nolog sluice-1k-keys sluice-pingora pingora-bare minimal-h1 nginx haproxy)
 START=$(date -u '+%Y-%m-%d %H:%M UTC')
 T0=$SECONDS
 
@@ -428,7 +432,7 @@ printf 'reload rewrites=%s accepted=%s accepted_during_load=%s apply_ms_median=%
     "$RELOADS" "$ACC" "$ACC_IN_RUN" "$RL_MS_MED" "$RL_MS_MAX" "$REJ" "$UNCH" "$RL_RPS" "$RL_P99" "$RL_REQS" "$RL_NON2XX" "$RL_SOCKERR" "${RL_MARK:+ (a build was running)}" |
     tee -a "$RAW" >&2
 HWM_AFTER_RELOADS=$(hwm_kb ${PROCS[sluice]})
-for t in sluice sluice-nolog sluice-1k-keys; do
+for t in sluice sluice-nolog sluice-1k-keys sluice-pingora; do
     kill -0 "${PROCS[$t]}" 2>/dev/null || die "$t died during the run: $(tail -5 "$TMP/$t/stderr.log")"
 done
 ELAPSED=$((SECONDS - T0))
@@ -454,6 +458,7 @@ label() {
     sluice) echo "sluice (access log on)" ;;
     sluice-nolog) echo "sluice (--no-access-log)" ;;
     sluice-1k-keys) echo "sluice, 1,000 rate-limit keys" ;;
+    sluice-pingora) echo "sluice --engine pingora (access log on)" ;;
     pingora-bare) echo "bare pingora (no policy, floor)" ;;
     minimal-h1) echo "minimal tokio+httparse proxy (no policy)" ;;
     *) echo "$1" ;;
@@ -569,8 +574,8 @@ REPORT="$TMP/report.md"
     echo "|---|---|---|"
     echo "| req/s, Sluice / nginx | >= 1.0 (stretch 1.2) | $(ratio "${M[rps|sluice]}" "${M[rps|nginx]}") (no access log: $(ratio "${M[rps|sluice-nolog]}" "${M[rps|nginx]}")) |"
     echo "| req/s, Sluice / HAProxy | >= 1.0 | $(ratio "${M[rps|sluice]}" "${M[rps|haproxy]}") (no access log: $(ratio "${M[rps|sluice-nolog]}" "${M[rps|haproxy]}")) |"
+    echo "| req/s, Sluice on its h1 engine / on pingora's (what the engine buys) | - | $(ratio "${M[rps|sluice]}" "${M[rps|sluice-pingora]}") |"
     echo "| req/s, bare pingora / nginx (what pingora itself allows) | - | $(ratio "${M[rps|pingora-bare]}" "${M[rps|nginx]}") |"
-    echo "| req/s, Sluice (no access log) / bare pingora (Sluice's own cost) | - | $(ratio "${M[rps|sluice-nolog]}" "${M[rps|pingora-bare]}") |"
     echo "| req/s, minimal tokio+httparse proxy / nginx (what an engine of our own allows) | - | $(ratio "${M[rps|minimal-h1]}" "${M[rps|nginx]}") |"
     if [[ " $RATES " == *" 5000 "* ]]; then
         echo "| p99 at 5k req/s open loop | <= nginx's | $(fmt "${M[op99|sluice|5000]}" %.2f) ms vs $(fmt "${M[op99|nginx|5000]}" %.2f) ms ($(ratio "${M[op99|sluice|5000]}" "${M[op99|nginx|5000]}")) |"
