@@ -51,8 +51,8 @@ fn below(random: u64, n: u64) -> (u64, u64) {
     ((wide >> 64) as u64, wide as u64)
 }
 
-/// Up to this many backends, a pick snapshots weights and eligibility on the stack.
-const SNAPSHOT: usize = 64;
+/// Draws per candidate before a pick falls back to scanning every backend.
+const TRIES: usize = 4;
 
 /// A latency estimate and when it was taken, packed into one `u64` so that both
 /// change together in one atomic operation: the high half is the estimate in
@@ -172,6 +172,8 @@ impl PeakEwma {
 pub struct P2c {
     backends: Vec<PeakEwma>,
     weights: Vec<AtomicU32>,
+    /// The sum of `weights`, kept by `set_weight` (wrapping adds of differences).
+    total: AtomicU64,
     decay: Duration,
     /// `1 / decay` in 1/ms (decay floored at 1 ms: a zero decay means "no memory"
     /// and must not divide by zero); a multiplication on the request path instead of
@@ -191,6 +193,7 @@ impl P2c {
         P2c {
             backends: weights.iter().map(|_| PeakEwma::new(0)).collect(),
             weights: weights.iter().map(|w| AtomicU32::new(*w)).collect(),
+            total: AtomicU64::new(weights.iter().map(|w| u64::from(*w)).sum()),
             decay,
             per_decay_ms: 1.0 / (decay.as_secs_f64() * 1e3).max(1.0),
             epoch: now,
@@ -228,64 +231,115 @@ impl P2c {
     /// `slowstart::effective_weight(..)` as it ramps). Out-of-range indexes are ignored.
     pub fn set_weight(&self, index: usize, weight: u32) {
         if let Some(w) = self.weights.get(index) {
-            w.store(weight, Ordering::Relaxed);
+            let old = w.swap(weight, Ordering::Relaxed);
+            self.total.fetch_add(
+                u64::from(weight).wrapping_sub(u64::from(old)),
+                Ordering::Relaxed,
+            );
         }
     }
 
     /// Picks two distinct candidates (weighted random by weight, zero weight never
     /// picked, `skip(i)` excludes `i`) and returns the one with the lower load
     /// (see [`P2c::cost`]); with one eligible backend, that one. `None` when none is
-    /// eligible. Calls `random` once.
+    /// eligible.
     pub fn pick(
         &self,
         random: &mut impl FnMut() -> u64,
         skip: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        if self.len() <= SNAPSHOT {
-            // Each backend's eligibility and weight are read once, on the stack: the
-            // passes below then see one consistent view and cost no atomic loads or
-            // `skip` calls (which check health and ejection) each.
-            let mut weights = [0u32; SNAPSHOT];
-            for (i, w) in weights.iter_mut().enumerate().take(self.len()) {
-                if !skip(i) {
-                    *w = self.weight(i);
-                }
-            }
-            self.pick_among(random, |i| weights.get(i).copied().unwrap_or(0))
-        } else {
-            self.pick_among(random, |i| if skip(i) { 0 } else { self.weight(i) })
+        let (first, second) = self.candidates(random, &skip)?;
+        match second {
+            Some(second) if self.cheaper(second, first, |i| self.weight(i)) => Some(second),
+            _ => Some(first),
         }
     }
 
-    /// `pick` over effective weights (0 = not eligible).
-    fn pick_among(
+    /// The two candidates of a pick: the first drawn by weight among the eligible
+    /// backends, the second among the others.
+    ///
+    /// By rejection: a draw is over every backend by weight (the running total, no
+    /// pass over the backends' eligibility), redrawn while it lands on an excluded
+    /// one. Accepting the first eligible draw is exactly a draw by weight among the
+    /// eligible, so the distribution is the exact one; after [`TRIES`] misses (most
+    /// weight excluded, e.g. on a retry) the candidate is drawn by scanning instead.
+    fn candidates(
         &self,
         random: &mut impl FnMut() -> u64,
-        weight: impl Fn(usize) -> u32,
-    ) -> Option<usize> {
+        skip: &impl Fn(usize) -> bool,
+    ) -> Option<(usize, Option<usize>)> {
+        let total = self.total.load(Ordering::Relaxed);
+        if total == 0 {
+            return None;
+        }
+        // One random word serves two draws (`below` returns fresh low bits).
+        let mut bits = random();
+        let mut draw = |exclude: Option<usize>, bits: &mut u64| -> Option<usize> {
+            for attempt in 0..TRIES {
+                if attempt > 0 && attempt % 2 == 0 {
+                    *bits = random();
+                }
+                let (target, rest) = below(*bits, total);
+                *bits = rest;
+                // None: weights shrank under us (slow start); scan instead.
+                let i = self.draw(target, |i| self.weight(i))?;
+                if Some(i) != exclude && !skip(i) {
+                    return Some(i);
+                }
+            }
+            None
+        };
+        let first = match draw(None, &mut bits) {
+            Some(first) => first,
+            None => return self.candidates_by_scan(random, skip),
+        };
+        let second = match draw(Some(first), &mut bits) {
+            Some(second) => Some(second),
+            // The first stands (it was drawn exactly); only the second is scanned for.
+            None => self.second_by_scan(random(), first, skip),
+        };
+        Some((first, second))
+    }
+
+    /// [`Self::candidates`] by scanning every backend's weight and eligibility.
+    fn candidates_by_scan(
+        &self,
+        random: &mut impl FnMut() -> u64,
+        skip: &impl Fn(usize) -> bool,
+    ) -> Option<(usize, Option<usize>)> {
+        let weight = |i: usize| if skip(i) { 0 } else { self.weight(i) };
         let total: u64 = (0..self.len()).map(|i| u64::from(weight(i))).sum();
         if total == 0 {
             return None;
         }
-        // Without a snapshot, `skip` or a weight may change between passes (another
-        // thread); fall back to any eligible backend rather than fail the pick.
         let (target, leftover) = below(random(), total);
+        // A weight may change between the sum and the draw (another thread): fall
+        // back to any eligible backend rather than fail the pick.
         let first = self
-            .draw(target, &weight)
+            .draw(target, weight)
             .or_else(|| (0..self.len()).find(|i| weight(*i) > 0))?;
-        let rest = total.saturating_sub(u64::from(weight(first)));
-        if rest == 0 {
-            return Some(first);
-        }
-        let others = |i: usize| if i == first { 0 } else { weight(i) };
-        let Some(second) = self.draw(below(leftover, rest).0, others) else {
-            return Some(first);
+        Some((first, self.second_by_scan(leftover, first, skip)))
+    }
+
+    /// A second candidate by weight among the eligible backends other than `first`.
+    fn second_by_scan(
+        &self,
+        random: u64,
+        first: usize,
+        skip: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let others = |i: usize| {
+            if i == first || skip(i) {
+                0
+            } else {
+                self.weight(i)
+            }
         };
-        if self.cheaper(second, first, &weight) {
-            Some(second)
-        } else {
-            Some(first)
+        let rest: u64 = (0..self.len()).map(|i| u64::from(others(i))).sum();
+        if rest == 0 {
+            return None;
         }
+        self.draw(below(random, rest).0, others)
     }
 
     /// Whether `a`'s load is below `b`'s. The same comparison as [`P2c::cost`] with one
@@ -514,6 +568,55 @@ mod tests {
         assert_eq!(p2c.pick(&mut random, |i| i != 0), Some(0));
     }
 
+    /// The candidates' distribution is the exact one whether drawn by rejection or by
+    /// scanning: first by weight among the eligible, second by weight among the
+    /// other eligible ones.
+    #[test]
+    fn candidates_follow_the_weights_exactly() {
+        let t0 = Instant::now();
+        let weights = [1u32, 2, 3, 4, 0, 6];
+        let p2c = P2c::new(&weights, t0);
+        let mut random = rng(7);
+        // First 1 excluded (a tried backend; 4 has no weight): 14 of the 16 weight
+        // units are eligible, nearly every draw is accepted. Then only 0 (1 unit)
+        // is: most picks fall back to the scan, and there is no second candidate.
+        for excluded in [vec![1usize], vec![1, 2, 3, 5]] {
+            let skip = |i: usize| excluded.contains(&i);
+            let eligible: Vec<usize> = (0..6).filter(|i| !skip(*i) && weights[*i] > 0).collect();
+            let w_el: f64 = eligible.iter().map(|&i| f64::from(weights[i])).sum();
+            let n = 200_000;
+            let mut pairs = std::collections::HashMap::new();
+            for _ in 0..n {
+                let (a, b) = p2c.candidates(&mut random, &skip).unwrap();
+                *pairs.entry((a, b)).or_insert(0usize) += 1;
+            }
+            for &a in &eligible {
+                let wa = f64::from(weights[a]);
+                let others: Vec<usize> = eligible.iter().copied().filter(|&b| b != a).collect();
+                if others.is_empty() {
+                    let seen = pairs.get(&(a, None)).copied().unwrap_or(0) as f64 / n as f64;
+                    assert!(
+                        (seen - wa / w_el).abs() < 0.01,
+                        "{excluded:?} ({a}, -): {seen}"
+                    );
+                    continue;
+                }
+                for &b in &others {
+                    let want = wa / w_el * f64::from(weights[b]) / (w_el - wa);
+                    let seen = pairs.get(&(a, Some(b))).copied().unwrap_or(0) as f64 / n as f64;
+                    assert!(
+                        (seen - want).abs() < 0.01,
+                        "{excluded:?} ({a}, {b}): {seen} vs {want}"
+                    );
+                }
+            }
+            assert!(pairs
+                .keys()
+                .all(|(a, b)| eligible.contains(a)
+                    && b.is_none_or(|b| eligible.contains(&b) && b != *a)));
+        }
+    }
+
     #[test]
     fn unmatched_end_does_not_underflow() {
         let t0 = Instant::now();
@@ -526,7 +629,7 @@ mod tests {
     }
 
     #[test]
-    fn more_backends_than_the_snapshot_holds() {
+    fn more_than_sixty_four_backends() {
         let t0 = Instant::now();
         let mut weights = vec![0; 100];
         weights[80] = 1;

@@ -514,6 +514,7 @@ async fn bad_heads_get_400_or_431_and_nothing_reaches_the_backend() {
             "400",
         ),
         ("GET /\0 HTTP/1.1\r\n\r\n".to_owned(), "400"),
+        ("GET / HTTP/1.1\r\nX-No-Host: 1\r\n\r\n".to_owned(), "400"),
         (huge, "431"),
         (many, "431"),
     ] {

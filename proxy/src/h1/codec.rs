@@ -75,9 +75,12 @@ fn merge_length(seen: Option<u64>, value: &[u8]) -> Result<Option<u64>, HeadErro
 
 impl RequestHead {
     /// Parses the head at the start of `buf`. `Ok(None)`: incomplete so far.
-    /// On success `self` describes `buf[..n]`, whose bytes the caller then hands over
-    /// with [`Self::attach`].
+    /// On success the flags describe `buf[..n]`; the accessors that read the head's
+    /// bytes (method, path, header) need them handed over first with [`Self::attach`].
     pub fn parse(&mut self, buf: &[u8]) -> Result<Option<usize>, HeadError> {
+        // The previous head's bytes go: an accessor called before `attach` sees an
+        // empty head, never stale ranges into another request.
+        self.bytes = Bytes::new();
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut fields);
         let n = match req.parse(buf) {

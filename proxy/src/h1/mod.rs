@@ -339,6 +339,10 @@ impl Engine {
         let head_bytes = client.buf.split_to(n).freeze();
         let body = client.buf.split_to(length).freeze();
         head.attach(head_bytes);
+        if head.header("host").is_none() {
+            // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
+            return self.reject(client, HeadError::Malformed).await;
+        }
         let keep_alive = !head.close;
 
         let req = FastRequest {
