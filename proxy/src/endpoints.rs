@@ -178,11 +178,16 @@ impl Endpoints {
         self.dialable(index) && self.is_healthy(index) && !self.is_ejected(index, now)
     }
 
+    /// splitmix64 over a shared counter. The counter moves by a plain load and
+    /// store, not an atomic add: the `lock xadd` was a third of a P2C pick (perf,
+    /// bench/RESULTS.md), and two threads racing here can only draw the same number,
+    /// which costs a balancer nothing (both requests see the same two candidates).
     fn random(&self) -> u64 {
         let mut z = self
             .random
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+            .load(Ordering::Relaxed)
             .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.random.store(z, Ordering::Relaxed);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
