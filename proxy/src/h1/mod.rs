@@ -472,36 +472,16 @@ impl Engine {
             // A connection: pooled, else new.
             let (mut upstream, reused) = match self.pool.take(client.thread, peer.addr) {
                 Some(s) => (s, true),
-                None => {
-                    match tokio::time::timeout(peer.connect_timeout, TcpStream::connect(peer.addr))
-                        .await
-                    {
-                        Ok(Ok(s)) => {
-                            let _ = s.set_nodelay(true);
-                            (s, false)
+                None => match connect(peer.addr, peer.connect_timeout).await {
+                    Ok(s) => (s, false),
+                    Err(kind) => {
+                        last_error = Some((502, Failure::Connect(kind.as_str())));
+                        if self.flow.connect_failed(req, ctx) {
+                            continue;
                         }
-                        Ok(Err(e)) => {
-                            let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                                ErrorType::ConnectRefused
-                            } else {
-                                ErrorType::ConnectError
-                            };
-                            last_error = Some((502, Failure::Connect(kind.as_str())));
-                            if self.flow.connect_failed(req, ctx) {
-                                continue;
-                            }
-                            break;
-                        }
-                        Err(_) => {
-                            last_error =
-                                Some((502, Failure::Connect(ErrorType::ConnectTimedout.as_str())));
-                            if self.flow.connect_failed(req, ctx) {
-                                continue;
-                            }
-                            break;
-                        }
+                        break;
                     }
-                }
+                },
             };
             // The request: the client's head, Sluice's headers, the body, one write.
             out.clear();
@@ -634,6 +614,22 @@ impl Engine {
         } else {
             Served::Close
         }
+    }
+}
+
+/// A new upstream connection, or why there is none (in pingora's terms, which the
+/// error answers and metrics use for both engines).
+async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorType> {
+    match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(ErrorType::ConnectRefused)
+        }
+        Ok(Err(_)) => Err(ErrorType::ConnectError),
+        Err(_) => Err(ErrorType::ConnectTimedout),
     }
 }
 
