@@ -121,6 +121,10 @@ struct Args {
     /// to pingora; or `pingora` for every request.
     #[arg(long, value_enum, default_value_t = EngineArg::H1)]
     engine: EngineArg,
+    /// `--engine h1`: disconnect a client idle this long between requests (or
+    /// sending a request head slower than this).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -388,7 +392,13 @@ fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, addr: Socke
             });
             let mut service = background_service(
                 name,
-                sluice_proxy::h1::Listener::new(flow, addr, pingora, pingora_h2c),
+                sluice_proxy::h1::Listener::new(
+                    flow,
+                    addr,
+                    pingora,
+                    pingora_h2c,
+                    args.idle_timeout,
+                ),
             );
             service.threads = Some(args.threads.max(1));
             server.add_service(service);

@@ -204,8 +204,13 @@ fn policy(backend: SocketAddr) -> String {
 }
 
 async fn proxy_for(backend: &Backend) -> (TempDir, ProxyProcess) {
+    proxy_with(backend, &[]).await
+}
+
+async fn proxy_with(backend: &Backend, extra: &[&str]) -> (TempDir, ProxyProcess) {
     let dir = TempDir::new();
-    let proxy = start_with(&dir, &policy(backend.addr), &["--engine", "h1"]).await;
+    let args: Vec<&str> = ["--engine", "h1"].iter().chain(extra).copied().collect();
+    let proxy = start_with(&dir, &policy(backend.addr), &args).await;
     (dir, proxy)
 }
 
@@ -529,4 +534,73 @@ async fn bad_heads_get_400_or_431_and_nothing_reaches_the_backend() {
         );
     }
     assert!(backend.requests.lock().unwrap().is_empty());
+}
+
+/// Reads one `ok`-bodied answer, or `None` when the proxy closed the connection.
+async fn read_ok(client: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"ok") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the proxy answers or closes in time")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Some(got)
+}
+
+#[tokio::test]
+async fn idle_clients_are_disconnected_and_busy_ones_are_not() {
+    let backend = backend().await;
+    let (_dir, proxy) = proxy_with(&backend, &["--idle-timeout", "400ms"]).await;
+    let request = "GET /early-hints HTTP/1.1\r\nHost: wire\r\n\r\n";
+
+    // A request every 150 ms for 1.5 s: always within the timeout, never cut.
+    let mut busy = TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    for _ in 0..10 {
+        busy.write_all(request.as_bytes()).await.expect("write");
+        assert!(
+            read_ok(&mut busy).await.is_some(),
+            "a busy connection was closed"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    // Silent after one request: closed once the timeout has passed since it.
+    let mut idle = TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    idle.write_all(request.as_bytes()).await.expect("write");
+    assert!(read_ok(&mut idle).await.is_some());
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the proxy to close the idle connection");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+
+    // A client that never sends a whole head is cut too.
+    let mut slow = TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: wi")
+        .await
+        .expect("write");
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
 }

@@ -46,8 +46,8 @@ use pool::Pool;
 /// to pingora, which streams them.
 pub const MAX_BODY: u64 = 64 * 1024;
 /// How long a client connection may sit idle between requests (and how long a
-/// request head may take to arrive).
-pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// request head may take to arrive), unless `--idle-timeout` says otherwise.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts per request (first try, failovers, retries, fallback backend), as
 /// pingora's own bound.
 const MAX_ATTEMPTS: usize = 16;
@@ -69,14 +69,19 @@ struct Engine {
     /// open with the HTTP/2 preface.
     pingora_h2c: Option<Arc<HttpProxy<SluiceProxy>>>,
     pool: Pool,
+    idle_timeout: Duration,
 }
 
 impl Listener {
+    /// Serves `flow` on `listen`; connections the fast path does not serve go to
+    /// `pingora` (or, opening with the HTTP/2 preface, to `pingora_h2c`). A client
+    /// idle for `idle_timeout` between requests is disconnected.
     pub fn new(
         flow: SluiceProxy,
         listen: SocketAddr,
         pingora: HttpProxy<SluiceProxy>,
         pingora_h2c: Option<HttpProxy<SluiceProxy>>,
+        idle_timeout: Duration,
     ) -> Self {
         Listener {
             inner: Arc::new(Engine {
@@ -85,6 +90,7 @@ impl Listener {
                 pingora: Arc::new(pingora),
                 pingora_h2c: pingora_h2c.map(Arc::new),
                 pool: Pool::default(),
+                idle_timeout,
             }),
         }
     }
@@ -178,6 +184,7 @@ struct Client {
     /// One idle timer per connection, re-armed lazily from `last_active` when it
     /// fires, so requests do not touch the timer wheel.
     idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
     last_active: Instant,
 }
 
@@ -272,7 +279,8 @@ impl Engine {
             shutdown,
             forwarded_for: format!("x-forwarded-for: {}\r\n", peer.ip()).into_bytes(),
             thread: std::thread::current().id(),
-            idle: Box::pin(tokio::time::sleep(CLIENT_IDLE_TIMEOUT)),
+            idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
+            idle_timeout: self.idle_timeout,
             last_active: Instant::now(),
         };
         if let Some(h2c) = &self.pingora_h2c {
@@ -789,7 +797,7 @@ impl Client {
     }
 
     /// Reads more from the client: `false` when it closed, failed or stayed idle
-    /// for [`CLIENT_IDLE_TIMEOUT`].
+    /// for its idle timeout.
     async fn read_more(&mut self) -> bool {
         if self.buf.capacity() - self.buf.len() < 4096 {
             self.buf.reserve(16 * 1024);
@@ -801,7 +809,7 @@ impl Client {
                 biased;
                 read = self.stream.read_buf(&mut self.buf) => return matches!(read, Ok(n) if n > 0),
                 () = self.idle.as_mut() => {
-                    let deadline = self.last_active + CLIENT_IDLE_TIMEOUT;
+                    let deadline = self.last_active + self.idle_timeout;
                     if deadline <= Instant::now() {
                         return false;
                     }
