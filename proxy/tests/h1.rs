@@ -270,6 +270,29 @@ fn responses(mut bytes: &[u8], head_request: bool) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Reads until `done` says the bytes so far are enough; `None` when the proxy closes
+/// (or resets) the connection first. Each read waits at most 5 s.
+async fn read_until(client: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !done(&got) {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the proxy answers or closes in time")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Some(got)
+}
+
+/// One answer whose body ends in `ok`.
+async fn read_ok(client: &mut TcpStream) -> Option<Vec<u8>> {
+    read_until(client, |got| got.ends_with(b"ok")).await
+}
+
 fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: wire\r\n{extra}\r\n")
 }
@@ -382,16 +405,9 @@ async fn a_backend_closing_an_idle_connection_costs_no_request() {
         let req =
             format!("{method} /then-close HTTP/1.1\r\nHost: wire\r\nContent-Length: 0\r\n\r\n");
         client.write_all(req.as_bytes()).await.expect("write");
-        let mut buf = vec![0u8; 4096];
-        let mut got = Vec::new();
-        while !got.ends_with(b"ok") {
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-                .await
-                .expect("answer in time")
-                .expect("read");
-            assert!(n > 0, "proxy closed the client connection");
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = read_ok(&mut client)
+            .await
+            .expect("proxy closed the client connection");
         assert!(
             got.starts_with(b"HTTP/1.1 200"),
             "{}",
@@ -441,26 +457,17 @@ async fn expect_continue_and_upgrades_work_through_the_proxy() {
         .write_all(b"POST /expect HTTP/1.1\r\nHost: wire\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         .await
         .expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-        .await
-        .expect("100 in time")
-        .expect("read");
+    let end_of_head = |got: &[u8]| got.windows(4).any(|w| w == b"\r\n\r\n");
+    let interim = read_until(&mut client, end_of_head).await.expect("100");
     assert!(
-        buf[..n].starts_with(b"HTTP/1.1 100"),
+        interim.starts_with(b"HTTP/1.1 100"),
         "{}",
-        String::from_utf8_lossy(&buf[..n])
+        String::from_utf8_lossy(&interim)
     );
     client.write_all(b"hello").await.expect("body");
-    let mut got = Vec::new();
-    while !got.ends_with(b"hello") {
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("answer in time")
-            .expect("read");
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
+    let got = read_until(&mut client, |got| got.ends_with(b"hello"))
+        .await
+        .expect("the echo");
     assert!(got.starts_with(b"HTTP/1.1 200"));
 
     // An upgrade becomes a byte tunnel.
@@ -471,15 +478,7 @@ async fn expect_continue_and_upgrades_work_through_the_proxy() {
         .write_all(b"GET /tunnel HTTP/1.1\r\nHost: wire\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
         .await
         .expect("write");
-    let mut got = Vec::new();
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("101 in time")
-            .expect("read");
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
+    let got = read_until(&mut client, end_of_head).await.expect("101");
     assert!(
         got.starts_with(b"HTTP/1.1 101"),
         "{}",
@@ -489,15 +488,11 @@ async fn expect_continue_and_upgrades_work_through_the_proxy() {
         .write_all(b"ping through the tunnel")
         .await
         .expect("tunnel write");
-    let mut echoed = Vec::new();
-    while echoed.len() < "ping through the tunnel".len() {
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("echo in time")
-            .expect("read");
-        assert!(n > 0);
-        echoed.extend_from_slice(&buf[..n]);
-    }
+    let echoed = read_until(&mut client, |got| {
+        got.len() >= "ping through the tunnel".len()
+    })
+    .await
+    .expect("the echo through the tunnel");
     assert_eq!(echoed, b"ping through the tunnel");
 }
 
@@ -534,23 +529,6 @@ async fn bad_heads_get_400_or_431_and_nothing_reaches_the_backend() {
         );
     }
     assert!(backend.requests.lock().unwrap().is_empty());
-}
-
-/// Reads one `ok`-bodied answer, or `None` when the proxy closed the connection.
-async fn read_ok(client: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.ends_with(b"ok") {
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("the proxy answers or closes in time")
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    Some(got)
 }
 
 #[tokio::test]

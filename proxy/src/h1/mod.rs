@@ -426,16 +426,11 @@ impl Engine {
         out: &mut Vec<u8>,
     ) -> Served {
         out.clear();
-        let headers: Vec<(&str, &str)> = reply
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_ref(), v.as_str()))
-            .collect();
         write_reply_head(
             out,
             reply.status,
             reply.content_type,
-            &headers,
+            &reply.headers,
             reply.body.len(),
             !keep_alive,
         );
@@ -755,7 +750,7 @@ fn write_reply_head(
     out: &mut Vec<u8>,
     status: u16,
     content_type: Option<&str>,
-    headers: &[(&str, &str)],
+    headers: &[(std::borrow::Cow<'static, str>, String)],
     length: usize,
     close: bool,
 ) {
