@@ -1,8 +1,11 @@
-//! Sluice's data plane: a pingora proxy governed by `TrafficPolicy`.
+//! Sluice's data plane: an HTTP proxy governed by `TrafficPolicy`.
 //!
-//! `ProxyHttp` phases ([`proxy`]) stay thin and call plain components with
-//! synchronous APIs: the router and compiled snapshot ([`runtime`]), token buckets
-//! ([`ratelimit`]), the balancer ([`balancer`]). All live policy state is one
+//! Two engines run one request flow ([`proxy`]): Sluice's own HTTP/1.1 engine
+//! ([`h1`], the default) and pingora's `ProxyHttp` phases (everything h1 hands over,
+//! or all traffic with `--engine pingora`). The flow stays thin and calls plain
+//! components with synchronous APIs: the router and compiled snapshot
+//! ([`runtime`]), token buckets ([`ratelimit`]), the balancer ([`balancer`],
+//! [`endpoints`]). All live policy state is one
 //! `ArcSwap` of a [`runtime::Runtime`], replaced whole by [`source`] on reload.
 #![forbid(unsafe_code)]
 
