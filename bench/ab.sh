@@ -12,7 +12,8 @@
 # 18100 up), pinned to core 1 like every proxy in bench/proxy.sh; nginx proxies to the
 # same backend (nginx, core 0). Every round runs `wrk -t1 -c64 -d${SECS}s` against each
 # target in turn (nginx first), printing req/s, p99 and CPU µs per request (utime+stime
-# from /proc), and the peak RSS (VmHWM) at the end. Knobs: ROUNDS=3 SECS=5.
+# from /proc), and the peak RSS (VmHWM) at the end. Knobs: ROUNDS=3 SECS=5, and
+# RATE=N for an open loop instead (`oha -q N --latency-correction -c 64`: p50, p99).
 # Needs nginx and wrk (bench/proxy.sh installs them). Stops what it started by PID.
 set -euo pipefail
 
@@ -100,10 +101,23 @@ PROC[nginx]="$NGINX $(pgrep -P "$NGINX" | tr '\n' ' ')"
 PIDS+=($(pgrep -P "$NGINX"))
 
 CLK=$(getconf CLK_TCK)
-echo "ab.sh: $ROUNDS rounds x ${SECS}s, wrk -t1 -c64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+RATE=${RATE:-}
+if [ -n "$RATE" ]; then
+    command -v oha >/dev/null || { echo "ab.sh: RATE needs oha (bench/proxy.sh installs it)" >&2; exit 1; }
+    echo "ab.sh: $ROUNDS rounds x ${SECS}s, oha -q $RATE -c 64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+fi
+[ -n "$RATE" ] || echo "ab.sh: $ROUNDS rounds x ${SECS}s, wrk -t1 -c64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 for ((r = 1; r <= ROUNDS; r++)); do
     for label in "${labels[@]}"; do
         [ -f "$TMP/$label/access.log" ] && : >"$TMP/$label/access.log"
+        if [ -n "$RATE" ]; then
+            out=$(taskset -c 0 timeout $((SECS + 30)) oha -q "$RATE" -z "${SECS}s" --latency-correction --no-tui \
+                -c 64 --output-format json -H 'Host: bench' "http://127.0.0.1:${PORT[$label]}/api/v1/items")
+            printf '%-16s round %d  achieved %7.0f/s  p50 %.3f ms  p99 %.3f ms\n' "$label" "$r" \
+                "$(jq -r '.summary.requestsPerSec' <<<"$out")" "$(jq -r '.latencyPercentiles.p50 * 1000' <<<"$out")" \
+                "$(jq -r '.latencyPercentiles.p99 * 1000' <<<"$out")"
+            continue
+        fi
         c0=$(cpu_ticks ${PROC[$label]})
         out=$(taskset -c 0 timeout $((SECS + 30)) wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench' \
             "http://127.0.0.1:${PORT[$label]}/api/v1/items")
