@@ -103,7 +103,9 @@ PIDS+=($(pgrep -P "$NGINX"))
 CLK=$(getconf CLK_TCK)
 RATE=${RATE:-}
 if [ -n "$RATE" ]; then
-    command -v oha >/dev/null || { echo "ab.sh: RATE needs oha (bench/proxy.sh installs it)" >&2; exit 1; }
+    for tool in oha jq; do
+        command -v "$tool" >/dev/null || { echo "ab.sh: RATE needs $tool (bench/proxy.sh installs it)" >&2; exit 1; }
+    done
     echo "ab.sh: $ROUNDS rounds x ${SECS}s, oha -q $RATE -c 64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 fi
 [ -n "$RATE" ] || echo "ab.sh: $ROUNDS rounds x ${SECS}s, wrk -t1 -c64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"

@@ -51,6 +51,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts per request (first try, failovers, retries, fallback backend), as
 /// pingora's own bound.
 const MAX_ATTEMPTS: usize = 16;
+/// How often idle upstream connections are checked for expiry and closure.
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The HTTP/2 connection preface (h2c with prior knowledge).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -110,9 +112,14 @@ impl BackgroundService for Listener {
                 std::process::exit(1);
             }
         };
+        let mut sweep = tokio::time::interval(POOL_SWEEP_EVERY);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
+                _ = sweep.tick() => {
+                    self.inner.pool.sweep(Instant::now());
+                    continue;
+                }
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() { return } else { continue }
                 }

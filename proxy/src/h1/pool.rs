@@ -63,6 +63,19 @@ impl Pool {
         list.push((stream, now));
     }
 
+    /// Drops idle connections that expired or that their backend closed, in every
+    /// list (run periodically: `take` and `put` only clean the list they touch, so a
+    /// backend that gets no more traffic would keep its idle connections open).
+    pub fn sweep(&self, now: Instant) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        for list in idle.values_mut() {
+            list.retain(|(stream, since)| {
+                now.saturating_duration_since(*since) < UPSTREAM_IDLE_TIMEOUT && usable(stream)
+            });
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
     /// Idle connections held, all threads and backends.
     pub fn idle(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,6 +122,36 @@ mod tests {
         }
         assert!(pool.take(me, addr).is_none());
         assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_drops_closed_and_expired_connections_only() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = Pool::default();
+        let me = std::thread::current().id();
+        let open = TcpStream::connect(addr).await.unwrap();
+        let (_open_server, _) = listener.accept().await.unwrap();
+        let closing = TcpStream::connect(addr).await.unwrap();
+        let (closing_server, _) = listener.accept().await.unwrap();
+        pool.put(me, addr, open);
+        pool.put(me, addr, closing);
+        drop(closing_server);
+        // Bounded wait for the reactor to see the FIN.
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            pool.sweep(Instant::now());
+            if pool.idle() == 1 {
+                break;
+            }
+        }
+        assert_eq!(
+            pool.idle(),
+            1,
+            "the closed connection is swept, the open one kept"
+        );
+        pool.sweep(Instant::now() + UPSTREAM_IDLE_TIMEOUT);
+        assert_eq!(pool.idle(), 0, "an expired connection is swept");
     }
 
     #[tokio::test]
