@@ -73,6 +73,8 @@ pub struct Endpoints {
     /// Every target resolved and no health checks or outlier detection: every backend
     /// is always available, so a pick only has to avoid the ones already tried.
     always_available: bool,
+    /// Some backend speaks h2c (the h1 engine hands such requests to pingora).
+    pub speaks_h2c: bool,
 }
 
 impl Endpoints {
@@ -123,8 +125,10 @@ impl Endpoints {
         let always_available = targets.iter().all(|t| t.addr.is_some())
             && rule.health_check.is_none()
             && rule.outlier_detection.is_none();
+        let speaks_h2c = targets.iter().any(|t| t.protocol == Protocol::H2c);
         let endpoints = Endpoints {
             always_available,
+            speaks_h2c,
             health: rule
                 .health_check
                 .as_ref()

@@ -374,12 +374,7 @@ impl Engine {
         }
         // A policy with h2c backends needs pingora's HTTP/2 client: hand over before
         // any governance is spent on the request.
-        if ctx.policy().is_some_and(|p| {
-            p.endpoints
-                .targets
-                .iter()
-                .any(|t| t.protocol == sluice_policy::Protocol::H2c)
-        }) {
+        if ctx.policy().is_some_and(|p| p.endpoints.speaks_h2c) {
             drop(ctx);
             let mut replay =
                 BytesMut::with_capacity(req.head.bytes.len() + body.len() + client.buf.len());

@@ -110,17 +110,15 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let passthrough = ctx.passthrough.is_some();
         let peer = self
             .choose_peer(&*session, ctx)
             .map_err(|reason| Error::explain(ErrorType::HTTPStatus(502), reason))?;
         let mut http = HttpPeer::new(peer.addr, false, String::new());
         http.options.connection_timeout = Some(peer.connect_timeout);
         http.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        if !passthrough {
-            http.options.read_timeout = peer.io_timeout;
-            http.options.write_timeout = peer.io_timeout;
-        }
+        // None for passthrough traffic: it has no route, hence no timeout.
+        http.options.read_timeout = peer.io_timeout;
+        http.options.write_timeout = peer.io_timeout;
         if peer.h2c {
             http.options.set_http_version(2, 2);
             http.options.max_h2_streams = 100;
