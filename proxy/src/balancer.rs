@@ -11,7 +11,7 @@
 //! Bound: periods longer than [`MAX_PERIOD`] (only with many backends and large,
 //! coprime weights) are scaled down proportionally, keeping every weight >= 1.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -28,23 +28,65 @@ pub struct BalancerRule {
     pub load_balancer: LoadBalancer,
 }
 
+/// One period of the smooth order, with the constant that reduces the cursor into
+/// it without a division (Lemire's "fastmod": `u64::MAX / len + 1`; exact for every
+/// `u32` cursor and length; 0 for a length of 1, which makes every remainder 0).
+#[derive(Debug)]
+struct Sequence {
+    order: Vec<u16>,
+    fastmod: u64,
+}
+
+impl Sequence {
+    fn new(weights: &[u32]) -> Self {
+        let order = smooth_sequence(weights);
+        let fastmod = match order.len() as u64 {
+            0 => 0,
+            len => (u64::MAX / len).wrapping_add(1),
+        };
+        Sequence { order, fastmod }
+    }
+
+    /// The entry at `cursor % len` (`None` when empty).
+    #[inline]
+    fn at(&self, cursor: u32) -> Option<u16> {
+        let low = self.fastmod.wrapping_mul(u64::from(cursor));
+        let at = ((u128::from(low) * self.order.len() as u128) >> 64) as usize;
+        self.order.get(at).copied()
+    }
+}
+
+/// Where the sequence lives: in place when the weights never change; behind an
+/// `ArcSwap` when slow start ramps them (a pick then pays for the swap's guard,
+/// which perf showed to be half of a pick's cost).
+enum Order {
+    Fixed(Sequence),
+    Ramping(ArcSwap<Sequence>),
+}
+
 pub struct Balancer {
     rule: BalancerRule,
-    /// Replaced whole when effective weights change (slow start); picks read it
-    /// without locking.
-    sequence: ArcSwap<Vec<u16>>,
+    order: Order,
     weights: Mutex<Vec<u32>>,
-    cursor: AtomicUsize,
+    /// Picks so far, wrapping at 2^32: once in four billion picks the order jumps
+    /// (2^32 is rarely a multiple of the period), a one-pick glitch.
+    cursor: AtomicU32,
 }
 
 impl Balancer {
     pub fn new(rule: BalancerRule) -> Self {
         let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
+        let sequence = Sequence::new(&weights);
+        let order = if rule.load_balancer.slow_start.is_some() {
+            Order::Ramping(ArcSwap::from_pointee(sequence))
+        } else {
+            Order::Fixed(sequence)
+        };
         Balancer {
-            sequence: ArcSwap::from_pointee(smooth_sequence(&weights)),
+            order,
             weights: Mutex::new(weights),
             rule,
-            cursor: AtomicUsize::new(0),
+            cursor: AtomicU32::new(0),
         }
     }
 
@@ -53,27 +95,34 @@ impl Balancer {
     }
 
     /// Uses `weights` (one per backend) from now on, e.g. while a backend's weight
-    /// ramps up; a no-op when they did not change. Off the request path.
+    /// ramps up; a no-op when they did not change. Off the request path. Only a
+    /// balancer whose rule has slow start can ramp: for the others this is ignored
+    /// (their weights are the policy's until a reload builds a new balancer).
     pub fn set_weights(&self, weights: &[u32]) {
+        let Order::Ramping(sequence) = &self.order else {
+            return;
+        };
         let mut current = self.weights.lock().unwrap_or_else(PoisonError::into_inner);
         if current.as_slice() != weights {
             *current = weights.to_vec();
-            self.sequence.store(Arc::new(smooth_sequence(weights)));
+            sequence.store(Arc::new(Sequence::new(weights)));
         }
     }
 
     /// The next backend index in the smooth order, skipping those `skip` rejects
     /// (already tried, unhealthy). `None` when every backend is skipped.
     pub fn pick(&self, skip: impl Fn(usize) -> bool) -> Option<usize> {
-        let sequence = self.sequence.load();
-        let len = sequence.len();
-        if len == 0 {
-            return None;
+        match &self.order {
+            Order::Fixed(sequence) => self.pick_in(sequence, skip),
+            Order::Ramping(sequence) => self.pick_in(&sequence.load(), skip),
         }
+    }
+
+    #[inline]
+    fn pick_in(&self, sequence: &Sequence, skip: impl Fn(usize) -> bool) -> Option<usize> {
         // Bounded: one full period visits every backend with weight > 0.
-        for _ in 0..len {
-            let at = self.cursor.fetch_add(1, Ordering::Relaxed) % len;
-            let index = usize::from(sequence[at]);
+        for _ in 0..sequence.order.len() {
+            let index = usize::from(sequence.at(self.cursor.fetch_add(1, Ordering::Relaxed))?);
             if !skip(index) {
                 return Some(index);
             }
@@ -126,6 +175,47 @@ mod tests {
     use super::*;
     use sluice_policy::{Address, Protocol};
 
+    impl Balancer {
+        fn sequence_len(&self) -> usize {
+            match &self.order {
+                Order::Fixed(s) => s.order.len(),
+                Order::Ramping(s) => s.load().order.len(),
+            }
+        }
+    }
+
+    #[test]
+    fn fastmod_is_the_remainder() {
+        for len in [1u32, 2, 3, 7, 10, 1_000, 65_535, 65_536] {
+            let s = Sequence {
+                order: (0..len).map(|i| i as u16).collect(),
+                fastmod: (u64::MAX / u64::from(len)).wrapping_add(1),
+            };
+            for cursor in (0..5_000u32).chain([u32::MAX - 3, u32::MAX - 1, u32::MAX]) {
+                assert_eq!(
+                    s.at(cursor),
+                    Some((cursor % len) as u16),
+                    "{cursor} % {len}"
+                );
+            }
+        }
+        assert_eq!(Sequence::new(&[]).at(7), None);
+    }
+
+    #[test]
+    fn only_a_slow_start_balancer_ramps() {
+        let mut rule = balancer(&[1, 1]).rule;
+        let fixed = Balancer::new(rule.clone());
+        fixed.set_weights(&[1, 0]);
+        let picks: Vec<usize> = (0..4).filter_map(|_| fixed.pick(|_| false)).collect();
+        assert_eq!(picks, vec![0, 1, 0, 1]);
+        rule.load_balancer.slow_start = Some(std::time::Duration::from_secs(10));
+        let ramping = Balancer::new(rule);
+        ramping.set_weights(&[1, 0]);
+        let picks: Vec<usize> = (0..4).filter_map(|_| ramping.pick(|_| false)).collect();
+        assert_eq!(picks, vec![0, 0, 0, 0]);
+    }
+
     fn balancer(weights: &[u32]) -> Balancer {
         Balancer::new(BalancerRule {
             backends: weights
@@ -174,7 +264,7 @@ mod tests {
     #[test]
     fn huge_periods_are_bounded() {
         let b = balancer(&[10_000, 9_999, 9_997, 9_991, 9_973, 9_967, 9_949, 9_941]);
-        assert!(b.sequence.load().len() as u64 <= MAX_PERIOD + 8);
+        assert!(b.sequence_len() as u64 <= MAX_PERIOD + 8);
     }
 
     proptest::proptest! {
@@ -189,7 +279,7 @@ mod tests {
             let total: u32 = weights.iter().sum();
             let g = weights.iter().fold(0, |a, w| gcd(a, u64::from(*w))) as u32;
             let period = (total / g) as usize;
-            proptest::prop_assert_eq!(b.sequence.load().len(), period);
+            proptest::prop_assert_eq!(b.sequence_len(), period);
             let mut counts = vec![0u32; weights.len()];
             for step in 1..=period {
                 let i = b.pick(|_| false).unwrap_or(0);
