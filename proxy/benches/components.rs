@@ -97,6 +97,7 @@ fn balancer(c: &mut Criterion) {
             },
         ),
     ] {
+        let p2c = matches!(algorithm, Algorithm::P2cEwma);
         let endpoints = Endpoints::new(
             EndpointsRule {
                 backends: backends.clone(),
@@ -113,6 +114,19 @@ fn balancer(c: &mut Criterion) {
         c.bench_function(name, |b| {
             b.iter(|| black_box(endpoints.pick(now, black_box(b"user-42"), &[])))
         });
+        if p2c {
+            // As under traffic: every backend has answered, at a different
+            // millisecond, with a different latency (so the comparison scales one
+            // estimate to the other's age instead of finding them equal).
+            for i in 0..backends.len() {
+                let at = now + std::time::Duration::from_millis(i as u64 * 7);
+                let rtt = std::time::Duration::from_micros(300 + i as u64 * 50);
+                endpoints.finish(i, at, rtt, false);
+            }
+            c.bench_function("balancer pick (P2C peak-EWMA, 5 backends, answered)", |b| {
+                b.iter(|| black_box(endpoints.pick(now, black_box(b"user-42"), &[])))
+            });
+        }
     }
 }
 

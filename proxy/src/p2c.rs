@@ -98,6 +98,21 @@ struct PeakEwma {
     pending: AtomicU32,
 }
 
+/// `exp(x)`, by its Taylor series to the cube when `|x| < 1/64` (the case of two
+/// estimates taken within 156 ms of each other at the default decay: nearly every
+/// pick under traffic). The series is off by less than `x^4 / 24 < 2.5e-9` there,
+/// below the `f32` precision of the estimates it scales, and costs a few
+/// multiplications where `exp` is a libm call; `x = 0` gives exactly 1.
+#[inline]
+fn grow(x: f64) -> f64 {
+    if x.abs() < 1.0 / 64.0 {
+        // Horner's form, constants folded: no division.
+        1.0 + x * (1.0 + x * (0.5 + x * (1.0 / 6.0)))
+    } else {
+        x.exp()
+    }
+}
+
 /// `exp(-elapsed / decay)`: how much of the old estimate survives `elapsed_ms`.
 fn survival(elapsed_ms: u32, per_decay_ms: f64) -> f64 {
     (-f64::from(elapsed_ms) * per_decay_ms).exp()
@@ -249,20 +264,26 @@ impl P2c {
         skip: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let (first, second) = self.candidates(random, &skip)?;
-        match second {
-            Some(second) if self.cheaper(second, first, |i| self.weight(i)) => Some(second),
-            _ => Some(first),
-        }
+        let Some(second) = second else {
+            return Some(first);
+        };
+        // Which of two random candidates is cheaper is a coin flip to the branch
+        // predictor: select by a mask, not by a branch mispredicted half the time
+        // (`std::hint::select_unpredictable` still compiled to a branch here).
+        let mask = usize::from(self.cheaper(second, first, |i| self.weight(i))).wrapping_neg();
+        Some(first ^ ((first ^ second) & mask))
     }
 
     /// The two candidates of a pick: the first drawn by weight among the eligible
     /// backends, the second among the others.
     ///
-    /// By rejection: a draw is over every backend by weight (the running total, no
-    /// pass over the backends' eligibility), redrawn while it lands on an excluded
-    /// one. Accepting the first eligible draw is exactly a draw by weight among the
-    /// eligible, so the distribution is the exact one; after [`TRIES`] misses (most
-    /// weight excluded, e.g. on a retry) the candidate is drawn by scanning instead.
+    /// The first is drawn over every backend by weight (the running total: no pass
+    /// over the backends' eligibility) and redrawn while it lands on an excluded one;
+    /// accepting the first eligible draw is exactly a draw by weight among the
+    /// eligible. The second is drawn the same way over the backends other than the
+    /// first (their total is the total less the first's weight), so it never has to
+    /// be redrawn for landing on the first. After [`TRIES`] misses (most weight
+    /// excluded, e.g. on a retry) a candidate is drawn by scanning instead.
     fn candidates(
         &self,
         random: &mut impl FnMut() -> u64,
@@ -274,31 +295,69 @@ impl P2c {
         }
         // One random word serves two draws (`below` returns fresh low bits).
         let mut bits = random();
-        let mut draw = |exclude: Option<usize>, bits: &mut u64| -> Option<usize> {
-            for attempt in 0..TRIES {
-                if attempt > 0 && attempt % 2 == 0 {
-                    *bits = random();
-                }
-                let (target, rest) = below(*bits, total);
-                *bits = rest;
-                // None: weights shrank under us (slow start); scan instead.
-                let i = self.draw(target, |i| self.weight(i))?;
-                if Some(i) != exclude && !skip(i) {
-                    return Some(i);
-                }
-            }
-            None
-        };
-        let first = match draw(None, &mut bits) {
+        let first = match self.draw_eligible(total, usize::MAX, &mut bits, random, skip) {
             Some(first) => first,
             None => return self.candidates_by_scan(random, skip),
         };
-        let second = match draw(Some(first), &mut bits) {
-            Some(second) => Some(second),
-            // The first stands (it was drawn exactly); only the second is scanned for.
-            None => self.second_by_scan(random(), first, skip),
+        let others = total.saturating_sub(u64::from(self.weight(first)));
+        let second = match others {
+            0 => None,
+            _ => match self.draw_eligible(others, first, &mut bits, random, skip) {
+                Some(second) => Some(second),
+                // The first stands (it was drawn exactly); only the second is scanned for.
+                None => self.second_by_scan(random(), first, skip),
+            },
         };
         Some((first, second))
+    }
+
+    /// A draw by weight among the backends other than `exclude` (`of` is their
+    /// total), redrawn while it lands on one `skip` excludes; `None` after
+    /// [`TRIES`] misses, or when the weights shrank under us (slow start).
+    #[inline(always)]
+    fn draw_eligible(
+        &self,
+        of: u64,
+        exclude: usize,
+        bits: &mut u64,
+        random: &mut impl FnMut() -> u64,
+        skip: &impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        for attempt in 0..TRIES {
+            if attempt > 0 && attempt % 2 == 0 {
+                *bits = random();
+            }
+            let (target, rest) = below(*bits, of);
+            *bits = rest;
+            let i = self.draw_flat(target, exclude);
+            if i >= self.len() {
+                return None;
+            }
+            if !skip(i) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The backend whose cumulative-weight interval holds `target`, `exclude`
+    /// counting as weight 0; `len()` when `target` is past the sum.
+    ///
+    /// Why not [`Self::draw`]: its early return is a branch on a random number, and
+    /// mispredicting it (about once per draw) was most of a pick's cost. Here every
+    /// backend is visited and the index is a count: the number of cumulative sums
+    /// at or below `target` is the index of the first one above it (zero weights
+    /// leave the sum unchanged and are counted past).
+    #[inline]
+    fn draw_flat(&self, target: u64, exclude: usize) -> usize {
+        let mut sum = 0u64;
+        let mut index = 0usize;
+        for (i, w) in self.weights.iter().enumerate() {
+            let w = u64::from(w.load(Ordering::Relaxed));
+            sum += if i == exclude { 0 } else { w };
+            index += usize::from(sum <= target);
+        }
+        index
     }
 
     /// [`Self::candidates`] by scanning every backend's weight and eligibility.
@@ -368,11 +427,7 @@ impl P2c {
         let lb = load(eb, sb) * f64::from(wa);
         // The wrapping difference of the two stamps, as a signed number of ms.
         let shift = sa.at_ms.wrapping_sub(sb.at_ms) as i32;
-        if shift == 0 {
-            la < lb
-        } else {
-            la * (f64::from(shift) * self.per_decay_ms).exp() < lb
-        }
+        la * grow(f64::from(shift) * self.per_decay_ms) < lb
     }
 
     /// The backend whose cumulative-weight interval contains `target`.
@@ -679,6 +734,18 @@ mod tests {
     }
 
     #[test]
+    fn grow_is_exp_to_well_within_an_estimates_precision() {
+        assert_eq!(grow(0.0), 1.0);
+        for k in -2_000..=2_000 {
+            let x = f64::from(k) / 64_000.0;
+            let relative = (grow(x) - x.exp()).abs() / x.exp();
+            assert!(relative < 3e-9, "grow({x}) is off by {relative}");
+        }
+        assert_eq!(grow(0.5), 0.5f64.exp());
+        assert_eq!(grow(-3.0), (-3.0f64).exp());
+    }
+
+    #[test]
     fn is_shared_across_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<P2c>();
@@ -702,8 +769,9 @@ mod tests {
             // After every sample (estimates are never stamped after `now` here).
             let now = t0 + MS * (60_000 + at as u32);
             let (c0, c1) = (p2c.cost(0, now), p2c.cost(1, now));
-            // Away from ties (where rounding may decide either way) they must agree.
-            if (c0 - c1).abs() > 1e-9 * c0.max(c1) {
+            // Away from ties (where rounding, and `grow`'s series off by < 2.5e-9,
+            // may decide either way) they must agree.
+            if (c0 - c1).abs() > 1e-8 * c0.max(c1) {
                 let w = |i: usize| p2c.weight(i);
                 proptest::prop_assert_eq!(p2c.cheaper(0, 1, w), c0 < c1);
             }
