@@ -53,6 +53,14 @@ fn answer(method: &str, path: &str, body: &[u8]) -> (Vec<u8>, bool) {
             out.resize(out.len() + BIG, b'x');
             (out, false)
         }
+        // Fields about the backend's connection, which must not reach the client;
+        // then the backend closes, as it said.
+        "/hop-by-hop" => (
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nKeep-Alive: timeout=1\r\nX-Private: secret\r\nUpgrade: h2c\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok"
+                .into(),
+            true,
+        ),
+        "/answers-in-http10" => ("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok".into(), true),
         // Answers, then closes without saying so (as a backend whose keep-alive
         // timeout just ran out).
         "/then-close" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".into(), true),
@@ -389,6 +397,44 @@ async fn every_response_framing_is_relayed_exactly() {
     assert_eq!(answers[4].1, b"ok");
     assert_eq!(answers[6].1, b"until close");
     assert!(answers[3].0.contains("Link: </a.css>"));
+}
+
+#[tokio::test]
+async fn the_backends_connection_fields_stay_behind_and_its_close_is_its_own() {
+    let backend = backend().await;
+    let (_dir, proxy) = proxy_for(&backend).await;
+    // One client connection; the backend closes its connection after the first
+    // two answers and the last (whose body ends at the close).
+    let wire = [
+        get("/hop-by-hop", ""),
+        get("/answers-in-http10", ""),
+        get("/second", ""),
+        get("/until-close", ""),
+    ]
+    .concat();
+    let reply = send_raw(proxy.listen_addr(), wire.as_bytes())
+        .await
+        .expect("raw");
+    let answers = responses(&reply, false);
+    let heads: Vec<String> = answers
+        .iter()
+        .map(|(h, _)| h.to_ascii_lowercase())
+        .collect();
+    assert_eq!(answers.len(), 4, "{heads:?}");
+    for gone in ["connection:", "keep-alive:", "x-private:", "upgrade:"] {
+        assert!(!heads[0].contains(gone), "{gone} relayed: {}", heads[0]);
+    }
+    assert!(heads[0].contains("x-kept: k"), "{}", heads[0]);
+    assert_eq!(answers[0].1, b"ok");
+    // An HTTP/1.0 backend's answer reaches the HTTP/1.1 client as HTTP/1.1.
+    assert!(heads[1].starts_with("http/1.1 200 ok\r\n"), "{}", heads[1]);
+    assert!(heads[2].contains("x-echo-path: /second"), "{}", heads[2]);
+    assert!(!heads[2].contains("connection:"), "{}", heads[2]);
+    // A body that ends when the backend closes ends the client's connection too,
+    // and the proxy says so.
+    assert!(heads[3].contains("connection: close"), "{}", heads[3]);
+    assert_eq!(answers[3].1, b"until close");
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]

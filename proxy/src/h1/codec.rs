@@ -208,6 +208,9 @@ pub enum Framing {
     UntilClose,
 }
 
+/// The most hop-by-hop lines a response may have (more is refused as malformed: a 502).
+const MAX_DROPPED: usize = 8;
+
 /// A parsed response head: its length in the buffer and what matters for relaying it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseHead {
@@ -216,6 +219,31 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The connection cannot carry another exchange afterwards.
     pub close: bool,
+    /// An HTTP/1.0 status line (relayed as HTTP/1.1: the client speaks 1.1 to Sluice).
+    http10: bool,
+    /// The lines (CRLF included) of hop-by-hop fields, which describe the backend's
+    /// connection and are not relayed (RFC 9110 §7.6.1), in order.
+    dropped: [(u32, u32); MAX_DROPPED],
+    dropped_len: u8,
+}
+
+impl ResponseHead {
+    /// Appends the head as relayed to the client, without its final empty line (for
+    /// more header lines): `buf` holds the head as received; the status line says
+    /// HTTP/1.1 and the hop-by-hop lines are left out.
+    pub fn write_relayed(&self, buf: &[u8], out: &mut Vec<u8>) {
+        let head = buf.get(..self.len.saturating_sub(2)).unwrap_or(buf);
+        let mut at = 0;
+        if self.http10 {
+            out.extend_from_slice(b"HTTP/1.1");
+            at = b"HTTP/1.0".len();
+        }
+        for &(start, end) in &self.dropped[..usize::from(self.dropped_len)] {
+            out.extend_from_slice(head.get(at..start as usize).unwrap_or(b""));
+            at = end as usize;
+        }
+        out.extend_from_slice(head.get(at..).unwrap_or(b""));
+    }
 }
 
 /// Parses a response head at the start of `buf`; `head_request`: it answers a HEAD.
@@ -235,6 +263,9 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseH
     let mut length = None;
     let mut chunked = None;
     let (mut close, mut keep_alive) = (false, false);
+    // Whether some field must stay behind, and whether `Connection` names fields
+    // of its own (beyond the options close / keep-alive / upgrade).
+    let (mut hop_by_hop, mut nominates) = (false, false);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -246,6 +277,44 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseH
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= has_token(h.value, "close");
             keep_alive |= has_token(h.value, "keep-alive");
+            nominates |= h.value.split(|&b| b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !["close", "keep-alive", "upgrade"]
+                        .iter()
+                        .any(|o| t.eq_ignore_ascii_case(o.as_bytes()))
+            });
+        }
+        hop_by_hop |= is_hop_by_hop_response_field(name);
+    }
+    let mut dropped = [(0u32, 0u32); MAX_DROPPED];
+    let mut dropped_len = 0u8;
+    if hop_by_hop || nominates {
+        let nominated = |name: &[u8]| {
+            nominates
+                && resp.headers.iter().any(|c| {
+                    c.name.eq_ignore_ascii_case("connection")
+                        && c.value
+                            .split(|&b| b == b',')
+                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+                })
+        };
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
+            if !is_hop_by_hop_response_field(name) && !nominated(name) {
+                continue;
+            }
+            let slot = dropped
+                .get_mut(usize::from(dropped_len))
+                .ok_or(HeadError::Malformed)?;
+            // The line runs from the name to its LF (a value cannot hold one).
+            let start = offset(buf, name).start;
+            let end = buf
+                .get(start..len)
+                .and_then(|line| line.iter().position(|&b| b == b'\n'))
+                .map_or(len, |i| start + i + 1);
+            *slot = (start as u32, end as u32);
+            dropped_len += 1;
         }
     }
     let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
@@ -266,7 +335,20 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseH
         status,
         framing,
         close,
+        http10: minor == 0,
+        dropped,
+        dropped_len,
     }))
+}
+
+/// A response field about the backend's connection: the request's hop-by-hop set
+/// plus `Upgrade` (an offer to switch the backend connection's protocol; the 101
+/// that would accept one is never relayed by the fast path).
+fn is_hop_by_hop_response_field(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"upgrade")
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Finds where a chunked body ends while its bytes stream past unchanged.
@@ -467,6 +549,45 @@ mod tests {
         assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n", false), Ok(None));
         assert_eq!(
             parse_response(b"HTTP/1.1 2x0 OK\r\n\r\n", false).err(),
+            Some(HeadError::Malformed)
+        );
+    }
+
+    #[test]
+    fn relayed_heads_lose_the_backends_connection_fields() {
+        let relayed = |text: &str| {
+            let head = parse_response(text.as_bytes(), false).unwrap().unwrap();
+            let mut out = Vec::new();
+            head.write_relayed(text.as_bytes(), &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        // nginx's keep-alive answer: the common case.
+        assert_eq!(
+            relayed("HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 0\r\n"
+        );
+        // Untouched when there is nothing to drop.
+        let plain = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(relayed(plain), &plain[..plain.len() - 2]);
+        // Every hop-by-hop field and those Connection names (anywhere in the head),
+        // an h2c upgrade offer; end-to-end fields and their order stay.
+        assert_eq!(
+            relayed(
+                "HTTP/1.0 200 OK\r\nX-Private: p\r\nKeep-Alive: timeout=5\r\nA: 1\r\nConnection: Keep-Alive, X-Private, Upgrade\r\nUpgrade: h2c\r\nTE: trailers\r\nProxy-Connection: x\r\nContent-Length: 2\r\nB:\r\n\r\nok"
+            ),
+            "HTTP/1.1 200 OK\r\nA: 1\r\nContent-Length: 2\r\nB:\r\n"
+        );
+        // More hop-by-hop lines than the bound: refused (a 502), not relayed.
+        let many = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {}\r\n{}\r\n",
+            (0..8)
+                .map(|i| format!("x-{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (0..8).map(|i| format!("x-{i}: v\r\n")).collect::<String>()
+        );
+        assert_eq!(
+            parse_response(many.as_bytes(), false).err(),
             Some(HeadError::Malformed)
         );
     }

@@ -10,7 +10,9 @@
 //! What it serves itself: HTTP/1.1 keep-alive requests in origin form whose body
 //! has a Content-Length of at most [`MAX_BODY`] (read whole, so retries can resend
 //! it), to HTTP/1 backends; responses framed by length, chunks or close, HEAD, 1xx,
-//! 204 and 304. Anything else — HTTP/1.0, chunked or larger request bodies,
+//! 204 and 304. Hop-by-hop fields stay behind both ways (RFC 9110 §7.6.1): the
+//! backend's `Connection: close` ends the backend connection, not the client's, as
+//! in Envoy. Anything else — HTTP/1.0, chunked or larger request bodies,
 //! `Expect`, upgrades and CONNECT, absolute-form targets, h2c (the preface, or a
 //! policy whose backends speak h2c) — is handed over, connection and bytes already
 //! read, to pingora for the rest of the connection.
@@ -575,8 +577,12 @@ impl Engine {
         out: &mut Vec<u8>,
     ) -> Served {
         let status = response.status;
+        // The client's connection outlives the backend's unless the client asked
+        // to close or the body ends only when the backend closes (the backend's own
+        // `Connection` is not relayed; Sluice says `close` when it will close).
+        let close_client = !keep_alive || response.framing == Framing::UntilClose;
         out.clear();
-        out.extend_from_slice(&ubuf[..response.len - 2]);
+        response.write_relayed(ubuf, out);
         if let Some((limit, remaining, reset)) = ctx.rate_headers {
             push_number(out, "ratelimit-limit", u64::from(limit));
             push_number(out, "ratelimit-remaining", u64::from(remaining));
@@ -584,6 +590,9 @@ impl Engine {
         }
         if let Some(cause) = ctx.fallback {
             push_header(out, "x-sluice-fallback", cause.as_str().as_bytes());
+        }
+        if close_client {
+            out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
         bytes::Buf::advance(ubuf, response.len);
@@ -614,7 +623,7 @@ impl Engine {
             self.pool.put(client.thread, addr, upstream);
         }
         self.flow.finish(req, status, !client_ok, ctx);
-        if client_ok && keep_alive && !response.close {
+        if client_ok && !close_client {
             Served::KeepAlive
         } else {
             Served::Close
@@ -651,10 +660,11 @@ async fn read_response_head(
         loop {
             match parse_response(buf, head_request) {
                 Ok(Some(head)) if (100..200).contains(&head.status) && head.status != 101 => {
-                    client
-                        .write_all(&buf[..head.len])
-                        .await
-                        .map_err(|_| Broken::Io)?;
+                    // Rare (103 Early Hints): its own buffer.
+                    let mut interim = Vec::with_capacity(head.len);
+                    head.write_relayed(buf, &mut interim);
+                    interim.extend_from_slice(b"\r\n");
+                    client.write_all(&interim).await.map_err(|_| Broken::Io)?;
                     bytes::Buf::advance(buf, head.len);
                 }
                 Ok(Some(head)) if head.status == 101 => return Err(Broken::BadResponse),
