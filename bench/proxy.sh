@@ -12,6 +12,8 @@
 #   sluice-pingora  the same as sluice on --engine pingora (every request through
 #                   pingora's HTTP engine, as before the h1 engine; closed loop only)
 #                                                              127.0.0.1:18010 (admin 18011)
+#   sluice-twin     a second identical sluice, the A/A control  127.0.0.1:18012 (admin 18013)
+#                   (open loop only)
 #   sluice-1k-keys  the same as sluice, the traffic spread over 1,000 x-user-id
 #                   rate-limit keys (route `keyed`, maxKeys 10000)
 #                                                              127.0.0.1:18006 (admin 18007)
@@ -119,7 +121,7 @@ cp target/release/sluice-proxy "$SLUICE"
 cp target/release/examples/bare-pingora "$TMP/bare-pingora"
 cp target/release/examples/minimal-h1 "$TMP/minimal-h1"
 
-for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008 18009 18010 18011; do
+for port in 18080 18000 18001 18002 18003 18004 18005 18006 18007 18008 18009 18010 18011 18012 18013; do
     if ss -ltnH "sport = :$port" | grep -q .; then die "port $port is in use"; fi
 done
 
@@ -166,8 +168,8 @@ backend be
   server backend 127.0.0.1:18080
 EOF
 
-declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [pingora-bare]=18008 [minimal-h1]=18009 [sluice-pingora]=18010 [nginx]=18002 [haproxy]=18003)
-declare -A ADMIN=([sluice]=18000 [sluice-nolog]=18005 [sluice-1k-keys]=18007 [sluice-pingora]=18011)
+declare -A PORT=([direct]=18080 [sluice]=18001 [sluice-nolog]=18004 [sluice-1k-keys]=18006 [pingora-bare]=18008 [minimal-h1]=18009 [sluice-pingora]=18010 [sluice-twin]=18012 [nginx]=18002 [haproxy]=18003)
+declare -A ADMIN=([sluice]=18000 [sluice-nolog]=18005 [sluice-1k-keys]=18007 [sluice-pingora]=18011 [sluice-twin]=18013)
 declare -A PROCS # target -> PIDs whose CPU and memory count as the proxy's
 
 taskset -c 0 nginx -e "$TMP/backend/error.log" -p "$TMP/backend" -c "$TMP/backend/nginx.conf" \
@@ -206,16 +208,19 @@ start_sluice sluice 18001 18000
 start_sluice sluice-nolog 18004 18005 --no-access-log
 start_sluice sluice-1k-keys 18006 18007
 start_sluice sluice-pingora 18010 18011 --engine pingora
+# The A/A control: a second, identical `sluice`, measured in the open loop only. Its
+# p99 against the first's shows what difference the open loop can resolve.
+start_sluice sluice-twin 18012 18013
 
 # Wait until everything answers (bounded), then check each target serves the body.
-for name in sluice sluice-nolog sluice-1k-keys sluice-pingora; do
+for name in sluice sluice-nolog sluice-1k-keys sluice-pingora sluice-twin; do
     for ((i = 0; i < 100; i++)); do
         curl -fsS --max-time 1 "http://127.0.0.1:${ADMIN[$name]}/ready" >/dev/null 2>&1 && break
         kill -0 "${PROCS[$name]}" 2>/dev/null || die "$name exited: $(tail -5 "$TMP/$name/stderr.log")"
         sleep 0.1
     done
 done
-for t in direct sluice sluice-nolog sluice-pingora pingora-bare minimal-h1 nginx haproxy; do
+for t in direct sluice sluice-nolog sluice-pingora sluice-twin pingora-bare minimal-h1 nginx haproxy; do
     body=""
     for ((i = 0; i < 100; i++)); do
         body=$(curl -sS --max-time 1 -H "$HOSTHDR" "http://127.0.0.1:${PORT[$t]}$URLPATH" 2>/dev/null || true)
@@ -320,7 +325,7 @@ closed_loop() { # target round
 
 open_loop() { # target rate round
     local t=$1 rate=$2 round=$3 out mark=""
-    case $t in sluice) : >"$TMP/$t/access.log" ;; esac
+    case $t in sluice | sluice-twin) : >"$TMP/$t/access.log" ;; esac
     busy && mark="*" && DISTURBED=$((DISTURBED + 1))
     RUNS=$((RUNS + 1))
     out=$(taskset -c 0 timeout $((DURATION + 60)) oha -q "$rate" -z "${DURATION}s" --latency-correction --no-tui \
@@ -357,7 +362,7 @@ busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyw
 
 # --- measure ------------------------------------------------------------------------
 CLOSED_TARGETS=(direct sluice sluice-nolog sluice-1k-keys sluice-pingora pingora-bare minimal-h1 nginx haproxy)
-OPEN_TARGETS=(direct sluice sluice-nolog nginx haproxy)
+OPEN_TARGETS=(direct sluice sluice-nolog nginx sluice-twin haproxy)
 PROXIES=(sluice sluice-nolog sluice-1k-keys sluice-pingora pingora-bare minimal-h1 nginx haproxy)
 START=$(date -u '+%Y-%m-%d %H:%M UTC')
 T0=$SECONDS
@@ -459,6 +464,7 @@ label() {
     sluice-nolog) echo "sluice (--no-access-log)" ;;
     sluice-1k-keys) echo "sluice, 1,000 rate-limit keys" ;;
     sluice-pingora) echo "sluice --engine pingora (access log on)" ;;
+    sluice-twin) echo "sluice again: a second identical instance (A/A control)" ;;
     pingora-bare) echo "bare pingora (no policy, floor)" ;;
     minimal-h1) echo "minimal tokio+httparse proxy (no policy)" ;;
     *) echo "$1" ;;
@@ -546,6 +552,9 @@ REPORT="$TMP/report.md"
             echo
         done
     done
+    printf '| %s / %s (A/A: the resolution) |' "$(label sluice-twin)" "$(label sluice)"
+    for rate in $RATES; do printf ' %s |' "$(ratio "${M[op99|sluice-twin|$rate]}" "${M[op99|sluice|$rate]}")"; done
+    echo
     echo
     echo "Latency is corrected for coordinated omission (measured from each request's scheduled"
     echo "time). \"achieved\" is requests completed per second; below the asked rate the target"
@@ -578,7 +587,7 @@ REPORT="$TMP/report.md"
     echo "| req/s, bare pingora / nginx (what pingora itself allows) | - | $(ratio "${M[rps|pingora-bare]}" "${M[rps|nginx]}") |"
     echo "| req/s, minimal tokio+httparse proxy / nginx (what an engine of our own allows) | - | $(ratio "${M[rps|minimal-h1]}" "${M[rps|nginx]}") |"
     if [[ " $RATES " == *" 5000 "* ]]; then
-        echo "| p99 at 5k req/s open loop | <= nginx's | $(fmt "${M[op99|sluice|5000]}" %.2f) ms vs $(fmt "${M[op99|nginx|5000]}" %.2f) ms ($(ratio "${M[op99|sluice|5000]}" "${M[op99|nginx|5000]}")) |"
+        echo "| p99 at 5k req/s open loop | <= nginx's | $(fmt "${M[op99|sluice|5000]}" %.2f) ms vs $(fmt "${M[op99|nginx|5000]}" %.2f) ms ($(ratio "${M[op99|sluice|5000]}" "${M[op99|nginx|5000]}"); an identical second Sluice: $(ratio "${M[op99|sluice-twin|5000]}" "${M[op99|sluice|5000]}") the first) |"
     fi
     echo "| peak RSS at 64 connections | <= 20 MB | $(awk -v k="${HWM[sluice]}" 'BEGIN {printf "%.1f MB", k / 1024}') |"
     echo "| errors during $RELOADS reloads under load | 0 | $((RL_NON2XX + RL_SOCKERR)) |"
