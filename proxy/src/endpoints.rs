@@ -232,6 +232,15 @@ impl Endpoints {
         }
     }
 
+    /// An attempt at `index` was abandoned after `rtt` (the client left): P2C's
+    /// pending count drops and `rtt` is a latency sample (a lower bound), but it is
+    /// no outcome for outlier detection.
+    pub fn abandon(&self, index: usize, now: Instant, rtt: Duration) {
+        if let Picker::P2c(p) = &self.picker {
+            p.end(index, now, rtt);
+        }
+    }
+
     /// An attempt at `index` ended after `rtt`; `failed` is a connect error, timeout,
     /// reset or 5xx. Returns true when this outcome ejected the backend.
     pub fn finish(&self, index: usize, now: Instant, rtt: Duration, failed: bool) -> bool {

@@ -174,6 +174,29 @@ async fn serve(mut stream: TcpStream, requests: Seen) -> std::io::Result<()> {
             tokio::io::copy(&mut r, &mut w).await?;
             return Ok(());
         }
+        if path == "/slow" {
+            // Answers after 3 s unless the proxy drops the connection first;
+            // records which (after recording the request itself).
+            requests.lock().unwrap().push((head, Vec::new()));
+            let mut probe = [0u8; 1];
+            let outcome = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut probe));
+            let outcome = match outcome.await {
+                Ok(Ok(0)) | Ok(Err(_)) => "dropped",
+                Ok(Ok(_)) => "more bytes",
+                Err(_) => "waited",
+            };
+            requests
+                .lock()
+                .unwrap()
+                .push((format!("/slow: {outcome}"), Vec::new()));
+            if outcome != "waited" {
+                return Ok(());
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await?;
+            continue;
+        }
         let body = read_body(&mut stream, &mut buf, &head).await?;
         let (response, close) = answer(&method, &path, &body);
         requests.lock().unwrap().push((head, body));
@@ -435,6 +458,73 @@ async fn the_backends_connection_fields_stay_behind_and_its_close_is_its_own() {
     assert!(heads[3].contains("connection: close"), "{}", heads[3]);
     assert_eq!(answers[3].1, b"until close");
     assert_eq!(backend.connections.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_takes_its_upstream_request_with_it() {
+    let backend = backend().await;
+    let (_dir, proxy) = proxy_for(&backend).await;
+    let seen = |what: &str| {
+        backend
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(h, _)| h.starts_with(what))
+            .count()
+    };
+    // A client that stays, with a second request pipelined behind the slow one:
+    // its bytes are not mistaken for a departure.
+    let mut stays = TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    let pipelined = [get("/slow", ""), get("/after", "")].concat();
+    stays.write_all(pipelined.as_bytes()).await.expect("write");
+    // A client that leaves once its request reached the backend (bounded wait).
+    let mut leaves = TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    leaves
+        .write_all(get("/slow", "").as_bytes())
+        .await
+        .expect("write");
+    for _ in 0..100 {
+        if seen("GET /slow") == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen("GET /slow"), 2, "both slow requests reach the backend");
+    drop(leaves);
+    // The proxy drops the leaver's upstream request well before the backend's 3 s
+    // (it watches after 100 ms): the backend sees its connection close.
+    for _ in 0..100 {
+        if seen("/slow: dropped") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen("/slow: dropped"),
+        1,
+        "the leaver's request was dropped"
+    );
+    // The one that stayed gets both answers.
+    let got = read_until(&mut stays, |got| {
+        // The second answer has an empty body: done at its head's end.
+        String::from_utf8_lossy(got).matches("HTTP/1.1 200").count() == 2
+            && got.ends_with(b"\r\n\r\n")
+    })
+    .await
+    .expect("answers for the client that stayed");
+    let answers = responses(&got, false);
+    assert_eq!(answers[0].1, b"ok");
+    assert!(
+        answers[1].0.contains("X-Echo-Path: /after"),
+        "{:?}",
+        answers[1].0
+    );
+    assert_eq!(seen("/slow: waited"), 1);
 }
 
 #[tokio::test]

@@ -35,6 +35,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::ErrorType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::accesslog::event;
@@ -500,6 +501,7 @@ impl Engine {
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(body);
             ubuf.clear();
+            let (client_reader, mut client_writer) = client.stream.split();
             let exchange = async {
                 within(peer.io_timeout, upstream.write_all(out)).await?;
                 read_response_head(
@@ -507,13 +509,19 @@ impl Engine {
                     ubuf,
                     head_request,
                     peer.io_timeout,
-                    &mut client.stream,
+                    &mut client_writer,
                 )
                 .await
             };
-            let response = match exchange.await {
-                Ok(head) => head,
-                Err(broken) => {
+            let response = match unless_client_leaves(exchange, &client_reader).await {
+                None => {
+                    // As nginx (499) and Envoy (downstream reset): the backend's
+                    // answer would go nowhere; its connection is dropped mid-exchange.
+                    self.flow.client_left(req, ctx);
+                    return Served::Close;
+                }
+                Some(Ok(head)) => head,
+                Some(Err(broken)) => {
                     let timed_out = matches!(broken, Broken::TimedOut);
                     last_error = Some(if timed_out {
                         (504, Failure::Other(broken.name()))
@@ -647,13 +655,49 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorTy
     }
 }
 
+/// How long a request waits for its response head before Sluice starts watching
+/// whether its client is still there. Watching costs a syscall (a peek, which also
+/// clears tokio's stale read readiness left by reading the request), so requests
+/// answered sooner do not pay it; a slow backend's work for a client that left is
+/// abandoned within this much.
+const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(100);
+
+/// Runs `exchange`; `None` when the client closes or resets its connection first.
+async fn unless_client_leaves<T>(
+    exchange: impl std::future::Future<Output = T>,
+    client: &ReadHalf<'_>,
+) -> Option<T> {
+    tokio::pin!(exchange);
+    tokio::select! {
+        biased;
+        done = &mut exchange => return Some(done),
+        () = tokio::time::sleep(WATCH_CLIENT_AFTER) => {}
+    }
+    tokio::select! {
+        biased;
+        done = &mut exchange => Some(done),
+        () = client_gone(client) => None,
+    }
+}
+
+/// Resolves when the client has closed or reset its connection. A client that
+/// sends more (a pipelined request) is not watched further: its bytes stay in the
+/// socket for the next request, and a close after them is noticed at the write.
+async fn client_gone(client: &ReadHalf<'_>) {
+    let mut probe = [0u8; 1];
+    match client.as_ref().peek(&mut probe).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// Reads a response head into `buf`, passing interim (1xx) responses on to the client.
 async fn read_response_head(
     upstream: &mut TcpStream,
     buf: &mut BytesMut,
     head_request: bool,
     limit: Option<Duration>,
-    client: &mut TcpStream,
+    client: &mut WriteHalf<'_>,
 ) -> Result<ResponseHead, Broken> {
     loop {
         fill(upstream, buf, limit).await?;

@@ -492,6 +492,22 @@ impl SluiceProxy {
         }
     }
 
+    /// The client left before the response head came: the open attempt is
+    /// abandoned (its time so far is a latency sample for P2C; the backend is
+    /// neither blamed nor credited, as Envoy's outlier detection ignores downstream
+    /// resets) and the request settles with status 0, as pingora's side logs it.
+    pub fn client_left(&self, req: &impl Request, ctx: &mut Ctx) {
+        if let Some((index, started)) = ctx.attempt.take() {
+            if let Some(policy) = ctx.policy() {
+                let now = Instant::now();
+                policy
+                    .endpoints
+                    .abandon(index, now, now.saturating_duration_since(started));
+            }
+        }
+        self.finish(req, 0, true, ctx);
+    }
+
     /// The traceparent to add upstream, when it was started here.
     pub fn generated_traceparent<'c>(&self, ctx: &'c Ctx) -> Option<&'c str> {
         ctx.traceparent_generated
