@@ -473,13 +473,15 @@ async fn a_client_that_leaves_takes_its_upstream_request_with_it() {
             .filter(|(h, _)| h.starts_with(what))
             .count()
     };
-    // A client that stays, with a second request pipelined behind the slow one:
-    // its bytes are not mistaken for a departure.
+    // A client that stays, with a second request pipelined behind the slow one,
+    // then half-closes (it has nothing more to send): neither the pipelined bytes
+    // nor the half-close are taken for a departure while answers are owed.
     let mut stays = TcpStream::connect(proxy.listen_addr())
         .await
         .expect("connect");
     let pipelined = [get("/slow", ""), get("/after", "")].concat();
     stays.write_all(pipelined.as_bytes()).await.expect("write");
+    stays.shutdown().await.expect("half-close");
     // A client that leaves once its request reached the backend (bounded wait).
     let mut leaves = TcpStream::connect(proxy.listen_addr())
         .await

@@ -46,6 +46,30 @@ fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// Whether a field that a `Connection` field names is left out when forwarding.
+/// Framing fields and Host never are: a message whose `Connection` names them keeps
+/// them, so what goes on is framed as Sluice parsed it (forwarding a body without
+/// the Content-Length that delimits it would smuggle it in as another message).
+fn nomination_dropped(name: &[u8]) -> bool {
+    !["content-length", "transfer-encoding", "host"]
+        .iter()
+        .any(|f| name.eq_ignore_ascii_case(f.as_bytes()))
+}
+
+/// A head without its final empty line (CRLF, or a bare LF, which httparse also
+/// accepts), so more lines can follow; the last field line keeps its own ending.
+fn without_final_empty_line(head: &[u8]) -> &[u8] {
+    let head = head.strip_suffix(b"\n").unwrap_or(head);
+    head.strip_suffix(b"\r").unwrap_or(head)
+}
+
+/// How many empty-line bytes precede the start line (httparse skips them).
+fn leading_empty_lines(head: &[u8]) -> usize {
+    head.iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count()
+}
+
 fn has_token(value: &[u8], token: &str) -> bool {
     value
         .split(|&b| b == b',')
@@ -163,7 +187,8 @@ impl RequestHead {
     /// Appends the head as it goes upstream, without its final empty line (for
     /// more header lines): as received, less the hop-by-hop fields.
     pub fn write_forwarded(&self, out: &mut Vec<u8>) {
-        let head = &self.bytes[..self.bytes.len().saturating_sub(2)];
+        let head = without_final_empty_line(&self.bytes);
+        let head = head.get(leading_empty_lines(head)..).unwrap_or(head);
         if !self.hop_by_hop {
             out.extend_from_slice(head);
             return;
@@ -175,12 +200,13 @@ impl RequestHead {
         out.extend_from_slice(&head[..line_end]);
         let field = |r: &Range<usize>| self.bytes.get(r.clone()).unwrap_or(b"");
         let nominated = |name: &[u8]| {
-            self.headers.iter().any(|(n, v)| {
-                field(n).eq_ignore_ascii_case(b"connection")
-                    && field(v)
-                        .split(|&b| b == b',')
-                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
-            })
+            nomination_dropped(name)
+                && self.headers.iter().any(|(n, v)| {
+                    field(n).eq_ignore_ascii_case(b"connection")
+                        && field(v)
+                            .split(|&b| b == b',')
+                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+                })
         };
         for (n, v) in &self.headers {
             let name = field(n);
@@ -232,11 +258,11 @@ impl ResponseHead {
     /// more header lines): `buf` holds the head as received; the status line says
     /// HTTP/1.1 and the hop-by-hop lines are left out.
     pub fn write_relayed(&self, buf: &[u8], out: &mut Vec<u8>) {
-        let head = buf.get(..self.len.saturating_sub(2)).unwrap_or(buf);
-        let mut at = 0;
+        let head = without_final_empty_line(buf.get(..self.len).unwrap_or(buf));
+        let mut at = leading_empty_lines(head);
         if self.http10 {
             out.extend_from_slice(b"HTTP/1.1");
-            at = b"HTTP/1.0".len();
+            at += b"HTTP/1.0".len();
         }
         for &(start, end) in &self.dropped[..usize::from(self.dropped_len)] {
             out.extend_from_slice(head.get(at..start as usize).unwrap_or(b""));
@@ -292,6 +318,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseH
     if hop_by_hop || nominates {
         let nominated = |name: &[u8]| {
             nominates
+                && nomination_dropped(name)
                 && resp.headers.iter().any(|c| {
                     c.name.eq_ignore_ascii_case("connection")
                         && c.value
@@ -472,6 +499,26 @@ mod tests {
         let mut out = Vec::new();
         head.write_forwarded(&mut out);
         assert_eq!(out, b"GET / HTTP/1.1\r\nHost: a\r\nX-Kept: k\r\n");
+        let forwarded = |text: &str| {
+            let mut out = Vec::new();
+            parsed(text).unwrap().write_forwarded(&mut out);
+            String::from_utf8(out).unwrap()
+        };
+        // Framing and Host stay whatever Connection names: a body forwarded without
+        // its Content-Length would reach the backend as a second request.
+        assert_eq!(
+            forwarded("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: content-length, host, x-p\r\nx-p: 1\r\n\r\n"),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        );
+        // Bare LFs and empty lines before the request line.
+        assert_eq!(
+            forwarded("GET / HTTP/1.1\nHost: a\n\n"),
+            "GET / HTTP/1.1\nHost: a\n"
+        );
+        assert_eq!(
+            forwarded("\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: x\r\nx: 1\r\n\r\n"),
+            "GET / HTTP/1.1\r\nHost: a\r\n"
+        );
     }
 
     #[test]
@@ -576,6 +623,20 @@ mod tests {
                 "HTTP/1.0 200 OK\r\nX-Private: p\r\nKeep-Alive: timeout=5\r\nA: 1\r\nConnection: Keep-Alive, X-Private, Upgrade\r\nUpgrade: h2c\r\nTE: trailers\r\nProxy-Connection: x\r\nContent-Length: 2\r\nB:\r\n\r\nok"
             ),
             "HTTP/1.1 200 OK\r\nA: 1\r\nContent-Length: 2\r\nB:\r\n"
+        );
+        // Framing is never dropped, whatever Connection names.
+        assert_eq!(
+            relayed("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length, Transfer-Encoding\r\n\r\nhello"),
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+        );
+        // Bare LFs (httparse accepts them) and empty lines before the status line.
+        assert_eq!(
+            relayed("HTTP/1.1 200 OK\nA: 1\nConnection: close\n\n"),
+            "HTTP/1.1 200 OK\nA: 1\n"
+        );
+        assert_eq!(
+            relayed("\r\nHTTP/1.0 200 OK\r\nA: 1\r\n\n"),
+            "HTTP/1.1 200 OK\r\nA: 1\r\n"
         );
         // More hop-by-hop lines than the bound: refused (a 502), not relayed.
         let many = format!(

@@ -501,6 +501,9 @@ impl Engine {
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(body);
             ubuf.clear();
+            // Requests already read behind this one: the client means to stay (even
+            // if it has half-closed after sending them), so it is not watched.
+            let watch = client.buf.is_empty();
             let (client_reader, mut client_writer) = client.stream.split();
             let exchange = async {
                 within(peer.io_timeout, upstream.write_all(out)).await?;
@@ -513,7 +516,7 @@ impl Engine {
                 )
                 .await
             };
-            let response = match unless_client_leaves(exchange, &client_reader).await {
+            let response = match unless_client_leaves(exchange, watch, &client_reader).await {
                 None => {
                     // As nginx (499) and Envoy (downstream reset): the backend's
                     // answer would go nowhere; its connection is dropped mid-exchange.
@@ -528,10 +531,10 @@ impl Engine {
                     } else {
                         (502, Failure::Other(broken.name()))
                     });
-                    match self
-                        .flow
-                        .exchange_failed(req, ctx, timed_out, reused, false)
-                    {
+                    // A malformed answer is an answer: not resent as if the pooled
+                    // connection had been stale.
+                    let stale = reused && !matches!(broken, Broken::BadResponse);
+                    match self.flow.exchange_failed(req, ctx, timed_out, stale, false) {
                         ExchangeFailure::Resend | ExchangeFailure::Retry => continue,
                         ExchangeFailure::Fail { to_backend: true } => continue,
                         ExchangeFailure::Fail { to_backend: false } => break,
@@ -662,11 +665,17 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorTy
 /// abandoned within this much.
 const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(100);
 
-/// Runs `exchange`; `None` when the client closes or resets its connection first.
+/// Runs `exchange`; `None` when the client closes or resets its connection first
+/// (watched only when `watch`). A half-close counts as leaving, as in nginx (499)
+/// and Envoy, which do not keep half-closed HTTP/1 clients either.
 async fn unless_client_leaves<T>(
     exchange: impl std::future::Future<Output = T>,
+    watch: bool,
     client: &ReadHalf<'_>,
 ) -> Option<T> {
+    if !watch {
+        return Some(exchange.await);
+    }
     tokio::pin!(exchange);
     tokio::select! {
         biased;
