@@ -276,3 +276,77 @@ async fn refuses_to_start_without_a_usable_certificate() {
     assert!(err.to_string().contains("missing.pem"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A client that trusts only `cert`.
+fn connector_trusting(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("trust");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Whether a TLS handshake with the webhook succeeds for `connector`.
+async fn handshakes(addr: SocketAddr, connector: &tokio_rustls::TlsConnector) -> bool {
+    let attempt = async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        connector.connect(name, tcp).await.is_ok()
+    };
+    tokio::time::timeout(TIMEOUT, attempt)
+        .await
+        .expect("handshake ends in time")
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_serves_the_next_handshakes() {
+    let dir = std::env::temp_dir().join(format!("sluice-webhook-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let old = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let new = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    std::fs::write(&cert_path, old.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, old.signing_key.serialize_pem()).expect("write key");
+    let server = WebhookServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        &cert_path,
+        &key_path,
+        opts(),
+    )
+    .await
+    .expect("webhook binds")
+    .cert_check_every(Duration::from_millis(50));
+    let addr = server.local_addr().expect("local addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let (trusts_old, trusts_new) = (connector_trusting(&old), connector_trusting(&new));
+    assert!(handshakes(addr, &trusts_old).await);
+    assert!(!handshakes(addr, &trusts_new).await);
+
+    // Rotated in place, as a Secret volume or cert-manager does (bounded wait).
+    std::fs::write(&key_path, new.signing_key.serialize_pem()).expect("write key");
+    std::fs::write(&cert_path, new.cert.pem()).expect("write cert");
+    let mut rotated = false;
+    for _ in 0..100 {
+        if handshakes(addr, &trusts_new).await {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rotated, "the new certificate is served");
+    assert!(!handshakes(addr, &trusts_old).await);
+
+    let _ = stop.send(());
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .expect("server stops")
+        .expect("server task ends cleanly");
+    let _ = std::fs::remove_dir_all(&dir);
+}
