@@ -59,17 +59,7 @@ impl Harness {
             let _ = stopped.await;
         }));
 
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(cert.cert.der().clone())
-            .expect("trust the test cert");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocols")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = connector_trusting(&cert);
         Self {
             addr,
             connector,
