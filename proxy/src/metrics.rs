@@ -78,6 +78,13 @@ impl Metrics {
         runtime: Arc<ArcSwapOption<Runtime>>,
     ) -> prometheus::Result<Self> {
         let r = &registry;
+        // The process's own CPU, memory, threads and file descriptors (`process_*`,
+        // as every Prometheus client library exports them): the fleet dashboard
+        // reads them, so it works without cAdvisor (outside Kubernetes too).
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let inflight = IntGauge::new(
             "sluice_inflight_requests_current",
             "Requests being served right now, all routes.",

@@ -668,22 +668,22 @@ fn fleet() -> Dashboard {
                 "Proxy CPU",
                 "timeseries",
                 "percentunit",
-                "CPU used by each sluice-proxy container (cAdvisor, Kubernetes only).",
+                "CPU time per second of each sluice-proxy process (its own process_cpu_seconds_total: no cAdvisor needed, outside Kubernetes too).",
                 vec![(
-                    r#"sum by (namespace, pod) (rate(container_cpu_usage_seconds_total{container="sluice-proxy",namespace=~"$namespace"}[$__rate_interval]))"#
+                    r#"sum by (namespace, instance) (rate(process_cpu_seconds_total{job="sluice-proxy",namespace=~"$namespace"}[$__rate_interval]))"#
                         .into(),
-                    "{{namespace}}/{{pod}}",
+                    "{{namespace}} {{instance}}",
                 )],
             ),
             panel(
                 "Proxy memory",
                 "timeseries",
                 "bytes",
-                "Working-set memory of each sluice-proxy container (cAdvisor, Kubernetes only).",
+                "Resident memory of each sluice-proxy process (its own process_resident_memory_bytes: no cAdvisor needed, outside Kubernetes too).",
                 vec![(
-                    r#"sum by (namespace, pod) (container_memory_working_set_bytes{container="sluice-proxy",namespace=~"$namespace"})"#
+                    r#"sum by (namespace, instance) (process_resident_memory_bytes{job="sluice-proxy",namespace=~"$namespace"})"#
                         .into(),
-                    "{{namespace}}/{{pod}}",
+                    "{{namespace}} {{instance}}",
                 )],
             ),
             panel(
