@@ -10,5 +10,6 @@ pub mod kubernetes;
 pub mod serve;
 pub mod slo;
 pub mod store;
+pub mod tls;
 pub mod validate;
 pub mod webhook;

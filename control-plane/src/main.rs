@@ -162,6 +162,7 @@ fn main() -> ExitCode {
                     policies,
                     listen,
                     tls: tls.clone(),
+                    cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
                     token_file,
                     kubernetes: None,
                 },

@@ -23,13 +23,17 @@ use futures::Stream;
 use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_policy::watch::{is_policy_entry, settle};
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::policy_discovery_server::{PolicyDiscovery, PolicyDiscoveryServer};
 use crate::api::{self, DiscoveryRequest};
 use crate::store::{Offer, Store};
+use crate::tls::{self, CertificateCheck, CertificateFiles};
 
 /// Largest gRPC message either side accepts (a snapshot is every policy as YAML).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -40,6 +44,9 @@ pub struct ServeConfig {
     pub policies: Option<PathBuf>,
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// How often the `tls` files are read again for a renewed pair
+    /// ([`crate::tls::CERT_CHECK_EVERY`] outside tests).
+    pub cert_check_every: Duration,
     pub token_file: Option<PathBuf>,
     /// Follow the TrafficPolicy custom resources of this cluster (instead of, or
     /// with no, `policies` directory).
@@ -65,6 +72,68 @@ pub struct Running {
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Keeps the directory watch alive.
     _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// TLS handshakes at once on the API listener; more connections are closed at accept.
+const MAX_HANDSHAKES: usize = 256;
+/// Time a client has to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS connections for the gRPC server. Handshakes run concurrently (a slow client
+/// cannot hold up the others), at most [`MAX_HANDSHAKES`] at once, each within
+/// [`HANDSHAKE_TIMEOUT`]; the certificate files are checked every `check_every`
+/// and a renewed pair serves the next handshakes. Ends when the server drops the
+/// stream.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    files: Arc<CertificateFiles>,
+    check_every: Duration,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (ready, incoming) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let mut check = tokio::time::interval(check_every.max(Duration::from_millis(10)));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.reset();
+        loop {
+            tokio::select! {
+                () = ready.closed() => break,
+                _ = check.tick() => match files.check() {
+                    CertificateCheck::Unchanged => {}
+                    CertificateCheck::Reloaded => log(
+                        "info",
+                        "serving the new certificate",
+                        serde_json::json!({"path": files.cert_path().display().to_string()}),
+                    ),
+                    CertificateCheck::Kept(why) => log(
+                        "warn",
+                        "keeping the previous certificate",
+                        serde_json::json!({"error": why}),
+                    ),
+                },
+                accepted = listener.accept() => {
+                    let Ok((tcp, _peer)) = accepted else {
+                        // Out of file descriptors and the like: back off, do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                        continue; // over the limit: dropping `tcp` closes it
+                    };
+                    let (acceptor, ready) = (acceptor.clone(), ready.clone());
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                        if let Ok(Ok(tls)) = handshake.await {
+                            let _ = ready.send(Ok(tls)).await;
+                        }
+                    });
+                }
+            }
+        }
+    });
+    ReceiverStream::new(incoming)
 }
 
 /// Validates the config, loads the sources, binds and starts serving.
@@ -112,11 +181,15 @@ pub async fn start(
     }
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
+    let tls = match &config.tls {
+        Some((cert, key)) => {
+            let files = Arc::new(CertificateFiles::load(cert, key)?);
+            let server = tls::server_config(Arc::clone(&files), b"h2")?;
+            Some((TlsAcceptor::from(Arc::new(server)), files))
+        }
+        None => None,
+    };
     let mut builder = Server::builder();
-    if let Some((cert, key)) = &config.tls {
-        let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
-        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
-    }
     // Open streams end on shutdown too (proxies reconnect elsewhere); without this
     // a graceful stop would wait for them forever.
     let (stop, stopping) = tokio::sync::watch::channel(false);
@@ -147,11 +220,19 @@ pub async fn start(
     let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
         service, auth,
     ));
-    let incoming = TcpListenerStream::new(listener);
     let mut stopped = stopping;
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+    let stopped = async move {
         let _ = stopped.wait_for(|s| *s).await;
-    }));
+    };
+    let task = match tls {
+        Some((acceptor, files)) => {
+            let incoming = tls_incoming(listener, acceptor, files, config.cert_check_every);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
+        ),
+    };
     log(
         "info",
         "serving",

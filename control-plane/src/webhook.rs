@@ -15,19 +15,16 @@
 //! be done; admitting it silently would hide that). Connections are bounded in number
 //! and in how long a handshake or a request may take.
 //!
-//! Certificate rotation: the certificate and key files are read again every
-//! [`CERT_CHECK_EVERY`] and, when they changed, the new pair serves the next
-//! handshakes (cert-manager and Secret volumes replace them in place; a webhook
-//! still serving an expired certificate would stop every pod from being created).
-//! A new pair that does not load, or whose key does not match its certificate
-//! (e.g. caught between the two files' updates), is reported and the previous
-//! pair keeps serving.
+//! Certificate rotation ([`crate::tls`]): the certificate and key files are read
+//! again every [`CERT_CHECK_EVERY`](crate::tls::CERT_CHECK_EVERY) and a renewed
+//! pair serves the next handshakes; a webhook still serving an expired certificate
+//! would stop every pod from being created.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -36,10 +33,6 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::api::core::v1::Pod;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -48,6 +41,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::inject::{self, InjectOptions};
+use crate::tls::{CertificateCheck, CertificateError, CertificateFiles};
 
 /// The path the MutatingWebhookConfiguration calls.
 pub const INJECT_PATH: &str = "/inject";
@@ -58,8 +52,6 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 const MAX_CONNECTIONS: usize = 256;
 /// Time allowed for the TLS handshake, a request's headers, or its body.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the certificate and key files are checked for a new pair.
-pub const CERT_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -73,12 +65,8 @@ pub enum WebhookError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot load TLS {what} from {path}: {message}")]
-    Tls {
-        what: &'static str,
-        path: String,
-        message: String,
-    },
+    #[error(transparent)]
+    Tls(#[from] CertificateError),
 }
 
 /// A bound, not yet serving, webhook (tests bind to port 0 and read the address).
@@ -88,80 +76,6 @@ pub struct WebhookServer {
     certificate: Arc<CertificateFiles>,
     cert_check_every: Duration,
     opts: Arc<InjectOptions>,
-}
-
-/// The serving certificate and key, as last loaded from their files.
-#[derive(Debug)]
-struct CertificateFiles {
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
-    /// What handshakes get.
-    current: std::sync::RwLock<Arc<CertifiedKey>>,
-    /// The files' bytes at the last check, loaded or not: a change is acted on (and
-    /// a bad pair reported) once.
-    seen: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
-}
-
-/// What a check of the certificate files found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertificateCheck {
-    Unchanged,
-    Reloaded,
-    /// A changed pair that does not load: the previous one keeps serving.
-    Kept(String),
-}
-
-impl CertificateFiles {
-    fn load(cert_path: &Path, key_path: &Path) -> Result<Self, WebhookError> {
-        let (cert_pem, key_pem) = read_pair(cert_path, key_path)?;
-        let key = certified_key(cert_path, key_path, &cert_pem, &key_pem)?;
-        Ok(CertificateFiles {
-            cert_path: cert_path.to_path_buf(),
-            key_path: key_path.to_path_buf(),
-            current: std::sync::RwLock::new(Arc::new(key)),
-            seen: std::sync::Mutex::new((cert_pem, key_pem)),
-        })
-    }
-
-    fn check(&self) -> CertificateCheck {
-        let (cert_pem, key_pem) = match read_pair(&self.cert_path, &self.key_path) {
-            Ok(pair) => pair,
-            // Unreadable now (e.g. mid-rotation): looked at again next time.
-            Err(e) => return CertificateCheck::Kept(e.to_string()),
-        };
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if seen.0 == cert_pem && seen.1 == key_pem {
-            return CertificateCheck::Unchanged;
-        }
-        let loaded = certified_key(&self.cert_path, &self.key_path, &cert_pem, &key_pem);
-        *seen = (cert_pem, key_pem);
-        match loaded {
-            Ok(key) => {
-                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
-                CertificateCheck::Reloaded
-            }
-            Err(e) => CertificateCheck::Kept(e.to_string()),
-        }
-    }
-}
-
-impl ResolvesServerCert for CertificateFiles {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self.current.read().unwrap_or_else(PoisonError::into_inner),
-        ))
-    }
-}
-
-fn read_pair(cert_path: &Path, key_path: &Path) -> Result<(Vec<u8>, Vec<u8>), WebhookError> {
-    let read = |what, path: &Path| {
-        std::fs::read(path).map_err(|e| WebhookError::Tls {
-            what,
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
-    };
-    Ok((read("certificate", cert_path)?, read("key", key_path)?))
 }
 
 impl WebhookServer {
@@ -181,12 +95,13 @@ impl WebhookServer {
             listener,
             acceptor,
             certificate,
-            cert_check_every: CERT_CHECK_EVERY,
+            cert_check_every: crate::tls::CERT_CHECK_EVERY,
             opts: Arc::new(opts),
         })
     }
 
-    /// Checks the certificate files this often instead of [`CERT_CHECK_EVERY`].
+    /// Checks the certificate files this often instead of
+    /// [`CERT_CHECK_EVERY`](crate::tls::CERT_CHECK_EVERY).
     pub fn cert_check_every(mut self, every: Duration) -> Self {
         self.cert_check_every = every.max(Duration::from_millis(10));
         self
@@ -199,7 +114,7 @@ impl WebhookServer {
             CertificateCheck::Unchanged => {}
             CertificateCheck::Reloaded => eprintln!(
                 "sluice-cp webhook: serving the new certificate from {}",
-                self.certificate.cert_path.display()
+                self.certificate.cert_path().display()
             ),
             CertificateCheck::Kept(why) => {
                 eprintln!("sluice-cp webhook: keeping the previous certificate: {why}")
@@ -266,46 +181,8 @@ pub async fn serve_webhook(
     Ok(())
 }
 
-/// The certificate chain and key from their PEM bytes, checked to belong together.
-fn certified_key(
-    cert_path: &Path,
-    key_path: &Path,
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<CertifiedKey, WebhookError> {
-    let tls_err = |what, path: &Path, message: String| WebhookError::Tls {
-        what,
-        path: path.display().to_string(),
-        message,
-    };
-    let certs = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_err("certificate", cert_path, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(tls_err(
-            "certificate",
-            cert_path,
-            "no certificate in it".into(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| tls_err("key", key_path, e.to_string()))?;
-    CertifiedKey::from_der(certs, key, &rustls::crypto::ring::default_provider())
-        .map_err(|e| tls_err("certificate and key", cert_path, e.to_string()))
-}
-
 fn tls_acceptor(certificate: Arc<CertificateFiles>) -> Result<TlsAcceptor, WebhookError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| WebhookError::Tls {
-            what: "configuration",
-            path: certificate.cert_path.display().to_string(),
-            message: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_cert_resolver(certificate);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = crate::tls::server_config(certificate, b"http/1.1")?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -534,44 +411,4 @@ async fn terminated() {
         }
     }
     ctrl_c.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{CertificateCheck, CertificateFiles};
-
-    /// A bad pair (a key of another certificate, garbage) is reported and not
-    /// taken; a good one is, once; unchanged files are not reloaded.
-    #[test]
-    fn certificate_checks_take_only_a_good_new_pair() {
-        let dir = std::env::temp_dir().join(format!("sluice-webhook-check-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
-        let first = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-        let second = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-        std::fs::write(&cert_path, first.cert.pem()).expect("write");
-        std::fs::write(&key_path, first.signing_key.serialize_pem()).expect("write");
-        let files = CertificateFiles::load(&cert_path, &key_path).expect("loads");
-        let served = |files: &CertificateFiles| {
-            files.current.read().expect("lock").cert[0]
-                .as_ref()
-                .to_vec()
-        };
-        assert_eq!(files.check(), CertificateCheck::Unchanged);
-        // The new certificate before its key: they do not match, the old pair stays.
-        std::fs::write(&cert_path, second.cert.pem()).expect("write");
-        assert!(
-            matches!(files.check(), CertificateCheck::Kept(ref why) if why.contains("certificate and key")),
-            "a mismatched pair is refused"
-        );
-        assert_eq!(served(&files), first.cert.der().as_ref());
-        std::fs::write(&key_path, second.signing_key.serialize_pem()).expect("write");
-        assert_eq!(files.check(), CertificateCheck::Reloaded);
-        assert_eq!(served(&files), second.cert.der().as_ref());
-        assert_eq!(files.check(), CertificateCheck::Unchanged);
-        std::fs::write(&cert_path, "not a certificate").expect("write");
-        assert!(matches!(files.check(), CertificateCheck::Kept(_)));
-        assert_eq!(served(&files), second.cert.der().as_ref());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }

@@ -46,6 +46,7 @@ async fn status_diff_history_and_rollback_work_against_a_server() {
         policies: Some(dir.join("policies")),
         listen: "127.0.0.1:0".parse().expect("addr"),
         tls: None,
+        cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
         token_file: None,
         kubernetes: None,
     };

@@ -140,6 +140,7 @@ async fn follows_custom_resources_through_a_broken_watch() {
         policies: None,
         listen: "127.0.0.1:0".parse().expect("addr"),
         tls: None,
+        cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
         token_file: None,
         kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
     };

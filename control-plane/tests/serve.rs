@@ -28,6 +28,7 @@ async fn serve(
         policies: Some(dir.join("policies")),
         listen: "127.0.0.1:0".parse()?,
         tls: None,
+        cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
         token_file: None,
         kubernetes: None,
     };
@@ -176,6 +177,59 @@ async fn off_loopback_the_api_requires_tls_and_the_right_token() {
         Err(_) => {}
         Ok(mut c) => assert!(c.get_status(StatusRequest {}).await.is_err()),
     }
+    let _ = stop.send(());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[tokio::test]
+async fn a_renewed_api_certificate_serves_the_next_connections() {
+    let dir = temp("rotate");
+    let old = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let new = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let (old_ca, new_ca) = (dir.join("old-ca.pem"), dir.join("new-ca.pem"));
+    std::fs::write(&cert_path, old.cert.pem()).expect("cert");
+    std::fs::write(&key_path, old.signing_key.serialize_pem()).expect("key");
+    std::fs::write(&old_ca, old.cert.pem()).expect("ca");
+    std::fs::write(&new_ca, new.cert.pem()).expect("ca");
+    let (running, stop) = serve(&dir, |c| {
+        c.tls = Some((cert_path.clone(), key_path.clone()));
+        c.cert_check_every = Duration::from_millis(50);
+    })
+    .await
+    .expect("serves with TLS");
+    let server = format!("https://localhost:{}", running.addr.port());
+    // Whether a client trusting only `ca` gets an answer.
+    let answers = |ca: &Path| {
+        let remote = Remote {
+            server: server.clone(),
+            token_file: None,
+            ca_file: Some(ca.to_path_buf()),
+        };
+        async move {
+            match connect(&remote).await {
+                Ok(mut client) => client.get_status(StatusRequest {}).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    assert!(answers(&old_ca).await);
+    assert!(!answers(&new_ca).await);
+
+    // Renewed in place (key first, as a Secret volume update may land): the next
+    // connections get the new certificate (bounded wait).
+    std::fs::write(&key_path, new.signing_key.serialize_pem()).expect("key");
+    std::fs::write(&cert_path, new.cert.pem()).expect("cert");
+    let mut renewed = false;
+    for _ in 0..100 {
+        if answers(&new_ca).await {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(renewed, "the renewed certificate is served");
+    assert!(!answers(&old_ca).await);
     let _ = stop.send(());
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -42,6 +42,7 @@ impl ControlPlane {
                 policies: Some(dir.to_owned()),
                 listen,
                 tls: None,
+                cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
                 token_file: None,
                 kubernetes: None,
             };
