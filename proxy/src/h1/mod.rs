@@ -520,7 +520,8 @@ impl Engine {
                 None => {
                     // As nginx (499) and Envoy (downstream reset): the backend's
                     // answer would go nowhere; its connection is dropped mid-exchange.
-                    self.flow.client_left(req, ctx);
+                    // Status 0: nothing was sent, as pingora's side logs it.
+                    self.flow.finish(req, 0, true, ctx);
                     return Served::Close;
                 }
                 Some(Ok(head)) => head,

@@ -421,8 +421,11 @@ impl SluiceProxy {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(ctx.start);
         let metrics = &self.shared.metrics;
-        // An attempt still open here ended without a response (the client left).
-        self.end_attempt(ctx, now, failed);
+        // An attempt still open here ended without a response: the client left.
+        // It is abandoned (its time so far is a latency sample for P2C; the backend
+        // is neither blamed nor credited, as Envoy's outlier detection ignores
+        // downstream resets).
+        self.abandon_attempt(ctx, now);
         // Settle the request with the route's components: exactly one outcome each.
         if let Some(route) = ctx.route() {
             let attempted = !ctx.tried.is_empty();
@@ -490,22 +493,6 @@ impl SluiceProxy {
                 direction: self.direction,
             });
         }
-    }
-
-    /// The client left before the response head came: the open attempt is
-    /// abandoned (its time so far is a latency sample for P2C; the backend is
-    /// neither blamed nor credited, as Envoy's outlier detection ignores downstream
-    /// resets) and the request settles with status 0, as pingora's side logs it.
-    pub fn client_left(&self, req: &impl Request, ctx: &mut Ctx) {
-        if let Some((index, started)) = ctx.attempt.take() {
-            if let Some(policy) = ctx.policy() {
-                let now = Instant::now();
-                policy
-                    .endpoints
-                    .abandon(index, now, now.saturating_duration_since(started));
-            }
-        }
-        self.finish(req, 0, true, ctx);
     }
 
     /// The traceparent to add upstream, when it was started here.

@@ -314,6 +314,18 @@ impl SluiceProxy {
         }
     }
 
+    /// Ends the open attempt, if any, as abandoned: the client left before its answer.
+    pub(super) fn abandon_attempt(&self, ctx: &mut Ctx, now: Instant) {
+        let Some((index, started)) = ctx.attempt.take() else {
+            return;
+        };
+        if let Some(policy) = ctx.policy() {
+            policy
+                .endpoints
+                .abandon(index, now, now.saturating_duration_since(started));
+        }
+    }
+
     pub(super) fn record_upstream(&self, ctx: &Ctx, outcome: &'static str) {
         let (Some(p), Some(label)) = (ctx.policy(), ctx.backend_label()) else {
             return;
