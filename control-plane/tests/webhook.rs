@@ -37,6 +37,12 @@ fn opts() -> InjectOptions {
 
 impl Harness {
     async fn start(name: &str) -> Self {
+        Self::start_checking(name, sluice_control_plane::tls::CERT_CHECK_EVERY).await
+    }
+
+    /// A webhook whose certificate files (`dir/tls.crt`, `dir/tls.key`) are
+    /// checked for a renewed pair every `cert_check_every`.
+    async fn start_checking(name: &str, cert_check_every: Duration) -> Self {
         let dir =
             std::env::temp_dir().join(format!("sluice-webhook-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -52,7 +58,8 @@ impl Harness {
             opts(),
         )
         .await
-        .expect("webhook binds");
+        .expect("webhook binds")
+        .cert_check_every(cert_check_every);
         let addr = server.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(server.run(async {
@@ -294,49 +301,25 @@ async fn handshakes(addr: SocketAddr, connector: &tokio_rustls::TlsConnector) ->
 
 #[tokio::test]
 async fn a_rotated_certificate_serves_the_next_handshakes() {
-    let dir = std::env::temp_dir().join(format!("sluice-webhook-rotate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let old = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let harness = Harness::start_checking("rotate", Duration::from_millis(50)).await;
     let new = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    std::fs::write(&cert_path, old.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, old.signing_key.serialize_pem()).expect("write key");
-    let server = WebhookServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        &cert_path,
-        &key_path,
-        opts(),
-    )
-    .await
-    .expect("webhook binds")
-    .cert_check_every(Duration::from_millis(50));
-    let addr = server.local_addr().expect("local addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let (trusts_old, trusts_new) = (connector_trusting(&old), connector_trusting(&new));
-    assert!(handshakes(addr, &trusts_old).await);
-    assert!(!handshakes(addr, &trusts_new).await);
+    let (trusts_old, trusts_new) = (&harness.connector, connector_trusting(&new));
+    assert!(handshakes(harness.addr, trusts_old).await);
+    assert!(!handshakes(harness.addr, &trusts_new).await);
 
     // Rotated in place, as a Secret volume or cert-manager does (bounded wait).
+    let (cert_path, key_path) = (harness.dir.join("tls.crt"), harness.dir.join("tls.key"));
     std::fs::write(&key_path, new.signing_key.serialize_pem()).expect("write key");
     std::fs::write(&cert_path, new.cert.pem()).expect("write cert");
     let mut rotated = false;
     for _ in 0..100 {
-        if handshakes(addr, &trusts_new).await {
+        if handshakes(harness.addr, &trusts_new).await {
             rotated = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(rotated, "the new certificate is served");
-    assert!(!handshakes(addr, &trusts_old).await);
-
-    let _ = stop.send(());
-    tokio::time::timeout(TIMEOUT, running)
-        .await
-        .expect("server stops")
-        .expect("server task ends cleanly");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!handshakes(harness.addr, trusts_old).await);
+    harness.stop().await;
 }
