@@ -11,7 +11,7 @@
 # Each BINARY runs as a sluice-proxy with bench/policy.yaml on 127.0.0.1 (ports from
 # 18100 up), pinned to core 1 like every proxy in bench/proxy.sh; nginx proxies to the
 # same backend (nginx, core 0). Every round runs `wrk -t1 -c64 -d${SECS}s` against each
-# target in turn (nginx first), printing req/s, p99 and CPU µs per request (utime+stime
+# target in turn (the first target moving by one each round), printing req/s, p99 and CPU µs per request (utime+stime
 # from /proc), and the peak RSS (VmHWM) at the end. Knobs: ROUNDS=3 SECS=5, and
 # RATE=N for an open loop instead (`oha -q N --latency-correction -c 64`: p50, p99).
 # Needs nginx and wrk (bench/proxy.sh installs them). Stops what it started by PID.
@@ -110,7 +110,11 @@ if [ -n "$RATE" ]; then
 fi
 [ -n "$RATE" ] || echo "ab.sh: $ROUNDS rounds x ${SECS}s, wrk -t1 -c64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 for ((r = 1; r <= ROUNDS; r++)); do
-    for label in "${labels[@]}"; do
+    # Each round starts one target later, so every target runs in every position
+    # equally often over a multiple of the target count (position moves p99 as much
+    # as the differences being measured).
+    k=$(((r - 1) % ${#labels[@]}))
+    for label in "${labels[@]:k}" "${labels[@]:0:k}"; do
         [ -f "$TMP/$label/access.log" ] && : >"$TMP/$label/access.log"
         if [ -n "$RATE" ]; then
             out=$(taskset -c 0 timeout $((SECS + 30)) oha -q "$RATE" -z "${SECS}s" --latency-correction --no-tui \
@@ -118,6 +122,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             printf '%-16s round %d  achieved %7.0f/s  p50 %.3f ms  p99 %.3f ms\n' "$label" "$r" \
                 "$(jq -r '.summary.requestsPerSec' <<<"$out")" "$(jq -r '.latencyPercentiles.p50 * 1000' <<<"$out")" \
                 "$(jq -r '.latencyPercentiles.p99 * 1000' <<<"$out")"
+            echo "$label $(jq -r '.latencyPercentiles.p99 * 1000' <<<"$out")" >>"$TMP/p99s"
             continue
         fi
         c0=$(cpu_ticks ${PROC[$label]})
@@ -132,6 +137,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
             "$(awk -v d=$((c1 - c0)) -v n="$n" -v hz="$CLK" 'BEGIN {print d / hz * 1e6 / n}')" "${errors:-}"
     done
 done
+if [ -n "$RATE" ]; then
+    # Medians over the rounds, and each target's median against nginx's.
+    for label in "${labels[@]}"; do
+        awk -v l="$label" '$1 == l {print $2}' "$TMP/p99s" | sort -g | awk -v l="$label" '
+            { v[NR] = $1 } END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print l, m }'
+    done | awk '$1 == "nginx" { base = $2 } { label[NR] = $1; med[NR] = $2 }
+        END { for (i = 1; i <= NR; i++) printf "%-16s median p99 %.3f ms  %.2fx nginx\n", label[i], med[i], med[i] / base }'
+fi
 for label in "${labels[@]}"; do
     kb=$(hwm_kb ${PROC[$label]})
     printf '%-16s peak RSS %.1f MB\n' "$label" "$(awk -v k=$kb 'BEGIN {print k / 1024}')"
