@@ -3,8 +3,8 @@
 //! (burst 50) -> 200/s (burst 50)".
 
 use sluice_policy::{
-    Algorithm, CircuitBreaker, Concurrency, Fallback, FallbackAction, PathMatch, PolicySet,
-    RateLimit, Retries, Route, RouteMatch, TrafficPolicy,
+    Algorithm, CircuitBreaker, Concurrency, Fallback, FallbackAction, GlobalRateLimit, PathMatch,
+    PolicySet, RateLimit, Retries, Route, RouteMatch, TrafficPolicy,
 };
 
 fn dur(d: std::time::Duration) -> String {
@@ -32,6 +32,15 @@ fn rate_limit(r: &RateLimit) -> String {
         s.push_str(&format!(" per {} (at most {} keys)", k.key, k.max_keys));
     }
     s
+}
+
+fn global_rate_limit(g: &GlobalRateLimit) -> String {
+    format!(
+        "{} across replicas; {}/s (burst {}) each while Redis is unreachable",
+        rate_limit(&g.shared),
+        g.when_unreachable.requests_per_second,
+        g.when_unreachable.burst
+    )
 }
 
 fn concurrency(c: &Concurrency) -> String {
@@ -125,6 +134,13 @@ fn route_changes(
         &old.rate_limit,
         &new.rate_limit,
         |r| opt(r, rate_limit),
+    );
+    change(
+        &mut out,
+        "global rate limit",
+        &old.global_rate_limit,
+        &new.global_rate_limit,
+        |g| opt(g, global_rate_limit),
     );
     change(
         &mut out,

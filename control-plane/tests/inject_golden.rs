@@ -115,6 +115,7 @@ fn annotations_reach_the_init_step_and_the_proxy() {
         "cpu: \"2\"",
         "memory: 512Mi",
         "- --app\n        - 127.0.0.1:8080\n",
+        "- --redis\n        - redis.sluice-system.svc:6379\n",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }

@@ -147,6 +147,7 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub retries: Option<Retries>,
     pub rate_limit: Option<RateLimit>,
+    pub global_rate_limit: Option<GlobalRateLimit>,
     pub concurrency: Option<Concurrency>,
     pub circuit_breaker: Option<CircuitBreaker>,
     pub fallback: Option<Fallback>,
@@ -209,6 +210,15 @@ pub struct RateLimit {
     pub requests_per_second: f64,
     pub burst: u32,
     pub key: Option<KeyedLimit>,
+}
+
+/// A token bucket shared by every replica through Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlobalRateLimit {
+    /// The shared bucket (and its key, if per key).
+    pub shared: RateLimit,
+    /// This replica's own bucket while Redis cannot be reached; same key as `shared`.
+    pub when_unreachable: RateLimit,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -190,6 +190,9 @@ pub struct RouteSpec {
     pub retries: Option<RetriesSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// A token bucket shared by every replica (through Redis, `sluice-proxy --redis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_rate_limit: Option<GlobalRateLimitSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<ConcurrencySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,6 +260,34 @@ pub struct RateLimitSpec {
     /// Hard cap on tracked keys; required when `key` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_keys: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GlobalRateLimitSpec {
+    /// Token refill rate of the one bucket all replicas share (> 0, fractions allowed).
+    pub requests_per_second: f64,
+    /// Size of the shared bucket (>= 1).
+    pub burst: i64,
+    /// `header:NAME` or `client-ip`; absent = one shared bucket for the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Hard cap on the keys each replica tracks; required when `key` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<i64>,
+    /// This replica's own bucket, used while Redis cannot be reached (and for the
+    /// moment a replica waits for its first share). Absent: the shared rate and burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_unreachable: Option<LocalBucketSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalBucketSpec {
+    /// Token refill rate (> 0, fractions allowed).
+    pub requests_per_second: f64,
+    /// Bucket size (>= 1).
+    pub burst: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -119,6 +119,16 @@ fn route(r: &Route) -> RouteSpec {
             key: l.key.as_ref().map(|k| k.key.to_string()),
             max_keys: l.key.as_ref().map(|k| i64::from(k.max_keys)),
         }),
+        global_rate_limit: r.global_rate_limit.as_ref().map(|g| GlobalRateLimitSpec {
+            requests_per_second: g.shared.requests_per_second,
+            burst: i64::from(g.shared.burst),
+            key: g.shared.key.as_ref().map(|k| k.key.to_string()),
+            max_keys: g.shared.key.as_ref().map(|k| i64::from(k.max_keys)),
+            when_unreachable: Some(LocalBucketSpec {
+                requests_per_second: g.when_unreachable.requests_per_second,
+                burst: i64::from(g.when_unreachable.burst),
+            }),
+        }),
         concurrency: r.concurrency.as_ref().map(|c| match c {
             Concurrency::Fixed { max } => ConcurrencySpec {
                 max: Some(i64::from(*max)),

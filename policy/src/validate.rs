@@ -469,6 +469,10 @@ fn route(c: &mut Checker, at: &str, r: &RouteSpec) -> Route {
             .rate_limit
             .as_ref()
             .map(|x| rate_limit(c, &format!("{at}.rateLimit"), x)),
+        global_rate_limit: r
+            .global_rate_limit
+            .as_ref()
+            .map(|x| global_rate_limit(c, &format!("{at}.globalRateLimit"), x)),
         concurrency: r
             .concurrency
             .as_ref()
@@ -618,6 +622,42 @@ fn rate_limit(c: &mut Checker, at: &str, r: &RateLimitSpec) -> RateLimit {
         requests_per_second: r.requests_per_second,
         burst,
         key,
+    }
+}
+
+fn global_rate_limit(c: &mut Checker, at: &str, g: &GlobalRateLimitSpec) -> GlobalRateLimit {
+    let shared = rate_limit(
+        c,
+        at,
+        &RateLimitSpec {
+            requests_per_second: g.requests_per_second,
+            burst: g.burst,
+            key: g.key.clone(),
+            max_keys: g.max_keys,
+        },
+    );
+    let when_unreachable = match &g.when_unreachable {
+        Some(local) => {
+            let local = rate_limit(
+                c,
+                &format!("{at}.whenUnreachable"),
+                &RateLimitSpec {
+                    requests_per_second: local.requests_per_second,
+                    burst: local.burst,
+                    key: None,
+                    max_keys: None,
+                },
+            );
+            RateLimit {
+                key: shared.key.clone(),
+                ..local
+            }
+        }
+        None => shared.clone(),
+    };
+    GlobalRateLimit {
+        shared,
+        when_unreachable,
     }
 }
 

@@ -42,6 +42,21 @@ fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
         .prop_map(|m| m.into_iter().collect())
 }
 
+fn rate_limit() -> impl Strategy<Value = RateLimit> {
+    (
+        (1u32..100_000).prop_map(|x| f64::from(x) / 4.0),
+        1u32..10_000,
+        option::of(
+            (key(), 1u32..1_000_000).prop_map(|(key, max_keys)| KeyedLimit { key, max_keys }),
+        ),
+    )
+        .prop_map(|(requests_per_second, burst, key)| RateLimit {
+            requests_per_second,
+            burst,
+            key,
+        })
+}
+
 fn route(name: String) -> impl Strategy<Value = Route> {
     let matcher = (
         prop_oneof![
@@ -80,17 +95,18 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                 min_per_second,
             },
         });
-    let rate_limit = (
+    let global = (
+        rate_limit(),
         (1u32..100_000).prop_map(|x| f64::from(x) / 4.0),
         1u32..10_000,
-        option::of(
-            (key(), 1u32..1_000_000).prop_map(|(key, max_keys)| KeyedLimit { key, max_keys }),
-        ),
     )
-        .prop_map(|(requests_per_second, burst, key)| RateLimit {
-            requests_per_second,
-            burst,
-            key,
+        .prop_map(|(shared, requests_per_second, burst)| GlobalRateLimit {
+            when_unreachable: RateLimit {
+                requests_per_second,
+                burst,
+                key: shared.key.clone(),
+            },
+            shared,
         });
     let concurrency = prop_oneof![
         (1u32..1000).prop_map(|max| Concurrency::Fixed { max }),
@@ -152,7 +168,8 @@ fn route(name: String) -> impl Strategy<Value = Route> {
         matcher,
         option::of(duration()),
         option::of(retries),
-        option::of(rate_limit),
+        option::of(rate_limit()),
+        option::of(global),
         option::of(concurrency),
         option::of(breaker),
         option::of(fallback),
@@ -165,6 +182,7 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                 timeout,
                 retries,
                 rate_limit,
+                global_rate_limit,
                 concurrency,
                 circuit_breaker,
                 fallback,
@@ -176,6 +194,7 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                 timeout,
                 retries,
                 rate_limit,
+                global_rate_limit,
                 concurrency,
                 circuit_breaker,
                 fallback,

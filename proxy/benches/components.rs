@@ -53,7 +53,12 @@ fn route_match(c: &mut Criterion) {
     let Ok(set) = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text) else {
         return;
     };
-    let Ok(runtime) = Runtime::build(set, "bench".into(), None) else {
+    let Ok(runtime) = Runtime::build(
+        set,
+        "bench".into(),
+        None,
+        &sluice_proxy::globallimit::GlobalLimits::new(false),
+    ) else {
         return;
     };
     let headers: [(&str, &[u8]); 1] = [("user-agent", b"wrk")];

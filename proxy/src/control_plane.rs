@@ -215,7 +215,9 @@ impl ControlPlaneSource {
         // over, so only the version number changes.
         let set = current.set.clone();
         let label = format!("control-plane:{} version {version}", self.url);
-        if let Ok(mut next) = crate::runtime::Runtime::build(set, label, Some(&current)) {
+        if let Ok(mut next) =
+            crate::runtime::Runtime::build(set, label, Some(&current), &self.shared.globals)
+        {
             next.control_plane_version = Some(version);
             self.shared.runtime.store(Some(Arc::new(next)));
         }

@@ -19,6 +19,7 @@ pub mod control_plane;
 pub mod demo_client;
 pub mod demo_upstream;
 pub mod endpoints;
+pub mod globallimit;
 pub mod h1;
 pub mod hashring;
 pub mod health;

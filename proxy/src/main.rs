@@ -20,6 +20,7 @@ use prometheus::Registry;
 use sluice_proxy::accesslog::event;
 use sluice_proxy::admin::Admin;
 use sluice_proxy::control_plane::ControlPlaneSource;
+use sluice_proxy::globallimit::{self, GlobalLimits};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::proxy::{Shared, SluiceProxy};
 use sluice_proxy::shutdown::DrainOnSigterm;
@@ -125,6 +126,15 @@ struct Args {
     /// sending a request head slower than this).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// The Redis (`host:port`) holding the buckets of routes' `globalRateLimit`,
+    /// shared by every replica. Without it those limits use each replica's own
+    /// bucket (`whenUnreachable`).
+    #[arg(long, env = "SLUICE_REDIS", value_parser = parse_redis)]
+    redis: Option<String>,
+    /// Longest wait for Redis (connecting, and each claim round trip) before it
+    /// counts as unreachable. Requests never wait on Redis.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    redis_timeout: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -217,6 +227,13 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got {text:?}"))
 }
 
+/// `host:port` (a name or an IP literal, `[v6]:port` for IPv6).
+fn parse_redis(text: &str) -> Result<String, String> {
+    sluice_policy::validate::parse_address(text)
+        .map(|a| a.to_string())
+        .ok_or_else(|| format!("expected host:port, got {text:?}"))
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     sluice_policy::duration::parse(text)
         .ok_or_else(|| format!("expected a duration such as 10s, got {text:?}"))
@@ -275,6 +292,18 @@ fn housekeeping(shared: &Shared, n: u64) {
     }
     for route in runtime.routes() {
         let labels = [route.policy.as_str(), route.name.as_str()];
+        if let Some(global) = &route.global {
+            let local = global.take_local_decisions();
+            if local > 0 {
+                metrics
+                    .global_local
+                    .with_label_values(&labels)
+                    .inc_by(local);
+            }
+            if n.is_multiple_of(10) {
+                global.sweep_local();
+            }
+        }
         if let Some(breaker) = &route.breaker {
             metrics
                 .breaker_state
@@ -406,6 +435,26 @@ fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, addr: Socke
     }
 }
 
+/// Keeps the global rate limits supplied from Redis, on a background service's runtime.
+struct SyncGlobalLimits {
+    shared: Arc<Shared>,
+    redis: String,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for SyncGlobalLimits {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        globallimit::sync(
+            Arc::clone(&self.shared),
+            self.redis.clone(),
+            self.timeout,
+            shutdown,
+        )
+        .await;
+    }
+}
+
 /// Runs the control-plane stream on a background service's runtime.
 struct FollowControlPlane(std::sync::Mutex<Option<ControlPlaneSource>>);
 
@@ -466,6 +515,7 @@ fn main() -> ExitCode {
         ids: IdGenerator::default(),
         inflight: AtomicUsize::new(0),
         access_log: sluice_proxy::accesslog::AccessLog::new(!args.no_access_log),
+        globals: GlobalLimits::new(args.redis.is_some()),
     });
 
     // An invalid policy at start is logged and leaves /ready at 503 until a valid
@@ -584,6 +634,16 @@ fn main() -> ExitCode {
             },
         },
     ));
+    if let Some(redis) = args.redis.clone() {
+        server.add_service(background_service(
+            "global-rate-limits",
+            SyncGlobalLimits {
+                shared: Arc::clone(&shared),
+                redis,
+                timeout: args.redis_timeout,
+            },
+        ));
+    }
     if let Some(source) = control_plane {
         server.add_service(background_service(
             "control-plane",

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub backend_ejections: IntCounterVec,
     pub control_plane_connected: IntGauge,
     pub passthrough: IntCounterVec,
+    pub global_redis_up: IntGauge,
+    pub global_syncs: IntCounterVec,
+    pub global_local: IntCounterVec,
 }
 
 fn counter(
@@ -95,6 +98,11 @@ impl Metrics {
             "1 while the proxy holds a policy stream to the control plane.",
         )?;
         r.register(Box::new(control_plane_connected.clone()))?;
+        let global_redis_up = IntGauge::new(
+            "sluice_global_rate_limit_redis_up",
+            "1 while Redis answers the global rate limits' claims (0 without --redis).",
+        )?;
+        r.register(Box::new(global_redis_up.clone()))?;
         r.register(Box::new(DurationCollector::new(runtime)?))?;
         Ok(Metrics {
             requests: counter(
@@ -213,6 +221,25 @@ impl Metrics {
                 }
                 c
             },
+            global_syncs: {
+                let c = counter(
+                    r,
+                    "sluice_global_rate_limit_syncs_total",
+                    "Round trips to Redis claiming global rate-limit leases, by outcome (ok, error).",
+                    &["outcome"],
+                )?;
+                for outcome in ["ok", "error"] {
+                    c.with_label_values(&[outcome]);
+                }
+                c
+            },
+            global_local: counter(
+                r,
+                "sluice_global_rate_limit_local_decisions_total",
+                "Requests of a global rate limit decided by the replica's own bucket (Redis unreachable, or a lease on its way).",
+                &["policy", "route"],
+            )?,
+            global_redis_up,
             inflight,
             control_plane_connected,
             registry,

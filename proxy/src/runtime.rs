@@ -19,6 +19,7 @@ use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
 use crate::concurrency::ConcurrencyLimiter;
 use crate::endpoints::{Endpoints, EndpointsRule};
+use crate::globallimit::{GlobalLimiter, GlobalLimits};
 use crate::metrics::{route_histogram, CounterCache, CODE_CLASSES};
 use crate::pathmatch::{self, PathMatcher};
 use crate::ratelimit::RouteLimiter;
@@ -55,6 +56,8 @@ pub struct RouteRuntime {
     /// The route's override, else the policy's mode.
     pub mode: Mode,
     pub limiter: Option<Arc<RouteLimiter>>,
+    /// The rate limit shared with the other replicas (through Redis).
+    pub global: Option<Arc<GlobalLimiter>>,
     pub breaker: Option<Arc<CircuitBreaker>>,
     pub concurrency: Option<Arc<ConcurrencyLimiter>>,
     pub budget: Option<Arc<RetryBudget>>,
@@ -92,12 +95,13 @@ impl Runtime {
         set: PolicySet,
         source: String,
         previous: Option<&Runtime>,
+        globals: &Arc<GlobalLimits>,
     ) -> prometheus::Result<Runtime> {
         let mut policies = Vec::with_capacity(set.policies.len());
         let mut hosts = FnvHashMap::default();
         for (index, policy) in set.policies.iter().enumerate() {
             let before = previous.and_then(|p| p.policy(&policy.name));
-            policies.push(compile_policy(policy, before)?);
+            policies.push(compile_policy(policy, before, globals)?);
             for host in &policy.hosts {
                 hosts.insert(host.clone(), index);
             }
@@ -184,6 +188,7 @@ impl Runtime {
 fn compile_policy(
     policy: &TrafficPolicy,
     before: Option<&PolicyRuntime>,
+    globals: &Arc<GlobalLimits>,
 ) -> prometheus::Result<PolicyRuntime> {
     let rule = EndpointsRule {
         backends: policy.backends.clone(),
@@ -210,6 +215,13 @@ fn compile_policy(
                 old.and_then(|o| o.limiter.as_ref()),
                 |l| l.rule() == rule,
                 || RouteLimiter::new(rule, governor::clock::DefaultClock::default()),
+            )
+        });
+        let global = route.global_rate_limit.as_ref().map(|rule| {
+            carry(
+                old.and_then(|o| o.global.as_ref()),
+                |g| g.rule() == rule,
+                || GlobalLimiter::new(rule, &policy.name, &route.name, Arc::clone(globals)),
             )
         });
         let now = Instant::now();
@@ -253,6 +265,7 @@ fn compile_policy(
             route: route.clone(),
             path: PathMatcher::new(&route.matcher.path),
             limiter,
+            global,
             breaker,
             concurrency,
             budget,

@@ -55,7 +55,8 @@ pub fn apply(
 ) -> (ReloadResult, Vec<String>) {
     let current = shared.runtime.load_full();
     let built = set.and_then(|set| {
-        Runtime::build(set, label.to_owned(), current.as_deref()).map_err(|e| vec![e.to_string()])
+        Runtime::build(set, label.to_owned(), current.as_deref(), &shared.globals)
+            .map_err(|e| vec![e.to_string()])
     });
     let (result, errors) = match built {
         Err(errors) => {
@@ -93,6 +94,22 @@ pub fn apply(
                     "source": label,
                 }),
             );
+            if !shared.globals.configured() {
+                // Accepted all the same: each replica keeps its own bucket, which is
+                // what the limit falls back to whenever Redis cannot be reached.
+                let routes: Vec<String> = next
+                    .routes()
+                    .filter(|r| r.global.is_some())
+                    .map(|r| format!("{}/{}", r.policy, r.name))
+                    .collect();
+                if !routes.is_empty() {
+                    event(
+                        "warn",
+                        "globalRateLimit without --redis: these routes use each replica's own bucket",
+                        json!({"routes": routes}),
+                    );
+                }
+            }
             shared.runtime.store(Some(Arc::new(next)));
             (ReloadResult::Accepted, Vec::new())
         }

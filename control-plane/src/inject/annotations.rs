@@ -22,6 +22,9 @@ pub const SKIP_OUTBOUND_PORTS: &str = "sluice.dev/skip-outbound-ports";
 pub const SKIP_INBOUND_PORTS: &str = "sluice.dev/skip-inbound-ports";
 /// Comma-separated IPv4 CIDRs whose outbound traffic bypasses the proxy.
 pub const SKIP_OUTBOUND_CIDRS: &str = "sluice.dev/skip-outbound-cidrs";
+/// `host:port` of the Redis holding the buckets of `globalRateLimit` routes, shared
+/// by every replica (the proxy's `--redis`).
+pub const REDIS: &str = "sluice.dev/redis";
 pub const PROXY_CPU_REQUEST: &str = "sluice.dev/proxy-cpu-request";
 pub const PROXY_MEMORY_REQUEST: &str = "sluice.dev/proxy-memory-request";
 pub const PROXY_CPU_LIMIT: &str = "sluice.dev/proxy-cpu-limit";
@@ -98,6 +101,21 @@ fn list(
         });
     }
     Ok((!items.is_empty()).then(|| items.join(",")))
+}
+
+/// The `sluice.dev/redis` address (`host:port`), if set.
+pub fn redis(annotations: &BTreeMap<String, String>) -> Result<Option<String>, InjectError> {
+    let Some(raw) = annotations.get(REDIS) else {
+        return Ok(None);
+    };
+    match sluice_policy::validate::parse_address(raw.trim()) {
+        Some(address) => Ok(Some(address.to_string())),
+        None => Err(InjectError::Annotation {
+            key: REDIS.to_owned(),
+            value: raw.clone(),
+            expected: "host:port, such as redis.sluice-system.svc:6379".to_owned(),
+        }),
+    }
 }
 
 /// A Kubernetes resource quantity (`50m`, `1`, `0.5`, `64Mi`, `1G`), or the default.
@@ -208,6 +226,22 @@ mod tests {
         );
         for bad in ["10.0.0.0/33", "fd00::/8", "example.com"] {
             assert!(cidrs(&map(SKIP_OUTBOUND_CIDRS, bad), SKIP_OUTBOUND_CIDRS).is_err());
+        }
+    }
+
+    #[test]
+    fn redis_is_a_host_and_port() {
+        assert_eq!(redis(&BTreeMap::new()), Ok(None));
+        assert_eq!(
+            redis(&map(REDIS, " redis.sluice-system.svc:6379 ")),
+            Ok(Some("redis.sluice-system.svc:6379".into()))
+        );
+        for bad in ["redis", "redis:", ":6379", "redis:99999", "redis://x:6379"] {
+            let err = redis(&map(REDIS, bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("sluice.dev/redis") && err.contains("host:port"),
+                "{bad}: {err}"
+            );
         }
     }
 

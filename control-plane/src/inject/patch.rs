@@ -193,6 +193,9 @@ fn proxy_container(
     if let Some(policy) = annotations.get(INBOUND_POLICY_ANNOTATION) {
         args.extend(["--inbound-policy".into(), policy.clone()]);
     }
+    if let Some(redis) = ann::redis(annotations)? {
+        args.extend(["--redis".into(), redis]);
+    }
     args.extend([
         "--transparent".into(),
         // Probes and Prometheus reach the admin port from outside the pod.

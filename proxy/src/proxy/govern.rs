@@ -71,6 +71,30 @@ impl SluiceProxy {
             }
         }
 
+        if let Some(limiter) = &route.global {
+            let key = limiter.key().map(|k| request_key(req, k));
+            match limiter.check(key.as_deref().unwrap_or(""), now) {
+                Limit::Allowed { remaining, reset } => {
+                    // The tighter of the two limits is the one to advertise.
+                    let tighter = ctx.rate_headers.is_none_or(|(_, left, _)| remaining < left);
+                    if tighter {
+                        ctx.rate_headers = Some((limiter.limit(), remaining, ceil_secs(reset)));
+                    }
+                }
+                Limit::Limited { retry_after } => {
+                    m.rate_limited.with_label_values(&labels3(mode)).inc();
+                    if !shadow {
+                        return Err(Refusal::RateLimited {
+                            retry_after,
+                            limit: limiter.limit(),
+                        });
+                    }
+                    ctx.shadow.get_or_insert(Verdict::RateLimited.as_str());
+                    self.shadow_fallback(route, FallbackCause::RateLimited);
+                }
+            }
+        }
+
         if let Some(breaker) = &route.breaker {
             let (admission, transition) = breaker.admit(now);
             self.note_transition(route, transition);

@@ -47,6 +47,8 @@ pub struct Shared {
     /// Requests between `new_ctx` and the end of `finish`; the drain waits for 0.
     pub inflight: AtomicUsize,
     pub access_log: accesslog::AccessLog,
+    /// Redis reachability and the sync task's wake-up, for the global rate limits.
+    pub globals: Arc<crate::globallimit::GlobalLimits>,
 }
 
 #[derive(Clone)]

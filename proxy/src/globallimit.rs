@@ -1,0 +1,913 @@
+//! Rate limits shared by every replica: one token bucket per route (or per key) kept
+//! in Redis, handed out to each proxy in small leases so that no request waits on
+//! Redis.
+//!
+//! Why leases: Envoy's global rate limit asks its rate-limit service on every
+//! request, which puts a network round trip on the request path and makes every
+//! request fail open or closed with that service. Here a proxy claims a few tokens
+//! at a time from the shared bucket (one atomic Lua script, clocked by Redis's own
+//! `TIME`, so the replicas' clocks do not matter) and spends them locally; the
+//! background [`sync`] task claims the next lease when this one runs low. What the
+//! replicas admit together never exceeds what the shared bucket granted, apart from
+//! the requests this replica's own bucket admits (below), and those are charged to
+//! the shared bucket at the next claim, so the long-run rate is the shared one.
+//!
+//! A request that finds no leased token:
+//! - Redis is unreachable: the replica's own bucket (`whenUnreachable`, by default
+//!   the shared rate and burst) decides. An outage of Redis neither blocks traffic
+//!   nor lifts the limit; at worst each replica admits its own bucket's rate.
+//! - the shared bucket ran dry at the last claim: 429 (with the shared bucket's own
+//!   wait as `Retry-After`) until a claim gets tokens again. Under overload the
+//!   shared bucket alone decides, so replicas cannot add their own bursts to it.
+//! - otherwise the demand outran the lease and the next one is on its way (or this
+//!   replica has not claimed yet): up to one lease's worth is admitted on credit,
+//!   then the own bucket decides; both are charged to the shared bucket at the
+//!   claim, and the next lease is asked twice as large.
+//!
+//! Bounds: each limiter tracks at most `maxKeys` keys (later keys share one overflow
+//! bucket, as in [`crate::ratelimit`]); a lease is at most half the burst; one sync
+//! round sends at most [`MAX_OPS_PER_ROUND`] scripts; a lease unused for
+//! [`IDLE_RETURN`] goes back to the shared bucket, and an idle key is forgotten.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use governor::clock::DefaultClock;
+use sluice_policy::{GlobalRateLimit, Key};
+use tokio::sync::Notify;
+
+use crate::ratelimit::{Decision, RouteLimiter};
+
+/// A lease not drawn from for this long goes back to the shared bucket, so an idle
+/// replica does not sit on tokens others could use.
+pub const IDLE_RETURN: Duration = Duration::from_secs(1);
+/// A key idle this long (and holding nothing) is forgotten, freeing room under
+/// `maxKeys`.
+const IDLE_FORGET: Duration = Duration::from_secs(5);
+/// Scripts per pipelined round trip; the rest wait for the next round.
+pub const MAX_OPS_PER_ROUND: usize = 1024;
+
+/// The token bucket, atomically, in Redis. Keys: the bucket. Arguments: rate
+/// (tokens/s), burst, want (tokens to lease; negative gives tokens back), charge
+/// (tokens spent without a lease, taken first; the bucket may go down to -burst, a
+/// debt paid by waiting), ttl (ms). Returns {granted, wait in µs until one token,
+/// whole tokens left}. The state expires once the bucket would be full anyway.
+/// Numbers are stored with explicit formats: Lua's own `tostring` keeps 14 digits,
+/// which would round a microsecond clock.
+pub const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local charge = tonumber(ARGV[4])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1])
+local at = tonumber(state[2])
+if tokens == nil or at == nil then
+  tokens = burst
+  at = now
+end
+if now > at then
+  tokens = math.min(burst, tokens + (now - at) * rate / 1000000)
+end
+tokens = math.max(-burst, tokens - charge)
+local granted = 0
+if want > 0 then
+  granted = math.max(0, math.min(want, math.floor(tokens)))
+  tokens = tokens - granted
+else
+  tokens = math.min(burst, tokens - want)
+end
+local wait = 0
+if tokens < 1 then
+  wait = math.ceil((1 - tokens) * 1000000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.0f', now))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {granted, wait, math.max(0, math.floor(tokens))}
+";
+
+/// What every global limiter of a proxy shares: whether Redis answers, and the
+/// signal that wakes the sync task.
+pub struct GlobalLimits {
+    /// `--redis` was given; without it every global limit runs on its local bucket.
+    configured: bool,
+    reachable: AtomicBool,
+    wake: Notify,
+    /// The time base of the limiters' millisecond stamps.
+    epoch: Instant,
+}
+
+impl GlobalLimits {
+    pub fn new(configured: bool) -> Arc<Self> {
+        Arc::new(GlobalLimits {
+            configured,
+            reachable: AtomicBool::new(false),
+            wake: Notify::new(),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn configured(&self) -> bool {
+        self.configured
+    }
+
+    /// Whether the last exchange with Redis succeeded.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    pub fn set_reachable(&self, up: bool) {
+        self.reachable.store(up, Ordering::Relaxed);
+    }
+
+    /// Wakes the sync task (a stored permit if it is busy: the next round follows).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Milliseconds since this proxy's epoch; 0 before it.
+    pub fn millis(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+}
+
+/// This replica's part of one shared bucket.
+pub struct Share {
+    /// The bucket's Redis key.
+    redis_key: String,
+    /// Tokens leased and not spent yet (never negative).
+    leased: AtomicI64,
+    /// Requests admitted without a lease while Redis was reachable (on credit, or by
+    /// the own bucket): charged at the next claim.
+    unleased: AtomicU32,
+    /// The lease ran out before the next one arrived: the next is asked larger.
+    ran_out: AtomicBool,
+    /// Requests since the last claim (the next lease's size).
+    spent: AtomicU32,
+    /// The lease size asked last (a claim is wanted below half of it).
+    lease: AtomicU32,
+    /// 0 while the shared bucket had tokens at the last claim; else the stamp (ms)
+    /// at which it will hold one again (the claim after that decides).
+    dry_until: AtomicU64,
+    /// Whole tokens the shared bucket held at the last claim.
+    shared_left: AtomicU32,
+    wanted: AtomicBool,
+    last_used: AtomicU64,
+}
+
+impl Share {
+    fn new(redis_key: String) -> Self {
+        Share {
+            redis_key,
+            leased: AtomicI64::new(0),
+            unleased: AtomicU32::new(0),
+            ran_out: AtomicBool::new(false),
+            spent: AtomicU32::new(0),
+            lease: AtomicU32::new(1),
+            dry_until: AtomicU64::new(0),
+            shared_left: AtomicU32::new(0),
+            wanted: AtomicBool::new(false),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one leased token; never lets `leased` go below zero (a sync round may
+    /// be taking the lease back at the same moment).
+    fn take(&self) -> Option<i64> {
+        let mut left = self.leased.load(Ordering::Acquire);
+        while left > 0 {
+            match self.leased.compare_exchange_weak(
+                left,
+                left - 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(left - 1),
+                Err(actual) => left = actual,
+            }
+        }
+        None
+    }
+
+    pub fn leased(&self) -> i64 {
+        self.leased.load(Ordering::Relaxed)
+    }
+}
+
+enum Shares {
+    Single(Arc<Share>),
+    PerKey {
+        keys: DashMap<String, Arc<Share>>,
+        /// Slots taken in `keys`, reserved before inserting so the cap holds.
+        len: AtomicUsize,
+        max_keys: usize,
+        overflow: Arc<Share>,
+    },
+}
+
+/// One route's global limit. Carried over a reload while its rule is unchanged, so
+/// a reload keeps its lease.
+pub struct GlobalLimiter {
+    rule: GlobalRateLimit,
+    hub: Arc<GlobalLimits>,
+    /// `sluice:rl:<policy>:<route>`; keyed buckets append `:<hash of the key>`.
+    prefix: String,
+    shares: Shares,
+    /// This replica's own bucket (`whenUnreachable`).
+    local: RouteLimiter,
+    /// Requests the local bucket decided since the last report (a counter metric).
+    local_decisions: AtomicU64,
+}
+
+/// One script call of a sync round.
+pub struct Op {
+    share: Arc<Share>,
+    pub redis_key: String,
+    /// Tokens asked (> 0) or given back (< 0).
+    pub want: i64,
+    pub charge: u32,
+    pub rate: f64,
+    pub burst: u32,
+    pub ttl_ms: u64,
+}
+
+impl GlobalLimiter {
+    pub fn new(rule: &GlobalRateLimit, policy: &str, route: &str, hub: Arc<GlobalLimits>) -> Self {
+        let prefix = format!("sluice:rl:{policy}:{route}");
+        let shares = match &rule.shared.key {
+            None => Shares::Single(Arc::new(Share::new(prefix.clone()))),
+            Some(keyed) => Shares::PerKey {
+                keys: DashMap::new(),
+                len: AtomicUsize::new(0),
+                max_keys: keyed.max_keys as usize,
+                overflow: Arc::new(Share::new(format!("{prefix}:overflow"))),
+            },
+        };
+        GlobalLimiter {
+            rule: rule.clone(),
+            local: RouteLimiter::new(&rule.when_unreachable, DefaultClock::default()),
+            hub,
+            prefix,
+            shares,
+            local_decisions: AtomicU64::new(0),
+        }
+    }
+
+    pub fn rule(&self) -> &GlobalRateLimit {
+        &self.rule
+    }
+
+    pub fn key(&self) -> Option<&Key> {
+        self.rule.shared.key.as_ref().map(|k| &k.key)
+    }
+
+    /// The shared bucket's size, as advertised in `RateLimit-Limit`.
+    pub fn limit(&self) -> u32 {
+        self.rule.shared.burst
+    }
+
+    /// Takes one token for `key` (ignored when the limit is not keyed) at `now`.
+    pub fn check(&self, key: &str, now: Instant) -> Decision {
+        let stamp = self.hub.millis(now);
+        let keyed;
+        let share: &Share = match &self.shares {
+            Shares::Single(share) => share,
+            Shares::PerKey { .. } => {
+                keyed = self.share_for(key);
+                &keyed
+            }
+        };
+        share.last_used.store(stamp, Ordering::Relaxed);
+        share.spent.fetch_add(1, Ordering::Relaxed);
+        if let Some(left) = share.take() {
+            let lease = i64::from(share.lease.load(Ordering::Relaxed));
+            if left * 2 < lease && !share.wanted.swap(true, Ordering::AcqRel) {
+                self.hub.wake();
+            }
+            let remaining = u32::try_from(left)
+                .unwrap_or(u32::MAX)
+                .saturating_add(share.shared_left.load(Ordering::Relaxed))
+                .min(self.rule.shared.burst);
+            return Decision::Allowed {
+                remaining,
+                reset: self.refill(self.rule.shared.burst - remaining),
+            };
+        }
+        if !self.hub.reachable() {
+            self.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return self.local.check(key);
+        }
+        let dry_until = share.dry_until.load(Ordering::Acquire);
+        if stamp >= dry_until && !share.wanted.swap(true, Ordering::AcqRel) {
+            self.hub.wake();
+        }
+        if dry_until != 0 {
+            return Decision::Limited {
+                retry_after: Duration::from_millis(dry_until.saturating_sub(stamp).max(1)),
+            };
+        }
+        // The demand outran the lease (or none was claimed yet) and the next is on
+        // its way: admit on credit, up to one lease's worth per claim...
+        share.ran_out.store(true, Ordering::Relaxed);
+        let credit = share.lease.load(Ordering::Relaxed).max(1);
+        let mut owed = share.unleased.load(Ordering::Acquire);
+        while owed < credit {
+            match share.unleased.compare_exchange_weak(
+                owed,
+                owed + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let remaining = share
+                        .shared_left
+                        .load(Ordering::Relaxed)
+                        .min(self.rule.shared.burst);
+                    return Decision::Allowed {
+                        remaining,
+                        reset: self.refill(self.rule.shared.burst - remaining),
+                    };
+                }
+                Err(actual) => owed = actual,
+            }
+        }
+        // ...then by the own bucket; either way it is charged at the claim.
+        self.local_decisions.fetch_add(1, Ordering::Relaxed);
+        let decision = self.local.check(key);
+        if matches!(decision, Decision::Allowed { .. }) {
+            share.unleased.fetch_add(1, Ordering::Relaxed);
+        }
+        decision
+    }
+
+    /// How long the shared bucket takes to refill `tokens`.
+    fn refill(&self, tokens: u32) -> Duration {
+        Duration::from_secs_f64(f64::from(tokens) / self.rule.shared.requests_per_second)
+    }
+
+    /// The share of `key`: its own while there is room under `maxKeys`, else the
+    /// overflow share.
+    fn share_for(&self, key: &str) -> Arc<Share> {
+        let Shares::PerKey {
+            keys,
+            len,
+            max_keys,
+            overflow,
+        } = &self.shares
+        else {
+            unreachable!("share_for is only called on keyed limiters")
+        };
+        if let Some(share) = keys.get(key) {
+            return Arc::clone(&share);
+        }
+        if len.fetch_add(1, Ordering::AcqRel) >= *max_keys {
+            len.fetch_sub(1, Ordering::AcqRel);
+            return Arc::clone(overflow);
+        }
+        let redis_key = format!("{}:{:016x}", self.prefix, fnv64(key.as_bytes()));
+        let mut inserted = false;
+        let share = keys
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                inserted = true;
+                Arc::new(Share::new(redis_key))
+            })
+            .clone();
+        if !inserted {
+            // Another request inserted it first: give the reserved slot back.
+            len.fetch_sub(1, Ordering::AcqRel);
+        }
+        share
+    }
+
+    /// Keys with a share of their own right now.
+    pub fn tracked_keys(&self) -> usize {
+        match &self.shares {
+            Shares::Single(_) => 0,
+            Shares::PerKey { len, .. } => len.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Requests decided by the local bucket since the last call.
+    pub fn take_local_decisions(&self) -> u64 {
+        self.local_decisions.swap(0, Ordering::Relaxed)
+    }
+
+    /// Forgets that shared buckets ran dry (after reconnecting to Redis).
+    pub fn forget_dryness(&self) {
+        let forget = |share: &Share| share.dry_until.store(0, Ordering::Release);
+        match &self.shares {
+            Shares::Single(share) => forget(share),
+            Shares::PerKey { keys, overflow, .. } => {
+                forget(overflow);
+                keys.iter().for_each(|entry| forget(entry.value()));
+            }
+        }
+    }
+
+    /// The local bucket's housekeeping (its own keys).
+    pub fn sweep_local(&self) {
+        self.local.sweep();
+    }
+
+    /// Collects this limiter's script calls for a sync round at `now` (at most
+    /// `room`), gives idle leases back and forgets idle keys.
+    pub fn collect(&self, now: Instant, room: usize, ops: &mut Vec<Op>) {
+        let stamp = self.hub.millis(now);
+        match &self.shares {
+            Shares::Single(share) => self.collect_share(share, stamp, room, ops),
+            Shares::PerKey {
+                keys,
+                len,
+                overflow,
+                ..
+            } => {
+                self.collect_share(overflow, stamp, room, ops);
+                let forget = IDLE_FORGET.as_millis() as u64;
+                keys.retain(|_, share| {
+                    self.collect_share(share, stamp, room, ops);
+                    let idle = stamp.saturating_sub(share.last_used.load(Ordering::Relaxed));
+                    let holds = share.leased() > 0 || share.unleased.load(Ordering::Relaxed) > 0;
+                    let keep = idle < forget || holds || Arc::strong_count(share) > 1;
+                    if !keep {
+                        len.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    keep
+                });
+            }
+        }
+    }
+
+    fn collect_share(&self, share: &Arc<Share>, stamp: u64, room: usize, ops: &mut Vec<Op>) {
+        if ops.len() >= room {
+            return;
+        }
+        let rule = &self.rule.shared;
+        let ttl_ms =
+            (f64::from(rule.burst) / rule.requests_per_second * 1000.0).ceil() as u64 + 1000;
+        let make = |want: i64, charge: u32| Op {
+            share: Arc::clone(share),
+            redis_key: share.redis_key.clone(),
+            want,
+            charge,
+            rate: rule.requests_per_second,
+            burst: rule.burst,
+            ttl_ms,
+        };
+        let idle = stamp.saturating_sub(share.last_used.load(Ordering::Relaxed));
+        if idle >= IDLE_RETURN.as_millis() as u64 {
+            // Nobody here draws from it: give the lease back, pay what is owed.
+            let back = share.leased.swap(0, Ordering::AcqRel);
+            let charge = share.unleased.swap(0, Ordering::Relaxed);
+            if back > 0 || charge > 0 {
+                ops.push(make(-back, charge));
+            }
+            return;
+        }
+        let wanted = share.wanted.load(Ordering::Acquire);
+        let charge = share.unleased.load(Ordering::Relaxed);
+        let dry = stamp < share.dry_until.load(Ordering::Acquire);
+        if !(wanted || charge > 0) || (dry && charge == 0) {
+            return;
+        }
+        share.wanted.store(false, Ordering::Release);
+        let charge = share.unleased.swap(0, Ordering::Relaxed);
+        // Lease what was spent since the last claim (the demand over one claim
+        // interval), twice the last lease if that ran out before this claim, at most
+        // half the burst so other replicas keep a share.
+        let spent = share.spent.swap(0, Ordering::Relaxed);
+        let grown = if share.ran_out.swap(false, Ordering::Relaxed) {
+            share.lease.load(Ordering::Relaxed).saturating_mul(2)
+        } else {
+            0
+        };
+        let want = spent.max(grown).clamp(1, (rule.burst / 2).max(1));
+        ops.push(make(i64::from(want), charge));
+    }
+}
+
+/// Settles a script call: `Ok((granted, wait µs, tokens left))`, or the call failed
+/// (the tokens it carried are kept for the next round).
+pub fn settle(op: &Op, stamp: u64, result: Option<(i64, i64, i64)>) {
+    let share = &op.share;
+    let Some((granted, wait_us, left)) = result else {
+        if op.want < 0 {
+            share.leased.fetch_add(-op.want, Ordering::AcqRel);
+        } else {
+            share.wanted.store(true, Ordering::Release);
+        }
+        share.unleased.fetch_add(op.charge, Ordering::Relaxed);
+        return;
+    };
+    if op.want <= 0 {
+        return;
+    }
+    share.lease.store(op.want as u32, Ordering::Relaxed);
+    share.shared_left.store(
+        u32::try_from(left.max(0)).unwrap_or(u32::MAX),
+        Ordering::Relaxed,
+    );
+    let granted = granted.clamp(0, op.want);
+    if granted < op.want {
+        // The shared bucket ran dry: once this lease is spent, refuse until it has
+        // a token again.
+        let wait_ms = (wait_us.max(0) as u64).div_ceil(1000);
+        share
+            .dry_until
+            .store(stamp + wait_ms.max(1), Ordering::Release);
+    } else {
+        share.dry_until.store(0, Ordering::Release);
+    }
+    share.leased.fetch_add(granted, Ordering::AcqRel);
+}
+
+/// FNV-1a: a stable hash (the same on every replica and build) for keyed bucket
+/// names, so a key's bytes never reach Redis and names stay short.
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// The first wait after a failed connection to Redis; it doubles up to
+/// [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often leases are looked at without a wake-up (idle leases go back, keys are
+/// forgotten); a policy without global limits is looked at once a second.
+const TICK: Duration = Duration::from_millis(100);
+/// Without claims to make, Redis is pinged this often.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps every global limiter of the live policy supplied with leases from the Redis
+/// at `addr` until shutdown, reconnecting with backoff. `timeout` bounds connecting
+/// and each round trip; past it Redis counts as unreachable and the local buckets
+/// decide until it answers again.
+pub async fn sync(
+    shared: Arc<crate::proxy::Shared>,
+    addr: String,
+    timeout: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let hub = Arc::clone(&shared.globals);
+    let metrics = &shared.metrics;
+    let client = match redis::Client::open(format!("redis://{addr}/")) {
+        Ok(client) => client,
+        Err(e) => {
+            crate::accesslog::event(
+                "error",
+                "redis address rejected; global rate limits use their local buckets",
+                serde_json::json!({"redis": addr, "error": e.to_string()}),
+            );
+            return;
+        }
+    };
+    let script = redis::Script::new(SCRIPT);
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let mut backoff = MIN_BACKOFF;
+    let mut was_up = None;
+    // Ends on shutdown; each iteration is one connection.
+    loop {
+        let connect = async {
+            let mut con = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            script.prepare_invoke().load_async(&mut con).await?;
+            Ok::<_, redis::RedisError>(con)
+        };
+        let connected = tokio::select! {
+            _ = shutdown.changed() => return,
+            c = connect => c,
+        };
+        let mut con = match connected {
+            Ok(con) => con,
+            Err(e) => {
+                note_reachable(&hub, metrics, &mut was_up, false, &addr, Some(&e));
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        note_reachable(&hub, metrics, &mut was_up, true, &addr, None);
+        backoff = MIN_BACKOFF;
+        // What we knew of the buckets may be stale (a restarted Redis starts them
+        // full): the next claims find out.
+        if let Some(runtime) = shared.runtime.load_full() {
+            for limiter in runtime.routes().filter_map(|r| r.global.as_deref()) {
+                limiter.forget_dryness();
+            }
+        }
+        let mut ops = Vec::new();
+        let mut last_answer = Instant::now();
+        // One round per wake-up or tick, while Redis answers.
+        loop {
+            let any = shared
+                .runtime
+                .load()
+                .as_deref()
+                .is_some_and(|r| r.routes().any(|r| r.global.is_some()));
+            let tick = if any { TICK } else { Duration::from_secs(1) };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = hub.woken() => {}
+                () = tokio::time::sleep(tick) => {}
+            }
+            let Some(runtime) = shared.runtime.load_full() else {
+                continue;
+            };
+            let now = Instant::now();
+            ops.clear();
+            for limiter in runtime.routes().filter_map(|r| r.global.as_deref()) {
+                limiter.collect(now, MAX_OPS_PER_ROUND, &mut ops);
+            }
+            if ops.is_empty() {
+                // Nothing to claim: a PING now and then keeps the reachability (and
+                // its gauge) current for when a claim is needed.
+                if last_answer.elapsed() < PING_EVERY {
+                    continue;
+                }
+                let ping: redis::RedisResult<String> =
+                    redis::cmd("PING").query_async(&mut con).await;
+                if let Err(e) = ping {
+                    metrics.global_syncs.with_label_values(&["error"]).inc();
+                    note_reachable(&hub, metrics, &mut was_up, false, &addr, Some(&e));
+                    break;
+                }
+                last_answer = Instant::now();
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for op in &ops {
+                pipe.cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(1)
+                    .arg(&op.redis_key)
+                    .arg(op.rate)
+                    .arg(op.burst)
+                    .arg(op.want)
+                    .arg(op.charge)
+                    .arg(op.ttl_ms);
+            }
+            let answer: redis::RedisResult<Vec<(i64, i64, i64)>> = pipe.query_async(&mut con).await;
+            let stamp = hub.millis(Instant::now());
+            match answer {
+                Ok(values) if values.len() == ops.len() => {
+                    for (op, value) in ops.iter().zip(values) {
+                        settle(op, stamp, Some(value));
+                    }
+                    metrics.global_syncs.with_label_values(&["ok"]).inc();
+                    last_answer = Instant::now();
+                }
+                answer => {
+                    for op in &ops {
+                        settle(op, stamp, None);
+                    }
+                    metrics.global_syncs.with_label_values(&["error"]).inc();
+                    let error = match answer {
+                        Err(e) => e,
+                        Ok(values) => redis::RedisError::from((
+                            redis::ErrorKind::Parse,
+                            "wrong number of answers",
+                            format!("{} for {} scripts", values.len(), ops.len()),
+                        )),
+                    };
+                    note_reachable(&hub, metrics, &mut was_up, false, &addr, Some(&error));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Records whether Redis answers (flag, gauge) and logs each change once.
+fn note_reachable(
+    hub: &GlobalLimits,
+    metrics: &crate::metrics::Metrics,
+    was_up: &mut Option<bool>,
+    up: bool,
+    addr: &str,
+    error: Option<&redis::RedisError>,
+) {
+    hub.set_reachable(up);
+    metrics.global_redis_up.set(i64::from(up));
+    if *was_up == Some(up) {
+        return;
+    }
+    *was_up = Some(up);
+    let detail = serde_json::json!({"redis": addr, "error": error.map(ToString::to_string)});
+    if up {
+        crate::accesslog::event("info", "redis connected; global rate limits shared", detail);
+    } else {
+        crate::accesslog::event(
+            "warn",
+            "redis unreachable; global rate limits use their local buckets",
+            detail,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_policy::{KeyedLimit, RateLimit};
+
+    fn rule(rps: f64, burst: u32, local_burst: u32, key: Option<KeyedLimit>) -> GlobalRateLimit {
+        GlobalRateLimit {
+            shared: RateLimit {
+                requests_per_second: rps,
+                burst,
+                key: key.clone(),
+            },
+            when_unreachable: RateLimit {
+                requests_per_second: 0.001,
+                burst: local_burst,
+                key,
+            },
+        }
+    }
+
+    fn limiter(rule: &GlobalRateLimit, reachable: bool) -> (GlobalLimiter, Arc<GlobalLimits>) {
+        let hub = GlobalLimits::new(true);
+        hub.set_reachable(reachable);
+        (
+            GlobalLimiter::new(rule, "shop", "checkout", Arc::clone(&hub)),
+            hub,
+        )
+    }
+
+    fn allowed(d: Decision) -> bool {
+        matches!(d, Decision::Allowed { .. })
+    }
+
+    fn ops(l: &GlobalLimiter, now: Instant) -> Vec<Op> {
+        let mut ops = Vec::new();
+        l.collect(now, MAX_OPS_PER_ROUND, &mut ops);
+        ops
+    }
+
+    #[test]
+    fn unreachable_redis_leaves_the_local_bucket_deciding() {
+        let (l, _) = limiter(&rule(100.0, 50, 2, None), false);
+        let now = Instant::now();
+        assert!(allowed(l.check("", now)));
+        assert!(allowed(l.check("", now)));
+        assert!(!allowed(l.check("", now)), "the local burst is 2");
+        assert_eq!(l.take_local_decisions(), 3);
+        // Nothing to charge: Redis never heard of these requests.
+        assert!(ops(&l, now).is_empty());
+    }
+
+    #[test]
+    fn before_its_first_lease_a_replica_admits_on_credit_and_pays_at_the_claim() {
+        let (l, _) = limiter(&rule(10.0, 20, 5, None), true);
+        let now = Instant::now();
+        assert!(allowed(l.check("", now)));
+        assert!(allowed(l.check("", now)));
+        let ops = ops(&l, now);
+        assert_eq!(ops.len(), 1);
+        let op = &ops[0];
+        assert_eq!(op.redis_key, "sluice:rl:shop:checkout");
+        assert_eq!(op.charge, 2, "both admissions without a lease are charged");
+        assert_eq!(op.want, 2, "the lease asked is what was spent");
+        assert_eq!((op.rate, op.burst), (10.0, 20));
+        assert_eq!(op.ttl_ms, 3000, "refill time (2 s) plus a second");
+    }
+
+    #[test]
+    fn a_lease_is_spent_locally_and_renewed_at_half() {
+        let (l, _) = limiter(&rule(10.0, 20, 5, None), true);
+        let now = Instant::now();
+        // No lease yet: the first request is admitted on credit, not by the own bucket.
+        assert!(allowed(l.check("", now)));
+        assert_eq!(l.take_local_decisions(), 0);
+        let claim = ops(&l, now);
+        assert_eq!(
+            claim[0].want, 2,
+            "the lease ran out (there was none): twice the last"
+        );
+        settle(&claim[0], 0, Some((2, 0, 17)));
+        // Two tokens leased: the first spends one (1 left, not below half of 2)...
+        assert!(allowed(l.check("", now)));
+        assert!(ops(&l, now).is_empty());
+        // ...the second spends the other, and the next lease is wanted.
+        assert!(allowed(l.check("", now)));
+        let next = ops(&l, now);
+        assert_eq!(next.len(), 1);
+        assert_eq!((next[0].want, next[0].charge), (2, 0));
+        assert_eq!(l.take_local_decisions(), 0);
+    }
+
+    #[test]
+    fn credit_is_one_lease_then_the_own_bucket_decides() {
+        let (l, _) = limiter(&rule(10.0, 20, 1, None), true);
+        let now = Instant::now();
+        assert!(allowed(l.check("", now)), "on credit");
+        assert!(allowed(l.check("", now)), "by the own bucket (burst 1)");
+        assert!(
+            !allowed(l.check("", now)),
+            "own bucket empty, claim not back yet"
+        );
+        assert_eq!(l.take_local_decisions(), 2);
+        let claim = ops(&l, now);
+        assert_eq!(claim[0].charge, 2, "both admissions are owed");
+    }
+
+    #[test]
+    fn a_dry_shared_bucket_refuses_until_it_refills() {
+        let (l, hub) = limiter(&rule(10.0, 20, 5, None), true);
+        let start = Instant::now();
+        assert!(allowed(l.check("", start)));
+        let claim = ops(&l, start);
+        // Redis had no token for us: one comes in 100 ms.
+        settle(&claim[0], hub.millis(start), Some((0, 100_000, 0)));
+        match l.check("", start) {
+            Decision::Limited { retry_after } => {
+                assert_eq!(retry_after, Duration::from_millis(100));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(ops(&l, start).is_empty(), "no claim before the refill");
+        let later = start + Duration::from_millis(150);
+        // Still refused (no lease yet), but now a claim is wanted.
+        assert!(!allowed(l.check("", later)));
+        let claim = ops(&l, later);
+        assert_eq!(claim.len(), 1);
+        settle(&claim[0], hub.millis(later), Some((claim[0].want, 0, 3)));
+        assert!(allowed(l.check("", later)));
+    }
+
+    #[test]
+    fn an_idle_lease_goes_back_and_a_failed_round_keeps_everything() {
+        let (l, _) = limiter(&rule(10.0, 20, 5, None), true);
+        let now = Instant::now();
+        for _ in 0..4 {
+            l.check("", now);
+        }
+        let claim = ops(&l, now);
+        settle(&claim[0], 0, Some((4, 0, 10)));
+        if let Shares::Single(share) = &l.shares {
+            assert_eq!(share.leased(), 4);
+        }
+        let idle = now + IDLE_RETURN;
+        let back = ops(&l, idle);
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].want, -4);
+        // The round failed: the tokens are still ours.
+        settle(&back[0], 0, None);
+        if let Shares::Single(share) = &l.shares {
+            assert_eq!(share.leased(), 4);
+        }
+    }
+
+    #[test]
+    fn keys_beyond_the_cap_share_the_overflow_bucket() {
+        let keyed = KeyedLimit {
+            key: Key::Header("x-tenant".into()),
+            max_keys: 2,
+        };
+        let (l, _) = limiter(&rule(10.0, 20, 5, Some(keyed)), true);
+        let now = Instant::now();
+        for tenant in ["a", "b", "c", "d"] {
+            assert!(allowed(l.check(tenant, now)));
+        }
+        assert_eq!(l.tracked_keys(), 2);
+        let mut keys: Vec<String> = ops(&l, now).into_iter().map(|o| o.redis_key).collect();
+        keys.sort();
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert!(keys.contains(&"sluice:rl:shop:checkout:overflow".to_owned()));
+        assert!(keys
+            .iter()
+            .any(|k| k == &format!("sluice:rl:shop:checkout:{:016x}", fnv64(b"a"))));
+    }
+
+    #[test]
+    fn idle_keys_holding_nothing_are_forgotten() {
+        let keyed = KeyedLimit {
+            key: Key::ClientIp,
+            max_keys: 10,
+        };
+        let (l, _) = limiter(&rule(10.0, 20, 5, Some(keyed)), false);
+        let now = Instant::now();
+        l.check("10.0.0.1", now);
+        l.check("10.0.0.2", now);
+        assert_eq!(l.tracked_keys(), 2);
+        ops(&l, now + IDLE_FORGET);
+        assert_eq!(l.tracked_keys(), 0);
+    }
+}
