@@ -592,12 +592,29 @@ fn retries(c: &mut Checker, at: &str, r: &RetriesSpec) -> Retries {
     }
 }
 
+/// Rates outside this range are refused: below it a token's period (and a bucket's
+/// refill time) no longer fits a `Duration`, above it no proxy could ever see it.
+const MIN_RATE: f64 = 1e-6;
+const MAX_RATE: f64 = 1e9;
+
 fn rate_limit(c: &mut Checker, at: &str, r: &RateLimitSpec) -> RateLimit {
-    if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite()) {
+    let rps = r.requests_per_second;
+    if !(rps > 0.0 && rps.is_finite()) {
         c.fail(
             format!("{at}.requestsPerSecond"),
-            Problem::NotPositive {
-                got: r.requests_per_second,
+            Problem::NotPositive { got: rps },
+        );
+    } else if !(MIN_RATE..=MAX_RATE).contains(&rps) {
+        c.fail(
+            format!("{at}.requestsPerSecond"),
+            Problem::OutOfRange {
+                min: "0.000001".into(),
+                max: "1000000000".into(),
+                got: if (1e-3..1e6).contains(&rps) {
+                    rps.to_string()
+                } else {
+                    format!("{rps:e}")
+                },
             },
         );
     }

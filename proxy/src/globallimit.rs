@@ -7,30 +7,37 @@
 //! request fail open or closed with that service. Here a proxy claims a few tokens
 //! at a time from the shared bucket (one atomic Lua script, clocked by Redis's own
 //! `TIME`, so the replicas' clocks do not matter) and spends them locally; the
-//! background [`sync`] task claims the next lease when this one runs low. What the
-//! replicas admit together never exceeds what the shared bucket granted, apart from
-//! the requests this replica's own bucket admits (below), and those are charged to
-//! the shared bucket at the next claim, so the long-run rate is the shared one.
+//! background [`sync`] task claims the next lease when this one is half spent.
+//! Requests admitted without a lease (below) are charged to the shared bucket at
+//! the next claim, so together the replicas admit what the shared bucket allows,
+//! give or take what they admit before they hear that it ran dry.
 //!
 //! A request that finds no leased token:
 //! - Redis is unreachable: the replica's own bucket (`whenUnreachable`, by default
 //!   the shared rate and burst) decides. An outage of Redis neither blocks traffic
 //!   nor lifts the limit; at worst each replica admits its own bucket's rate.
-//! - the shared bucket ran dry at the last claim: 429 (with the shared bucket's own
-//!   wait as `Retry-After`) until a claim gets tokens again. Under overload the
-//!   shared bucket alone decides, so replicas cannot add their own bursts to it.
+//! - the shared bucket was dry at the last claim and has not refilled since: 429,
+//!   with the shared bucket's own wait as `Retry-After`. A dry share re-asks Redis
+//!   at least every [`PROBE_EVERY`] (another replica may have given tokens back).
 //! - otherwise the demand outran the lease and the next one is on its way (or this
 //!   replica has not claimed yet): up to one lease's worth is admitted on credit,
 //!   then the own bucket decides; both are charged to the shared bucket at the
 //!   claim, and the next lease is asked twice as large.
 //!
+//! A round trip whose outcome is unknown (a timeout, a dropped connection) is never
+//! replayed: its claims are asked again, but tokens it gave back and charges it
+//! carried are dropped, so an unknown outcome can only under-admit.
+//!
 //! Bounds: each limiter tracks at most `maxKeys` keys (later keys share one overflow
-//! bucket, as in [`crate::ratelimit`]); a lease is at most half the burst; one sync
-//! round sends at most [`MAX_OPS_PER_ROUND`] scripts; a lease unused for
-//! [`IDLE_RETURN`] goes back to the shared bucket, and an idle key is forgotten.
+//! bucket, as in [`crate::ratelimit`]); a lease is at most half the burst; one round
+//! trip carries at most [`MAX_OPS_PER_ROUND`] scripts; keyed shares wanting a lease
+//! wait in a queue (at most one entry per share), so a round does not scan every
+//! key; a lease unused for [`IDLE_RETURN`] goes back to the shared bucket, and a key
+//! idle for [`IDLE_FORGET`] is forgotten (both found by a scan once a second).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -45,17 +52,19 @@ use crate::ratelimit::{Decision, RouteLimiter};
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// A key idle this long (and holding nothing) is forgotten, freeing room under
 /// `maxKeys`.
-const IDLE_FORGET: Duration = Duration::from_secs(5);
+pub const IDLE_FORGET: Duration = Duration::from_secs(5);
+/// A share that found the shared bucket dry asks again at least this often.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Scripts per pipelined round trip; the rest wait for the next round.
 pub const MAX_OPS_PER_ROUND: usize = 1024;
 
 /// The token bucket, atomically, in Redis. Keys: the bucket. Arguments: rate
 /// (tokens/s), burst, want (tokens to lease; negative gives tokens back), charge
 /// (tokens spent without a lease, taken first; the bucket may go down to -burst, a
-/// debt paid by waiting), ttl (ms). Returns {granted, wait in µs until one token,
-/// whole tokens left}. The state expires once the bucket would be full anyway.
-/// Numbers are stored with explicit formats: Lua's own `tostring` keeps 14 digits,
-/// which would round a microsecond clock.
+/// debt paid by waiting). Returns {granted, wait in µs until one token, whole tokens
+/// left}. The state expires once the bucket would be full again anyway (an absent
+/// bucket is a full one). Numbers are stored with explicit formats: Lua's own
+/// `tostring` keeps 14 digits, which would round a microsecond clock.
 pub const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -85,8 +94,9 @@ local wait = 0
 if tokens < 1 then
   wait = math.ceil((1 - tokens) * 1000000 / rate)
 end
+local ttl = math.min(math.ceil((burst - tokens) * 1000 / rate) + 1000, 1e12)
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.0f', now))
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], string.format('%.0f', ttl))
 return {granted, wait, math.max(0, math.floor(tokens))}
 ";
 
@@ -154,9 +164,11 @@ pub struct Share {
     spent: AtomicU32,
     /// The lease size asked last (a claim is wanted below half of it).
     lease: AtomicU32,
-    /// 0 while the shared bucket had tokens at the last claim; else the stamp (ms)
-    /// at which it will hold one again (the claim after that decides).
+    /// 0 while the shared bucket had tokens to spare at the last claim; else the
+    /// stamp (ms) at which it holds a token again.
     dry_until: AtomicU64,
+    /// While dry, the stamp from which a request asks Redis again.
+    probe_at: AtomicU64,
     /// Whole tokens the shared bucket held at the last claim.
     shared_left: AtomicU32,
     wanted: AtomicBool,
@@ -173,6 +185,7 @@ impl Share {
             spent: AtomicU32::new(0),
             lease: AtomicU32::new(1),
             dry_until: AtomicU64::new(0),
+            probe_at: AtomicU64::new(0),
             shared_left: AtomicU32::new(0),
             wanted: AtomicBool::new(false),
             last_used: AtomicU64::new(0),
@@ -197,6 +210,16 @@ impl Share {
         None
     }
 
+    /// Takes one unit of credit (owed at the next claim), if fewer than `credit`
+    /// are owed.
+    fn borrow(&self, credit: u32) -> bool {
+        self.unleased
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                (owed < credit).then_some(owed + 1)
+            })
+            .is_ok()
+    }
+
     pub fn leased(&self) -> i64 {
         self.leased.load(Ordering::Relaxed)
     }
@@ -210,17 +233,21 @@ enum Shares {
         len: AtomicUsize,
         max_keys: usize,
         overflow: Arc<Share>,
+        /// Shares that want a claim, each at most once (its `wanted` flag).
+        queue: Mutex<VecDeque<Arc<Share>>>,
     },
 }
 
-/// One route's global limit. Carried over a reload while its rule is unchanged, so
-/// a reload keeps its lease.
+/// One route's global limit. Carried over a reload while its rule is unchanged; a
+/// changed rule keeps the shares (leases, debts) while the bucket's name and keying
+/// are the same.
 pub struct GlobalLimiter {
     rule: GlobalRateLimit,
     hub: Arc<GlobalLimits>,
-    /// `sluice:rl:<policy>:<route>`; keyed buckets append `:<hash of the key>`.
+    /// `sluice:rl:[<namespace>/]<policy>:<route>`; keyed buckets append
+    /// `:<hash of the key>`.
     prefix: String,
-    shares: Shares,
+    shares: Arc<Shares>,
     /// This replica's own bucket (`whenUnreachable`).
     local: RouteLimiter,
     /// Requests the local bucket decided since the last report (a counter metric).
@@ -236,20 +263,48 @@ pub struct Op {
     pub charge: u32,
     pub rate: f64,
     pub burst: u32,
-    pub ttl_ms: u64,
+}
+
+/// How a script call ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// (granted, wait in µs until one token, whole tokens left).
+    Done(i64, i64, i64),
+    /// Redis refused the script: nothing happened, everything is kept for later.
+    Refused,
+    /// The round trip failed midway (timeout, connection lost): whatever it gave
+    /// back or paid is dropped rather than risk counting it twice; claims are asked
+    /// again.
+    Unknown,
 }
 
 impl GlobalLimiter {
-    pub fn new(rule: &GlobalRateLimit, policy: &str, route: &str, hub: Arc<GlobalLimits>) -> Self {
-        let prefix = format!("sluice:rl:{policy}:{route}");
-        let shares = match &rule.shared.key {
-            None => Shares::Single(Arc::new(Share::new(prefix.clone()))),
-            Some(keyed) => Shares::PerKey {
-                keys: DashMap::new(),
-                len: AtomicUsize::new(0),
-                max_keys: keyed.max_keys as usize,
-                overflow: Arc::new(Share::new(format!("{prefix}:overflow"))),
-            },
+    pub fn new(
+        rule: &GlobalRateLimit,
+        namespace: Option<&str>,
+        policy: &str,
+        route: &str,
+        hub: Arc<GlobalLimits>,
+        previous: Option<&GlobalLimiter>,
+    ) -> Self {
+        let prefix = match namespace {
+            Some(ns) => format!("sluice:rl:{ns}/{policy}:{route}"),
+            None => format!("sluice:rl:{policy}:{route}"),
+        };
+        let shares = match previous {
+            Some(p) if p.prefix == prefix && p.rule.shared.key == rule.shared.key => {
+                Arc::clone(&p.shares)
+            }
+            _ => Arc::new(match &rule.shared.key {
+                None => Shares::Single(Arc::new(Share::new(prefix.clone()))),
+                Some(keyed) => Shares::PerKey {
+                    keys: DashMap::new(),
+                    len: AtomicUsize::new(0),
+                    max_keys: keyed.max_keys as usize,
+                    overflow: Arc::new(Share::new(format!("{prefix}:overflow"))),
+                    queue: Mutex::new(VecDeque::new()),
+                },
+            }),
         };
         GlobalLimiter {
             rule: rule.clone(),
@@ -277,20 +332,20 @@ impl GlobalLimiter {
     /// Takes one token for `key` (ignored when the limit is not keyed) at `now`.
     pub fn check(&self, key: &str, now: Instant) -> Decision {
         let stamp = self.hub.millis(now);
-        let keyed;
-        let share: &Share = match &self.shares {
-            Shares::Single(share) => share,
-            Shares::PerKey { .. } => {
-                keyed = self.share_for(key);
-                &keyed
-            }
+        let keyed = match &*self.shares {
+            Shares::Single(_) => None,
+            Shares::PerKey { .. } => Some(self.share_for(key)),
+        };
+        let share: &Arc<Share> = match (&*self.shares, &keyed) {
+            (_, Some(share)) | (Shares::Single(share), None) => share,
+            (Shares::PerKey { overflow, .. }, None) => overflow,
         };
         share.last_used.store(stamp, Ordering::Relaxed);
         share.spent.fetch_add(1, Ordering::Relaxed);
         if let Some(left) = share.take() {
             let lease = i64::from(share.lease.load(Ordering::Relaxed));
-            if left * 2 < lease && !share.wanted.swap(true, Ordering::AcqRel) {
-                self.hub.wake();
+            if left * 2 < lease {
+                self.want(share);
             }
             let remaining = u32::try_from(left)
                 .unwrap_or(u32::MAX)
@@ -306,38 +361,27 @@ impl GlobalLimiter {
             return self.local.check(key);
         }
         let dry_until = share.dry_until.load(Ordering::Acquire);
-        if stamp >= dry_until && !share.wanted.swap(true, Ordering::AcqRel) {
-            self.hub.wake();
-        }
-        if dry_until != 0 {
+        if stamp < dry_until {
+            if stamp >= share.probe_at.load(Ordering::Acquire) {
+                self.want(share);
+            }
             return Decision::Limited {
-                retry_after: Duration::from_millis(dry_until.saturating_sub(stamp).max(1)),
+                retry_after: Duration::from_millis(dry_until - stamp),
             };
         }
         // The demand outran the lease (or none was claimed yet) and the next is on
         // its way: admit on credit, up to one lease's worth per claim...
+        self.want(share);
         share.ran_out.store(true, Ordering::Relaxed);
-        let credit = share.lease.load(Ordering::Relaxed).max(1);
-        let mut owed = share.unleased.load(Ordering::Acquire);
-        while owed < credit {
-            match share.unleased.compare_exchange_weak(
-                owed,
-                owed + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    let remaining = share
-                        .shared_left
-                        .load(Ordering::Relaxed)
-                        .min(self.rule.shared.burst);
-                    return Decision::Allowed {
-                        remaining,
-                        reset: self.refill(self.rule.shared.burst - remaining),
-                    };
-                }
-                Err(actual) => owed = actual,
-            }
+        if share.borrow(share.lease.load(Ordering::Relaxed).max(1)) {
+            let remaining = share
+                .shared_left
+                .load(Ordering::Relaxed)
+                .min(self.rule.shared.burst);
+            return Decision::Allowed {
+                remaining,
+                reset: self.refill(self.rule.shared.burst - remaining),
+            };
         }
         // ...then by the own bucket; either way it is charged at the claim.
         self.local_decisions.fetch_add(1, Ordering::Relaxed);
@@ -346,6 +390,20 @@ impl GlobalLimiter {
             share.unleased.fetch_add(1, Ordering::Relaxed);
         }
         decision
+    }
+
+    /// Asks the sync task for a claim for `share` (once until it is made).
+    fn want(&self, share: &Arc<Share>) {
+        if share.wanted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Shares::PerKey { queue, .. } = &*self.shares {
+            queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_back(Arc::clone(share));
+        }
+        self.hub.wake();
     }
 
     /// How long the shared bucket takes to refill `tokens`.
@@ -361,15 +419,21 @@ impl GlobalLimiter {
             len,
             max_keys,
             overflow,
-        } = &self.shares
+            ..
+        } = &*self.shares
         else {
             unreachable!("share_for is only called on keyed limiters")
         };
         if let Some(share) = keys.get(key) {
             return Arc::clone(&share);
         }
-        if len.fetch_add(1, Ordering::AcqRel) >= *max_keys {
-            len.fetch_sub(1, Ordering::AcqRel);
+        // Reserve a slot first, so concurrent new keys never push the map past the cap.
+        let reserved = len
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < *max_keys).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
             return Arc::clone(overflow);
         }
         let redis_key = format!("{}:{:016x}", self.prefix, fnv64(key.as_bytes()));
@@ -390,7 +454,7 @@ impl GlobalLimiter {
 
     /// Keys with a share of their own right now.
     pub fn tracked_keys(&self) -> usize {
-        match &self.shares {
+        match &*self.shares {
             Shares::Single(_) => 0,
             Shares::PerKey { len, .. } => len.load(Ordering::Relaxed),
         }
@@ -401,10 +465,11 @@ impl GlobalLimiter {
         self.local_decisions.swap(0, Ordering::Relaxed)
     }
 
-    /// Forgets that shared buckets ran dry (after reconnecting to Redis).
+    /// Forgets that shared buckets ran dry (after reconnecting to Redis: a
+    /// restarted Redis starts them full).
     pub fn forget_dryness(&self) {
         let forget = |share: &Share| share.dry_until.store(0, Ordering::Release);
-        match &self.shares {
+        match &*self.shares {
             Shares::Single(share) => forget(share),
             Shares::PerKey { keys, overflow, .. } => {
                 forget(overflow);
@@ -418,67 +483,96 @@ impl GlobalLimiter {
         self.local.sweep();
     }
 
-    /// Collects this limiter's script calls for a sync round at `now` (at most
-    /// `room`), gives idle leases back and forgets idle keys.
-    pub fn collect(&self, now: Instant, room: usize, ops: &mut Vec<Op>) {
+    /// A sync round's script calls for this limiter at `now` (until `ops` holds
+    /// `room`): the claims wanted, and with `scan` (once a second) idle leases given
+    /// back and idle keys forgotten.
+    pub fn collect(&self, now: Instant, room: usize, scan: bool, ops: &mut Vec<Op>) {
         let stamp = self.hub.millis(now);
-        match &self.shares {
-            Shares::Single(share) => self.collect_share(share, stamp, room, ops),
+        match &*self.shares {
+            Shares::Single(share) => {
+                if scan {
+                    self.give_back(share, stamp, room, ops);
+                }
+                self.claim(share, room, ops);
+            }
             Shares::PerKey {
                 keys,
                 len,
                 overflow,
+                queue,
                 ..
             } => {
-                self.collect_share(overflow, stamp, room, ops);
-                let forget = IDLE_FORGET.as_millis() as u64;
-                keys.retain(|_, share| {
-                    self.collect_share(share, stamp, room, ops);
-                    let idle = stamp.saturating_sub(share.last_used.load(Ordering::Relaxed));
-                    let holds = share.leased() > 0 || share.unleased.load(Ordering::Relaxed) > 0;
-                    let keep = idle < forget || holds || Arc::strong_count(share) > 1;
-                    if !keep {
-                        len.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    keep
-                });
+                if scan {
+                    let forget = IDLE_FORGET.as_millis() as u64;
+                    self.give_back(overflow, stamp, room, ops);
+                    keys.retain(|_, share| {
+                        self.give_back(share, stamp, room, ops);
+                        let idle = stamp.saturating_sub(share.last_used.load(Ordering::Relaxed));
+                        let holds = share.leased() > 0
+                            || share.unleased.load(Ordering::Relaxed) > 0
+                            || share.wanted.load(Ordering::Relaxed);
+                        // A request or an op still holding it keeps it too.
+                        let keep = idle < forget || holds || Arc::strong_count(share) > 1;
+                        if !keep {
+                            len.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        keep
+                    });
+                }
+                let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+                while ops.len() < room {
+                    let Some(share) = queue.pop_front() else {
+                        break;
+                    };
+                    self.claim(&share, room, ops);
+                }
             }
         }
     }
 
-    fn collect_share(&self, share: &Arc<Share>, stamp: u64, room: usize, ops: &mut Vec<Op>) {
-        if ops.len() >= room {
-            return;
+    /// Every lease and debt, for the last round before shutdown.
+    pub fn collect_all(&self, room: usize, ops: &mut Vec<Op>) {
+        let everything = u64::MAX;
+        match &*self.shares {
+            Shares::Single(share) => self.give_back(share, everything, room, ops),
+            Shares::PerKey { keys, overflow, .. } => {
+                self.give_back(overflow, everything, room, ops);
+                for entry in keys.iter() {
+                    self.give_back(entry.value(), everything, room, ops);
+                }
+            }
         }
-        let rule = &self.rule.shared;
-        let ttl_ms =
-            (f64::from(rule.burst) / rule.requests_per_second * 1000.0).ceil() as u64 + 1000;
-        let make = |want: i64, charge: u32| Op {
+    }
+
+    fn op(&self, share: &Arc<Share>, want: i64, charge: u32) -> Op {
+        Op {
             share: Arc::clone(share),
             redis_key: share.redis_key.clone(),
             want,
             charge,
-            rate: rule.requests_per_second,
-            burst: rule.burst,
-            ttl_ms,
-        };
+            rate: self.rule.shared.requests_per_second,
+            burst: self.rule.shared.burst,
+        }
+    }
+
+    /// Gives an idle share's lease back and pays what it owes.
+    fn give_back(&self, share: &Arc<Share>, stamp: u64, room: usize, ops: &mut Vec<Op>) {
         let idle = stamp.saturating_sub(share.last_used.load(Ordering::Relaxed));
-        if idle >= IDLE_RETURN.as_millis() as u64 {
-            // Nobody here draws from it: give the lease back, pay what is owed.
-            let back = share.leased.swap(0, Ordering::AcqRel);
-            let charge = share.unleased.swap(0, Ordering::Relaxed);
-            if back > 0 || charge > 0 {
-                ops.push(make(-back, charge));
-            }
+        if ops.len() >= room || idle < IDLE_RETURN.as_millis() as u64 {
             return;
         }
-        let wanted = share.wanted.load(Ordering::Acquire);
-        let charge = share.unleased.load(Ordering::Relaxed);
-        let dry = stamp < share.dry_until.load(Ordering::Acquire);
-        if !(wanted || charge > 0) || (dry && charge == 0) {
+        let back = share.leased.swap(0, Ordering::AcqRel);
+        let charge = share.unleased.swap(0, Ordering::Relaxed);
+        if back > 0 || charge > 0 {
+            ops.push(self.op(share, -back, charge));
+        }
+    }
+
+    /// The claim `share` wants, if any.
+    fn claim(&self, share: &Arc<Share>, room: usize, ops: &mut Vec<Op>) {
+        if ops.len() >= room || !share.wanted.swap(false, Ordering::AcqRel) {
             return;
         }
-        share.wanted.store(false, Ordering::Release);
         let charge = share.unleased.swap(0, Ordering::Relaxed);
         // Lease what was spent since the last claim (the demand over one claim
         // interval), twice the last lease if that ran out before this claim, at most
@@ -489,23 +583,34 @@ impl GlobalLimiter {
         } else {
             0
         };
-        let want = spent.max(grown).clamp(1, (rule.burst / 2).max(1));
-        ops.push(make(i64::from(want), charge));
+        let want = spent
+            .max(grown)
+            .clamp(1, (self.rule.shared.burst / 2).max(1));
+        ops.push(self.op(share, i64::from(want), charge));
     }
 }
 
-/// Settles a script call: `Ok((granted, wait µs, tokens left))`, or the call failed
-/// (the tokens it carried are kept for the next round).
-pub fn settle(op: &Op, stamp: u64, result: Option<(i64, i64, i64)>) {
+/// Settles a script call at `stamp` (see [`Outcome`]).
+pub fn settle(op: &Op, stamp: u64, outcome: Outcome) {
     let share = &op.share;
-    let Some((granted, wait_us, left)) = result else {
-        if op.want < 0 {
-            share.leased.fetch_add(-op.want, Ordering::AcqRel);
-        } else {
-            share.wanted.store(true, Ordering::Release);
+    let (granted, wait_us, left) = match outcome {
+        Outcome::Done(granted, wait_us, left) => (granted, wait_us, left),
+        Outcome::Refused => {
+            if op.want < 0 {
+                share.leased.fetch_add(-op.want, Ordering::AcqRel);
+            }
+            share.unleased.fetch_add(op.charge, Ordering::Relaxed);
+            if op.want > 0 {
+                share.wanted.store(true, Ordering::Release);
+            }
+            return;
         }
-        share.unleased.fetch_add(op.charge, Ordering::Relaxed);
-        return;
+        Outcome::Unknown => {
+            if op.want > 0 {
+                share.wanted.store(true, Ordering::Release);
+            }
+            return;
+        }
     };
     if op.want <= 0 {
         return;
@@ -515,18 +620,23 @@ pub fn settle(op: &Op, stamp: u64, result: Option<(i64, i64, i64)>) {
         u32::try_from(left.max(0)).unwrap_or(u32::MAX),
         Ordering::Relaxed,
     );
-    let granted = granted.clamp(0, op.want);
-    if granted < op.want {
-        // The shared bucket ran dry: once this lease is spent, refuse until it has
-        // a token again.
-        let wait_ms = (wait_us.max(0) as u64).div_ceil(1000);
-        share
-            .dry_until
-            .store(stamp + wait_ms.max(1), Ordering::Release);
+    if wait_us > 0 {
+        // The shared bucket has less than a token to spare: once this lease is
+        // spent, refuse until it has one again (asking again meanwhile, at most
+        // every PROBE_EVERY, in case another replica gives tokens back).
+        let wait_ms = (wait_us as u64).div_ceil(1000).max(1);
+        let until = stamp.saturating_add(wait_ms);
+        share.probe_at.store(
+            until.min(stamp + PROBE_EVERY.as_millis() as u64),
+            Ordering::Release,
+        );
+        share.dry_until.store(until, Ordering::Release);
     } else {
         share.dry_until.store(0, Ordering::Release);
     }
-    share.leased.fetch_add(granted, Ordering::AcqRel);
+    share
+        .leased
+        .fetch_add(granted.clamp(0, op.want), Ordering::AcqRel);
 }
 
 /// FNV-1a: a stable hash (the same on every replica and build) for keyed bucket
@@ -541,19 +651,39 @@ fn fnv64(bytes: &[u8]) -> u64 {
 }
 
 /// The first wait after a failed connection to Redis; it doubles up to
-/// [`MAX_BACKOFF`].
+/// [`MAX_BACKOFF`] until a round succeeds.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often leases are looked at without a wake-up (idle leases go back, keys are
-/// forgotten); a policy without global limits is looked at once a second.
+/// How often leases are looked at without a wake-up; a policy without global
+/// limits is looked at once a second.
 const TICK: Duration = Duration::from_millis(100);
+/// Idle leases and keys are looked for this often.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// Without claims to make, Redis is pinged this often.
 const PING_EVERY: Duration = Duration::from_secs(1);
 
+/// `--redis` as a URL: `host:port` becomes `redis://host:port/`; a `redis://` URL
+/// (with a password or a database) is taken as it is.
+pub fn redis_url(addr: &str) -> String {
+    if addr.starts_with("redis://") {
+        addr.to_owned()
+    } else {
+        format!("redis://{addr}/")
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redacted(addr: &str) -> String {
+    match (addr.strip_prefix("redis://"), addr.rfind('@')) {
+        (Some(_), Some(at)) => format!("redis://***{}", &addr[at..]),
+        _ => addr.to_owned(),
+    }
+}
+
 /// Keeps every global limiter of the live policy supplied with leases from the Redis
-/// at `addr` until shutdown, reconnecting with backoff. `timeout` bounds connecting
-/// and each round trip; past it Redis counts as unreachable and the local buckets
-/// decide until it answers again.
+/// at `addr` until shutdown, reconnecting with backoff; at shutdown, gives the
+/// leases back. `timeout` bounds connecting and each round trip; past it Redis
+/// counts as unreachable and the local buckets decide until it answers again.
 pub async fn sync(
     shared: Arc<crate::proxy::Shared>,
     addr: String,
@@ -562,13 +692,14 @@ pub async fn sync(
 ) {
     let hub = Arc::clone(&shared.globals);
     let metrics = &shared.metrics;
-    let client = match redis::Client::open(format!("redis://{addr}/")) {
+    let shown = redacted(&addr);
+    let client = match redis::Client::open(redis_url(&addr)) {
         Ok(client) => client,
         Err(e) => {
             crate::accesslog::event(
                 "error",
                 "redis address rejected; global rate limits use their local buckets",
-                serde_json::json!({"redis": addr, "error": e.to_string()}),
+                serde_json::json!({"redis": shown, "error": e.to_string()}),
             );
             return;
         }
@@ -579,6 +710,7 @@ pub async fn sync(
         .set_response_timeout(Some(timeout));
     let mut backoff = MIN_BACKOFF;
     let mut was_up = None;
+    let mut ops = Vec::new();
     // Ends on shutdown; each iteration is one connection.
     loop {
         let connect = async {
@@ -595,7 +727,8 @@ pub async fn sync(
         let mut con = match connected {
             Ok(con) => con,
             Err(e) => {
-                note_reachable(&hub, metrics, &mut was_up, false, &addr, Some(&e));
+                metrics.global_syncs.with_label_values(&["error"]).inc();
+                note_reachable(&hub, metrics, &mut was_up, false, &shown, Some(&e));
                 tokio::select! {
                     _ = shutdown.changed() => return,
                     () = tokio::time::sleep(backoff) => {}
@@ -604,39 +737,55 @@ pub async fn sync(
                 continue;
             }
         };
-        note_reachable(&hub, metrics, &mut was_up, true, &addr, None);
-        backoff = MIN_BACKOFF;
-        // What we knew of the buckets may be stale (a restarted Redis starts them
-        // full): the next claims find out.
-        if let Some(runtime) = shared.runtime.load_full() {
-            for limiter in runtime.routes().filter_map(|r| r.global.as_deref()) {
-                limiter.forget_dryness();
+        if was_up != Some(true) {
+            // What we knew of the buckets may be stale (a restarted Redis starts
+            // them full): the next claims find out.
+            if let Some(runtime) = shared.runtime.load_full() {
+                for limiter in runtime.routes().filter_map(|r| r.global.as_deref()) {
+                    limiter.forget_dryness();
+                }
             }
         }
-        let mut ops = Vec::new();
+        note_reachable(&hub, metrics, &mut was_up, true, &shown, None);
         let mut last_answer = Instant::now();
+        let mut last_scan = Instant::now();
+        let mut refusal_logged = false;
         // One round per wake-up or tick, while Redis answers.
-        loop {
+        let failure = loop {
             let any = shared
                 .runtime
                 .load()
                 .as_deref()
                 .is_some_and(|r| r.routes().any(|r| r.global.is_some()));
             let tick = if any { TICK } else { Duration::from_secs(1) };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                () = hub.woken() => {}
-                () = tokio::time::sleep(tick) => {}
-            }
+            let stopping = tokio::select! {
+                _ = shutdown.changed() => true,
+                () = hub.woken() => false,
+                () = tokio::time::sleep(tick) => false,
+            };
             let Some(runtime) = shared.runtime.load_full() else {
+                if stopping {
+                    return;
+                }
                 continue;
             };
             let now = Instant::now();
+            let scan = now.duration_since(last_scan) >= SCAN_EVERY;
+            if scan {
+                last_scan = now;
+            }
             ops.clear();
             for limiter in runtime.routes().filter_map(|r| r.global.as_deref()) {
-                limiter.collect(now, MAX_OPS_PER_ROUND, &mut ops);
+                if stopping {
+                    limiter.collect_all(MAX_OPS_PER_ROUND, &mut ops);
+                } else {
+                    limiter.collect(now, MAX_OPS_PER_ROUND, scan, &mut ops);
+                }
             }
             if ops.is_empty() {
+                if stopping {
+                    return;
+                }
                 // Nothing to claim: a PING now and then keeps the reachability (and
                 // its gauge) current for when a claim is needed.
                 if last_answer.elapsed() < PING_EVERY {
@@ -644,15 +793,18 @@ pub async fn sync(
                 }
                 let ping: redis::RedisResult<String> =
                     redis::cmd("PING").query_async(&mut con).await;
-                if let Err(e) = ping {
-                    metrics.global_syncs.with_label_values(&["error"]).inc();
-                    note_reachable(&hub, metrics, &mut was_up, false, &addr, Some(&e));
-                    break;
+                match ping {
+                    Ok(_) => {
+                        last_answer = Instant::now();
+                        continue;
+                    }
+                    Err(e) => break e,
                 }
-                last_answer = Instant::now();
-                continue;
             }
             let mut pipe = redis::pipe();
+            // One script's refusal (a key of the wrong type, say) must not sink the
+            // others: each answer is settled on its own.
+            pipe.ignore_errors();
             for op in &ops {
                 pipe.cmd("EVALSHA")
                     .arg(script.get_hash())
@@ -661,37 +813,65 @@ pub async fn sync(
                     .arg(op.rate)
                     .arg(op.burst)
                     .arg(op.want)
-                    .arg(op.charge)
-                    .arg(op.ttl_ms);
+                    .arg(op.charge);
             }
-            let answer: redis::RedisResult<Vec<(i64, i64, i64)>> = pipe.query_async(&mut con).await;
+            let answer: redis::RedisResult<Vec<redis::RedisResult<(i64, i64, i64)>>> =
+                pipe.query_async(&mut con).await;
             let stamp = hub.millis(Instant::now());
             match answer {
-                Ok(values) if values.len() == ops.len() => {
-                    for (op, value) in ops.iter().zip(values) {
-                        settle(op, stamp, Some(value));
+                Ok(answers) if answers.len() == ops.len() => {
+                    for (op, answer) in ops.iter().zip(answers) {
+                        match answer {
+                            Ok((granted, wait, left)) => {
+                                settle(op, stamp, Outcome::Done(granted, wait, left));
+                            }
+                            Err(e) => {
+                                settle(op, stamp, Outcome::Refused);
+                                metrics.global_syncs.with_label_values(&["error"]).inc();
+                                if !refusal_logged {
+                                    refusal_logged = true;
+                                    crate::accesslog::event(
+                                        "warn",
+                                        "redis refused a global rate-limit script",
+                                        serde_json::json!({"redis": shown, "key": op.redis_key, "error": e.to_string()}),
+                                    );
+                                }
+                            }
+                        }
                     }
                     metrics.global_syncs.with_label_values(&["ok"]).inc();
                     last_answer = Instant::now();
+                    backoff = MIN_BACKOFF;
+                    if stopping {
+                        return;
+                    }
                 }
                 answer => {
                     for op in &ops {
-                        settle(op, stamp, None);
+                        settle(op, stamp, Outcome::Unknown);
                     }
-                    metrics.global_syncs.with_label_values(&["error"]).inc();
-                    let error = match answer {
+                    if stopping {
+                        return;
+                    }
+                    break match answer {
                         Err(e) => e,
-                        Ok(values) => redis::RedisError::from((
+                        Ok(answers) => redis::RedisError::from((
                             redis::ErrorKind::Parse,
                             "wrong number of answers",
-                            format!("{} for {} scripts", values.len(), ops.len()),
+                            format!("{} for {} scripts", answers.len(), ops.len()),
                         )),
                     };
-                    note_reachable(&hub, metrics, &mut was_up, false, &addr, Some(&error));
-                    break;
                 }
             }
+        };
+        metrics.global_syncs.with_label_values(&["error"]).inc();
+        note_reachable(&hub, metrics, &mut was_up, false, &shown, Some(&failure));
+        // A connection that fails again right away must not be retried in a loop.
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(backoff) => {}
         }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -701,7 +881,7 @@ fn note_reachable(
     metrics: &crate::metrics::Metrics,
     was_up: &mut Option<bool>,
     up: bool,
-    addr: &str,
+    shown: &str,
     error: Option<&redis::RedisError>,
 ) {
     hub.set_reachable(up);
@@ -710,7 +890,7 @@ fn note_reachable(
         return;
     }
     *was_up = Some(up);
-    let detail = serde_json::json!({"redis": addr, "error": error.map(ToString::to_string)});
+    let detail = serde_json::json!({"redis": shown, "error": error.map(ToString::to_string)});
     if up {
         crate::accesslog::event("info", "redis connected; global rate limits shared", detail);
     } else {
@@ -746,7 +926,7 @@ mod tests {
         let hub = GlobalLimits::new(true);
         hub.set_reachable(reachable);
         (
-            GlobalLimiter::new(rule, "shop", "checkout", Arc::clone(&hub)),
+            GlobalLimiter::new(rule, None, "shop", "checkout", Arc::clone(&hub), None),
             hub,
         )
     }
@@ -757,7 +937,7 @@ mod tests {
 
     fn ops(l: &GlobalLimiter, now: Instant) -> Vec<Op> {
         let mut ops = Vec::new();
-        l.collect(now, MAX_OPS_PER_ROUND, &mut ops);
+        l.collect(now, MAX_OPS_PER_ROUND, true, &mut ops);
         ops
     }
 
@@ -786,7 +966,6 @@ mod tests {
         assert_eq!(op.charge, 2, "both admissions without a lease are charged");
         assert_eq!(op.want, 2, "the lease asked is what was spent");
         assert_eq!((op.rate, op.burst), (10.0, 20));
-        assert_eq!(op.ttl_ms, 3000, "refill time (2 s) plus a second");
     }
 
     #[test]
@@ -801,7 +980,7 @@ mod tests {
             claim[0].want, 2,
             "the lease ran out (there was none): twice the last"
         );
-        settle(&claim[0], 0, Some((2, 0, 17)));
+        settle(&claim[0], 0, Outcome::Done(2, 0, 17));
         // Two tokens leased: the first spends one (1 left, not below half of 2)...
         assert!(allowed(l.check("", now)));
         assert!(ops(&l, now).is_empty());
@@ -835,7 +1014,7 @@ mod tests {
         assert!(allowed(l.check("", start)));
         let claim = ops(&l, start);
         // Redis had no token for us: one comes in 100 ms.
-        settle(&claim[0], hub.millis(start), Some((0, 100_000, 0)));
+        settle(&claim[0], hub.millis(start), Outcome::Done(0, 100_000, 0));
         match l.check("", start) {
             Decision::Limited { retry_after } => {
                 assert_eq!(retry_after, Duration::from_millis(100));
@@ -843,36 +1022,105 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(ops(&l, start).is_empty(), "no claim before the refill");
+        // Refilled: admitted on credit again, and a claim is wanted.
         let later = start + Duration::from_millis(150);
-        // Still refused (no lease yet), but now a claim is wanted.
-        assert!(!allowed(l.check("", later)));
+        assert!(allowed(l.check("", later)));
         let claim = ops(&l, later);
         assert_eq!(claim.len(), 1);
-        settle(&claim[0], hub.millis(later), Some((claim[0].want, 0, 3)));
+        assert_eq!(claim[0].charge, 1);
+        settle(
+            &claim[0],
+            hub.millis(later),
+            Outcome::Done(claim[0].want, 0, 3),
+        );
         assert!(allowed(l.check("", later)));
     }
 
     #[test]
-    fn an_idle_lease_goes_back_and_a_failed_round_keeps_everything() {
+    fn taking_the_last_tokens_makes_the_share_dry_and_a_dry_share_probes() {
+        let (l, hub) = limiter(&rule(0.1, 20, 5, None), true);
+        let start = Instant::now();
+        let stamp = hub.millis(start);
+        assert!(allowed(l.check("", start)));
+        let claim = ops(&l, start);
+        // Granted in full, but the bucket is left with less than a token (10 s away).
+        settle(
+            &claim[0],
+            stamp,
+            Outcome::Done(claim[0].want, 10_000_000, 0),
+        );
+        for _ in 0..claim[0].want {
+            assert!(allowed(l.check("", start)), "the lease is spent first");
+        }
+        assert!(!allowed(l.check("", start)), "then the dry bucket refuses");
+        ops(&l, start);
+        // Before PROBE_EVERY nobody asks; after it the next request asks again
+        // (another replica may have given tokens back), still refused meanwhile.
+        let soon = start + Duration::from_millis(500);
+        assert!(!allowed(l.check("", soon)));
+        assert!(ops(&l, soon).is_empty());
+        let probe = start + PROBE_EVERY;
+        match l.check("", probe) {
+            Decision::Limited { retry_after } => assert_eq!(retry_after, Duration::from_secs(9)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ops(&l, probe).len(), 1);
+    }
+
+    #[test]
+    fn an_idle_lease_goes_back_and_an_unknown_outcome_is_never_replayed() {
         let (l, _) = limiter(&rule(10.0, 20, 5, None), true);
         let now = Instant::now();
         for _ in 0..4 {
             l.check("", now);
         }
         let claim = ops(&l, now);
-        settle(&claim[0], 0, Some((4, 0, 10)));
-        if let Shares::Single(share) = &l.shares {
-            assert_eq!(share.leased(), 4);
-        }
+        settle(&claim[0], 0, Outcome::Done(4, 0, 10));
+        let leased = || match &*l.shares {
+            Shares::Single(share) => share.leased(),
+            Shares::PerKey { .. } => unreachable!(),
+        };
+        assert_eq!(leased(), 4);
         let idle = now + IDLE_RETURN;
         let back = ops(&l, idle);
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].want, -4);
-        // The round failed: the tokens are still ours.
-        settle(&back[0], 0, None);
-        if let Shares::Single(share) = &l.shares {
-            assert_eq!(share.leased(), 4);
-        }
+        // Redis refused the script: the tokens are still ours...
+        settle(&back[0], 0, Outcome::Refused);
+        assert_eq!(leased(), 4);
+        // ...but when nobody knows whether Redis took them, they are dropped (never
+        // counted twice).
+        let back = ops(&l, idle);
+        settle(&back[0], 0, Outcome::Unknown);
+        assert_eq!(leased(), 0);
+        assert!(ops(&l, idle).is_empty());
+    }
+
+    #[test]
+    fn a_changed_rule_keeps_the_lease_when_the_bucket_is_the_same() {
+        let (l, hub) = limiter(&rule(10.0, 20, 5, None), true);
+        let now = Instant::now();
+        l.check("", now);
+        let claim = ops(&l, now);
+        settle(&claim[0], 0, Outcome::Done(2, 0, 10));
+        let faster = rule(50.0, 20, 9, None);
+        let next = GlobalLimiter::new(
+            &faster,
+            None,
+            "shop",
+            "checkout",
+            Arc::clone(&hub),
+            Some(&l),
+        );
+        assert!(Arc::ptr_eq(&l.shares, &next.shares));
+        let elsewhere =
+            GlobalLimiter::new(&faster, Some("team-b"), "shop", "checkout", hub, Some(&l));
+        assert!(!Arc::ptr_eq(&l.shares, &elsewhere.shares));
+        elsewhere.check("", now);
+        assert_eq!(
+            ops(&elsewhere, now)[0].redis_key,
+            "sluice:rl:team-b/shop:checkout"
+        );
     }
 
     #[test]

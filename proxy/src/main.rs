@@ -126,9 +126,9 @@ struct Args {
     /// sending a request head slower than this).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
-    /// The Redis (`host:port`) holding the buckets of routes' `globalRateLimit`,
-    /// shared by every replica. Without it those limits use each replica's own
-    /// bucket (`whenUnreachable`).
+    /// The Redis (`host:port`, or a `redis://[:PASSWORD@]host:port[/DB]` URL) holding
+    /// the buckets of routes' `globalRateLimit`, shared by every replica. Without it
+    /// those limits use each replica's own bucket (`whenUnreachable`).
     #[arg(long, env = "SLUICE_REDIS", value_parser = parse_redis)]
     redis: Option<String>,
     /// Longest wait for Redis (connecting, and each claim round trip) before it
@@ -227,11 +227,17 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got {text:?}"))
 }
 
-/// `host:port` (a name or an IP literal, `[v6]:port` for IPv6).
+/// `host:port` (a name or an IP literal, `[v6]:port` for IPv6), or a `redis://` URL
+/// (`redis://:PASSWORD@host:port/DB`, for a Redis that wants AUTH).
 fn parse_redis(text: &str) -> Result<String, String> {
+    if text.starts_with("redis://") {
+        return redis::Client::open(text)
+            .map(|_| text.to_owned())
+            .map_err(|e| format!("{}: {e}", globallimit::redacted(text)));
+    }
     sluice_policy::validate::parse_address(text)
         .map(|a| a.to_string())
-        .ok_or_else(|| format!("expected host:port, got {text:?}"))
+        .ok_or_else(|| format!("expected host:port or a redis:// URL, got {text:?}"))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -293,13 +299,12 @@ fn housekeeping(shared: &Shared, n: u64) {
     for route in runtime.routes() {
         let labels = [route.policy.as_str(), route.name.as_str()];
         if let Some(global) = &route.global {
-            let local = global.take_local_decisions();
-            if local > 0 {
-                metrics
-                    .global_local
-                    .with_label_values(&labels)
-                    .inc_by(local);
-            }
+            // The series exists from the route's first second (at 0): rate() cannot
+            // see increments made before a counter's first scrape.
+            metrics
+                .global_local
+                .with_label_values(&labels)
+                .inc_by(global.take_local_decisions());
             if n.is_multiple_of(10) {
                 global.sweep_local();
             }

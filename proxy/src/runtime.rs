@@ -218,10 +218,20 @@ fn compile_policy(
             )
         });
         let global = route.global_rate_limit.as_ref().map(|rule| {
+            let before = old.and_then(|o| o.global.as_ref());
             carry(
-                old.and_then(|o| o.global.as_ref()),
+                before,
                 |g| g.rule() == rule,
-                || GlobalLimiter::new(rule, &policy.name, &route.name, Arc::clone(globals)),
+                || {
+                    GlobalLimiter::new(
+                        rule,
+                        policy.namespace.as_deref(),
+                        &policy.name,
+                        &route.name,
+                        Arc::clone(globals),
+                        before.map(|b| &**b),
+                    )
+                },
             )
         });
         let now = Instant::now();

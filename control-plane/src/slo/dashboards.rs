@@ -438,6 +438,21 @@ fn governance() -> Dashboard {
                 ],
             ),
             panel(
+                "Global rate limits on the replicas' own buckets",
+                "timeseries",
+                "short",
+                "Requests of a globalRateLimit decided by a replica's own bucket (whenUnreachable) instead of the bucket shared through Redis: Redis unreachable, or leases arriving too late. 0 when the shared bucket decides everything.",
+                vec![(
+                    rate(
+                        "sluice_global_rate_limit_local_decisions_total",
+                        REQ,
+                        "",
+                        "policy, route",
+                    ),
+                    "{{policy}} / {{route}}",
+                )],
+            ),
+            panel(
                 "Backend health and ejections",
                 "timeseries",
                 "short",
@@ -661,6 +676,29 @@ fn fleet() -> Dashboard {
                         r#"count(sluice_control_plane_connected{namespace=~"$namespace"} == 0) or vector(0)"#
                             .into(),
                         "not connected",
+                    ),
+                ],
+            ),
+            panel(
+                "Proxies reaching Redis (global rate limits)",
+                "timeseries",
+                "short",
+                "Proxies whose global rate limits share their buckets through Redis, those that cannot reach it (or run without --redis: each replica then keeps its own bucket), and failed round trips to Redis.",
+                vec![
+                    (
+                        r#"sum(sluice_global_rate_limit_redis_up{namespace=~"$namespace"} == 1) or vector(0)"#
+                            .into(),
+                        "reaching Redis",
+                    ),
+                    (
+                        r#"count(sluice_global_rate_limit_redis_up{namespace=~"$namespace"} == 0) or vector(0)"#
+                            .into(),
+                        "not reaching Redis",
+                    ),
+                    (
+                        r#"sum(rate(sluice_global_rate_limit_syncs_total{namespace=~"$namespace",outcome="error"}[$__rate_interval])) or vector(0)"#
+                            .into(),
+                        "failed round trips/s",
                     ),
                 ],
             ),
