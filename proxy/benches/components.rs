@@ -1,6 +1,7 @@
 //! Per-decision costs of the request path's components (criterion):
-//! a token-bucket check, a route match against a ten-route policy, and a balancer
-//! pick for each algorithm. Results go to bench/RESULTS.md with the command.
+//! a token-bucket check (local, and global from a lease), a route match against a
+//! ten-route policy, and a balancer pick for each algorithm. Results go to
+//! bench/RESULTS.md with the command.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -8,8 +9,11 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use governor::clock::DefaultClock;
-use sluice_policy::{Algorithm, Backend, Key, KeyedLimit, LoadBalancer, Protocol, RateLimit};
+use sluice_policy::{
+    Algorithm, Backend, GlobalRateLimit, Key, KeyedLimit, LoadBalancer, Protocol, RateLimit,
+};
 use sluice_proxy::endpoints::{Endpoints, EndpointsRule};
+use sluice_proxy::globallimit::{self, GlobalLimiter, GlobalLimits, Outcome};
 use sluice_proxy::ratelimit::RouteLimiter;
 use sluice_proxy::runtime::Runtime;
 
@@ -42,6 +46,59 @@ fn limiter(c: &mut Criterion) {
         b.iter(|| {
             let key = next.next().map_or("", String::as_str);
             black_box(keyed.check_owned(&key.to_owned()))
+        })
+    });
+}
+
+/// A global limit's decision as requests see it: a token taken from the lease
+/// (Redis is not on this path). Leases of 1,000,000 tokens are refilled between
+/// timed runs, so the spent-lease path (credit, the own bucket) stays out.
+fn global_limiter(c: &mut Criterion) {
+    const LEASE: u64 = 1_000_000;
+    let shared = RateLimit {
+        requests_per_second: 1e9,
+        burst: 2 * LEASE as u32,
+        key: None,
+    };
+    let rule = GlobalRateLimit {
+        when_unreachable: shared.clone(),
+        shared,
+    };
+    let hub = GlobalLimits::new(true);
+    hub.set_reachable(true);
+    let limiter = GlobalLimiter::new(&rule, None, "bench", "items", hub, None);
+    let now = Instant::now();
+    // The first claim asks for what was spent: spend a lease's worth on credit and
+    // the own bucket (both generous here), then each refill asks for what the last
+    // timed run spent.
+    for _ in 0..LEASE {
+        limiter.check("", now);
+    }
+    let refill = || {
+        let mut ops = Vec::new();
+        limiter.collect(now, 16, false, &mut ops);
+        for op in &ops {
+            globallimit::settle(op, 0, Outcome::Done(op.want, 0, 0));
+        }
+    };
+    refill();
+    c.bench_function("global rate limit decision (from the lease)", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                // A claim is wanted once less than half the last lease (itself at
+                // least half of LEASE) is left: runs of LEASE / 4 never find it empty.
+                let n = (iters - done).min(LEASE / 4);
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(limiter.check(black_box(""), now));
+                }
+                total += start.elapsed();
+                done += n;
+                refill();
+            }
+            total
         })
     });
 }
@@ -135,5 +192,5 @@ fn balancer(c: &mut Criterion) {
     }
 }
 
-criterion_group!(components, limiter, route_match, balancer);
+criterion_group!(components, limiter, global_limiter, route_match, balancer);
 criterion_main!(components);

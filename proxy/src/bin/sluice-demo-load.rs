@@ -50,7 +50,7 @@ fn incident(elapsed: Duration) -> bool {
 }
 
 /// One step of the traffic mix: path and an optional user id header.
-const MIX: [(&str, bool); 11] = [
+const MIX: [(&str, bool); 13] = [
     ("/catalog/items", false),
     ("/catalog/items", false),
     ("/catalog/search", false),
@@ -61,6 +61,8 @@ const MIX: [(&str, bool); 11] = [
     ("/checkout/pay", false),
     ("/search?q=shoes", false),
     ("/search?q=socks", false),
+    ("/reviews/1", false),
+    ("/reviews/2", false),
     ("/", false),
 ];
 const WORKERS: u32 = 8;
