@@ -1,6 +1,7 @@
 //! Alerts that hold for every Sluice deployment, whatever its policies: a breaker
 //! stuck open, a rejected policy, proxies serving different policy versions, a proxy
-//! Prometheus cannot scrape, no control plane.
+//! Prometheus cannot scrape, no control plane, a proxy that cannot reach the Redis of
+//! its global rate limits.
 //!
 //! Scrape jobs are expected to be named `sluice-proxy` and `sluice-control-plane`
 //! (`k8s/monitoring/podmonitor.yaml` sets them); version skew is judged per
@@ -61,6 +62,16 @@ pub fn static_groups() -> Vec<Group> {
                 "Its metrics, SLIs and alerts are blind for this pod: check the pod and its admin listener.",
             ),
             alert(
+                "SluiceGlobalRateLimitRedisUnreachable",
+                // Failed round trips tell a proxy given --redis from one without it
+                // (whose gauge reads 0 too, and which never tries).
+                "sluice_global_rate_limit_redis_up == 0\nand ignoring (outcome)\nincrease(sluice_global_rate_limit_syncs_total{outcome=\"error\"}[10m]) > 0",
+                Some("5m"),
+                "warning",
+                "Proxy {{ $labels.instance }} cannot reach Redis: its global rate limits run on its own buckets.",
+                "Each replica admits up to its whenUnreachable rate on its own, so together they may exceed the shared limit. Check the Redis named by --redis (sluice.dev/redis) and the proxy's stderr.",
+            ),
+            alert(
                 "SluiceControlPlaneDown",
                 &format!("absent(up{{job=\"{CONTROL_PLANE_JOB}\"}} == 1)"),
                 Some("5m"),
@@ -106,6 +117,7 @@ mod tests {
             "SluicePolicyVersionSkew",
             "SluiceProxyNotScraped",
             "SluiceControlPlaneDown",
+            "SluiceGlobalRateLimitRedisUnreachable",
         ] {
             assert!(text.contains(&format!("- alert: \"{name}\"")), "{name}");
             assert!(text.contains(&format!(
@@ -113,6 +125,6 @@ mod tests {
                 name.to_ascii_lowercase()
             )));
         }
-        assert_eq!(text.matches("\"severity\": ").count(), 5);
+        assert_eq!(text.matches("\"severity\": ").count(), 6);
     }
 }
