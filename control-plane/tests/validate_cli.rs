@@ -21,7 +21,7 @@ fn accepts_the_example_policies_with_one_line_per_policy() {
     let (code, stdout, stderr) = sluice_cp(&["validate", "policies/"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(
-        "demo: valid, 4 hosts, 3 backends (weighted-round-robin), 5 routes, mode enforce\n"
+        "demo: valid, 4 hosts, 3 backends (weighted-round-robin), 6 routes, mode enforce\n"
     ));
     assert!(stdout.ends_with("9 valid policies\n"), "{stdout}");
 }

@@ -25,8 +25,9 @@
 //!   claim, and the next lease is asked twice as large.
 //!
 //! A round trip whose outcome is unknown (a timeout, a dropped connection) is never
-//! replayed: its claims are asked again, but tokens it gave back and charges it
-//! carried are dropped, so an unknown outcome can only under-admit.
+//! replayed: its claims are asked again, tokens it gave back and charges it carried
+//! are dropped, so nothing is counted twice (an unpaid charge is at most one lease
+//! plus the own bucket's burst per share and failed round).
 //!
 //! Bounds: each limiter tracks at most `maxKeys` keys (later keys share one overflow
 //! bucket, as in [`crate::ratelimit`]); a lease is at most half the burst; one round
@@ -249,7 +250,7 @@ pub struct GlobalLimiter {
     prefix: String,
     shares: Arc<Shares>,
     /// This replica's own bucket (`whenUnreachable`).
-    local: RouteLimiter,
+    local: Arc<RouteLimiter>,
     /// Requests the local bucket decided since the last report (a counter metric).
     local_decisions: AtomicU64,
 }
@@ -257,6 +258,8 @@ pub struct GlobalLimiter {
 /// One script call of a sync round.
 pub struct Op {
     share: Arc<Share>,
+    /// Its limiter's shares: a failed claim re-queues a keyed share there.
+    shares: Arc<Shares>,
     pub redis_key: String,
     /// Tokens asked (> 0) or given back (< 0).
     pub want: i64,
@@ -287,10 +290,7 @@ impl GlobalLimiter {
         hub: Arc<GlobalLimits>,
         previous: Option<&GlobalLimiter>,
     ) -> Self {
-        let prefix = match namespace {
-            Some(ns) => format!("sluice:rl:{ns}/{policy}:{route}"),
-            None => format!("sluice:rl:{policy}:{route}"),
-        };
+        let prefix = Self::prefix_for(namespace, policy, route);
         let shares = match previous {
             Some(p) if p.prefix == prefix && p.rule.shared.key == rule.shared.key => {
                 Arc::clone(&p.shares)
@@ -306,14 +306,34 @@ impl GlobalLimiter {
                 },
             }),
         };
+        let local = match previous {
+            Some(p) if p.rule.when_unreachable == rule.when_unreachable => Arc::clone(&p.local),
+            _ => Arc::new(RouteLimiter::new(
+                &rule.when_unreachable,
+                DefaultClock::default(),
+            )),
+        };
         GlobalLimiter {
             rule: rule.clone(),
-            local: RouteLimiter::new(&rule.when_unreachable, DefaultClock::default()),
+            local,
             hub,
             prefix,
             shares,
             local_decisions: AtomicU64::new(0),
         }
+    }
+
+    /// The Redis key (or key prefix) of a route's bucket: `sluice:rl:[<namespace>/]
+    /// <policy>:<route>`.
+    pub fn prefix_for(namespace: Option<&str>, policy: &str, route: &str) -> String {
+        match namespace {
+            Some(ns) => format!("sluice:rl:{ns}/{policy}:{route}"),
+            None => format!("sluice:rl:{policy}:{route}"),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub fn rule(&self) -> &GlobalRateLimit {
@@ -394,16 +414,9 @@ impl GlobalLimiter {
 
     /// Asks the sync task for a claim for `share` (once until it is made).
     fn want(&self, share: &Arc<Share>) {
-        if share.wanted.swap(true, Ordering::AcqRel) {
-            return;
+        if rearm(&self.shares, share) {
+            self.hub.wake();
         }
-        if let Shares::PerKey { queue, .. } = &*self.shares {
-            queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push_back(Arc::clone(share));
-        }
-        self.hub.wake();
     }
 
     /// How long the shared bucket takes to refill `tokens`.
@@ -463,19 +476,6 @@ impl GlobalLimiter {
     /// Requests decided by the local bucket since the last call.
     pub fn take_local_decisions(&self) -> u64 {
         self.local_decisions.swap(0, Ordering::Relaxed)
-    }
-
-    /// Forgets that shared buckets ran dry (after reconnecting to Redis: a
-    /// restarted Redis starts them full).
-    pub fn forget_dryness(&self) {
-        let forget = |share: &Share| share.dry_until.store(0, Ordering::Release);
-        match &*self.shares {
-            Shares::Single(share) => forget(share),
-            Shares::PerKey { keys, overflow, .. } => {
-                forget(overflow);
-                keys.iter().for_each(|entry| forget(entry.value()));
-            }
-        }
     }
 
     /// The local bucket's housekeeping (its own keys).
@@ -547,6 +547,7 @@ impl GlobalLimiter {
     fn op(&self, share: &Arc<Share>, want: i64, charge: u32) -> Op {
         Op {
             share: Arc::clone(share),
+            shares: Arc::clone(&self.shares),
             redis_key: share.redis_key.clone(),
             want,
             charge,
@@ -590,6 +591,21 @@ impl GlobalLimiter {
     }
 }
 
+/// Marks `share` as wanting a claim; a keyed share joins its limiter's queue. True
+/// when it did not want one yet.
+fn rearm(shares: &Shares, share: &Arc<Share>) -> bool {
+    if share.wanted.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    if let Shares::PerKey { queue, .. } = shares {
+        queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(Arc::clone(share));
+    }
+    true
+}
+
 /// Settles a script call at `stamp` (see [`Outcome`]).
 pub fn settle(op: &Op, stamp: u64, outcome: Outcome) {
     let share = &op.share;
@@ -601,13 +617,13 @@ pub fn settle(op: &Op, stamp: u64, outcome: Outcome) {
             }
             share.unleased.fetch_add(op.charge, Ordering::Relaxed);
             if op.want > 0 {
-                share.wanted.store(true, Ordering::Release);
+                rearm(&op.shares, share);
             }
             return;
         }
         Outcome::Unknown => {
             if op.want > 0 {
-                share.wanted.store(true, Ordering::Release);
+                rearm(&op.shares, share);
             }
             return;
         }
@@ -661,6 +677,8 @@ const TICK: Duration = Duration::from_millis(100);
 const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// Without claims to make, Redis is pinged this often.
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// At shutdown, rounds giving leases back (each up to MAX_OPS_PER_ROUND).
+const MAX_FINAL_ROUNDS: u32 = 16;
 
 /// `--redis` as a URL: `host:port` becomes `redis://host:port/`; a `redis://` URL
 /// (with a password or a database) is taken as it is.
@@ -737,19 +755,15 @@ pub async fn sync(
                 continue;
             }
         };
-        if was_up != Some(true) {
-            // What we knew of the buckets may be stale (a restarted Redis starts
-            // them full): the next claims find out.
-            if let Some(runtime) = shared.runtime.load_full() {
-                for limiter in runtime.routes().filter_map(|r| r.global.as_deref()) {
-                    limiter.forget_dryness();
-                }
-            }
-        }
+        // What a share knew of its bucket before may be stale (a restarted Redis
+        // starts it full): a dry share asks again within PROBE_EVERY anyway.
         note_reachable(&hub, metrics, &mut was_up, true, &shown, None);
         let mut last_answer = Instant::now();
         let mut last_scan = Instant::now();
         let mut refusal_logged = false;
+        let mut round: usize = 0;
+        let mut stopped_rounds = 0;
+        let mut stopping = false;
         // One round per wake-up or tick, while Redis answers.
         let failure = loop {
             let any = shared
@@ -758,11 +772,13 @@ pub async fn sync(
                 .as_deref()
                 .is_some_and(|r| r.routes().any(|r| r.global.is_some()));
             let tick = if any { TICK } else { Duration::from_secs(1) };
-            let stopping = tokio::select! {
-                _ = shutdown.changed() => true,
-                () = hub.woken() => false,
-                () = tokio::time::sleep(tick) => false,
-            };
+            if !stopping {
+                stopping = tokio::select! {
+                    _ = shutdown.changed() => true,
+                    () = hub.woken() => false,
+                    () = tokio::time::sleep(tick) => false,
+                };
+            }
             let Some(runtime) = shared.runtime.load_full() else {
                 if stopping {
                     return;
@@ -775,15 +791,30 @@ pub async fn sync(
                 last_scan = now;
             }
             ops.clear();
-            for limiter in runtime.routes().filter_map(|r| r.global.as_deref()) {
+            // Each round starts at the next limiter, so a busy one cannot keep the
+            // others out of the round's room.
+            let limiters: Vec<&GlobalLimiter> = runtime
+                .routes()
+                .filter_map(|r| r.global.as_deref())
+                .collect();
+            round = round.wrapping_add(1);
+            let first = if limiters.is_empty() {
+                0
+            } else {
+                round % limiters.len()
+            };
+            for limiter in limiters[first..].iter().chain(&limiters[..first]) {
                 if stopping {
                     limiter.collect_all(MAX_OPS_PER_ROUND, &mut ops);
                 } else {
                     limiter.collect(now, MAX_OPS_PER_ROUND, scan, &mut ops);
                 }
             }
+            drop(limiters);
             if ops.is_empty() {
                 if stopping {
+                    // Requests still draining decide on their own buckets now.
+                    hub.set_reachable(false);
                     return;
                 }
                 // Nothing to claim: a PING now and then keeps the reachability (and
@@ -796,6 +827,7 @@ pub async fn sync(
                 match ping {
                     Ok(_) => {
                         last_answer = Instant::now();
+                        backoff = MIN_BACKOFF;
                         continue;
                     }
                     Err(e) => break e,
@@ -818,12 +850,25 @@ pub async fn sync(
             let answer: redis::RedisResult<Vec<redis::RedisResult<(i64, i64, i64)>>> =
                 pipe.query_async(&mut con).await;
             let stamp = hub.millis(Instant::now());
+            let mut script_lost = None;
             match answer {
                 Ok(answers) if answers.len() == ops.len() => {
                     for (op, answer) in ops.iter().zip(answers) {
                         match answer {
                             Ok((granted, wait, left)) => {
                                 settle(op, stamp, Outcome::Done(granted, wait, left));
+                            }
+                            Err(e)
+                                if e.kind()
+                                    == redis::ErrorKind::Server(
+                                        redis::ServerErrorKind::NoScript,
+                                    ) =>
+                            {
+                                // Redis lost the script (SCRIPT FLUSH, a failover
+                                // behind the same address): nothing ran; reconnect,
+                                // which loads it again.
+                                settle(op, stamp, Outcome::Refused);
+                                script_lost = Some(e);
                             }
                             Err(e) => {
                                 settle(op, stamp, Outcome::Refused);
@@ -839,11 +884,23 @@ pub async fn sync(
                             }
                         }
                     }
+                    if let Some(e) = script_lost {
+                        if stopping {
+                            hub.set_reachable(false);
+                            return;
+                        }
+                        break e;
+                    }
                     metrics.global_syncs.with_label_values(&["ok"]).inc();
                     last_answer = Instant::now();
                     backoff = MIN_BACKOFF;
                     if stopping {
-                        return;
+                        // Another round if the room was full, until all is given back.
+                        if ops.len() < MAX_OPS_PER_ROUND || stopped_rounds >= MAX_FINAL_ROUNDS {
+                            hub.set_reachable(false);
+                            return;
+                        }
+                        stopped_rounds += 1;
                     }
                 }
                 answer => {
@@ -851,6 +908,7 @@ pub async fn sync(
                         settle(op, stamp, Outcome::Unknown);
                     }
                     if stopping {
+                        hub.set_reachable(false);
                         return;
                     }
                     break match answer {
@@ -1142,6 +1200,29 @@ mod tests {
         assert!(keys
             .iter()
             .any(|k| k == &format!("sluice:rl:shop:checkout:{:016x}", fnv64(b"a"))));
+    }
+
+    #[test]
+    fn a_keyed_share_whose_claim_failed_claims_again() {
+        let keyed = KeyedLimit {
+            key: Key::Header("x-tenant".into()),
+            max_keys: 10,
+        };
+        let (l, _) = limiter(&rule(10.0, 20, 5, Some(keyed)), true);
+        let now = Instant::now();
+        assert!(allowed(l.check("acme", now)));
+        let claim = ops(&l, now);
+        assert_eq!(claim[0].charge, 1);
+        // Refused: nothing happened in Redis; queued again, still owing.
+        settle(&claim[0], 0, Outcome::Refused);
+        let claim = ops(&l, now);
+        assert_eq!((claim.len(), claim[0].charge), (1, 1));
+        // Unknown: queued again, the charge dropped (it may have been paid).
+        settle(&claim[0], 0, Outcome::Unknown);
+        let claim = ops(&l, now);
+        assert_eq!((claim.len(), claim[0].charge), (1, 0));
+        settle(&claim[0], 0, Outcome::Done(claim[0].want, 0, 10));
+        assert!(ops(&l, now).is_empty());
     }
 
     #[test]

@@ -219,9 +219,11 @@ fn compile_policy(
         });
         let global = route.global_rate_limit.as_ref().map(|rule| {
             let before = old.and_then(|o| o.global.as_ref());
+            let prefix =
+                GlobalLimiter::prefix_for(policy.namespace.as_deref(), &policy.name, &route.name);
             carry(
                 before,
-                |g| g.rule() == rule,
+                |g| g.rule() == rule && g.prefix() == prefix,
                 || {
                     GlobalLimiter::new(
                         rule,
