@@ -192,6 +192,15 @@ async fn statuses_paced(proxy: &ProxyProcess, n: usize, gap: Duration) -> Vec<u1
     out
 }
 
+/// A proxy serving `route` in front of `backend`, with its global limits in `redis`,
+/// once it is connected (keep the directory alive with the proxy).
+async fn sharing(redis: &RedisServer, backend: SocketAddr, route: &str) -> (TempDir, ProxyProcess) {
+    let dir = TempDir::new();
+    let proxy = start_with(&dir, &policy(backend, route), &["--redis", &redis.addr()]).await;
+    wait_metric(&proxy, "sluice_global_rate_limit_redis_up", 1.0).await;
+    (dir, proxy)
+}
+
 /// Sends `n` requests, each to the next of `proxies` in turn; counts the 200s.
 async fn admitted(proxies: &[&ProxyProcess], n: usize) -> usize {
     let mut clients = Vec::new();
@@ -251,12 +260,8 @@ async fn two_replicas_share_one_bucket() {
     // not shared, each would admit 10 (the own bucket's burst defaults to the shared
     // one's); here the own bucket is 1 so that only credit adds to the first 10.
     let route = "    - name: limited\n      globalRateLimit:\n        requestsPerSecond: 0.01\n        burst: 10\n        whenUnreachable: {requestsPerSecond: 0.01, burst: 1}\n";
-    let (dir_a, dir_b) = (TempDir::new(), TempDir::new());
-    let args = ["--redis", &redis.addr()];
-    let a = start_with(&dir_a, &policy(backend.addr(), route), &args).await;
-    let b = start_with(&dir_b, &policy(backend.addr(), route), &args).await;
-    wait_metric(&a, "sluice_global_rate_limit_redis_up", 1.0).await;
-    wait_metric(&b, "sluice_global_rate_limit_redis_up", 1.0).await;
+    let (_dir_a, a) = sharing(&redis, backend.addr(), route).await;
+    let (_dir_b, b) = sharing(&redis, backend.addr(), route).await;
 
     let ok = admitted(&[&a, &b], 40).await;
     // 10 from leases; a replica that has not heard yet that the bucket ran dry may
@@ -318,14 +323,7 @@ async fn an_unreachable_redis_leaves_each_replica_its_own_bucket_until_it_return
     let redis = RedisServer::start(&binary, port).await;
     let backend = upstream("a").await;
     let route = "    - name: limited\n      globalRateLimit:\n        requestsPerSecond: 0.01\n        burst: 6\n        whenUnreachable: {requestsPerSecond: 0.01, burst: 4}\n";
-    let dir = TempDir::new();
-    let proxy = start_with(
-        &dir,
-        &policy(backend.addr(), route),
-        &["--redis", &redis.addr()],
-    )
-    .await;
-    wait_metric(&proxy, "sluice_global_rate_limit_redis_up", 1.0).await;
+    let (_dir, proxy) = sharing(&redis, backend.addr(), route).await;
     let local_series =
         "sluice_global_rate_limit_local_decisions_total{policy=\"shop\",route=\"limited\"}";
 
@@ -393,14 +391,7 @@ async fn a_keyed_global_limit_keeps_one_shared_bucket_per_key() {
     let redis = RedisServer::start(&binary, free_port()).await;
     let backend = upstream("a").await;
     let route = "    - name: limited\n      globalRateLimit: {requestsPerSecond: 0.01, burst: 3, key: \"header:x-tenant\", maxKeys: 10}\n";
-    let dir = TempDir::new();
-    let proxy = start_with(
-        &dir,
-        &policy(backend.addr(), route),
-        &["--redis", &redis.addr()],
-    )
-    .await;
-    wait_metric(&proxy, "sluice_global_rate_limit_redis_up", 1.0).await;
+    let (_dir, proxy) = sharing(&redis, backend.addr(), route).await;
     let mut client = HttpClient::connect(proxy.listen_addr())
         .await
         .expect("connect");

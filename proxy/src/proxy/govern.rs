@@ -58,15 +58,7 @@ impl SluiceProxy {
                     ctx.rate_headers = Some((limiter.limit(), remaining, ceil_secs(reset)));
                 }
                 Limit::Limited { retry_after } => {
-                    m.rate_limited.with_label_values(&labels3(mode)).inc();
-                    if !shadow {
-                        return Err(Refusal::RateLimited {
-                            retry_after,
-                            limit: limiter.limit(),
-                        });
-                    }
-                    ctx.shadow = Some(Verdict::RateLimited.as_str());
-                    self.shadow_fallback(route, FallbackCause::RateLimited);
+                    self.over_rate_limit(route, ctx, retry_after, limiter.limit())?;
                 }
             }
         }
@@ -82,15 +74,7 @@ impl SluiceProxy {
                     }
                 }
                 Limit::Limited { retry_after } => {
-                    m.rate_limited.with_label_values(&labels3(mode)).inc();
-                    if !shadow {
-                        return Err(Refusal::RateLimited {
-                            retry_after,
-                            limit: limiter.limit(),
-                        });
-                    }
-                    ctx.shadow.get_or_insert(Verdict::RateLimited.as_str());
-                    self.shadow_fallback(route, FallbackCause::RateLimited);
+                    self.over_rate_limit(route, ctx, retry_after, limiter.limit())?;
                 }
             }
         }
@@ -145,6 +129,32 @@ impl SluiceProxy {
         if let Some(budget) = &route.budget {
             budget.deposit(now);
         }
+        Ok(())
+    }
+
+    /// A rate limit (local or global) found no token: counted, then refused, or in
+    /// shadow mode only recorded.
+    fn over_rate_limit(
+        &self,
+        route: &RouteRuntime,
+        ctx: &mut Ctx,
+        retry_after: Duration,
+        limit: u32,
+    ) -> Result<(), Refusal> {
+        self.shared
+            .metrics
+            .rate_limited
+            .with_label_values(&[
+                route.policy.as_str(),
+                route.name.as_str(),
+                route.mode.as_str(),
+            ])
+            .inc();
+        if route.mode != Mode::Shadow {
+            return Err(Refusal::RateLimited { retry_after, limit });
+        }
+        ctx.shadow.get_or_insert(Verdict::RateLimited.as_str());
+        self.shadow_fallback(route, FallbackCause::RateLimited);
         Ok(())
     }
 
