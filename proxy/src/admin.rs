@@ -31,6 +31,32 @@ fn closed_listener(listeners: &[std::net::SocketAddr]) -> Option<std::net::Socke
     })
 }
 
+impl Admin {
+    /// The global rate limits' state: whether Redis answers, and per route its
+    /// bucket's Redis key, the keys tracked and the tokens leased right now.
+    fn global_limits(&self, rt: &crate::runtime::Runtime) -> serde_json::Value {
+        let globals = &self.shared.globals;
+        let routes: Vec<serde_json::Value> = rt
+            .routes()
+            .filter_map(|r| r.global.as_deref().map(|g| (r, g)))
+            .map(|(r, g)| {
+                serde_json::json!({
+                    "policy": r.policy,
+                    "route": r.name,
+                    "redisKey": g.prefix(),
+                    "trackedKeys": g.tracked_keys(),
+                    "leased": g.leased(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "redisConfigured": globals.configured(),
+            "redisReachable": globals.reachable(),
+            "routes": routes,
+        })
+    }
+}
+
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
     let mut resp = http::Response::new(body);
     *resp.status_mut() =
@@ -82,6 +108,7 @@ impl Admin {
                         "loadedAt": Timestamp(rt.loaded_at).to_string(),
                         "controlPlaneVersion": rt.control_plane_version,
                         "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
+                        "globalRateLimits": self.global_limits(rt),
                     }),
                     None => serde_json::json!({"version": null, "source": null, "policies": []}),
                 };

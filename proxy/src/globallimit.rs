@@ -465,6 +465,16 @@ impl GlobalLimiter {
         share
     }
 
+    /// Tokens this replica holds in leases right now, over all its shares.
+    pub fn leased(&self) -> i64 {
+        match &*self.shares {
+            Shares::Single(share) => share.leased(),
+            Shares::PerKey { keys, overflow, .. } => {
+                overflow.leased() + keys.iter().map(|e| e.value().leased()).sum::<i64>()
+            }
+        }
+    }
+
     /// Keys with a share of their own right now.
     pub fn tracked_keys(&self) -> usize {
         match &*self.shares {

@@ -426,6 +426,16 @@ async fn a_keyed_global_limit_keeps_one_shared_bucket_per_key() {
     assert!(keys
         .iter()
         .all(|k| !k.contains("acme") && !k.contains("globex")));
+    // /config_dump shows the state: Redis reachable, the bucket's name, the keys.
+    let dump = support::get(proxy.admin_addr(), "admin", "/config_dump")
+        .await
+        .expect("config_dump");
+    let dump: serde_json::Value = serde_json::from_slice(&dump.body).expect("json");
+    let global = &dump["globalRateLimits"];
+    assert_eq!(global["redisConfigured"], true);
+    assert_eq!(global["redisReachable"], true);
+    assert_eq!(global["routes"][0]["redisKey"], "sluice:rl:shop:limited");
+    assert_eq!(global["routes"][0]["trackedKeys"], 2);
     drop(proxy);
     redis.stop();
 }
