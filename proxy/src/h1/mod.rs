@@ -101,10 +101,28 @@ impl Listener {
     }
 }
 
+/// Binds `addr`, trying again while it is in use (as pingora's own listeners do):
+/// the port was free when the proxy started, and a socket still letting go of it
+/// (another process's probe, an old proxy exiting) frees it within moments.
+async fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    const TRIES: u32 = 5;
+    const STEP: Duration = Duration::from_millis(200);
+    let mut tries = 1;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < TRIES => {
+                tries += 1;
+                tokio::time::sleep(STEP).await;
+            }
+            bound => return bound,
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Listener {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let listener = match TcpListener::bind(self.inner.listen).await {
+        let listener = match bind_retrying(self.inner.listen).await {
             Ok(l) => l,
             Err(e) => {
                 event(
