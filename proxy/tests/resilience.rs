@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use sluice_proxy::demo_upstream::Behaviour;
 use support::{
-    free_port, get, metrics, metrics_once, sample, start, upstream, HttpClient, ProxyProcess,
-    TempDir,
+    free_port, get, log_lines, metrics, metrics_once, sample, start, upstream, HttpClient,
+    ProxyProcess, TempDir,
 };
+use tokio::io::AsyncWriteExt;
 
 fn policy(backends: &[SocketAddr], routes: &str) -> String {
     let mut yaml = String::from(
@@ -304,6 +305,39 @@ async fn a_hung_backend_is_cut_at_the_route_timeout() {
         took >= Duration::from_millis(280) && took < Duration::from_secs(3),
         "took {took:?}"
     );
+}
+
+/// On both engines (scripts/test runs this file on each): the h1 engine peeks at the
+/// client after 100 ms of waiting; pingora reads the client's side while it waits.
+#[tokio::test]
+async fn a_client_that_leaves_ends_its_request_long_before_the_route_timeout() {
+    let a = upstream("a").await;
+    a.set_behaviour(Behaviour::Hang);
+    let dir = TempDir::new();
+    let proxy = start(
+        &dir,
+        &policy(&[a.addr()], "    - name: all\n      timeout: 10s\n"),
+    )
+    .await;
+    let mut client = tokio::net::TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /leaving HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(client);
+    // Logged within log_lines' 3 s (not at the route's 10 s timeout), with no
+    // status: nobody was left to answer.
+    let log = log_lines(&proxy, 1).await;
+    let line = log
+        .iter()
+        .find(|l| l["path"] == "/leaving")
+        .unwrap_or_else(|| panic!("the request was not settled within 3 s: {log:?}"));
+    assert_eq!(line["status"], 0, "{line}");
+    let took = line["duration_ms"].as_f64().unwrap_or(f64::MAX);
+    assert!((250.0..2_000.0).contains(&took), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
