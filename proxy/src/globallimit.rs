@@ -351,6 +351,12 @@ impl GlobalLimiter {
 
     /// Takes one token for `key` (ignored when the limit is not keyed) at `now`.
     pub fn check(&self, key: &str, now: Instant) -> Decision {
+        if !self.hub.configured() {
+            // No Redis to share with (no --redis): the own bucket is the limit, and
+            // nothing is tracked for claims that will never be made.
+            self.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return self.local.check(key);
+        }
         let stamp = self.hub.millis(now);
         let keyed = match &*self.shares {
             Shares::Single(_) => None,
@@ -1232,6 +1238,33 @@ mod tests {
         let claim = ops(&l, now);
         assert_eq!((claim.len(), claim[0].charge), (1, 0));
         settle(&claim[0], 0, Outcome::Done(claim[0].want, 0, 10));
+        assert!(ops(&l, now).is_empty());
+    }
+
+    #[test]
+    fn without_redis_the_own_bucket_decides_and_no_key_is_tracked() {
+        let keyed = KeyedLimit {
+            key: Key::ClientIp,
+            max_keys: 10,
+        };
+        let hub = GlobalLimits::new(false);
+        let l = GlobalLimiter::new(
+            &rule(10.0, 20, 2, Some(keyed)),
+            None,
+            "shop",
+            "checkout",
+            hub,
+            None,
+        );
+        let now = Instant::now();
+        assert!(allowed(l.check("10.0.0.1", now)));
+        assert!(allowed(l.check("10.0.0.1", now)));
+        assert!(
+            !allowed(l.check("10.0.0.1", now)),
+            "the own bucket's burst is 2"
+        );
+        assert_eq!(l.take_local_decisions(), 3);
+        assert_eq!(l.tracked_keys(), 0);
         assert!(ops(&l, now).is_empty());
     }
 
