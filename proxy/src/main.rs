@@ -402,42 +402,33 @@ fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, addr: Socke
     let name = flow.direction;
     let mut h2c = pingora::apps::HttpServerOptions::default();
     h2c.h2c = args.h2c;
-    match args.engine {
-        EngineArg::Pingora => {
-            let mut service =
-                pingora::proxy::http_proxy_service_with_name(&server.configuration, flow, name);
-            service.add_tcp(&addr.to_string());
-            if let Some(logic) = service.app_logic_mut() {
-                logic.server_options = Some(h2c);
-            }
-            server.add_service(service);
-        }
-        EngineArg::H1 => {
-            // pingora serves what the fast path hands over: one instance without
-            // h2c for HTTP/1 connections (its h2c check would wait for 24 bytes the
-            // fast path already read), one with it for connections opening with the
-            // HTTP/2 preface.
-            let conf = &server.configuration;
-            let pingora = pingora::proxy::http_proxy(conf, flow.clone());
-            let pingora_h2c = args.h2c.then(|| {
-                let mut proxy = pingora::proxy::http_proxy(conf, flow.clone());
-                proxy.server_options = Some(h2c);
-                proxy
-            });
-            let mut service = background_service(
-                name,
-                sluice_proxy::h1::Listener::new(
-                    flow,
-                    addr,
-                    pingora,
-                    pingora_h2c,
-                    args.idle_timeout,
-                ),
-            );
-            service.threads = Some(args.threads.max(1));
-            server.add_service(service);
-        }
-    }
+    // Both engines listen through Sluice's HTTP/1 front: with `--engine h1` it
+    // serves requests itself and hands the rest to pingora; with `--engine
+    // pingora` it hands every connection over, through the same strict checks
+    // (h1/front.rs), so the engines accept exactly the same requests.
+    // pingora gets two instances: one without h2c for HTTP/1 connections (its h2c
+    // check would wait for 24 bytes the front already read), one with it for
+    // connections opening with the HTTP/2 preface.
+    let conf = &server.configuration;
+    let pingora = pingora::proxy::http_proxy(conf, flow.clone());
+    let pingora_h2c = args.h2c.then(|| {
+        let mut proxy = pingora::proxy::http_proxy(conf, flow.clone());
+        proxy.server_options = Some(h2c);
+        proxy
+    });
+    let mut service = background_service(
+        name,
+        sluice_proxy::h1::Listener::new(
+            flow,
+            addr,
+            pingora,
+            pingora_h2c,
+            args.idle_timeout,
+            matches!(args.engine, EngineArg::H1),
+        ),
+    );
+    service.threads = Some(args.threads.max(1));
+    server.add_service(service);
 }
 
 /// Keeps the global rate limits supplied from Redis, on a background service's runtime.

@@ -17,7 +17,7 @@
 //! policy whose backends speak h2c) — is handed over, connection and bytes already
 //! read, to pingora for the rest of the connection.
 
-pub mod codec;
+pub mod front;
 pub mod pool;
 
 use std::net::{IpAddr, SocketAddr};
@@ -42,8 +42,10 @@ use crate::accesslog::event;
 use crate::proxy::{
     Admit, Ctx, ExchangeFailure, Failure, Reply, Request, SluiceProxy, StatusVerdict,
 };
-use codec::{parse_response, ChunkScanner, Framing, HeadError, RequestHead, ResponseHead};
 use pool::Pool;
+use sluice_h1::{
+    parse_response, Body, ChunkedDecoder, Form, Framing, Refusal, RequestHead, ResponseHead,
+};
 
 /// Request bodies up to this size are read whole on the fast path; larger ones go
 /// to pingora, which streams them.
@@ -75,6 +77,8 @@ struct Engine {
     pingora_h2c: Option<Arc<HttpProxy<SluiceProxy>>>,
     pool: Pool,
     idle_timeout: Duration,
+    /// Serve requests here; else every connection goes to pingora (`--engine pingora`).
+    fast_path: bool,
 }
 
 impl Listener {
@@ -87,6 +91,7 @@ impl Listener {
         pingora: HttpProxy<SluiceProxy>,
         pingora_h2c: Option<HttpProxy<SluiceProxy>>,
         idle_timeout: Duration,
+        fast_path: bool,
     ) -> Self {
         Listener {
             inner: Arc::new(Engine {
@@ -96,6 +101,7 @@ impl Listener {
                 pingora_h2c: pingora_h2c.map(Arc::new),
                 pool: Pool::default(),
                 idle_timeout,
+                fast_path,
             }),
         }
     }
@@ -176,10 +182,8 @@ impl Request for FastRequest<'_> {
     }
 
     fn host(&self) -> &str {
-        self.head
-            .header("host")
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .unwrap_or("")
+        let host = self.head.host();
+        std::str::from_utf8(host).unwrap_or("")
     }
 
     fn header(&self, name: &str) -> Option<&[u8]> {
@@ -313,10 +317,13 @@ impl Engine {
         };
         if let Some(h2c) = &self.pingora_h2c {
             match client.starts_with_preface().await {
-                Some(true) => return hand_off(client, h2c).await,
+                Some(true) => return hand_off(client, h2c, false).await,
                 Some(false) => {}
                 None => return,
             }
+        }
+        if !self.fast_path {
+            return hand_off(client, &self.pingora, true).await;
         }
         let mut head = RequestHead::default();
         let mut out = Vec::with_capacity(4 * 1024);
@@ -331,7 +338,7 @@ impl Engine {
             {
                 Served::KeepAlive => {}
                 Served::Close => return,
-                Served::HandOff => return hand_off(client, &self.pingora).await,
+                Served::HandOff => return hand_off(client, &self.pingora, true).await,
             }
         }
     }
@@ -357,16 +364,22 @@ impl Engine {
                 return Served::Close;
             }
         };
-        let fast = head.minor_version == 1
-            && !head.special
-            && !head.transfer_encoding
-            && head.origin_form
-            && head.content_length.unwrap_or(0) <= MAX_BODY;
-        if !fast {
+        // What the fast path serves: HTTP/1.1 requests for a backend (origin- or
+        // absolute-form), their body whole and small. The rest goes to pingora,
+        // through the same checks (front.rs).
+        let length = match head.body() {
+            Body::None => 0,
+            Body::Length(n) if n <= MAX_BODY => n as usize,
+            Body::Length(_) | Body::Chunked => return Served::HandOff,
+        };
+        if head.minor_version() != 1
+            || head.upgrade()
+            || head.expect()
+            || !matches!(head.form(), Form::Origin | Form::Absolute)
+        {
             return Served::HandOff;
         }
         // The body, whole (bounded by MAX_BODY).
-        let length = head.content_length.unwrap_or(0) as usize;
         while client.buf.len() < n + length {
             if !client.read_more().await {
                 return Served::Close;
@@ -375,11 +388,7 @@ impl Engine {
         let head_bytes = client.buf.split_to(n).freeze();
         let body = client.buf.split_to(length).freeze();
         head.attach(head_bytes);
-        if head.header("host").is_none() {
-            // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
-            return self.reject(client, HeadError::Malformed).await;
-        }
-        let keep_alive = !head.close;
+        let keep_alive = !head.close();
 
         let req = FastRequest {
             head,
@@ -398,8 +407,8 @@ impl Engine {
         if ctx.policy().is_some_and(|p| p.endpoints.speaks_h2c) {
             drop(ctx);
             let mut replay =
-                BytesMut::with_capacity(req.head.bytes.len() + body.len() + client.buf.len());
-            replay.extend_from_slice(&req.head.bytes);
+                BytesMut::with_capacity(req.head.bytes().len() + body.len() + client.buf.len());
+            replay.extend_from_slice(req.head.bytes());
             replay.extend_from_slice(&body);
             replay.extend_from_slice(&client.buf);
             client.buf = replay;
@@ -417,13 +426,10 @@ impl Engine {
         }
     }
 
-    /// A head that cannot be parsed: 400 (431 when too large), then close.
-    async fn reject(&self, client: &mut Client, error: HeadError) -> Served {
-        let status = match error {
-            HeadError::Malformed => 400,
-            HeadError::TooLarge => 431,
-        };
-        let body = format!("sluice: {}\n", reason(status).to_ascii_lowercase());
+    /// A head Sluice refuses (sluice_h1 says why and with which status), then close.
+    async fn reject(&self, client: &mut Client, refusal: Refusal) -> Served {
+        let status = refusal.status;
+        let body = refusal_body(refusal);
         let mut out = Vec::new();
         write_reply_head(
             &mut out,
@@ -431,7 +437,7 @@ impl Engine {
             Some("text/plain; charset=utf-8"),
             &[],
             body.len(),
-            false,
+            true,
         );
         out.extend_from_slice(body.as_bytes());
         let _ = client.stream.write_all(&out).await;
@@ -511,7 +517,7 @@ impl Engine {
             };
             // The request: the client's head, Sluice's headers, the body, one write.
             out.clear();
-            req.head.write_forwarded(out);
+            req.head.write_forwarded(out, false);
             if let Some(tp) = self.flow.generated_traceparent(ctx) {
                 push_header(out, "traceparent", tp.as_bytes());
             }
@@ -790,13 +796,15 @@ async fn relay_body(
             Ok(())
         }
         Framing::Chunked => {
-            let mut scanner = ChunkScanner::default();
+            // Re-encoded as it passes: the client gets canonical chunk framing
+            // whatever extensions or leading zeros the backend used.
+            let mut decoder = ChunkedDecoder::new(true);
             let mut pending = std::mem::take(prefix);
             loop {
-                let (n, done) = scanner
-                    .scan(buf)
+                let progress = decoder
+                    .transcode(buf, &mut pending)
                     .map_err(|_| Relay::Upstream(Broken::BadResponse))?;
-                pending.extend_from_slice(&buf[..n]);
+                let (n, done) = (progress.consumed, progress.done);
                 bytes::Buf::advance(buf, n);
                 if done || !pending.is_empty() {
                     client
@@ -908,8 +916,10 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     (Some(original) != stream.local_addr().ok()).then_some(original)
 }
 
-/// Gives the connection, with the bytes read so far, to pingora.
-async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>) {
+/// Gives the connection, with the bytes read so far, to pingora: HTTP/1 through
+/// the strict front (`front`), HTTP/2 (binary framing, checked by the h2 crate)
+/// as it is.
+async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>, front: bool) {
     let Client {
         stream,
         peer,
@@ -921,11 +931,25 @@ async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>) {
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(Some(peer.into()));
     stream.set_socket_digest(digest);
-    stream.rewind(&buf);
+    let stream: pingora::protocols::Stream = if front {
+        Box::new(front::Front::new(stream, &buf))
+    } else {
+        stream.rewind(&buf);
+        Box::new(stream)
+    };
     pingora::services::listening::Service::<HttpProxy<SluiceProxy>>::handle_event(
-        Box::new(stream),
+        stream,
         Arc::clone(app),
         shutdown,
     )
     .await;
+}
+
+/// The body of a refusal: what was wrong, for whoever reads it.
+pub fn refusal_body(refusal: Refusal) -> String {
+    format!(
+        "sluice: {}: {}\n",
+        reason(refusal.status).to_ascii_lowercase(),
+        refusal.reason
+    )
 }

@@ -8,6 +8,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use super::*;
+use crate::h1::front;
 use crate::respond::respond;
 
 impl Request for Session {
@@ -76,6 +77,19 @@ async fn write_reply(session: &mut Session, reply: Reply) -> Result<()> {
     .await
 }
 
+/// The answer to a request the HTTP/1 front refused, as the fast path writes it.
+async fn write_refusal(session: &mut Session, refusal: sluice_h1::Refusal) -> Result<()> {
+    let body = crate::h1::refusal_body(refusal);
+    respond(
+        session,
+        refusal.status,
+        Some("text/plain; charset=utf-8"),
+        &[("connection", "close")],
+        body.into(),
+    )
+    .await
+}
+
 #[async_trait]
 impl ProxyHttp for SluiceProxy {
     type CTX = Ctx;
@@ -89,6 +103,17 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Requests pipelined behind this one are served in turn (pingora drops
+        // them by default). Safe: the front hands pingora one message at a time,
+        // each checked.
+        session.downstream_session.set_pipelining_enabled(true);
+        if let Some(refused) = front::refusal(session.downstream_session.stream()) {
+            // The head Sluice put in place of one it refused: answered in order,
+            // after any response still going out, then the connection closes.
+            session.downstream_session.set_keepalive(None);
+            write_refusal(session, refused.refusal).await?;
+            return Ok(true);
+        }
         if self.transparent {
             ctx.original_dst = original_destination(session);
         }
@@ -183,10 +208,16 @@ impl ProxyHttp for SluiceProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if session.is_upgrade_req() && resp.status.as_u16() != 101 {
+            // The front passed everything after an upgrade request through
+            // unchecked (it would be a tunnel); with the switch refused, the
+            // connection must not carry more requests.
+            session.downstream_session.set_keepalive(None);
+        }
         if let Some((limit, remaining, reset)) = ctx.rate_headers {
             // HeaderValue::from(integer) formats without an intermediate String.
             resp.insert_header("ratelimit-limit", http::HeaderValue::from(limit))?;
@@ -208,6 +239,12 @@ impl ProxyHttp for SluiceProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if front::refusal(session.downstream_session.stream()).is_some() {
+            // The client's body was refused mid-way: not the backend's failure,
+            // nothing to retry; fail_to_proxy answers.
+            e.set_retry(false);
+            return e;
+        }
         if matches!(e.etype(), ErrorType::HTTPStatus(_)) {
             // Our own decision from upstream_response_filter, already settled.
             return e;
@@ -226,6 +263,18 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if let Some(refused) = front::refusal(session.downstream_session.stream()) {
+            // A request body the front refused (bad chunk framing): its status,
+            // unless a response has started; the connection closes either way.
+            let status = refused.refusal.status;
+            if session.response_written().is_none() {
+                let _ = write_refusal(session, refused.refusal).await;
+            }
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ if *e.esource() == ErrorSource::Downstream => match e.etype() {
@@ -258,6 +307,13 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.route().is_none()
+            && front::refusal(session.downstream_session.stream()).is_some_and(|r| !r.in_body)
+        {
+            // Not a request of the client's: the stand-in for a head the front
+            // refused, which the fast path does not log either.
+            return;
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.finish(&*session, status, e.is_some(), ctx);
     }
