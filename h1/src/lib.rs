@@ -17,11 +17,21 @@
 //! - [`stream`]: a client's byte stream as a sequence of canonical requests (what
 //!   the proxy's pingora engine reads).
 //!
+//! With the `reference` feature: [`reference`], the literal RFC reader, and
+//! [`properties`], what the fuzz targets check against it.
+//!
 //! Every bound is a constant below; exceeding one is refused with the status it
 //! names.
 #![forbid(unsafe_code)]
 
+#[cfg(any(test, feature = "reference"))]
+pub mod cases;
 pub mod chunked;
+#[cfg(any(test, feature = "reference"))]
+pub mod properties;
+#[cfg(any(test, feature = "reference"))]
+#[allow(dead_code)]
+pub mod reference;
 pub mod request;
 pub mod response;
 pub mod stream;

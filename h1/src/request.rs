@@ -116,7 +116,13 @@ fn version_refusal(buf: &[u8]) -> Refusal {
         .position(|&b| b == b'\r' || b == b'\n')
         .unwrap_or(buf.len());
     let line = &buf[..line_end];
-    let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
+    // Exactly method SP target SP version: a space inside the target is a
+    // malformed line, whatever its last word looks like.
+    let mut parts = line.split(|&b| b == b' ');
+    let version = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some(version), None) => version,
+        _ => b"",
+    };
     match version {
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
             if major.is_ascii_digit() && minor.is_ascii_digit() =>
@@ -140,7 +146,11 @@ fn transfer_coding(value: &[u8]) -> Result<Body, Refusal> {
     }
     let codings: Vec<&[u8]> = value.split(|&b| b == b',').map(trim_ows).collect();
     let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
-    let well_formed = codings.iter().all(|c| is_token(c));
+    // A coding may carry parameters (`gzip;q=1`): its name is what must be a token.
+    let well_formed = codings.iter().all(|c| {
+        let name = c.split(|&b| b == b';').next().unwrap_or(b"");
+        is_token(trim_ows(name))
+    });
     let last_only = codings.last().is_some_and(|c| chunked(c))
         && codings.iter().filter(|c| chunked(c)).count() == 1;
     if well_formed && last_only {
@@ -288,6 +298,9 @@ impl RequestHead {
             let range = (offset(buf, name), offset(buf, value));
             if range.1.end - range.0.start > MAX_FIELD_LINE {
                 return Err(Refusal::too_large("header field too large"));
+            }
+            if name.contains(&b'_') && underscored_framing(name) {
+                return Err(Refusal::bad("a framing field's name with an underscore"));
             }
             if name.eq_ignore_ascii_case(b"host") {
                 hosts += 1;
@@ -502,6 +515,20 @@ impl RequestHead {
             out.extend_from_slice(b"\r\n");
         }
     }
+}
+
+/// `Content_Length` or `Transfer_Encoding` (any case): a backend that reads `_` as
+/// `-` (CGI and the servers that follow it map both to `_`) would see a second
+/// framing field Sluice did not frame by.
+fn underscored_framing(name: &[u8]) -> bool {
+    let dashed = |f: &str| {
+        name.len() == f.len()
+            && name
+                .iter()
+                .zip(f.bytes())
+                .all(|(&n, f)| n.to_ascii_lowercase() == f || (n == b'_' && f == b'-'))
+    };
+    dashed("content-length") || dashed("transfer-encoding")
 }
 
 fn strip_prefix_ignore_case<'a>(bytes: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
@@ -762,6 +789,7 @@ mod tests {
         assert_eq!(status(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 505);
         assert_eq!(status(b"GET / HTTP/1.2\r\nHost: a\r\n\r\n"), 505);
         assert_eq!(status(b"GET / http/1.1\r\nHost: a\r\n\r\n"), 400);
+        assert_eq!(status(b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status(b"GET /\r\n\r\n"), 400);
         assert_eq!(status(b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status(b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n"), 400);

@@ -147,10 +147,14 @@ pub fn is_authority(bytes: &[u8], host_required: bool) -> bool {
             None => return false,
         }
     } else {
+        if bytes.is_empty() {
+            // An empty Host (no authority to give); never an empty host with a port.
+            return !host_required;
+        }
         let end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
         let host = &bytes[..end];
         (
-            (!host_required || !host.is_empty()) && pct_encoded_over(host, &REG_NAME),
+            !host.is_empty() && pct_encoded_over(host, &REG_NAME),
             &bytes[end..],
         )
     };
@@ -174,9 +178,10 @@ pub fn hex_number(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// `1*DIGIT` as a number; `None` when empty, not digits, or beyond 64 bits.
+/// `1*DIGIT` as a number; `None` when empty, not digits, or beyond 64 bits
+/// (leading zeros are fine however many).
 pub fn decimal_number(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 20 {
+    if digits.is_empty() {
         return None;
     }
     digits.iter().try_fold(0u64, |n, &d| {
@@ -285,6 +290,7 @@ mod tests {
         assert!(is_authority(b"", false));
         assert!(!is_authority(b"", true));
         assert!(!is_authority(b":80", true));
+        assert!(!is_authority(b":80", false));
         for bad in [
             &b"u@t"[..],
             b"t:80:80",
@@ -311,6 +317,7 @@ mod tests {
         assert_eq!(hex_number(b"0x1"), None);
         assert_eq!(decimal_number(b"18446744073709551615"), Some(u64::MAX));
         assert_eq!(decimal_number(b"18446744073709551616"), None);
+        assert_eq!(decimal_number(b"000000000000000000000000000003"), Some(3));
         assert_eq!(decimal_number(b"+1"), None);
         assert_eq!(decimal_number(b"1 "), None);
     }
