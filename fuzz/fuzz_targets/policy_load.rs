@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Err(errors) = sluice_policy::parse_str(Path::new("fuzz.yaml"), text) {
         assert!(!errors.0.is_empty(), "an error without a problem");
-        let lines = text.split('\n').count() as u64;
+        // YAML breaks lines at CRLF, LF and a lone CR (YAML 1.2 §5.4).
+        let lines = text.replace("\r\n", "\n").split(['\n', '\r']).count() as u64;
         for e in &errors.0 {
             assert!(
                 (1..=lines).contains(&e.line) && e.column >= 1,

@@ -434,21 +434,14 @@ pub fn is_ipv4address(s: &[u8]) -> bool {
 
 /// RFC 3986 3.2.2: IP-literal = "[" ( IPv6address / IPvFuture ) "]"
 ///
-/// LOOSE on purpose (per the brief): the inside must be non-empty, made only
-/// of HEXDIG, ":" and ".", and contain at least two ":" (every IPv6address
-/// does). Not checked: group count, group width, "::" at most once, the
-/// position/shape of an embedded IPv4 part. NOT accepted: IPvFuture
-/// ("[v1.x]") and zone identifiers ("[fe80::1%25eth0]", RFC 6874).
+/// IPv6address as RFC 4291 section 2.2 writes it, checked by std's parser (an
+/// oracle for the address grammar, not Sluice code). IPvFuture and zone
+/// identifiers are refused (Sluice's policy).
 pub fn is_ip_literal(s: &[u8]) -> bool {
     if s.len() < 3 || s[0] != b'[' || s[s.len() - 1] != b']' {
         return false;
     }
-    let inner = &s[1..s.len() - 1];
-    let colons = inner.iter().filter(|&&b| b == b':').count();
-    colons >= 2
-        && inner
-            .iter()
-            .all(|&b| is_hexdig(b) || b == b':' || b == b'.')
+    std::str::from_utf8(&s[1..s.len() - 1]).is_ok_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// RFC 3986 3.2.3: port = *DIGIT (may be empty), bounded by Sluice to what TCP
@@ -1546,7 +1539,7 @@ mod tests {
     }
 
     #[test]
-    fn ip_literal_loose() {
+    fn ip_literal_exact() {
         for s in [
             "[::1]",
             "[::]",
@@ -1556,8 +1549,9 @@ mod tests {
         ] {
             assert!(is_ip_literal(s.as_bytes()), "{}", s);
         }
-        // Loose: accepted although not a valid IPv6address (documented).
-        assert!(is_ip_literal(b"[:::::::::]"));
+        // Exact: not a valid IPv6address.
+        assert!(!is_ip_literal(b"[:::::::::]"));
+        assert!(!is_ip_literal(b"[1:1]"));
         for s in [
             "[]",
             "[1.2.3.4]",

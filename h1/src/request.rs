@@ -403,9 +403,13 @@ impl RequestHead {
         }
     }
 
-    /// The host requests are routed by: an absolute-form target's authority, else
+    /// The host requests are routed by: an absolute-form (or CONNECT) target's authority, else
     /// the Host field's value ("" for an HTTP/1.0 request without one).
     pub fn host(&self) -> &[u8] {
+        if self.form == Form::Authority {
+            // CONNECT's target is the authority it asks for.
+            return self.get(&self.target);
+        }
         match (&self.authority, &self.host) {
             (Some(authority), _) => self.get(authority),
             (None, Some(host)) => self.get(host),
