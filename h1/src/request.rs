@@ -72,6 +72,9 @@ pub struct RequestHead {
     expect: bool,
     /// Has fields that `write_forwarded` leaves out without `keep_connection`.
     hop_by_hop: bool,
+    /// A Connection field names Host or a framing field, which Sluice never
+    /// drops: the name goes from what is forwarded, so no later hop drops them.
+    nominates_kept: bool,
 }
 
 fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
@@ -288,6 +291,7 @@ impl RequestHead {
         self.upgrade = false;
         self.expect = false;
         self.hop_by_hop = false;
+        self.nominates_kept = false;
         let (mut hosts, mut lengths, mut codings) = (0, 0, 0);
         let mut length = None;
         let mut coding: &[u8] = b"";
@@ -315,6 +319,9 @@ impl RequestHead {
                 self.close |= has_token(value, "close");
                 self.keep_alive |= has_token(value, "keep-alive");
                 self.upgrade |= has_token(value, "upgrade");
+                self.nominates_kept |= value
+                    .split(|&b| b == b',')
+                    .any(|t| !nomination_dropped(trim_ows(t)));
                 nominates |= value.split(|&b| b == b',').any(|t| {
                     let t = trim_ows(t);
                     !t.is_empty()
@@ -476,7 +483,12 @@ impl RequestHead {
     /// copied as received: every line of it was checked to end in CRLF.
     pub fn write_forwarded(&self, out: &mut Vec<u8>, keep_connection: bool) {
         let head = self.bytes.get(self.start..).unwrap_or(b"");
-        if self.form == Form::Origin && (keep_connection || !self.hop_by_hop) {
+        let verbatim = if keep_connection {
+            !self.nominates_kept
+        } else {
+            !self.hop_by_hop
+        };
+        if self.form == Form::Origin && verbatim {
             out.extend_from_slice(head.strip_suffix(b"\r\n").unwrap_or(head));
             return;
         }
@@ -499,6 +511,23 @@ impl RequestHead {
         for (n, v) in &self.fields {
             let name = self.get(n);
             if !keep_connection && self.dropped(name) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"connection") && self.nominates_kept {
+                // Kept for the next reader of this connection, without the names
+                // of fields Sluice forwards whatever Connection says.
+                let kept: Vec<&[u8]> = self
+                    .get(v)
+                    .split(|&b| b == b',')
+                    .map(trim_ows)
+                    .filter(|t| !t.is_empty() && nomination_dropped(t))
+                    .collect();
+                if !kept.is_empty() {
+                    out.extend_from_slice(name);
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(&kept.join(&b", "[..]));
+                    out.extend_from_slice(b"\r\n");
+                }
                 continue;
             }
             out.extend_from_slice(name);
@@ -620,6 +649,19 @@ mod tests {
         assert_eq!(
             forwarded(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: content-length, host, x-p\r\nx-p: 1\r\n\r\n", false),
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        );
+        // Kept for the same connection's next reader, Connection loses the names
+        // of fields that are never dropped (it would drop Host or the framing).
+        assert_eq!(
+            forwarded(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close, Host, content-length\r\n\r\n", true),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n"
+        );
+        assert_eq!(
+            forwarded(
+                b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Host\r\n\r\n",
+                true
+            ),
+            "GET / HTTP/1.1\r\nHost: a\r\n"
         );
         // Empty lines before the request line are not forwarded.
         assert_eq!(
@@ -806,6 +848,11 @@ mod tests {
             "a: b\r\n".repeat(MAX_FIELDS)
         );
         assert_eq!(status(many.as_bytes()), 431);
+        let most = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "a: b\r\n".repeat(MAX_FIELDS - 1)
+        );
+        assert_eq!(status(most.as_bytes()), 200);
         let wide = format!(
             "GET / HTTP/1.1\r\nHost: a\r\nx: {}\r\n\r\n",
             "b".repeat(MAX_FIELD_LINE)

@@ -172,6 +172,12 @@ impl ProxyHttp for SluiceProxy {
         if let Some(tp) = self.generated_traceparent(ctx) {
             upstream.insert_header("traceparent", tp)?;
         }
+        if !upstream.headers.contains_key(http::header::HOST) {
+            // pingora speaks HTTP/1.1 upstream; an HTTP/1.0 request without Host
+            // must then carry an empty one (RFC 9112 §3.2), or the backend may
+            // refuse it, or guess.
+            upstream.insert_header(http::header::HOST, "")?;
+        }
         if let Some(ip) = session.client_ip() {
             upstream.append_header("x-forwarded-for", ip.to_string())?;
         }
