@@ -29,6 +29,8 @@ type Log = Arc<Mutex<Vec<u8>>>;
 struct Recorder {
     addr: SocketAddr,
     connections: Arc<Mutex<Vec<Log>>>,
+    /// Every byte received, in arrival order across connections.
+    arrivals: Log,
     violations: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -45,17 +47,23 @@ impl Recorder {
         let addr = listener.local_addr().unwrap();
         let connections: Arc<Mutex<Vec<Log>>> = Arc::default();
         let violations: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (conns, bad) = (Arc::clone(&connections), Arc::clone(&violations));
+        let arrivals = Log::default();
+        let (conns, bad, all) = (
+            Arc::clone(&connections),
+            Arc::clone(&violations),
+            Arc::clone(&arrivals),
+        );
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let log = Log::default();
                 conns.lock().unwrap().push(Arc::clone(&log));
-                tokio::spawn(record(stream, log, Arc::clone(&bad)));
+                tokio::spawn(record(stream, log, Arc::clone(&all), Arc::clone(&bad)));
             }
         });
         Recorder {
             addr,
             connections,
+            arrivals,
             violations,
             task,
         }
@@ -75,14 +83,10 @@ impl Recorder {
             .collect()
     }
 
-    /// The raw bytes of every connection, in the order they were accepted.
-    fn received(&self) -> Vec<Vec<u8>> {
-        self.connections
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|l| l.lock().unwrap().clone())
-            .collect()
+    /// The bytes received since the last call, in arrival order.
+    fn take(&self) -> String {
+        let bytes = std::mem::take(&mut *self.arrivals.lock().unwrap());
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     fn violations(&self) -> Vec<String> {
@@ -90,7 +94,12 @@ impl Recorder {
     }
 }
 
-async fn record(mut stream: TcpStream, log: Log, violations: Arc<Mutex<Vec<String>>>) {
+async fn record(
+    mut stream: TcpStream,
+    log: Log,
+    arrivals: Log,
+    violations: Arc<Mutex<Vec<String>>>,
+) {
     let mut answered = 0;
     let mut chunk = vec![0u8; 64 * 1024];
     // Bounded: ends when the proxy closes the connection.
@@ -99,6 +108,7 @@ async fn record(mut stream: TcpStream, log: Log, violations: Arc<Mutex<Vec<Strin
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        arrivals.lock().unwrap().extend_from_slice(&chunk[..n]);
         let bytes = {
             let mut log = log.lock().unwrap();
             log.extend_from_slice(&chunk[..n]);
@@ -126,32 +136,35 @@ async fn record(mut stream: TcpStream, log: Log, violations: Arc<Mutex<Vec<Strin
     }
 }
 
-/// The two engines, both in front of one recorder: the outbound listener routes
-/// host `t` to it; the inbound listener sends everything to it (any host).
-struct Proxies {
+/// One engine in front of its own recorder: the outbound listener routes host
+/// `t` to it; the inbound listener sends everything to it (any host).
+struct Engine {
+    name: &'static str,
+    proxy: ProxyProcess,
+    inbound: SocketAddr,
     recorder: Recorder,
-    engines: Vec<(&'static str, ProxyProcess, SocketAddr)>,
     _dir: TempDir,
 }
 
-async fn proxies() -> Proxies {
-    let recorder = Recorder::start().await;
-    let dir = TempDir::new();
-    let policy = dir.write(
-        "policy.yaml",
-        &format!(
-            "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: t}}\nspec:\n  hosts: [t]\n  backends: [{{address: \"{}\"}}]\n  routes:\n    - name: all\n",
-            recorder.addr
-        ),
-    );
+/// Both engines, each ready.
+async fn engines() -> Vec<Engine> {
     let mut engines = Vec::new();
-    for engine in ["h1", "pingora"] {
+    for name in ["h1", "pingora"] {
+        let recorder = Recorder::start().await;
+        let dir = TempDir::new();
+        let policy = dir.write(
+            "policy.yaml",
+            &format!(
+                "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: t}}\nspec:\n  hosts: [t]\n  backends: [{{address: \"{}\"}}]\n  routes:\n    - name: all\n",
+                recorder.addr
+            ),
+        );
         let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let proxy = ProxyProcess::start(
             &policy,
             &[
                 "--engine",
-                engine,
+                name,
                 "--inbound",
                 &inbound.to_string(),
                 "--app",
@@ -159,20 +172,21 @@ async fn proxies() -> Proxies {
             ],
         );
         proxy.wait_ready().await;
-        engines.push((engine, proxy, inbound));
+        engines.push(Engine {
+            name,
+            proxy,
+            inbound,
+            recorder,
+            _dir: dir,
+        });
     }
-    Proxies {
-        recorder,
-        engines,
-        _dir: dir,
-    }
+    engines
 }
 
 /// One answer as the client saw it.
 #[derive(Debug)]
 struct Answer {
     status: u16,
-    head: String,
     body: Vec<u8>,
 }
 
@@ -237,7 +251,6 @@ async fn exchange(
         }
         answers.push(Answer {
             status: head.status,
-            head: String::from_utf8_lossy(&buf[..head.len]).into_owned(),
             body: buf[head.len..head.len + length].to_vec(),
         });
         buf.drain(..head.len + length);
@@ -263,15 +276,21 @@ async fn requests_reach(recorder: &Recorder, n: usize) -> usize {
 
 #[tokio::test]
 async fn every_case_of_the_corpus_gets_its_outcome_on_both_engines() {
-    let proxies = proxies().await;
+    let engines = engines().await;
     let cases = cases::requests();
     assert!(cases.len() >= 300);
     let mut failures = Vec::new();
     for case in &cases {
         let (sent, _) = reference::parse_stream_messages(&case.data);
         let heads: Vec<bool> = sent.iter().map(|m| m.request.method == b"HEAD").collect();
-        for (engine, _, inbound) in &proxies.engines {
-            let before = proxies.recorder.requests().len();
+        for Engine {
+            name: engine,
+            inbound,
+            recorder,
+            ..
+        } in &engines
+        {
+            let before = recorder.requests().len();
             let started = std::time::Instant::now();
             let outcome = match &case.expect {
                 Expect::Reject(statuses) => {
@@ -279,7 +298,7 @@ async fn every_case_of_the_corpus_gets_its_outcome_on_both_engines() {
                     // A refused request's answer comes before anything of it could
                     // reach the backend; give a wrongly forwarded one time to show.
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    let forwarded = proxies.recorder.requests().len() - before;
+                    let forwarded = recorder.requests().len() - before;
                     match answers.first() {
                         Some(a) if statuses.contains(&a.status) && forwarded == 0 && closed => None,
                         a => Some(format!(
@@ -290,7 +309,7 @@ async fn every_case_of_the_corpus_gets_its_outcome_on_both_engines() {
                 }
                 Expect::Forward(n) => {
                     let (answers, _) = exchange(*inbound, &case.data, &heads, *n, false).await;
-                    let forwarded = requests_reach(&proxies.recorder, before + n).await - before;
+                    let forwarded = requests_reach(recorder, before + n).await - before;
                     let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
                     (statuses != vec![200; *n] || forwarded != *n)
                         .then(|| format!("answers {statuses:?}, {forwarded} forwarded"))
@@ -310,11 +329,302 @@ async fn every_case_of_the_corpus_gets_its_outcome_on_both_engines() {
             }
         }
     }
-    failures.extend(proxies.recorder.violations());
+    for engine in &engines {
+        failures.extend(engine.recorder.violations());
+    }
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The trace context every request here carries, so no engine makes one up and
+/// what the backend receives is known to the byte.
+const TP: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
+
+/// Sends `bytes` to the engine's outbound listener (host `t`), reads `want`
+/// answers.
+async fn send(engine: &Engine, bytes: &str, want: usize, until_close: bool) -> (Vec<Answer>, bool) {
+    let heads = vec![false; want];
+    exchange(
+        engine.proxy.listen_addr(),
+        bytes.as_bytes(),
+        &heads,
+        want,
+        until_close,
+    )
+    .await
+}
+
+/// A request head as the backend must receive it from either engine: the
+/// canonical head, Sluice's trace context and x-forwarded-for, the final CRLF.
+fn upstream(head: &str) -> String {
+    format!("{head}{TP}x-forwarded-for: 127.0.0.1\r\n\r\n")
+}
+
+/// Refused with `status`, the connection closed, and nothing at all reached the
+/// backend; then the next request, on a new connection, reaches it intact.
+async fn refused_before_the_backend(engine: &Engine, bytes: &str, status: u16) {
+    let (answers, closed) = send(engine, bytes, 1, true).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![status], "{}: {bytes:?}", engine.name);
+    assert!(
+        closed,
+        "{}: the connection stays open after {bytes:?}",
+        engine.name
+    );
+    assert!(
+        answers[0].body.starts_with(b"sluice: "),
+        "{}: {:?}",
+        engine.name,
+        answers[0]
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(engine.recorder.take(), "", "{}: {bytes:?}", engine.name);
+    assert_eq!(engine.recorder.violations(), Vec::<String>::new());
+    let next = format!("GET /next HTTP/1.1\r\nHost: t\r\n{TP}\r\n");
+    let (answers, _) = send(engine, &next, 1, false).await;
+    assert_eq!(
+        answers.first().map(|a| a.status),
+        Some(200),
+        "{}",
+        engine.name
+    );
+    requests_reach(&engine.recorder, 1).await;
+    assert_eq!(
+        engine.recorder.take(),
+        upstream("GET /next HTTP/1.1\r\nHost: t\r\n"),
+        "{}",
+        engine.name
+    );
+}
+
+#[tokio::test]
+async fn a_field_line_ending_in_a_bare_lf_is_refused_never_relayed() {
+    for engine in &engines().await {
+        // The issue's reproduction: a backend reading the LF as part of X-A's value
+        // sees no Content-Length and runs the "body" as a second request.
+        let smuggle = "POST / HTTP/1.1\r\nHost: t\r\nX-A: 1\nContent-Length: 35\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+        refused_before_the_backend(engine, smuggle, 400).await;
+        // A bare LF after Host, in the request line, as the final line, alone.
+        for bytes in [
+            "GET / HTTP/1.1\r\nHost: t\nX: 1\r\n\r\n",
+            "GET / HTTP/1.1\nHost: t\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: t\r\n\n",
+            "GET / HTTP/1.1\nHost: t\n\n",
+            "GET / HTTP/1.1\r\nHost: t\r\nX: a\rb\r\n\r\n",
+        ] {
+            refused_before_the_backend(engine, bytes, 400).await;
+        }
+    }
+    // What reached the backends was checked too: nothing it could not read.
+}
+
+#[tokio::test]
+async fn host_and_length_must_be_single() {
+    for engine in &engines().await {
+        for bytes in [
+            "GET / HTTP/1.1\r\nHost: t\r\nHost: t\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: t\r\nhOST: evil\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3, 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent_Length: 3\r\n\r\nabc",
+        ] {
+            refused_before_the_backend(engine, bytes, 400).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn only_a_single_chunked_coding_frames_a_request() {
+    for engine in &engines().await {
+        for bytes in [
+            // CL.TE and TE.CL: both framings present.
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+            // TE.TE: obfuscated or repeated codings.
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding:\x0bchunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nX: 1\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            refused_before_the_backend(engine, bytes, 400).await;
+        }
+        refused_before_the_backend(
+            engine,
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn request_targets_outside_the_rfcs_bytes_are_refused() {
+    for engine in &engines().await {
+        for target in [
+            "/caf\u{e9}",
+            "/a b",
+            "/a#b",
+            "/%zz",
+            "/a\"b",
+            "/{x}",
+            "/a|b",
+            "/\\",
+        ] {
+            let bytes = format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n");
+            refused_before_the_backend(engine, &bytes, 400).await;
+        }
+        let long = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(9000));
+        refused_before_the_backend(engine, &long, 414).await;
+        let wide = format!(
+            "GET / HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
+            "a".repeat(17000)
+        );
+        refused_before_the_backend(engine, &wide, 431).await;
+    }
+}
+
+#[tokio::test]
+async fn absolute_form_takes_the_targets_authority_and_goes_on_in_origin_form() {
+    for engine in &engines().await {
+        let (answers, _) = send(
+            engine,
+            &format!("GET http://t/abs?q=1 HTTP/1.1\r\nHost: elsewhere\r\n{TP}\r\n"),
+            1,
+            false,
+        )
+        .await;
+        assert_eq!(
+            answers.first().map(|a| a.status),
+            Some(200),
+            "{}",
+            engine.name
+        );
+        requests_reach(&engine.recorder, 1).await;
+        assert_eq!(
+            engine.recorder.take(),
+            upstream("GET /abs?q=1 HTTP/1.1\r\nHost: t\r\n"),
+            "{}",
+            engine.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn chunked_bodies_reach_the_backend_in_canonical_chunks() {
+    for engine in &engines().await {
+        // Leading zeros (17 digits), an extension with a quoted value, a trailer.
+        let bytes = format!(
+            "POST /c HTTP/1.1\r\nHost: t\r\n{TP}Transfer-Encoding: chunked\r\n\r\n00000000000000005;a=\"b c\"\r\nhello\r\n6 ; x\r\n world\r\n0\r\nT: 1\r\n\r\n"
+        );
+        let (answers, _) = send(engine, &bytes, 1, false).await;
+        assert_eq!(
+            answers.first().map(|a| a.status),
+            Some(200),
+            "{}",
+            engine.name
+        );
+        requests_reach(&engine.recorder, 1).await;
+        let got = engine.recorder.take();
+        let (head, body) = got.split_once("\r\n\r\n").unwrap_or((&got, ""));
+        assert!(
+            head.starts_with(&format!("POST /c HTTP/1.1\r\nHost: t\r\n{TP}")),
+            "{}: {got:?}",
+            engine.name
+        );
+        // pingora re-frames what it streams (one chunk per read); either way,
+        // sizes without zeros or extensions, trailers gone.
+        let (messages, _) = reference::parse_stream_messages(got.as_bytes());
+        assert_eq!(messages.len(), 1, "{}: {got:?}", engine.name);
+        assert_eq!(messages[0].body, b"hello world", "{}", engine.name);
+        assert!(messages[0].trailers.is_empty(), "{}", engine.name);
+        assert!(
+            body.split("\r\n").step_by(2).all(|size| size.is_empty()
+                || size.bytes().all(|b| b.is_ascii_hexdigit()) && !size.starts_with('0')
+                || size == "0"),
+            "{}: {body:?}",
+            engine.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn loose_chunk_framing_is_refused_at_once_and_never_completes_upstream() {
+    for engine in &engines().await {
+        // Each is answered without the client sending another byte or closing
+        // (the exchange would wait, then fail): refused as soon as it arrives.
+        for body in [
+            "\r\n",                     // an empty size line, not the last chunk
+            "5 \r\nhello\r\n0\r\n\r\n", // whitespace after the size
+            "5;\r\nhello\r\n0\r\n\r\n", // an extension without a name
+            "zz\r\n",                   // not hex
+            "5\r\nhelloXX",             // data not followed by CRLF
+            "5\nhello\r\n0\r\n\r\n",    // a bare LF
+            "10000000000000000\r\n",    // 17 significant digits: beyond 64 bits
+        ] {
+            let bytes = format!(
+                "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n{TP}\r\n{body}"
+            );
+            let (answers, closed) = send(engine, &bytes, 1, true).await;
+            let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+            assert_eq!(statuses, vec![400], "{}: {body:?}", engine.name);
+            assert!(closed, "{}: {body:?}", engine.name);
+            // pingora streams bodies, so the head may have gone upstream; the
+            // request never completed there, and that connection was not reused.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                engine.recorder.requests().is_empty(),
+                "{}: {body:?}",
+                engine.name
+            );
+        }
+        // The next request reaches the backend whole, on a connection that
+        // carries nothing of the refused ones (the recorder would have seen it).
+        let next = format!("GET /next HTTP/1.1\r\nHost: t\r\n{TP}\r\n");
+        let (answers, _) = send(engine, &next, 1, false).await;
+        assert_eq!(
+            answers.first().map(|a| a.status),
+            Some(200),
+            "{}",
+            engine.name
+        );
+        assert_eq!(
+            requests_reach(&engine.recorder, 1).await,
+            1,
+            "{}",
+            engine.name
+        );
+        assert_eq!(engine.recorder.violations(), Vec::<String>::new());
+    }
+}
+
+#[tokio::test]
+async fn requests_pipelined_behind_handed_over_ones_are_served_in_order() {
+    for engine in &engines().await {
+        let bytes = format!(
+            "POST /1 HTTP/1.1\r\nHost: t\r\n{TP}Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+             GET /2 HTTP/1.0\r\nHost: t\r\n{TP}Connection: keep-alive\r\n\r\n\
+             POST /3 HTTP/1.1\r\nHost: t\r\n{TP}Content-Length: 2\r\n\r\nhi\
+             GET /4 HTTP/1.1\r\nHost: t\r\n{TP}\r\n"
+        );
+        let (answers, _) = send(engine, &bytes, 4, false).await;
+        let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+        assert_eq!(statuses, vec![200; 4], "{}", engine.name);
+        requests_reach(&engine.recorder, 4).await;
+        let paths: Vec<Vec<u8>> = engine
+            .recorder
+            .requests()
+            .iter()
+            .map(|m| m.request.target.clone())
+            .collect();
+        assert_eq!(paths, [b"/1", b"/2", b"/3", b"/4"], "{}", engine.name);
+    }
 }
