@@ -1,9 +1,10 @@
 //! HTTP/1.1 on the wire through the real `sluice-proxy`: framing of every kind of
 //! response, pipelining, upstream connection reuse and stale pooled connections,
 //! bad heads, and the requests the fast path hands to pingora (HTTP/1.0, chunked
-//! and large bodies, Expect, upgrades). Always on `--engine h1`: pingora's engine
-//! answers only the first of pipelined requests and 404s a request without Host
-//! where this one says 400 (found by this suite).
+//! and large bodies, Expect, upgrades). Always on `--engine h1`: the idle timeout,
+//! the watch for clients that leave and the relayed response heads are the h1
+//! engine's own. What both engines must accept, refuse and forward alike is
+//! `front.rs`, which runs each test on both.
 
 mod support;
 
