@@ -564,6 +564,16 @@ fn underscored_framing(name: &[u8]) -> bool {
     dashed("content-length") || dashed("transfer-encoding")
 }
 
+impl std::fmt::Debug for RequestHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestHead")
+            .field("method", &self.method())
+            .field("form", &self.form())
+            .field("body", &self.body())
+            .finish_non_exhaustive()
+    }
+}
+
 fn strip_prefix_ignore_case<'a>(bytes: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
     (bytes.len() >= prefix.len() && bytes[..prefix.len()].eq_ignore_ascii_case(prefix))
         .then(|| &bytes[prefix.len()..])

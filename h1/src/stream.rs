@@ -52,16 +52,6 @@ impl Default for RequestStream {
     }
 }
 
-impl std::fmt::Debug for RequestHead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestHead")
-            .field("method", &self.method())
-            .field("form", &self.form())
-            .field("body", &self.body())
-            .finish_non_exhaustive()
-    }
-}
-
 impl RequestStream {
     /// The rest of the connection passes unchanged (after a protocol switch).
     pub fn opaque(&self) -> bool {
