@@ -628,3 +628,89 @@ async fn requests_pipelined_behind_handed_over_ones_are_served_in_order() {
         assert_eq!(paths, [b"/1", b"/2", b"/3", b"/4"], "{}", engine.name);
     }
 }
+
+/// A backend that answers by path with fixed, oddly framed responses.
+async fn odd_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                // Bounded: one request per pass, until the proxy closes.
+                while read_more(&mut stream, &mut buf).await == Some(true) {
+                    let (messages, _) = reference::parse_stream_messages(&buf);
+                    let Some(m) = messages.first() else { continue };
+                    let answer: &[u8] = match m.request.target.as_slice() {
+                        b"/bare-lf" => b"HTTP/1.1 200 OK\nX-A: 1\nContent-Length: 2\n\nok",
+                        b"/twice" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\nok",
+                        b"/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                        b"/extensions" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n002;a=b\r\nok\r\n0;x\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+                    };
+                    let used = m.len;
+                    buf.drain(..used);
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn responses_reach_the_client_in_one_canonical_form() {
+    let (backend, task) = odd_backend().await;
+    let dir = TempDir::new();
+    let policy = dir.write(
+        "policy.yaml",
+        &format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: t}}\nspec:\n  hosts: [t]\n  backends: [{{address: \"{backend}\"}}]\n  routes:\n    - name: all\n"
+        ),
+    );
+    for engine in ["h1", "pingora"] {
+        let proxy = ProxyProcess::start(&policy, &["--engine", engine]);
+        proxy.wait_ready().await;
+        let addr = proxy.listen_addr();
+        let raw = |path: &str| {
+            let wire = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+            async move { support::send_raw(addr, wire.as_bytes()).await }
+        };
+        for path in ["/bare-lf", "/twice", "/both", "/extensions"] {
+            let got = raw(path).await.unwrap();
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let lower = head.to_ascii_lowercase();
+            assert!(
+                head.starts_with("HTTP/1.1 200"),
+                "{engine} {path}: {text:?}"
+            );
+            assert_eq!(
+                sluice_h1::syntax::bare_line_break(head.as_bytes()),
+                None,
+                "{engine} {path}: {text:?}"
+            );
+            let lengths = lower.matches("\r\ncontent-length:").count();
+            let chunked = lower.contains("\r\ntransfer-encoding: chunked");
+            assert!(
+                lengths + usize::from(chunked) == 1,
+                "{engine} {path}: one framing: {text:?}"
+            );
+            if chunked {
+                assert_eq!(body, "2\r\nok\r\n0\r\n\r\n", "{engine} {path}");
+            } else {
+                assert_eq!(body, "ok", "{engine} {path}");
+            }
+        }
+        // Lengths that disagree: the client gets Sluice's 502, not a guess.
+        let got = raw("/conflict").await.unwrap();
+        assert!(
+            got.starts_with(b"HTTP/1.1 502"),
+            "{engine}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    task.abort();
+}

@@ -77,6 +77,33 @@ async fn write_reply(session: &mut Session, reply: Reply) -> Result<()> {
     .await
 }
 
+/// A backend's response framed one way before it goes on, as the h1 engine relays
+/// it (sluice_h1::response): identical Content-Length repeats become one, none
+/// stays beside Transfer-Encoding (RFC 9112 §6.3: the coding decides), and
+/// lengths that disagree are the backend's failure (a 502), never a guess.
+fn one_framing(resp: &mut ResponseHeader) -> Result<()> {
+    let lengths: Vec<http::HeaderValue> = resp
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .cloned()
+        .collect();
+    if resp.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        resp.remove_header(&http::header::CONTENT_LENGTH);
+    } else if let [first, rest @ ..] = lengths.as_slice() {
+        if rest.iter().any(|l| l != first) {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "the backend sent conflicting content-length fields",
+            ));
+        }
+        if !rest.is_empty() {
+            resp.insert_header(http::header::CONTENT_LENGTH, first.clone())?;
+        }
+    }
+    Ok(())
+}
+
 /// The answer to a request the HTTP/1 front refused, as the fast path writes it.
 async fn write_refusal(session: &mut Session, refusal: sluice_h1::Refusal) -> Result<()> {
     let body = crate::h1::refusal_body(refusal);
@@ -190,6 +217,7 @@ impl ProxyHttp for SluiceProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        one_framing(resp)?;
         let status = resp.status.as_u16();
         match self.upstream_status(&*session, ctx, status) {
             StatusVerdict::Accept => Ok(()),
