@@ -206,6 +206,13 @@ pub fn bare_line_break(bytes: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether a complete head that httparse accepted has a line ending in LF alone.
+/// The fast form of [`bare_line_break`] for the request path: httparse already
+/// refuses a CR that is not followed by LF, so only the few LFs need a look.
+pub fn lf_without_cr(head: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +326,8 @@ mod tests {
         assert_eq!(bare_line_break(b"a\r\nb\rc"), Some(4));
         assert_eq!(bare_line_break(b"\r"), Some(0));
         assert_eq!(bare_line_break(b"\r\r\n"), Some(0));
+        assert!(!lf_without_cr(b"a\r\nb\r\n\r\n"));
+        assert!(lf_without_cr(b"\nGET"));
+        assert!(lf_without_cr(b"a\r\nb\n\r\n"));
     }
 }
