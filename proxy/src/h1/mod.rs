@@ -4,18 +4,23 @@
 //! Why: pingora spends ~25 µs of CPU per proxied request on this machine against
 //! nginx's ~10 (bench/RESULTS.md: a second header map, a cloned request header, a
 //! task and an `Arc<Mutex>` per pooled connection). This engine parses heads in
-//! place with httparse, forwards them as bytes with Sluice's headers appended, and
-//! keeps idle upstream connections in a per-thread Vec.
+//! place (`sluice_h1`: httparse, then every RFC 9112 rule that two parsers could
+//! read differently), forwards them in canonical form with Sluice's headers
+//! appended, and keeps idle upstream connections in a Vec per worker thread and
+//! backend.
 //!
-//! What it serves itself: HTTP/1.1 keep-alive requests in origin form whose body
-//! has a Content-Length of at most [`MAX_BODY`] (read whole, so retries can resend
-//! it), to HTTP/1 backends; responses framed by length, chunks or close, HEAD, 1xx,
-//! 204 and 304. Hop-by-hop fields stay behind both ways (RFC 9110 §7.6.1): the
-//! backend's `Connection: close` ends the backend connection, not the client's, as
-//! in Envoy. Anything else — HTTP/1.0, chunked or larger request bodies,
-//! `Expect`, upgrades and CONNECT, absolute-form targets, h2c (the preface, or a
-//! policy whose backends speak h2c) — is handed over, connection and bytes already
-//! read, to pingora for the rest of the connection.
+//! What it serves itself: HTTP/1.1 keep-alive requests in origin- or absolute-form
+//! (forwarded in origin-form) whose body is at most [`MAX_BODY`], by Content-Length
+//! or chunked (read whole, so retries can resend it; chunks go on re-encoded), to
+//! HTTP/1 backends; responses framed by length, chunks or close, HEAD, 1xx, 204 and
+//! 304, relayed in canonical form. Hop-by-hop fields stay behind both ways (RFC 9110
+//! §7.6.1): the backend's `Connection: close` ends the backend connection, not the
+//! client's, as in Envoy. Anything else — HTTP/1.0, larger bodies, `Expect`,
+//! upgrades and CONNECT, h2c (the preface, or a policy whose backends speak h2c) —
+//! is handed over, connection and bytes already read, to pingora for the rest of
+//! the connection, through the same checks ([`front`]). A request refused by those
+//! checks is answered with its status and the connection closed; nothing of it
+//! goes upstream.
 
 pub mod front;
 pub mod pool;
@@ -352,7 +357,7 @@ impl Engine {
         upstream_buf: &mut BytesMut,
     ) -> Served {
         // The head, within the idle timeout.
-        let n = loop {
+        let n_head = loop {
             if !client.buf.is_empty() {
                 match head.parse(&client.buf) {
                     Ok(Some(n)) => break n,
@@ -367,11 +372,6 @@ impl Engine {
         // What the fast path serves: HTTP/1.1 requests for a backend (origin- or
         // absolute-form), their body whole and small. The rest goes to pingora,
         // through the same checks (front.rs).
-        let length = match head.body() {
-            Body::None => 0,
-            Body::Length(n) if n <= MAX_BODY => n as usize,
-            Body::Length(_) | Body::Chunked => return Served::HandOff,
-        };
         if head.minor_version() != 1
             || head.upgrade()
             || head.expect()
@@ -379,15 +379,41 @@ impl Engine {
         {
             return Served::HandOff;
         }
-        // The body, whole (bounded by MAX_BODY).
-        while client.buf.len() < n + length {
-            if !client.read_more().await {
-                return Served::Close;
+        // The body, whole: by length (bounded by MAX_BODY, left in place), or
+        // chunked (decoded, bounded by MAX_BODY, re-encoded canonically).
+        let chunked = match head.body() {
+            Body::None => None,
+            Body::Length(n) if n <= MAX_BODY => {
+                while client.buf.len() < n_head + n as usize {
+                    if !client.read_more().await {
+                        return Served::Close;
+                    }
+                }
+                None
             }
-        }
-        let head_bytes = client.buf.split_to(n).freeze();
-        let body = client.buf.split_to(length).freeze();
+            Body::Length(_) => return Served::HandOff,
+            Body::Chunked => match self.read_chunked(client, n_head).await {
+                Ok(Some(chunked)) => Some(chunked),
+                Ok(None) => return Served::HandOff,
+                Err(Some(refusal)) => return self.reject(client, refusal).await,
+                Err(None) => return Served::Close,
+            },
+        };
+        let head_bytes = client.buf.split_to(n_head).freeze();
         head.attach(head_bytes);
+        let body = match chunked {
+            Some((canonical, end)) => {
+                bytes::Buf::advance(&mut client.buf, end - n_head);
+                canonical
+            }
+            None => {
+                let length = match head.body() {
+                    Body::Length(n) => n as usize,
+                    _ => 0,
+                };
+                client.buf.split_to(length).freeze()
+            }
+        };
         let keep_alive = !head.close();
 
         let req = FastRequest {
@@ -424,6 +450,40 @@ impl Engine {
                     .await
             }
         }
+    }
+
+    /// A chunked request body after the `n_head` bytes of its head, read whole and
+    /// re-encoded canonically (what goes upstream, and what a retry resends), and
+    /// where its raw bytes end in the buffer (which is left as it was). `Ok(None)`: larger
+    /// than MAX_BODY, for pingora to stream;
+    /// `Err(Some(_))`: refused framing, before anything went upstream;
+    /// `Err(None)`: the client left.
+    async fn read_chunked(
+        &self,
+        client: &mut Client,
+        n_head: usize,
+    ) -> Result<Option<(Bytes, usize)>, Option<Refusal>> {
+        // Trailers are checked and dropped, as on pingora's side of the front.
+        let mut decoder = ChunkedDecoder::new(false);
+        let mut canonical = Vec::new();
+        let mut at = n_head;
+        // Bounded: each pass consumes input, reads more, or ends.
+        loop {
+            let progress = decoder
+                .transcode(&client.buf[at..], &mut canonical)
+                .map_err(Some)?;
+            at += progress.consumed;
+            if progress.done {
+                break;
+            }
+            if canonical.len() as u64 > MAX_BODY {
+                return Ok(None);
+            }
+            if !client.read_more().await {
+                return Err(None);
+            }
+        }
+        Ok(Some((Bytes::from(canonical), at)))
     }
 
     /// A head Sluice refuses (sluice_h1 says why and with which status), then close.
