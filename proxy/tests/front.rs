@@ -585,6 +585,10 @@ async fn loose_chunk_framing_is_refused_at_once_and_never_completes_upstream() {
                 "{}: {body:?}",
                 engine.name
             );
+            if engine.name == "h1" {
+                // The fast path reads small chunked bodies whole before sending.
+                assert_eq!(engine.recorder.take(), "", "{body:?}");
+            }
         }
         // The next request reaches the backend whole, on a connection that
         // carries nothing of the refused ones (the recorder would have seen it).
