@@ -199,10 +199,14 @@ impl ProxyHttp for SluiceProxy {
         if let Some(tp) = self.generated_traceparent(ctx) {
             upstream.insert_header("traceparent", tp)?;
         }
-        if !upstream.headers.contains_key(http::header::HOST) {
-            // pingora speaks HTTP/1.1 upstream; an HTTP/1.0 request without Host
-            // must then carry an empty one (RFC 9112 §3.2), or the backend may
-            // refuse it, or guess.
+        let h2c = ctx.policy().is_some_and(|p| p.endpoints.speaks_h2c);
+        if session.req_header().version == http::Version::HTTP_10
+            && !h2c
+            && !upstream.headers.contains_key(http::header::HOST)
+        {
+            // pingora speaks HTTP/1.1 to HTTP/1 backends; an HTTP/1.0 request
+            // without Host must then carry an empty one (RFC 9112 §3.2), or the
+            // backend may refuse it, or guess. (HTTP/2 has :authority instead.)
             upstream.insert_header(http::header::HOST, "")?;
         }
         if let Some(ip) = session.client_ip() {
