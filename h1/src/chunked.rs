@@ -419,6 +419,43 @@ mod tests {
         assert!(refused(trailers.as_bytes()));
     }
 
+    proptest::proptest! {
+        /// Any chunks, in any extension and zero-padding dress, read in any
+        /// pieces: the data comes out whole, in the canonical form.
+        #[test]
+        fn any_body_in_any_reads_decodes_to_its_data(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..40), 0..8),
+            zeros in 0usize..20,
+            ext in proptest::bool::ANY,
+            step in 1usize..64,
+        ) {
+            let mut body = Vec::new();
+            let mut canonical = Vec::new();
+            for chunk in &chunks {
+                body.extend(format!("{}{:X}{}\r\n", "0".repeat(zeros), chunk.len(), if ext { ";a=\"b\"" } else { "" }).bytes());
+                body.extend_from_slice(chunk);
+                body.extend_from_slice(b"\r\n");
+                canonical.extend(format!("{:x}\r\n", chunk.len()).bytes());
+                canonical.extend_from_slice(chunk);
+                canonical.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n\r\n");
+            canonical.extend_from_slice(b"0\r\n\r\n");
+            let mut decoder = ChunkedDecoder::new(true);
+            let mut out = Vec::new();
+            let mut pending = Vec::new();
+            let mut done = false;
+            for piece in body.chunks(step) {
+                pending.extend_from_slice(piece);
+                let p = decoder.transcode(&pending, &mut out).unwrap();
+                pending.drain(..p.consumed);
+                done = p.done;
+            }
+            proptest::prop_assert!(done);
+            proptest::prop_assert_eq!(out, canonical);
+        }
+    }
+
     #[test]
     fn hex() {
         for (n, text) in [
