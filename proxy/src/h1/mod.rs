@@ -23,7 +23,10 @@
 //! goes upstream.
 
 pub mod front;
+mod listener;
+pub use listener::Listener;
 pub mod pool;
+mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -32,24 +35,20 @@ use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
-use pingora::ErrorType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::accesslog::event;
 use crate::proxy::{
     Admit, Ctx, ExchangeFailure, Failure, Reply, Request, SluiceProxy, StatusVerdict,
 };
 use pool::Pool;
-use sluice_h1::{
-    parse_response, Body, ChunkedDecoder, Form, Framing, Refusal, RequestHead, ResponseHead,
+use sluice_h1::{Body, ChunkedDecoder, Form, Framing, Refusal, RequestHead, ResponseHead};
+use upstream::{
+    connect, read_response_head, relay_body, unless_client_leaves, within, Broken, Relay,
 };
 
 /// Request bodies up to this size are read whole on the fast path; larger ones go
@@ -61,16 +60,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts per request (first try, failovers, retries, fallback backend), as
 /// pingora's own bound.
 const MAX_ATTEMPTS: usize = 16;
-/// How often idle upstream connections are checked for expiry and closure.
-const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The HTTP/2 connection preface (h2c with prior knowledge).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// One listener served by the fast path, as a pingora background service (so it
-/// shares pingora's runtimes, worker threads and shutdown).
-pub struct Listener {
-    inner: Arc<Engine>,
-}
 
 struct Engine {
     flow: SluiceProxy,
@@ -84,91 +75,6 @@ struct Engine {
     idle_timeout: Duration,
     /// Serve requests here; else every connection goes to pingora (`--engine pingora`).
     fast_path: bool,
-}
-
-impl Listener {
-    /// Serves `flow` on `listen`; connections the fast path does not serve go to
-    /// `pingora` (or, opening with the HTTP/2 preface, to `pingora_h2c`). A client
-    /// idle for `idle_timeout` between requests is disconnected.
-    pub fn new(
-        flow: SluiceProxy,
-        listen: SocketAddr,
-        pingora: HttpProxy<SluiceProxy>,
-        pingora_h2c: Option<HttpProxy<SluiceProxy>>,
-        idle_timeout: Duration,
-        fast_path: bool,
-    ) -> Self {
-        Listener {
-            inner: Arc::new(Engine {
-                flow,
-                listen,
-                pingora: Arc::new(pingora),
-                pingora_h2c: pingora_h2c.map(Arc::new),
-                pool: Pool::default(),
-                idle_timeout,
-                fast_path,
-            }),
-        }
-    }
-}
-
-/// Binds `addr`, trying again while it is in use (as pingora's own listeners do):
-/// the port was free when the proxy started, and a socket still letting go of it
-/// (another process's probe, an old proxy exiting) frees it within moments.
-async fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    const TRIES: u32 = 5;
-    const STEP: Duration = Duration::from_millis(200);
-    let mut tries = 1;
-    loop {
-        match TcpListener::bind(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < TRIES => {
-                tries += 1;
-                tokio::time::sleep(STEP).await;
-            }
-            bound => return bound,
-        }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for Listener {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let listener = match bind_retrying(self.inner.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                event(
-                    "error",
-                    "cannot listen",
-                    serde_json::json!({"listen": self.inner.listen.to_string(), "error": e.to_string()}),
-                );
-                std::process::exit(1);
-            }
-        };
-        let mut sweep = tokio::time::interval(POOL_SWEEP_EVERY);
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = sweep.tick() => {
-                    self.inner.pool.sweep(Instant::now());
-                    continue;
-                }
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() { return } else { continue }
-                }
-            };
-            let Ok((stream, peer)) = accepted else {
-                // EMFILE and the like: back off briefly instead of spinning.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            };
-            let engine = Arc::clone(&self.inner);
-            let shutdown = shutdown.clone();
-            // A random worker thread's runtime (each is single-threaded).
-            pingora_runtime::current_handle().spawn(async move {
-                engine.serve(stream, peer, shutdown).await;
-            });
-        }
-    }
 }
 
 /// A request as the flow sees it on the fast path.
@@ -232,53 +138,6 @@ enum Served {
     Close,
     /// Not for the fast path: the connection goes to pingora.
     HandOff,
-}
-
-/// Where an exchange with a backend failed.
-enum Broken {
-    Io,
-    TimedOut,
-    Closed,
-    BadResponse,
-}
-
-impl Broken {
-    fn name(&self) -> &'static str {
-        match self {
-            Broken::Io => ErrorType::ReadError.as_str(),
-            Broken::TimedOut => ErrorType::ReadTimedout.as_str(),
-            Broken::Closed => ErrorType::ConnectionClosed.as_str(),
-            Broken::BadResponse => ErrorType::InvalidHTTPHeader.as_str(),
-        }
-    }
-}
-
-async fn within<T>(
-    limit: Option<Duration>,
-    io: impl std::future::Future<Output = std::io::Result<T>>,
-) -> Result<T, Broken> {
-    match limit {
-        Some(limit) => match tokio::time::timeout(limit, io).await {
-            Ok(r) => r.map_err(|_| Broken::Io),
-            Err(_) => Err(Broken::TimedOut),
-        },
-        None => io.await.map_err(|_| Broken::Io),
-    }
-}
-
-/// Reads more into `buf`; EOF is [`Broken::Closed`].
-async fn fill(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    limit: Option<Duration>,
-) -> Result<(), Broken> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
-    }
-    match within(limit, stream.read_buf(buf)).await? {
-        0 => Err(Broken::Closed),
-        _ => Ok(()),
-    }
 }
 
 fn reason(status: u16) -> &'static str {
@@ -723,176 +582,6 @@ impl Engine {
             Served::KeepAlive
         } else {
             Served::Close
-        }
-    }
-}
-
-/// A new upstream connection, or why there is none (in pingora's terms, which the
-/// error answers and metrics use for both engines).
-async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorType> {
-    match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err(ErrorType::ConnectRefused)
-        }
-        Ok(Err(_)) => Err(ErrorType::ConnectError),
-        Err(_) => Err(ErrorType::ConnectTimedout),
-    }
-}
-
-/// How long a request waits for its response head before Sluice starts watching
-/// whether its client is still there. Watching costs a syscall (a peek, which also
-/// clears tokio's stale read readiness left by reading the request), so requests
-/// answered sooner do not pay it; a slow backend's work for a client that left is
-/// abandoned within this much.
-const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(100);
-
-/// Runs `exchange`; `None` when the client closes or resets its connection first
-/// (watched only when `watch`). A half-close counts as leaving, as in nginx (499)
-/// and Envoy, which do not keep half-closed HTTP/1 clients either.
-async fn unless_client_leaves<T>(
-    exchange: impl std::future::Future<Output = T>,
-    watch: bool,
-    client: &ReadHalf<'_>,
-) -> Option<T> {
-    if !watch {
-        return Some(exchange.await);
-    }
-    tokio::pin!(exchange);
-    tokio::select! {
-        biased;
-        done = &mut exchange => return Some(done),
-        () = tokio::time::sleep(WATCH_CLIENT_AFTER) => {}
-    }
-    tokio::select! {
-        biased;
-        done = &mut exchange => Some(done),
-        () = client_gone(client) => None,
-    }
-}
-
-/// Resolves when the client has closed or reset its connection. A client that
-/// sends more (a pipelined request) is not watched further: its bytes stay in the
-/// socket for the next request, and a close after them is noticed at the write.
-async fn client_gone(client: &ReadHalf<'_>) {
-    let mut probe = [0u8; 1];
-    match client.as_ref().peek(&mut probe).await {
-        Ok(0) | Err(_) => {}
-        Ok(_) => std::future::pending().await,
-    }
-}
-
-/// Reads a response head into `buf`, passing interim (1xx) responses on to the client.
-async fn read_response_head(
-    upstream: &mut TcpStream,
-    buf: &mut BytesMut,
-    head_request: bool,
-    limit: Option<Duration>,
-    client: &mut WriteHalf<'_>,
-) -> Result<ResponseHead, Broken> {
-    loop {
-        fill(upstream, buf, limit).await?;
-        loop {
-            match parse_response(buf, head_request) {
-                Ok(Some(head)) if (100..200).contains(&head.status) && head.status != 101 => {
-                    // Rare (103 Early Hints): its own buffer.
-                    let mut interim = Vec::with_capacity(head.len);
-                    head.write_relayed(buf, &mut interim);
-                    interim.extend_from_slice(b"\r\n");
-                    client.write_all(&interim).await.map_err(|_| Broken::Io)?;
-                    bytes::Buf::advance(buf, head.len);
-                }
-                Ok(Some(head)) if head.status == 101 => return Err(Broken::BadResponse),
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => break,
-                Err(_) => return Err(Broken::BadResponse),
-            }
-            if buf.is_empty() {
-                break;
-            }
-        }
-    }
-}
-
-enum Relay {
-    /// The client went away.
-    Client,
-    Upstream(Broken),
-}
-
-/// Writes `prefix` (the response head) and the body framed by `framing` from
-/// `buf`/`upstream` to `client`. On success the body was relayed whole and `buf`
-/// holds whatever the backend sent beyond it.
-async fn relay_body(
-    upstream: &mut TcpStream,
-    buf: &mut BytesMut,
-    client: &mut TcpStream,
-    framing: Framing,
-    prefix: &mut Vec<u8>,
-    limit: Option<Duration>,
-) -> Result<(), Relay> {
-    match framing {
-        Framing::Empty => client.write_all(prefix).await.map_err(|_| Relay::Client),
-        Framing::Length(total) => {
-            let mut left = total;
-            let take = left.min(buf.len() as u64) as usize;
-            prefix.extend_from_slice(&buf[..take]);
-            bytes::Buf::advance(buf, take);
-            left -= take as u64;
-            client.write_all(prefix).await.map_err(|_| Relay::Client)?;
-            while left > 0 {
-                fill(upstream, buf, limit).await.map_err(Relay::Upstream)?;
-                let take = left.min(buf.len() as u64) as usize;
-                client
-                    .write_all(&buf[..take])
-                    .await
-                    .map_err(|_| Relay::Client)?;
-                bytes::Buf::advance(buf, take);
-                left -= take as u64;
-            }
-            Ok(())
-        }
-        Framing::Chunked => {
-            // Re-encoded as it passes: the client gets canonical chunk framing
-            // whatever extensions or leading zeros the backend used.
-            let mut decoder = ChunkedDecoder::new(true);
-            let mut pending = std::mem::take(prefix);
-            loop {
-                let progress = decoder
-                    .transcode(buf, &mut pending)
-                    .map_err(|_| Relay::Upstream(Broken::BadResponse))?;
-                let (n, done) = (progress.consumed, progress.done);
-                bytes::Buf::advance(buf, n);
-                if done || !pending.is_empty() {
-                    client
-                        .write_all(&pending)
-                        .await
-                        .map_err(|_| Relay::Client)?;
-                    pending.clear();
-                }
-                if done {
-                    *prefix = pending;
-                    return Ok(());
-                }
-                fill(upstream, buf, limit).await.map_err(Relay::Upstream)?;
-            }
-        }
-        Framing::UntilClose => {
-            client.write_all(prefix).await.map_err(|_| Relay::Client)?;
-            loop {
-                if !buf.is_empty() {
-                    client.write_all(buf).await.map_err(|_| Relay::Client)?;
-                    buf.clear();
-                }
-                match fill(upstream, buf, limit).await {
-                    Ok(()) => {}
-                    Err(Broken::Closed) => return Ok(()),
-                    Err(e) => return Err(Relay::Upstream(e)),
-                }
-            }
         }
     }
 }

@@ -1,0 +1,112 @@
+//! The fast path's listeners: each a pingora background service (so it shares
+//! pingora's runtimes, worker threads and shutdown) that accepts connections and
+//! serves each on a worker thread's runtime.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::net::TcpListener;
+
+use super::pool::Pool;
+use super::Engine;
+use crate::accesslog::event;
+use crate::proxy::SluiceProxy;
+
+/// How often idle upstream connections are checked for expiry and closure.
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// One listener served by the fast path, as a pingora background service (so it
+/// shares pingora's runtimes, worker threads and shutdown).
+pub struct Listener {
+    inner: Arc<Engine>,
+}
+
+impl Listener {
+    /// Serves `flow` on `listen`; connections the fast path does not serve go to
+    /// `pingora` (or, opening with the HTTP/2 preface, to `pingora_h2c`). A client
+    /// idle for `idle_timeout` between requests is disconnected.
+    pub fn new(
+        flow: SluiceProxy,
+        listen: SocketAddr,
+        pingora: HttpProxy<SluiceProxy>,
+        pingora_h2c: Option<HttpProxy<SluiceProxy>>,
+        idle_timeout: Duration,
+        fast_path: bool,
+    ) -> Self {
+        Listener {
+            inner: Arc::new(Engine {
+                flow,
+                listen,
+                pingora: Arc::new(pingora),
+                pingora_h2c: pingora_h2c.map(Arc::new),
+                pool: Pool::default(),
+                idle_timeout,
+                fast_path,
+            }),
+        }
+    }
+}
+
+/// Binds `addr`, trying again while it is in use (as pingora's own listeners do):
+/// the port was free when the proxy started, and a socket still letting go of it
+/// (another process's probe, an old proxy exiting) frees it within moments.
+async fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    const TRIES: u32 = 5;
+    const STEP: Duration = Duration::from_millis(200);
+    let mut tries = 1;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < TRIES => {
+                tries += 1;
+                tokio::time::sleep(STEP).await;
+            }
+            bound => return bound,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Listener {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let listener = match bind_retrying(self.inner.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                event(
+                    "error",
+                    "cannot listen",
+                    serde_json::json!({"listen": self.inner.listen.to_string(), "error": e.to_string()}),
+                );
+                std::process::exit(1);
+            }
+        };
+        let mut sweep = tokio::time::interval(POOL_SWEEP_EVERY);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = sweep.tick() => {
+                    self.inner.pool.sweep(Instant::now());
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return } else { continue }
+                }
+            };
+            let Ok((stream, peer)) = accepted else {
+                // EMFILE and the like: back off briefly instead of spinning.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            let engine = Arc::clone(&self.inner);
+            let shutdown = shutdown.clone();
+            // A random worker thread's runtime (each is single-threaded).
+            pingora_runtime::current_handle().spawn(async move {
+                engine.serve(stream, peer, shutdown).await;
+            });
+        }
+    }
+}
