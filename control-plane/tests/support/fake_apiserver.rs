@@ -1,0 +1,234 @@
+//! A fake Kubernetes API server for tests and for `scripts/k8s-test`: plain HTTP
+//! on loopback, answering what the control plane asks of a real one.
+//!
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: looks the token up in its
+//!   table and answers as kube-apiserver does (201 either way; `authenticated`,
+//!   `audiences`, the ServiceAccount user and its pod, or an `error`). A token is
+//!   authenticated only when the review asks for its audience.
+//! - `GET …/trafficpolicies` (list, then watch): an empty list, and a watch that
+//!   stays open with nothing to say.
+//! - Anything else: 404 with a `Status`.
+//!
+//! Every TokenReview asked is recorded, so a test can check the audience sent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Who a token belongs to in the fake's table.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub audience: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub pod: String,
+}
+
+/// The fake's state: its token table, and the reviews it was asked.
+#[derive(Default)]
+pub struct FakeApiServer {
+    pub tokens: Mutex<HashMap<String, Account>>,
+    /// `(token, audiences)` of every TokenReview asked.
+    pub reviews: Mutex<Vec<(String, Vec<String>)>>,
+    /// Answer TokenReviews with 403, as an API server does for a control plane
+    /// whose ClusterRole lacks `create tokenreviews`.
+    pub forbid_reviews: Mutex<bool>,
+}
+
+impl FakeApiServer {
+    /// Adds `token` for `namespace/service_account` (pod `pod`), valid for `audience`.
+    pub fn add_token(
+        &self,
+        token: &str,
+        audience: &str,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+    ) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                token.into(),
+                Account {
+                    audience: audience.into(),
+                    namespace: namespace.into(),
+                    service_account: service_account.into(),
+                    pod: pod.into(),
+                },
+            );
+    }
+
+    /// Serves on `listener` until the runtime ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        while let Ok((stream, _)) = listener.accept().await {
+            let fake = Arc::clone(&self);
+            tokio::spawn(async move { fake.connection(stream).await });
+        }
+    }
+
+    /// Binds 127.0.0.1:0, serves in the background; the URL to give kube.
+    pub async fn start(self: &Arc<Self>) -> (String, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(Arc::clone(self).serve(listener));
+        (format!("http://{addr}"), addr)
+    }
+
+    async fn connection(&self, mut stream: TcpStream) {
+        // Bounded: one request per pass until the client closes.
+        while let Some((line, body)) = read_request(&mut stream).await {
+            let mut words = line.split(' ');
+            let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let path = target.split('?').next().unwrap_or("");
+            let ok = if method == "POST" && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+                let (status, answer) = self.review(&body);
+                respond(&mut stream, status, &answer).await
+            } else if method == "GET"
+                && path.ends_with("/trafficpolicies")
+                && target.contains("watch=")
+            {
+                // An open watch with nothing to report (kube resumes it if it ends).
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                let _ = stream.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                false
+            } else if method == "GET" && path.ends_with("/trafficpolicies") {
+                let list = json!({
+                    "apiVersion": "sluice.dev/v1alpha1", "kind": "TrafficPolicyList",
+                    "metadata": {"resourceVersion": "1"}, "items": [],
+                });
+                respond(&mut stream, 200, &list).await
+            } else {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": format!("{path} not found (fake API server)"), "reason": "NotFound", "code": 404});
+                respond(&mut stream, 404, &status).await
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+
+    /// A TokenReview's answer, as kube-apiserver gives it.
+    fn review(&self, body: &[u8]) -> (u16, Value) {
+        let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let token = request["spec"]["token"].as_str().unwrap_or("").to_owned();
+        let audiences: Vec<String> = request["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.reviews
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((token.clone(), audiences.clone()));
+        if *self
+            .forbid_reviews
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            return (
+                403,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:sluice-system:sluice-control-plane\" cannot create resource \"tokenreviews\"",
+                "reason": "Forbidden", "code": 403}),
+            );
+        }
+        let account = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&token)
+            .cloned();
+        let spec = json!({"token": token, "audiences": audiences});
+        let status = match account {
+            Some(a) if audiences.is_empty() || audiences.contains(&a.audience) => json!({
+                "authenticated": true,
+                "user": {
+                    "username": format!("system:serviceaccount:{}:{}", a.namespace, a.service_account),
+                    "uid": "00000000-0000-0000-0000-000000000001",
+                    "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", a.namespace), "system:authenticated"],
+                    "extra": {"authentication.kubernetes.io/pod-name": [a.pod]},
+                },
+                "audiences": if audiences.is_empty() { vec![a.audience.clone()] } else { audiences.clone() },
+            }),
+            Some(a) => json!({"user": {}, "error": format!(
+                "[invalid bearer token, token audiences [\"{}\"] is invalid for the target audiences {:?}]",
+                a.audience, audiences)}),
+            None => {
+                json!({"user": {}, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+            }
+        };
+        (
+            201,
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {"creationTimestamp": null}, "spec": spec, "status": status}),
+        )
+    }
+}
+
+/// Reads one request: its request line and body (by Content-Length). Bounded: a
+/// head of at most 64 KiB, a body of at most 1 MiB.
+async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+        .min(1024 * 1024);
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.lines().next().unwrap_or("").to_owned();
+    Some((line, buf[head_end..head_end + length].to_vec()))
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> bool {
+    let body = body.to_string();
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        403 => "Forbidden",
+        _ => "Not Found",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(format!("{head}{body}").as_bytes())
+        .await
+        .is_ok()
+}
