@@ -1,5 +1,10 @@
 //! The admin listener (loopback by default): `/live`, `/ready`, `/metrics`,
 //! `/config_dump`. Read-only; it never changes the proxy's state.
+//!
+//! The telemetry listener (`--telemetry`, the pod IP in Kubernetes) serves the
+//! same `/live`, `/ready` and `/metrics` for probes and Prometheus, and nothing
+//! else: `/config_dump` shows every policy and the Redis keys, and stays on the
+//! admin listener, on loopback.
 
 use std::sync::Arc;
 
@@ -17,6 +22,17 @@ pub struct Admin {
     /// policy is loaded (pingora binds each service on its own runtime, so the admin
     /// listener can be up before them).
     pub listeners: Vec<std::net::SocketAddr>,
+    /// What this listener serves.
+    pub scope: Scope,
+}
+
+/// What an admin-style listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything (`--admin`).
+    Full,
+    /// Health and metrics only (`--telemetry`).
+    Telemetry,
 }
 
 /// The first listener not accepting connections yet, if any.
@@ -74,6 +90,13 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u
 impl Admin {
     /// The admin response for `path` (separate from the session for tests).
     pub fn answer(&self, path: &str) -> http::Response<Vec<u8>> {
+        if self.scope == Scope::Telemetry && !matches!(path, "/live" | "/ready" | "/metrics") {
+            return reply(
+                404,
+                "text/plain",
+                b"not found: this listener serves /live, /ready and /metrics; the rest is on the admin listener (loopback)\n".to_vec(),
+            );
+        }
         let runtime = self.shared.runtime.load_full();
         match path {
             "/live" => reply(200, "text/plain", b"live\n".to_vec()),

@@ -18,7 +18,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use prometheus::Registry;
 use sluice_proxy::accesslog::event;
-use sluice_proxy::admin::Admin;
+use sluice_proxy::admin::{Admin, Scope};
 use sluice_proxy::control_plane::ControlPlaneSource;
 use sluice_proxy::globallimit::{self, GlobalLimits};
 use sluice_proxy::metrics::Metrics;
@@ -84,6 +84,10 @@ struct Args {
     /// The admin listener: /live /ready /metrics /config_dump.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// A listener for probes and Prometheus (/live, /ready and /metrics only), for
+    /// the pod IP, while the admin listener stays on loopback.
+    #[arg(long)]
+    telemetry: Option<SocketAddr>,
     /// Worker threads for the proxy listener.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -474,6 +478,9 @@ fn main() -> ExitCode {
         return init_iptables(sub);
     }
     let mut listeners = vec![(args.listen, "--listen"), (args.admin, "--admin")];
+    if let Some(telemetry) = args.telemetry {
+        listeners.push((telemetry, "--telemetry"));
+    }
     if let Some(inbound) = args.inbound {
         listeners.push((inbound, "--inbound"));
     }
@@ -590,19 +597,27 @@ fn main() -> ExitCode {
         add_listener(&mut server, &args, inbound, inbound_addr);
     }
 
-    let mut admin = Service::new(
-        "admin".to_owned(),
-        Admin {
-            shared: Arc::clone(&shared),
-            listeners: [Some(args.listen), args.inbound]
-                .into_iter()
-                .flatten()
-                .collect(),
-        },
-    );
-    admin.add_tcp(&args.admin.to_string());
-    admin.threads = Some(1);
-    server.add_service(admin);
+    let served: Vec<SocketAddr> = [Some(args.listen), args.inbound]
+        .into_iter()
+        .flatten()
+        .collect();
+    for (name, addr, scope) in [
+        ("admin", Some(args.admin), Scope::Full),
+        ("telemetry", args.telemetry, Scope::Telemetry),
+    ] {
+        let Some(addr) = addr else { continue };
+        let mut service = Service::new(
+            name.to_owned(),
+            Admin {
+                shared: Arc::clone(&shared),
+                listeners: served.clone(),
+                scope,
+            },
+        );
+        service.add_tcp(&addr.to_string());
+        service.threads = Some(1);
+        server.add_service(service);
+    }
     let log = Arc::clone(&shared);
     server.add_service(background_service(
         "access-log",
