@@ -27,6 +27,18 @@ fn accepts_the_example_policies_with_one_line_per_policy() {
 }
 
 #[test]
+fn counts_the_implicit_route_of_a_policy_without_routes() {
+    let (code, stdout, stderr) = sluice_cp(&["validate", "policies/load-balancing.yaml"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout,
+        "example-load-balancing: valid, 1 host, 3 backends (consistent-hash on header:x-user-id), 1 route, mode enforce\n\
+         example-p2c: valid, 1 host, 2 backends (p2c-ewma), 1 route, mode enforce\n\
+         2 valid policies\n"
+    );
+}
+
+#[test]
 fn rejects_an_invalid_file_with_every_error_on_stderr() {
     let (code, stdout, stderr) = sluice_cp(&["validate", "policy/tests/invalid/many-errors.yaml"]);
     assert_eq!(code, 1);
