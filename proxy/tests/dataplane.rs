@@ -165,6 +165,34 @@ async fn a_policy_without_routes_sends_every_request_to_its_backends() {
 }
 
 #[tokio::test]
+async fn serves_a_route_that_can_never_match_as_written_and_logs_a_warning() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let routes = "    - name: all\n    - {name: orders, match: {pathPrefix: /orders}}\n";
+    let proxy = start(&dir, &policy(&[(a.addr(), 1)], routes)).await;
+    let r = get(proxy.listen_addr(), "shop", "/orders/1")
+        .await
+        .expect("orders");
+    assert_eq!(r.status, 200);
+    let log = log_lines(&proxy, 1).await;
+    assert_eq!(log[0]["route"], "all");
+
+    let stderr = proxy.stderr();
+    let warned: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["msg"] == "policy applied with warnings")
+        .collect();
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert_eq!(warned[0]["level"], "warn");
+    let warning = format!(
+        "{}:10:7: warning: spec.routes[1]: route \"orders\" can never match: route \"all\" (spec.routes[0]) matches every request it would",
+        dir.path().join("policy.yaml").display()
+    );
+    assert_eq!(warned[0]["warnings"], serde_json::json!([warning]));
+}
+
+#[tokio::test]
 async fn splits_every_hundred_requests_exactly_ninety_ten() {
     let (a, b) = (upstream("a").await, upstream("b").await);
     let dir = TempDir::new();
