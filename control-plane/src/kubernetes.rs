@@ -18,7 +18,7 @@ use kube::runtime::WatchStreamExt;
 use serde_json::{json, Map, Value};
 use sluice_policy::spec::PolicyBodySpec;
 
-use crate::serve::log;
+use crate::serve::{log, log_warnings, split_warnings};
 use crate::store::Store;
 
 pub const GROUP: &str = "sluice.dev";
@@ -187,18 +187,20 @@ fn offer(store: &Store, objects: &BTreeMap<(String, String), DynamicObject>) {
             )
         })
         .collect();
-    let result = sluice_policy::parse_sources(
+    let (result, warnings) = split_warnings(sluice_policy::check_sources(
         texts
             .iter()
             .map(|(f, t)| (Path::new(f.as_str()), t.as_str())),
-    )
-    .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>());
+    ));
     match store.offer(result, "kubernetes") {
-        crate::store::Offer::Accepted(v) => log(
-            "info",
-            "policy accepted",
-            json!({"version": v, "source": "kubernetes", "resources": objects.len()}),
-        ),
+        crate::store::Offer::Accepted(v) => {
+            log(
+                "info",
+                "policy accepted",
+                json!({"version": v, "source": "kubernetes", "resources": objects.len()}),
+            );
+            log_warnings(v, "kubernetes", &warnings);
+        }
         crate::store::Offer::Rejected => {
             for e in store.rejected() {
                 log("error", "policy rejected", json!({"error": e}));

@@ -22,6 +22,7 @@ use std::time::Duration;
 use futures::Stream;
 use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_policy::watch::{is_policy_entry, settle};
+use sluice_policy::{Checked, PolicyErrors, PolicySet};
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -256,15 +257,17 @@ fn source_label(dir: &Path) -> String {
 
 /// Loads the directory and offers it to the store.
 pub fn load_dir(store: &Store, dir: &Path) -> Offer {
-    let result = sluice_policy::load_path(dir)
-        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>());
+    let (result, warnings) = split_warnings(sluice_policy::check_path(dir));
     let offer = store.offer(result, &source_label(dir));
     match &offer {
-        Offer::Accepted(v) => log(
-            "info",
-            "policy accepted",
-            serde_json::json!({"version": v, "source": source_label(dir)}),
-        ),
+        Offer::Accepted(v) => {
+            log(
+                "info",
+                "policy accepted",
+                serde_json::json!({"version": v, "source": source_label(dir)}),
+            );
+            log_warnings(*v, &source_label(dir), &warnings);
+        }
         Offer::Rejected => {
             for e in store.rejected() {
                 log("error", "policy rejected", serde_json::json!({"error": e}));
@@ -273,6 +276,34 @@ pub fn load_dir(store: &Store, dir: &Path) -> Offer {
         Offer::Unchanged => {}
     }
     offer
+}
+
+/// A checked source as the store takes it (the set, or every error as a line), and
+/// its warnings as lines.
+pub(crate) fn split_warnings(
+    checked: Result<Checked, PolicyErrors>,
+) -> (Result<PolicySet, Vec<String>>, Vec<String>) {
+    match checked {
+        Ok(Checked { set, warnings }) => {
+            (Ok(set), warnings.iter().map(ToString::to_string).collect())
+        }
+        Err(errors) => (
+            Err(errors.0.iter().map(ToString::to_string).collect()),
+            Vec::new(),
+        ),
+    }
+}
+
+/// One warn line for an accepted policy with warnings: it serves as written, but
+/// whoever wrote it should hear that part of it will never apply.
+pub(crate) fn log_warnings(version: u64, source: &str, warnings: &[String]) {
+    if !warnings.is_empty() {
+        log(
+            "warn",
+            "policy accepted with warnings",
+            serde_json::json!({"version": version, "source": source, "warnings": warnings}),
+        );
+    }
 }
 
 /// Watches the directory like the proxy does (create/modify/remove of policy files

@@ -5,13 +5,18 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use sluice_policy::{Algorithm, TrafficPolicy};
+use sluice_policy::{Algorithm, Checked, TrafficPolicy};
 
 /// Validates every path together (names and hosts must be unique across all of
-/// them, as they would be when served). Exit 0 when valid, 1 otherwise.
+/// them, as they would be when served). Exit 0 when valid, 1 otherwise; warnings
+/// (valid, but probably not meant) go to stderr and do not change the exit code.
 pub fn run(paths: &[PathBuf]) -> ExitCode {
-    match sluice_policy::load_paths(paths) {
-        Ok(set) => {
+    match sluice_policy::check_paths(paths) {
+        Ok(Checked { set, warnings }) => {
+            let mut err = std::io::stderr().lock();
+            for warning in &warnings {
+                let _ = writeln!(err, "{warning}");
+            }
             let mut out = std::io::stdout().lock();
             for policy in &set.policies {
                 let _ = writeln!(out, "{}", summary(policy));

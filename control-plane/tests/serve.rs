@@ -1,5 +1,6 @@
 //! `sluice-cp serve` as a client sees it: versions pushed on subscribe, ACK/NACK in
-//! status, and the API locked behind TLS and a bearer token off loopback.
+//! status, the API locked behind TLS and a bearer token off loopback, and what the
+//! real binary logs when it accepts a policy with warnings.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -231,5 +232,52 @@ async fn a_renewed_api_certificate_serves_the_next_connections() {
     assert!(renewed, "the renewed certificate is served");
     assert!(!answers(&old_ca).await);
     let _ = stop.send(());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn accepting_a_policy_with_a_route_that_can_never_match_logs_a_warning() {
+    let dir = temp("warn");
+    let policy = dir.join("policies/shop.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: shop}\nspec:\n  hosts: [shop]\n  routes:\n    - name: all\n    - {name: orders, match: {pathPrefix: /orders, methods: [GET]}}\n",
+    )
+    .expect("policy");
+    let stderr_path = dir.join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-cp"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(dir.join("policies"))
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("sluice-cp serve runs");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("policy accepted with warnings"))
+        {
+            break line.to_owned();
+        }
+        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no warning logged: {log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(line["level"], "warn");
+    assert_eq!(line["version"], 1);
+    let warning = format!(
+        "{}:8:7: warning: spec.routes[1]: route \"orders\" can never match: route \"all\" (spec.routes[0]) matches every request it would",
+        policy.display()
+    );
+    assert_eq!(line["warnings"], serde_json::json!([warning]));
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

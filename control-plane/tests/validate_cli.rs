@@ -27,6 +27,39 @@ fn accepts_the_example_policies_with_one_line_per_policy() {
 }
 
 #[test]
+fn counts_the_implicit_route_of_a_policy_without_routes() {
+    let (code, stdout, stderr) = sluice_cp(&["validate", "policies/load-balancing.yaml"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout,
+        "example-load-balancing: valid, 1 host, 3 backends (consistent-hash on header:x-user-id), 1 route, mode enforce\n\
+         example-p2c: valid, 1 host, 2 backends (p2c-ewma), 1 route, mode enforce\n\
+         2 valid policies\n"
+    );
+}
+
+#[test]
+fn warns_on_stderr_about_routes_that_can_never_match_and_still_exits_0() {
+    let dir = std::env::temp_dir().join(format!("sluice-cp-warn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("x.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: x}\nspec:\n  routes:\n    - name: all\n    - name: b\n      match: {path: /b}\n",
+    )
+    .expect("write");
+    let path = file.to_str().expect("utf-8 path").to_owned();
+    let (code, stdout, stderr) = sluice_cp(&["validate", &path]);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("{path}:7:7: warning: spec.routes[1]: route \"b\" can never match: route \"all\" (spec.routes[0]) matches every request it would\n")
+    );
+    assert!(stdout.ends_with("1 valid policy\n"), "{stdout}");
+}
+
+#[test]
 fn rejects_an_invalid_file_with_every_error_on_stderr() {
     let (code, stdout, stderr) = sluice_cp(&["validate", "policy/tests/invalid/many-errors.yaml"]);
     assert_eq!(code, 1);

@@ -4,11 +4,13 @@
 //! [`spec`] mirror the YAML and reject unknown fields; [`validate`] converts them
 //! with `TryFrom` into the [`model`] types, which the data plane trusts without
 //! re-checking. [`load`] reads files and directories and places every error at
-//! `file:line:column` with its YAML path.
+//! `file:line:column` with its YAML path, and every warning of [`lint`] (valid, but
+//! probably not meant, such as a route that can never match) the same way.
 #![forbid(unsafe_code)]
 
 pub mod duration;
 pub mod error;
+pub mod lint;
 pub mod load;
 pub mod model;
 mod node;
@@ -19,7 +21,11 @@ pub mod validate;
 pub mod watch;
 
 pub use error::{PolicyError, PolicyErrors, Problem};
-pub use load::{load_path, load_paths, parse_sources, parse_str};
+pub use lint::{PolicyWarning, Warning};
+pub use load::{
+    check_path, check_paths, check_sources, check_str, load_path, load_paths, parse_sources,
+    parse_str, Checked,
+};
 pub use model::*;
 
 /// Writes policies back as multi-document YAML in canonical form.

@@ -1,11 +1,16 @@
 //! Reading policy sources: a file or a directory of `*.yaml`/`*.yml`, each holding one
 //! or more documents. Every error found in any file is returned, placed at
 //! `file:line:column` with its YAML path; a source with any error yields no policy.
+//!
+//! The `check_*` functions also return the [`lint`](crate::lint) warnings of a valid
+//! source, placed the same way; the `load_*`/`parse_*` functions are the same reads
+//! for callers that only want the policies.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{did_you_mean, PolicyError, PolicyErrors, Problem, Violation};
+use crate::lint::{self, PolicyWarning};
 use crate::model::{PolicySet, TrafficPolicy};
 use crate::node::{self, PathIndex, Position};
 use crate::spec::TrafficPolicySpec;
@@ -23,14 +28,32 @@ struct Loaded {
     index: PathIndex,
 }
 
+/// A valid policy set, and what in it is valid but probably not meant.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Checked {
+    pub set: PolicySet,
+    /// In reading order. A warning never refuses a policy: the set serves as written.
+    pub warnings: Vec<PolicyWarning>,
+}
+
 /// Loads a policy file or directory.
 pub fn load_path(path: &Path) -> Result<PolicySet, PolicyErrors> {
-    load_paths(&[path.to_owned()])
+    check_path(path).map(|c| c.set)
+}
+
+/// [`load_path`], with the warnings.
+pub fn check_path(path: &Path) -> Result<Checked, PolicyErrors> {
+    check_paths(&[path.to_owned()])
 }
 
 /// Loads several files or directories as one set: names and hosts must be unique
 /// across all of them, as they are when served together.
 pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
+    check_paths(paths).map(|c| c.set)
+}
+
+/// [`load_paths`], with the warnings.
+pub fn check_paths(paths: &[PathBuf]) -> Result<Checked, PolicyErrors> {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -58,8 +81,8 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
             }),
         }
     }
-    match parse_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str()))) {
-        Ok(set) if errors.is_empty() => Ok(set),
+    match check_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str()))) {
+        Ok(checked) if errors.is_empty() => Ok(checked),
         Ok(_) => Err(PolicyErrors(errors)),
         Err(PolicyErrors(more)) => {
             errors.extend(more);
@@ -70,26 +93,57 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
 
 /// Parses policy text as if read from `file` (the name is only used in messages).
 pub fn parse_str(file: &Path, text: &str) -> Result<PolicySet, PolicyErrors> {
-    parse_sources([(file, text)])
+    check_str(file, text).map(|c| c.set)
+}
+
+/// [`parse_str`], with the warnings.
+pub fn check_str(file: &Path, text: &str) -> Result<Checked, PolicyErrors> {
+    check_sources([(file, text)])
 }
 
 /// Parses several named texts as one policy set (the cross-policy rules apply across them).
 pub fn parse_sources<'a>(
     sources: impl IntoIterator<Item = (&'a Path, &'a str)>,
 ) -> Result<PolicySet, PolicyErrors> {
+    check_sources(sources).map(|c| c.set)
+}
+
+/// [`parse_sources`], with the warnings.
+pub fn check_sources<'a>(
+    sources: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<Checked, PolicyErrors> {
     let mut loaded = Vec::new();
     let mut errors = Vec::new();
     for (file, text) in sources {
         parse_file(file, text, &mut loaded, &mut errors);
     }
     check_across(&loaded, &mut errors);
-    if errors.is_empty() {
-        Ok(PolicySet {
-            policies: loaded.into_iter().map(|l| l.policy).collect(),
-        })
-    } else {
-        Err(PolicyErrors(errors))
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
     }
+    let warnings = loaded.iter().flat_map(placed_warnings).collect();
+    Ok(Checked {
+        set: PolicySet {
+            policies: loaded.into_iter().map(|l| l.policy).collect(),
+        },
+        warnings,
+    })
+}
+
+/// The lint warnings of one policy, placed in its file like errors are.
+fn placed_warnings(l: &Loaded) -> impl Iterator<Item = PolicyWarning> + '_ {
+    lint::warnings(&l.policy)
+        .into_iter()
+        .map(|(path, warning)| {
+            let p = l.index.value(&path);
+            PolicyWarning {
+                file: l.file.clone(),
+                line: p.line,
+                column: p.column,
+                path,
+                warning,
+            }
+        })
 }
 
 fn parse_file(file: &Path, text: &str, loaded: &mut Vec<Loaded>, errors: &mut Vec<PolicyError>) {

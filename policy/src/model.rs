@@ -28,6 +28,8 @@ pub struct TrafficPolicy {
     pub health_check: Option<HealthCheck>,
     pub outlier_detection: Option<OutlierDetection>,
     pub slo: Option<Slo>,
+    /// First match wins. Never empty: a policy written without routes has one
+    /// [`Route::catch_all`] named [`DEFAULT_ROUTE`].
     pub routes: Vec<Route>,
 }
 
@@ -300,7 +302,28 @@ pub struct Priority {
     pub shed_first: Vec<String>,
 }
 
+/// The name of the route a policy without `routes` is given.
+pub const DEFAULT_ROUTE: &str = "default";
+
 impl Route {
+    /// A route that matches every request and adds no mechanism of its own: its
+    /// requests go to the policy's backends under the policy-level settings only.
+    pub fn catch_all(name: impl Into<String>) -> Route {
+        Route {
+            name: name.into(),
+            matcher: RouteMatch::default(),
+            timeout: None,
+            retries: None,
+            rate_limit: None,
+            global_rate_limit: None,
+            concurrency: None,
+            circuit_breaker: None,
+            fallback: None,
+            priority: None,
+            mode: None,
+        }
+    }
+
     /// The mode in force for this route: its own override, else the policy's.
     pub fn effective_mode(&self, policy_mode: Mode) -> Mode {
         self.mode.unwrap_or(policy_mode)

@@ -59,7 +59,8 @@ pub struct PolicyBodySpec {
     pub outlier_detection: Option<OutlierDetectionSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo: Option<SloSpec>,
-    /// Routes, first match wins.
+    /// Routes, first match wins; a request that matches none is answered 404.
+    /// Without routes, one implicit route named `default` matches every request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
 }

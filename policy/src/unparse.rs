@@ -74,10 +74,22 @@ impl From<&TrafficPolicy> for TrafficPolicySpec {
                         target: l.target,
                     }),
                 }),
-                routes: p.routes.iter().map(route).collect(),
+                routes: if is_implicit(&p.routes) {
+                    Vec::new()
+                } else {
+                    p.routes.iter().map(route).collect()
+                },
             },
         }
     }
+}
+
+/// Whether `routes` is only what `validate` adds to a policy written without routes.
+/// Written back as "no routes", so that such a policy keeps the canonical YAML (and
+/// so the content hash) it had before the implicit route existed, and `diff` shows
+/// nothing; `routes: [{name: default}]` is the same model, and is written the same.
+fn is_implicit(routes: &[Route]) -> bool {
+    matches!(routes, [only] if *only == Route::catch_all(DEFAULT_ROUTE))
 }
 
 fn route(r: &Route) -> RouteSpec {
@@ -190,5 +202,36 @@ fn route(r: &Route) -> RouteSpec {
             shed_first: p.shed_first.clone(),
         }),
         mode: r.mode.map(mode),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn round(yaml: &str) -> (crate::PolicySet, String) {
+        let head = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  backends: [{address: 127.0.0.1:9}]\n";
+        let set = crate::parse_str(Path::new("p.yaml"), &format!("{head}{yaml}")).expect("valid");
+        let canonical = crate::to_yaml(&set);
+        (set, canonical)
+    }
+
+    #[test]
+    fn the_implicit_route_is_written_back_as_no_routes() {
+        let (_, canonical) = round("");
+        assert!(!canonical.contains("routes"), "{canonical}");
+    }
+
+    #[test]
+    fn a_lone_bare_default_route_is_the_same_policy_as_no_routes() {
+        assert_eq!(round("  routes: [{name: default}]\n"), round(""));
+    }
+
+    #[test]
+    fn a_default_route_with_settings_of_its_own_is_written_out() {
+        let (set, canonical) = round("  routes: [{name: default, timeout: 2s}]\n");
+        assert!(canonical.contains("name: default"), "{canonical}");
+        let again = crate::parse_str(Path::new("again.yaml"), &canonical).expect("valid");
+        assert_eq!(again, set);
     }
 }

@@ -316,6 +316,11 @@ fn body(c: &mut Checker, spec: &PolicyBodySpec, meta: &MetadataSpec) -> TrafficP
         }
         routes.push(route);
     }
+    // Without it every request would be answered 404: a policy that only names
+    // backends (and how to balance them) means "send everything there".
+    if spec.routes.is_empty() {
+        routes.push(Route::catch_all(DEFAULT_ROUTE));
+    }
 
     TrafficPolicy {
         name: meta.name.clone(),
@@ -803,6 +808,17 @@ fn fallback(c: &mut Checker, at: &str, f: &FallbackSpec) -> Fallback {
 #[cfg(test)]
 mod tests {
     use super::host_without_port;
+    use crate::model::{Route, DEFAULT_ROUTE};
+
+    #[test]
+    fn a_policy_without_routes_gets_one_catch_all_route_named_default() {
+        let yaml = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  backends: [{address: 127.0.0.1:9}]\n";
+        let set = crate::parse_str(std::path::Path::new("p.yaml"), yaml).expect("valid");
+        assert_eq!(
+            set.policies[0].routes,
+            vec![Route::catch_all(DEFAULT_ROUTE)]
+        );
+    }
 
     #[test]
     fn host_without_port_strips_only_a_numeric_port() {

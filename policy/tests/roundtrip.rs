@@ -214,8 +214,17 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
         Just(Algorithm::P2cEwma),
         key().prop_map(|hash_on| Algorithm::ConsistentHash { hash_on }),
     ];
+    // Validation never yields a policy without routes: "no routes" is the implicit
+    // catch-all, which must come back as it went (it is written as no routes at all).
     let routes = btree_set(name(), 0..4)
-        .prop_flat_map(|names| names.into_iter().map(route).collect::<Vec<_>>());
+        .prop_flat_map(|names| names.into_iter().map(route).collect::<Vec<_>>())
+        .prop_map(|routes| {
+            if routes.is_empty() {
+                vec![Route::catch_all(DEFAULT_ROUTE)]
+            } else {
+                routes
+            }
+        });
     (
         name(),
         btree_set("[a-z]{1,8}(\\.[a-z]{1,5})?", 0..3),

@@ -80,7 +80,7 @@ impl ControlPlaneSource {
             return false;
         };
         let version = restored_version(&text);
-        let set = sluice_policy::parse_str(&path, &text)
+        let checked = sluice_policy::check_str(&path, &text)
             .map_err(|e| e.0.iter().map(ToString::to_string).collect());
         let label = format!(
             "state:{} (control-plane version {}, saved while connected to {})",
@@ -88,7 +88,7 @@ impl ControlPlaneSource {
             version.unwrap_or(0),
             self.url
         );
-        let (result, _) = apply(&self.shared, set, &label, "state", version);
+        let (result, _) = apply(&self.shared, checked, &label, "state", version);
         result == ReloadResult::Accepted
     }
 
@@ -162,11 +162,11 @@ impl ControlPlaneSource {
             received = true;
             let label = format!("control-plane:{} version {}", self.url, snapshot.version);
             let name = PathBuf::from(format!("control-plane version {}", snapshot.version));
-            let set = sluice_policy::parse_str(&name, &snapshot.policies_yaml)
+            let checked = sluice_policy::check_str(&name, &snapshot.policies_yaml)
                 .map_err(|e| e.0.iter().map(ToString::to_string).collect());
             let (result, errors) = apply(
                 &self.shared,
-                set,
+                checked,
                 &label,
                 "control-plane",
                 Some(snapshot.version),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde_json::json;
 use sluice_policy::watch::{is_policy_entry, settle};
+use sluice_policy::Checked;
 
 use crate::accesslog::event;
 use crate::proxy::Shared;
@@ -45,17 +46,19 @@ impl ReloadResult {
 
 /// Validates and swaps in a policy from any source (file, control plane, persisted
 /// state): the one path every policy takes into the proxy. A rejected policy leaves
-/// the current one serving. Returns the result and, when rejected, the errors.
+/// the current one serving; an applied one with warnings is logged with them. Returns
+/// the result and, when rejected, the errors.
 pub fn apply(
     shared: &Shared,
-    set: Result<sluice_policy::PolicySet, Vec<String>>,
+    checked: Result<Checked, Vec<String>>,
     label: &str,
     kind: &str,
     control_plane_version: Option<u64>,
 ) -> (ReloadResult, Vec<String>) {
     let current = shared.runtime.load_full();
-    let built = set.and_then(|set| {
+    let built = checked.and_then(|Checked { set, warnings }| {
         Runtime::build(set, label.to_owned(), current.as_deref(), &shared.globals)
+            .map(|runtime| (runtime, warnings))
             .map_err(|e| vec![e.to_string()])
     });
     let (result, errors) = match built {
@@ -69,10 +72,10 @@ pub fn apply(
             }
             (ReloadResult::Rejected, errors)
         }
-        Ok(next) if current.as_ref().is_some_and(|c| c.version == next.version) => {
+        Ok((next, _)) if current.as_ref().is_some_and(|c| c.version == next.version) => {
             (ReloadResult::Unchanged, Vec::new())
         }
-        Ok(mut next) => {
+        Ok((mut next, warnings)) => {
             next.control_plane_version = control_plane_version;
             let metrics = &shared.metrics;
             if let Some(old) = &current {
@@ -94,6 +97,16 @@ pub fn apply(
                     "source": label,
                 }),
             );
+            if !warnings.is_empty() {
+                // Served as written all the same; whoever wrote it should hear that
+                // part of it will never apply.
+                let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+                event(
+                    "warn",
+                    "policy applied with warnings",
+                    json!({"version": next.version, "warnings": warnings, "source": label}),
+                );
+            }
             if !shared.globals.configured() {
                 // Accepted all the same: each replica keeps its own bucket, which is
                 // what the limit falls back to whenever Redis cannot be reached.
@@ -135,9 +148,9 @@ impl FileSource {
     /// Loads, validates and swaps in the policy. A rejected policy leaves the
     /// current one serving.
     pub fn reload(&self) -> ReloadResult {
-        let set = sluice_policy::load_path(&self.path)
+        let checked = sluice_policy::check_path(&self.path)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>());
-        apply(&self.shared, set, &self.label(), "file", None).0
+        apply(&self.shared, checked, &self.label(), "file", None).0
     }
 
     /// Starts watching; the returned watcher must be kept alive. Changes are applied

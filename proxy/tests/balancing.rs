@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use sluice_proxy::demo_upstream::Behaviour;
 use support::{
-    get, metrics, replace, sample, start_with, upstream_with_latency, version, wait_new_version,
-    HttpClient, ProxyProcess, TempDir,
+    get, h2c_backend, metrics, replace, sample, start_with, upstream_with_latency, version,
+    wait_new_version, HttpClient, ProxyProcess, TempDir,
 };
 
 fn policy(name: &str, backends: &[(SocketAddr, u32)], spec_extra: &str, routes: &str) -> String {
@@ -209,35 +209,6 @@ async fn outlier_detection_ejects_failing_backends_up_to_the_cap() {
         b_got == 0 || c_got == 0,
         "one failing backend is ejected: b {b_got}, c {c_got}"
     );
-}
-
-/// A minimal h2c server answering every stream 200 with its own name.
-async fn h2c_backend(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        // Bounded by the test's life: the runtime ends with the test.
-        while let Ok((socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(socket).await else {
-                    return;
-                };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    let resp = http::Response::builder()
-                        .status(200)
-                        .header("x-upstream", name)
-                        .body(())
-                        .expect("response");
-                    if let Ok(mut stream) = respond.send_response(resp, false) {
-                        let _ = stream.send_data(bytes::Bytes::from_static(b"h2c backend\n"), true);
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::{
-    free_port, get, log_lines, metrics, metrics_once, replace, sample, send_raw, start, upstream,
-    version, wait_new_version, HttpClient, ProxyProcess, TempDir,
+    free_port, get, h2c_backend, log_lines, metrics, metrics_once, replace, sample, send_raw,
+    start, upstream, version, wait_new_version, HttpClient, ProxyProcess, TempDir,
 };
 
 /// One policy named `shop` for host `shop`, with `backends` and the `routes` YAML.
@@ -91,6 +91,105 @@ async fn routes_by_host_path_method_and_header_and_answers_404_otherwise() {
         decisions,
         vec!["allowed", "allowed", "no_route", "no_route", "no_policy"]
     );
+}
+
+#[tokio::test]
+async fn a_policy_without_routes_sends_every_request_to_its_backends() {
+    // The shipped example, only its backends' addresses replaced by local ones.
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        h2c_backend("c").await,
+    );
+    let (d, e) = (upstream("d").await, upstream("e").await);
+    let mut yaml = include_str!("../../policies/load-balancing.yaml").to_owned();
+    for (shipped, local) in [
+        ("10.0.1.1:8080", a.addr()),
+        ("10.0.1.2:8080", b.addr()),
+        ("10.0.1.3:8080", c),
+        ("10.0.2.1:8080", d.addr()),
+        ("10.0.2.2:8080", e.addr()),
+    ] {
+        assert!(
+            yaml.contains(shipped),
+            "load-balancing.yaml has no {shipped}"
+        );
+        yaml = yaml.replace(shipped, &local.to_string());
+    }
+    assert!(
+        !yaml.contains("routes"),
+        "the example is meant to have no routes"
+    );
+    let dir = TempDir::new();
+    let proxy = start(&dir, &yaml).await;
+    let mut client = HttpClient::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+
+    let mut sessions = HashSet::new();
+    for user in 0..40 {
+        let user = format!("user-{user}");
+        let r = client
+            .request(
+                "GET",
+                "sessions.shop.svc.cluster.local",
+                &format!("/sessions/{user}"),
+                &[("x-user-id", &user)],
+                b"",
+            )
+            .await
+            .expect("sessions");
+        assert_eq!(r.status, 200, "{}", r.text());
+        sessions.insert(r.header("x-upstream").unwrap_or("?").to_owned());
+    }
+    // Weights 2:1:1 over 40 keys: each backend, the h2c one too, gets some.
+    assert_eq!(sessions, HashSet::from(["a", "b", "c"].map(String::from)));
+    for path in ["/", "/search?q=x", "/anything/at/all"] {
+        let r = client
+            .request("GET", "search.shop.svc.cluster.local", path, &[], b"")
+            .await
+            .expect("search");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(matches!(r.header("x-upstream"), Some("d" | "e")), "{r:?}");
+    }
+
+    let log = log_lines(&proxy, 43).await;
+    assert_eq!(log.len(), 43);
+    for line in &log {
+        assert_eq!(
+            (line["route"].as_str(), line["decision"].as_str()),
+            (Some("default"), Some("allowed")),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn serves_a_route_that_can_never_match_as_written_and_logs_a_warning() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let routes = "    - name: all\n    - {name: orders, match: {pathPrefix: /orders}}\n";
+    let proxy = start(&dir, &policy(&[(a.addr(), 1)], routes)).await;
+    let r = get(proxy.listen_addr(), "shop", "/orders/1")
+        .await
+        .expect("orders");
+    assert_eq!(r.status, 200);
+    let log = log_lines(&proxy, 1).await;
+    assert_eq!(log[0]["route"], "all");
+
+    let stderr = proxy.stderr();
+    let warned: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["msg"] == "policy applied with warnings")
+        .collect();
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert_eq!(warned[0]["level"], "warn");
+    let warning = format!(
+        "{}:10:7: warning: spec.routes[1]: route \"orders\" can never match: route \"all\" (spec.routes[0]) matches every request it would",
+        dir.path().join("policy.yaml").display()
+    );
+    assert_eq!(warned[0]["warnings"], serde_json::json!([warning]));
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Shared helpers for the proxy's integration tests: a minimal HTTP/1.1 client, raw
-//! socket exchanges, free ports, temporary directories, and [`ProxyProcess`], which runs
-//! the real `sluice-proxy` binary and reads its access log and stderr.
+//! socket exchanges, fake HTTP/1.1 and h2c backends, free ports, temporary
+//! directories, and [`ProxyProcess`], which runs the real `sluice-proxy` binary and
+//! reads its access log and stderr.
 //!
 //! The client is hand-rolled on tokio and `httparse` so tests see the wire exactly:
 //! keep-alive is explicit (one [`HttpClient`] is one connection, never silently
@@ -417,6 +418,35 @@ pub async fn upstream_with_latency(
     sluice_proxy::demo_upstream::Upstream::start(any, config)
         .await
         .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
+}
+
+/// A minimal h2c server answering every stream 200 with its own name.
+pub async fn h2c_backend(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        // Bounded by the test's life: the runtime ends with the test.
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = http::Response::builder()
+                        .status(200)
+                        .header("x-upstream", name)
+                        .body(())
+                        .expect("response");
+                    if let Ok(mut stream) = respond.send_response(resp, false) {
+                        let _ = stream.send_data(bytes::Bytes::from_static(b"h2c backend\n"), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// The proxy serving `yaml` (written to `dir/policy.yaml`), once ready.
