@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sluice_control_plane::cli::parse_args;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +42,15 @@ impl RemoteArgs {
     }
 }
 
+/// How `status` prints.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// A table for people.
+    Text,
+    /// One JSON document for scripts.
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve validated, versioned policy to every proxy (and optionally the webhook).
@@ -73,9 +83,8 @@ enum Command {
     Status {
         #[command(flatten)]
         remote: RemoteArgs,
-        /// `text` or `json`.
-        #[arg(long, default_value = "text")]
-        output: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// What applying PATH would change against the served version, route by route.
     Diff {
@@ -145,7 +154,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = parse_args();
     match cli.command {
         Command::Serve {
             policies,
@@ -174,15 +183,9 @@ fn main() -> ExitCode {
             print!("{}", sluice_control_plane::kubernetes::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Status { remote, output } => match output.as_str() {
-            "text" | "json" => {
-                sluice_control_plane::cli::status(&remote.remote(), output == "json")
-            }
-            other => {
-                eprintln!("sluice-cp: --output {other:?}: expected text or json");
-                ExitCode::from(64)
-            }
-        },
+        Command::Status { remote, output } => {
+            sluice_control_plane::cli::status(&remote.remote(), output == Output::Json)
+        }
         Command::Diff { path, remote } => sluice_control_plane::cli::diff(&path, &remote.remote()),
         Command::History { remote } => sluice_control_plane::cli::history(&remote.remote()),
         Command::Rollback { to, remote } => {

@@ -53,6 +53,52 @@ pub struct ServeConfig {
     pub kubernetes: Option<kube::Config>,
 }
 
+/// A [`ServeConfig`] that cannot be served as given: the operator has to change
+/// the arguments (exit code 64), unlike a failure while starting (exit code 1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsageError {
+    #[error(
+        "--listen {listen} is not a loopback address: it needs --tls-cert, --tls-key and \
+         --token-file; add {missing}, or listen on 127.0.0.1:{port}",
+        missing = missing.join(", "),
+        port = listen.port()
+    )]
+    Unprotected {
+        listen: SocketAddr,
+        /// The flags that are absent, in the order of the message.
+        missing: Vec<&'static str>,
+    },
+    #[error("--kubernetes and --policies are two sources of truth: remove one of them")]
+    TwoSources,
+}
+
+impl ServeConfig {
+    /// The checks that need no file, network or cluster: a failing one is the
+    /// operator's to fix in the arguments.
+    pub fn check(&self) -> Result<(), UsageError> {
+        if !self.listen.ip().is_loopback() {
+            let missing: Vec<&'static str> = [
+                (self.tls.is_none(), "--tls-cert"),
+                (self.tls.is_none(), "--tls-key"),
+                (self.token_file.is_none(), "--token-file"),
+            ]
+            .into_iter()
+            .filter_map(|(absent, flag)| absent.then_some(flag))
+            .collect();
+            if !missing.is_empty() {
+                return Err(UsageError::Unprotected {
+                    listen: self.listen,
+                    missing,
+                });
+            }
+        }
+        if self.kubernetes.is_some() && self.policies.is_some() {
+            return Err(UsageError::TwoSources);
+        }
+        Ok(())
+    }
+}
+
 /// One JSON log line on stderr.
 pub fn log(level: &str, msg: &str, fields: serde_json::Value) {
     let mut object = serde_json::Map::new();
@@ -141,6 +187,7 @@ pub async fn start(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
+    config.check()?;
     let token = match &config.token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -155,13 +202,6 @@ pub async fn start(
         }
         None => None,
     };
-    if !config.listen.ip().is_loopback() {
-        anyhow::ensure!(
-            config.tls.is_some() && token.is_some(),
-            "--listen {} is not a loopback address: it needs --tls-cert, --tls-key and --token-file",
-            config.listen
-        );
-    }
     let store = Arc::new(Store::default());
     let watcher = match &config.policies {
         Some(dir) => {
@@ -172,10 +212,6 @@ pub async fn start(
     };
 
     if let Some(kube_config) = config.kubernetes.clone() {
-        anyhow::ensure!(
-            config.policies.is_none(),
-            "--kubernetes and --policies are two sources of truth: choose one"
-        );
         let client = kube::Client::try_from(kube_config)?;
         tokio::spawn(crate::kubernetes::follow(Arc::clone(&store), client));
     }

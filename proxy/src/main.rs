@@ -1,5 +1,6 @@
 //! `sluice-proxy`: parse the command line, load the policy, run the listeners.
-//! Bad flags or unusable addresses exit with code 64 and a clear message.
+//! Bad flags or unusable addresses exit with code 64 (`EX_USAGE`) and a message
+//! naming the flag; failures while running exit with 1 (README, "Exit codes").
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, TcpListener};
@@ -11,7 +12,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use clap::Parser;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -19,6 +19,7 @@ use pingora::services::listening::Service;
 use prometheus::Registry;
 use sluice_proxy::accesslog::event;
 use sluice_proxy::admin::Admin;
+use sluice_proxy::cli::{parse_args, EX_USAGE};
 use sluice_proxy::control_plane::ControlPlaneSource;
 use sluice_proxy::globallimit::{self, GlobalLimits};
 use sluice_proxy::metrics::Metrics;
@@ -26,8 +27,6 @@ use sluice_proxy::proxy::{Shared, SluiceProxy};
 use sluice_proxy::shutdown::DrainOnSigterm;
 use sluice_proxy::source::FileSource;
 use sluice_proxy::trace::IdGenerator;
-
-const EX_USAGE: u8 = 64;
 
 /// The process allocator; a stateless handle, the one `static` the binary has.
 /// glibc's malloc spends ~18% of a request's CPU here (profile in bench/RESULTS.md).
@@ -38,7 +37,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "sluice-proxy",
     version,
@@ -469,9 +468,16 @@ impl BackgroundService for FollowControlPlane {
 }
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let mut args: Args = parse_args();
     if let Some(sub) = args.command.take() {
         return init_iptables(sub);
+    }
+    // Checked before anything is bound or started: a usage error changes nothing.
+    if args.inbound.is_some() && args.app.is_none() && !args.transparent {
+        eprintln!(
+            "sluice-proxy: --inbound needs --app (or --transparent, which delivers to the original port)"
+        );
+        return ExitCode::from(EX_USAGE);
     }
     let mut listeners = vec![(args.listen, "--listen"), (args.admin, "--admin")];
     if let Some(inbound) = args.inbound {
@@ -565,12 +571,6 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    if args.inbound.is_some() && args.app.is_none() && !args.transparent {
-        eprintln!(
-            "sluice-proxy: --inbound needs --app (or --transparent, which delivers to the original port)"
-        );
-        return ExitCode::from(EX_USAGE);
-    }
     let outbound = SluiceProxy {
         shared: Arc::clone(&shared),
         direction: "outbound",
