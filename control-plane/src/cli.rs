@@ -144,7 +144,7 @@ pub fn serve(
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
                 }
-                serve::log("info", "shutting down", serde_json::Value::Null);
+                tracing::info!("shutting down");
                 let _ = stop.send(true);
             });
             let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -51,6 +51,31 @@ enum Output {
     Json,
 }
 
+/// The operational log of the long-running commands (`serve`, `webhook`).
+#[derive(clap::Args)]
+struct LogArgs {
+    /// What the log (JSON lines on stderr) writes, in RUST_LOG syntax: `warn`, or
+    /// `info,kube=debug`.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "FILTER",
+        default_value = sluice_logging::DEFAULT_FILTER,
+        value_parser = sluice_logging::parse_filter
+    )]
+    log_level: sluice_logging::LogFilter,
+}
+
+impl LogArgs {
+    /// Installs the log; the error ends the command (before it serves anything).
+    fn init(&self) -> Result<(), ExitCode> {
+        sluice_logging::init(&self.log_level).map_err(|e| {
+            eprintln!("sluice-cp: {e}");
+            ExitCode::FAILURE
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve validated, versioned policy to every proxy (and optionally the webhook).
@@ -78,6 +103,8 @@ enum Command {
         /// Also serve the sidecar-injecting admission webhook (HTTPS) here.
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         webhook: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Each connected proxy and the version it runs; the served version and source.
     Status {
@@ -150,6 +177,8 @@ enum Command {
         /// Control-plane URL for pods without a `sluice.dev/policy-configmap`.
         #[arg(long)]
         control_plane: Option<String>,
+        #[command(flatten)]
+        log: LogArgs,
     },
 }
 
@@ -164,7 +193,11 @@ fn main() -> ExitCode {
             token_file,
             kubernetes,
             webhook,
+            log,
         } => {
+            if let Err(code) = log.init() {
+                return code;
+            }
             let tls = tls_cert.zip(tls_key);
             sluice_control_plane::cli::serve(
                 sluice_control_plane::serve::ServeConfig {
@@ -213,7 +246,11 @@ fn main() -> ExitCode {
             tls_key,
             image,
             control_plane,
+            log,
         } => {
+            if let Err(code) = log.init() {
+                return code;
+            }
             let mut opts = sluice_control_plane::inject::InjectOptions::default();
             opts.image = image.unwrap_or(opts.image);
             opts.control_plane = control_plane.unwrap_or(opts.control_plane);

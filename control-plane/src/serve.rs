@@ -99,18 +99,6 @@ impl ServeConfig {
     }
 }
 
-/// One JSON log line on stderr.
-pub fn log(level: &str, msg: &str, fields: serde_json::Value) {
-    let mut object = serde_json::Map::new();
-    object.insert("ts_ms".into(), crate::store::now_ms().into());
-    object.insert("level".into(), level.into());
-    object.insert("msg".into(), msg.into());
-    if let serde_json::Value::Object(extra) = fields {
-        object.extend(extra);
-    }
-    eprintln!("{}", serde_json::Value::Object(object));
-}
-
 /// A running server (for `main` and for in-process tests).
 pub struct Running {
     pub addr: SocketAddr,
@@ -147,15 +135,13 @@ fn tls_incoming(
                 () = ready.closed() => break,
                 _ = check.tick() => match files.check() {
                     CertificateCheck::Unchanged => {}
-                    CertificateCheck::Reloaded => log(
-                        "info",
-                        "serving the new certificate",
-                        serde_json::json!({"path": files.cert_path().display().to_string()}),
+                    CertificateCheck::Reloaded => tracing::info!(
+                        path = %files.cert_path().display(),
+                        "serving the new certificate"
                     ),
-                    CertificateCheck::Kept(why) => log(
-                        "warn",
-                        "keeping the previous certificate",
-                        serde_json::json!({"error": why}),
+                    CertificateCheck::Kept(why) => tracing::warn!(
+                        error = %why,
+                        "keeping the previous certificate"
                     ),
                 },
                 accepted = listener.accept() => {
@@ -269,11 +255,7 @@ pub async fn start(
             router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
         ),
     };
-    log(
-        "info",
-        "serving",
-        serde_json::json!({"listen": addr.to_string(), "tls": config.tls.is_some()}),
-    );
+    tracing::info!(listen = %addr, tls = config.tls.is_some(), "serving");
     Ok(Running {
         addr,
         store,
@@ -296,14 +278,12 @@ pub fn load_dir(store: &Store, dir: &Path) -> Offer {
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>());
     let offer = store.offer(result, &source_label(dir));
     match &offer {
-        Offer::Accepted(v) => log(
-            "info",
-            "policy accepted",
-            serde_json::json!({"version": v, "source": source_label(dir)}),
-        ),
+        Offer::Accepted(v) => {
+            tracing::info!(version = v, source = source_label(dir), "policy accepted");
+        }
         Offer::Rejected => {
             for e in store.rejected() {
-                log("error", "policy rejected", serde_json::json!({"error": e}));
+                tracing::error!(error = e.as_str(), "policy rejected");
             }
         }
         Offer::Unchanged => {}
@@ -379,10 +359,10 @@ impl PolicyDiscovery for Discovery {
         let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
         self.store
             .connected(&node, labels, first.namespace, first.version);
-        log(
-            "info",
-            "proxy connected",
-            serde_json::json!({"node": node, "version": first.version}),
+        tracing::info!(
+            node = node.as_str(),
+            version = first.version,
+            "proxy connected"
         );
 
         // A few snapshots in flight are plenty: the watch always holds the latest.
@@ -423,7 +403,12 @@ impl PolicyDiscovery for Discovery {
                             if reply.error.is_empty() {
                                 store.acked(&node, reply.version);
                             } else {
-                                log("warn", "proxy refused a snapshot", serde_json::json!({"node": node, "version": version, "error": reply.error}));
+                                tracing::warn!(
+                                    node = node.as_str(),
+                                    version,
+                                    error = reply.error.as_str(),
+                                    "proxy refused a snapshot"
+                                );
                                 store.nacked(&node, version, reply.error);
                             }
                         }
@@ -432,11 +417,7 @@ impl PolicyDiscovery for Discovery {
                 }
             }
             store.disconnected(&node);
-            log(
-                "info",
-                "proxy disconnected",
-                serde_json::json!({"node": node}),
-            );
+            tracing::info!(node = node.as_str(), "proxy disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -487,10 +468,10 @@ impl PolicyDiscovery for Discovery {
             .store
             .rollback(to)
             .map_err(Status::failed_precondition)?;
-        log(
-            "warn",
-            "rolled back",
-            serde_json::json!({"version": served.version, "source": served.source}),
+        tracing::warn!(
+            version = served.version,
+            source = served.source.as_str(),
+            "rolled back"
         );
         Ok(Response::new(api::RollbackResponse {
             served: Some(served.to_api(String::new())),

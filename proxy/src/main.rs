@@ -17,7 +17,6 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use prometheus::Registry;
-use sluice_proxy::accesslog::event;
 use sluice_proxy::admin::Admin;
 use sluice_proxy::cli::{parse_args, EX_USAGE};
 use sluice_proxy::control_plane::ControlPlaneSource;
@@ -134,6 +133,16 @@ struct Args {
     /// counts as unreachable. Requests never wait on Redis.
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     redis_timeout: Duration,
+    /// What the operational log (JSON lines on stderr) writes, in RUST_LOG syntax:
+    /// `warn`, or `info,sluice_proxy=debug`.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "FILTER",
+        default_value = sluice_logging::DEFAULT_FILTER,
+        value_parser = sluice_logging::parse_filter
+    )]
+    log_level: sluice_logging::LogFilter,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -206,10 +215,11 @@ fn init_iptables(sub: Sub) -> ExitCode {
     }
     match sluice_proxy::iptables::apply(&cfg, &iptables) {
         Ok(()) => {
-            event(
-                "info",
-                "iptables interception installed",
-                serde_json::json!({"outbound_port": outbound_port, "inbound_port": inbound_port, "proxy_uid": proxy_uid}),
+            tracing::info!(
+                outbound_port,
+                inbound_port,
+                proxy_uid,
+                "iptables interception installed"
             );
             ExitCode::SUCCESS
         }
@@ -385,11 +395,12 @@ fn health_checks(shared: &Arc<Shared>) {
                         .backend_healthy
                         .with_label_values(&[policy.name.as_str(), host.as_str()])
                         .set(i64::from(healthy));
-                    event(
-                        if healthy { "info" } else { "warn" },
-                        "backend health changed",
-                        serde_json::json!({"policy": policy.name, "backend": host, "healthy": healthy}),
-                    );
+                    let (policy, backend) = (policy.name.as_str(), host.as_str());
+                    if healthy {
+                        tracing::info!(policy, backend, healthy, "backend health changed");
+                    } else {
+                        tracing::warn!(policy, backend, healthy, "backend health changed");
+                    }
                 }
             });
         }
@@ -469,6 +480,10 @@ impl BackgroundService for FollowControlPlane {
 
 fn main() -> ExitCode {
     let mut args: Args = parse_args();
+    if let Err(e) = sluice_logging::init(&args.log_level) {
+        eprintln!("sluice-proxy: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Some(sub) = args.command.take() {
         return init_iptables(sub);
     }
@@ -647,16 +662,13 @@ fn main() -> ExitCode {
         ));
     }
 
-    event(
-        "info",
-        "listening",
-        serde_json::json!({
-            "listen": args.listen.to_string(),
-            "admin": args.admin.to_string(),
-            "policy": args.policy.as_ref().map(|p| p.display().to_string()),
-            "control_plane": args.control_plane,
-            "node_id": node_id,
-        }),
+    tracing::info!(
+        listen = %args.listen,
+        admin = %args.admin,
+        policy = args.policy.as_ref().map(|p| p.display().to_string()),
+        control_plane = args.control_plane.as_deref(),
+        node_id,
+        "listening"
     );
     let flush_at_exit = Arc::clone(&shared);
     server.run(RunArgs {

@@ -55,6 +55,16 @@ fn a_bad_flag_value_exits_64_naming_the_flag() {
 }
 
 #[test]
+fn a_log_level_that_does_not_parse_exits_64_naming_the_flag() {
+    let (code, _, stderr) = run(
+        PROXY,
+        &["--policy", "p.yaml", "--log-level", "info,h2=loud"],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("'--log-level <FILTER>'"), "{stderr}");
+}
+
+#[test]
 fn an_inbound_listener_without_an_app_exits_64_before_binding() {
     // The listen address is taken: only a check made before binding names --app.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

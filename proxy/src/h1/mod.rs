@@ -43,7 +43,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::accesslog::event;
 use crate::proxy::{
     Admit, Ctx, ExchangeFailure, Failure, Reply, Request, SluiceProxy, StatusVerdict,
 };
@@ -136,10 +135,10 @@ impl BackgroundService for Listener {
         let listener = match bind_retrying(self.inner.listen).await {
             Ok(l) => l,
             Err(e) => {
-                event(
-                    "error",
-                    "cannot listen",
-                    serde_json::json!({"listen": self.inner.listen.to_string(), "error": e.to_string()}),
+                tracing::error!(
+                    listen = %self.inner.listen,
+                    error = &e as &dyn std::error::Error,
+                    "cannot listen"
                 );
                 std::process::exit(1);
             }
