@@ -57,10 +57,13 @@ pub fn parse_filter(text: &str) -> Result<LogFilter, String> {
         return Ok(LogFilter::default());
     }
     let filter = LogFilter(text.to_owned());
-    filter
-        .env_filter()
-        .map(|_| filter)
-        .map_err(|e| format!("{e} (expected RUST_LOG syntax, such as `warn` or `info,kube=debug`)"))
+    filter.env_filter().map(|_| filter).map_err(|e| {
+        // clap names --log-level even when the value came from the environment.
+        format!(
+            "{e} (expected RUST_LOG syntax, such as `warn` or `info,kube=debug`; \
+                 without --log-level the value is $RUST_LOG's)"
+        )
+    })
 }
 
 /// Why logging could not be set up.
