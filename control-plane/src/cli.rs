@@ -1,6 +1,6 @@
 //! The control-plane commands that talk to a running server: `serve` itself,
 //! `status`, `diff`, `history` and `rollback`. Errors end the command with a clear
-//! message and exit code 1 (64 for bad arguments).
+//! message and exit code 1, or [`EX_USAGE`] (64) for bad arguments.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,27 @@ use crate::api::{self, CurrentRequest, HistoryRequest, RollbackRequest, StatusRe
 use crate::serve::{self, ServeConfig, MAX_MESSAGE_BYTES};
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15010";
+
+/// The exit code of a usage error (`EX_USAGE` from BSD's sysexits.h): a bad,
+/// missing or conflicting flag, or a configuration refused before starting. clap's
+/// own code is 2; 64 is what Sluice documents, so scripts and Kubernetes events can
+/// tell "fix the arguments" (64) from "it failed while running" (1).
+pub const EX_USAGE: u8 = 64;
+
+/// Parses the process's arguments, or exits: 0 after `--help`/`--version` (printed
+/// to stdout), [`EX_USAGE`] after any other error (clap's message on stderr, which
+/// names the flag). Call it first in `main`, before anything needs dropping.
+pub fn parse_args<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            // `use_stderr` is false exactly for the help and version displays.
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            std::process::exit(i32::from(code));
+        }
+    }
+}
 
 /// How to reach the server.
 pub struct Remote {
@@ -77,12 +98,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Ends a command: 0, or the error on stderr with [`EX_USAGE`] when it is a
+/// [`serve::UsageError`] and 1 otherwise.
 fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "sluice-cp: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<serve::UsageError>() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -93,6 +120,11 @@ pub fn serve(
     kubernetes: bool,
     webhook: Option<(std::net::SocketAddr, (PathBuf, PathBuf))>,
 ) -> ExitCode {
+    // Before looking for a cluster: a usage error is reported as such even where
+    // there is none. (`--kubernetes` with `--policies` is clap's to refuse.)
+    if let Err(e) = config.check() {
+        return finish(Err(e.into()));
+    }
     finish(runtime().and_then(|rt| {
         rt.block_on(async {
             if kubernetes {
@@ -112,7 +144,7 @@ pub fn serve(
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
                 }
-                serve::log("info", "shutting down", serde_json::Value::Null);
+                tracing::info!("shutting down");
                 let _ = stop.send(true);
             });
             let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -18,7 +18,7 @@ use kube::runtime::WatchStreamExt;
 use serde_json::{json, Map, Value};
 use sluice_policy::spec::PolicyBodySpec;
 
-use crate::serve::{log, log_warnings, split_warnings};
+use crate::serve::{log_warnings, split_warnings};
 use crate::store::Store;
 
 pub const GROUP: &str = "sluice.dev";
@@ -194,16 +194,17 @@ fn offer(store: &Store, objects: &BTreeMap<(String, String), DynamicObject>) {
     ));
     match store.offer(result, "kubernetes") {
         crate::store::Offer::Accepted(v) => {
-            log(
-                "info",
-                "policy accepted",
-                json!({"version": v, "source": "kubernetes", "resources": objects.len()}),
+            tracing::info!(
+                version = v,
+                source = "kubernetes",
+                resources = objects.len(),
+                "policy accepted"
             );
             log_warnings(v, "kubernetes", &warnings);
         }
         crate::store::Offer::Rejected => {
             for e in store.rejected() {
-                log("error", "policy rejected", json!({"error": e}));
+                tracing::error!(error = e.as_str(), "policy rejected");
             }
         }
         crate::store::Offer::Unchanged => {}
@@ -247,10 +248,9 @@ pub async fn follow(store: Arc<Store>, client: kube::Client) {
                 objects.remove(&key(&o));
                 offer(&store, &objects);
             }
-            Err(e) => log(
-                "warn",
-                "kubernetes watch failed; retrying",
-                json!({"error": e.to_string()}),
+            Err(e) => tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "kubernetes watch failed; retrying"
             ),
         }
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sluice_control_plane::cli::parse_args;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +42,40 @@ impl RemoteArgs {
     }
 }
 
+/// How `status` prints.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// A table for people.
+    Text,
+    /// One JSON document for scripts.
+    Json,
+}
+
+/// The operational log of the long-running commands (`serve`, `webhook`).
+#[derive(clap::Args)]
+struct LogArgs {
+    /// What the log (JSON lines on stderr) writes, in RUST_LOG syntax: `warn`, or
+    /// `info,kube=debug`.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "FILTER",
+        default_value = sluice_logging::DEFAULT_FILTER,
+        value_parser = sluice_logging::parse_filter
+    )]
+    log_level: sluice_logging::LogFilter,
+}
+
+impl LogArgs {
+    /// Installs the log; the error ends the command (before it serves anything).
+    fn init(&self) -> Result<(), ExitCode> {
+        sluice_logging::init(&self.log_level).map_err(|e| {
+            eprintln!("sluice-cp: {e}");
+            ExitCode::FAILURE
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve validated, versioned policy to every proxy (and optionally the webhook).
@@ -68,14 +103,15 @@ enum Command {
         /// Also serve the sidecar-injecting admission webhook (HTTPS) here.
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         webhook: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Each connected proxy and the version it runs; the served version and source.
     Status {
         #[command(flatten)]
         remote: RemoteArgs,
-        /// `text` or `json`.
-        #[arg(long, default_value = "text")]
-        output: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// What applying PATH would change against the served version, route by route.
     Diff {
@@ -141,11 +177,13 @@ enum Command {
         /// Control-plane URL for pods without a `sluice.dev/policy-configmap`.
         #[arg(long)]
         control_plane: Option<String>,
+        #[command(flatten)]
+        log: LogArgs,
     },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = parse_args();
     match cli.command {
         Command::Serve {
             policies,
@@ -155,7 +193,11 @@ fn main() -> ExitCode {
             token_file,
             kubernetes,
             webhook,
+            log,
         } => {
+            if let Err(code) = log.init() {
+                return code;
+            }
             let tls = tls_cert.zip(tls_key);
             sluice_control_plane::cli::serve(
                 sluice_control_plane::serve::ServeConfig {
@@ -174,15 +216,9 @@ fn main() -> ExitCode {
             print!("{}", sluice_control_plane::kubernetes::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Status { remote, output } => match output.as_str() {
-            "text" | "json" => {
-                sluice_control_plane::cli::status(&remote.remote(), output == "json")
-            }
-            other => {
-                eprintln!("sluice-cp: --output {other:?}: expected text or json");
-                ExitCode::from(64)
-            }
-        },
+        Command::Status { remote, output } => {
+            sluice_control_plane::cli::status(&remote.remote(), output == Output::Json)
+        }
         Command::Diff { path, remote } => sluice_control_plane::cli::diff(&path, &remote.remote()),
         Command::History { remote } => sluice_control_plane::cli::history(&remote.remote()),
         Command::Rollback { to, remote } => {
@@ -210,7 +246,11 @@ fn main() -> ExitCode {
             tls_key,
             image,
             control_plane,
+            log,
         } => {
+            if let Err(code) = log.init() {
+                return code;
+            }
             let mut opts = sluice_control_plane::inject::InjectOptions::default();
             opts.image = image.unwrap_or(opts.image);
             opts.control_plane = control_plane.unwrap_or(opts.control_plane);

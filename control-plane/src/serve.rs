@@ -54,16 +54,50 @@ pub struct ServeConfig {
     pub kubernetes: Option<kube::Config>,
 }
 
-/// One JSON log line on stderr.
-pub fn log(level: &str, msg: &str, fields: serde_json::Value) {
-    let mut object = serde_json::Map::new();
-    object.insert("ts_ms".into(), crate::store::now_ms().into());
-    object.insert("level".into(), level.into());
-    object.insert("msg".into(), msg.into());
-    if let serde_json::Value::Object(extra) = fields {
-        object.extend(extra);
+/// A [`ServeConfig`] that cannot be served as given: the operator has to change
+/// the arguments (exit code 64), unlike a failure while starting (exit code 1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsageError {
+    #[error(
+        "--listen {listen} is not a loopback address: it needs --tls-cert, --tls-key and \
+         --token-file; add {missing}, or listen on 127.0.0.1:{port}",
+        missing = missing.join(", "),
+        port = listen.port()
+    )]
+    Unprotected {
+        listen: SocketAddr,
+        /// The flags that are absent, in the order of the message.
+        missing: Vec<&'static str>,
+    },
+    #[error("--kubernetes and --policies are two sources of truth: remove one of them")]
+    TwoSources,
+}
+
+impl ServeConfig {
+    /// The checks that need no file, network or cluster: a failing one is the
+    /// operator's to fix in the arguments.
+    pub fn check(&self) -> Result<(), UsageError> {
+        if !self.listen.ip().is_loopback() {
+            let missing: Vec<&'static str> = [
+                (self.tls.is_none(), "--tls-cert"),
+                (self.tls.is_none(), "--tls-key"),
+                (self.token_file.is_none(), "--token-file"),
+            ]
+            .into_iter()
+            .filter_map(|(absent, flag)| absent.then_some(flag))
+            .collect();
+            if !missing.is_empty() {
+                return Err(UsageError::Unprotected {
+                    listen: self.listen,
+                    missing,
+                });
+            }
+        }
+        if self.kubernetes.is_some() && self.policies.is_some() {
+            return Err(UsageError::TwoSources);
+        }
+        Ok(())
     }
-    eprintln!("{}", serde_json::Value::Object(object));
 }
 
 /// A running server (for `main` and for in-process tests).
@@ -102,15 +136,13 @@ fn tls_incoming(
                 () = ready.closed() => break,
                 _ = check.tick() => match files.check() {
                     CertificateCheck::Unchanged => {}
-                    CertificateCheck::Reloaded => log(
-                        "info",
-                        "serving the new certificate",
-                        serde_json::json!({"path": files.cert_path().display().to_string()}),
+                    CertificateCheck::Reloaded => tracing::info!(
+                        path = %files.cert_path().display(),
+                        "serving the new certificate"
                     ),
-                    CertificateCheck::Kept(why) => log(
-                        "warn",
-                        "keeping the previous certificate",
-                        serde_json::json!({"error": why}),
+                    CertificateCheck::Kept(why) => tracing::warn!(
+                        error = %why,
+                        "keeping the previous certificate"
                     ),
                 },
                 accepted = listener.accept() => {
@@ -142,6 +174,7 @@ pub async fn start(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
+    config.check()?;
     let token = match &config.token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -156,13 +189,6 @@ pub async fn start(
         }
         None => None,
     };
-    if !config.listen.ip().is_loopback() {
-        anyhow::ensure!(
-            config.tls.is_some() && token.is_some(),
-            "--listen {} is not a loopback address: it needs --tls-cert, --tls-key and --token-file",
-            config.listen
-        );
-    }
     let store = Arc::new(Store::default());
     let watcher = match &config.policies {
         Some(dir) => {
@@ -173,10 +199,6 @@ pub async fn start(
     };
 
     if let Some(kube_config) = config.kubernetes.clone() {
-        anyhow::ensure!(
-            config.policies.is_none(),
-            "--kubernetes and --policies are two sources of truth: choose one"
-        );
         let client = kube::Client::try_from(kube_config)?;
         tokio::spawn(crate::kubernetes::follow(Arc::clone(&store), client));
     }
@@ -234,11 +256,7 @@ pub async fn start(
             router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
         ),
     };
-    log(
-        "info",
-        "serving",
-        serde_json::json!({"listen": addr.to_string(), "tls": config.tls.is_some()}),
-    );
+    tracing::info!(listen = %addr, tls = config.tls.is_some(), "serving");
     Ok(Running {
         addr,
         store,
@@ -261,16 +279,12 @@ pub fn load_dir(store: &Store, dir: &Path) -> Offer {
     let offer = store.offer(result, &source_label(dir));
     match &offer {
         Offer::Accepted(v) => {
-            log(
-                "info",
-                "policy accepted",
-                serde_json::json!({"version": v, "source": source_label(dir)}),
-            );
+            tracing::info!(version = v, source = source_label(dir), "policy accepted");
             log_warnings(*v, &source_label(dir), &warnings);
         }
         Offer::Rejected => {
             for e in store.rejected() {
-                log("error", "policy rejected", serde_json::json!({"error": e}));
+                tracing::error!(error = e.as_str(), "policy rejected");
             }
         }
         Offer::Unchanged => {}
@@ -298,10 +312,11 @@ pub(crate) fn split_warnings(
 /// whoever wrote it should hear that part of it will never apply.
 pub(crate) fn log_warnings(version: u64, source: &str, warnings: &[String]) {
     if !warnings.is_empty() {
-        log(
-            "warn",
-            "policy accepted with warnings",
-            serde_json::json!({"version": version, "source": source, "warnings": warnings}),
+        tracing::warn!(
+            version,
+            source,
+            warnings = %warnings.join("; "),
+            "policy accepted with warnings"
         );
     }
 }
@@ -374,10 +389,10 @@ impl PolicyDiscovery for Discovery {
         let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
         self.store
             .connected(&node, labels, first.namespace, first.version);
-        log(
-            "info",
-            "proxy connected",
-            serde_json::json!({"node": node, "version": first.version}),
+        tracing::info!(
+            node = node.as_str(),
+            version = first.version,
+            "proxy connected"
         );
 
         // A few snapshots in flight are plenty: the watch always holds the latest.
@@ -418,7 +433,12 @@ impl PolicyDiscovery for Discovery {
                             if reply.error.is_empty() {
                                 store.acked(&node, reply.version);
                             } else {
-                                log("warn", "proxy refused a snapshot", serde_json::json!({"node": node, "version": version, "error": reply.error}));
+                                tracing::warn!(
+                                    node = node.as_str(),
+                                    version,
+                                    error = reply.error.as_str(),
+                                    "proxy refused a snapshot"
+                                );
                                 store.nacked(&node, version, reply.error);
                             }
                         }
@@ -427,11 +447,7 @@ impl PolicyDiscovery for Discovery {
                 }
             }
             store.disconnected(&node);
-            log(
-                "info",
-                "proxy disconnected",
-                serde_json::json!({"node": node}),
-            );
+            tracing::info!(node = node.as_str(), "proxy disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -482,10 +498,10 @@ impl PolicyDiscovery for Discovery {
             .store
             .rollback(to)
             .map_err(Status::failed_precondition)?;
-        log(
-            "warn",
-            "rolled back",
-            serde_json::json!({"version": served.version, "source": served.source}),
+        tracing::warn!(
+            version = served.version,
+            source = served.source.as_str(),
+            "rolled back"
         );
         Ok(Response::new(api::RollbackResponse {
             served: Some(served.to_api(String::new())),

@@ -112,12 +112,12 @@ impl WebhookServer {
         let check = self.certificate.check();
         match &check {
             CertificateCheck::Unchanged => {}
-            CertificateCheck::Reloaded => eprintln!(
-                "sluice-cp webhook: serving the new certificate from {}",
-                self.certificate.cert_path().display()
+            CertificateCheck::Reloaded => tracing::info!(
+                path = %self.certificate.cert_path().display(),
+                "webhook: serving the new certificate"
             ),
             CertificateCheck::Kept(why) => {
-                eprintln!("sluice-cp webhook: keeping the previous certificate: {why}")
+                tracing::warn!(error = %why, "webhook: keeping the previous certificate");
             }
         }
         check
@@ -174,10 +174,11 @@ pub async fn serve_webhook(
     opts: InjectOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WebhookError> {
-    WebhookServer::bind(addr, cert_path, key_path, opts)
-        .await?
-        .run(shutdown)
-        .await;
+    let server = WebhookServer::bind(addr, cert_path, key_path, opts).await?;
+    if let Ok(addr) = server.local_addr() {
+        tracing::info!(url = %format_args!("https://{addr}{INJECT_PATH}"), "webhook serving");
+    }
+    server.run(shutdown).await;
     Ok(())
 }
 
@@ -377,14 +378,7 @@ pub fn run(
             return std::process::ExitCode::from(1);
         }
     };
-    let served = runtime.block_on(async {
-        let server = WebhookServer::bind(listen, cert, key, opts).await?;
-        if let Ok(addr) = server.local_addr() {
-            eprintln!("sluice-cp webhook: serving https://{addr}{INJECT_PATH}");
-        }
-        server.run(terminated()).await;
-        Ok::<(), WebhookError>(())
-    });
+    let served = runtime.block_on(serve_webhook(listen, cert, key, opts, terminated()));
     match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
 use sluice_control_plane::api::{DiscoveryRequest, StatusRequest};
 use sluice_control_plane::cli::{connect, Remote};
-use sluice_control_plane::serve::{start, Running, ServeConfig};
+use sluice_control_plane::serve::{start, Running, ServeConfig, UsageError};
 use tokio_stream::wrappers::ReceiverStream;
 
 const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: shop}\nspec: {hosts: [shop]}\n";
@@ -114,10 +114,12 @@ async fn off_loopback_the_api_requires_tls_and_the_right_token() {
         .await
         .err()
         .expect("refuses to start");
-    assert!(
-        refused
-            .to_string()
-            .contains("needs --tls-cert, --tls-key and --token-file"),
+    assert_eq!(
+        refused.downcast_ref::<UsageError>(),
+        Some(&UsageError::Unprotected {
+            listen: everywhere,
+            missing: vec!["--tls-cert", "--tls-key", "--token-file"],
+        }),
         "{refused}"
     );
 

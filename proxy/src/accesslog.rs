@@ -1,4 +1,5 @@
-//! One JSON line per request on stdout, and JSON operational logs on stderr.
+//! One JSON line per request on stdout. (Operational logs go to stderr through
+//! `tracing`, sluice-logging; the two share the `ts` format, [`Timestamp`].)
 //!
 //! Lines are encoded by hand straight into a shared buffer (no intermediate
 //! `String`, no serializer: serde_json's generic path was ~4% of a proxied request's
@@ -12,7 +13,9 @@
 
 use std::io::Write;
 use std::sync::{Mutex, PoisonError};
-use std::time::SystemTime;
+
+/// RFC 3339 UTC time with milliseconds, as in the operational log.
+pub use sluice_logging::Timestamp;
 
 /// What the access log says about one request.
 pub struct AccessRecord<'a> {
@@ -156,97 +159,10 @@ fn json_string(out: &mut Vec<u8>, value: &str) {
     }
 }
 
-/// An operational event on stderr: `{"ts":..,"level":..,"msg":..,...fields}`.
-pub fn event(level: &str, msg: &str, fields: serde_json::Value) {
-    let mut object = serde_json::Map::new();
-    object.insert(
-        "ts".into(),
-        serde_json::Value::String(Timestamp::now().to_string()),
-    );
-    object.insert("level".into(), level.into());
-    object.insert("msg".into(), msg.into());
-    if let serde_json::Value::Object(extra) = fields {
-        object.extend(extra);
-    }
-    let mut line = serde_json::Value::Object(object).to_string();
-    line.push('\n');
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
-}
-
-/// RFC 3339 UTC time with milliseconds, formatted without a date library.
-#[derive(Clone, Copy)]
-pub struct Timestamp(pub SystemTime);
-
-impl Timestamp {
-    pub fn now() -> Self {
-        Timestamp(SystemTime::now())
-    }
-}
-
-impl Timestamp {
-    /// Appends `YYYY-MM-DDTHH:MM:SS.mmmZ` (years 0..=9999).
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let since = self
-            .0
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let secs = since.as_secs();
-        let (days, rem) = (secs / 86_400, secs % 86_400);
-        let (year, month, day) = civil_from_days(days as i64);
-        let mut put = |n: u64, width: u32, sep: u8| {
-            for i in (0..width).rev() {
-                out.push(b'0' + (n / 10u64.pow(i) % 10) as u8);
-            }
-            out.push(sep);
-        };
-        put(year.clamp(0, 9999) as u64, 4, b'-');
-        put(u64::from(month), 2, b'-');
-        put(u64::from(day), 2, b'T');
-        put(rem / 3600, 2, b':');
-        put(rem % 3600 / 60, 2, b':');
-        put(rem % 60, 2, b'.');
-        put(u64::from(since.subsec_millis()), 3, b'Z');
-    }
-}
-
-impl std::fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut out = Vec::with_capacity(24);
-        self.encode(&mut out);
-        f.write_str(std::str::from_utf8(&out).map_err(|_| std::fmt::Error)?)
-    }
-}
-
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn formats_rfc3339_utc() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
-        assert_eq!(Timestamp(t).to_string(), "2026-11-18T11:06:40.123Z");
-        assert_eq!(
-            Timestamp(SystemTime::UNIX_EPOCH).to_string(),
-            "1970-01-01T00:00:00.000Z"
-        );
-        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(Timestamp(leap).to_string(), "2000-02-29T00:00:00.000Z");
-    }
+    use std::time::{Duration, SystemTime};
 
     #[test]
     fn records_are_valid_json_with_every_field() {

@@ -14,11 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::server::ShutdownWatch;
-use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::accesslog::event;
 use crate::proxy::Shared;
 use crate::source::{apply, ReloadResult};
 
@@ -152,10 +150,10 @@ impl ControlPlaneSource {
             .await?
             .into_inner();
         self.shared.metrics.control_plane_connected.set(1);
-        event(
-            "info",
-            "connected to the control plane",
-            json!({"url": self.url, "node": self.node_id}),
+        tracing::info!(
+            url = self.url.as_str(),
+            node = self.node_id.as_str(),
+            "connected to the control plane"
         );
         let mut received = false;
         while let Some(snapshot) = snapshots.message().await? {
@@ -180,10 +178,10 @@ impl ControlPlaneSource {
                     }
                     if let Some(dir) = &self.state_dir {
                         if let Err(e) = persist(dir, snapshot.version, &snapshot.policies_yaml) {
-                            event(
-                                "warn",
-                                "cannot persist the policy",
-                                json!({"dir": dir.display().to_string(), "error": e.to_string()}),
+                            tracing::warn!(
+                                dir = %dir.display(),
+                                error = %e,
+                                "cannot persist the policy"
                             );
                         }
                     }
@@ -236,10 +234,11 @@ impl ControlPlaneSource {
             match outcome {
                 Ok(true) => backoff = MIN_BACKOFF,
                 Ok(false) => {}
-                Err(e) => event(
-                    "warn",
-                    "control plane unreachable; serving the last good policy",
-                    json!({"url": self.url, "error": format!("{e:#}"), "retry_in_ms": backoff.as_millis() as u64}),
+                Err(e) => tracing::warn!(
+                    url = self.url.as_str(),
+                    error = format!("{e:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "control plane unreachable; serving the last good policy"
                 ),
             }
             let wait = backoff.mul_f64(self.shared.ids.fraction());

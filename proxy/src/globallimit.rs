@@ -730,10 +730,10 @@ pub async fn sync(
     let client = match redis::Client::open(redis_url(&addr)) {
         Ok(client) => client,
         Err(e) => {
-            crate::accesslog::event(
-                "error",
-                "redis address rejected; global rate limits use their local buckets",
-                serde_json::json!({"redis": shown, "error": e.to_string()}),
+            tracing::error!(
+                redis = shown,
+                error = &e as &dyn std::error::Error,
+                "redis address rejected; global rate limits use their local buckets"
             );
             return;
         }
@@ -891,10 +891,11 @@ pub async fn sync(
                                 metrics.global_syncs.with_label_values(&["error"]).inc();
                                 if !refusal_logged {
                                     refusal_logged = true;
-                                    crate::accesslog::event(
-                                        "warn",
-                                        "redis refused a global rate-limit script",
-                                        serde_json::json!({"redis": shown, "key": op.redis_key, "error": e.to_string()}),
+                                    tracing::warn!(
+                                        redis = shown,
+                                        key = op.redis_key.as_str(),
+                                        error = &e as &dyn std::error::Error,
+                                        "redis refused a global rate-limit script"
                                     );
                                 }
                             }
@@ -964,14 +965,18 @@ fn note_reachable(
         return;
     }
     *was_up = Some(up);
-    let detail = serde_json::json!({"redis": shown, "error": error.map(ToString::to_string)});
+    let error = error.map(|e| e as &dyn std::error::Error);
     if up {
-        crate::accesslog::event("info", "redis connected; global rate limits shared", detail);
+        tracing::info!(
+            redis = shown,
+            error,
+            "redis connected; global rate limits shared"
+        );
     } else {
-        crate::accesslog::event(
-            "warn",
-            "redis unreachable; global rate limits use their local buckets",
-            detail,
+        tracing::warn!(
+            redis = shown,
+            error,
+            "redis unreachable; global rate limits use their local buckets"
         );
     }
 }

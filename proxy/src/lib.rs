@@ -14,6 +14,7 @@ pub mod admin;
 pub mod balancer;
 pub mod breaker;
 pub mod budget;
+pub mod cli;
 pub mod concurrency;
 pub mod control_plane;
 pub mod demo_client;

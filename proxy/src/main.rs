@@ -1,5 +1,6 @@
 //! `sluice-proxy`: parse the command line, load the policy, run the listeners.
-//! Bad flags or unusable addresses exit with code 64 and a clear message.
+//! Bad flags or unusable addresses exit with code 64 (`EX_USAGE`) and a message
+//! naming the flag; failures while running exit with 1 (README, "Exit codes").
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, TcpListener};
@@ -11,14 +12,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use clap::Parser;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use prometheus::Registry;
-use sluice_proxy::accesslog::event;
 use sluice_proxy::admin::{Admin, Scope};
+use sluice_proxy::cli::{parse_args, EX_USAGE};
 use sluice_proxy::control_plane::ControlPlaneSource;
 use sluice_proxy::globallimit::{self, GlobalLimits};
 use sluice_proxy::metrics::Metrics;
@@ -26,8 +26,6 @@ use sluice_proxy::proxy::{Shared, SluiceProxy};
 use sluice_proxy::shutdown::DrainOnSigterm;
 use sluice_proxy::source::FileSource;
 use sluice_proxy::trace::IdGenerator;
-
-const EX_USAGE: u8 = 64;
 
 /// The process allocator; a stateless handle, the one `static` the binary has.
 /// glibc's malloc spends ~18% of a request's CPU here (profile in bench/RESULTS.md).
@@ -38,7 +36,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "sluice-proxy",
     version,
@@ -139,6 +137,16 @@ struct Args {
     /// counts as unreachable. Requests never wait on Redis.
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     redis_timeout: Duration,
+    /// What the operational log (JSON lines on stderr) writes, in RUST_LOG syntax:
+    /// `warn`, or `info,sluice_proxy=debug`.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "FILTER",
+        default_value = sluice_logging::DEFAULT_FILTER,
+        value_parser = sluice_logging::parse_filter
+    )]
+    log_level: sluice_logging::LogFilter,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -211,10 +219,11 @@ fn init_iptables(sub: Sub) -> ExitCode {
     }
     match sluice_proxy::iptables::apply(&cfg, &iptables) {
         Ok(()) => {
-            event(
-                "info",
-                "iptables interception installed",
-                serde_json::json!({"outbound_port": outbound_port, "inbound_port": inbound_port, "proxy_uid": proxy_uid}),
+            tracing::info!(
+                outbound_port,
+                inbound_port,
+                proxy_uid,
+                "iptables interception installed"
             );
             ExitCode::SUCCESS
         }
@@ -390,11 +399,12 @@ fn health_checks(shared: &Arc<Shared>) {
                         .backend_healthy
                         .with_label_values(&[policy.name.as_str(), host.as_str()])
                         .set(i64::from(healthy));
-                    event(
-                        if healthy { "info" } else { "warn" },
-                        "backend health changed",
-                        serde_json::json!({"policy": policy.name, "backend": host, "healthy": healthy}),
-                    );
+                    let (policy, backend) = (policy.name.as_str(), host.as_str());
+                    if healthy {
+                        tracing::info!(policy, backend, healthy, "backend health changed");
+                    } else {
+                        tracing::warn!(policy, backend, healthy, "backend health changed");
+                    }
                 }
             });
         }
@@ -473,9 +483,20 @@ impl BackgroundService for FollowControlPlane {
 }
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let mut args: Args = parse_args();
+    if let Err(e) = sluice_logging::init(&args.log_level) {
+        eprintln!("sluice-proxy: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Some(sub) = args.command.take() {
         return init_iptables(sub);
+    }
+    // Checked before anything is bound or started: a usage error changes nothing.
+    if args.inbound.is_some() && args.app.is_none() && !args.transparent {
+        eprintln!(
+            "sluice-proxy: --inbound needs --app (or --transparent, which delivers to the original port)"
+        );
+        return ExitCode::from(EX_USAGE);
     }
     let mut listeners = vec![(args.listen, "--listen"), (args.admin, "--admin")];
     if let Some(telemetry) = args.telemetry {
@@ -572,12 +593,6 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    if args.inbound.is_some() && args.app.is_none() && !args.transparent {
-        eprintln!(
-            "sluice-proxy: --inbound needs --app (or --transparent, which delivers to the original port)"
-        );
-        return ExitCode::from(EX_USAGE);
-    }
     let outbound = SluiceProxy {
         shared: Arc::clone(&shared),
         direction: "outbound",
@@ -662,16 +677,13 @@ fn main() -> ExitCode {
         ));
     }
 
-    event(
-        "info",
-        "listening",
-        serde_json::json!({
-            "listen": args.listen.to_string(),
-            "admin": args.admin.to_string(),
-            "policy": args.policy.as_ref().map(|p| p.display().to_string()),
-            "control_plane": args.control_plane,
-            "node_id": node_id,
-        }),
+    tracing::info!(
+        listen = %args.listen,
+        admin = %args.admin,
+        policy = args.policy.as_ref().map(|p| p.display().to_string()),
+        control_plane = args.control_plane.as_deref(),
+        node_id,
+        "listening"
     );
     let flush_at_exit = Arc::clone(&shared);
     server.run(RunArgs {

@@ -14,7 +14,6 @@ use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::accesslog::event;
 use crate::proxy::Shared;
 
 /// How long the in-flight count must stay at zero to count as drained: covers a
@@ -35,11 +34,7 @@ impl ShutdownSignalWatch for DrainOnSigterm {
             signal(SignalKind::interrupt()),
             signal(SignalKind::quit()),
         ) else {
-            event(
-                "error",
-                "cannot install signal handlers; SIGTERM will not drain",
-                serde_json::Value::Null,
-            );
+            tracing::error!("cannot install signal handlers; SIGTERM will not drain");
             return std::future::pending().await;
         };
         let signal = tokio::select! {
@@ -48,10 +43,9 @@ impl ShutdownSignalWatch for DrainOnSigterm {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         };
         if matches!(signal, ShutdownSignal::GracefulTerminate) {
-            event(
-                "info",
-                "draining",
-                serde_json::json!({"inflight": self.shared.inflight.load(Ordering::Acquire)}),
+            tracing::info!(
+                inflight = self.shared.inflight.load(Ordering::Acquire),
+                "draining"
             );
             let shared = Arc::clone(&self.shared);
             let timeout = self.drain_timeout;
@@ -79,10 +73,10 @@ fn drain_then_exit(shared: &Shared, timeout: Duration) {
         std::thread::sleep(POLL);
     }
     let left = shared.inflight.load(Ordering::Acquire);
-    event(
-        "info",
-        "drained, exiting",
-        serde_json::json!({"inflight_dropped": left, "drain_ms": started.elapsed().as_millis() as u64}),
+    tracing::info!(
+        inflight_dropped = left,
+        drain_ms = started.elapsed().as_millis() as u64,
+        "drained, exiting"
     );
     shared.access_log.flush();
     let _ = std::io::stdout().flush();

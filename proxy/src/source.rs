@@ -14,11 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
-use serde_json::json;
 use sluice_policy::watch::{is_policy_entry, settle};
 use sluice_policy::Checked;
 
-use crate::accesslog::event;
 use crate::proxy::Shared;
 use crate::runtime::Runtime;
 
@@ -64,11 +62,7 @@ pub fn apply(
     let (result, errors) = match built {
         Err(errors) => {
             for e in &errors {
-                event(
-                    "error",
-                    "policy rejected",
-                    json!({"error": e, "source": label}),
-                );
+                tracing::error!(error = e.as_str(), source = label, "policy rejected");
             }
             (ReloadResult::Rejected, errors)
         }
@@ -87,24 +81,22 @@ pub fn apply(
                 .policy_info
                 .with_label_values(&[next.version.as_str()])
                 .set(1);
-            event(
-                "info",
-                "policy applied",
-                json!({
-                    "version": next.version,
-                    "previous": current.as_ref().map(|c| c.version.clone()),
-                    "policies": next.policies.len(),
-                    "source": label,
-                }),
+            tracing::info!(
+                version = next.version.as_str(),
+                previous = current.as_ref().map(|c| c.version.as_str()),
+                policies = next.policies.len(),
+                source = label,
+                "policy applied"
             );
             if !warnings.is_empty() {
                 // Served as written all the same; whoever wrote it should hear that
                 // part of it will never apply.
                 let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
-                event(
-                    "warn",
-                    "policy applied with warnings",
-                    json!({"version": next.version, "warnings": warnings, "source": label}),
+                tracing::warn!(
+                    version = next.version.as_str(),
+                    warnings = %warnings.join("; "),
+                    source = label,
+                    "policy applied with warnings"
                 );
             }
             if !shared.globals.configured() {
@@ -116,10 +108,9 @@ pub fn apply(
                     .map(|r| format!("{}/{}", r.policy, r.name))
                     .collect();
                 if !routes.is_empty() {
-                    event(
-                        "warn",
-                        "globalRateLimit without --redis: these routes use each replica's own bucket",
-                        json!({"routes": routes}),
+                    tracing::warn!(
+                        routes = routes.join(", "),
+                        "globalRateLimit without --redis: these routes use each replica's own bucket"
                     );
                 }
             }

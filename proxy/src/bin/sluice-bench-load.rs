@@ -28,11 +28,29 @@ struct Args {
     #[arg(long, default_value_t = 16)]
     connections: u32,
     /// `name:seconds,...`
-    #[arg(long, default_value = "run:10")]
-    phases: String,
+    #[arg(long, default_value = "run:10", value_parser = parse_phases)]
+    phases: Phases,
     /// Label for the first column of the table.
     #[arg(long, default_value = "")]
     variant: String,
+}
+
+/// The phases in order, each a name and its length in seconds.
+#[derive(Clone)]
+struct Phases(Vec<(String, f64)>);
+
+/// A malformed phase is a usage error (exit 64), not one silently skipped.
+fn parse_phases(text: &str) -> Result<Phases, String> {
+    text.split(',')
+        .map(|phase| {
+            phase
+                .split_once(':')
+                .and_then(|(name, secs)| Some((name.to_owned(), secs.parse().ok()?)))
+                .filter(|(_, secs): &(String, f64)| secs.is_finite() && *secs >= 0.0)
+                .ok_or_else(|| format!("expected name:seconds,..., got {phase:?}"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Phases)
 }
 
 /// One request: seconds since start, latency, whether it failed.
@@ -40,14 +58,8 @@ type Sample = (f64, Duration, bool);
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let phases: Vec<(String, f64)> = args
-        .phases
-        .split(',')
-        .filter_map(|p| p.split_once(':'))
-        .filter_map(|(name, secs)| Some((name.to_owned(), secs.parse().ok()?)))
-        .collect();
-    anyhow::ensure!(!phases.is_empty(), "--phases: expected name:seconds,...");
+    let args: Args = sluice_proxy::cli::parse_args();
+    let phases = &args.phases.0;
     let total: f64 = phases.iter().map(|(_, s)| s).sum();
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let start = Instant::now();
@@ -95,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
     let mut from = 0.0;
-    for (name, secs) in &phases {
+    for (name, secs) in phases {
         let to = from + secs;
         let mut latencies: Vec<Duration> = Vec::new();
         let mut errors = 0usize;

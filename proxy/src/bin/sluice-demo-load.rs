@@ -69,7 +69,7 @@ const WORKERS: u32 = 8;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = sluice_proxy::cli::parse_args();
     let stop = Arc::new(AtomicBool::new(false));
     let per_worker = Duration::from_secs_f64(f64::from(WORKERS) / f64::from(args.rate.max(1)));
     let started = Instant::now();

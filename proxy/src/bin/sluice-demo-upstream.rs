@@ -45,7 +45,7 @@ fn parse_ratio(value: &str) -> Result<f64, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args: Args = sluice_proxy::cli::parse_args();
     let config = UpstreamConfig {
         name: args.name,
         latency: Duration::from_millis(args.latency_ms),

@@ -14,7 +14,6 @@ use tokio::net::TcpListener;
 
 use super::pool::Pool;
 use super::Engine;
-use crate::accesslog::event;
 use crate::proxy::SluiceProxy;
 
 /// How often idle upstream connections are checked for expiry and closure.
@@ -76,10 +75,10 @@ impl BackgroundService for Listener {
         let listener = match bind_retrying(self.inner.listen).await {
             Ok(l) => l,
             Err(e) => {
-                event(
-                    "error",
-                    "cannot listen",
-                    serde_json::json!({"listen": self.inner.listen.to_string(), "error": e.to_string()}),
+                tracing::error!(
+                    listen = %self.inner.listen,
+                    error = &e as &dyn std::error::Error,
+                    "cannot listen"
                 );
                 std::process::exit(1);
             }

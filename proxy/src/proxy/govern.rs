@@ -25,10 +25,12 @@ impl SluiceProxy {
             m.breaker_transitions
                 .with_label_values(&[route.policy.as_str(), route.name.as_str(), t.to.as_str()])
                 .inc();
-            accesslog::event(
-                "warn",
-                "circuit breaker state changed",
-                serde_json::json!({"policy": route.policy, "route": route.name, "from": t.from.as_str(), "to": t.to.as_str()}),
+            tracing::warn!(
+                policy = route.policy.as_str(),
+                route = route.name.as_str(),
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                "circuit breaker state changed"
             );
         }
     }
@@ -340,10 +342,10 @@ impl SluiceProxy {
                 .backend_ejections
                 .with_label_values(&[policy.name.as_str(), label])
                 .inc();
-            accesslog::event(
-                "warn",
-                "backend ejected",
-                serde_json::json!({"policy": policy.name, "backend": label}),
+            tracing::warn!(
+                policy = policy.name.as_str(),
+                backend = label,
+                "backend ejected"
             );
         }
     }

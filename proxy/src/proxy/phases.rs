@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
@@ -342,6 +342,25 @@ impl ProxyHttp for SluiceProxy {
             error_code: status,
             can_reuse_downstream: reuse,
         }
+    }
+
+    /// Every failed request is in the access log already (status, decision,
+    /// attempts) and in the metrics. pingora's own error line per failure, now that
+    /// its `log` records reach stderr, would repeat that once per request through an
+    /// outage or under rate limiting (our refusals are errors to pingora too).
+    fn suppress_error_log(&self, _: &Session, _: &Ctx, _: &Error) -> bool {
+        true
+    }
+
+    /// The same for the warning pingora logs before each retry.
+    fn suppress_proxy_warn_log(
+        &self,
+        _: &Session,
+        _: &Ctx,
+        _: &Error,
+        _: ProxyWarnLogContext,
+    ) -> bool {
+        true
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {

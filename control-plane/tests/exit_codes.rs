@@ -1,0 +1,119 @@
+//! `sluice-cp`'s exit codes as the README documents them: 0 for `--help` and
+//! `--version`, 64 for usage errors (with a message naming what to change), 1 for
+//! failures while running.
+
+use std::process::Command;
+
+/// Runs `sluice-cp ARGS`; returns the exit code, stdout and stderr.
+fn sluice_cp(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-cp"))
+        .args(args)
+        .output()
+        .expect("sluice-cp runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_and_version_print_to_stdout_and_exit_0() {
+    let (code, stdout, stderr) = sluice_cp(&["--help"]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert!(stdout.contains("Usage: sluice-cp"), "{stdout}");
+    let (code, stdout, _) = sluice_cp(&["serve", "--help"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("--listen"), "{stdout}");
+    let (code, stdout, _) = sluice_cp(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("sluice-cp "), "{stdout}");
+}
+
+#[test]
+fn an_unknown_flag_exits_64_naming_it() {
+    let (code, stdout, stderr) = sluice_cp(&["serve", "--bogus"]);
+    assert_eq!(code, 64, "{stderr}");
+    assert_eq!(stdout, "");
+    assert!(stderr.contains("unexpected argument '--bogus'"), "{stderr}");
+}
+
+#[test]
+fn a_missing_subcommand_exits_64() {
+    let (code, _, stderr) = sluice_cp(&[]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("Usage: sluice-cp"), "{stderr}");
+}
+
+#[test]
+fn a_bad_flag_value_exits_64_naming_the_flag() {
+    let (code, _, stderr) = sluice_cp(&["status", "--output", "yaml"]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'yaml' for '--output <OUTPUT>'"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = sluice_cp(&["serve", "--listen", "everywhere"]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("'--listen <LISTEN>'"), "{stderr}");
+}
+
+#[test]
+fn two_policy_sources_exit_64_naming_both() {
+    // The arguments k8s/base shipped with (issue 16).
+    let (code, _, stderr) = sluice_cp(&["serve", "--policies", "/tmp", "--kubernetes"]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("'--kubernetes' cannot be used with '--policies <POLICIES>'")
+            || stderr.contains("'--policies <POLICIES>' cannot be used with '--kubernetes'"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_webhook_without_its_certificate_exits_64() {
+    let (code, _, stderr) = sluice_cp(&["webhook", "--tls-key", "/tmp/key.pem"]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
+}
+
+#[test]
+fn an_unprotected_listener_off_loopback_exits_64_naming_the_missing_flags() {
+    let (code, _, stderr) = sluice_cp(&[
+        "serve",
+        "--policies",
+        "/nonexistent",
+        "--listen",
+        "0.0.0.0:0",
+        "--token-file",
+        "/nonexistent/token",
+    ]);
+    assert_eq!(code, 64, "{stderr}");
+    assert_eq!(
+        stderr,
+        "sluice-cp: --listen 0.0.0.0:0 is not a loopback address: it needs --tls-cert, \
+         --tls-key and --token-file; add --tls-cert, --tls-key, or listen on 127.0.0.1:0\n"
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_a_runtime_failure_exiting_1() {
+    let (code, _, stderr) = sluice_cp(&[
+        "serve",
+        "--policies",
+        "/nonexistent",
+        "--listen",
+        "0.0.0.0:0",
+        "--tls-cert",
+        "/nonexistent/tls.crt",
+        "--tls-key",
+        "/nonexistent/tls.key",
+        "--token-file",
+        "/nonexistent/token",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("--token-file /nonexistent/token"),
+        "{stderr}"
+    );
+}
