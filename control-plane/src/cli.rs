@@ -209,6 +209,9 @@ struct StatusJson<'a> {
 struct ProxyJson<'a> {
     node_id: &'a str,
     namespace: &'a str,
+    service_account: &'a str,
+    pod: &'a str,
+    authenticated_by: &'a str,
     labels: std::collections::BTreeMap<&'a str, &'a str>,
     acked_version: u64,
     connected: bool,
@@ -246,6 +249,9 @@ fn proxy_json(p: &api::ProxyStatus) -> ProxyJson<'_> {
     ProxyJson {
         node_id: &p.node_id,
         namespace: &p.namespace,
+        service_account: &p.service_account,
+        pod: &p.pod,
+        authenticated_by: &p.authenticated_by,
         labels: p
             .labels
             .iter()
@@ -280,8 +286,8 @@ fn print_status(out: &mut impl Write, s: &api::StatusResponse) -> std::io::Resul
     }
     writeln!(
         out,
-        "{:<32} {:>8} {:>10} {:<21} LAST NACK",
-        "NODE", "VERSION", "CONNECTED", "SINCE"
+        "{:<32} {:<16} {:<20} {:>8} {:>10} {:<21} LAST NACK",
+        "NODE", "NAMESPACE", "SERVICE-ACCOUNT", "VERSION", "CONNECTED", "SINCE"
     )?;
     for p in &s.proxies {
         let nack = if p.last_nack_error.is_empty() {
@@ -289,10 +295,19 @@ fn print_status(out: &mut impl Write, s: &api::StatusResponse) -> std::io::Resul
         } else {
             format!("v{}: {}", p.last_nack_version, p.last_nack_error)
         };
+        let or_dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
         writeln!(
             out,
-            "{:<32} {:>8} {:>10} {:<21} {nack}",
+            "{:<32} {:<16} {:<20} {:>8} {:>10} {:<21} {nack}",
             p.node_id,
+            or_dash(&p.namespace),
+            or_dash(&p.service_account),
             p.acked_version,
             if p.connected { "yes" } else { "no" },
             ms_to_rfc3339(p.connected_since_ms)

@@ -100,6 +100,14 @@ enum Command {
         /// $KUBECONFIG) instead of a directory.
         #[arg(long, conflicts_with = "policies")]
         kubernetes: bool,
+        /// Recognise proxies by their projected ServiceAccount tokens, checked with
+        /// the Kubernetes TokenReview API (the static --token-file, if given, is
+        /// accepted too: for the CLI and proxies outside the cluster).
+        #[arg(long, requires = "kubernetes")]
+        token_review: bool,
+        /// The audience proxies' tokens must be for (the sidecar's projected token).
+        #[arg(long, default_value = sluice_control_plane::auth::DEFAULT_AUDIENCE)]
+        token_audience: String,
         /// Also serve the sidecar-injecting admission webhook (HTTPS) here.
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         webhook: Option<std::net::SocketAddr>,
@@ -192,6 +200,8 @@ fn main() -> ExitCode {
             tls_key,
             token_file,
             kubernetes,
+            token_review,
+            token_audience,
             webhook,
             log,
         } => {
@@ -207,6 +217,7 @@ fn main() -> ExitCode {
                     cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
                     token_file,
                     kubernetes: None,
+                    token_review: token_review.then_some(token_audience),
                 },
                 kubernetes,
                 webhook.zip(tls),

@@ -33,6 +33,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::policy_discovery_server::{PolicyDiscovery, PolicyDiscoveryServer};
 use crate::api::{self, DiscoveryRequest};
+use crate::auth::{Authenticator, Identity, TokenReviewer, Via};
 use crate::store::{Offer, Store};
 use crate::tls::{self, CertificateCheck, CertificateFiles};
 
@@ -52,6 +53,9 @@ pub struct ServeConfig {
     /// Follow the TrafficPolicy custom resources of this cluster (instead of, or
     /// with no, `policies` directory).
     pub kubernetes: Option<kube::Config>,
+    /// Recognise proxies by their ServiceAccount tokens for this audience, through
+    /// the Kubernetes TokenReview API (needs `kubernetes`).
+    pub token_review: Option<String>,
 }
 
 /// A [`ServeConfig`] that cannot be served as given: the operator has to change
@@ -60,7 +64,8 @@ pub struct ServeConfig {
 pub enum UsageError {
     #[error(
         "--listen {listen} is not a loopback address: it needs --tls-cert, --tls-key and \
-         --token-file; add {missing}, or listen on 127.0.0.1:{port}",
+         a way to check callers (--token-review in Kubernetes, --token-file elsewhere); \
+         add {missing}, or listen on 127.0.0.1:{port}",
         missing = missing.join(", "),
         port = listen.port()
     )]
@@ -71,6 +76,8 @@ pub enum UsageError {
     },
     #[error("--kubernetes and --policies are two sources of truth: remove one of them")]
     TwoSources,
+    #[error("--token-review asks the Kubernetes API who a token belongs to: add --kubernetes")]
+    ReviewWithoutKubernetes,
 }
 
 impl ServeConfig {
@@ -81,7 +88,10 @@ impl ServeConfig {
             let missing: Vec<&'static str> = [
                 (self.tls.is_none(), "--tls-cert"),
                 (self.tls.is_none(), "--tls-key"),
-                (self.token_file.is_none(), "--token-file"),
+                (
+                    self.token_file.is_none() && self.token_review.is_none(),
+                    "--token-review or --token-file",
+                ),
             ]
             .into_iter()
             .filter_map(|(absent, flag)| absent.then_some(flag))
@@ -96,6 +106,7 @@ impl ServeConfig {
         if self.kubernetes.is_some() && self.policies.is_some() {
             return Err(UsageError::TwoSources);
         }
+
         Ok(())
     }
 }
@@ -198,10 +209,26 @@ pub async fn start(
         None => None,
     };
 
-    if let Some(kube_config) = config.kubernetes.clone() {
-        let client = kube::Client::try_from(kube_config)?;
-        tokio::spawn(crate::kubernetes::follow(Arc::clone(&store), client));
+    let client = match config.kubernetes.clone() {
+        Some(kube_config) => Some(kube::Client::try_from(kube_config)?),
+        None => None,
+    };
+    if let Some(client) = &client {
+        tokio::spawn(crate::kubernetes::follow(
+            Arc::clone(&store),
+            client.clone(),
+        ));
     }
+    if config.token_review.is_some() && client.is_none() {
+        return Err(UsageError::ReviewWithoutKubernetes.into());
+    }
+    let auth = Arc::new(match (&config.token_review, client, token) {
+        (Some(audience), Some(client), static_token) => Authenticator::Kubernetes(Box::new(
+            TokenReviewer::new(client, audience.clone(), static_token, Box::new(())),
+        )),
+        (_, _, Some(token)) => Authenticator::Static(token),
+        _ => Authenticator::Open,
+    });
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let tls = match &config.tls {
@@ -220,29 +247,17 @@ pub async fn start(
         shutdown.await;
         let _ = stop.send(true);
     });
+    // Callers are checked in each call, not by an interceptor: a TokenReview is a
+    // request to the Kubernetes API, and tonic's interceptors cannot wait.
     let service = PolicyDiscoveryServer::new(Discovery {
         store: Arc::clone(&store),
         nonce: AtomicU64::new(0),
         stopping: stopping.clone(),
+        auth,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let Some(token) = &token else { return Ok(req) };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
-            None => Err(Status::unauthenticated("a bearer token is required")),
-        }
-    };
-    let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
-        service, auth,
-    ));
+    let router = builder.add_service(service);
     let mut stopped = stopping;
     let stopped = async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -263,10 +278,6 @@ pub async fn start(
         task,
         _watcher: watcher,
     })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn source_label(dir: &Path) -> String {
@@ -364,6 +375,43 @@ struct Discovery {
     store: Arc<Store>,
     nonce: AtomicU64,
     stopping: tokio::sync::watch::Receiver<bool>,
+    auth: Arc<Authenticator>,
+}
+
+impl Discovery {
+    /// The operator's calls (status, history, rollback): the static token or a
+    /// loopback caller, never a proxy's ServiceAccount token (any pod of the mesh
+    /// has one, and must not roll the mesh back).
+    async fn operator(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        match self.auth.authenticate(metadata).await?.via {
+            Via::TokenReview => Err(Status::permission_denied(
+                "a proxy's ServiceAccount token only subscribes to policies; status, history \
+                 and rollback take the control plane's --token-file token",
+            )),
+            Via::Loopback | Via::StaticToken => Ok(()),
+        }
+    }
+}
+
+/// Whether a subscriber is who its token says: the namespace it claims and its
+/// node id (the pod, for injected sidecars) must be the token's, so no pod can
+/// speak for another.
+fn matches_identity(identity: &Identity, node: &str, namespace: &str) -> Result<(), Status> {
+    if identity.via != Via::TokenReview {
+        return Ok(());
+    }
+    if !namespace.is_empty() && namespace != identity.namespace {
+        return Err(Status::permission_denied(format!(
+            "the proxy says it is in namespace {namespace:?}, its token is for {:?}",
+            identity.namespace
+        )));
+    }
+    if let Some(pod) = identity.pod.as_deref().filter(|p| *p != node) {
+        return Err(Status::permission_denied(format!(
+            "node id {node:?} is not the token's pod {pod:?}: run the proxy with --node-id $(POD_NAME)"
+        )));
+    }
+    Ok(())
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, Status>> + Send>>;
@@ -376,6 +424,7 @@ impl PolicyDiscovery for Discovery {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        let identity = self.auth.authenticate(request.metadata()).await?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the stream must start with a subscribe message")
@@ -386,12 +435,16 @@ impl PolicyDiscovery for Discovery {
                 "node_id must be 1..={MAX_NODE_ID} characters"
             )));
         }
+        matches_identity(&identity, &node, &first.namespace)?;
         let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
         self.store
-            .connected(&node, labels, first.namespace, first.version);
+            .connected(&node, labels, first.namespace, first.version, &identity);
         tracing::info!(
             node = node.as_str(),
             version = first.version,
+            namespace = identity.namespace.as_str(),
+            service_account = identity.service_account.as_str(),
+            authenticated_by = identity.via.as_str(),
             "proxy connected"
         );
 
@@ -454,15 +507,17 @@ impl PolicyDiscovery for Discovery {
 
     async fn get_status(
         &self,
-        _: Request<api::StatusRequest>,
+        request: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusResponse>, Status> {
+        self.operator(request.metadata()).await?;
         Ok(Response::new(self.store.status()))
     }
 
     async fn get_current(
         &self,
-        _: Request<api::CurrentRequest>,
+        request: Request<api::CurrentRequest>,
     ) -> Result<Response<api::Snapshot>, Status> {
+        self.operator(request.metadata()).await?;
         let current = self
             .store
             .current()
@@ -472,8 +527,9 @@ impl PolicyDiscovery for Discovery {
 
     async fn get_history(
         &self,
-        _: Request<api::HistoryRequest>,
+        request: Request<api::HistoryRequest>,
     ) -> Result<Response<api::HistoryResponse>, Status> {
+        self.operator(request.metadata()).await?;
         let entries = self
             .store
             .history()
@@ -493,6 +549,7 @@ impl PolicyDiscovery for Discovery {
         &self,
         request: Request<api::RollbackRequest>,
     ) -> Result<Response<api::RollbackResponse>, Status> {
+        self.operator(request.metadata()).await?;
         let to = request.into_inner().to_version;
         let served = self
             .store

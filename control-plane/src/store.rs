@@ -17,6 +17,7 @@ use sluice_policy::PolicySet;
 use tokio::sync::watch;
 
 use crate::api;
+use crate::auth::Identity;
 
 /// Versions kept in memory for `history` and `rollback`.
 pub const HISTORY: usize = 20;
@@ -51,6 +52,11 @@ impl Snapshot {
 pub struct ProxyState {
     pub labels: BTreeMap<String, String>,
     pub namespace: String,
+    /// Known from its token (TokenReview); empty otherwise.
+    pub service_account: String,
+    pub pod: String,
+    /// How the proxy was recognised: loopback, static-token or token-review.
+    pub authenticated_by: String,
     pub acked_version: u64,
     pub last_nack_error: String,
     pub last_nack_version: u64,
@@ -245,6 +251,7 @@ impl Store {
         labels: BTreeMap<String, String>,
         namespace: String,
         version: u64,
+        identity: &Identity,
     ) {
         let mut state = self.lock();
         if state.proxies.len() >= MAX_TRACKED_PROXIES && !state.proxies.contains_key(node) {
@@ -262,7 +269,15 @@ impl Store {
         }
         let proxy = state.proxies.entry(node.to_owned()).or_default();
         proxy.labels = labels;
-        proxy.namespace = namespace;
+        // What the token says wins over what the proxy says.
+        proxy.namespace = if identity.namespace.is_empty() {
+            namespace
+        } else {
+            identity.namespace.clone()
+        };
+        proxy.service_account = identity.service_account.clone();
+        proxy.pod = identity.pod.clone().unwrap_or_default();
+        proxy.authenticated_by = identity.via.as_str().to_owned();
         proxy.acked_version = version;
         if proxy.streams == 0 {
             proxy.connected_since_ms = now_ms();
@@ -316,6 +331,9 @@ impl Store {
                     last_nack_version: p.last_nack_version,
                     connected_since_ms: p.connected_since_ms,
                     connected: p.connected,
+                    service_account: p.service_account.clone(),
+                    pod: p.pod.clone(),
+                    authenticated_by: p.authenticated_by.clone(),
                 })
                 .collect(),
         }

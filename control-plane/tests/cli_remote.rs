@@ -49,6 +49,7 @@ async fn status_diff_history_and_rollback_work_against_a_server() {
         cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
         token_file: None,
         kubernetes: None,
+        token_review: None,
     };
     let running = start(config, async {
         let _ = stopped.await;

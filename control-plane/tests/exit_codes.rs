@@ -92,7 +92,8 @@ fn an_unprotected_listener_off_loopback_exits_64_naming_the_missing_flags() {
     assert_eq!(
         stderr,
         "sluice-cp: --listen 0.0.0.0:0 is not a loopback address: it needs --tls-cert, \
-         --tls-key and --token-file; add --tls-cert, --tls-key, or listen on 127.0.0.1:0\n"
+         --tls-key and a way to check callers (--token-review in Kubernetes, --token-file \
+         elsewhere); add --tls-cert, --tls-key, or listen on 127.0.0.1:0\n"
     );
 }
 

@@ -143,6 +143,7 @@ async fn follows_custom_resources_through_a_broken_watch() {
         cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
         token_file: None,
         kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
+        token_review: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = start(config, async {

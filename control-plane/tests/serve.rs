@@ -32,6 +32,7 @@ async fn serve(
         cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
         token_file: None,
         kubernetes: None,
+        token_review: None,
     };
     config(&mut c);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -118,7 +119,7 @@ async fn off_loopback_the_api_requires_tls_and_the_right_token() {
         refused.downcast_ref::<UsageError>(),
         Some(&UsageError::Unprotected {
             listen: everywhere,
-            missing: vec!["--tls-cert", "--tls-key", "--token-file"],
+            missing: vec!["--tls-cert", "--tls-key", "--token-review or --token-file"],
         }),
         "{refused}"
     );

@@ -114,3 +114,154 @@ async fn a_control_plane_not_allowed_to_review_says_which_permission_it_lacks() 
         status.message()
     );
 }
+
+mod through_the_api {
+    use super::*;
+    use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
+    use sluice_control_plane::api::{DiscoveryRequest, StatusRequest};
+    use sluice_control_plane::serve::{start, Running, ServeConfig};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    /// The control plane following the fake cluster, recognising proxies by their
+    /// tokens; `cli-secret` is its static token (for the CLI).
+    async fn control_plane(
+        fake: &Arc<FakeApiServer>,
+    ) -> (Running, tokio::sync::oneshot::Sender<()>) {
+        let (url, _) = fake.start().await;
+        let dir = std::env::temp_dir().join(format!("sluice-token-review-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "cli-secret\n").expect("token");
+        let config = ServeConfig {
+            policies: None,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: None,
+            cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
+            token_file: Some(token_file),
+            kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
+            token_review: Some("sluice".into()),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = start(config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("serve");
+        (running, stop)
+    }
+
+    /// Subscribes as `node` in `namespace` with `token`: the call's outcome.
+    async fn subscribe(
+        running: &Running,
+        token: &str,
+        node: &str,
+        namespace: &str,
+    ) -> Result<(), tonic::Status> {
+        let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
+            .await
+            .expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(DiscoveryRequest {
+            node_id: node.into(),
+            namespace: namespace.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe");
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        let response = client.stream_policies(request).await.map(|_| ());
+        // Keep the sender until the answer, so the stream is open when checked.
+        drop(tx);
+        response
+    }
+
+    #[tokio::test]
+    async fn a_proxy_subscribes_with_its_token_and_status_shows_its_workload() {
+        let fake = Arc::new(FakeApiServer::default());
+        fake.add_token("good", "sluice", "shop", "reviews", "reviews-7d4b9-x2kqz");
+        let (running, _stop) = control_plane(&fake).await;
+        subscribe(&running, "good", "reviews-7d4b9-x2kqz", "shop")
+            .await
+            .expect("subscribed");
+        let status = running.store.status();
+        let proxy = status
+            .proxies
+            .iter()
+            .find(|p| p.node_id == "reviews-7d4b9-x2kqz")
+            .expect("listed");
+        assert_eq!(proxy.namespace, "shop");
+        assert_eq!(proxy.service_account, "reviews");
+        assert_eq!(proxy.pod, "reviews-7d4b9-x2kqz");
+        assert_eq!(proxy.authenticated_by, "token-review");
+    }
+
+    #[tokio::test]
+    async fn forged_foreign_and_impersonating_proxies_are_refused() {
+        let fake = Arc::new(FakeApiServer::default());
+        fake.add_token("good", "sluice", "shop", "reviews", "reviews-1");
+        fake.add_token(
+            "for-the-api",
+            "https://kubernetes.default.svc",
+            "shop",
+            "reviews",
+            "reviews-1",
+        );
+        let (running, _stop) = control_plane(&fake).await;
+        let code = |r: Result<(), tonic::Status>| r.expect_err("refused").code();
+        assert_eq!(
+            code(subscribe(&running, "forged", "reviews-1", "shop").await),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(subscribe(&running, "for-the-api", "reviews-1", "shop").await),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(subscribe(&running, "", "reviews-1", "shop").await),
+            tonic::Code::Unauthenticated
+        );
+        // A real token speaking for another pod, or another namespace.
+        assert_eq!(
+            code(subscribe(&running, "good", "payments-1", "shop").await),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            code(subscribe(&running, "good", "reviews-1", "payments").await),
+            tonic::Code::PermissionDenied
+        );
+        assert!(running.store.status().proxies.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_proxys_token_does_not_open_the_operators_calls() {
+        let fake = Arc::new(FakeApiServer::default());
+        fake.add_token("good", "sluice", "shop", "reviews", "reviews-1");
+        let (running, _stop) = control_plane(&fake).await;
+        let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
+            .await
+            .expect("connect");
+        let ask = |token: &str| {
+            let mut request = tonic::Request::new(StatusRequest {});
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header"),
+            );
+            request
+        };
+        let refused = client.get_status(ask("good")).await.expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(
+            refused.message().contains("--token-file"),
+            "{}",
+            refused.message()
+        );
+        client
+            .get_status(ask("cli-secret"))
+            .await
+            .expect("the static token works");
+    }
+}

@@ -45,6 +45,7 @@ impl ControlPlane {
                 cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
                 token_file: None,
                 kubernetes: None,
+                token_review: None,
             };
             match start(config, async {
                 let _ = stopped.await;
