@@ -593,12 +593,23 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let own_ports: Vec<u16> = [
+        Some(args.listen),
+        args.inbound,
+        Some(args.admin),
+        args.telemetry,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|a| a.port())
+    .collect();
     let outbound = SluiceProxy {
         shared: Arc::clone(&shared),
         direction: "outbound",
         inbound_policy: None,
         inbound_app: None,
         transparent: args.transparent,
+        own_ports: own_ports.clone(),
     };
     add_listener(&mut server, &args, outbound, args.listen);
     if let Some(inbound_addr) = args.inbound {
@@ -608,6 +619,7 @@ fn main() -> ExitCode {
             inbound_policy: args.inbound_policy.clone(),
             inbound_app: args.app,
             transparent: args.transparent,
+            own_ports,
         };
         add_listener(&mut server, &args, inbound, inbound_addr);
     }

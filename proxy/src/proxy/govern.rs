@@ -12,6 +12,7 @@ impl SluiceProxy {
     /// the port the client dialled, else on `--app`.
     pub(super) fn app_address(&self, ctx: &Ctx) -> Option<SocketAddr> {
         match ctx.original_dst {
+            Some(dst) if self.own_ports.contains(&dst.port()) => None,
             Some(dst) => Some(SocketAddr::from(([127, 0, 0, 1], dst.port()))),
             None => self.inbound_app,
         }

@@ -62,6 +62,11 @@ pub struct SluiceProxy {
     pub inbound_app: Option<SocketAddr>,
     /// Connections arrive by iptables REDIRECT: use their original destination.
     pub transparent: bool,
+    /// The proxy's own listening ports (proxy, inbound, admin, telemetry): inbound
+    /// traffic redirected from one of them is never delivered to 127.0.0.1 at that
+    /// port, where it would reach the proxy itself (the loopback-only admin
+    /// listener's `/config_dump` among it) from outside the pod.
+    pub own_ports: Vec<u16>,
 }
 
 /// What the flow reads from a request, whichever engine parsed it.
