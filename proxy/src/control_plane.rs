@@ -43,7 +43,15 @@ pub struct ControlPlaneSource {
     pub labels: HashMap<String, String>,
     pub state_dir: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
+    /// The CA an https:// control plane's certificate is checked against.
+    pub ca: Option<Ca>,
+}
+
+/// Where the control plane's CA comes from.
+#[derive(Debug, Clone)]
+pub enum Ca {
+    File(PathBuf),
+    Pem(String),
 }
 
 /// The persisted form: a comment line with the version, then the policy YAML.
@@ -105,10 +113,17 @@ impl ControlPlaneSource {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10));
         if self.url.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &self.ca_file {
-                tls = tls.ca_certificate(Certificate::from_pem(tokio::fs::read(ca).await?));
-            }
+            // No system roots are built in: the control plane's CA is named, never
+            // guessed, so a certificate from anyone else's CA is refused.
+            let pem = match &self.ca {
+                Some(Ca::File(path)) => tokio::fs::read(path).await?,
+                Some(Ca::Pem(pem)) => pem.clone().into_bytes(),
+                None => anyhow::bail!(
+                    "{} is https: name its CA with --ca-file or $SLUICE_CA_PEM",
+                    self.url
+                ),
+            };
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
             endpoint = endpoint.tls_config(tls)?;
         }
         Ok(endpoint)

@@ -74,8 +74,12 @@ struct Args {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// CA certificate (PEM) to verify an https:// control plane.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ca_pem")]
     ca_file: Option<PathBuf>,
+    /// The same CA as PEM text (injected sidecars get it in $SLUICE_CA_PEM: a pod
+    /// cannot mount a ConfigMap of the control plane's namespace).
+    #[arg(long, env = "SLUICE_CA_PEM", hide_env_values = true)]
+    ca_pem: Option<String>,
     /// The HTTP listener.
     #[arg(long, default_value = "127.0.0.1:15001")]
     listen: SocketAddr,
@@ -573,7 +577,11 @@ fn main() -> ExitCode {
             labels: args.labels.iter().cloned().collect(),
             state_dir: args.state_dir.clone(),
             token_file: args.token_file.clone(),
-            ca_file: args.ca_file.clone(),
+            ca: match (&args.ca_file, &args.ca_pem) {
+                (Some(file), _) => Some(sluice_proxy::control_plane::Ca::File(file.clone())),
+                (None, Some(pem)) => Some(sluice_proxy::control_plane::Ca::Pem(pem.clone())),
+                (None, None) => None,
+            },
         };
         source.restore();
         control_plane = Some(source);

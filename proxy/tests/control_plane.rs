@@ -292,3 +292,121 @@ async fn proxies_outlive_the_control_plane_and_a_restarted_proxy_serves_the_pers
     assert!(ready.contains("from control-plane:"), "{ready}");
     cp.stop().await;
 }
+
+#[path = "../../control-plane/tests/support/fake_apiserver.rs"]
+mod fake_apiserver;
+
+/// A real proxy and a control plane as they run in a cluster: the control plane
+/// follows the (fake) cluster's TrafficPolicies and serves TLS off loopback (the
+/// certificate from its own CA), the proxy dials https with that CA and presents its
+/// ServiceAccount token, which the control plane checks with TokenReview.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_its_service_account_token_gets_policies_over_tls() {
+    let backend = upstream("shop").await;
+    let fake = Arc::new(fake_apiserver::FakeApiServer::default());
+    fake.add_token("sa-token", "sluice", "shop", "shop-proxy", "shop-7d4b9");
+    fake.add_token(
+        "api-token",
+        "https://kubernetes.default.svc",
+        "shop",
+        "shop-proxy",
+        "shop-7d4b9",
+    );
+    fake.add_policy(
+        "shop",
+        "shop",
+        serde_json::json!({"hosts": ["shop"], "backends": [{"address": backend.addr().to_string()}]}),
+    );
+    let (api, _) = fake.start().await;
+
+    let dir = TempDir::new();
+    let ca = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca).expect("ca");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("cert");
+    let (cert_path, key_path) = (
+        dir.write("tls.crt", &cert.pem()),
+        dir.write("tls.key", &key.serialize_pem()),
+    );
+    let static_token = dir.write("cli-token", "cli-secret\n");
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = start(
+        ServeConfig {
+            policies: None,
+            listen: "0.0.0.0:0".parse().expect("addr"),
+            tls: Some((cert_path, key_path)),
+            cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
+            token_file: Some(static_token),
+            kubernetes: Some(kube::Config::new(api.parse().expect("url"))),
+            token_review: Some("sluice".into()),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .expect("serve");
+    let url = format!("https://localhost:{}", running.addr.port());
+
+    // `=`: the PEM starts with dashes, which clap would take for a flag.
+    let ca_pem = format!("--ca-pem={}", ca_cert.pem());
+    let with_token = |token: &str, node: &str| {
+        let state = dir.path().join(format!("state-{node}"));
+        let token_file = dir.write(&format!("token-{node}"), token);
+        let args: Vec<String> = [
+            "--control-plane",
+            &url,
+            "--node-id",
+            node,
+            "--namespace",
+            "shop",
+            "--state-dir",
+            &state.display().to_string(),
+            "--token-file",
+            &token_file.display().to_string(),
+            &ca_pem,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        ProxyProcess::start_args(&args)
+    };
+    let proxy = with_token("sa-token", "shop-7d4b9");
+    proxy.wait_ready().await;
+    let response = get(proxy.listen_addr(), "shop", "/")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 200);
+    let status = running.store.status();
+    let seen = status
+        .proxies
+        .iter()
+        .find(|p| p.node_id == "shop-7d4b9")
+        .expect("listed");
+    assert_eq!(
+        (seen.namespace.as_str(), seen.service_account.as_str()),
+        ("shop", "shop-proxy")
+    );
+    assert_eq!(seen.authenticated_by, "token-review");
+
+    // A token for the Kubernetes API itself is no proof: refused, and the proxy
+    // says why in its log.
+    let refused = with_token("api-token", "shop-7d4b9");
+    eventually(
+        Duration::from_secs(10),
+        "the refusal in the proxy's log",
+        || {
+            let stderr = refused.stderr();
+            async move { stderr.contains("is invalid for the target audiences") }
+        },
+    )
+    .await;
+    let _ = stop.send(());
+}

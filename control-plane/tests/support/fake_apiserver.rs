@@ -5,8 +5,8 @@
 //!   table and answers as kube-apiserver does (201 either way; `authenticated`,
 //!   `audiences`, the ServiceAccount user and its pod, or an `error`). A token is
 //!   authenticated only when the review asks for its audience.
-//! - `GET …/trafficpolicies` (list, then watch): an empty list, and a watch that
-//!   stays open with nothing to say.
+//! - `GET …/trafficpolicies` (list, then watch): the TrafficPolicy objects it was
+//!   given, and a watch that stays open with nothing to say.
 //! - Anything else: 404 with a `Status`.
 //!
 //! Every TokenReview asked is recorded, so a test can check the audience sent.
@@ -38,6 +38,8 @@ pub struct FakeApiServer {
     /// Answer TokenReviews with 403, as an API server does for a control plane
     /// whose ClusterRole lacks `create tokenreviews`.
     pub forbid_reviews: Mutex<bool>,
+    /// The TrafficPolicy objects the list returns.
+    pub policies: Mutex<Vec<Value>>,
 }
 
 impl FakeApiServer {
@@ -62,6 +64,17 @@ impl FakeApiServer {
                     pod: pod.into(),
                 },
             );
+    }
+
+    /// Adds a TrafficPolicy (`spec` as JSON) named `namespace/name` to the list.
+    pub fn add_policy(&self, namespace: &str, name: &str, spec: Value) {
+        let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let rv = (policies.len() + 1).to_string();
+        policies.push(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": rv, "uid": format!("uid-{namespace}-{name}")},
+            "spec": spec,
+        }));
     }
 
     /// Serves on `listener` until the runtime ends.
@@ -99,9 +112,14 @@ impl FakeApiServer {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 false
             } else if method == "GET" && path.ends_with("/trafficpolicies") {
+                let items = self
+                    .policies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 let list = json!({
                     "apiVersion": "sluice.dev/v1alpha1", "kind": "TrafficPolicyList",
-                    "metadata": {"resourceVersion": "1"}, "items": [],
+                    "metadata": {"resourceVersion": (items.len() + 1).to_string()}, "items": items,
                 });
                 respond(&mut stream, 200, &list).await
             } else {
