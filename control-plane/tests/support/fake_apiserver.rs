@@ -11,6 +11,9 @@
 //!
 //! Every TokenReview asked is recorded, so a test can check the audience sent.
 
+// Each user (tests, the proxy's tests, the example program) uses its own subset.
+#![allow(dead_code)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
