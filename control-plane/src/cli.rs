@@ -119,6 +119,7 @@ pub fn serve(
     mut config: ServeConfig,
     kubernetes: bool,
     webhook: Option<(std::net::SocketAddr, (PathBuf, PathBuf))>,
+    inject: crate::inject::InjectOptions,
 ) -> ExitCode {
     // Before looking for a cluster: a usage error is reported as such even where
     // there is none. (`--kubernetes` with `--policies` is clap's to refuse.)
@@ -153,14 +154,8 @@ pub fn serve(
             let running = serve::start(config, until_stopped(stopped.clone())).await?;
             let hook = webhook.map(|(addr, (cert, key))| {
                 tokio::spawn(async move {
-                    crate::webhook::serve_webhook(
-                        addr,
-                        &cert,
-                        &key,
-                        crate::inject::InjectOptions::default(),
-                        until_stopped(stopped),
-                    )
-                    .await
+                    crate::webhook::serve_webhook(addr, &cert, &key, inject, until_stopped(stopped))
+                        .await
                 })
             });
             running.task.await??;

@@ -51,6 +51,36 @@ enum Output {
     Json,
 }
 
+/// How sidecars are injected (`inject`, `webhook`, `serve --webhook`).
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// Proxy image for pods without a `sluice.dev/proxy-image` annotation.
+    #[arg(long)]
+    image: Option<String>,
+    /// Control-plane URL for pods without a `sluice.dev/policy-configmap`.
+    #[arg(long)]
+    control_plane: Option<String>,
+    /// The control plane's CA (PEM, the ca.crt of its TLS Secret), given to the
+    /// proxies that follow it; required to inject those.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+impl InjectArgs {
+    fn options(self) -> Result<sluice_control_plane::inject::InjectOptions, ExitCode> {
+        let mut opts = sluice_control_plane::inject::InjectOptions::default();
+        opts.image = self.image.unwrap_or(opts.image);
+        opts.control_plane = self.control_plane.unwrap_or(opts.control_plane);
+        if let Some(path) = self.ca_file {
+            opts.ca_pem = Some(std::fs::read_to_string(&path).map_err(|e| {
+                eprintln!("sluice-cp: --ca-file {}: {e}", path.display());
+                ExitCode::FAILURE
+            })?);
+        }
+        Ok(opts)
+    }
+}
+
 /// The operational log of the long-running commands (`serve`, `webhook`).
 #[derive(clap::Args)]
 struct LogArgs {
@@ -112,6 +142,8 @@ enum Command {
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         webhook: Option<std::net::SocketAddr>,
         #[command(flatten)]
+        inject: InjectArgs,
+        #[command(flatten)]
         log: LogArgs,
     },
     /// Each connected proxy and the version it runs; the served version and source.
@@ -161,12 +193,8 @@ enum Command {
         /// Manifest file (multi-document YAML or a List); `-` reads stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
-        /// Proxy image for pods without a `sluice.dev/proxy-image` annotation.
-        #[arg(long)]
-        image: Option<String>,
-        /// Control-plane URL for pods without a `sluice.dev/policy-configmap`.
-        #[arg(long)]
-        control_plane: Option<String>,
+        #[command(flatten)]
+        inject: InjectArgs,
     },
     /// Serve the sidecar-injecting admission webhook over HTTPS.
     Webhook {
@@ -179,12 +207,8 @@ enum Command {
         /// PEM private key of that certificate.
         #[arg(long)]
         tls_key: PathBuf,
-        /// Proxy image for pods without a `sluice.dev/proxy-image` annotation.
-        #[arg(long)]
-        image: Option<String>,
-        /// Control-plane URL for pods without a `sluice.dev/policy-configmap`.
-        #[arg(long)]
-        control_plane: Option<String>,
+        #[command(flatten)]
+        inject: InjectArgs,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -203,11 +227,16 @@ fn main() -> ExitCode {
             token_review,
             token_audience,
             webhook,
+            inject,
             log,
         } => {
             if let Err(code) = log.init() {
                 return code;
             }
+            let inject = match inject.options() {
+                Ok(opts) => opts,
+                Err(code) => return code,
+            };
             let tls = tls_cert.zip(tls_key);
             sluice_control_plane::cli::serve(
                 sluice_control_plane::serve::ServeConfig {
@@ -221,6 +250,7 @@ fn main() -> ExitCode {
                 },
                 kubernetes,
                 webhook.zip(tls),
+                inject,
             )
         }
         Command::Crd => {
@@ -241,31 +271,24 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::SloRules { path } => sluice_control_plane::slo::run(path),
-        Command::Inject {
-            file,
-            image,
-            control_plane,
-        } => {
-            let mut opts = sluice_control_plane::inject::InjectOptions::default();
-            opts.image = image.unwrap_or(opts.image);
-            opts.control_plane = control_plane.unwrap_or(opts.control_plane);
-            sluice_control_plane::inject::run(&file, &opts)
-        }
+        Command::Inject { file, inject } => match inject.options() {
+            Ok(opts) => sluice_control_plane::inject::run(&file, &opts),
+            Err(code) => code,
+        },
         Command::Webhook {
             listen,
             tls_cert,
             tls_key,
-            image,
-            control_plane,
+            inject,
             log,
         } => {
             if let Err(code) = log.init() {
                 return code;
             }
-            let mut opts = sluice_control_plane::inject::InjectOptions::default();
-            opts.image = image.unwrap_or(opts.image);
-            opts.control_plane = control_plane.unwrap_or(opts.control_plane);
-            sluice_control_plane::webhook::run(listen, &tls_cert, &tls_key, opts)
+            match inject.options() {
+                Ok(opts) => sluice_control_plane::webhook::run(listen, &tls_cert, &tls_key, opts),
+                Err(code) => code,
+            }
         }
     }
 }

@@ -26,7 +26,8 @@ fn fixtures() -> Vec<PathBuf> {
 fn opts() -> InjectOptions {
     InjectOptions {
         image: "ghcr.io/sluice/sluice:test".into(),
-        control_plane: "http://sluice-control-plane.sluice-system.svc:15010".into(),
+        control_plane: "https://sluice-control-plane.sluice-system.svc:15010".into(),
+        ca_pem: Some("-----BEGIN CERTIFICATE-----\nTEST-CA\n-----END CERTIFICATE-----\n".into()),
     }
 }
 
@@ -200,7 +201,17 @@ fn cli_reads_a_file_or_stdin_and_fails_with_the_reason() {
     let file = dir().join("pod.yaml");
     let text = std::fs::read_to_string(&file).expect("fixture");
     let path = file.to_str().expect("utf-8 path");
-    let args = ["inject", "--image", "ghcr.io/sluice/sluice:test", "-f"];
+    let ca = std::env::temp_dir().join(format!("sluice-inject-ca-{}.crt", std::process::id()));
+    std::fs::write(&ca, opts().ca_pem.expect("test CA")).expect("CA file");
+    let ca = ca.to_str().expect("utf-8 path").to_owned();
+    let args = [
+        "inject",
+        "--image",
+        "ghcr.io/sluice/sluice:test",
+        "--ca-file",
+        &ca,
+        "-f",
+    ];
     let (code, from_file, stderr) = sluice_cp(&[&args[..], &[path]].concat(), "");
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(from_file, inject(&text));
@@ -221,4 +232,9 @@ fn cli_reads_a_file_or_stdin_and_fails_with_the_reason() {
         stderr.contains("cannot read /no/such/file.yaml"),
         "{stderr}"
     );
+    // A pod that follows the control plane needs its CA, and the error says how.
+    let (code, _, stderr) = sluice_cp(&["inject", "-f", path], "");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--ca-file"), "{stderr}");
+    assert!(stderr.contains("sluice.dev/policy-configmap"), "{stderr}");
 }

@@ -31,7 +31,8 @@ struct Harness {
 fn opts() -> InjectOptions {
     InjectOptions {
         image: "ghcr.io/sluice/sluice:test".into(),
-        control_plane: "http://sluice-control-plane.sluice-system.svc:15010".into(),
+        control_plane: "https://sluice-control-plane.sluice-system.svc:15010".into(),
+        ca_pem: Some("-----BEGIN CERTIFICATE-----\nTEST-CA\n-----END CERTIFICATE-----\n".into()),
     }
 }
 

@@ -33,8 +33,9 @@ pub use annotations::{
     PROXY_MEMORY_REQUEST, SKIP_INBOUND_PORTS, SKIP_OUTBOUND_CIDRS, SKIP_OUTBOUND_PORTS,
 };
 pub use patch::{
-    drain_timeout_seconds, patch_for_pod, ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, OUTBOUND_PORT,
-    POLICY_MOUNT, POLICY_VOLUME, PROXY_CONTAINER, PROXY_UID,
+    drain_timeout_seconds, patch_for_pod, ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, INJECTED_LABEL,
+    OUTBOUND_PORT, POLICY_MOUNT, POLICY_VOLUME, PROXY_CONTAINER, PROXY_UID, TELEMETRY_PORT,
+    TOKEN_AUDIENCE, TOKEN_MOUNT,
 };
 
 /// Cluster-wide injection settings; pod annotations override the image.
@@ -44,13 +45,17 @@ pub struct InjectOptions {
     pub image: String,
     /// The control plane's policy stream, for pods without a policy ConfigMap.
     pub control_plane: String,
+    /// The CA (PEM) of the control plane's certificate, given to those pods'
+    /// proxies (`$SLUICE_CA_PEM`); required for them.
+    pub ca_pem: Option<String>,
 }
 
 impl Default for InjectOptions {
     fn default() -> Self {
         Self {
             image: format!("ghcr.io/sluice/sluice:{}", env!("CARGO_PKG_VERSION")),
-            control_plane: "http://sluice-control-plane.sluice-system.svc:15010".to_owned(),
+            control_plane: "https://sluice-control-plane.sluice-system.svc:15010".to_owned(),
+            ca_pem: None,
         }
     }
 }
@@ -68,6 +73,12 @@ pub enum InjectError {
     },
     #[error("the pod template is not a valid pod: {0}")]
     PodTemplate(String),
+    #[error(
+        "the pod follows the control plane, whose certificate its proxy must check: give the \
+         control plane's CA (--ca-file, the ca.crt of its TLS Secret), or give the pod a policy \
+         ConfigMap (annotation sluice.dev/policy-configmap)"
+    )]
+    NoControlPlaneCa,
     #[error("document {index} ({kind} {name}): {source}")]
     Document {
         /// 1-based, in input order.

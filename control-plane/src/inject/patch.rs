@@ -12,8 +12,8 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -37,7 +37,21 @@ pub const INBOUND_POLICY_ANNOTATION: &str = "sluice.dev/inbound-policy";
 /// Where the policy ConfigMap is mounted in the proxy.
 pub const POLICY_MOUNT: &str = "/etc/sluice/policy";
 
+/// The proxy's admin listener, on loopback only: `/config_dump` shows every policy.
 pub const ADMIN_PORT: u16 = 15000;
+/// Probes and Prometheus on the pod IP: `/live`, `/ready`, `/metrics` only. The one
+/// port inbound interception leaves alone.
+pub const TELEMETRY_PORT: u16 = 15020;
+/// The projected ServiceAccount token the proxy presents to the control plane.
+pub const TOKEN_VOLUME: &str = "sluice-token";
+pub const TOKEN_MOUNT: &str = "/var/run/secrets/sluice";
+/// The audience of that token: the control plane asks TokenReview for it.
+pub const TOKEN_AUDIENCE: &str = "sluice";
+/// How long a token lives; the kubelet renews it at 80% of this, and the proxy
+/// reads the file again at each connection.
+pub const TOKEN_SECONDS: i64 = 3600;
+/// Marks an injected pod (what the shipped PodMonitor selects).
+pub const INJECTED_LABEL: &str = "sluice.dev/proxy";
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 pub const PROXY_UID: i64 = 1337;
@@ -81,6 +95,16 @@ pub fn patch_for_pod(pod: &Pod, opts: &InjectOptions) -> Result<Vec<PatchOperati
     if pod.metadata == Default::default() {
         ops.push(add(&["metadata"], json!({})));
     }
+    match &pod.metadata.labels {
+        None => ops.push(add(
+            &["metadata", "labels"],
+            json!({INJECTED_LABEL: "injected"}),
+        )),
+        Some(_) => ops.push(add(
+            &["metadata", "labels", INJECTED_LABEL],
+            json!("injected"),
+        )),
+    }
     match &pod.metadata.annotations {
         None => ops.push(add(
             &["metadata", "annotations"],
@@ -103,25 +127,45 @@ pub fn patch_for_pod(pod: &Pod, opts: &InjectOptions) -> Result<Vec<PatchOperati
             ops.push(add(&["spec", "initContainers", "1"], proxy));
         }
     }
-    let volume = match policy_configmap {
-        Some(name) => Volume {
+    let volumes = match policy_configmap {
+        Some(name) => vec![Volume {
             name: POLICY_VOLUME.to_owned(),
             config_map: Some(ConfigMapVolumeSource {
                 name: name.clone(),
                 ..Default::default()
             }),
             ..Default::default()
-        },
-        None => Volume {
-            name: STATE_VOLUME.to_owned(),
-            empty_dir: Some(Default::default()),
-            ..Default::default()
-        },
+        }],
+        None => vec![
+            Volume {
+                name: STATE_VOLUME.to_owned(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            },
+            Volume {
+                name: TOKEN_VOLUME.to_owned(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(vec![VolumeProjection {
+                        service_account_token: Some(ServiceAccountTokenProjection {
+                            audience: Some(TOKEN_AUDIENCE.to_owned()),
+                            expiration_seconds: Some(TOKEN_SECONDS),
+                            path: "token".to_owned(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ],
     };
-    let volume = to_value(&volume)?;
-    match &spec.volumes {
-        None => ops.push(add(&["spec", "volumes"], json!([volume]))),
-        Some(_) => ops.push(add(&["spec", "volumes", "-"], volume)),
+    for (i, volume) in volumes.iter().enumerate() {
+        let volume = to_value(volume)?;
+        match &spec.volumes {
+            None if i == 0 => ops.push(add(&["spec", "volumes"], json!([volume]))),
+            _ => ops.push(add(&["spec", "volumes", "-"], volume)),
+        }
     }
     Ok(ops)
 }
@@ -137,12 +181,12 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError> {
     serde_json::to_value(v).map_err(|e| InjectError::Internal(e.to_string()))
 }
 
-/// Prometheus scrape annotations for the proxy's admin port; an application's own
+/// Prometheus scrape annotations for the proxy's telemetry port; an application's own
 /// `prometheus.io/*` annotations are left as they are (they win).
 fn scrape_annotations(existing: &BTreeMap<String, String>) -> serde_json::Map<String, Value> {
     [
         ("prometheus.io/scrape", "true".to_owned()),
-        ("prometheus.io/port", ADMIN_PORT.to_string()),
+        ("prometheus.io/port", TELEMETRY_PORT.to_string()),
         ("prometheus.io/path", "/metrics".to_owned()),
     ]
     .into_iter()
@@ -198,12 +242,19 @@ fn proxy_container(
     }
     args.extend([
         "--transparent".into(),
-        // Probes and Prometheus reach the admin port from outside the pod.
+        // The admin listener stays in the pod; probes and Prometheus reach the
+        // telemetry listener, which serves nothing else.
         "--admin".into(),
-        format!("0.0.0.0:{ADMIN_PORT}"),
+        format!("127.0.0.1:{ADMIN_PORT}"),
+        "--telemetry".into(),
+        format!("0.0.0.0:{TELEMETRY_PORT}"),
         "--drain-timeout".into(),
         format!("{}s", drain_timeout_seconds(grace)),
     ]);
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ];
     let volume_mounts = if from_configmap {
         args.extend(["--policy".into(), POLICY_MOUNT.into()]);
         Some(vec![VolumeMount {
@@ -213,6 +264,9 @@ fn proxy_container(
             ..Default::default()
         }])
     } else {
+        // The control plane serves TLS and recognises the proxy by its projected
+        // ServiceAccount token; the node id is the pod's name, as the token's.
+        let ca = opts.ca_pem.clone().ok_or(InjectError::NoControlPlaneCa)?;
         args.extend([
             "--control-plane".into(),
             opts.control_plane.clone(),
@@ -220,12 +274,27 @@ fn proxy_container(
             "$(POD_NAME)".into(),
             "--state-dir".into(),
             STATE_MOUNT.into(),
+            "--token-file".into(),
+            format!("{TOKEN_MOUNT}/token"),
         ]);
-        Some(vec![VolumeMount {
-            name: STATE_VOLUME.to_owned(),
-            mount_path: STATE_MOUNT.to_owned(),
+        env.push(EnvVar {
+            name: "SLUICE_CA_PEM".to_owned(),
+            value: Some(ca),
             ..Default::default()
-        }])
+        });
+        Some(vec![
+            VolumeMount {
+                name: STATE_VOLUME.to_owned(),
+                mount_path: STATE_MOUNT.to_owned(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: TOKEN_VOLUME.to_owned(),
+                mount_path: TOKEN_MOUNT.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ])
     };
     let resources = ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -261,7 +330,7 @@ fn proxy_container(
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            port: IntOrString::Int(i32::from(TELEMETRY_PORT)),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -277,17 +346,17 @@ fn proxy_container(
         // A native sidecar: started before the app, kept running, stopped after it.
         restart_policy: Some("Always".to_owned()),
         ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
-            name: Some("sluice-admin".to_owned()),
-            container_port: i32::from(ADMIN_PORT),
+            name: Some("sluice-metrics".to_owned()),
+            container_port: i32::from(TELEMETRY_PORT),
             protocol: Some("TCP".to_owned()),
             ..Default::default()
         }]),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-        ]),
-        // Up to two minutes to load a policy before the app may start.
+        env: Some(env),
+        // Up to two minutes to load a policy before the app may start; then out of
+        // the Service while not ready (a policy lost and not yet back), restarted
+        // when not alive.
         startup_probe: Some(probe("/ready", 1, 120)),
+        readiness_probe: Some(probe("/ready", 5, 3)),
         liveness_probe: Some(probe("/live", 10, 3)),
         resources: Some(resources),
         security_context: Some(SecurityContext {
@@ -342,8 +411,10 @@ fn init_container(
         INBOUND_PORT.to_string(),
         "--proxy-uid".into(),
         PROXY_UID.to_string(),
+        // The port inbound interception leaves alone: the kubelet's probes and
+        // Prometheus reach the telemetry listener there.
         "--admin-port".into(),
-        ADMIN_PORT.to_string(),
+        TELEMETRY_PORT.to_string(),
     ];
     for (flag, value) in [
         (
