@@ -138,6 +138,14 @@ enum Command {
         /// The audience proxies' tokens must be for (the sidecar's projected token).
         #[arg(long, default_value = sluice_control_plane::auth::DEFAULT_AUDIENCE)]
         token_audience: String,
+        /// A ServiceAccount (`NAMESPACE/NAME`) whose token may make the operator's
+        /// calls (status, history, diff, rollback); repeatable.
+        #[arg(
+            long = "operator",
+            value_name = "NAMESPACE/NAME",
+            requires = "token_review"
+        )]
+        operators: Vec<String>,
         /// Also serve the sidecar-injecting admission webhook (HTTPS) here.
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         webhook: Option<std::net::SocketAddr>,
@@ -226,6 +234,7 @@ fn main() -> ExitCode {
             kubernetes,
             token_review,
             token_audience,
+            operators,
             webhook,
             inject,
             log,
@@ -247,6 +256,7 @@ fn main() -> ExitCode {
                     token_file,
                     kubernetes: None,
                     token_review: token_review.then_some(token_audience),
+                    operators,
                 },
                 kubernetes,
                 webhook.zip(tls),

@@ -56,6 +56,9 @@ pub struct ServeConfig {
     /// Recognise proxies by their ServiceAccount tokens for this audience, through
     /// the Kubernetes TokenReview API (needs `kubernetes`).
     pub token_review: Option<String>,
+    /// ServiceAccounts (`namespace/name`) whose tokens may make the operator's calls
+    /// (status, history, diff, rollback), besides the static token.
+    pub operators: Vec<String>,
 }
 
 /// A [`ServeConfig`] that cannot be served as given: the operator has to change
@@ -254,6 +257,7 @@ pub async fn start(
         nonce: AtomicU64::new(0),
         stopping: stopping.clone(),
         auth,
+        operators: config.operators.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -376,19 +380,30 @@ struct Discovery {
     nonce: AtomicU64,
     stopping: tokio::sync::watch::Receiver<bool>,
     auth: Arc<Authenticator>,
+    operators: Vec<String>,
 }
 
 impl Discovery {
-    /// The operator's calls (status, history, rollback): the static token or a
-    /// loopback caller, never a proxy's ServiceAccount token (any pod of the mesh
-    /// has one, and must not roll the mesh back).
+    /// The operator's calls (status, history, rollback): the static token, a
+    /// loopback caller, or a ServiceAccount named by `--operator`; never another
+    /// ServiceAccount's token (every pod of the mesh has one, and none may roll
+    /// the mesh back).
     async fn operator(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        match self.auth.authenticate(metadata).await?.via {
-            Via::TokenReview => Err(Status::permission_denied(
-                "a proxy's ServiceAccount token only subscribes to policies; status, history \
-                 and rollback take the control plane's --token-file token",
-            )),
+        let identity = self.auth.authenticate(metadata).await?;
+        match identity.via {
             Via::Loopback | Via::StaticToken => Ok(()),
+            Via::TokenReview => {
+                let subject = format!("{}/{}", identity.namespace, identity.service_account);
+                if self.operators.contains(&subject) {
+                    Ok(())
+                } else {
+                    Err(Status::permission_denied(format!(
+                        "{subject} may only subscribe to policies; status, history and \
+                         rollback take an --operator ServiceAccount's token or the \
+                         control plane's --token-file token"
+                    )))
+                }
+            }
         }
     }
 }

@@ -33,6 +33,7 @@ async fn serve(
         token_file: None,
         kubernetes: None,
         token_review: None,
+        operators: Vec::new(),
     };
     config(&mut c);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

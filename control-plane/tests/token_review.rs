@@ -140,6 +140,7 @@ mod through_the_api {
             token_file: Some(token_file),
             kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
             token_review: Some("sluice".into()),
+            operators: vec!["sluice-system/sluice-operator".into()],
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = start(config, async {
@@ -240,6 +241,7 @@ mod through_the_api {
     async fn a_proxys_token_does_not_open_the_operators_calls() {
         let fake = Arc::new(FakeApiServer::default());
         fake.add_token("good", "sluice", "shop", "reviews", "reviews-1");
+        fake.add_token("ops", "sluice", "sluice-system", "sluice-operator", "");
         let (running, _stop) = control_plane(&fake).await;
         let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
             .await
@@ -263,5 +265,9 @@ mod through_the_api {
             .get_status(ask("cli-secret"))
             .await
             .expect("the static token works");
+        client
+            .get_status(ask("ops"))
+            .await
+            .expect("an --operator ServiceAccount's token works");
     }
 }

@@ -46,6 +46,7 @@ impl ControlPlane {
                 token_file: None,
                 kubernetes: None,
                 token_review: None,
+                operators: Vec::new(),
             };
             match start(config, async {
                 let _ = stopped.await;
@@ -346,6 +347,7 @@ async fn a_proxy_with_its_service_account_token_gets_policies_over_tls() {
             token_file: Some(static_token),
             kubernetes: Some(kube::Config::new(api.parse().expect("url"))),
             token_review: Some("sluice".into()),
+            operators: Vec::new(),
         },
         async {
             let _ = stopped.await;
