@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::{
-    free_port, get, h2c_backend, log_lines, metrics, metrics_once, replace, sample, send_raw,
-    start, upstream, version, wait_new_version, HttpClient, ProxyProcess, TempDir,
+    get, h2c_backend, log_lines, metrics, metrics_once, replace, sample, send_raw, start, upstream,
+    version, wait_new_version, HttpClient, ProxyProcess, TempDir,
 };
 
 /// One policy named `shop` for host `shop`, with `backends` and the `routes` YAML.
@@ -224,7 +224,9 @@ async fn splits_every_hundred_requests_exactly_ninety_ten() {
 #[tokio::test]
 async fn skips_a_refusing_backend_and_answers_502_when_none_is_reachable() {
     let a = upstream("a").await;
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    // A privileged port nothing in these tests binds: a port probed free and
+    // released could be given to another test's listener meanwhile, and answer.
+    let dead: SocketAddr = ([127, 0, 0, 1], 1).into();
     let dir = TempDir::new();
     let proxy = start(
         &dir,
