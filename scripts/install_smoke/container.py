@@ -188,9 +188,10 @@ class Container:
                 '*) mount -n -o remount,bind,ro "$m" 2>/dev/null || true ;; esac; done'
             )
         for src, target, ro in binds:
+            # A bind takes the flags of the mount it comes from (read-only once the root
+            # is): set them as the volumeMount says.
             lines.append(f"run mount -n --bind {q(src)} {q(target)}")
-            if ro:
-                lines.append(f"run mount -n -o remount,bind,ro {q(target)}")
+            lines.append(f"run mount -n -o remount,bind,{'ro' if ro else 'rw'} {q(target)}")
         lines.append('exec "$@"')
         return "\n".join(lines)
 
