@@ -1,5 +1,6 @@
-//! A fake Kubernetes API server for tests and for `scripts/k8s-test`: plain HTTP
-//! on loopback, answering what the control plane asks of a real one.
+//! A fake Kubernetes API server for tests and for `scripts/k8s-test` (as the program
+//! `examples/fake-apiserver.rs`): plain HTTP, answering what the control plane asks
+//! of a real one.
 //!
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: looks the token up in its
 //!   table and answers as kube-apiserver does (201 either way; `authenticated`,
