@@ -87,10 +87,12 @@ def image_defaults(dockerfile):
     return entrypoint, (uid, int(gid) if gid.isdigit() else uid)
 
 
-def sources(root, kubectl, bin_dir, out):
+def sources(root, kubectl, bin_dir, out, ca_file):
     """(source, objects) of every cluster to run: each kustomization under k8s/; the
     output of `sluice-cp inject` over each render that labels a namespace for
-    injection; and the injected CONTROL_PLANE_SOURCED beside k8s/base."""
+    injection; and the injected CONTROL_PLANE_SOURCED beside k8s/base. `ca_file`:
+    the CA of the control plane's TLS Secret, given to inject as an operator would
+    (k8s/README.md), so injected proxies can check the control plane."""
     renders, clusters = [], []
     files = sorted(set(glob.glob(os.path.join(root, "k8s", "**", "kustomization.y*ml"), recursive=True)))
     for f in files:
@@ -109,7 +111,7 @@ def sources(root, kubectl, bin_dir, out):
         if enabled:
             injected = os.path.join(out, d.replace("/", "_") + "-injected.yaml")
             with open(injected, "w") as fh:
-                fh.write(run([cp, "inject", "-f", path]))
+                fh.write(run([cp, "inject", "--ca-file", ca_file, "-f", path]))
             clusters.append((f"inject:{d}", read_objects(kubectl, injected)))
     base = next((objects for d, _, objects in renders if d == "k8s/base"), None)
     if base is None:
@@ -119,6 +121,6 @@ def sources(root, kubectl, bin_dir, out):
         json.dump(CONTROL_PLANE_SOURCED, fh, indent=2)
     injected = os.path.join(out, "smoke-app-injected.yaml")
     with open(injected, "w") as fh:
-        fh.write(run([cp, "inject", "-f", template]))
+        fh.write(run([cp, "inject", "--ca-file", ca_file, "-f", template]))
     clusters.append(("inject:smoke-app", base + read_objects(kubectl, injected)))
     return clusters
