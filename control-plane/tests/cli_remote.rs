@@ -50,6 +50,8 @@ async fn status_diff_history_and_rollback_work_against_a_server() {
         token_file: None,
         kubernetes: None,
         token_review: None,
+        telemetry: None,
+        webhook: None,
     };
     let running = start(config, async {
         let _ = stopped.await;

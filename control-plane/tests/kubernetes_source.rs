@@ -144,6 +144,8 @@ async fn follows_custom_resources_through_a_broken_watch() {
         token_file: None,
         kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
         token_review: None,
+        telemetry: None,
+        webhook: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = start(config, async {

@@ -33,6 +33,8 @@ async fn serve(
         token_file: None,
         kubernetes: None,
         token_review: None,
+        telemetry: None,
+        webhook: None,
     };
     config(&mut c);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -140,6 +140,8 @@ mod through_the_api {
             token_file: Some(token_file),
             kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
             token_review: Some("sluice".into()),
+            telemetry: None,
+            webhook: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = start(config, async {

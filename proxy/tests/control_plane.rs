@@ -46,6 +46,8 @@ impl ControlPlane {
                 token_file: None,
                 kubernetes: None,
                 token_review: None,
+                telemetry: None,
+                webhook: None,
             };
             match start(config, async {
                 let _ = stopped.await;
@@ -346,6 +348,8 @@ async fn a_proxy_with_its_service_account_token_gets_policies_over_tls() {
             token_file: Some(static_token),
             kubernetes: Some(kube::Config::new(api.parse().expect("url"))),
             token_review: Some("sluice".into()),
+            telemetry: None,
+            webhook: None,
         },
         async {
             let _ = stopped.await;
