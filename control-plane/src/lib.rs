@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod diff;
+mod discovery;
 pub mod inject;
 pub mod kubernetes;
 pub mod metrics;

@@ -4,8 +4,8 @@
 //! ConfigMap mounts) and, with `--kubernetes`, the `TrafficPolicy` custom resources.
 //! Every change is validated with the `policy` crate; an invalid one is refused as a
 //! whole and the served version stays. Proxies subscribe over gRPC
-//! (`PolicyDiscovery.StreamPolicies`) and get every accepted snapshot, answering
-//! each with an ACK or a NACK.
+//! (`PolicyDiscovery.StreamPolicies`, in [`crate::discovery`]) and get every
+//! accepted snapshot, answering each with an ACK or a NACK.
 //!
 //! Security: on a loopback address the API is open to local processes (the
 //! sidecar's own node); on any other address it refuses to start without TLS and a
@@ -16,16 +16,14 @@
 //! start; and [`Running::wait`] ends with an error when the API or the webhook stops
 //! before shutdown, so `serve` never runs on with half of itself.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use futures::Stream;
 use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_policy::watch::{is_policy_entry, settle};
 use sluice_policy::{Checked, PolicyErrors, PolicySet};
@@ -35,11 +33,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
-use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::policy_discovery_server::{PolicyDiscovery, PolicyDiscoveryServer};
-use crate::api::{self, DiscoveryRequest};
-use crate::auth::{Authenticator, Identity, TokenReviewer, Via};
+use crate::api::policy_discovery_server::PolicyDiscoveryServer;
+use crate::auth::{Authenticator, TokenReviewer};
+use crate::discovery::Discovery;
 use crate::inject::InjectOptions;
 use crate::metrics::Metrics;
 use crate::store::{Offer, Store};
@@ -352,8 +349,6 @@ pub async fn start(
         shutdown.await;
         let _ = stop.send(true);
     });
-    // Callers are checked in each call, not by an interceptor: a TokenReview is a
-    // request to the Kubernetes API, and tonic's interceptors cannot wait.
     let service = PolicyDiscoveryServer::new(Discovery {
         store: Arc::clone(&store),
         nonce: AtomicU64::new(0),
@@ -505,211 +500,4 @@ fn watch_dir(
             }
         })?;
     Ok(watcher)
-}
-
-struct Discovery {
-    store: Arc<Store>,
-    nonce: AtomicU64,
-    stopping: tokio::sync::watch::Receiver<bool>,
-    auth: Arc<Authenticator>,
-    metrics: Metrics,
-}
-
-impl Discovery {
-    /// The operator's calls (status, history, rollback): the static token or a
-    /// loopback caller, never a proxy's ServiceAccount token (any pod of the mesh
-    /// has one, and must not roll the mesh back).
-    async fn operator(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        match self.auth.authenticate(metadata).await?.via {
-            Via::TokenReview => Err(Status::permission_denied(
-                "a proxy's ServiceAccount token only subscribes to policies; status, history \
-                 and rollback take the control plane's --token-file token",
-            )),
-            Via::Loopback | Via::StaticToken => Ok(()),
-        }
-    }
-}
-
-/// Whether a subscriber is who its token says: the namespace it claims and its
-/// node id (the pod, for injected sidecars) must be the token's, so no pod can
-/// speak for another.
-fn matches_identity(identity: &Identity, node: &str, namespace: &str) -> Result<(), Status> {
-    if identity.via != Via::TokenReview {
-        return Ok(());
-    }
-    if !namespace.is_empty() && namespace != identity.namespace {
-        return Err(Status::permission_denied(format!(
-            "the proxy says it is in namespace {namespace:?}, its token is for {:?}",
-            identity.namespace
-        )));
-    }
-    if let Some(pod) = identity.pod.as_deref().filter(|p| *p != node) {
-        return Err(Status::permission_denied(format!(
-            "node id {node:?} is not the token's pod {pod:?}: run the proxy with --node-id $(POD_NAME)"
-        )));
-    }
-    Ok(())
-}
-
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl PolicyDiscovery for Discovery {
-    type StreamPoliciesStream = SnapshotStream;
-
-    async fn stream_policies(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SnapshotStream>, Status> {
-        let identity = self.auth.authenticate(request.metadata()).await?;
-        let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream must start with a subscribe message")
-        })?;
-        let node = first.node_id.clone();
-        if node.is_empty() || node.len() > MAX_NODE_ID {
-            return Err(Status::invalid_argument(format!(
-                "node_id must be 1..={MAX_NODE_ID} characters"
-            )));
-        }
-        matches_identity(&identity, &node, &first.namespace)?;
-        let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
-        if self
-            .store
-            .connected(&node, labels, first.namespace, first.version, &identity)
-        {
-            self.metrics.proxies_connected.inc();
-        }
-        tracing::info!(
-            node = node.as_str(),
-            version = first.version,
-            namespace = identity.namespace.as_str(),
-            service_account = identity.service_account.as_str(),
-            authenticated_by = identity.via.as_str(),
-            "proxy connected"
-        );
-
-        // A few snapshots in flight are plenty: the watch always holds the latest.
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let store = Arc::clone(&self.store);
-        let mut snapshots = store.subscribe();
-        let base = self.nonce.fetch_add(1 << 20, Ordering::Relaxed);
-        let mut stopping = self.stopping.clone();
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let mut sent: u64 = 0;
-            let mut outstanding: Vec<(String, u64)> = Vec::new();
-            let mut next = snapshots.borrow_and_update().clone();
-            // Ends when the proxy hangs up or the server shuts down.
-            loop {
-                if let Some(snapshot) = next.take() {
-                    sent += 1;
-                    let nonce = format!("{:x}", base + sent);
-                    outstanding.push((nonce.clone(), snapshot.version));
-                    if outstanding.len() > 8 {
-                        outstanding.remove(0);
-                    }
-                    if tx.send(Ok(snapshot.to_api(nonce))).await.is_err() {
-                        break;
-                    }
-                    metrics.pushes.inc();
-                }
-                tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => break,
-                    changed = snapshots.changed() => match changed {
-                        Ok(()) => next = snapshots.borrow_and_update().clone(),
-                        Err(_) => break,
-                    },
-                    message = inbound.message() => match message {
-                        Ok(Some(reply)) => {
-                            let version = outstanding
-                                .iter()
-                                .find(|(n, _)| *n == reply.response_nonce)
-                                .map_or(reply.version, |(_, v)| *v);
-                            if reply.error.is_empty() {
-                                metrics.acks.inc();
-                                store.acked(&node, reply.version);
-                            } else {
-                                metrics.nacks.inc();
-                                tracing::warn!(
-                                    node = node.as_str(),
-                                    version,
-                                    error = reply.error.as_str(),
-                                    "proxy refused a snapshot"
-                                );
-                                store.nacked(&node, version, reply.error);
-                            }
-                        }
-                        Ok(None) | Err(_) => break,
-                    },
-                }
-            }
-            if store.disconnected(&node) {
-                metrics.proxies_connected.dec();
-            }
-            tracing::info!(node = node.as_str(), "proxy disconnected");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn get_status(
-        &self,
-        request: Request<api::StatusRequest>,
-    ) -> Result<Response<api::StatusResponse>, Status> {
-        self.operator(request.metadata()).await?;
-        Ok(Response::new(self.store.status()))
-    }
-
-    async fn get_current(
-        &self,
-        request: Request<api::CurrentRequest>,
-    ) -> Result<Response<api::Snapshot>, Status> {
-        self.operator(request.metadata()).await?;
-        let current = self
-            .store
-            .current()
-            .ok_or_else(|| Status::not_found("nothing is served yet"))?;
-        Ok(Response::new(current.to_api(String::new())))
-    }
-
-    async fn get_history(
-        &self,
-        request: Request<api::HistoryRequest>,
-    ) -> Result<Response<api::HistoryResponse>, Status> {
-        self.operator(request.metadata()).await?;
-        let entries = self
-            .store
-            .history()
-            .iter()
-            .map(|s| api::HistoryEntry {
-                version: s.version,
-                content_hash: s.content_hash.clone(),
-                source: s.source.clone(),
-                accepted_at_ms: s.accepted_at_ms,
-                policies: s.policies as u32,
-            })
-            .collect();
-        Ok(Response::new(api::HistoryResponse { entries }))
-    }
-
-    async fn rollback(
-        &self,
-        request: Request<api::RollbackRequest>,
-    ) -> Result<Response<api::RollbackResponse>, Status> {
-        self.operator(request.metadata()).await?;
-        let to = request.into_inner().to_version;
-        let served = self
-            .store
-            .rollback(to)
-            .map_err(Status::failed_precondition)?;
-        self.metrics.served(served.version);
-        tracing::warn!(
-            version = served.version,
-            source = served.source.as_str(),
-            "rolled back"
-        );
-        Ok(Response::new(api::RollbackResponse {
-            served: Some(served.to_api(String::new())),
-        }))
-    }
 }
