@@ -68,8 +68,9 @@ pub enum Outcome {
     Unchanged,
     /// Denied: the pod asks for something that cannot be done (a bad annotation).
     Refused,
-    /// The request could not be answered (not an AdmissionReview, too large, too
-    /// slow, a pod that does not parse): the API server applies `failurePolicy`.
+    /// The request itself could not be used: not an AdmissionReview, too large or
+    /// too slow (an HTTP error: the API server applies `failurePolicy`), or a pod
+    /// that does not parse (denied).
     Error,
 }
 
