@@ -114,13 +114,9 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// `sluice-cp serve`: the API (and the webhook, when asked) until SIGTERM / SIGINT.
-pub fn serve(
-    mut config: ServeConfig,
-    kubernetes: bool,
-    webhook: Option<(std::net::SocketAddr, (PathBuf, PathBuf))>,
-    inject: crate::inject::InjectOptions,
-) -> ExitCode {
+/// `sluice-cp serve`: the API (and the webhook and telemetry, when asked) until
+/// SIGTERM / SIGINT; exit code 1 when any of them cannot start or stops early.
+pub fn serve(mut config: ServeConfig, kubernetes: bool) -> ExitCode {
     // Before looking for a cluster: a usage error is reported as such even where
     // there is none. (`--kubernetes` with `--policies` is clap's to refuse.)
     if let Err(e) = config.check() {
@@ -148,21 +144,12 @@ pub fn serve(
                 tracing::info!("shutting down");
                 let _ = stop.send(true);
             });
-            let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            let running = serve::start(config, until_stopped(stopped.clone())).await?;
-            let hook = webhook.map(|(addr, (cert, key))| {
-                tokio::spawn(async move {
-                    crate::webhook::serve_webhook(addr, &cert, &key, inject, until_stopped(stopped))
-                        .await
-                })
-            });
-            running.task.await??;
-            if let Some(hook) = hook {
-                hook.await??;
-            }
-            Ok(())
+            let mut stopped = stopped;
+            let running = serve::start(config, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await?;
+            running.wait().await
         })
     }))
 }

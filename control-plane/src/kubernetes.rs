@@ -18,13 +18,17 @@ use kube::runtime::WatchStreamExt;
 use serde_json::{json, Map, Value};
 use sluice_policy::spec::PolicyBodySpec;
 
+use crate::metrics::Metrics;
 use crate::serve::{log_warnings, split_warnings};
 use crate::store::Store;
+use crate::telemetry::Readiness;
 
 pub const GROUP: &str = "sluice.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "TrafficPolicy";
 pub const PLURAL: &str = "trafficpolicies";
+/// Why `/ready` waits, until the first list of the resources completes.
+pub const NOT_LISTED: &str = "the TrafficPolicy resources have not been listed yet";
 
 /// Rewrites a schemars schema into a Kubernetes *structural* schema: `$ref`s
 /// inlined, nullable types expressed with `nullable`, and the JSON-Schema-only
@@ -177,7 +181,7 @@ fn document(object: &DynamicObject) -> Value {
 }
 
 /// Validates every resource together and offers the set to the store.
-fn offer(store: &Store, objects: &BTreeMap<(String, String), DynamicObject>) {
+fn offer(store: &Store, metrics: &Metrics, objects: &BTreeMap<(String, String), DynamicObject>) {
     let texts: Vec<(String, String)> = objects
         .iter()
         .map(|((ns, name), object)| {
@@ -192,7 +196,9 @@ fn offer(store: &Store, objects: &BTreeMap<(String, String), DynamicObject>) {
             .iter()
             .map(|(f, t)| (Path::new(f.as_str()), t.as_str())),
     ));
-    match store.offer(result, "kubernetes") {
+    let offered = store.offer(result, "kubernetes");
+    metrics.offered(&offered);
+    match offered {
         crate::store::Offer::Accepted(v) => {
             tracing::info!(
                 version = v,
@@ -212,8 +218,14 @@ fn offer(store: &Store, objects: &BTreeMap<(String, String), DynamicObject>) {
 }
 
 /// Lists and watches the TrafficPolicies of `client` until the stream ends (never,
-/// under normal operation: errors are retried with backoff).
-pub async fn follow(store: Arc<Store>, client: kube::Client) {
+/// under normal operation: errors are retried with backoff). The source counts as
+/// read for `/ready` once the first list completes, accepted or refused.
+pub async fn follow(
+    store: Arc<Store>,
+    client: kube::Client,
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+) {
     let gvk = GroupVersionKind::gvk(GROUP, VERSION, KIND);
     let resource = ApiResource::from_gvk_with_plural(&gvk, PLURAL);
     let api: Api<DynamicObject> = Api::all_with(client, &resource);
@@ -238,20 +250,28 @@ pub async fn follow(store: Arc<Store>, client: kube::Client) {
             }
             Ok(Event::InitDone) => {
                 objects = relisting.take().unwrap_or_default();
-                offer(&store, &objects);
+                offer(&store, &metrics, &objects);
+                readiness.source_loaded();
             }
             Ok(Event::Apply(o)) => {
                 objects.insert(key(&o), o);
-                offer(&store, &objects);
+                offer(&store, &metrics, &objects);
             }
             Ok(Event::Delete(o)) => {
                 objects.remove(&key(&o));
-                offer(&store, &objects);
+                offer(&store, &metrics, &objects);
             }
-            Err(e) => tracing::warn!(
-                error = &e as &dyn std::error::Error,
-                "kubernetes watch failed; retrying"
-            ),
+            // A watch the API server closed is resumed without an error and is not
+            // counted: that happens every few minutes. An error is a list or watch
+            // that failed, retried with backoff.
+            Err(e) => {
+                metrics.watch_restarts.inc();
+                readiness.source_failed(NOT_LISTED, &e.to_string());
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "kubernetes watch failed; retrying"
+                );
+            }
         }
     }
 }

@@ -149,6 +149,10 @@ enum Command {
         /// Also serve the sidecar-injecting admission webhook (HTTPS) here.
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         webhook: Option<std::net::SocketAddr>,
+        /// Serve /live, /ready and /metrics (plain HTTP) here, for the kubelet's
+        /// probes and Prometheus (e.g. 0.0.0.0:15014).
+        #[arg(long, value_name = "ADDR")]
+        telemetry: Option<std::net::SocketAddr>,
         #[command(flatten)]
         inject: InjectArgs,
         #[command(flatten)]
@@ -236,6 +240,7 @@ fn main() -> ExitCode {
             token_audience,
             operators,
             webhook,
+            telemetry,
             inject,
             log,
         } => {
@@ -247,20 +252,28 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let tls = tls_cert.zip(tls_key);
+            let webhook = webhook.zip(tls.clone()).map(|(listen, (cert, key))| {
+                sluice_control_plane::serve::WebhookConfig {
+                    listen,
+                    cert,
+                    key,
+                    inject,
+                }
+            });
             sluice_control_plane::cli::serve(
                 sluice_control_plane::serve::ServeConfig {
                     policies,
                     listen,
-                    tls: tls.clone(),
+                    tls,
                     cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
                     token_file,
                     kubernetes: None,
                     token_review: token_review.then_some(token_audience),
                     operators,
+                    telemetry,
+                    webhook,
                 },
                 kubernetes,
-                webhook.zip(tls),
-                inject,
             )
         }
         Command::Crd => {

@@ -4,22 +4,26 @@
 //! ConfigMap mounts) and, with `--kubernetes`, the `TrafficPolicy` custom resources.
 //! Every change is validated with the `policy` crate; an invalid one is refused as a
 //! whole and the served version stays. Proxies subscribe over gRPC
-//! (`PolicyDiscovery.StreamPolicies`) and get every accepted snapshot, answering
-//! each with an ACK or a NACK.
+//! (`PolicyDiscovery.StreamPolicies`, in [`crate::discovery`]) and get every
+//! accepted snapshot, answering each with an ACK or a NACK.
 //!
 //! Security: on a loopback address the API is open to local processes (the
 //! sidecar's own node); on any other address it refuses to start without TLS and a
 //! bearer token, and refuses requests without the token.
+//!
+//! Every listener asked for (the API, `--webhook`, `--telemetry`) is bound before
+//! anything serves, so a port in use or a certificate that does not load stops the
+//! start; and [`Running::wait`] ends with an error when the API or the webhook stops
+//! before shutdown, so `serve` never runs on with half of itself.
 
-use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use futures::Stream;
 use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_policy::watch::{is_policy_entry, settle};
 use sluice_policy::{Checked, PolicyErrors, PolicySet};
@@ -29,13 +33,16 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
-use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::policy_discovery_server::{PolicyDiscovery, PolicyDiscoveryServer};
-use crate::api::{self, DiscoveryRequest};
-use crate::auth::{Authenticator, Identity, TokenReviewer, Via};
+use crate::api::policy_discovery_server::PolicyDiscoveryServer;
+use crate::auth::{Authenticator, TokenReviewer};
+use crate::discovery::Discovery;
+use crate::inject::InjectOptions;
+use crate::metrics::Metrics;
 use crate::store::{Offer, Store};
+use crate::telemetry::{Readiness, TelemetryServer};
 use crate::tls::{self, CertificateCheck, CertificateFiles};
+use crate::webhook::WebhookServer;
 
 /// Largest gRPC message either side accepts (a snapshot is every policy as YAML).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -59,6 +66,18 @@ pub struct ServeConfig {
     /// ServiceAccounts (`namespace/name`) whose tokens may make the operator's calls
     /// (status, history, diff, rollback), besides the static token.
     pub operators: Vec<String>,
+    /// Serve `/live`, `/ready` and `/metrics` over plain HTTP here.
+    pub telemetry: Option<SocketAddr>,
+    /// Also serve the sidecar-injecting admission webhook.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// `serve --webhook`: where, with which certificate, injecting what.
+pub struct WebhookConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub inject: InjectOptions,
 }
 
 /// A [`ServeConfig`] that cannot be served as given: the operator has to change
@@ -119,8 +138,55 @@ pub struct Running {
     pub addr: SocketAddr,
     pub store: Arc<Store>,
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The metrics `/metrics` serves (for tests without `--telemetry`).
+    pub metrics: Metrics,
+    /// Where `--telemetry` and `--webhook` were bound.
+    pub telemetry: Option<SocketAddr>,
+    pub webhook: Option<SocketAddr>,
+    webhook_task: Option<tokio::task::JoinHandle<()>>,
+    stopping: tokio::sync::watch::Receiver<bool>,
     /// Keeps the directory watch alive.
     _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Running {
+    /// Serves until shutdown. An error when the API fails, or when the webhook
+    /// stops before shutdown: the process must not run on without it, because the
+    /// cluster would then create pods without their sidecar.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let Running {
+            mut task,
+            webhook_task,
+            stopping,
+            _watcher,
+            ..
+        } = self;
+        let Some(mut hook) = webhook_task else {
+            return Ok(task.await??);
+        };
+        tokio::select! {
+            api = &mut task => api??,
+            ended = &mut hook => {
+                if !*stopping.borrow() {
+                    let why = match ended {
+                        Ok(()) => "it stopped serving".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::error!(error = why.as_str(), "the webhook failed; exiting");
+                    anyhow::bail!("the webhook failed: {why}");
+                }
+                return Ok(task.await??);
+            }
+        }
+        // Shutting down: the webhook answers the requests in flight first.
+        hook.await?;
+        Ok(())
+    }
+}
+
+/// Completes once `stopping` turns true.
+async fn until_stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 /// TLS handshakes at once on the API listener; more connections are closed at accept.
@@ -183,10 +249,10 @@ fn tls_incoming(
     ReceiverStream::new(incoming)
 }
 
-/// Validates the config, loads the sources, binds and starts serving.
+/// Validates the config, binds every listener, loads the sources and starts serving.
 pub async fn start(
     config: ServeConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     config.check()?;
     let token = match &config.token_file {
@@ -203,36 +269,33 @@ pub async fn start(
         }
         None => None,
     };
-    let store = Arc::new(Store::default());
-    let watcher = match &config.policies {
-        Some(dir) => {
-            load_dir(&store, dir);
-            Some(watch_dir(Arc::clone(&store), dir.clone())?)
-        }
-        None => None,
-    };
-
     let client = match config.kubernetes.clone() {
         Some(kube_config) => Some(kube::Client::try_from(kube_config)?),
         None => None,
     };
-    if let Some(client) = &client {
-        tokio::spawn(crate::kubernetes::follow(
-            Arc::clone(&store),
-            client.clone(),
-        ));
-    }
     if config.token_review.is_some() && client.is_none() {
         return Err(UsageError::ReviewWithoutKubernetes.into());
     }
-    let auth = Arc::new(match (&config.token_review, client, token) {
-        (Some(audience), Some(client), static_token) => Authenticator::Kubernetes(Box::new(
-            TokenReviewer::new(client, audience.clone(), static_token, Box::new(())),
-        )),
-        (_, _, Some(token)) => Authenticator::Static(token),
-        _ => Authenticator::Open,
-    });
-    let listener = TcpListener::bind(config.listen).await?;
+    let metrics = Metrics::register(prometheus::Registry::new())?;
+    let waiting_for = match (&config.policies, &client) {
+        (Some(_), _) => Some("the policy directory has not been read yet"),
+        (None, Some(_)) => Some(crate::kubernetes::NOT_LISTED),
+        (None, None) => None,
+    };
+    let readiness = Arc::new(Readiness::new(waiting_for, config.webhook.is_some()));
+
+    // Every listener first: nothing serves unless all of them can.
+    let telemetry = match config.telemetry {
+        Some(addr) => Some(
+            TelemetryServer::bind(addr, metrics.clone(), Arc::clone(&readiness))
+                .await
+                .map_err(|e| anyhow::anyhow!("--telemetry {addr}: cannot listen: {e}"))?,
+        ),
+        None => None,
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: cannot listen: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let tls = match &config.tls {
         Some((cert, key)) => {
@@ -242,6 +305,45 @@ pub async fn start(
         }
         None => None,
     };
+    let webhook = match config.webhook {
+        Some(hook) => Some(
+            WebhookServer::bind(hook.listen, &hook.cert, &hook.key, hook.inject)
+                .await
+                .map_err(|e| anyhow::anyhow!("--webhook {}: {e}", hook.listen))?
+                .observed_by(Arc::new(metrics.clone())),
+        ),
+        None => None,
+    };
+
+    let store = Arc::new(Store::default());
+    let watcher = match &config.policies {
+        Some(dir) => {
+            load_dir(&store, dir, &metrics);
+            readiness.source_loaded();
+            Some(watch_dir(Arc::clone(&store), dir.clone(), metrics.clone())?)
+        }
+        None => None,
+    };
+    if let Some(client) = &client {
+        tokio::spawn(crate::kubernetes::follow(
+            Arc::clone(&store),
+            client.clone(),
+            metrics.clone(),
+            Arc::clone(&readiness),
+        ));
+    }
+    let auth = Arc::new(match (&config.token_review, client, token) {
+        (Some(audience), Some(client), static_token) => {
+            Authenticator::Kubernetes(Box::new(TokenReviewer::new(
+                client,
+                audience.clone(),
+                static_token,
+                Box::new(metrics.clone()),
+            )))
+        }
+        (_, _, Some(token)) => Authenticator::Static(token),
+        _ => Authenticator::Open,
+    });
     let mut builder = Server::builder();
     // Open streams end on shutdown too (proxies reconnect elsewhere); without this
     // a graceful stop would wait for them forever.
@@ -250,36 +352,60 @@ pub async fn start(
         shutdown.await;
         let _ = stop.send(true);
     });
-    // Callers are checked in each call, not by an interceptor: a TokenReview is a
-    // request to the Kubernetes API, and tonic's interceptors cannot wait.
     let service = PolicyDiscoveryServer::new(Discovery {
         store: Arc::clone(&store),
         nonce: AtomicU64::new(0),
         stopping: stopping.clone(),
         auth,
         operators: config.operators.clone(),
+        metrics: metrics.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = builder.add_service(service);
-    let mut stopped = stopping;
-    let stopped = async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
-    let task = match tls {
+    let stopped = until_stopped(stopping.clone());
+    type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let serving: Serving = match tls {
         Some((acceptor, files)) => {
             let incoming = tls_incoming(listener, acceptor, files, config.cert_check_every);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
-        ),
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped))
+        }
+    };
+    readiness.api_serving(true);
+    let task = {
+        let readiness = Arc::clone(&readiness);
+        tokio::spawn(async move {
+            let served = serving.await;
+            readiness.api_serving(false);
+            served
+        })
     };
     tracing::info!(listen = %addr, tls = config.tls.is_some(), "serving");
+    let webhook_addr = webhook.as_ref().and_then(|w| w.local_addr().ok());
+    let webhook_task = webhook.map(|server| {
+        readiness.webhook_serving(true);
+        let (readiness, stopped) = (Arc::clone(&readiness), until_stopped(stopping.clone()));
+        tokio::spawn(async move {
+            server.run(stopped).await;
+            readiness.webhook_serving(false);
+        })
+    });
+    let telemetry_addr = telemetry.as_ref().and_then(|t| t.local_addr().ok());
+    if let Some(server) = telemetry {
+        tokio::spawn(server.run(until_stopped(stopping.clone())));
+    }
     Ok(Running {
         addr,
         store,
         task,
+        metrics,
+        telemetry: telemetry_addr,
+        webhook: webhook_addr,
+        webhook_task,
+        stopping,
         _watcher: watcher,
     })
 }
@@ -289,9 +415,10 @@ fn source_label(dir: &Path) -> String {
 }
 
 /// Loads the directory and offers it to the store.
-pub fn load_dir(store: &Store, dir: &Path) -> Offer {
+pub fn load_dir(store: &Store, dir: &Path, metrics: &Metrics) -> Offer {
     let (result, warnings) = split_warnings(sluice_policy::check_path(dir));
     let offer = store.offer(result, &source_label(dir));
+    metrics.offered(&offer);
     match &offer {
         Offer::Accepted(v) => {
             tracing::info!(version = v, source = source_label(dir), "policy accepted");
@@ -338,7 +465,11 @@ pub(crate) fn log_warnings(version: u64, source: &str, warnings: &[String]) {
 
 /// Watches the directory like the proxy does (create/modify/remove of policy files
 /// and ConfigMap `..` entries, debounced), reloading on a thread of its own.
-fn watch_dir(store: Arc<Store>, dir: PathBuf) -> anyhow::Result<notify::RecommendedWatcher> {
+fn watch_dir(
+    store: Arc<Store>,
+    dir: PathBuf,
+    metrics: Metrics,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     let (tx, rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(tx)?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -369,214 +500,8 @@ fn watch_dir(store: Arc<Store>, dir: PathBuf) -> anyhow::Result<notify::Recommen
                 ) {
                     return;
                 }
-                load_dir(&store, &dir);
+                load_dir(&store, &dir, &metrics);
             }
         })?;
     Ok(watcher)
-}
-
-struct Discovery {
-    store: Arc<Store>,
-    nonce: AtomicU64,
-    stopping: tokio::sync::watch::Receiver<bool>,
-    auth: Arc<Authenticator>,
-    operators: Vec<String>,
-}
-
-impl Discovery {
-    /// The operator's calls (status, history, rollback): the static token, a
-    /// loopback caller, or a ServiceAccount named by `--operator`; never another
-    /// ServiceAccount's token (every pod of the mesh has one, and none may roll
-    /// the mesh back).
-    async fn operator(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        let identity = self.auth.authenticate(metadata).await?;
-        match identity.via {
-            Via::Loopback | Via::StaticToken => Ok(()),
-            Via::TokenReview => {
-                let subject = format!("{}/{}", identity.namespace, identity.service_account);
-                if self.operators.contains(&subject) {
-                    Ok(())
-                } else {
-                    Err(Status::permission_denied(format!(
-                        "{subject} may only subscribe to policies; status, history and \
-                         rollback take an --operator ServiceAccount's token or the \
-                         control plane's --token-file token"
-                    )))
-                }
-            }
-        }
-    }
-}
-
-/// Whether a subscriber is who its token says: the namespace it claims and its
-/// node id (the pod, for injected sidecars) must be the token's, so no pod can
-/// speak for another.
-fn matches_identity(identity: &Identity, node: &str, namespace: &str) -> Result<(), Status> {
-    if identity.via != Via::TokenReview {
-        return Ok(());
-    }
-    if !namespace.is_empty() && namespace != identity.namespace {
-        return Err(Status::permission_denied(format!(
-            "the proxy says it is in namespace {namespace:?}, its token is for {:?}",
-            identity.namespace
-        )));
-    }
-    if let Some(pod) = identity.pod.as_deref().filter(|p| *p != node) {
-        return Err(Status::permission_denied(format!(
-            "node id {node:?} is not the token's pod {pod:?}: run the proxy with --node-id $(POD_NAME)"
-        )));
-    }
-    Ok(())
-}
-
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl PolicyDiscovery for Discovery {
-    type StreamPoliciesStream = SnapshotStream;
-
-    async fn stream_policies(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SnapshotStream>, Status> {
-        let identity = self.auth.authenticate(request.metadata()).await?;
-        let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream must start with a subscribe message")
-        })?;
-        let node = first.node_id.clone();
-        if node.is_empty() || node.len() > MAX_NODE_ID {
-            return Err(Status::invalid_argument(format!(
-                "node_id must be 1..={MAX_NODE_ID} characters"
-            )));
-        }
-        matches_identity(&identity, &node, &first.namespace)?;
-        let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
-        self.store
-            .connected(&node, labels, first.namespace, first.version, &identity);
-        tracing::info!(
-            node = node.as_str(),
-            version = first.version,
-            namespace = identity.namespace.as_str(),
-            service_account = identity.service_account.as_str(),
-            authenticated_by = identity.via.as_str(),
-            "proxy connected"
-        );
-
-        // A few snapshots in flight are plenty: the watch always holds the latest.
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let store = Arc::clone(&self.store);
-        let mut snapshots = store.subscribe();
-        let base = self.nonce.fetch_add(1 << 20, Ordering::Relaxed);
-        let mut stopping = self.stopping.clone();
-        tokio::spawn(async move {
-            let mut sent: u64 = 0;
-            let mut outstanding: Vec<(String, u64)> = Vec::new();
-            let mut next = snapshots.borrow_and_update().clone();
-            // Ends when the proxy hangs up or the server shuts down.
-            loop {
-                if let Some(snapshot) = next.take() {
-                    sent += 1;
-                    let nonce = format!("{:x}", base + sent);
-                    outstanding.push((nonce.clone(), snapshot.version));
-                    if outstanding.len() > 8 {
-                        outstanding.remove(0);
-                    }
-                    if tx.send(Ok(snapshot.to_api(nonce))).await.is_err() {
-                        break;
-                    }
-                }
-                tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => break,
-                    changed = snapshots.changed() => match changed {
-                        Ok(()) => next = snapshots.borrow_and_update().clone(),
-                        Err(_) => break,
-                    },
-                    message = inbound.message() => match message {
-                        Ok(Some(reply)) => {
-                            let version = outstanding
-                                .iter()
-                                .find(|(n, _)| *n == reply.response_nonce)
-                                .map_or(reply.version, |(_, v)| *v);
-                            if reply.error.is_empty() {
-                                store.acked(&node, reply.version);
-                            } else {
-                                tracing::warn!(
-                                    node = node.as_str(),
-                                    version,
-                                    error = reply.error.as_str(),
-                                    "proxy refused a snapshot"
-                                );
-                                store.nacked(&node, version, reply.error);
-                            }
-                        }
-                        Ok(None) | Err(_) => break,
-                    },
-                }
-            }
-            store.disconnected(&node);
-            tracing::info!(node = node.as_str(), "proxy disconnected");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn get_status(
-        &self,
-        request: Request<api::StatusRequest>,
-    ) -> Result<Response<api::StatusResponse>, Status> {
-        self.operator(request.metadata()).await?;
-        Ok(Response::new(self.store.status()))
-    }
-
-    async fn get_current(
-        &self,
-        request: Request<api::CurrentRequest>,
-    ) -> Result<Response<api::Snapshot>, Status> {
-        self.operator(request.metadata()).await?;
-        let current = self
-            .store
-            .current()
-            .ok_or_else(|| Status::not_found("nothing is served yet"))?;
-        Ok(Response::new(current.to_api(String::new())))
-    }
-
-    async fn get_history(
-        &self,
-        request: Request<api::HistoryRequest>,
-    ) -> Result<Response<api::HistoryResponse>, Status> {
-        self.operator(request.metadata()).await?;
-        let entries = self
-            .store
-            .history()
-            .iter()
-            .map(|s| api::HistoryEntry {
-                version: s.version,
-                content_hash: s.content_hash.clone(),
-                source: s.source.clone(),
-                accepted_at_ms: s.accepted_at_ms,
-                policies: s.policies as u32,
-            })
-            .collect();
-        Ok(Response::new(api::HistoryResponse { entries }))
-    }
-
-    async fn rollback(
-        &self,
-        request: Request<api::RollbackRequest>,
-    ) -> Result<Response<api::RollbackResponse>, Status> {
-        self.operator(request.metadata()).await?;
-        let to = request.into_inner().to_version;
-        let served = self
-            .store
-            .rollback(to)
-            .map_err(Status::failed_precondition)?;
-        tracing::warn!(
-            version = served.version,
-            source = served.source.as_str(),
-            "rolled back"
-        );
-        Ok(Response::new(api::RollbackResponse {
-            served: Some(served.to_api(String::new())),
-        }))
-    }
 }

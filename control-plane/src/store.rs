@@ -244,7 +244,8 @@ impl Store {
         self.lock().rejected.clone()
     }
 
-    /// A proxy opened a stream.
+    /// A proxy opened a stream: whether it was not connected before (a reconnect
+    /// may overlap its old stream), for the count of connected proxies.
     pub fn connected(
         &self,
         node: &str,
@@ -252,7 +253,7 @@ impl Store {
         namespace: String,
         version: u64,
         identity: &Identity,
-    ) {
+    ) -> bool {
         let mut state = self.lock();
         if state.proxies.len() >= MAX_TRACKED_PROXIES && !state.proxies.contains_key(node) {
             let gone = state
@@ -264,7 +265,7 @@ impl Store {
                 Some(k) => {
                     state.proxies.remove(&k);
                 }
-                None => return,
+                None => return false,
             }
         }
         let proxy = state.proxies.entry(node.to_owned()).or_default();
@@ -279,17 +280,24 @@ impl Store {
         proxy.pod = identity.pod.clone().unwrap_or_default();
         proxy.authenticated_by = identity.via.as_str().to_owned();
         proxy.acked_version = version;
-        if proxy.streams == 0 {
+        let newly = proxy.streams == 0;
+        if newly {
             proxy.connected_since_ms = now_ms();
         }
         proxy.streams += 1;
         proxy.connected = true;
+        newly
     }
 
-    pub fn disconnected(&self, node: &str) {
-        if let Some(p) = self.lock().proxies.get_mut(node) {
-            p.streams = p.streams.saturating_sub(1);
-            p.connected = p.streams > 0;
+    /// A proxy's stream ended: whether that was its last one.
+    pub fn disconnected(&self, node: &str) -> bool {
+        match self.lock().proxies.get_mut(node) {
+            Some(p) if p.streams > 0 => {
+                p.streams -= 1;
+                p.connected = p.streams > 0;
+                !p.connected
+            }
+            _ => false,
         }
     }
 

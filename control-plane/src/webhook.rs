@@ -57,6 +57,43 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 const API_VERSION: &str = "admission.k8s.io/v1";
 
+/// What the webhook answered an admission review (the label of
+/// `sluice_cp_webhook_reviews_total`): with `failurePolicy: Ignore` a pod admitted
+/// without its sidecar is otherwise silent, so operators count these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The sidecar was added.
+    Patched,
+    /// Admitted as is: not a pod creation, opted out, host network, already injected.
+    Unchanged,
+    /// Denied: the pod asks for something that cannot be done (a bad annotation).
+    Refused,
+    /// The request itself could not be used: not an AdmissionReview, too large or
+    /// too slow (an HTTP error: the API server applies `failurePolicy`), or a pod
+    /// that does not parse (denied).
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Patched => "patched",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Refused => "refused",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Told the outcome of every admission review (the control plane's metrics).
+pub trait AdmissionObserver: Send + Sync {
+    fn admitted(&self, outcome: Outcome);
+}
+
+impl AdmissionObserver for () {
+    fn admitted(&self, _outcome: Outcome) {}
+}
+
 /// Why the webhook could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -76,6 +113,7 @@ pub struct WebhookServer {
     certificate: Arc<CertificateFiles>,
     cert_check_every: Duration,
     opts: Arc<InjectOptions>,
+    observer: Arc<dyn AdmissionObserver>,
 }
 
 impl WebhookServer {
@@ -97,7 +135,14 @@ impl WebhookServer {
             certificate,
             cert_check_every: crate::tls::CERT_CHECK_EVERY,
             opts: Arc::new(opts),
+            observer: Arc::new(()),
         })
+    }
+
+    /// Tells `observer` the outcome of every review.
+    pub fn observed_by(mut self, observer: Arc<dyn AdmissionObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// Checks the certificate files this often instead of
@@ -130,6 +175,9 @@ impl WebhookServer {
 
     /// Serves until `shutdown` completes, then gives requests in flight a few seconds.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        if let Ok(addr) = self.local_addr() {
+            tracing::info!(url = %format_args!("https://{addr}{INJECT_PATH}"), "webhook serving");
+        }
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut connections = JoinSet::new();
         let mut cert_check = tokio::time::interval(self.cert_check_every);
@@ -154,9 +202,10 @@ impl WebhookServer {
                     };
                     let acceptor = self.acceptor.clone();
                     let opts = self.opts.clone();
+                    let observer = Arc::clone(&self.observer);
                     connections.spawn(async move {
                         let _permit = permit;
-                        serve_connection(tcp, acceptor, opts).await;
+                        serve_connection(tcp, acceptor, opts, observer).await;
                     });
                 }
             }
@@ -175,9 +224,6 @@ pub async fn serve_webhook(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WebhookError> {
     let server = WebhookServer::bind(addr, cert_path, key_path, opts).await?;
-    if let Ok(addr) = server.local_addr() {
-        tracing::info!(url = %format_args!("https://{addr}{INJECT_PATH}"), "webhook serving");
-    }
     server.run(shutdown).await;
     Ok(())
 }
@@ -191,13 +237,14 @@ async fn serve_connection(
     tcp: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
     opts: Arc<InjectOptions>,
+    observer: Arc<dyn AdmissionObserver>,
 ) {
     let Ok(Ok(tls)) = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await else {
         return; // handshake failed or stalled
     };
     let service = hyper::service::service_fn(move |req| {
-        let opts = opts.clone();
-        async move { Ok::<_, Infallible>(handle(req, &opts).await) }
+        let (opts, observer) = (opts.clone(), Arc::clone(&observer));
+        async move { Ok::<_, Infallible>(handle(req, &opts, observer.as_ref()).await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -206,7 +253,11 @@ async fn serve_connection(
         .await;
 }
 
-async fn handle(req: Request<Incoming>, opts: &InjectOptions) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    opts: &InjectOptions,
+    observer: &dyn AdmissionObserver,
+) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::POST, INJECT_PATH) => {}
@@ -214,8 +265,8 @@ async fn handle(req: Request<Incoming>, opts: &InjectOptions) -> Response<Full<B
         _ => return text(StatusCode::NOT_FOUND, "not found\n"),
     }
     let body = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
-    let (status, review) = match tokio::time::timeout(IO_TIMEOUT, body).await {
-        Ok(Ok(body)) => review(&body.to_bytes(), opts),
+    let (status, review, outcome) = match tokio::time::timeout(IO_TIMEOUT, body).await {
+        Ok(Ok(body)) => answer(&body.to_bytes(), opts),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => (
             StatusCode::PAYLOAD_TOO_LARGE,
             error_review(
@@ -223,16 +274,20 @@ async fn handle(req: Request<Incoming>, opts: &InjectOptions) -> Response<Full<B
                 413,
                 &format!("request body over {MAX_BODY_BYTES} bytes"),
             ),
+            Outcome::Error,
         ),
         Ok(Err(e)) => (
             StatusCode::BAD_REQUEST,
             error_review("", 400, &format!("cannot read the request body: {e}")),
+            Outcome::Error,
         ),
         Err(_) => (
             StatusCode::REQUEST_TIMEOUT,
             error_review("", 408, "request body too slow"),
+            Outcome::Error,
         ),
     };
+    observer.admitted(outcome);
     let mut response = Response::new(Full::new(Bytes::from(review.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -278,12 +333,19 @@ struct GroupVersionKind {
 /// Answers one AdmissionReview body: the HTTP status and the AdmissionReview to send.
 /// Pure, so every case is testable without a socket.
 pub fn review(body: &[u8], opts: &InjectOptions) -> (StatusCode, Value) {
+    let (status, review, _) = answer(body, opts);
+    (status, review)
+}
+
+/// [`review`], and what it came to.
+pub fn answer(body: &[u8], opts: &InjectOptions) -> (StatusCode, Value, Outcome) {
     let parsed: AdmissionReview = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(e) => {
             return (
                 StatusCode::BAD_REQUEST,
                 error_review("", 400, &format!("not an AdmissionReview: {e}")),
+                Outcome::Error,
             )
         }
     };
@@ -291,6 +353,7 @@ pub fn review(body: &[u8], opts: &InjectOptions) -> (StatusCode, Value) {
         return (
             StatusCode::BAD_REQUEST,
             error_review("", 400, "the AdmissionReview has no request with a uid"),
+            Outcome::Error,
         );
     };
     if parsed.api_version != API_VERSION || parsed.kind != "AdmissionReview" {
@@ -304,16 +367,21 @@ pub fn review(body: &[u8], opts: &InjectOptions) -> (StatusCode, Value) {
                     parsed.api_version, parsed.kind
                 ),
             ),
+            Outcome::Error,
         );
     }
     let uid = request.uid.as_str();
     // Only pod creation is injected; anything else this webhook is sent is admitted as is.
     let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
     if !is_pod || request.operation != "CREATE" || request.sub_resource.is_some() {
-        return (StatusCode::OK, allowed(uid, None));
+        return (StatusCode::OK, allowed(uid, None), Outcome::Unchanged);
     }
     let Some(object) = request.object else {
-        return (StatusCode::OK, denied(uid, "the request carries no pod"));
+        return (
+            StatusCode::OK,
+            denied(uid, "the request carries no pod"),
+            Outcome::Error,
+        );
     };
     let pod: Pod = match serde_json::from_value(object) {
         Ok(pod) => pod,
@@ -321,16 +389,25 @@ pub fn review(body: &[u8], opts: &InjectOptions) -> (StatusCode, Value) {
             return (
                 StatusCode::OK,
                 denied(uid, &format!("not a valid pod: {e}")),
+                Outcome::Error,
             )
         }
     };
     match inject::patch_for_pod(&pod, opts) {
-        Ok(ops) if ops.is_empty() => (StatusCode::OK, allowed(uid, None)),
+        Ok(ops) if ops.is_empty() => (StatusCode::OK, allowed(uid, None), Outcome::Unchanged),
         Ok(ops) => match serde_json::to_vec(&ops) {
-            Ok(patch) => (StatusCode::OK, allowed(uid, Some(&patch))),
-            Err(e) => (StatusCode::OK, denied(uid, &format!("internal error: {e}"))),
+            Ok(patch) => (StatusCode::OK, allowed(uid, Some(&patch)), Outcome::Patched),
+            Err(e) => (
+                StatusCode::OK,
+                denied(uid, &format!("internal error: {e}")),
+                Outcome::Error,
+            ),
         },
-        Err(e) => (StatusCode::OK, denied(uid, &e.to_string())),
+        Err(e) => (
+            StatusCode::OK,
+            denied(uid, &e.to_string()),
+            Outcome::Refused,
+        ),
     }
 }
 

@@ -51,6 +51,8 @@ async fn status_diff_history_and_rollback_work_against_a_server() {
         kubernetes: None,
         token_review: None,
         operators: Vec::new(),
+        telemetry: None,
+        webhook: None,
     };
     let running = start(config, async {
         let _ = stopped.await;

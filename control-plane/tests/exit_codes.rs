@@ -118,3 +118,54 @@ fn an_unreadable_file_is_a_runtime_failure_exiting_1() {
         "{stderr}"
     );
 }
+
+#[test]
+fn serve_with_a_webhook_whose_certificate_cannot_be_read_exits_1_naming_it() {
+    let (code, _, stderr) = sluice_cp(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--webhook",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "/nonexistent/tls.crt",
+        "--tls-key",
+        "/nonexistent/tls.key",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot load TLS certificate from /nonexistent/tls.crt"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_exits_1_when_its_webhook_cannot_listen_instead_of_running_without_it() {
+    let dir = std::env::temp_dir().join(format!("sluice-exit-webhook-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&crt, cert.cert.pem()).expect("cert");
+    std::fs::write(&key, cert.signing_key.serialize_pem()).expect("key");
+    // The webhook's port is taken (by this test, for as long as sluice-cp runs).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").to_string();
+    let (code, _, stderr) = sluice_cp(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--webhook",
+        &port,
+        "--tls-cert",
+        &crt.display().to_string(),
+        "--tls-key",
+        &key.display().to_string(),
+    ]);
+    drop(taken);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--webhook {port}: cannot listen on {port}")),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -145,6 +145,8 @@ async fn follows_custom_resources_through_a_broken_watch() {
         kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
         token_review: None,
         operators: Vec::new(),
+        telemetry: None,
+        webhook: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = start(config, async {

@@ -3,7 +3,8 @@
 //! in `k8s/monitoring/`. Regenerate with
 //! `BLESS=1 cargo test -p sluice-control-plane --test observability_assets`.
 //!
-//! Also checks `docs/metrics.md` documents exactly the metrics the proxy registers.
+//! Also checks `docs/metrics.md` documents exactly the metrics the proxy and the
+//! control plane register.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -62,19 +63,26 @@ fn committed_rules_dashboards_and_manifests_are_fresh() {
     );
 }
 
-/// Metric names registered by the proxy: the `"sluice_..."` string literals of
-/// `proxy/src/metrics.rs`, where `Metrics::register` names every metric.
+/// Metric names registered by the proxy and the control plane: the `"sluice_..."`
+/// string literals of `proxy/src/metrics.rs` and `control-plane/src/metrics.rs`,
+/// where each `Metrics::register` names every metric.
 fn registered_metrics() -> BTreeSet<String> {
-    let source = std::fs::read_to_string(root().join("proxy/src/metrics.rs")).expect("metrics.rs");
-    source
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .filter(|s| {
-            s.starts_with("sluice_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        })
-        .map(str::to_owned)
-        .collect()
+    let mut names = BTreeSet::new();
+    for file in ["proxy/src/metrics.rs", "control-plane/src/metrics.rs"] {
+        let source = std::fs::read_to_string(root().join(file)).expect(file);
+        names.extend(
+            source
+                .split('"')
+                .skip(1)
+                .step_by(2)
+                .filter(|s| {
+                    s.starts_with("sluice_")
+                        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+                .map(str::to_owned),
+        );
+    }
+    names
 }
 
 /// Metric names documented: the first backticked cell of each table row of
@@ -122,6 +130,6 @@ fn rules_and_dashboards_use_only_registered_metrics() {
     let unknown: Vec<_> = used.iter().filter(|m| !known(m)).collect();
     assert!(
         unknown.is_empty(),
-        "not registered by the proxy: {unknown:?}"
+        "not registered by the proxy or the control plane: {unknown:?}"
     );
 }

@@ -34,6 +34,8 @@ async fn serve(
         kubernetes: None,
         token_review: None,
         operators: Vec::new(),
+        telemetry: None,
+        webhook: None,
     };
     config(&mut c);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -141,6 +141,8 @@ mod through_the_api {
             kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
             token_review: Some("sluice".into()),
             operators: vec!["sluice-system/sluice-operator".into()],
+            telemetry: None,
+            webhook: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = start(config, async {

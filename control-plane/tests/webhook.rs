@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::Value;
 use sluice_control_plane::inject::{inject_documents, InjectOptions};
-use sluice_control_plane::webhook::{WebhookServer, MAX_BODY_BYTES};
+use sluice_control_plane::webhook::{answer, Outcome, WebhookServer, MAX_BODY_BYTES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
@@ -187,6 +187,29 @@ async fn every_admission_review_fixture_gets_its_expected_answer() {
     }
     harness.stop().await;
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+/// What `sluice_cp_webhook_reviews_total{outcome}` counts for each fixture: a pod
+/// let through without its sidecar must never count as `patched`.
+#[test]
+fn every_fixture_counts_as_its_outcome() {
+    let expected = |name: &str| match name {
+        "patched" | "patched-annotated" => Outcome::Patched,
+        "already-injected" | "opt-out" | "not-a-pod" | "update" => Outcome::Unchanged,
+        "bad-annotation" => Outcome::Refused,
+        "invalid-pod" | "malformed-no-request" | "malformed-not-json" | "malformed-wrong-kind" => {
+            Outcome::Error
+        }
+        other => panic!("new fixture {other}: add its outcome here"),
+    };
+    for file in fixtures() {
+        let name = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("utf-8 name");
+        let (_, _, outcome) = answer(&std::fs::read(&file).expect("fixture"), &opts());
+        assert_eq!(outcome, expected(name), "{name}");
+    }
 }
 
 fn fixture(name: &str) -> Vec<u8> {

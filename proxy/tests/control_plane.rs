@@ -47,6 +47,8 @@ impl ControlPlane {
                 kubernetes: None,
                 token_review: None,
                 operators: Vec::new(),
+                telemetry: None,
+                webhook: None,
             };
             match start(config, async {
                 let _ = stopped.await;
@@ -348,6 +350,8 @@ async fn a_proxy_with_its_service_account_token_gets_policies_over_tls() {
             kubernetes: Some(kube::Config::new(api.parse().expect("url"))),
             token_review: Some("sluice".into()),
             operators: Vec::new(),
+            telemetry: None,
+            webhook: None,
         },
         async {
             let _ = stopped.await;

@@ -44,6 +44,9 @@ pub struct FakeApiServer {
     pub forbid_reviews: Mutex<bool>,
     /// The TrafficPolicy objects the list returns.
     pub policies: Mutex<Vec<Value>>,
+    /// Answer this many more TrafficPolicy lists and watches with 500, as an API
+    /// server that is restarting does.
+    pub failing_policy_requests: Mutex<usize>,
 }
 
 impl FakeApiServer {
@@ -81,6 +84,17 @@ impl FakeApiServer {
         }));
     }
 
+    /// Whether to fail this TrafficPolicy request (one of `failing_policy_requests`).
+    fn fail_policy_request(&self) -> bool {
+        let mut failing = self
+            .failing_policy_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let fail = *failing > 0;
+        *failing = failing.saturating_sub(1);
+        fail
+    }
+
     /// Serves on `listener` until the runtime ends.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         while let Ok((stream, _)) = listener.accept().await {
@@ -106,6 +120,13 @@ impl FakeApiServer {
             let ok = if method == "POST" && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
                 let (status, answer) = self.review(&body);
                 respond(&mut stream, status, &answer).await
+            } else if method == "GET"
+                && path.ends_with("/trafficpolicies")
+                && self.fail_policy_request()
+            {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcdserver: leader changed (fake API server)", "reason": "InternalError", "code": 500});
+                respond(&mut stream, 500, &status).await
             } else if method == "GET"
                 && path.ends_with("/trafficpolicies")
                 && target.contains("watch=")
@@ -243,6 +264,7 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> bool {
         200 => "OK",
         201 => "Created",
         403 => "Forbidden",
+        500 => "Internal Server Error",
         _ => "Not Found",
     };
     let head = format!(

@@ -1,0 +1,235 @@
+//! The control plane's Prometheus metrics, on an explicit registry (no globals):
+//! [`crate::serve::start`] creates one per server and hands [`Metrics`] to the
+//! components that count (the policy sources, the gRPC API, the token reviewer, the
+//! webhook), so every test gets a fresh set.
+//!
+//! Labels come from fixed sets only (a result, an outcome), never node ids,
+//! namespaces or policy names: a fleet of proxies must not become a fleet of series.
+//! Every labelled series exists from the start at 0, because `rate()` over a counter
+//! that appears late misses its first increments, and an alert on
+//! `{result="rejected"}` needs the series to exist before the first rejection.
+//!
+//! Every metric here has a row in `docs/metrics.md` (checked by
+//! `control-plane/tests/observability_assets.rs`).
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::store::Offer;
+
+/// The `result` of a policy change offered by a source.
+pub const POLICY_CHANGE_RESULTS: [&str; 3] = ["accepted", "rejected", "unchanged"];
+/// The `result` of a TokenReview (as [`crate::auth::ReviewObserver`] reports it).
+pub const TOKEN_REVIEW_RESULTS: [&str; 3] = ["authenticated", "refused", "error"];
+/// The `outcome` of an admission review ([`crate::webhook::Outcome`]).
+pub const WEBHOOK_OUTCOMES: [&str; 4] = ["patched", "unchanged", "refused", "error"];
+
+/// Every metric of one control plane. Cloning shares the series (the handles are
+/// reference-counted), so each component holds its own copy.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// The version number being served (0 before the first accepted change).
+    pub served_version: IntGauge,
+    /// Proxies with at least one open policy stream.
+    pub proxies_connected: IntGauge,
+    /// Snapshots sent to proxies.
+    pub pushes: IntCounter,
+    /// Snapshots proxies applied.
+    pub acks: IntCounter,
+    /// Snapshots proxies refused.
+    pub nacks: IntCounter,
+    /// Failed lists or watches of the TrafficPolicy resources (each is retried).
+    pub watch_restarts: IntCounter,
+    policy_changes: IntCounterVec,
+    token_reviews: IntCounterVec,
+    webhook_reviews: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// A counter with one label whose every value in `values` exists from the start.
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    registry.register(Box::new(c.clone()))?;
+    for value in values {
+        c.with_label_values(&[*value]);
+    }
+    Ok(c)
+}
+
+impl Metrics {
+    /// Registers every metric on `registry`, and the process's own (`process_*`).
+    pub fn register(registry: Registry) -> prometheus::Result<Self> {
+        let r = &registry;
+        // CPU, memory, threads and file descriptors, as every Prometheus client
+        // library exports them: the fleet dashboard reads them without cAdvisor.
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            served_version: gauge(
+                r,
+                "sluice_cp_served_version",
+                "The policy version the control plane serves (0 before the first accepted change).",
+            )?,
+            proxies_connected: gauge(
+                r,
+                "sluice_cp_proxies_connected",
+                "Proxies holding a policy stream to this control plane.",
+            )?,
+            pushes: counter(
+                r,
+                "sluice_cp_pushes_total",
+                "Policy snapshots sent to proxies.",
+            )?,
+            acks: counter(
+                r,
+                "sluice_cp_acks_total",
+                "Snapshots proxies answered with an ACK (applied).",
+            )?,
+            nacks: counter(
+                r,
+                "sluice_cp_nacks_total",
+                "Snapshots proxies answered with a NACK (refused, keeping their previous policy).",
+            )?,
+            watch_restarts: counter(
+                r,
+                "sluice_cp_watch_restarts_total",
+                "Lists or watches of the TrafficPolicy resources that failed and are retried with backoff.",
+            )?,
+            policy_changes: counter_vec(
+                r,
+                "sluice_cp_policy_changes_total",
+                "Policy sets offered by the source, by result (accepted, rejected, unchanged).",
+                "result",
+                &POLICY_CHANGE_RESULTS,
+            )?,
+            token_reviews: counter_vec(
+                r,
+                "sluice_cp_token_reviews_total",
+                "Kubernetes TokenReviews of proxies' tokens, by result (authenticated, refused, error).",
+                "result",
+                &TOKEN_REVIEW_RESULTS,
+            )?,
+            webhook_reviews: counter_vec(
+                r,
+                "sluice_cp_webhook_reviews_total",
+                "Admission reviews the injection webhook answered, by outcome (patched, unchanged, refused, error).",
+                "outcome",
+                &WEBHOOK_OUTCOMES,
+            )?,
+            registry,
+        })
+    }
+
+    /// Counts what a source's change came to; an accepted one is now served.
+    pub fn offered(&self, offer: &Offer) {
+        let result = match offer {
+            Offer::Accepted(version) => {
+                self.served(*version);
+                "accepted"
+            }
+            Offer::Rejected => "rejected",
+            Offer::Unchanged => "unchanged",
+        };
+        self.policy_changes.with_label_values(&[result]).inc();
+    }
+
+    /// `version` is served now (an accepted change, or a rollback).
+    pub fn served(&self, version: u64) {
+        self.served_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn render(&self) -> prometheus::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+}
+
+impl crate::auth::ReviewObserver for Metrics {
+    fn reviewed(&self, result: &'static str) {
+        self.token_reviews.with_label_values(&[result]).inc();
+    }
+}
+
+impl crate::webhook::AdmissionObserver for Metrics {
+    fn admitted(&self, outcome: crate::webhook::Outcome) {
+        self.webhook_reviews
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        Metrics::register(Registry::new()).expect("register")
+    }
+
+    fn exposition(m: &Metrics) -> String {
+        String::from_utf8(m.render().expect("render")).expect("utf-8")
+    }
+
+    #[test]
+    fn every_labelled_series_exists_at_zero_before_its_first_event() {
+        let text = exposition(&metrics());
+        for result in POLICY_CHANGE_RESULTS {
+            assert!(
+                text.contains(&format!(
+                    "sluice_cp_policy_changes_total{{result=\"{result}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+        for result in TOKEN_REVIEW_RESULTS {
+            assert!(text.contains(&format!(
+                "sluice_cp_token_reviews_total{{result=\"{result}\"}} 0"
+            )));
+        }
+        for outcome in WEBHOOK_OUTCOMES {
+            assert!(text.contains(&format!(
+                "sluice_cp_webhook_reviews_total{{outcome=\"{outcome}\"}} 0"
+            )));
+        }
+    }
+
+    #[test]
+    fn an_accepted_change_is_counted_and_served() {
+        let m = metrics();
+        m.offered(&Offer::Accepted(3));
+        m.offered(&Offer::Rejected);
+        let text = exposition(&m);
+        assert!(text.contains("sluice_cp_served_version 3"), "{text}");
+        assert!(text.contains("sluice_cp_policy_changes_total{result=\"accepted\"} 1"));
+        assert!(text.contains("sluice_cp_policy_changes_total{result=\"rejected\"} 1"));
+    }
+
+    #[test]
+    fn each_registry_is_its_own() {
+        let (a, b) = (metrics(), metrics());
+        a.pushes.inc();
+        assert_eq!((a.pushes.get(), b.pushes.get()), (1, 0));
+    }
+}
