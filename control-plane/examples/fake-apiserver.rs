@@ -12,7 +12,6 @@
 //! then serves plain HTTP until killed. What it answers is described in
 //! `tests/support/fake_apiserver.rs`.
 
-#[allow(dead_code)] // the tests use more of it than this program does
 #[path = "../tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
 
