@@ -24,3 +24,39 @@ fn demo_policy_is_valid() {
     sluice_policy::load_path(&root().join("k8s/demo/policy.yaml"))
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn the_monitors_scrape_the_ports_the_proxy_and_the_control_plane_expose() {
+    let monitors = std::fs::read_to_string(root().join("k8s/monitoring/monitors.yaml"))
+        .expect("monitors.yaml");
+    let control_plane = std::fs::read_to_string(root().join("k8s/base/control-plane.yaml"))
+        .expect("control-plane.yaml");
+    // The PodMonitor selects injected pods by the label injection sets, on the port
+    // injection names; the ServiceMonitor the Service's metrics port.
+    assert!(
+        monitors.contains(&format!(
+            "{}: injected",
+            sluice_control_plane::inject::INJECTED_LABEL
+        )),
+        "{monitors}"
+    );
+    assert!(monitors.contains("- port: sluice-metrics\n"), "{monitors}");
+    let injected = std::fs::read_to_string(root().join("control-plane/tests/inject/pod.out"))
+        .expect("pod.out");
+    assert!(injected.contains("name: sluice-metrics"), "{injected}");
+    assert!(
+        injected.contains(&format!(
+            "containerPort: {}",
+            sluice_control_plane::inject::TELEMETRY_PORT
+        )),
+        "{injected}"
+    );
+    assert!(monitors.contains("- port: metrics\n"), "{monitors}");
+    assert!(
+        control_plane.contains("{name: metrics, port: 15014, targetPort: metrics"),
+        "{control_plane}"
+    );
+    assert!(control_plane.contains("{name: metrics, containerPort: 15014"));
+    // The jobs the shipped alerts select.
+    assert!(monitors.contains("{targetLabel: job, replacement: sluice-proxy}"));
+}
