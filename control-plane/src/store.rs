@@ -96,15 +96,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// FNV-1a, the same content hash the proxy reports as its policy version.
-pub fn content_hash(text: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
+/// The same content hash the proxy reports as its policy version.
+pub use sluice_policy::hash::content_hash;
 
 impl Default for Store {
     fn default() -> Self {

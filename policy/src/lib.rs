@@ -10,6 +10,7 @@
 
 pub mod duration;
 pub mod error;
+pub mod hash;
 pub mod lint;
 pub mod load;
 pub mod model;

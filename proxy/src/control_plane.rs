@@ -17,6 +17,7 @@ use pingora::server::ShutdownWatch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
+use crate::backoff::Backoff;
 use crate::proxy::Shared;
 use crate::source::{apply, ReloadResult};
 
@@ -238,7 +239,7 @@ impl ControlPlaneSource {
 
     /// Follows the control plane until shutdown.
     pub async fn run(self, mut shutdown: ShutdownWatch) {
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         // Ends on shutdown; each iteration is one connection attempt.
         loop {
             let outcome = tokio::select! {
@@ -247,21 +248,20 @@ impl ControlPlaneSource {
             };
             self.shared.metrics.control_plane_connected.set(0);
             match outcome {
-                Ok(true) => backoff = MIN_BACKOFF,
+                Ok(true) => backoff.reset(),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(
                     url = self.url.as_str(),
                     error = format!("{e:#}"),
-                    retry_in_ms = backoff.as_millis() as u64,
+                    retry_in_ms = backoff.step().as_millis() as u64,
                     "control plane unreachable; serving the last good policy"
                 ),
             }
-            let wait = backoff.mul_f64(self.shared.ids.fraction());
+            let wait = backoff.next_wait();
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

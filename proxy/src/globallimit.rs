@@ -671,16 +671,9 @@ pub fn settle(op: &Op, stamp: u64, outcome: Outcome) {
         .fetch_add(granted.clamp(0, op.want), Ordering::AcqRel);
 }
 
-/// FNV-1a: a stable hash (the same on every replica and build) for keyed bucket
-/// names, so a key's bytes never reach Redis and names stay short.
-fn fnv64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
+/// A stable hash (the same on every replica and build) for keyed bucket names, so
+/// a key's bytes never reach Redis and names stay short.
+use sluice_policy::hash::fnv1a64 as fnv64;
 
 /// The first wait after a failed connection to Redis; it doubles up to
 /// [`MAX_BACKOFF`] until a round succeeds.

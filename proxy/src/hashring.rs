@@ -50,15 +50,8 @@ const SEED_OFFSET: u64 = 0x6f66_6673_6574; // "offset"
 const SEED_SKIP: u64 = 0x736b_6970; // "skip"
 const SEED_KEY: u64 = 0;
 
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
 /// FNV-1a, 64 bit: stable by definition.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(FNV_OFFSET_BASIS, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
-    })
-}
+pub use sluice_policy::hash::fnv1a64;
 
 /// MurmurHash3's 64-bit finaliser: FNV's low bits are weak and `% TABLE_SIZE`
 /// depends on all of them, so every input bit is avalanched first.
@@ -73,13 +66,8 @@ fn fmix64(mut h: u64) -> u64 {
 /// The stable hash used for names and keys: `fmix64(FNV-1a(seed as 8 LE bytes ||
 /// bytes))`. Different seeds give the independent hash functions Maglev needs.
 pub fn hash(bytes: &[u8], seed: u64) -> u64 {
-    let prefixed = seed.to_le_bytes().iter().fold(FNV_OFFSET_BASIS, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
-    });
-    let h = bytes
-        .iter()
-        .fold(prefixed, |h, b| (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME));
-    fmix64(h)
+    let prefixed = fnv1a64(&seed.to_le_bytes());
+    fmix64(sluice_policy::hash::fnv1a64_more(prefixed, bytes))
 }
 
 fn slot_of_key(key: &[u8]) -> usize {

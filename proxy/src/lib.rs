@@ -11,6 +11,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod backoff;
 pub mod balancer;
 pub mod breaker;
 pub mod budget;

@@ -295,14 +295,12 @@ fn compile_policy(
     })
 }
 
-/// FNV-1a over the canonical YAML: stable across processes and Rust versions.
+/// The content hash of the canonical YAML (the control plane's, shortened):
+/// stable across processes and Rust versions.
 fn version_of(set: &PolicySet) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in sluice_policy::to_yaml(set).bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")[..12].to_owned()
+    let mut hash = sluice_policy::hash::content_hash(&sluice_policy::to_yaml(set));
+    hash.truncate(12);
+    hash
 }
 
 /// Milliseconds since the epoch, for logs and dumps.

@@ -37,11 +37,6 @@ impl IdGenerator {
         z ^ (z >> 31)
     }
 
-    /// A uniform fraction in [0, 1), for jitter.
-    pub fn fraction(&self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
     /// A fresh sampled `traceparent` value (`00-<32 hex>-<16 hex>-01`), written
     /// digit by digit into one exact-size allocation (this runs per request; the
     /// `format!` machinery cost more than the rest of the function).
