@@ -14,7 +14,7 @@ use pingora::protocols::http::ServerSession;
 use sluice_policy::spec::TrafficPolicySpec;
 
 use crate::accesslog::Timestamp;
-use crate::proxy::Shared;
+use crate::shared::Shared;
 
 pub struct Admin {
     pub shared: Arc<Shared>,

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::backoff::Backoff;
-use crate::proxy::Shared;
+use crate::shared::Shared;
 use crate::source::{apply, ReloadResult};
 
 /// The generated client API.

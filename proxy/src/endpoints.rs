@@ -225,6 +225,15 @@ impl Endpoints {
         (0..self.targets.len()).any(|i| self.dialable(i) && !tried.contains(&i))
     }
 
+    /// Attempts begun and not yet ended or abandoned, all backends (P2C counts
+    /// them; other pickers do not, so 0).
+    pub fn pending_total(&self) -> u32 {
+        match &self.picker {
+            Picker::P2c(p) => (0..p.len()).map(|i| p.pending(i)).sum(),
+            _ => 0,
+        }
+    }
+
     /// An attempt at `index` starts (P2C's pending count).
     pub fn begin(&self, index: usize) {
         if let Picker::P2c(p) = &self.picker {

@@ -712,7 +712,7 @@ pub fn redacted(addr: &str) -> String {
 /// leases back. `timeout` bounds connecting and each round trip; past it Redis
 /// counts as unreachable and the local buckets decide until it answers again.
 pub async fn sync(
-    shared: Arc<crate::proxy::Shared>,
+    shared: Arc<crate::shared::Shared>,
     addr: String,
     timeout: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,

@@ -6,26 +6,24 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use prometheus::Registry;
 use sluice_proxy::admin::{Admin, Scope};
 use sluice_proxy::cli::{parse_args, EX_USAGE};
 use sluice_proxy::control_plane::ControlPlaneSource;
-use sluice_proxy::globallimit::{self, GlobalLimits};
-use sluice_proxy::metrics::Metrics;
-use sluice_proxy::proxy::{Shared, SluiceProxy};
+use sluice_proxy::exchange::{Direction, Side};
+use sluice_proxy::globallimit;
+use sluice_proxy::phases::SluiceProxy;
+use sluice_proxy::shared::Shared;
 use sluice_proxy::shutdown::DrainOnSigterm;
 use sluice_proxy::source::FileSource;
-use sluice_proxy::trace::IdGenerator;
 
 /// The process allocator; a stateless handle, the one `static` the binary has.
 /// glibc's malloc spends ~18% of a request's CPU here (profile in bench/RESULTS.md).
@@ -417,7 +415,7 @@ fn health_checks(shared: &Arc<Shared>) {
 
 /// Serves `flow` on `addr` with the engine the flags choose.
 fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, addr: SocketAddr) {
-    let name = flow.direction;
+    let name = flow.side.direction.as_str();
     let mut h2c = pingora::apps::HttpServerOptions::default();
     h2c.h2c = args.h2c;
     // Both engines listen through Sluice's HTTP/1 front: with `--engine h1` it
@@ -529,22 +527,13 @@ fn main() -> ExitCode {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("sluice-proxy-{}", std::process::id()));
 
-    let runtime = Arc::new(ArcSwapOption::empty());
-    let metrics = match Metrics::register(Registry::new(), Arc::clone(&runtime)) {
-        Ok(m) => m,
+    let shared = match Shared::new(!args.no_access_log, args.redis.is_some()) {
+        Ok(shared) => Arc::new(shared),
         Err(e) => {
             eprintln!("sluice-proxy: metrics: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let shared = Arc::new(Shared {
-        runtime,
-        metrics,
-        ids: IdGenerator::default(),
-        inflight: AtomicUsize::new(0),
-        access_log: sluice_proxy::accesslog::AccessLog::new(!args.no_access_log),
-        globals: GlobalLimits::new(args.redis.is_some()),
-    });
 
     // An invalid policy at start is logged and leaves /ready at 503 until a valid
     // one arrives: the pod gets no traffic, and fixing the source recovers it.
@@ -613,21 +602,25 @@ fn main() -> ExitCode {
     .collect();
     let outbound = SluiceProxy {
         shared: Arc::clone(&shared),
-        direction: "outbound",
-        inbound_policy: None,
-        inbound_app: None,
+        side: Side {
+            direction: Direction::Outbound,
+            inbound_policy: None,
+            inbound_app: None,
+            own_ports: own_ports.clone(),
+        },
         transparent: args.transparent,
-        own_ports: own_ports.clone(),
     };
     add_listener(&mut server, &args, outbound, args.listen);
     if let Some(inbound_addr) = args.inbound {
         let inbound = SluiceProxy {
             shared: Arc::clone(&shared),
-            direction: "inbound",
-            inbound_policy: args.inbound_policy.clone(),
-            inbound_app: args.app,
+            side: Side {
+                direction: Direction::Inbound,
+                inbound_policy: args.inbound_policy.clone(),
+                inbound_app: args.app,
+                own_ports,
+            },
             transparent: args.transparent,
-            own_ports,
         };
         add_listener(&mut server, &args, inbound, inbound_addr);
     }

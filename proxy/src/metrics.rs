@@ -7,18 +7,12 @@
 //! include that route's SLO latency threshold, which a single `HistogramVec` (one
 //! bucket layout for all) cannot express.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-
-use crate::runtime::Runtime;
 
 /// Bucket bounds (seconds) every route gets; a route's SLO threshold is added to them.
 pub const BASE_BUCKETS: [f64; 16] = [
@@ -75,11 +69,9 @@ fn gauge(
 }
 
 impl Metrics {
-    /// Registers every metric; `runtime` is read at scrape time for the per-route histograms.
-    pub fn register(
-        registry: Registry,
-        runtime: Arc<ArcSwapOption<Runtime>>,
-    ) -> prometheus::Result<Self> {
+    /// Registers every metric (the per-route duration histograms are the
+    /// snapshot's: `runtime::DurationCollector`).
+    pub fn register(registry: Registry) -> prometheus::Result<Self> {
         let r = &registry;
         // The process's own CPU, memory, threads and file descriptors (`process_*`,
         // as every Prometheus client library exports them): the fleet dashboard
@@ -103,7 +95,6 @@ impl Metrics {
             "1 while Redis answers the global rate limits' claims (0 without --redis).",
         )?;
         r.register(Box::new(global_redis_up.clone()))?;
-        r.register(Box::new(DurationCollector::new(runtime)?))?;
         Ok(Metrics {
             requests: counter(
                 r,
@@ -255,52 +246,11 @@ impl Metrics {
     }
 }
 
-/// `sluice_request_duration_seconds{policy,route}`: a histogram per route, created
-/// with the route (so its buckets include the SLO threshold) and carried over reloads
-/// with it; removed routes disappear from the exposition.
-struct DurationCollector {
-    runtime: Arc<ArcSwapOption<Runtime>>,
-    desc: Desc,
-}
-
-pub const DURATION_NAME: &str = "sluice_request_duration_seconds";
-const DURATION_HELP: &str = "Time from request received to response finished, by policy and route.";
-
-impl DurationCollector {
-    fn new(runtime: Arc<ArcSwapOption<Runtime>>) -> prometheus::Result<Self> {
-        let desc = Desc::new(
-            DURATION_NAME.into(),
-            DURATION_HELP.into(),
-            vec!["policy".into(), "route".into()],
-            Default::default(),
-        )?;
-        Ok(DurationCollector { runtime, desc })
-    }
-}
-
-impl Collector for DurationCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let Some(runtime) = self.runtime.load_full() else {
-            return Vec::new();
-        };
-        let mut family: Option<MetricFamily> = None;
-        for route in runtime.routes() {
-            for mut f in route.duration.collect() {
-                match family.as_mut() {
-                    None => family = Some(f),
-                    Some(all) => all.mut_metric().append(f.mut_metric()),
-                }
-            }
-        }
-        family.into_iter().collect()
-    }
-}
-
 /// A route's duration histogram: base buckets plus its SLO threshold.
+pub const DURATION_NAME: &str = "sluice_request_duration_seconds";
+pub const DURATION_HELP: &str =
+    "Time from request received to response finished, by policy and route.";
+
 pub fn route_histogram(
     policy: &str,
     route: &str,

@@ -12,6 +12,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::Histogram;
 use sluice_policy::{FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
 
@@ -20,9 +23,10 @@ use crate::budget::RetryBudget;
 use crate::concurrency::ConcurrencyLimiter;
 use crate::endpoints::{Endpoints, EndpointsRule};
 use crate::globallimit::{GlobalLimiter, GlobalLimits};
-use crate::metrics::{route_histogram, CounterCache, CODE_CLASSES};
+use crate::metrics::{route_histogram, CounterCache, CODE_CLASSES, DURATION_HELP, DURATION_NAME};
 use crate::pathmatch::{self, PathMatcher};
 use crate::ratelimit::RouteLimiter;
+use crate::verdict::Verdict;
 
 pub struct Runtime {
     /// Content hash of the canonical policy: equal policies give equal versions on
@@ -283,7 +287,7 @@ fn compile_policy(
             budget,
             fallback_addr,
             duration,
-            requests: CounterCache::new(CODE_CLASSES * crate::proxy::Verdict::COUNT * 2),
+            requests: CounterCache::new(CODE_CLASSES * Verdict::COUNT * 2),
             slo_threshold,
         });
     }
@@ -301,6 +305,48 @@ fn version_of(set: &PolicySet) -> String {
     let mut hash = sluice_policy::hash::content_hash(&sluice_policy::to_yaml(set));
     hash.truncate(12);
     hash
+}
+
+/// `sluice_request_duration_seconds{policy,route}`: a histogram per route, created
+/// with the route (so its buckets include the SLO threshold) and carried over reloads
+/// with it; removed routes disappear from the exposition.
+pub struct DurationCollector {
+    runtime: Arc<ArcSwapOption<Runtime>>,
+    desc: Desc,
+}
+
+impl DurationCollector {
+    pub fn new(runtime: Arc<ArcSwapOption<Runtime>>) -> prometheus::Result<Self> {
+        let desc = Desc::new(
+            DURATION_NAME.into(),
+            DURATION_HELP.into(),
+            vec!["policy".into(), "route".into()],
+            Default::default(),
+        )?;
+        Ok(DurationCollector { runtime, desc })
+    }
+}
+
+impl Collector for DurationCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(runtime) = self.runtime.load_full() else {
+            return Vec::new();
+        };
+        let mut family: Option<MetricFamily> = None;
+        for route in runtime.routes() {
+            for mut f in route.duration.collect() {
+                match family.as_mut() {
+                    None => family = Some(f),
+                    Some(all) => all.mut_metric().append(f.mut_metric()),
+                }
+            }
+        }
+        family.into_iter().collect()
+    }
 }
 
 /// Milliseconds since the epoch, for logs and dumps.

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::proxy::Shared;
+use crate::shared::Shared;
 
 /// How long the in-flight count must stay at zero to count as drained: covers a
 /// request accepted just before the listener closed whose headers are still arriving.

@@ -17,8 +17,8 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_policy::watch::{is_policy_entry, settle};
 use sluice_policy::Checked;
 
-use crate::proxy::Shared;
 use crate::runtime::Runtime;
+use crate::shared::Shared;
 
 /// Quiet time after the last event before reloading.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);

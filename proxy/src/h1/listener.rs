@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use super::pool::Pool;
 use super::Engine;
-use crate::proxy::SluiceProxy;
+use crate::phases::SluiceProxy;
 
 /// How often idle upstream connections are checked for expiry and closure.
 const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);

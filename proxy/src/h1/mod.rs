@@ -1,5 +1,5 @@
-//! Sluice's own HTTP/1.1 engine for the common request, under the same flow as
-//! pingora's phases ([`crate::proxy`]).
+//! Sluice's own HTTP/1.1 engine for the common request, driving the same
+//! request flow ([`crate::exchange`]) as pingora's phases ([`crate::phases`]).
 //!
 //! Why: pingora spends ~25 µs of CPU per proxied request on this machine against
 //! nginx's ~10 (bench/RESULTS.md: a second header map, a cloned request header, a
@@ -18,11 +18,10 @@
 //! client's, as in Envoy. Anything else — HTTP/1.0, larger bodies, `Expect`,
 //! upgrades and CONNECT, h2c (the preface, or a policy whose backends speak h2c) —
 //! is handed over, connection and bytes already read, to pingora for the rest of
-//! the connection, through the same checks ([`front`]). A request refused by those
+//! the connection, through the same checks ([`crate::front`]). A request refused by those
 //! checks is answered with its status and the connection closed; nothing of it
 //! goes upstream.
 
-pub mod front;
 mod listener;
 pub use listener::Listener;
 pub mod pool;
@@ -42,9 +41,10 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::proxy::{
-    Admit, Ctx, ExchangeFailure, Failure, Reply, Request, SluiceProxy, StatusVerdict,
-};
+use crate::exchange::{Action, Event, Exchange, Reply, Request, MAX_ATTEMPTS};
+use crate::front;
+use crate::phases::SluiceProxy;
+use crate::shared::Shared;
 use pool::Pool;
 use sluice_h1::{Body, ChunkedDecoder, Form, Framing, Refusal, RequestHead, ResponseHead};
 use upstream::{
@@ -57,9 +57,6 @@ pub const MAX_BODY: u64 = 64 * 1024;
 /// How long a client connection may sit idle between requests (and how long a
 /// request head may take to arrive), unless `--idle-timeout` says otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Attempts per request (first try, failovers, retries, fallback backend), as
-/// pingora's own bound.
-const MAX_ATTEMPTS: usize = 16;
 /// The HTTP/2 connection preface (h2c with prior knowledge).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -116,6 +113,9 @@ struct Client {
     peer: SocketAddr,
     /// Bytes received and not yet used (pipelined requests stay here).
     buf: BytesMut,
+    /// The exchange of a request handed to pingora with the connection (routed
+    /// here, governed there).
+    handed: Option<Exchange<Arc<Shared>>>,
     /// Transparent mode: the destination the connection was redirected from.
     original_dst: Option<SocketAddr>,
     shutdown: ShutdownWatch,
@@ -171,6 +171,7 @@ impl Engine {
             stream,
             peer,
             buf: BytesMut::with_capacity(8 * 1024),
+            handed: None,
             original_dst,
             shutdown,
             forwarded_for: format!("x-forwarded-for: {}\r\n", peer.ip()).into_bytes(),
@@ -279,36 +280,33 @@ impl Engine {
             head,
             client_ip: client.peer.ip(),
         };
-        let mut ctx = self.flow.new_ctx();
-        client.last_active = ctx.start;
-        ctx.original_dst = client.original_dst;
-        if let Err(reply) = self.flow.route_request(&req, &mut ctx) {
-            return self
-                .answer(client, &req, &mut ctx, reply, keep_alive, out)
-                .await;
-        }
-        // A policy with h2c backends needs pingora's HTTP/2 client: hand over before
-        // any governance is spent on the request.
-        if ctx.policy().is_some_and(|p| p.endpoints.speaks_h2c) {
-            drop(ctx);
+        let mut exchange = self.flow.exchange(Instant::now());
+        client.last_active = exchange.start();
+        let event = self.flow.arrived(client.original_dst, false);
+        let action = exchange.on(&req, exchange.start(), event);
+        if let Action::HandOff = action {
+            // A policy with h2c backends needs pingora's HTTP/2 client: the request
+            // goes over as it came, with its exchange (routed, not yet governed).
             let mut replay =
                 BytesMut::with_capacity(req.head.bytes().len() + body.len() + client.buf.len());
             replay.extend_from_slice(req.head.bytes());
             replay.extend_from_slice(&body);
             replay.extend_from_slice(&client.buf);
             client.buf = replay;
+            client.handed = Some(exchange);
             return Served::HandOff;
         }
-        match self.flow.admit(&req, &mut ctx) {
-            Admit::Reply(reply) => {
-                self.answer(client, &req, &mut ctx, reply, keep_alive, out)
-                    .await
-            }
-            Admit::Proxy => {
-                self.proxy(client, &req, &body, &mut ctx, keep_alive, out, upstream_buf)
-                    .await
-            }
-        }
+        self.drive(
+            client,
+            &req,
+            &body,
+            exchange,
+            action,
+            keep_alive,
+            out,
+            upstream_buf,
+        )
+        .await
     }
 
     /// A chunked request body after the `n_head` bytes of its head, read whole and
@@ -348,7 +346,7 @@ impl Engine {
     /// A head Sluice refuses (sluice_h1 says why and with which status), then close.
     async fn reject(&self, client: &mut Client, refusal: Refusal) -> Served {
         let status = refusal.status;
-        let body = refusal_body(refusal);
+        let body = front::refusal_body(refusal);
         let mut out = Vec::new();
         write_reply_head(
             &mut out,
@@ -368,11 +366,12 @@ impl Engine {
         &self,
         client: &mut Client,
         req: &FastRequest<'_>,
-        ctx: &mut Ctx,
+        mut exchange: Exchange<Arc<Shared>>,
         reply: Reply,
         keep_alive: bool,
         out: &mut Vec<u8>,
     ) -> Served {
+        let keep_alive = keep_alive && !reply.close;
         out.clear();
         write_reply_head(
             out,
@@ -386,7 +385,11 @@ impl Engine {
             out.extend_from_slice(&reply.body);
         }
         let written = client.stream.write_all(out).await.is_ok();
-        self.flow.finish(req, reply.status, !written, ctx);
+        let finished = Event::Finished {
+            status: reply.status,
+            failed: !written,
+        };
+        exchange.on(req, Instant::now(), finished);
         if written && keep_alive {
             Served::KeepAlive
         } else {
@@ -394,50 +397,58 @@ impl Engine {
         }
     }
 
-    /// Sends the request upstream (failovers, retries, fallbacks) and relays the answer.
+    /// Carries out the exchange's actions: attempts upstream (failovers,
+    /// retries, fallbacks) until it relays a response or answers itself.
     #[allow(clippy::too_many_arguments)]
-    async fn proxy(
+    async fn drive(
         &self,
         client: &mut Client,
         req: &FastRequest<'_>,
         body: &Bytes,
-        ctx: &mut Ctx,
+        mut exchange: Exchange<Arc<Shared>>,
+        mut action: Action,
         keep_alive: bool,
         out: &mut Vec<u8>,
         ubuf: &mut BytesMut,
     ) -> Served {
         let head_request = req.method() == "HEAD";
-        let mut last_error: Option<(u16, Failure<'static>)> = None;
-        for _ in 0..MAX_ATTEMPTS {
-            let peer = match self.flow.choose_peer(req, ctx) {
-                Ok(peer) => peer,
-                Err(reason) => {
-                    let (reply, keep) =
-                        self.flow
-                            .failure_reply(ctx, 502, Failure::Status(Some(&reason)));
+        // Bounded: the exchange makes at most MAX_ATTEMPTS attempts, each one
+        // pass, then answers.
+        for _ in 0..=MAX_ATTEMPTS {
+            let peer = match action {
+                Action::Connect(peer) => peer,
+                Action::Answer(reply) => {
                     return self
-                        .answer(client, req, ctx, reply, keep_alive && keep, out)
-                        .await;
+                        .answer(client, req, exchange, reply, keep_alive, out)
+                        .await
+                }
+                Action::Relay | Action::HandOff | Action::Abort | Action::Done => {
+                    exchange.on(req, Instant::now(), Event::ClientGone);
+                    return Served::Close;
                 }
             };
-            // A connection: pooled, else new.
-            let (mut upstream, reused) = match self.pool.take(client.thread, peer.addr) {
+            // A connection: pooled (unless a stale one just broke), else new.
+            let pooled = match peer.fresh {
+                true => None,
+                false => self.pool.take(client.thread, peer.addr),
+            };
+            let (mut upstream, reused) = match pooled {
                 Some(s) => (s, true),
                 None => match connect(peer.addr, peer.connect_timeout).await {
                     Ok(s) => (s, false),
                     Err(kind) => {
-                        last_error = Some((502, Failure::Connect(kind.as_str())));
-                        if self.flow.connect_failed(req, ctx) {
-                            continue;
-                        }
-                        break;
+                        let failed = Event::ConnectFailed {
+                            error: kind.as_str(),
+                        };
+                        action = exchange.on(req, Instant::now(), failed);
+                        continue;
                     }
                 },
             };
             // The request: the client's head, Sluice's headers, the body, one write.
             out.clear();
             req.head.write_forwarded(out, false);
-            if let Some(tp) = self.flow.generated_traceparent(ctx) {
+            if let Some(tp) = exchange.generated_traceparent() {
                 push_header(out, "traceparent", tp.as_bytes());
             }
             out.extend_from_slice(&client.forwarded_for);
@@ -448,7 +459,7 @@ impl Engine {
             // if it has half-closed after sending them), so it is not watched.
             let watch = client.buf.is_empty();
             let (client_reader, mut client_writer) = client.stream.split();
-            let exchange = async {
+            let attempt = async {
                 within(peer.io_timeout, upstream.write_all(out)).await?;
                 read_response_head(
                     &mut upstream,
@@ -459,62 +470,58 @@ impl Engine {
                 )
                 .await
             };
-            let response = match unless_client_leaves(exchange, watch, &client_reader).await {
+            let response = match unless_client_leaves(attempt, watch, &client_reader).await {
                 None => {
                     // As nginx (499) and Envoy (downstream reset): the backend's
                     // answer would go nowhere; its connection is dropped mid-exchange.
                     // Status 0: nothing was sent, as pingora's side logs it.
-                    self.flow.finish(req, 0, true, ctx);
+                    exchange.on(req, Instant::now(), Event::ClientGone);
                     return Served::Close;
                 }
                 Some(Ok(head)) => head,
                 Some(Err(broken)) => {
-                    let timed_out = matches!(broken, Broken::TimedOut);
-                    last_error = Some(if timed_out {
-                        (504, Failure::Other(broken.name()))
-                    } else {
-                        (502, Failure::Other(broken.name()))
-                    });
-                    // A malformed answer is an answer: not resent as if the pooled
-                    // connection had been stale.
-                    let stale = reused && !matches!(broken, Broken::BadResponse);
-                    match self.flow.exchange_failed(req, ctx, timed_out, stale, false) {
-                        ExchangeFailure::Resend | ExchangeFailure::Retry => continue,
-                        ExchangeFailure::Fail { to_backend: true } => continue,
-                        ExchangeFailure::Fail { to_backend: false } => break,
-                    }
+                    let event = Event::Broken {
+                        timed_out: matches!(broken, Broken::TimedOut),
+                        // A malformed answer is an answer: not resent as if the
+                        // pooled connection had been stale.
+                        stale: reused && !matches!(broken, Broken::BadResponse),
+                        responding: false,
+                        error: broken.name(),
+                    };
+                    action = exchange.on(req, Instant::now(), event);
+                    continue;
                 }
             };
-            match self.flow.upstream_status(req, ctx, response.status) {
-                StatusVerdict::Accept => {}
-                StatusVerdict::Retry | StatusVerdict::Fallback { to_backend: true } => continue,
-                StatusVerdict::Fallback { to_backend: false } => {
-                    last_error = Some((
-                        response.status,
-                        Failure::Status(Some("upstream error, serving the fallback")),
-                    ));
-                    break;
-                }
+            let status = response.status;
+            action = exchange.on(req, Instant::now(), Event::Response { status });
+            if let Action::Relay = action {
+                return self
+                    .relay(
+                        client,
+                        req,
+                        exchange,
+                        upstream,
+                        (peer.addr, peer.io_timeout),
+                        response,
+                        ubuf,
+                        keep_alive,
+                        out,
+                    )
+                    .await;
             }
-            return self
-                .relay(
-                    client,
-                    req,
-                    ctx,
-                    upstream,
-                    (peer.addr, peer.io_timeout),
-                    response,
-                    ubuf,
-                    keep_alive,
-                    out,
-                )
-                .await;
         }
-        let (code, failure) =
-            last_error.unwrap_or((502, Failure::Status(Some("too many attempts"))));
-        let (reply, keep) = self.flow.failure_reply(ctx, code, failure);
-        self.answer(client, req, ctx, reply, keep_alive && keep, out)
-            .await
+        // Not reached: the exchange answers once its attempts are spent.
+        let failed = Event::Failed {
+            status: 502,
+            error: "too many attempts",
+        };
+        match exchange.on(req, Instant::now(), failed) {
+            Action::Answer(reply) => {
+                self.answer(client, req, exchange, reply, keep_alive, out)
+                    .await
+            }
+            _ => Served::Close,
+        }
     }
 
     /// Relays an accepted response: its head with Sluice's headers, then its body.
@@ -523,7 +530,7 @@ impl Engine {
         &self,
         client: &mut Client,
         req: &FastRequest<'_>,
-        ctx: &mut Ctx,
+        mut exchange: Exchange<Arc<Shared>>,
         mut upstream: TcpStream,
         (addr, io_timeout): (SocketAddr, Option<Duration>),
         response: ResponseHead,
@@ -538,13 +545,14 @@ impl Engine {
         let close_client = !keep_alive || response.framing == Framing::UntilClose;
         out.clear();
         response.write_relayed(ubuf, out);
-        if let Some((limit, remaining, reset)) = ctx.rate_headers {
-            push_number(out, "ratelimit-limit", u64::from(limit));
-            push_number(out, "ratelimit-remaining", u64::from(remaining));
-            push_number(out, "ratelimit-reset", reset);
+        let (rate, fallback) = exchange.response_headers();
+        if let Some(h) = rate {
+            push_number(out, "ratelimit-limit", u64::from(h.limit));
+            push_number(out, "ratelimit-remaining", u64::from(h.remaining));
+            push_number(out, "ratelimit-reset", h.reset);
         }
-        if let Some(cause) = ctx.fallback {
-            push_header(out, "x-sluice-fallback", cause.as_str().as_bytes());
+        if let Some(cause) = fallback {
+            push_header(out, "x-sluice-fallback", cause.as_bytes());
         }
         if close_client {
             out.extend_from_slice(b"connection: close\r\n");
@@ -564,20 +572,24 @@ impl Engine {
             Ok(()) => (true, true),
             Err(Relay::Client) => (false, false),
             Err(Relay::Upstream(broken)) => {
-                self.flow.exchange_failed(
-                    req,
-                    ctx,
-                    matches!(broken, Broken::TimedOut),
-                    false,
-                    true,
-                );
+                let event = Event::Broken {
+                    timed_out: matches!(broken, Broken::TimedOut),
+                    stale: false,
+                    responding: true,
+                    error: broken.name(),
+                };
+                exchange.on(req, Instant::now(), event);
                 (false, false)
             }
         };
         if upstream_ok && !response.close && ubuf.is_empty() {
             self.pool.put(client.thread, addr, upstream);
         }
-        self.flow.finish(req, status, !client_ok, ctx);
+        let finished = Event::Finished {
+            status,
+            failed: !client_ok,
+        };
+        exchange.on(req, Instant::now(), finished);
         if client_ok && !close_client {
             Served::KeepAlive
         } else {
@@ -673,6 +685,7 @@ async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>, front: bool
         stream,
         peer,
         buf,
+        handed,
         shutdown,
         ..
     } = client;
@@ -681,7 +694,11 @@ async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>, front: bool
     let _ = digest.peer_addr.set(Some(peer.into()));
     stream.set_socket_digest(digest);
     let stream: pingora::protocols::Stream = if front {
-        Box::new(front::Front::new(stream, &buf))
+        let front = front::Front::new(stream, &buf);
+        match handed {
+            Some(exchange) => Box::new(front.with_exchange(exchange)),
+            None => Box::new(front),
+        }
     } else {
         stream.rewind(&buf);
         Box::new(stream)
@@ -692,13 +709,4 @@ async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>, front: bool
         shutdown,
     )
     .await;
-}
-
-/// The body of a refusal: what was wrong, for whoever reads it.
-pub fn refusal_body(refusal: Refusal) -> String {
-    format!(
-        "sluice: {}: {}\n",
-        reason(refusal.status).to_ascii_lowercase(),
-        refusal.reason
-    )
 }

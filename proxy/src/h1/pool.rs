@@ -10,7 +10,7 @@ use std::time::Instant;
 use fnv::FnvHashMap;
 use tokio::net::TcpStream;
 
-use crate::proxy::UPSTREAM_IDLE_TIMEOUT;
+use crate::exchange::UPSTREAM_IDLE_TIMEOUT;
 
 /// The most idle connections kept per worker thread and backend.
 pub const MAX_IDLE_PER_BACKEND: usize = 128;

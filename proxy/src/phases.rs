@@ -1,5 +1,12 @@
-//! The flow as pingora's `ProxyHttp` phases: each phase asks the flow and turns
-//! its answer into pingora's terms (retry flags on errors, written responses).
+//! The request flow as pingora's `ProxyHttp` phases: each phase reports what
+//! happened to the request's [`Exchange`] and turns its [`Action`] into pingora's
+//! terms (a peer, retry flags on errors, written responses). pingora serves what
+//! the fast path (`h1`) hands over: h2c, upgrades, large or streamed bodies,
+//! HTTP/1.0 (and everything with `--engine pingora`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -7,9 +14,63 @@ use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use super::*;
-use crate::h1::front;
+use crate::exchange::{Action, Event, Exchange, Peer, Reply, Request, Side, UPSTREAM_IDLE_TIMEOUT};
+use crate::front;
 use crate::respond::respond;
+use crate::shared::Shared;
+
+/// One listener's flow: pingora's `ProxyHttp`, and what the fast path runs too.
+#[derive(Clone)]
+pub struct SluiceProxy {
+    pub shared: Arc<Shared>,
+    pub side: Side,
+    /// Connections arrive by iptables REDIRECT: use their original destination.
+    pub transparent: bool,
+}
+
+impl SluiceProxy {
+    /// A fresh exchange, counted in flight until it is dropped.
+    pub fn exchange(&self, now: Instant) -> Exchange<Arc<Shared>> {
+        Exchange::new(Arc::clone(&self.shared), now)
+    }
+
+    /// The first event of a request whose head arrived.
+    pub fn arrived(&self, original_dst: Option<SocketAddr>, h2c: bool) -> Event<'_> {
+        Event::Arrived {
+            runtime: self.shared.runtime.load_full(),
+            side: &self.side,
+            original_dst,
+            h2c,
+        }
+    }
+}
+
+/// A request's state across pingora's phases: its exchange, and what the last
+/// event asked for that a later phase carries out.
+pub struct Ctx {
+    exchange: Exchange<Arc<Shared>>,
+    /// The peer the next `upstream_peer` returns.
+    next: Option<Peer>,
+    /// The answer `fail_to_proxy` writes.
+    reply: Option<Reply>,
+}
+
+impl Ctx {
+    /// Keeps what an action asks a later phase to do; whether it is an attempt.
+    fn keep(&mut self, action: Action) -> bool {
+        match action {
+            Action::Connect(peer) => {
+                self.next = Some(peer);
+                true
+            }
+            Action::Answer(reply) => {
+                self.reply = Some(reply);
+                false
+            }
+            Action::Relay | Action::HandOff | Action::Abort | Action::Done => false,
+        }
+    }
+}
 
 impl Request for Session {
     fn method(&self) -> &str {
@@ -51,17 +112,10 @@ fn original_destination(session: &Session) -> Option<SocketAddr> {
     (Some(original) != local).then_some(original)
 }
 
-fn is_connect_error(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectRefused
-            | ErrorType::ConnectTimedout
-            | ErrorType::ConnectNoRoute
-            | ErrorType::ConnectError
-    )
-}
-
-async fn write_reply(session: &mut Session, reply: Reply) -> Result<()> {
+async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
+    if reply.close {
+        session.set_keepalive(None);
+    }
     let headers: Vec<(&str, &str)> = reply
         .headers
         .iter()
@@ -72,7 +126,7 @@ async fn write_reply(session: &mut Session, reply: Reply) -> Result<()> {
         reply.status,
         reply.content_type,
         &headers,
-        reply.body,
+        reply.body.clone(),
     )
     .await
 }
@@ -106,7 +160,7 @@ fn one_framing(resp: &mut ResponseHeader) -> Result<()> {
 
 /// The answer to a request the HTTP/1 front refused, as the fast path writes it.
 async fn write_refusal(session: &mut Session, refusal: sluice_h1::Refusal) -> Result<()> {
-    let body = crate::h1::refusal_body(refusal);
+    let body = front::refusal_body(refusal);
     respond(
         session,
         refusal.status,
@@ -115,6 +169,15 @@ async fn write_refusal(session: &mut Session, refusal: sluice_h1::Refusal) -> Re
         body.into(),
     )
     .await
+}
+
+/// What a phase answers when the exchange asked for something it cannot do
+/// there (an engine bug, never a client's doing).
+fn out_of_order(phase: &str) -> Box<Error> {
+    Error::explain(
+        ErrorType::InternalError,
+        format!("the request flow asked for something {phase} cannot do"),
+    )
 }
 
 #[async_trait]
@@ -126,7 +189,11 @@ impl ProxyHttp for SluiceProxy {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
-        SluiceProxy::new_ctx(self)
+        Ctx {
+            exchange: self.exchange(Instant::now()),
+            next: None,
+            reply: None,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -141,30 +208,46 @@ impl ProxyHttp for SluiceProxy {
             write_refusal(session, refused.refusal).await?;
             return Ok(true);
         }
-        if self.transparent {
-            ctx.original_dst = original_destination(session);
-        }
-        if let Err(reply) = self.route_request(&*session, ctx) {
-            write_reply(session, reply).await?;
-            return Ok(true);
-        }
-        if ctx.route().is_some_and(|r| r.route.retries.is_some()) {
+        let now = Instant::now();
+        let action = match front::take_exchange(session.downstream_session.stream()) {
+            // Routed by the fast path already: governed here, on the same snapshot.
+            Some(handed) => {
+                ctx.exchange = handed;
+                ctx.exchange.on(&*session, now, Event::Resume)
+            }
+            None => {
+                let original_dst = if self.transparent {
+                    original_destination(session)
+                } else {
+                    None
+                };
+                let event = self.arrived(original_dst, true);
+                ctx.exchange.on(&*session, now, event)
+            }
+        };
+        if ctx.exchange.may_resend() {
             // Keep (a bounded prefix of) the request body so a retry can resend it.
             session.enable_retry_buffering();
         }
-        match self.admit(&*session, ctx) {
-            Admit::Proxy => Ok(false),
-            Admit::Reply(reply) => {
-                write_reply(session, reply).await?;
+        match action {
+            Action::Connect(peer) => {
+                ctx.next = Some(peer);
+                Ok(false)
+            }
+            Action::Answer(reply) => {
+                write_reply(session, &reply).await?;
                 Ok(true)
+            }
+            Action::Relay | Action::HandOff | Action::Abort | Action::Done => {
+                Err(out_of_order("request_filter"))
             }
         }
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let peer = self
-            .choose_peer(&*session, ctx)
-            .map_err(|reason| Error::explain(ErrorType::HTTPStatus(502), reason))?;
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(peer) = ctx.next.take() else {
+            return Err(out_of_order("upstream_peer"));
+        };
         let mut http = HttpPeer::new(peer.addr, false, String::new());
         http.options.connection_timeout = Some(peer.connect_timeout);
         http.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
@@ -185,8 +268,11 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let again = self.connect_failed(&*session, ctx);
-        e.set_retry(again);
+        let event = Event::ConnectFailed {
+            error: e.etype().as_str(),
+        };
+        let action = ctx.exchange.on(&*session, Instant::now(), event);
+        e.set_retry(ctx.keep(action));
         e
     }
 
@@ -196,12 +282,11 @@ impl ProxyHttp for SluiceProxy {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(tp) = self.generated_traceparent(ctx) {
+        if let Some(tp) = ctx.exchange.generated_traceparent() {
             upstream.insert_header("traceparent", tp)?;
         }
-        let h2c = ctx.policy().is_some_and(|p| p.endpoints.speaks_h2c);
         if session.req_header().version == http::Version::HTTP_10
-            && !h2c
+            && !ctx.exchange.wants_h2c()
             && !upstream.headers.contains_key(http::header::HOST)
         {
             // pingora speaks HTTP/1.1 to HTTP/1 backends; an HTTP/1.0 request
@@ -223,25 +308,17 @@ impl ProxyHttp for SluiceProxy {
     ) -> Result<()> {
         one_framing(resp)?;
         let status = resp.status.as_u16();
-        match self.upstream_status(&*session, ctx, status) {
-            StatusVerdict::Accept => Ok(()),
-            StatusVerdict::Retry => {
-                let mut e =
-                    Error::explain(ErrorType::HTTPStatus(status), "retrying a gateway error");
-                e.set_retry(true);
-                Err(e)
-            }
-            StatusVerdict::Fallback { to_backend } => {
-                // fail_to_proxy serves the static fallback, or the retry goes to the
-                // fallback backend.
-                let mut e = Error::explain(
-                    ErrorType::HTTPStatus(status),
-                    "upstream error, serving the fallback",
-                );
-                e.set_retry(to_backend);
-                Err(e)
-            }
+        let action = ctx
+            .exchange
+            .on(&*session, Instant::now(), Event::Response { status });
+        if let Action::Relay = action {
+            return Ok(());
         }
+        // Dropped for a retry (or the fallback backend), or for the answer
+        // fail_to_proxy writes.
+        let mut e = Error::explain(ErrorType::HTTPStatus(status), "refused upstream response");
+        e.set_retry(ctx.keep(action));
+        Err(e)
     }
 
     async fn response_filter(
@@ -256,14 +333,15 @@ impl ProxyHttp for SluiceProxy {
             // connection must not carry more requests.
             session.downstream_session.set_keepalive(None);
         }
-        if let Some((limit, remaining, reset)) = ctx.rate_headers {
+        let (rate, fallback) = ctx.exchange.response_headers();
+        if let Some(h) = rate {
             // HeaderValue::from(integer) formats without an intermediate String.
-            resp.insert_header("ratelimit-limit", http::HeaderValue::from(limit))?;
-            resp.insert_header("ratelimit-remaining", http::HeaderValue::from(remaining))?;
-            resp.insert_header("ratelimit-reset", http::HeaderValue::from(reset))?;
+            resp.insert_header("ratelimit-limit", http::HeaderValue::from(h.limit))?;
+            resp.insert_header("ratelimit-remaining", http::HeaderValue::from(h.remaining))?;
+            resp.insert_header("ratelimit-reset", http::HeaderValue::from(h.reset))?;
         }
-        if let Some(cause) = ctx.fallback {
-            resp.insert_header("x-sluice-fallback", cause.as_str())?;
+        if let Some(cause) = fallback {
+            resp.insert_header("x-sluice-fallback", cause)?;
         }
         Ok(())
     }
@@ -287,15 +365,24 @@ impl ProxyHttp for SluiceProxy {
             // Our own decision from upstream_response_filter, already settled.
             return e;
         }
-        let timed_out = matches!(
-            e.etype(),
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout
-        );
-        let responding = session.response_written().is_some();
-        match self.exchange_failed(&*session, ctx, timed_out, client_reused, responding) {
-            ExchangeFailure::Resend => e.retry.decide_reuse(true),
-            ExchangeFailure::Retry => e.set_retry(true),
-            ExchangeFailure::Fail { to_backend } => e.set_retry(to_backend),
+        let event = Event::Broken {
+            timed_out: matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            ),
+            stale: client_reused,
+            responding: session.response_written().is_some(),
+            error: e.etype().as_str(),
+        };
+        let action = ctx.exchange.on(&*session, Instant::now(), event);
+        let resend = matches!(&action, Action::Connect(peer) if peer.fresh);
+        let again = ctx.keep(action);
+        if resend {
+            // pingora resends only what it knows it can (a reused connection
+            // that broke before its answer).
+            e.retry.decide_reuse(true);
+        } else {
+            e.set_retry(again);
         }
         e
     }
@@ -328,19 +415,29 @@ impl ProxyHttp for SluiceProxy {
                 can_reuse_downstream: false,
             };
         }
-        let failure = if is_connect_error(e) {
-            Failure::Connect(e.etype().as_str())
-        } else if matches!(e.etype(), ErrorType::HTTPStatus(_)) {
-            Failure::Status(e.context.as_ref().map(|c| c.as_str()))
-        } else {
-            Failure::Other(e.etype().as_str())
+        // The answer an event already decided, else the exchange's for this error.
+        let reply = match ctx.reply.take() {
+            Some(reply) => reply,
+            None => {
+                let event = Event::Failed {
+                    status: code,
+                    error: e.etype().as_str(),
+                };
+                match ctx.exchange.on(&*session, Instant::now(), event) {
+                    Action::Answer(reply) => reply,
+                    _ => {
+                        return FailToProxy {
+                            error_code: code,
+                            can_reuse_downstream: false,
+                        }
+                    }
+                }
+            }
         };
-        let (reply, reuse) = self.failure_reply(ctx, code, failure);
-        let status = reply.status;
-        let _ = write_reply(session, reply).await;
+        let _ = write_reply(session, &reply).await;
         FailToProxy {
-            error_code: status,
-            can_reuse_downstream: reuse,
+            error_code: reply.status,
+            can_reuse_downstream: !reply.close,
         }
     }
 
@@ -364,14 +461,12 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if ctx.route().is_none()
-            && front::refusal(session.downstream_session.stream()).is_some_and(|r| !r.in_body)
-        {
-            // Not a request of the client's: the stand-in for a head the front
-            // refused, which the fast path does not log either.
-            return;
-        }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        self.finish(&*session, status, e.is_some(), ctx);
+        // An exchange that never saw a head (the stand-in for a head the front
+        // refused, which the fast path does not log either) settles nothing.
+        let event = Event::Finished {
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            failed: e.is_some(),
+        };
+        ctx.exchange.on(&*session, Instant::now(), event);
     }
 }

@@ -23,7 +23,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -35,8 +35,11 @@ use pingora::protocols::{
     TimingDigest, UniqueID, UniqueIDType,
 };
 use sluice_h1::stream::Refused;
-use sluice_h1::RequestStream;
+use sluice_h1::{Refusal, RequestStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::exchange::Exchange;
+use crate::shared::Shared;
 
 /// What pingora reads in place of a refused head. Its values matter to no one:
 /// [`refusal`] knows it by the stream's state, and nothing follows it.
@@ -45,6 +48,18 @@ pub const REFUSAL_HEAD: &[u8] =
 
 /// How much is read from the client at once.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// An exchange the fast path routed and handed over with its connection (its
+/// backends speak h2c), for pingora's phases to go on with instead of routing
+/// the request again, maybe on a newer snapshot.
+#[derive(Default)]
+struct Handed(std::sync::Mutex<Option<Exchange<Arc<Shared>>>>);
+
+impl std::fmt::Debug for Handed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handed")
+    }
+}
 
 /// A client connection with its request side converted.
 #[derive(Debug)]
@@ -59,6 +74,7 @@ pub struct Front {
     eof: bool,
     /// [`REFUSAL_HEAD`] was handed out.
     refusal_sent: bool,
+    handed: Handed,
 }
 
 impl Front {
@@ -71,7 +87,14 @@ impl Front {
             stream: RequestStream::default(),
             eof: false,
             refusal_sent: false,
+            handed: Handed::default(),
         }
+    }
+
+    /// The first request's exchange, already routed by the fast path.
+    pub fn with_exchange(self, exchange: Exchange<Arc<Shared>>) -> Self {
+        *self.handed.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(exchange);
+        self
     }
 
     /// The refusal pingora's phases are to answer: the stream refused, and what
@@ -106,6 +129,30 @@ impl Front {
 /// The refusal the phases must answer on this session's connection, if any.
 pub fn refusal(stream: Option<&pingora::protocols::Stream>) -> Option<Refused> {
     stream?.as_any().downcast_ref::<Front>()?.refused()
+}
+
+/// The exchange the fast path handed over with this connection, once.
+pub fn take_exchange(stream: Option<&pingora::protocols::Stream>) -> Option<Exchange<Arc<Shared>>> {
+    let front = stream?.as_any().downcast_ref::<Front>()?;
+    front
+        .handed
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+}
+
+/// The body of a refusal: what was wrong, for whoever reads it.
+pub fn refusal_body(refusal: Refusal) -> String {
+    let reason = http::StatusCode::from_u16(refusal.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    format!(
+        "sluice: {}: {}\n",
+        reason.to_ascii_lowercase(),
+        refusal.reason
+    )
 }
 
 impl AsyncRead for Front {

@@ -1,0 +1,934 @@
+//! One request's flow, as a state machine both engines drive: [`Exchange::on`]
+//! takes what happened ([`Event`]) and says what to do next ([`Action`]). Every
+//! governance decision, retry, failover, fallback and outcome lives here, once;
+//! the engines (`h1`, Sluice's HTTP/1.1 fast path, and `phases`, pingora's
+//! `ProxyHttp`) only do the I/O the actions ask for and report what came of it.
+//!
+//! ```text
+//!            Arrived ──► route ──► govern ──► pick a peer ──► Connect(peer)
+//!               │          │         │                          │
+//!               │     Answer(404/503)│ refusal: Answer(429/503) │ ConnectFailed ─► next peer / Answer(502)
+//!               │       HandOff      │   or the fallback        │ Broken ────────► resend, retry / Answer(502/504) / Abort
+//!               ▼                    ▼                          │ Response ──────► Relay / retry / Answer(fallback)
+//!          (pingora: Resume)                                    ▼
+//!                                  Finished{status} ──► settle breaker, limiter, balancer; metrics; access log
+//! ```
+//!
+//! Governance order, cheapest refusal first: rate limit (local, then global),
+//! circuit breaker, concurrency limit. A refusal is answered by the route's fallback
+//! when its `on` lists the cause, else 429/503. In shadow mode nothing is refused:
+//! what would have happened is counted (`mode="shadow"`) and logged as
+//! `shadow_decision`.
+//!
+//! Time comes in with every event (`now`), so tests drive an exchange on a fake
+//! clock; side effects (metrics, the access log) go through one [`Observe`]r.
+//! Resources taken for the request (a breaker admission, a concurrency slot, an
+//! open attempt on a backend) are settled exactly once, at `Finished` at the
+//! latest, whatever order events come in.
+
+mod govern;
+mod observe;
+mod reply;
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_policy::{FallbackAction, FallbackCause, Key, Protocol, RetryOn};
+
+use crate::breaker::Admission;
+use crate::runtime::{PolicyRuntime, RouteRuntime, Routed, Runtime};
+use crate::trace;
+use crate::verdict::Verdict;
+
+pub use observe::{Observe, Outcome, Record};
+pub use reply::Reply;
+
+/// How long a connection attempt to a backend may take before the next one is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an idle pooled upstream connection is kept.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts per request (first try, failovers, retries, resends, the fallback
+/// backend), as pingora's own bound.
+pub const MAX_ATTEMPTS: usize = 16;
+
+/// Which side of the pod a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The app's calls to other services, routed by Host.
+    Outbound,
+    /// Calls to the app, governed by one policy and delivered to the app.
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// What a listener tells the flow about where its requests go.
+#[derive(Debug, Clone)]
+pub struct Side {
+    pub direction: Direction,
+    /// Inbound: every request is governed by this policy, whatever its Host...
+    pub inbound_policy: Option<String>,
+    /// ...and goes to the local app at this address (without `--transparent`).
+    pub inbound_app: Option<SocketAddr>,
+    /// The proxy's own listening ports (proxy, inbound, admin, telemetry): inbound
+    /// traffic redirected from one of them is never delivered to 127.0.0.1 at that
+    /// port, where it would reach the proxy itself (the loopback-only admin
+    /// listener's `/config_dump` among it) from outside the pod.
+    pub own_ports: Vec<u16>,
+}
+
+impl Side {
+    /// Where inbound traffic is delivered: in transparent mode the app listens on
+    /// the port the client dialled, else on `--app`.
+    fn app_address(&self, original_dst: Option<SocketAddr>) -> Option<SocketAddr> {
+        match original_dst {
+            Some(dst) if self.own_ports.contains(&dst.port()) => None,
+            Some(dst) => Some(SocketAddr::from(([127, 0, 0, 1], dst.port()))),
+            None => self.inbound_app,
+        }
+    }
+}
+
+/// What the flow reads from a request, whichever engine parsed it.
+pub trait Request {
+    fn method(&self) -> &str;
+    fn path(&self) -> &str;
+    /// The Host header (or the request target's authority), "" when absent.
+    fn host(&self) -> &str;
+    fn header(&self, name: &str) -> Option<&[u8]>;
+    fn client_ip(&self) -> Option<IpAddr>;
+    /// The body kept for resending is incomplete, so once sent it cannot be retried.
+    fn body_truncated(&self) -> bool;
+}
+
+/// Something that happened to the request.
+pub enum Event<'a> {
+    /// The request head arrived: route it on `runtime` (the live snapshot, `None`
+    /// before any policy loaded), then govern it. `original_dst`: where an
+    /// iptables-redirected connection was going. `h2c`: whether the engine can
+    /// speak h2c to backends (else a policy that needs it is handed off).
+    Arrived {
+        runtime: Option<Arc<Runtime>>,
+        side: &'a Side,
+        original_dst: Option<SocketAddr>,
+        h2c: bool,
+    },
+    /// The engine that took a handed-off exchange goes on where it stopped.
+    Resume,
+    /// Connecting to the last `Connect`'s peer failed; `error` names why.
+    ConnectFailed { error: &'static str },
+    /// The upstream response head arrived.
+    Response { status: u16 },
+    /// The exchange with the backend broke (or timed out) after connecting.
+    /// `stale`: a pooled connection broke before any answer (nothing reached the
+    /// app); `responding`: part of the response already went to the client.
+    Broken {
+        timed_out: bool,
+        stale: bool,
+        responding: bool,
+        error: &'static str,
+    },
+    /// The engine cannot go on with the request (a malformed request body: 400;
+    /// an internal error: 502); the answer explains `error`.
+    Failed { status: u16, error: &'static str },
+    /// The client left before its answer was complete.
+    ClientGone,
+    /// The answer went out (`status`, 0 if none; `failed`: it ended in an error):
+    /// settle everything.
+    Finished { status: u16, failed: bool },
+}
+
+/// What the engine is to do next.
+#[derive(Debug)]
+pub enum Action {
+    /// Send the request to this peer (on a new connection when `fresh`).
+    Connect(Peer),
+    /// Pass the upstream response on, with [`Exchange::response_headers`].
+    Relay,
+    /// Answer the client with this (the proxy's own response).
+    Answer(Reply),
+    /// This engine cannot serve the request (its backends speak h2c): give the
+    /// connection and this exchange to pingora, which goes on with `Resume`.
+    HandOff,
+    /// The response cannot be completed: close the client connection.
+    Abort,
+    /// Nothing more to do.
+    Done,
+}
+
+/// Where one attempt goes, and its time limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub h2c: bool,
+    pub connect_timeout: Duration,
+    /// What is left of the route's timeout, for each read and write of the exchange.
+    pub io_timeout: Option<Duration>,
+    /// A stale pooled connection broke: this attempt must use a new connection.
+    pub fresh: bool,
+}
+
+/// Where the request's attempts go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Balanced over the policy's backends.
+    Balanced,
+    /// The local app of an inbound listener (its only backend; `None` when the
+    /// connection was redirected from one of the proxy's own ports).
+    App(Option<SocketAddr>),
+    /// Nobody governs it: where it was going, untouched.
+    Passthrough(SocketAddr),
+    /// The route's fallback backend.
+    FallbackBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No head yet.
+    New,
+    /// Routed, then handed to another engine before governance.
+    HandedOff,
+    /// Attempts in progress.
+    Proxying,
+    /// The response is being relayed.
+    Relaying,
+    /// The proxy's own answer is being written.
+    Answering,
+    /// Settled.
+    Done,
+}
+
+/// The `RateLimit-*` response fields: limit, remaining, seconds to reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: u64,
+}
+
+/// One request, from its head to its settlement.
+pub struct Exchange<O: Observe> {
+    obs: O,
+    start: Instant,
+    state: State,
+    direction: Direction,
+    /// The snapshot the request was routed by, pinned for its whole life.
+    runtime: Option<Arc<Runtime>>,
+    routed: Routed,
+    verdict: Verdict,
+    shadow: Option<Verdict>,
+    /// The `traceparent` sent upstream: the caller's, or one started here.
+    traceparent: String,
+    /// Set when the traceparent was generated here and must be added upstream.
+    traceparent_generated: bool,
+    target: Target,
+    /// Backends tried so far, by index (bounded by [`MAX_ATTEMPTS`]).
+    tried: Vec<usize>,
+    /// The backend of the last attempt.
+    backend: Option<usize>,
+    /// Attempts made, all kinds (bounded by [`MAX_ATTEMPTS`]).
+    attempts: usize,
+    /// The attempt in progress: backend index and when it started (for P2C and
+    /// outlier detection), settled exactly once.
+    attempt: Option<(usize, Instant)>,
+    /// The status of the last upstream response seen.
+    upstream_status: Option<u16>,
+    /// Whether the last attempt failed (connect error, timeout, reset, 5xx).
+    last_attempt_failed: bool,
+    /// Retries made (beyond the first attempt), bounded by `retries.attempts`.
+    retries: u32,
+    /// The breaker admission, settled at the end.
+    admission: Option<Admission>,
+    /// Holds a slot of the route's concurrency limit, released at the end.
+    permit: bool,
+    rate_headers: Option<RateHeaders>,
+    /// The cause a fallback is (being) served for.
+    fallback: Option<FallbackCause>,
+}
+
+/// The backend index standing for the local app of an inbound listener.
+const APP: usize = usize::MAX;
+
+impl<O: Observe> Exchange<O> {
+    /// An exchange that counts as in flight (for the drain) until it is dropped.
+    pub fn new(obs: O, now: Instant) -> Self {
+        obs.begin();
+        Exchange {
+            obs,
+            start: now,
+            state: State::New,
+            direction: Direction::Outbound,
+            runtime: None,
+            routed: Routed::NoPolicy,
+            verdict: Verdict::Allowed,
+            shadow: None,
+            traceparent: String::new(),
+            traceparent_generated: false,
+            target: Target::Balanced,
+            tried: Vec::new(),
+            backend: None,
+            attempts: 0,
+            attempt: None,
+            upstream_status: None,
+            last_attempt_failed: false,
+            retries: 0,
+            admission: None,
+            permit: false,
+            rate_headers: None,
+            fallback: None,
+        }
+    }
+
+    /// When the request arrived.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// The governance decision so far.
+    pub fn verdict(&self) -> Verdict {
+        self.verdict
+    }
+
+    /// Whether the head arrived (a stand-in for a refused head never does).
+    pub fn arrived(&self) -> bool {
+        self.state != State::New
+    }
+
+    /// The request may be retried: the engine keeps its body to resend it.
+    pub fn may_resend(&self) -> bool {
+        self.route().is_some_and(|r| r.route.retries.is_some())
+    }
+
+    /// Fields added to a relayed response: `RateLimit-*`, `x-sluice-fallback`.
+    pub fn response_headers(&self) -> (Option<RateHeaders>, Option<&'static str>) {
+        (self.rate_headers, self.fallback.map(FallbackCause::as_str))
+    }
+
+    /// The traceparent to add upstream, when it was started here.
+    pub fn generated_traceparent(&self) -> Option<&str> {
+        self.traceparent_generated
+            .then_some(self.traceparent.as_str())
+    }
+
+    /// The policy whose backends the request goes to speaks h2c.
+    pub fn wants_h2c(&self) -> bool {
+        self.policy().is_some_and(|p| p.endpoints.speaks_h2c)
+    }
+
+    /// Takes an event, says what to do.
+    pub fn on(&mut self, req: &(impl Request + ?Sized), now: Instant, event: Event<'_>) -> Action {
+        match (self.state, event) {
+            (
+                State::New,
+                Event::Arrived {
+                    runtime,
+                    side,
+                    original_dst,
+                    h2c,
+                },
+            ) => {
+                if let Some(reply) = self.arrive(req, runtime, side, original_dst) {
+                    return self.answer(reply);
+                }
+                if !h2c && self.wants_h2c() {
+                    // Before any governance is spent: the engine that can speak
+                    // h2c governs it, on this same routing and snapshot.
+                    self.state = State::HandedOff;
+                    return Action::HandOff;
+                }
+                self.admit(req, now)
+            }
+            (State::HandedOff, Event::Resume) => self.admit(req, now),
+            (State::Proxying, Event::ConnectFailed { error }) => {
+                self.connect_failed(req, now, error)
+            }
+            (State::Proxying, Event::Response { status }) => self.response(req, now, status),
+            (
+                State::Proxying | State::Relaying,
+                Event::Broken {
+                    timed_out,
+                    stale,
+                    responding,
+                    error,
+                },
+            ) => self.broken(req, now, timed_out, stale, responding, error),
+            (State::Relaying, Event::Failed { .. }) => Action::Abort,
+            (State::Done, Event::Failed { .. }) => Action::Done,
+            (_, Event::Failed { status, error }) => {
+                let failure = reply::Failure::Other(error);
+                self.fail(status, failure)
+            }
+            (State::Done, Event::ClientGone | Event::Finished { .. }) => Action::Done,
+            (_, Event::ClientGone) => {
+                self.finish(req, now, 0, true);
+                Action::Done
+            }
+            (_, Event::Finished { status, failed }) => {
+                self.finish(req, now, status, failed);
+                Action::Done
+            }
+            // Anything else is out of order (an engine's bug): the connection
+            // cannot be trusted to go on.
+            _ => Action::Abort,
+        }
+    }
+
+    /// Routing and the trace context; the answer when no policy can take it.
+    fn arrive(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        runtime: Option<Arc<Runtime>>,
+        side: &Side,
+        original_dst: Option<SocketAddr>,
+    ) -> Option<Reply> {
+        self.state = State::Proxying;
+        self.direction = side.direction;
+        match req
+            .header("traceparent")
+            .filter(|v| trace::trace_id(v).is_some())
+            .and_then(|v| std::str::from_utf8(v).ok())
+        {
+            Some(tp) => self.traceparent = tp.to_owned(),
+            None => {
+                self.traceparent = self.obs.new_traceparent();
+                self.traceparent_generated = true;
+            }
+        }
+        let Some(runtime) = runtime else {
+            self.verdict = Verdict::NotReady;
+            return Some(Reply::not_ready());
+        };
+        let header = |name: &str| req.header(name);
+        let (method, path) = (req.method(), req.path());
+        self.routed = match (side.direction, &side.inbound_policy) {
+            (Direction::Inbound, Some(name)) => match runtime.policy_index(name) {
+                Some(policy) => runtime.route_in_policy(policy, method, path, header),
+                None => Routed::NoPolicy,
+            },
+            (Direction::Inbound, None) => Routed::NoPolicy,
+            (Direction::Outbound, _) => match runtime.route(req.host(), method, path, header) {
+                // Transparent outbound: no policy claims the Host; try the address the
+                // app connected to against the policies' backends.
+                Routed::NoPolicy => match original_dst.and_then(|d| runtime.policy_by_backend(d)) {
+                    Some(policy) => runtime.route_in_policy(policy, method, path, header),
+                    None => Routed::NoPolicy,
+                },
+                routed => routed,
+            },
+        };
+        self.runtime = Some(runtime);
+        let unclaimed = self.routed == Routed::NoPolicy;
+        self.target = match side.direction {
+            // The local app is an inbound listener's only backend, whatever the
+            // policy lists (and where ungoverned inbound traffic goes).
+            Direction::Inbound => match side.app_address(original_dst) {
+                Some(app) if unclaimed => Target::Passthrough(app),
+                app => Target::App(app),
+            },
+            Direction::Outbound => match original_dst {
+                Some(dst) if unclaimed => Target::Passthrough(dst),
+                _ => Target::Balanced,
+            },
+        };
+        // Unclaimed traffic with nowhere to go is a 404.
+        if unclaimed && !matches!(self.target, Target::Passthrough(_)) {
+            self.verdict = Verdict::NoPolicy;
+            return Some(Reply::no_policy(side.inbound_policy.as_deref(), req.host()));
+        }
+        None
+    }
+
+    /// After routing: passthrough, 404s, then governance and the first attempt.
+    fn admit(&mut self, req: &(impl Request + ?Sized), now: Instant) -> Action {
+        self.state = State::Proxying;
+        match self.routed {
+            Routed::NoPolicy => {
+                // Nobody governs it (`arrive` answered it unless it goes somewhere):
+                // forward untouched (and count it), never drop it.
+                self.verdict = Verdict::Passthrough;
+                self.obs.passthrough(self.direction);
+                self.next_attempt(req, now, false)
+            }
+            Routed::NoRoute { .. } => {
+                self.verdict = Verdict::NoRoute;
+                let name = self.policy().map_or("", |p| p.name.as_str());
+                let reply = Reply::no_route(name, req.method(), req.path());
+                self.answer(reply)
+            }
+            Routed::Route { .. } => match self.govern(req, now) {
+                Ok(()) => self.next_attempt(req, now, false),
+                Err(refusal) => match self.refuse(refusal) {
+                    Some(reply) => self.answer(reply),
+                    None => self.next_attempt(req, now, false),
+                },
+            },
+        }
+    }
+
+    /// The next attempt's peer: the fallback backend, the passthrough target, the
+    /// inbound app or a balanced pick among the untried backends; a 502 when there
+    /// is none.
+    fn next_attempt(&mut self, req: &(impl Request + ?Sized), now: Instant, fresh: bool) -> Action {
+        self.state = State::Proxying;
+        if self.attempts >= MAX_ATTEMPTS {
+            return self.fail(502, reply::Failure::Status("too many attempts"));
+        }
+        let remaining = self.route().and_then(|r| r.route.timeout).map(|t| {
+            t.saturating_sub(now.saturating_duration_since(self.start))
+                .max(Duration::from_millis(1))
+        });
+        let peer = |addr, h2c| Peer {
+            addr,
+            h2c,
+            connect_timeout: remaining.map_or(CONNECT_TIMEOUT, |r| r.min(CONNECT_TIMEOUT)),
+            io_timeout: remaining,
+            fresh,
+        };
+        let next = match self.target {
+            Target::FallbackBackend => match self.route().and_then(|r| r.fallback_addr) {
+                Some(addr) => Ok(Peer {
+                    connect_timeout: CONNECT_TIMEOUT,
+                    ..peer(addr, false)
+                }),
+                None => Err("the fallback backend does not resolve".to_owned()),
+            },
+            Target::Passthrough(addr) => Ok(Peer {
+                connect_timeout: CONNECT_TIMEOUT,
+                io_timeout: None,
+                ..peer(addr, false)
+            }),
+            Target::App(Some(addr)) => {
+                self.tried.push(APP);
+                self.backend = Some(APP);
+                Ok(peer(addr, false))
+            }
+            Target::App(None) => Err(format!(
+                "policy {:?} has no reachable backend",
+                self.policy().map_or("", |p| p.name.as_str())
+            )),
+            Target::Balanced => match self.pick(req, now) {
+                Ok((addr, h2c)) => Ok(peer(addr, h2c)),
+                Err(e) => Err(e),
+            },
+        };
+        match next {
+            Ok(peer) => {
+                self.attempts += 1;
+                Action::Connect(peer)
+            }
+            Err(reason) => self.fail(502, reply::Failure::Status(&reason)),
+        }
+    }
+
+    /// A balanced pick among the untried backends; the attempt is opened on it.
+    fn pick(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+    ) -> Result<(SocketAddr, bool), String> {
+        let Some(policy) = self.policy() else {
+            return Err("request was not routed".into());
+        };
+        let endpoints = Arc::clone(&policy.endpoints);
+        let key = endpoints
+            .hash_key()
+            .map(|k| request_key(req, k))
+            .unwrap_or_default();
+        let picked = endpoints
+            .pick(now, key.as_bytes(), &self.tried)
+            .and_then(|i| {
+                let t = endpoints.targets.get(i)?;
+                Some((i, t.addr?, t.protocol))
+            });
+        let Some((index, addr, protocol)) = picked else {
+            return Err(format!("policy {:?} has no reachable backend", policy.name));
+        };
+        self.tried.push(index);
+        self.backend = Some(index);
+        endpoints.begin(index);
+        self.attempt = Some((index, now));
+        Ok((addr, protocol == Protocol::H2c))
+    }
+
+    /// A connection attempt failed: another backend, the fallback backend, or a 502.
+    fn connect_failed(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        error: &'static str,
+    ) -> Action {
+        self.record_upstream(Outcome::ConnectError);
+        self.last_attempt_failed = true;
+        self.end_attempt(now, true);
+        let failed = |ex: &mut Self| ex.fail(502, reply::Failure::Connect(error));
+        if self.target == Target::FallbackBackend {
+            return failed(self);
+        }
+        if self.policy().is_none() {
+            return failed(self);
+        }
+        let retries = self.route().is_some_and(|r| r.route.retries.is_some());
+        // Nothing was sent, so any method may go elsewhere. Without a retry policy a
+        // refused connection still fails over to an untried backend (free: no load
+        // reached anyone); with one, failover is a retry and draws from the budget.
+        // The inbound app is the only backend: nothing to fail over to without one.
+        let again = if retries {
+            self.may_retry(req, now, RetryOn::ConnectFailure, true)
+        } else {
+            self.target == Target::Balanced
+                && self
+                    .policy()
+                    .is_some_and(|p| p.endpoints.untried_left(&self.tried))
+        };
+        if again {
+            if retries {
+                self.retries += 1;
+            }
+            return self.next_attempt(req, now, false);
+        }
+        if self.fallback_backend_for_error() {
+            return self.next_attempt(req, now, false);
+        }
+        failed(self)
+    }
+
+    /// An upstream response head arrived with `status`.
+    fn response(&mut self, req: &(impl Request + ?Sized), now: Instant, status: u16) -> Action {
+        if matches!(status, 100 | 102..=199) {
+            // Interim (100 Continue, 103 Early Hints): passed on, and the final
+            // response is still to come, so nothing is settled yet.
+            return Action::Relay;
+        }
+        self.upstream_status = Some(status);
+        self.last_attempt_failed = status >= 500;
+        self.end_attempt(now, status >= 500);
+        self.record_upstream(if status >= 500 {
+            Outcome::Http5xx
+        } else {
+            Outcome::Success
+        });
+        if status < 500 || self.target == Target::FallbackBackend {
+            self.state = State::Relaying;
+            return Action::Relay;
+        }
+        let gateway = matches!(status, 502..=504);
+        if gateway && self.may_retry(req, now, RetryOn::GatewayError, false) {
+            self.retries += 1;
+            return self.next_attempt(req, now, false);
+        }
+        if self.covers_upstream_errors() {
+            // This response is refused: the next attempt goes to the fallback
+            // backend, or the static fallback answers.
+            if self.fallback_backend_for_error() {
+                return self.next_attempt(req, now, false);
+            }
+            return self.fail(
+                status,
+                reply::Failure::Status("upstream error, serving the fallback"),
+            );
+        }
+        self.state = State::Relaying;
+        Action::Relay
+    }
+
+    /// The exchange with the backend broke or timed out after connecting.
+    fn broken(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        timed_out: bool,
+        stale: bool,
+        responding: bool,
+        error: &'static str,
+    ) -> Action {
+        self.last_attempt_failed = true;
+        self.end_attempt(now, true);
+        self.record_upstream(if timed_out {
+            Outcome::Timeout
+        } else {
+            Outcome::Error
+        });
+        if responding {
+            // Part of the answer went out: it cannot be replaced, only cut short.
+            return Action::Abort;
+        }
+        if self.upstream_status.is_none() && !timed_out && self.target != Target::FallbackBackend {
+            // A connection that broke before any response: a stale pooled connection
+            // is resent once on a new one (nothing reached the app); `reset` retries
+            // the rest when the policy allows it.
+            if stale && is_idempotent(req.method()) && !req.body_truncated() {
+                return self.next_attempt(req, now, true);
+            }
+            if self.may_retry(req, now, RetryOn::Reset, false) {
+                self.retries += 1;
+                return self.next_attempt(req, now, false);
+            }
+        }
+        if self.fallback_backend_for_error() {
+            return self.next_attempt(req, now, false);
+        }
+        let status = if timed_out { 504 } else { 502 };
+        self.fail(status, reply::Failure::Other(error))
+    }
+
+    /// The proxy answers this (its own response).
+    fn answer(&mut self, reply: Reply) -> Action {
+        self.state = State::Answering;
+        Action::Answer(reply)
+    }
+
+    /// The request could not be proxied: the route's static fallback when it
+    /// covers upstream errors (a complete answer: the client connection stays
+    /// usable), else an explanation with `status`.
+    fn fail(&mut self, status: u16, failure: reply::Failure<'_>) -> Action {
+        if status >= 500 && self.target != Target::FallbackBackend && self.covers_upstream_errors()
+        {
+            if let Some(reply) = self.static_fallback(FallbackCause::UpstreamError) {
+                return self.answer(reply);
+            }
+        }
+        let reply = self.failure_reply(status, failure);
+        self.answer(reply)
+    }
+
+    /// Whether one more retry may be made for `on`, drawing from the budget.
+    fn may_retry(
+        &self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        on: RetryOn,
+        nothing_sent: bool,
+    ) -> bool {
+        let Some(route) = self.route() else {
+            return false;
+        };
+        let Some(retries) = &route.route.retries else {
+            return false;
+        };
+        if !retries.on.contains(&on) || self.retries >= retries.attempts {
+            return false;
+        }
+        if !nothing_sent && (!is_idempotent(req.method()) || req.body_truncated()) {
+            return false;
+        }
+        let granted = route.budget.as_ref().is_none_or(|b| b.withdraw(now));
+        self.obs.retry(route, granted);
+        granted
+    }
+
+    /// Whether the route's fallback answers upstream errors.
+    fn covers_upstream_errors(&self) -> bool {
+        self.route()
+            .and_then(|r| r.route.fallback.as_ref())
+            .is_some_and(|f| f.on.contains(&FallbackCause::UpstreamError))
+    }
+
+    /// Whether a failed primary request goes on to the fallback backend (then set up).
+    fn fallback_backend_for_error(&mut self) -> bool {
+        let Some(route) = self.route() else {
+            return false;
+        };
+        let covers = route.route.fallback.as_ref().is_some_and(|f| {
+            f.on.contains(&FallbackCause::UpstreamError)
+                && matches!(f.action, FallbackAction::Backend(_))
+        });
+        if !covers || self.target == Target::FallbackBackend {
+            return false;
+        }
+        self.obs.fallback(
+            route,
+            FallbackCause::UpstreamError,
+            sluice_policy::Mode::Enforce,
+        );
+        self.target = Target::FallbackBackend;
+        self.fallback = Some(FallbackCause::UpstreamError);
+        self.verdict = Verdict::Fallback;
+        true
+    }
+
+    /// Settles the attempt in progress with the backend's balancer and outlier
+    /// detector (once; later calls are no-ops).
+    fn end_attempt(&mut self, now: Instant, failed: bool) {
+        let Some((index, started)) = self.attempt.take() else {
+            return;
+        };
+        let Some(policy) = self.policy() else { return };
+        let rtt = now.saturating_duration_since(started);
+        if policy.endpoints.finish(index, now, rtt, failed) {
+            self.obs.ejected(policy, index);
+        }
+    }
+
+    fn record_upstream(&self, outcome: Outcome) {
+        if let Some(policy) = self.policy() {
+            let backend = match self.target {
+                Target::FallbackBackend => return,
+                Target::Balanced | Target::App(_) => self.backend,
+                Target::Passthrough(_) => return,
+            };
+            if let Some(backend) = backend {
+                self.obs.upstream(policy, backend, outcome);
+            }
+        }
+    }
+
+    /// Settles the request with the route's components, metrics and access log.
+    fn finish(&mut self, req: &(impl Request + ?Sized), now: Instant, status: u16, failed: bool) {
+        let arrived = self.state != State::New;
+        self.state = State::Done;
+        if !arrived {
+            // No request: the stand-in for a head the front refused.
+            return;
+        }
+        let elapsed = now.saturating_duration_since(self.start);
+        // An attempt still open here ended without a response: the client left.
+        // It is abandoned (its time so far is a latency sample for P2C; the backend
+        // is neither blamed nor credited, as Envoy's outlier detection ignores
+        // downstream resets).
+        if let Some((index, started)) = self.attempt.take() {
+            if let Some(policy) = self.policy() {
+                policy
+                    .endpoints
+                    .abandon(index, now, now.saturating_duration_since(started));
+            }
+        }
+        // Settle the request with the route's components: exactly one outcome each.
+        let (admission, permit) = (self.admission.take(), std::mem::take(&mut self.permit));
+        if let Some(route) = self.route() {
+            let attempted = !self.tried.is_empty();
+            let last_failed = self.last_attempt_failed;
+            if let (Some(breaker), Some(admission)) = (&route.breaker, admission) {
+                if attempted && (!failed || last_failed) {
+                    let t = breaker.record(now, admission, last_failed, elapsed);
+                    if let Some(t) = t {
+                        self.obs.breaker_changed(route, t);
+                    }
+                } else {
+                    breaker.cancel(admission);
+                }
+            }
+            if permit {
+                if let Some(limiter) = &route.concurrency {
+                    limiter.release(now, elapsed, last_failed);
+                }
+            }
+        }
+        let backend = match self.target {
+            Target::FallbackBackend => Some("fallback"),
+            _ => self.backend_label(),
+        };
+        self.obs.finished(&Record {
+            req,
+            route: self.route(),
+            policy: self.policy(),
+            status,
+            elapsed,
+            verdict: self.verdict,
+            shadow: self.shadow,
+            fallback: self.fallback,
+            backend,
+            attempts: (self.tried.len() + usize::from(self.target == Target::FallbackBackend))
+                as u32,
+            trace_id: trace::trace_id(self.traceparent.as_bytes()).unwrap_or(""),
+            policy_version: self.runtime.as_ref().map(|r| r.version.as_str()),
+            direction: self.direction,
+        });
+    }
+
+    fn policy(&self) -> Option<&PolicyRuntime> {
+        policy_of(self.runtime.as_ref()?, self.routed)
+    }
+
+    fn route(&self) -> Option<&RouteRuntime> {
+        route_of(self.runtime.as_ref()?, self.routed)
+    }
+
+    /// The last attempt's backend, as labels and the access log name it.
+    fn backend_label(&self) -> Option<&str> {
+        match (self.backend?, self.target) {
+            (_, Target::FallbackBackend) => None,
+            (APP, _) => Some("app"),
+            (i, _) => self
+                .policy()?
+                .endpoints
+                .targets
+                .get(i)
+                .map(|t| t.label.as_str()),
+        }
+    }
+}
+
+impl<O: Observe> Drop for Exchange<O> {
+    fn drop(&mut self) {
+        // Whatever ended the request, what it held goes back: a handed-off or
+        // abandoned exchange must not leak a breaker probe or a concurrency slot.
+        if let Some(route) = self.route() {
+            if let (Some(breaker), Some(admission)) = (&route.breaker, self.admission) {
+                breaker.cancel(admission);
+            }
+            if self.permit {
+                if let Some(limiter) = &route.concurrency {
+                    limiter.release(Instant::now(), Duration::ZERO, false);
+                }
+            }
+        }
+        if let (Some((index, started)), Some(policy)) = (self.attempt, self.policy()) {
+            let now = Instant::now();
+            policy
+                .endpoints
+                .abandon(index, now, now.saturating_duration_since(started));
+        }
+        self.obs.end();
+    }
+}
+
+/// The policy a request was routed to, in the snapshot it was routed by.
+fn policy_of(runtime: &Runtime, routed: Routed) -> Option<&PolicyRuntime> {
+    match routed {
+        Routed::NoRoute { policy } | Routed::Route { policy, .. } => runtime.policies.get(policy),
+        Routed::NoPolicy => None,
+    }
+}
+
+/// The route a request was routed to, in the snapshot it was routed by.
+fn route_of(runtime: &Runtime, routed: Routed) -> Option<&RouteRuntime> {
+    match routed {
+        Routed::Route { policy, route } => runtime.policies.get(policy)?.routes.get(route),
+        _ => None,
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// What a request is keyed by (rate-limit keys, consistent hashing): a header's
+/// value (empty when absent: such requests share one key), or the client's IP.
+fn request_key(req: &(impl Request + ?Sized), key: &Key) -> String {
+    match key {
+        Key::Header(name) => req
+            .header(name.as_str())
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("")
+            .to_owned(),
+        Key::ClientIp => req.client_ip().map(|ip| ip.to_string()).unwrap_or_default(),
+    }
+}
+
+/// Methods RFC 9110 calls idempotent: resent or retried after a broken exchange.
+pub fn is_idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}

@@ -1,0 +1,261 @@
+//! Where an exchange's side effects go: one trait, so the flow's decisions are
+//! tested apart from Prometheus and stdout, and one implementation for the proxy
+//! (`Arc<Shared>`: the metrics, the access log, the in-flight count).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_policy::{FallbackCause, Mode};
+
+use super::{Direction, Request, APP};
+use crate::accesslog::{AccessRecord, Timestamp};
+use crate::breaker::Transition;
+use crate::metrics::{code_class, code_class_index};
+use crate::runtime::{PolicyRuntime, RouteRuntime};
+use crate::shared::Shared;
+use crate::verdict::Verdict;
+
+/// How one attempt at a backend ended (`sluice_upstream_requests_total`'s outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Http5xx,
+    ConnectError,
+    Timeout,
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Http5xx => "http_5xx",
+            Outcome::ConnectError => "connect_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// A settled request, as metrics and the access log see it.
+pub struct Record<'a, R: ?Sized> {
+    pub req: &'a R,
+    pub policy: Option<&'a PolicyRuntime>,
+    pub route: Option<&'a RouteRuntime>,
+    /// As sent to the client, 0 if nothing was.
+    pub status: u16,
+    pub elapsed: Duration,
+    pub verdict: Verdict,
+    pub shadow: Option<Verdict>,
+    pub fallback: Option<FallbackCause>,
+    pub backend: Option<&'a str>,
+    pub attempts: u32,
+    pub trace_id: &'a str,
+    pub policy_version: Option<&'a str>,
+    pub direction: Direction,
+}
+
+/// The side effects of an exchange.
+pub trait Observe {
+    /// The exchange starts (it counts as in flight until `end`).
+    fn begin(&self);
+    fn end(&self);
+    /// A `traceparent` for a request that came without one.
+    fn new_traceparent(&self) -> String;
+    fn rate_limited(&self, route: &RouteRuntime);
+    fn breaker_rejected(&self, route: &RouteRuntime);
+    fn breaker_changed(&self, route: &RouteRuntime, t: Transition);
+    fn shed(&self, route: &RouteRuntime, class: &str);
+    fn fallback(&self, route: &RouteRuntime, cause: FallbackCause, mode: Mode);
+    /// A retry was asked for: `granted` by the budget, or not.
+    fn retry(&self, route: &RouteRuntime, granted: bool);
+    /// An attempt at `backend` (an index into the policy's targets, or the app) ended.
+    fn upstream(&self, policy: &PolicyRuntime, backend: usize, outcome: Outcome);
+    /// Outlier detection ejected `backend`.
+    fn ejected(&self, policy: &PolicyRuntime, backend: usize);
+    /// Unclaimed traffic forwarded untouched.
+    fn passthrough(&self, direction: Direction);
+    fn finished<R: Request + ?Sized>(&self, record: &Record<'_, R>);
+}
+
+fn target_label(policy: &PolicyRuntime, backend: usize) -> &str {
+    match backend {
+        APP => "app",
+        i => policy
+            .endpoints
+            .targets
+            .get(i)
+            .map_or("?", |t| t.label.as_str()),
+    }
+}
+
+/// The proxy's observer: Prometheus counters (through the snapshot's cached
+/// handles where the request path is hot), the access log, warnings for state
+/// changes.
+impl Observe for Arc<Shared> {
+    fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.metrics.inflight.inc();
+    }
+
+    fn end(&self) {
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.inflight.dec();
+    }
+
+    fn new_traceparent(&self) -> String {
+        self.ids.new_traceparent()
+    }
+
+    fn rate_limited(&self, route: &RouteRuntime) {
+        let labels = [
+            route.policy.as_str(),
+            route.name.as_str(),
+            route.mode.as_str(),
+        ];
+        self.metrics.rate_limited.with_label_values(&labels).inc();
+    }
+
+    fn breaker_rejected(&self, route: &RouteRuntime) {
+        let labels = [
+            route.policy.as_str(),
+            route.name.as_str(),
+            route.mode.as_str(),
+        ];
+        self.metrics
+            .breaker_rejected
+            .with_label_values(&labels)
+            .inc();
+    }
+
+    fn breaker_changed(&self, route: &RouteRuntime, t: Transition) {
+        let m = &self.metrics;
+        let labels = [route.policy.as_str(), route.name.as_str()];
+        m.breaker_state.with_label_values(&labels).set(t.to.gauge());
+        m.breaker_transitions
+            .with_label_values(&[route.policy.as_str(), route.name.as_str(), t.to.as_str()])
+            .inc();
+        tracing::warn!(
+            policy = route.policy.as_str(),
+            route = route.name.as_str(),
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            "circuit breaker state changed"
+        );
+    }
+
+    fn shed(&self, route: &RouteRuntime, class: &str) {
+        let labels = [
+            route.policy.as_str(),
+            route.name.as_str(),
+            class,
+            route.mode.as_str(),
+        ];
+        self.metrics.shed.with_label_values(&labels).inc();
+    }
+
+    fn fallback(&self, route: &RouteRuntime, cause: FallbackCause, mode: Mode) {
+        let labels = [
+            route.policy.as_str(),
+            route.name.as_str(),
+            cause.as_str(),
+            mode.as_str(),
+        ];
+        self.metrics.fallbacks.with_label_values(&labels).inc();
+    }
+
+    fn retry(&self, route: &RouteRuntime, granted: bool) {
+        let result = if granted {
+            "retried"
+        } else {
+            "budget_exhausted"
+        };
+        let labels = [route.policy.as_str(), route.name.as_str(), result];
+        self.metrics.retries.with_label_values(&labels).inc();
+    }
+
+    fn upstream(&self, policy: &PolicyRuntime, backend: usize, outcome: Outcome) {
+        let make = || {
+            self.metrics.upstream_requests.with_label_values(&[
+                policy.name.as_str(),
+                target_label(policy, backend),
+                outcome.as_str(),
+            ])
+        };
+        match policy.endpoints.targets.get(backend) {
+            Some(t) => {
+                if let Some(counter) = t.upstream.get(outcome as usize, make) {
+                    counter.inc();
+                }
+            }
+            None => make().inc(),
+        }
+    }
+
+    fn ejected(&self, policy: &PolicyRuntime, backend: usize) {
+        let label = target_label(policy, backend);
+        self.metrics
+            .backend_ejections
+            .with_label_values(&[policy.name.as_str(), label])
+            .inc();
+        tracing::warn!(
+            policy = policy.name.as_str(),
+            backend = label,
+            "backend ejected"
+        );
+    }
+
+    fn passthrough(&self, direction: Direction) {
+        self.metrics
+            .passthrough
+            .with_label_values(&[direction.as_str()])
+            .inc();
+    }
+
+    fn finished<R: Request + ?Sized>(&self, r: &Record<'_, R>) {
+        if let Some(route) = r.route {
+            route.duration.observe(r.elapsed.as_secs_f64());
+        }
+        let policy = r.policy.map(|p| p.name.as_str());
+        let route = r.route.map(|r| r.name.as_str());
+        let labels = [
+            policy.unwrap_or(""),
+            route.unwrap_or(""),
+            code_class(r.status),
+            r.verdict.as_str(),
+            r.direction.as_str(),
+        ];
+        let make = || self.metrics.requests.with_label_values(&labels);
+        match r.route {
+            Some(route) => {
+                let index = (code_class_index(r.status) * Verdict::COUNT + r.verdict as usize) * 2
+                    + usize::from(r.direction == Direction::Inbound);
+                if let Some(counter) = route.requests.get(index, make) {
+                    counter.inc();
+                }
+            }
+            None => make().inc(),
+        }
+        if self.access_log.enabled() {
+            self.access_log.write(&AccessRecord {
+                ts: Timestamp::now(),
+                trace_id: r.trace_id,
+                method: r.req.method(),
+                host: r.req.host(),
+                path: r.req.path(),
+                policy,
+                route,
+                backend: r.backend,
+                status: r.status,
+                duration: r.elapsed,
+                decision: r.verdict.as_str(),
+                shadow_decision: r.shadow.map(Verdict::as_str),
+                fallback: r.fallback.map(FallbackCause::as_str),
+                attempts: r.attempts,
+                policy_version: r.policy_version,
+                direction: r.direction.as_str(),
+            });
+        }
+    }
+}

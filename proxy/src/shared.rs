@@ -1,0 +1,44 @@
+//! State shared by every request of every listener and by the admin, reload and
+//! background tasks: the live snapshot, the metrics, the access log.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use prometheus::Registry;
+
+use crate::accesslog::AccessLog;
+use crate::globallimit::GlobalLimits;
+use crate::metrics::Metrics;
+use crate::runtime::{DurationCollector, Runtime};
+use crate::trace::IdGenerator;
+
+pub struct Shared {
+    /// The live snapshot, replaced whole on reload; empty until a policy loads.
+    pub runtime: Arc<ArcSwapOption<Runtime>>,
+    pub metrics: Metrics,
+    pub ids: IdGenerator,
+    /// Requests between their exchange's start and its end; the drain waits for 0.
+    pub inflight: AtomicUsize,
+    pub access_log: AccessLog,
+    /// Redis reachability and the sync task's wake-up, for the global rate limits.
+    pub globals: Arc<GlobalLimits>,
+}
+
+impl Shared {
+    /// Everything empty: no policy yet, metrics on a registry of their own (which
+    /// also exports the per-route duration histograms of whatever snapshot is live).
+    pub fn new(access_log: bool, redis: bool) -> prometheus::Result<Shared> {
+        let runtime = Arc::new(ArcSwapOption::empty());
+        let registry = Registry::new();
+        registry.register(Box::new(DurationCollector::new(Arc::clone(&runtime))?))?;
+        Ok(Shared {
+            runtime,
+            metrics: Metrics::register(registry)?,
+            ids: IdGenerator::default(),
+            inflight: AtomicUsize::new(0),
+            access_log: AccessLog::new(access_log),
+            globals: GlobalLimits::new(redis),
+        })
+    }
+}
