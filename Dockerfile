@@ -13,7 +13,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p sluice-proxy -p sluice-control-plane \
+    cargo build --release --locked -p sluice-proxy -p sluice-control-plane -p sluice-demo \
  && mkdir -p /out \
  && cp target/release/sluice-proxy target/release/sluice-cp \
        target/release/sluice-demo-upstream target/release/sluice-demo-load /out/

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup
-cargo build --release --locked -p sluice-proxy >&2
+cargo build --release --locked -p sluice-proxy -p sluice-demo >&2
 bin=target/release
 work=$(mktemp -d)
 pids=()

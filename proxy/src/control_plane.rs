@@ -7,6 +7,11 @@
 //! policy and reconnects with jittered exponential backoff. Each applied snapshot is
 //! persisted to `--state-dir`, so a proxy restarted while the control plane is down
 //! starts from it (and `/ready` names that source).
+//!
+//! Applying a snapshot blocks (building a runtime resolves backend names; persisting
+//! writes a file), so the stream hands each one to tokio's blocking pool and waits
+//! for it before reading the next: the reload order is the push order, and there is
+//! still one writer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,8 +34,9 @@ pub mod api {
 
 /// Largest snapshot accepted (the control plane's own limit).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-/// First reconnect delay; doubles up to [`MAX_BACKOFF`], each wait drawn at random
-/// below it ("full jitter") so a fleet does not reconnect in lockstep.
+/// The first reconnect step; it doubles up to [`MAX_BACKOFF`], and each wait is drawn
+/// at random below the current step ("full jitter") so a fleet does not reconnect in
+/// lockstep.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// File name of the persisted snapshot inside `--state-dir`.
@@ -76,6 +82,77 @@ fn restored_version(text: &str) -> Option<u64> {
         .ok()
 }
 
+/// The control-plane version of the serving runtime; 0 before any.
+fn serving_version(shared: &Shared) -> u64 {
+    shared
+        .runtime
+        .load()
+        .as_ref()
+        .and_then(|r| r.control_plane_version)
+        .unwrap_or(0)
+}
+
+/// Checks, applies and persists one pushed snapshot; returns the version and error
+/// text its ACK or NACK carries. Blocking: building a runtime resolves names.
+fn take_snapshot(
+    shared: &Shared,
+    url: &str,
+    state_dir: Option<&Path>,
+    snapshot: &api::Snapshot,
+) -> (u64, String) {
+    let label = format!("control-plane:{url} version {}", snapshot.version);
+    let name = PathBuf::from(format!("control-plane version {}", snapshot.version));
+    let checked = sluice_policy::check_str(&name, &snapshot.policies_yaml)
+        .map_err(|e| e.0.iter().map(ToString::to_string).collect());
+    let (result, errors) = apply(
+        shared,
+        checked,
+        &label,
+        "control-plane",
+        Some(snapshot.version),
+    );
+    match result {
+        ReloadResult::Rejected => (serving_version(shared), errors.join("\n")),
+        ReloadResult::Accepted | ReloadResult::Unchanged => {
+            // Unchanged content under a new number is still that number.
+            if result == ReloadResult::Unchanged {
+                adopt_version(shared, url, snapshot.version);
+            }
+            if let Some(dir) = state_dir {
+                if let Err(e) = persist(dir, snapshot.version, &snapshot.policies_yaml) {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        error = %e,
+                        "cannot persist the policy"
+                    );
+                }
+            }
+            (snapshot.version, String::new())
+        }
+    }
+}
+
+/// Records `version` as the control-plane version of the (unchanged) runtime.
+/// Blocking, like every runtime build.
+fn adopt_version(shared: &Shared, url: &str, version: u64) {
+    let Some(current) = shared.runtime.load_full() else {
+        return;
+    };
+    if current.control_plane_version == Some(version) {
+        return;
+    }
+    // Runtime is immutable; rebuilding from the same set carries every component
+    // over, so only the version number changes.
+    let set = current.set.clone();
+    let label = format!("control-plane:{url} version {version}");
+    if let Ok(mut next) =
+        crate::runtime::Runtime::build(set, label, Some(&current), &shared.globals)
+    {
+        next.control_plane_version = Some(version);
+        shared.runtime.store(Some(Arc::new(next)));
+    }
+}
+
 impl ControlPlaneSource {
     /// Applies the persisted snapshot, if any; true when one was applied.
     pub fn restore(&self) -> bool {
@@ -97,15 +174,6 @@ impl ControlPlaneSource {
         );
         let (result, _) = apply(&self.shared, checked, &label, "state", version);
         result == ReloadResult::Accepted
-    }
-
-    fn version(&self) -> u64 {
-        self.shared
-            .runtime
-            .load()
-            .as_ref()
-            .and_then(|r| r.control_plane_version)
-            .unwrap_or(0)
     }
 
     async fn endpoint(&self) -> anyhow::Result<Endpoint> {
@@ -156,7 +224,7 @@ impl ControlPlaneSource {
             node_id: self.node_id.clone(),
             labels: self.labels.clone(),
             namespace: self.namespace.clone(),
-            version: self.version(),
+            version: serving_version(&self.shared),
             response_nonce: String::new(),
             error: String::new(),
         })
@@ -172,69 +240,32 @@ impl ControlPlaneSource {
             "connected to the control plane"
         );
         let mut received = false;
-        while let Some(snapshot) = snapshots.message().await? {
+        while let Some(mut snapshot) = snapshots.message().await? {
             received = true;
-            let label = format!("control-plane:{} version {}", self.url, snapshot.version);
-            let name = PathBuf::from(format!("control-plane version {}", snapshot.version));
-            let checked = sluice_policy::check_str(&name, &snapshot.policies_yaml)
-                .map_err(|e| e.0.iter().map(ToString::to_string).collect());
-            let (result, errors) = apply(
-                &self.shared,
-                checked,
-                &label,
-                "control-plane",
-                Some(snapshot.version),
+            let nonce = std::mem::take(&mut snapshot.nonce);
+            // Building a runtime resolves backend names (blocking DNS) and persisting
+            // writes a file: neither may stall this runtime's threads. Awaiting each
+            // snapshot before reading the next keeps the one writer and the order.
+            let (shared, url, state_dir) = (
+                Arc::clone(&self.shared),
+                self.url.clone(),
+                self.state_dir.clone(),
             );
-            let (version, error) = match result {
-                ReloadResult::Rejected => (self.version(), errors.join("\n")),
-                ReloadResult::Accepted | ReloadResult::Unchanged => {
-                    // Unchanged content under a new number is still that number.
-                    if result == ReloadResult::Unchanged {
-                        self.adopt_version(snapshot.version);
-                    }
-                    if let Some(dir) = &self.state_dir {
-                        if let Err(e) = persist(dir, snapshot.version, &snapshot.policies_yaml) {
-                            tracing::warn!(
-                                dir = %dir.display(),
-                                error = %e,
-                                "cannot persist the policy"
-                            );
-                        }
-                    }
-                    (snapshot.version, String::new())
-                }
-            };
+            let (version, error) = tokio::task::spawn_blocking(move || {
+                take_snapshot(&shared, &url, state_dir.as_deref(), &snapshot)
+            })
+            .await?;
             tx.send(api::DiscoveryRequest {
                 node_id: self.node_id.clone(),
                 labels: HashMap::new(),
                 namespace: String::new(),
                 version,
-                response_nonce: snapshot.nonce,
+                response_nonce: nonce,
                 error,
             })
             .await?;
         }
         Ok(received)
-    }
-
-    /// Records `version` as the control-plane version of the (unchanged) runtime.
-    fn adopt_version(&self, version: u64) {
-        let Some(current) = self.shared.runtime.load_full() else {
-            return;
-        };
-        if current.control_plane_version == Some(version) {
-            return;
-        }
-        // Runtime is immutable; rebuilding from the same set carries every component
-        // over, so only the version number changes.
-        let set = current.set.clone();
-        let label = format!("control-plane:{} version {version}", self.url);
-        if let Ok(mut next) =
-            crate::runtime::Runtime::build(set, label, Some(&current), &self.shared.globals)
-        {
-            next.control_plane_version = Some(version);
-            self.shared.runtime.store(Some(Arc::new(next)));
-        }
     }
 
     /// Follows the control plane until shutdown.

@@ -78,6 +78,8 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
+    /// Blocking: resolves every backend's name (`to_socket_addrs`, the system
+    /// resolver), so it runs where snapshots are built, never on an async task.
     pub fn new(rule: EndpointsRule, previous: Option<&Endpoints>, now: Instant) -> Self {
         let targets: Vec<Target> = rule
             .backends

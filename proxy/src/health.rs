@@ -1,16 +1,21 @@
-//! Per-backend health from active checks: the state machine, not the prober.
+//! Per-backend health from active checks: the state machine here, the HTTP check
+//! in [`probe`].
 //!
-//! The integrator's HTTP prober calls [`HealthState::record_check`] with each result;
-//! the balancer asks [`HealthState::is_healthy`] on every pick. As in Envoy and
+//! The binary's check loop runs a round of [`probe::probe`]s when a policy's
+//! `healthCheck.interval` is due and reports each result through
+//! `Endpoints::record_check` to [`HealthState::record_check`]; a pick asks
+//! [`HealthState::is_healthy`] (through `Endpoints`) of every candidate. As in Envoy and
 //! Kubernetes probes, one bad check is not enough: `unhealthy_after` failures in a row
 //! mark a backend [`Health::Unhealthy`], and `healthy_after` successes in a row bring it
 //! back. A result that agrees with the current status resets the opposite streak, so a
 //! flapping backend (ok, fail, ok, fail) never changes status.
 //!
-//! Every backend starts [`Health::Healthy`]: on boot or on a policy reload the proxy
-//! has not probed anything yet, and starting unhealthy would black out all traffic
-//! until the first `healthy_after` rounds of checks complete. Passive outlier ejection
-//! covers the dead-on-arrival backend in the meantime.
+//! Every backend starts [`Health::Healthy`]: on boot, or after a reload that changed a
+//! policy's backends or checks (an unchanged policy keeps its `Endpoints`, health
+//! included), the proxy has not probed anything yet, and starting unhealthy would
+//! black out all traffic until the first `healthy_after` rounds of checks complete.
+//! Passive outlier ejection, where the policy configures it, covers the
+//! dead-on-arrival backend in the meantime.
 //!
 //! Invariants:
 //! - status changes only on a streak of exactly the configured length;
@@ -22,6 +27,8 @@
 //! streak counters and timestamps sit in one small `Mutex` per backend, held only for
 //! the few assignments in `record_check` / `healthy_since`; the status atomic is
 //! written while that lock is held so it always agrees with the counters.
+
+pub mod probe;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -18,8 +18,6 @@ pub mod budget;
 pub mod cli;
 pub mod concurrency;
 pub mod control_plane;
-pub mod demo_client;
-pub mod demo_upstream;
 pub mod endpoints;
 pub mod exchange;
 pub mod front;

@@ -379,14 +379,8 @@ fn health_checks(shared: &Arc<Shared>) {
             let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
             let host = target.label.clone();
             tokio::spawn(async move {
-                let ok = tokio::time::timeout(rule.timeout, async {
-                    let mut client = sluice_proxy::demo_client::HttpClient::connect(addr).await?;
-                    client
-                        .request("GET", &host, &rule.path, &[("connection", "close")], b"")
-                        .await
-                })
-                .await
-                .is_ok_and(|r| r.is_ok_and(|resp| (200..400).contains(&resp.status)));
+                let ok =
+                    sluice_proxy::health::probe::probe(addr, &host, &rule.path, rule.timeout).await;
                 let Some(policy) = runtime.policies.get(p) else {
                     return;
                 };

@@ -42,10 +42,17 @@ impl ReloadResult {
     }
 }
 
-/// Validates and swaps in a policy from any source (file, control plane, persisted
-/// state): the one path every policy takes into the proxy. A rejected policy leaves
-/// the current one serving; an applied one with warnings is logged with them. Returns
-/// the result and, when rejected, the errors.
+/// Builds a runtime from an already checked policy (`checked` carries the checker's
+/// errors, or the set and its warnings) and swaps it in: the one path every new
+/// policy takes into the proxy, from any source (file, control plane, persisted
+/// state). A policy the checker or the build refused leaves the current one
+/// serving; an applied one with warnings is logged with them. Returns the result
+/// and, when rejected, the errors.
+///
+/// Blocking: the build resolves backend names (`to_socket_addrs`), so async callers
+/// run it on tokio's blocking pool. Calls must not overlap: the current runtime is
+/// read, then replaced, without a compare-and-swap (each source is one writer: the
+/// file watch thread, or the control-plane stream awaiting one snapshot at a time).
 pub fn apply(
     shared: &Shared,
     checked: Result<Checked, Vec<String>>,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sluice_proxy::demo_upstream::Behaviour;
+use sluice_demo::upstream::Behaviour;
 use support::{
     get, h2c_backend, metrics, replace, sample, start_with, upstream_with_latency, version,
     wait_new_version, HttpClient, ProxyProcess, TempDir,

@@ -8,7 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sluice_proxy::demo_upstream::Behaviour;
+use sluice_demo::upstream::Behaviour;
 use support::{
     free_port, get, log_lines, metrics, metrics_once, sample, start, upstream, HttpClient,
     ProxyProcess, TempDir,
@@ -31,7 +31,7 @@ async fn send(
     client: &mut HttpClient,
     path: &str,
     headers: &[(&str, &str)],
-) -> sluice_proxy::demo_client::Response {
+) -> sluice_demo::client::Response {
     client
         .request("GET", "shop", path, headers, b"")
         .await

@@ -1,6 +1,14 @@
-//! Idle upstream connections, kept per worker thread and backend: a connection is
-//! only ever used by tasks of the runtime that opened it, and returning one is a
-//! push onto a Vec (no task, no timer per connection).
+//! Idle upstream connections of the h1 engine: one process-wide `Mutex` over a map
+//! from (worker thread, backend) to a list of idle connections. Every worker thread
+//! shares that one lock: a proxied request takes it in [`Pool::take`] before it
+//! connects and again in [`Pool::put`] when its connection can be reused, and
+//! [`Pool::sweep`] holds it while it walks every list.
+//!
+//! The thread in the key, not the structure, is what keeps a connection on the
+//! runtime that opened it (each worker thread runs its own current-thread runtime,
+//! and a socket belongs to the reactor it was registered with): threads share the
+//! lock, never a connection. Returning one is a push onto a Vec under the lock, after
+//! dropping that list's expired ones (no task, no timer per connection).
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -31,7 +39,8 @@ fn usable(stream: &TcpStream) -> bool {
 }
 
 impl Pool {
-    /// The most recently returned usable connection to `addr` of `thread`.
+    /// The most recently returned usable connection to `addr` of `thread`; the
+    /// expired or closed ones popped on the way are dropped.
     pub fn take(&self, thread: ThreadId, addr: SocketAddr) -> Option<TcpStream> {
         let key = (thread, addr);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());

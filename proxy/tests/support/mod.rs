@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[allow(unused_imports)] // each test file uses its own subset
-pub use sluice_proxy::demo_client::{get, HttpClient};
+pub use sluice_demo::client::{get, HttpClient};
 
 const RAW_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -403,7 +403,7 @@ pub async fn log_lines(proxy: &ProxyProcess, n: usize) -> Vec<serde_json::Value>
 }
 
 /// A fake backend on a free loopback port (keep it alive: dropping it stops it).
-pub async fn upstream(name: &str) -> sluice_proxy::demo_upstream::Upstream {
+pub async fn upstream(name: &str) -> sluice_demo::upstream::Upstream {
     upstream_with_latency(name, Duration::ZERO).await
 }
 
@@ -411,11 +411,11 @@ pub async fn upstream(name: &str) -> sluice_proxy::demo_upstream::Upstream {
 pub async fn upstream_with_latency(
     name: &str,
     latency: Duration,
-) -> sluice_proxy::demo_upstream::Upstream {
+) -> sluice_demo::upstream::Upstream {
     let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let mut config = sluice_proxy::demo_upstream::UpstreamConfig::new(name);
+    let mut config = sluice_demo::upstream::UpstreamConfig::new(name);
     config.latency = latency;
-    sluice_proxy::demo_upstream::Upstream::start(any, config)
+    sluice_demo::upstream::Upstream::start(any, config)
         .await
         .unwrap_or_else(|e| panic!("upstream {name}: {e}"))
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use sluice_proxy::demo_client::HttpClient;
+use sluice_demo::client::HttpClient;
 
 #[derive(Parser)]
 #[command(about = "Fixed-rate load with per-phase error rates and latency")]
@@ -58,7 +58,7 @@ type Sample = (f64, Duration, bool);
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args: Args = sluice_proxy::cli::parse_args();
+    let args: Args = sluice_demo::cli::parse_args();
     let phases = &args.phases.0;
     let total: f64 = phases.iter().map(|(_, s)| s).sum();
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();

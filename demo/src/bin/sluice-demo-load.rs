@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_proxy::demo_client::{get, HttpClient};
+use sluice_demo::client::{get, HttpClient};
 
 #[derive(Parser)]
 #[command(about = "Drive demo traffic through sluice-proxy and print a live table")]
@@ -69,7 +69,7 @@ const WORKERS: u32 = 8;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args: Args = sluice_proxy::cli::parse_args();
+    let args: Args = sluice_demo::cli::parse_args();
     let stop = Arc::new(AtomicBool::new(false));
     let per_worker = Duration::from_secs_f64(f64::from(WORKERS) / f64::from(args.rate.max(1)));
     let started = Instant::now();

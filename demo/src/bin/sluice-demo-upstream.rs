@@ -1,6 +1,6 @@
 //! `sluice-demo-upstream`: a demo backend for trying Sluice by hand and in demos.
 //!
-//! It serves [`sluice_proxy::demo_upstream`] on one address until SIGINT or SIGTERM, so
+//! It serves [`sluice_demo::upstream`] on one address until SIGINT or SIGTERM, so
 //! a demo can run a few named backends (`--name a`, `--name b`) and watch the proxy
 //! balance, retry and break circuits between them. Per-request behaviour is steered with
 //! the `x-demo-status` and `x-demo-delay-ms` request headers.
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_proxy::demo_upstream::{Upstream, UpstreamConfig};
+use sluice_demo::upstream::{Upstream, UpstreamConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Demo HTTP/1.1 backend for Sluice.
@@ -45,7 +45,7 @@ fn parse_ratio(value: &str) -> Result<f64, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Args = sluice_proxy::cli::parse_args();
+    let args: Args = sluice_demo::cli::parse_args();
     let config = UpstreamConfig {
         name: args.name,
         latency: Duration::from_millis(args.latency_ms),
