@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use dashmap::DashMap;
 
+use super::store::ClaimOp;
 use super::PROBE_EVERY;
 
 /// This replica's part of one shared bucket.
@@ -110,6 +111,19 @@ pub struct Op {
     pub charge: u32,
     pub rate: f64,
     pub burst: u32,
+}
+
+impl Op {
+    /// The call as the store sees it.
+    pub fn claim(&self) -> ClaimOp<'_> {
+        ClaimOp {
+            key: &self.redis_key,
+            rate: self.rate,
+            burst: self.burst,
+            want: self.want,
+            charge: self.charge,
+        }
+    }
 }
 
 /// How a script call ended.

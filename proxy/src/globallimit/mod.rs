@@ -40,13 +40,19 @@ use std::time::Duration;
 
 mod lease;
 mod limiter;
+#[cfg(test)]
+mod memstore;
+mod store;
 mod sync;
 #[cfg(test)]
 mod tests;
 
 pub use lease::{settle, Op, Outcome, Share};
 pub use limiter::{GlobalLimiter, GlobalLimits};
-pub use sync::{redacted, redis_url, sync};
+pub use store::{
+    redacted, redis_url, BoxError, ClaimOp, ClaimResult, LeaseStore, RedisStore, StoreError,
+};
+pub use sync::{sync, SyncMetrics};
 
 /// A lease not drawn from for this long goes back to the shared bucket, so an idle
 /// replica does not sit on tokens others could use.
