@@ -35,6 +35,14 @@
 //! wait in a queue (at most one entry per share), so a round does not scan every
 //! key; a lease unused for [`IDLE_RETURN`] goes back to the shared bucket, and a key
 //! idle for [`IDLE_FORGET`] is forgotten (both found by a scan once a second).
+//!
+//! Layout: `lease.rs` keeps a replica's part of each bucket (atomics, credit,
+//! charges) and settles answers into it; `limiter.rs` decides each request and
+//! collects the claims; `store.rs` is the [`LeaseStore`] the sync task talks to,
+//! with [`RedisStore`] running `script.lua`; `sync.rs` is the task ([`sync`]), a
+//! loop around one round at a time. The task gets the live limiters and its metrics
+//! from its caller, so this module depends on the components only, never on the
+//! proxy.
 
 use std::time::Duration;
 

@@ -73,13 +73,13 @@ pub async fn sync<L>(
             return;
         }
     };
-    let rounds = Rounds::new(store, hub, limiters, metrics, shown, Instant::now);
-    run(rounds, shutdown).await;
+    let mut rounds = Rounds::new(store, hub, limiters, metrics, shown, Instant::now);
+    run(&mut rounds, shutdown).await;
 }
 
 /// The task's loop: connect, then one round per wake-up or tick until the store
 /// fails (then wait and reconnect) or shutdown has given everything back.
-async fn run<S, L, C>(mut rounds: Rounds<S, L, C>, mut shutdown: watch::Receiver<bool>)
+async fn run<S, L, C>(rounds: &mut Rounds<S, L, C>, mut shutdown: watch::Receiver<bool>)
 where
     S: LeaseStore,
     L: Fn() -> Vec<Arc<GlobalLimiter>>,
@@ -383,3 +383,7 @@ where
         }
     }
 }
+
+#[cfg(test)]
+#[path = "sync_tests.rs"]
+mod tests;
