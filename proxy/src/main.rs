@@ -451,8 +451,20 @@ struct SyncGlobalLimits {
 #[async_trait]
 impl BackgroundService for SyncGlobalLimits {
     async fn start(&self, shutdown: ShutdownWatch) {
+        let runtime = Arc::clone(&self.shared.runtime);
+        let limiters = move || {
+            runtime.load().as_deref().map_or_else(Vec::new, |r| {
+                r.routes().filter_map(|r| r.global.clone()).collect()
+            })
+        };
+        let metrics = globallimit::SyncMetrics {
+            redis_up: self.shared.metrics.global_redis_up.clone(),
+            syncs: self.shared.metrics.global_syncs.clone(),
+        };
         globallimit::sync(
-            Arc::clone(&self.shared),
+            Arc::clone(&self.shared.globals),
+            limiters,
+            metrics,
             self.redis.clone(),
             self.timeout,
             shutdown,
