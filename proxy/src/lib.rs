@@ -1,12 +1,21 @@
 //! Sluice's data plane: an HTTP proxy governed by `TrafficPolicy`.
 //!
-//! Two engines run one request flow ([`proxy`]): Sluice's own HTTP/1.1 engine
-//! ([`h1`], the default) and pingora's `ProxyHttp` phases (everything h1 hands over,
-//! or all traffic with `--engine pingora`). The flow stays thin and calls plain
-//! components with synchronous APIs: the router and compiled snapshot
-//! ([`runtime`]), token buckets ([`ratelimit`]), the balancer ([`balancer`],
-//! [`endpoints`]). All live policy state is one
-//! `ArcSwap` of a [`runtime::Runtime`], replaced whole by [`source`] on reload.
+//! The map, in the order a request meets it:
+//! - it enters at [`h1`] (Sluice's HTTP/1.1 engine: `h1/listener.rs` accepts, `h1/mod.rs`
+//!   serves), which hands what it does not serve (h2c, upgrades, large bodies) to
+//!   pingora's [`phases`] through the strict HTTP/1 [`front`];
+//! - [`exchange`] decides everything about it, for both engines: routing, the
+//!   rate limits, breaker and concurrency limit, peers, retries, fallbacks, and
+//!   settlement (metrics and the access log through its `Observe`r);
+//! - the policy it is decided by is a [`runtime::Runtime`] snapshot in
+//!   [`shared::Shared`], swapped whole by [`source`] (files) or [`control_plane`]
+//!   (the gRPC stream); the components it holds are plain state with synchronous APIs.
+//!
+//! Modules are layered and only look down (checked by `scripts/check-layers`):
+//! leaves (`metrics`, `trace`, `verdict`...) < components (`ratelimit`, `breaker`,
+//! `endpoints`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
+//! (`exchange`, `front`, `phases`, `h1`) < app (`source`, `control_plane`, `admin`,
+//! `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
