@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sluice_h1::cases::{self, Expect};
 use sluice_h1::reference;
-use support::{free_port, ProxyProcess, TempDir};
+use support::{ProxyProcess, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -159,19 +159,19 @@ async fn engines() -> Vec<Engine> {
                 recorder.addr
             ),
         );
-        let inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let proxy = ProxyProcess::start(
             &policy,
             &[
                 "--engine",
                 name,
                 "--inbound",
-                &inbound.to_string(),
+                "127.0.0.1:0",
                 "--app",
                 &recorder.addr.to_string(),
             ],
         );
         proxy.wait_ready().await;
+        let inbound = proxy.addr("inbound");
         engines.push(Engine {
             name,
             proxy,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sluice_proxy::demo_upstream::Behaviour;
 use support::{
-    free_port, get, log_lines, metrics, metrics_once, sample, start, upstream, HttpClient,
+    get, log_lines, metrics, metrics_once, refusing_addr, sample, start, upstream, HttpClient,
     ProxyProcess, TempDir,
 };
 use tokio::io::AsyncWriteExt;
@@ -153,7 +153,7 @@ async fn the_static_fallback_is_exact_for_upstream_errors() {
 #[tokio::test]
 async fn an_alternate_backend_serves_upstream_errors_and_rate_limited_requests() {
     let cache = upstream("cache").await;
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let (_dead_socket, dead) = refusing_addr();
     let dir = TempDir::new();
     let routes = format!(
         "    - name: products\n      rateLimit: {{requestsPerSecond: 0.01, burst: 1}}\n      fallback:\n        backend: \"{}\"\n        on: [upstream-error, rate-limited]\n",
