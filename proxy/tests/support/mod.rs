@@ -385,9 +385,9 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
 }
 
 /// Scrapes until `series` reaches `value` (metrics of a request are recorded after
-/// its response is sent), then returns the scrape; bounded: 3 s.
+/// its response is sent), then returns the scrape; bounded: 10 s.
 pub async fn metrics_once(proxy: &ProxyProcess, series: &str, value: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = metrics(proxy).await;
         if sample(&m, series) >= value || Instant::now() > deadline {
@@ -405,9 +405,9 @@ pub async fn version(proxy: &ProxyProcess) -> String {
     json["version"].as_str().unwrap_or_default().to_owned()
 }
 
-/// Polls until the served version differs from `old` (bounded: 3 s).
+/// Polls until the served version differs from `old` (bounded: 10 s).
 pub async fn wait_new_version(proxy: &ProxyProcess, old: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v = version(proxy).await;
         if v != old {
@@ -415,7 +415,7 @@ pub async fn wait_new_version(proxy: &ProxyProcess, old: &str) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "policy was not reloaded within 3 s: {}",
+            "policy was not reloaded within 10 s: {}",
             proxy.stderr()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -429,9 +429,9 @@ pub fn replace(dir: &TempDir, yaml: &str) {
 }
 
 /// The access log once it has at least `n` lines: a line is written after its
-/// response, so a client can be a moment ahead of the log (bounded: 3 s).
+/// response, so a client can be a moment ahead of the log (bounded: 10 s).
 pub async fn log_lines(proxy: &ProxyProcess, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let log = proxy.access_log();
         if log.len() >= n || Instant::now() > deadline {
