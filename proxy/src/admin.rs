@@ -6,11 +6,14 @@
 //! else: `/config_dump` shows every policy and the Redis keys, and stays on the
 //! admin listener, on loopback.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::services::listening::Service;
 use sluice_policy::spec::TrafficPolicySpec;
 
 use crate::accesslog::Timestamp;
@@ -153,5 +156,62 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_owned();
         self.answer(&path)
+    }
+}
+
+/// Serves an [`Admin`] on a socket bound beforehand (`crate::listeners`: port 0
+/// works, and a port in use is a clear exit), as a pingora background service.
+pub struct AdminListener {
+    admin: Arc<Admin>,
+    /// Taken once, when the service starts.
+    socket: Mutex<Option<std::net::TcpListener>>,
+}
+
+impl AdminListener {
+    /// Serves `admin` on `socket` (bound, non-blocking).
+    pub fn new(admin: Admin, socket: std::net::TcpListener) -> Self {
+        AdminListener {
+            admin: Arc::new(admin),
+            socket: Mutex::new(Some(socket)),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for AdminListener {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let socket = self
+            .socket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(socket) = socket else { return };
+        let listener = match tokio::net::TcpListener::from_std(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = &e as &dyn std::error::Error, "cannot listen");
+                std::process::exit(1);
+            }
+        };
+        // Like pingora's own listeners: stop accepting at shutdown; connections
+        // already accepted see the same shutdown signal.
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return } else { continue }
+                }
+            };
+            let Ok((stream, _)) = accepted else {
+                // EMFILE and the like: back off briefly instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                continue;
+            };
+            let (admin, shutdown) = (Arc::clone(&self.admin), shutdown.clone());
+            tokio::spawn(async move {
+                let stream: pingora::protocols::l4::stream::Stream = stream.into();
+                Service::<Admin>::handle_event(Box::new(stream), admin, shutdown).await;
+            });
+        }
     }
 }

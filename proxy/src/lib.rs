@@ -35,6 +35,7 @@ pub mod h1;
 pub mod hashring;
 pub mod health;
 pub mod iptables;
+pub mod listeners;
 pub mod metrics;
 pub mod outlier;
 pub mod p2c;

@@ -3,7 +3,7 @@
 //! naming the flag; failures while running exit with 1 (README, "Exit codes").
 #![forbid(unsafe_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,12 +14,12 @@ use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
-use pingora::services::listening::Service;
-use sluice_proxy::admin::{Admin, Scope};
+use sluice_proxy::admin::{Admin, AdminListener, Scope};
 use sluice_proxy::cli::{parse_args, EX_USAGE};
 use sluice_proxy::control_plane::ControlPlaneSource;
 use sluice_proxy::exchange::{Direction, Side};
 use sluice_proxy::globallimit;
+use sluice_proxy::listeners::{write_ready_file, Bound, Listeners};
 use sluice_proxy::phases::SluiceProxy;
 use sluice_proxy::shared::Shared;
 use sluice_proxy::shutdown::DrainOnSigterm;
@@ -88,6 +88,11 @@ struct Args {
     /// the pod IP, while the admin listener stays on loopback.
     #[arg(long)]
     telemetry: Option<SocketAddr>,
+    /// Once every listener is bound, write their addresses here as JSON (`{"listen":
+    /// "127.0.0.1:40123", "admin": ...}`, replaced atomically): how a test or a
+    /// script learns the ports of listeners given port 0.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
     /// Worker threads for the proxy listener.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -260,14 +265,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("expected a duration such as 10s, got {text:?}"))
 }
 
-/// Binding early turns "address in use" into a clear exit instead of a panic inside
-/// pingora's listener task; the socket is released again for pingora to bind.
-fn check_bindable(addr: SocketAddr, what: &str) -> Result<(), String> {
-    TcpListener::bind(addr)
-        .map(drop)
-        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
-}
-
 /// A job run every `period` (the first run at once) until shutdown, on a background
 /// service of its own: one job blocked (a stdout write stuck on a full pipe) cannot
 /// delay the others.
@@ -407,8 +404,8 @@ fn health_checks(shared: &Arc<Shared>) {
     }
 }
 
-/// Serves `flow` on `addr` with the engine the flags choose.
-fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, addr: SocketAddr) {
+/// Serves `flow` on `socket` with the engine the flags choose.
+fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, socket: Bound) {
     let name = flow.side.direction.as_str();
     let mut h2c = pingora::apps::HttpServerOptions::default();
     h2c.h2c = args.h2c;
@@ -430,7 +427,7 @@ fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, addr: Socke
         name,
         sluice_proxy::h1::Listener::new(
             flow,
-            addr,
+            socket,
             pingora,
             pingora_h2c,
             args.idle_timeout,
@@ -506,19 +503,14 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EX_USAGE);
     }
-    let mut listeners = vec![(args.listen, "--listen"), (args.admin, "--admin")];
-    if let Some(telemetry) = args.telemetry {
-        listeners.push((telemetry, "--telemetry"));
-    }
-    if let Some(inbound) = args.inbound {
-        listeners.push((inbound, "--inbound"));
-    }
-    for (addr, what) in listeners {
-        if let Err(e) = check_bindable(addr, what) {
+    let listeners = match Listeners::bind(args.listen, args.admin, args.telemetry, args.inbound) {
+        Ok(listeners) => listeners,
+        Err(e) => {
             eprintln!("sluice-proxy: {e}");
             return ExitCode::from(EX_USAGE);
         }
-    }
+    };
+    let bound = listeners.addrs();
     if let Some(policy) = args.policy.as_ref().filter(|p| !p.exists()) {
         eprintln!(
             "sluice-proxy: --policy {}: no such file or directory",
@@ -596,16 +588,7 @@ fn main() -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let own_ports: Vec<u16> = [
-        Some(args.listen),
-        args.inbound,
-        Some(args.admin),
-        args.telemetry,
-    ]
-    .into_iter()
-    .flatten()
-    .map(|a| a.port())
-    .collect();
+    let own_ports: Vec<u16> = bound.iter().map(|(_, addr)| addr.port()).collect();
     let outbound = SluiceProxy {
         shared: Arc::clone(&shared),
         side: Side {
@@ -616,8 +599,18 @@ fn main() -> ExitCode {
         },
         transparent: args.transparent,
     };
-    add_listener(&mut server, &args, outbound, args.listen);
-    if let Some(inbound_addr) = args.inbound {
+    let Listeners {
+        listen,
+        admin,
+        telemetry,
+        inbound,
+    } = listeners;
+    let served: Vec<SocketAddr> = [Some(listen.addr), inbound.as_ref().map(|b| b.addr)]
+        .into_iter()
+        .flatten()
+        .collect();
+    add_listener(&mut server, &args, outbound, listen);
+    if let Some(inbound_socket) = inbound {
         let inbound = SluiceProxy {
             shared: Arc::clone(&shared),
             side: Side {
@@ -628,29 +621,22 @@ fn main() -> ExitCode {
             },
             transparent: args.transparent,
         };
-        add_listener(&mut server, &args, inbound, inbound_addr);
+        add_listener(&mut server, &args, inbound, inbound_socket);
     }
-
-    let served: Vec<SocketAddr> = [Some(args.listen), args.inbound]
-        .into_iter()
-        .flatten()
-        .collect();
-    for (name, addr, scope) in [
-        ("admin", Some(args.admin), Scope::Full),
-        ("telemetry", args.telemetry, Scope::Telemetry),
+    for (name, bound, scope) in [
+        ("admin", Some(admin), Scope::Full),
+        ("telemetry", telemetry, Scope::Telemetry),
     ] {
-        let Some(addr) = addr else { continue };
-        let mut service = Service::new(
-            name.to_owned(),
-            Admin {
-                shared: Arc::clone(&shared),
-                listeners: served.clone(),
-                scope,
-            },
-        );
-        service.add_tcp(&addr.to_string());
-        service.threads = Some(1);
-        server.add_service(service);
+        let Some(bound) = bound else { continue };
+        let admin = Admin {
+            shared: Arc::clone(&shared),
+            listeners: served.clone(),
+            scope,
+        };
+        server.add_service(background_service(
+            name,
+            AdminListener::new(admin, bound.socket),
+        ));
     }
     let log = Arc::clone(&shared);
     server.add_service(background_service(
@@ -696,13 +682,20 @@ fn main() -> ExitCode {
         ));
     }
 
+    for (listener, addr) in &bound {
+        tracing::info!(listener, addr = %addr, "listening");
+    }
+    if let Some(path) = &args.ready_file {
+        if let Err(e) = write_ready_file(path, &bound) {
+            eprintln!("sluice-proxy: --ready-file {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     tracing::info!(
-        listen = %args.listen,
-        admin = %args.admin,
         policy = args.policy.as_ref().map(|p| p.display().to_string()),
         control_plane = args.control_plane.as_deref(),
         node_id,
-        "listening"
+        "started"
     );
     let flush_at_exit = Arc::clone(&shared);
     server.run(RunArgs {

@@ -263,14 +263,12 @@ async fn the_inbound_listener_rate_limits_traffic_into_the_local_app() {
     let inbound_policy = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: me}\nspec:\n  routes:\n    - name: api\n      rateLimit: {requestsPerSecond: 0.01, burst: 2}\n";
     let outbound = policy("shop", &[(other.addr(), 1)], "", "    - name: all\n");
     let path = dir.write("policy.yaml", &format!("{outbound}---\n{inbound_policy}"));
-    let inbound_addr: SocketAddr = ([127, 0, 0, 1], support::free_port()).into();
-    let inbound_arg = inbound_addr.to_string();
     let app_arg = app.addr().to_string();
     let proxy = ProxyProcess::start(
         &path,
         &[
             "--inbound",
-            &inbound_arg,
+            "127.0.0.1:0",
             "--app",
             &app_arg,
             "--inbound-policy",
@@ -278,6 +276,7 @@ async fn the_inbound_listener_rate_limits_traffic_into_the_local_app() {
         ],
     );
     proxy.wait_ready().await;
+    let inbound_addr = proxy.addr("inbound");
     let mut client = HttpClient::connect(inbound_addr)
         .await
         .expect("connect inbound");

@@ -1,5 +1,5 @@
 //! Global rate limits against a real Redis (`redis-server` from Debian, started by
-//! each test on a free loopback port and stopped by its PID): the claim script's
+//! each test on a loopback port of its own and stopped by its PID): the claim script's
 //! arithmetic, two real proxies sharing one bucket, and a Redis outage and return.
 //!
 //! `scripts/setup` installs redis-server. Without it these tests fail under CI=true
@@ -10,11 +10,10 @@ mod support;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::{
-    free_port, metrics, sample, start_with, upstream, HttpClient, ProxyProcess, TempDir,
-};
+use support::{metrics, sample, start_with, upstream, HttpClient, ProxyProcess, TempDir};
 
 /// A `redis-server` child on 127.0.0.1, killed (by its PID) on drop.
 struct RedisServer {
@@ -40,25 +39,78 @@ fn redis_binary() -> Option<PathBuf> {
 }
 
 impl RedisServer {
-    async fn start(binary: &PathBuf, port: u16) -> RedisServer {
+    /// redis-server on a loopback port of its own. It cannot be given port 0 (to
+    /// Redis that means no TCP at all), and a port probed free and released could
+    /// be taken before it binds; so redis-server binds a drawn port itself, and
+    /// when that port is taken it exits and another is drawn (bounded: 20 draws).
+    /// Ports are drawn below Linux's ephemeral range (32768-60999), where no
+    /// outgoing connection takes them.
+    async fn start(binary: &PathBuf) -> RedisServer {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()))
+            ^ u64::from(std::process::id());
+        let start = NEXT.fetch_add(7919, Ordering::Relaxed).wrapping_add(seed);
+        let mut why = String::new();
+        for i in 0..20u64 {
+            let port = 20_000 + (start.wrapping_add(i * 104_729) % 12_000) as u16;
+            match Self::start_on(binary, port).await {
+                Ok(server) => return server,
+                Err(log) => why = log,
+            }
+        }
+        panic!("redis-server found no free port in 20 draws; last log:\n{why}");
+    }
+
+    /// redis-server again on `port`, the one it had, where the proxies expect it;
+    /// retried while something else briefly holds the port (bounded: 10 s).
+    async fn restart(binary: &PathBuf, port: u16) -> RedisServer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::start_on(binary, port).await {
+                Ok(server) => return server,
+                Err(log) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "redis-server cannot bind port {port} again:\n{log}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Starts redis-server on `port` and waits until it answers (bounded: 10 s), or
+    /// its log once it exits (the port is taken). The answer must come from this
+    /// child (its `INFO` names the PID): another process holding the port could
+    /// answer too.
+    async fn start_on(binary: &PathBuf, port: u16) -> Result<RedisServer, String> {
         let dir = TempDir::new();
+        let log_path = dir.path().join("redis.log");
+        let log = std::fs::File::create(&log_path).expect("redis log");
         let child = Command::new(binary)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--dir", &dir.path().display().to_string()])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log)
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn redis-server: {e}"));
-        let server = RedisServer { child, port, dir };
+        let pid = format!("process_id:{}", child.id());
+        let mut server = RedisServer { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            if let Ok(Some(_)) = server.child.try_wait() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(log);
+            }
             if let Ok(mut con) = server.connection().await {
-                let pong: redis::RedisResult<String> =
-                    redis::cmd("PING").query_async(&mut con).await;
-                if pong.is_ok() {
-                    return server;
+                let info: redis::RedisResult<String> =
+                    redis::cmd("INFO").arg("server").query_async(&mut con).await;
+                if info.is_ok_and(|info| info.lines().any(|l| l.trim() == pid)) {
+                    return Ok(server);
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -112,7 +164,7 @@ async fn claim(
 #[tokio::test]
 async fn the_claim_script_keeps_one_token_bucket_in_redis() {
     let Some(binary) = redis_binary() else { return };
-    let redis = RedisServer::start(&binary, free_port()).await;
+    let redis = RedisServer::start(&binary).await;
     let mut con = redis.connection().await.expect("connect");
     // rate 0.001/s: no refill worth a token during the test.
     let bucket = (0.001, 10);
@@ -254,7 +306,7 @@ async fn wait_metric_until(
 #[tokio::test]
 async fn two_replicas_share_one_bucket() {
     let Some(binary) = redis_binary() else { return };
-    let redis = RedisServer::start(&binary, free_port()).await;
+    let redis = RedisServer::start(&binary).await;
     let backend = upstream("a").await;
     // 10 tokens for both replicas together, refilling one per 100 s. Were the bucket
     // not shared, each would admit 10 (the own bucket's burst defaults to the shared
@@ -319,8 +371,8 @@ async fn two_replicas_share_one_bucket() {
 #[tokio::test]
 async fn an_unreachable_redis_leaves_each_replica_its_own_bucket_until_it_returns() {
     let Some(binary) = redis_binary() else { return };
-    let port = free_port();
-    let redis = RedisServer::start(&binary, port).await;
+    let redis = RedisServer::start(&binary).await;
+    let port = redis.port;
     let backend = upstream("a").await;
     let route = "    - name: limited\n      globalRateLimit:\n        requestsPerSecond: 0.01\n        burst: 6\n        whenUnreachable: {requestsPerSecond: 0.01, burst: 4}\n";
     let (_dir, proxy) = sharing(&redis, backend.addr(), route).await;
@@ -376,7 +428,7 @@ async fn an_unreachable_redis_leaves_each_replica_its_own_bucket_until_it_return
     // and forgets that the old bucket was dry. (Requests are paced here: a burst
     // faster than a claim's round trip would meet the own bucket, which the outage
     // emptied, for that round trip.)
-    let redis = RedisServer::start(&binary, port).await;
+    let redis = RedisServer::restart(&binary, port).await;
     wait_metric(&proxy, "sluice_global_rate_limit_redis_up", 1.0).await;
     let back = statuses_paced(&proxy, 10, Duration::from_millis(20)).await;
     let admitted = back.iter().filter(|&&s| s == 200).count();
@@ -388,7 +440,7 @@ async fn an_unreachable_redis_leaves_each_replica_its_own_bucket_until_it_return
 #[tokio::test]
 async fn a_keyed_global_limit_keeps_one_shared_bucket_per_key() {
     let Some(binary) = redis_binary() else { return };
-    let redis = RedisServer::start(&binary, free_port()).await;
+    let redis = RedisServer::start(&binary).await;
     let backend = upstream("a").await;
     let route = "    - name: limited\n      globalRateLimit: {requestsPerSecond: 0.01, burst: 3, key: \"header:x-tenant\", maxKeys: 10}\n";
     let (_dir, proxy) = sharing(&redis, backend.addr(), route).await;

@@ -64,15 +64,15 @@ async fn every_stderr_line_is_json_with_ts_level_target_and_msg() {
     assert_eq!(applied["level"], "info");
     assert_eq!(applied["target"], "sluice_proxy::source");
     assert_eq!(applied["policies"], 1);
-    let listening = lines
-        .iter()
-        .find(|l| l["msg"] == "listening")
-        .unwrap_or_else(|| panic!("no listening line: {lines:?}"));
-    assert_eq!(
-        listening["listen"],
-        proxy.listen_addr().to_string(),
-        "{listening}"
-    );
+    // One line per listener, with the address it got (the test gave port 0).
+    let listening = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l["msg"] == "listening" && l["listener"] == name)
+            .unwrap_or_else(|| panic!("no listening line for {name}: {lines:?}"))
+    };
+    assert_eq!(listening("listen")["addr"], proxy.listen_addr().to_string());
+    assert_eq!(listening("admin")["addr"], proxy.admin_addr().to_string());
     assert!(lines.iter().any(|l| l["msg"] == "drained, exiting"));
 }
 

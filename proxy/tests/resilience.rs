@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use sluice_demo::upstream::Behaviour;
 use support::{
-    free_port, get, log_lines, metrics, metrics_once, sample, start, upstream, HttpClient,
-    ProxyProcess, TempDir,
+    get, metrics, metrics_once, refusing_addr, sample, start, upstream, HttpClient, ProxyProcess,
+    TempDir,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -153,7 +153,7 @@ async fn the_static_fallback_is_exact_for_upstream_errors() {
 #[tokio::test]
 async fn an_alternate_backend_serves_upstream_errors_and_rate_limited_requests() {
     let cache = upstream("cache").await;
-    let dead: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let (_dead_socket, dead) = refusing_addr();
     let dir = TempDir::new();
     let routes = format!(
         "    - name: products\n      rateLimit: {{requestsPerSecond: 0.01, burst: 1}}\n      fallback:\n        backend: \"{}\"\n        on: [upstream-error, rate-limited]\n",
@@ -291,20 +291,17 @@ async fn a_hung_backend_is_cut_at_the_route_timeout() {
         &policy(&[a.addr()], "    - name: all\n      timeout: 300ms\n"),
     )
     .await;
-    let started = Instant::now();
+    // The backend never answers: whatever answers is the route's timeout (the
+    // client's own bound, 10 s, is far beyond it).
     let r = get(proxy.listen_addr(), "shop", "/")
         .await
         .expect("request");
-    let took = started.elapsed();
     assert_eq!(r.status, 504);
     assert_eq!(
         r.text(),
         "sluice: the backend did not answer within the route's timeout\n"
     );
-    assert!(
-        took >= Duration::from_millis(280) && took < Duration::from_secs(3),
-        "took {took:?}"
-    );
+    assert_eq!(a.requests(), 1, "the request reached the hung backend");
 }
 
 /// On both engines (scripts/test runs this file on each): the h1 engine peeks at the
@@ -316,7 +313,7 @@ async fn a_client_that_leaves_ends_its_request_long_before_the_route_timeout() {
     let dir = TempDir::new();
     let proxy = start(
         &dir,
-        &policy(&[a.addr()], "    - name: all\n      timeout: 10s\n"),
+        &policy(&[a.addr()], "    - name: all\n      timeout: 300s\n"),
     )
     .await;
     let mut client = tokio::net::TcpStream::connect(proxy.listen_addr())
@@ -326,18 +323,31 @@ async fn a_client_that_leaves_ends_its_request_long_before_the_route_timeout() {
         .write_all(b"GET /leaving HTTP/1.1\r\nHost: shop\r\n\r\n")
         .await
         .expect("write");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight: the hung backend has it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(client);
-    // Logged within log_lines' 3 s (not at the route's 10 s timeout), with no
-    // status: nobody was left to answer.
-    let log = log_lines(&proxy, 1).await;
-    let line = log
-        .iter()
-        .find(|l| l["path"] == "/leaving")
-        .unwrap_or_else(|| panic!("the request was not settled within 3 s: {log:?}"));
+    // Settled with no status (nobody was left to answer). The wait is bounded far
+    // below the route's 300 s timeout, so only the client's leaving can end it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let log = proxy.access_log();
+        if let Some(line) = log.iter().find(|l| l["path"] == "/leaving") {
+            break line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the request was not settled after its client left: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(line["status"], 0, "{line}");
-    let took = line["duration_ms"].as_f64().unwrap_or(f64::MAX);
-    assert!((250.0..2_000.0).contains(&took), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,17 +4,15 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
-use support::{free_port, get, start_with, TempDir};
+use support::{get, start_with, TempDir};
 
 const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec:\n  hosts: [t]\n  backends: [{address: \"127.0.0.1:9\"}]\n";
 
 #[tokio::test]
 async fn the_telemetry_listener_serves_health_and_metrics_and_nothing_else() {
     let dir = TempDir::new();
-    let telemetry = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proxy = start_with(&dir, POLICY, &["--telemetry", &telemetry.to_string()]).await;
+    let proxy = start_with(&dir, POLICY, &["--telemetry", "127.0.0.1:0"]).await;
+    let telemetry = proxy.addr("telemetry");
     for path in ["/live", "/ready", "/metrics"] {
         let response = get(telemetry, "127.0.0.1", path).await.expect("answer");
         assert_eq!(response.status, 200, "{path}");

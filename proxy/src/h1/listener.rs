@@ -2,8 +2,7 @@
 //! pingora's runtimes, worker threads and shutdown) that accepts connections and
 //! serves each on a worker thread's runtime.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,15 +22,18 @@ const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// shares pingora's runtimes, worker threads and shutdown).
 pub struct Listener {
     inner: Arc<Engine>,
+    /// Bound by `main` before anything starts (`crate::listeners`); taken once,
+    /// when the service starts.
+    socket: Mutex<Option<std::net::TcpListener>>,
 }
 
 impl Listener {
-    /// Serves `flow` on `listen`; connections the fast path does not serve go to
+    /// Serves `flow` on `socket` (bound, non-blocking); connections the fast path does not serve go to
     /// `pingora` (or, opening with the HTTP/2 preface, to `pingora_h2c`). A client
     /// idle for `idle_timeout` between requests is disconnected.
     pub fn new(
         flow: SluiceProxy,
-        listen: SocketAddr,
+        socket: crate::listeners::Bound,
         pingora: HttpProxy<SluiceProxy>,
         pingora_h2c: Option<HttpProxy<SluiceProxy>>,
         idle_timeout: Duration,
@@ -40,31 +42,14 @@ impl Listener {
         Listener {
             inner: Arc::new(Engine {
                 flow,
-                listen,
+                listen: socket.addr,
                 pingora: Arc::new(pingora),
                 pingora_h2c: pingora_h2c.map(Arc::new),
                 pool: Pool::default(),
                 idle_timeout,
                 fast_path,
             }),
-        }
-    }
-}
-
-/// Binds `addr`, trying again while it is in use (as pingora's own listeners do):
-/// the port was free when the proxy started, and a socket still letting go of it
-/// (another process's probe, an old proxy exiting) frees it within moments.
-async fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    const TRIES: u32 = 5;
-    const STEP: Duration = Duration::from_millis(200);
-    let mut tries = 1;
-    loop {
-        match TcpListener::bind(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < TRIES => {
-                tries += 1;
-                tokio::time::sleep(STEP).await;
-            }
-            bound => return bound,
+            socket: Mutex::new(Some(socket.socket)),
         }
     }
 }
@@ -72,7 +57,13 @@ async fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[async_trait]
 impl BackgroundService for Listener {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let listener = match bind_retrying(self.inner.listen).await {
+        let socket = self
+            .socket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(socket) = socket else { return };
+        let listener = match TcpListener::from_std(socket) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(

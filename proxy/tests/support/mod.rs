@@ -1,21 +1,28 @@
 //! Shared helpers for the proxy's integration tests: a minimal HTTP/1.1 client, raw
-//! socket exchanges, fake HTTP/1.1 and h2c backends, free ports, temporary
-//! directories, and [`ProxyProcess`], which runs the real `sluice-proxy` binary and
-//! reads its access log and stderr.
+//! socket exchanges, fake HTTP/1.1 and h2c backends, temporary directories, and
+//! [`ProxyProcess`], which runs the real `sluice-proxy` binary on port 0 and reads
+//! its bound addresses, access log and stderr.
 //!
 //! The client is hand-rolled on tokio and `httparse` so tests see the wire exactly:
 //! keep-alive is explicit (one [`HttpClient`] is one connection, never silently
 //! reconnected) and nothing is retried or rewritten behind the test's back.
 //!
+//! Ports are never probed: a port found free and released can be taken by another
+//! process before the proxy binds it. Every listener is given port 0 and the proxy
+//! reports what it got (`--ready-file`); in-process servers bind port 0 and hand
+//! their bound socket on.
+//!
 //! Every wait is bounded: a request gives up after 10 s, a raw exchange after 5 s,
-//! readiness after 15 s; a test that fails does so with the proxy's stderr in hand.
+//! bound listeners and readiness after 15 s; a test that fails does so with the
+//! proxy's stderr in hand.
 
 // Each test file uses its own subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,26 +63,16 @@ pub async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> io::Result<Vec<u8>> {
     Ok(received)
 }
 
-/// A loopback port that was free a moment ago. Another process may take it before the
-/// caller binds it; that is rare enough for tests, and shows up as a bind error.
-pub fn free_port() -> u16 {
-    // Below Linux's ephemeral range (32768-60999): a port handed out here cannot be
-    // taken meanwhile by some test's outgoing connection, only by another free_port
-    // caller, which the pseudo-random start makes unlikely.
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64)
-        ^ u64::from(std::process::id());
-    let start = NEXT.fetch_add(7919, Ordering::Relaxed).wrapping_add(seed);
-    for i in 0..200u64 {
-        let port = 20_000 + ((start + i * 104_729) % 12_000) as u16;
-        if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
+/// A loopback address that refuses connections for as long as the returned socket
+/// lives: bound to port 0 but never listening, so nothing else can take the port
+/// and start answering on it (a dead backend, without probing for a free port).
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(([127, 0, 0, 1], 0).into())
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("local address");
+    (socket, addr)
 }
 
 /// A fresh directory under cargo's per-target scratch space, removed on drop — unless
@@ -131,23 +128,26 @@ impl Drop for TempDir {
     }
 }
 
-/// The real `sluice-proxy` binary, running on free loopback ports, killed on drop.
+/// The real `sluice-proxy` binary, its listeners on loopback port 0, killed on drop.
 pub struct ProxyProcess {
     /// Behind a mutex so `&self` methods can reap it: once reaped, its PID may be
     /// reused, so every signal is sent while holding this lock and only to a child
     /// known to be unreaped.
     child: Mutex<Child>,
     pid: u32,
-    listen: SocketAddr,
-    admin: SocketAddr,
+    /// The bound address of each listener, by flag name (`listen`, `admin`,
+    /// `inbound`, `telemetry`), as the proxy wrote them to its `--ready-file`.
+    bound: HashMap<String, SocketAddr>,
     stdout_path: PathBuf,
     stderr_path: PathBuf,
     dir: TempDir,
 }
 
 impl ProxyProcess {
-    /// Starts `sluice-proxy --policy <policy> --listen 127.0.0.1:<free> --admin
-    /// 127.0.0.1:<free> <extra_args>`, with stdout and stderr captured to files.
+    /// Starts `sluice-proxy --policy <policy> --listen 127.0.0.1:0 --admin
+    /// 127.0.0.1:0 <extra_args>`, with stdout and stderr captured to files, and
+    /// waits until its listeners are bound (other listeners in `extra_args` should
+    /// be given `127.0.0.1:0` too; [`ProxyProcess::addr`] tells where they are).
     /// Call [`ProxyProcess::wait_ready`] before sending traffic.
     pub fn start(policy: impl AsRef<Path>, extra_args: &[&str]) -> Self {
         let mut args = vec!["--policy".to_owned(), policy.as_ref().display().to_string()];
@@ -155,12 +155,11 @@ impl ProxyProcess {
         Self::start_args(&args)
     }
 
-    /// Starts `sluice-proxy --listen 127.0.0.1:<free> --admin 127.0.0.1:<free> <args>`
-    /// (the caller names the policy source).
+    /// Starts `sluice-proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 <args>` (the
+    /// caller names the policy source) and waits until its listeners are bound.
     pub fn start_args(args: &[String]) -> Self {
         let dir = TempDir::new();
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let ready_file = dir.path().join("ready.json");
         let stdout_path = dir.path().join("stdout.log");
         let stderr_path = dir.path().join("stderr.log");
         let create = |path: &Path| {
@@ -172,9 +171,10 @@ impl ProxyProcess {
             Ok(engine) if !args.iter().any(|a| a == "--engine") => vec!["--engine".into(), engine],
             _ => Vec::new(),
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-proxy"))
-            .args(["--listen", &listen.to_string()])
-            .args(["--admin", &admin.to_string()])
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-proxy"))
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--ready-file")
+            .arg(&ready_file)
             .args(&engine)
             .args(args)
             .stdin(Stdio::null())
@@ -182,11 +182,19 @@ impl ProxyProcess {
             .stderr(create(&stderr_path))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn sluice-proxy: {e}"));
+        let bound = match wait_bound(&mut child, &ready_file) {
+            Ok(bound) => bound,
+            Err(why) => {
+                // Our own unreaped child: its PID is still its own.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sluice-proxy {why}; stderr:\n{}", read_lossy(&stderr_path));
+            }
+        };
         Self {
             pid: child.id(),
             child: Mutex::new(child),
-            listen,
-            admin,
+            bound,
             stdout_path,
             stderr_path,
             dir,
@@ -194,11 +202,19 @@ impl ProxyProcess {
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
+        self.addr("listen")
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
+        self.addr("admin")
+    }
+
+    /// The bound address of the listener given by flag `--<name>`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        *self
+            .bound
+            .get(name)
+            .unwrap_or_else(|| panic!("sluice-proxy has no {name} listener: {:?}", self.bound))
     }
 
     pub fn pid(&self) -> u32 {
@@ -226,11 +242,11 @@ impl ProxyProcess {
             if remaining.is_zero() {
                 panic!(
                     "sluice-proxy not ready after {READY_TIMEOUT:?} on {}; stderr:\n{}",
-                    self.admin,
+                    self.admin_addr(),
                     self.stderr()
                 );
             }
-            let probe = get(self.admin, "127.0.0.1", "/ready");
+            let probe = get(self.admin_addr(), "127.0.0.1", "/ready");
             if let Ok(Ok(response)) = tokio::time::timeout(remaining, probe).await {
                 if response.status == 200 {
                     return;
@@ -319,6 +335,29 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// Waits (bounded: 15 s) for the proxy's `--ready-file`: the address each listener
+/// got. It blocks the caller's thread, briefly: the proxy binds and writes the file
+/// before it serves anything, waiting on nothing a test runs in-process.
+fn wait_bound(child: &mut Child, ready_file: &Path) -> Result<HashMap<String, SocketAddr>, String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    // Bounded by the deadline.
+    loop {
+        // Written whole and renamed into place: present means complete.
+        if let Ok(text) = fs::read_to_string(ready_file) {
+            return serde_json::from_str(&text).map_err(|e| {
+                format!("wrote a --ready-file that is not an address map ({e}): {text}")
+            });
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited ({status}) before binding its listeners"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("bound no listeners within {READY_TIMEOUT:?}"));
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
 fn read_lossy(path: &Path) -> String {
     match fs::read(path) {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -346,9 +385,9 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
 }
 
 /// Scrapes until `series` reaches `value` (metrics of a request are recorded after
-/// its response is sent), then returns the scrape; bounded: 3 s.
+/// its response is sent), then returns the scrape; bounded: 10 s.
 pub async fn metrics_once(proxy: &ProxyProcess, series: &str, value: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = metrics(proxy).await;
         if sample(&m, series) >= value || Instant::now() > deadline {
@@ -366,9 +405,9 @@ pub async fn version(proxy: &ProxyProcess) -> String {
     json["version"].as_str().unwrap_or_default().to_owned()
 }
 
-/// Polls until the served version differs from `old` (bounded: 3 s).
+/// Polls until the served version differs from `old` (bounded: 10 s).
 pub async fn wait_new_version(proxy: &ProxyProcess, old: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v = version(proxy).await;
         if v != old {
@@ -376,7 +415,7 @@ pub async fn wait_new_version(proxy: &ProxyProcess, old: &str) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "policy was not reloaded within 3 s: {}",
+            "policy was not reloaded within 10 s: {}",
             proxy.stderr()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -390,9 +429,9 @@ pub fn replace(dir: &TempDir, yaml: &str) {
 }
 
 /// The access log once it has at least `n` lines: a line is written after its
-/// response, so a client can be a moment ahead of the log (bounded: 3 s).
+/// response, so a client can be a moment ahead of the log (bounded: 10 s).
 pub async fn log_lines(proxy: &ProxyProcess, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let log = proxy.access_log();
         if log.len() >= n || Instant::now() > deadline {
