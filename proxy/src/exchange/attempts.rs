@@ -1,0 +1,334 @@
+//! Attempts at backends: the next peer, and what a failed connection, a broken
+//! exchange or a response status leads to (failover, resend, retry within the
+//! budget, the fallback backend, or the proxy's own answer).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_policy::{FallbackAction, FallbackCause, Protocol, RetryOn};
+
+use super::{
+    is_idempotent, reply, request_key, Action, Exchange, Observe, Outcome, Peer, Reply, Request,
+    State, Target, APP, CONNECT_TIMEOUT, MAX_ATTEMPTS,
+};
+use crate::verdict::Verdict;
+
+impl<O: Observe> Exchange<O> {
+    /// The next attempt's peer: the fallback backend, the passthrough target, the
+    /// inbound app or a balanced pick among the untried backends; a 502 when there
+    /// is none.
+    pub(super) fn next_attempt(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        fresh: bool,
+    ) -> Action {
+        self.state = State::Proxying;
+        if self.attempts >= MAX_ATTEMPTS {
+            return self.fail(502, reply::Failure::Status("too many attempts"));
+        }
+        let remaining = self.route().and_then(|r| r.route.timeout).map(|t| {
+            t.saturating_sub(now.saturating_duration_since(self.start))
+                .max(Duration::from_millis(1))
+        });
+        let peer = |addr, h2c| Peer {
+            addr,
+            h2c,
+            connect_timeout: remaining.map_or(CONNECT_TIMEOUT, |r| r.min(CONNECT_TIMEOUT)),
+            io_timeout: remaining,
+            fresh,
+        };
+        let next = match self.target {
+            Target::FallbackBackend => match self.route().and_then(|r| r.fallback_addr) {
+                Some(addr) => Ok(Peer {
+                    connect_timeout: CONNECT_TIMEOUT,
+                    ..peer(addr, false)
+                }),
+                None => Err("the fallback backend does not resolve".to_owned()),
+            },
+            Target::Passthrough(addr) => Ok(Peer {
+                connect_timeout: CONNECT_TIMEOUT,
+                io_timeout: None,
+                ..peer(addr, false)
+            }),
+            Target::App(Some(addr)) => {
+                self.tried.push(APP);
+                self.backend = Some(APP);
+                Ok(peer(addr, false))
+            }
+            Target::App(None) => Err(format!(
+                "policy {:?} has no reachable backend",
+                self.policy().map_or("", |p| p.name.as_str())
+            )),
+            Target::Balanced => match self.pick(req, now) {
+                Ok((addr, h2c)) => Ok(peer(addr, h2c)),
+                Err(e) => Err(e),
+            },
+        };
+        match next {
+            Ok(peer) => {
+                self.attempts += 1;
+                Action::Connect(peer)
+            }
+            Err(reason) => self.fail(502, reply::Failure::Status(&reason)),
+        }
+    }
+
+    /// A balanced pick among the untried backends; the attempt is opened on it.
+    pub(super) fn pick(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+    ) -> Result<(SocketAddr, bool), String> {
+        let Some(policy) = self.policy() else {
+            return Err("request was not routed".into());
+        };
+        let endpoints = Arc::clone(&policy.endpoints);
+        let key = endpoints
+            .hash_key()
+            .map(|k| request_key(req, k))
+            .unwrap_or_default();
+        let picked = endpoints
+            .pick(now, key.as_bytes(), &self.tried)
+            .and_then(|i| {
+                let t = endpoints.targets.get(i)?;
+                Some((i, t.addr?, t.protocol))
+            });
+        let Some((index, addr, protocol)) = picked else {
+            return Err(format!("policy {:?} has no reachable backend", policy.name));
+        };
+        self.tried.push(index);
+        self.backend = Some(index);
+        endpoints.begin(index);
+        self.attempt = Some((index, now));
+        Ok((addr, protocol == Protocol::H2c))
+    }
+
+    /// A connection attempt failed: another backend, the fallback backend, or a 502.
+    pub(super) fn connect_failed(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        error: &'static str,
+    ) -> Action {
+        self.record_upstream(Outcome::ConnectError);
+        self.last_attempt_failed = true;
+        self.end_attempt(now, true);
+        let failed = |ex: &mut Self| ex.fail(502, reply::Failure::Connect(error));
+        if self.target == Target::FallbackBackend {
+            return failed(self);
+        }
+        if self.policy().is_none() {
+            return failed(self);
+        }
+        let retries = self.route().is_some_and(|r| r.route.retries.is_some());
+        // Nothing was sent, so any method may go elsewhere. Without a retry policy a
+        // refused connection still fails over to an untried backend (free: no load
+        // reached anyone); with one, failover is a retry and draws from the budget.
+        // The inbound app is the only backend: nothing to fail over to without one.
+        let again = if retries {
+            self.may_retry(req, now, RetryOn::ConnectFailure, true)
+        } else {
+            self.target == Target::Balanced
+                && self
+                    .policy()
+                    .is_some_and(|p| p.endpoints.untried_left(&self.tried))
+        };
+        if again {
+            if retries {
+                self.retries += 1;
+            }
+            return self.next_attempt(req, now, false);
+        }
+        if self.fallback_backend_for_error() {
+            return self.next_attempt(req, now, false);
+        }
+        failed(self)
+    }
+
+    /// An upstream response head arrived with `status`.
+    pub(super) fn response(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        status: u16,
+    ) -> Action {
+        if matches!(status, 100 | 102..=199) {
+            // Interim (100 Continue, 103 Early Hints): passed on, and the final
+            // response is still to come, so nothing is settled yet.
+            return Action::Relay;
+        }
+        self.upstream_status = Some(status);
+        self.last_attempt_failed = status >= 500;
+        self.end_attempt(now, status >= 500);
+        self.record_upstream(if status >= 500 {
+            Outcome::Http5xx
+        } else {
+            Outcome::Success
+        });
+        if status < 500 || self.target == Target::FallbackBackend {
+            self.state = State::Relaying;
+            return Action::Relay;
+        }
+        let gateway = matches!(status, 502..=504);
+        if gateway && self.may_retry(req, now, RetryOn::GatewayError, false) {
+            self.retries += 1;
+            return self.next_attempt(req, now, false);
+        }
+        if self.covers_upstream_errors() {
+            // This response is refused: the next attempt goes to the fallback
+            // backend, or the static fallback answers.
+            if self.fallback_backend_for_error() {
+                return self.next_attempt(req, now, false);
+            }
+            return self.fail(
+                status,
+                reply::Failure::Status("upstream error, serving the fallback"),
+            );
+        }
+        self.state = State::Relaying;
+        Action::Relay
+    }
+
+    /// The exchange with the backend broke or timed out after connecting.
+    pub(super) fn broken(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        timed_out: bool,
+        stale: bool,
+        responding: bool,
+        error: &'static str,
+    ) -> Action {
+        self.last_attempt_failed = true;
+        self.end_attempt(now, true);
+        self.record_upstream(if timed_out {
+            Outcome::Timeout
+        } else {
+            Outcome::Error
+        });
+        if responding {
+            // Part of the answer went out: it cannot be replaced, only cut short.
+            return Action::Abort;
+        }
+        if self.upstream_status.is_none() && !timed_out && self.target != Target::FallbackBackend {
+            // A connection that broke before any response: a stale pooled connection
+            // is resent once on a new one (nothing reached the app); `reset` retries
+            // the rest when the policy allows it.
+            if stale && is_idempotent(req.method()) && !req.body_truncated() {
+                return self.next_attempt(req, now, true);
+            }
+            if self.may_retry(req, now, RetryOn::Reset, false) {
+                self.retries += 1;
+                return self.next_attempt(req, now, false);
+            }
+        }
+        if self.fallback_backend_for_error() {
+            return self.next_attempt(req, now, false);
+        }
+        let status = if timed_out { 504 } else { 502 };
+        self.fail(status, reply::Failure::Other(error))
+    }
+
+    /// The proxy answers this (its own response).
+    pub(super) fn answer(&mut self, reply: Reply) -> Action {
+        self.state = State::Answering;
+        Action::Answer(reply)
+    }
+
+    /// The request could not be proxied: the route's static fallback when it
+    /// covers upstream errors (a complete answer: the client connection stays
+    /// usable), else an explanation with `status`.
+    pub(super) fn fail(&mut self, status: u16, failure: reply::Failure<'_>) -> Action {
+        if status >= 500 && self.target != Target::FallbackBackend && self.covers_upstream_errors()
+        {
+            if let Some(reply) = self.static_fallback(FallbackCause::UpstreamError) {
+                return self.answer(reply);
+            }
+        }
+        let reply = self.failure_reply(status, failure);
+        self.answer(reply)
+    }
+
+    /// Whether one more retry may be made for `on`, drawing from the budget.
+    pub(super) fn may_retry(
+        &self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        on: RetryOn,
+        nothing_sent: bool,
+    ) -> bool {
+        let Some(route) = self.route() else {
+            return false;
+        };
+        let Some(retries) = &route.route.retries else {
+            return false;
+        };
+        if !retries.on.contains(&on) || self.retries >= retries.attempts {
+            return false;
+        }
+        if !nothing_sent && (!is_idempotent(req.method()) || req.body_truncated()) {
+            return false;
+        }
+        let granted = route.budget.as_ref().is_none_or(|b| b.withdraw(now));
+        self.obs.retry(route, granted);
+        granted
+    }
+
+    /// Whether the route's fallback answers upstream errors.
+    pub(super) fn covers_upstream_errors(&self) -> bool {
+        self.route()
+            .and_then(|r| r.route.fallback.as_ref())
+            .is_some_and(|f| f.on.contains(&FallbackCause::UpstreamError))
+    }
+
+    /// Whether a failed primary request goes on to the fallback backend (then set up).
+    pub(super) fn fallback_backend_for_error(&mut self) -> bool {
+        let Some(route) = self.route() else {
+            return false;
+        };
+        let covers = route.route.fallback.as_ref().is_some_and(|f| {
+            f.on.contains(&FallbackCause::UpstreamError)
+                && matches!(f.action, FallbackAction::Backend(_))
+        });
+        if !covers || self.target == Target::FallbackBackend {
+            return false;
+        }
+        self.obs.fallback(
+            route,
+            FallbackCause::UpstreamError,
+            sluice_policy::Mode::Enforce,
+        );
+        self.target = Target::FallbackBackend;
+        self.fallback = Some(FallbackCause::UpstreamError);
+        self.verdict = Verdict::Fallback;
+        true
+    }
+
+    /// Settles the attempt in progress with the backend's balancer and outlier
+    /// detector (once; later calls are no-ops).
+    pub(super) fn end_attempt(&mut self, now: Instant, failed: bool) {
+        let Some((index, started)) = self.attempt.take() else {
+            return;
+        };
+        let Some(policy) = self.policy() else { return };
+        let rtt = now.saturating_duration_since(started);
+        if policy.endpoints.finish(index, now, rtt, failed) {
+            self.obs.ejected(policy, index);
+        }
+    }
+
+    pub(super) fn record_upstream(&self, outcome: Outcome) {
+        if let Some(policy) = self.policy() {
+            let backend = match self.target {
+                Target::FallbackBackend => return,
+                Target::Balanced | Target::App(_) => self.backend,
+                Target::Passthrough(_) => return,
+            };
+            if let Some(backend) = backend {
+                self.obs.upstream(policy, backend, outcome);
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Settlement: what a request held goes back exactly once (the breaker's
+//! admission, the concurrency slot, an open attempt), and the request is recorded.
+
+use std::time::{Duration, Instant};
+
+use super::{Exchange, Observe, Record, Request, State, Target};
+use crate::trace;
+
+impl<O: Observe> Exchange<O> {
+    /// Settles the request with the route's components, metrics and access log.
+    pub(super) fn finish(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        status: u16,
+        failed: bool,
+    ) {
+        let arrived = self.state != State::New;
+        self.state = State::Done;
+        if !arrived {
+            // No request: the stand-in for a head the front refused.
+            return;
+        }
+        let elapsed = now.saturating_duration_since(self.start);
+        // An attempt still open here ended without a response: the client left.
+        // It is abandoned (its time so far is a latency sample for P2C; the backend
+        // is neither blamed nor credited, as Envoy's outlier detection ignores
+        // downstream resets).
+        if let Some((index, started)) = self.attempt.take() {
+            if let Some(policy) = self.policy() {
+                policy
+                    .endpoints
+                    .abandon(index, now, now.saturating_duration_since(started));
+            }
+        }
+        // Settle the request with the route's components: exactly one outcome each.
+        let (admission, permit) = (self.admission.take(), std::mem::take(&mut self.permit));
+        if let Some(route) = self.route() {
+            let attempted = !self.tried.is_empty();
+            let last_failed = self.last_attempt_failed;
+            if let (Some(breaker), Some(admission)) = (&route.breaker, admission) {
+                if attempted && (!failed || last_failed) {
+                    let t = breaker.record(now, admission, last_failed, elapsed);
+                    if let Some(t) = t {
+                        self.obs.breaker_changed(route, t);
+                    }
+                } else {
+                    breaker.cancel(admission);
+                }
+            }
+            if permit {
+                if let Some(limiter) = &route.concurrency {
+                    limiter.release(now, elapsed, last_failed);
+                }
+            }
+        }
+        let backend = match self.target {
+            Target::FallbackBackend => Some("fallback"),
+            _ => self.backend_label(),
+        };
+        self.obs.finished(&Record {
+            req,
+            route: self.route(),
+            policy: self.policy(),
+            status,
+            elapsed,
+            verdict: self.verdict,
+            shadow: self.shadow,
+            fallback: self.fallback,
+            backend,
+            attempts: (self.tried.len() + usize::from(self.target == Target::FallbackBackend))
+                as u32,
+            trace_id: trace::trace_id(self.traceparent.as_bytes()).unwrap_or(""),
+            policy_version: self.runtime.as_ref().map(|r| r.version.as_str()),
+            direction: self.direction,
+        });
+    }
+}
+
+impl<O: Observe> Drop for Exchange<O> {
+    fn drop(&mut self) {
+        // Whatever ended the request, what it held goes back: a handed-off or
+        // abandoned exchange must not leak a breaker probe or a concurrency slot.
+        if let Some(route) = self.route() {
+            if let (Some(breaker), Some(admission)) = (&route.breaker, self.admission) {
+                breaker.cancel(admission);
+            }
+            if self.permit {
+                if let Some(limiter) = &route.concurrency {
+                    limiter.release(Instant::now(), Duration::ZERO, false);
+                }
+            }
+        }
+        if let (Some((index, started)), Some(policy)) = (self.attempt, self.policy()) {
+            let now = Instant::now();
+            policy
+                .endpoints
+                .abandon(index, now, now.saturating_duration_since(started));
+        }
+        self.obs.end();
+    }
+}
