@@ -1,0 +1,257 @@
+//! A request the fast path proxies: the exchange's actions carried out (attempts
+//! on pooled or new upstream connections), the response relayed, or the proxy's
+//! own answer written; the request settled either way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use sluice_h1::{Framing, ResponseHead};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::upstream::{
+    connect, read_response_head, relay_body, unless_client_leaves, within, Broken, Relay,
+};
+use super::{push_header, push_number, write_reply_head, Client, Engine, FastRequest, Served};
+use crate::exchange::{Action, Event, Exchange, Reply, Request, MAX_ATTEMPTS};
+use crate::shared::Shared;
+
+impl Engine {
+    /// Writes the proxy's own answer and settles the request.
+    pub(super) async fn answer(
+        &self,
+        client: &mut Client,
+        req: &FastRequest<'_>,
+        mut exchange: Exchange<Arc<Shared>>,
+        reply: Reply,
+        keep_alive: bool,
+        out: &mut Vec<u8>,
+    ) -> Served {
+        let keep_alive = keep_alive && !reply.close;
+        out.clear();
+        write_reply_head(
+            out,
+            reply.status,
+            reply.content_type,
+            &reply.headers,
+            reply.body.len(),
+            !keep_alive,
+        );
+        if req.method() != "HEAD" {
+            out.extend_from_slice(&reply.body);
+        }
+        let written = client.stream.write_all(out).await.is_ok();
+        let finished = Event::Finished {
+            status: reply.status,
+            failed: !written,
+        };
+        exchange.on(req, Instant::now(), finished);
+        if written && keep_alive {
+            Served::KeepAlive
+        } else {
+            Served::Close
+        }
+    }
+
+    /// Carries out the exchange's actions: attempts upstream (failovers,
+    /// retries, fallbacks) until it relays a response or answers itself.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn drive(
+        &self,
+        client: &mut Client,
+        req: &FastRequest<'_>,
+        body: &Bytes,
+        mut exchange: Exchange<Arc<Shared>>,
+        mut action: Action,
+        keep_alive: bool,
+        out: &mut Vec<u8>,
+        ubuf: &mut BytesMut,
+    ) -> Served {
+        let head_request = req.method() == "HEAD";
+        // Bounded: the exchange makes at most MAX_ATTEMPTS attempts, each one
+        // pass, then answers.
+        for _ in 0..=MAX_ATTEMPTS {
+            let peer = match action {
+                Action::Connect(peer) => peer,
+                Action::Answer(reply) => {
+                    return self
+                        .answer(client, req, exchange, reply, keep_alive, out)
+                        .await
+                }
+                Action::Relay | Action::HandOff | Action::Abort | Action::Done => {
+                    exchange.on(req, Instant::now(), Event::ClientGone);
+                    return Served::Close;
+                }
+            };
+            // A connection: pooled (unless a stale one just broke), else new.
+            let pooled = match peer.fresh {
+                true => None,
+                false => self.pool.take(client.thread, peer.addr),
+            };
+            let (mut upstream, reused) = match pooled {
+                Some(s) => (s, true),
+                None => match connect(peer.addr, peer.connect_timeout).await {
+                    Ok(s) => (s, false),
+                    Err(kind) => {
+                        let failed = Event::ConnectFailed {
+                            error: kind.as_str(),
+                        };
+                        action = exchange.on(req, Instant::now(), failed);
+                        continue;
+                    }
+                },
+            };
+            // The request: the client's head, Sluice's headers, the body, one write.
+            out.clear();
+            req.head.write_forwarded(out, false);
+            if let Some(tp) = exchange.generated_traceparent() {
+                push_header(out, "traceparent", tp.as_bytes());
+            }
+            out.extend_from_slice(&client.forwarded_for);
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(body);
+            ubuf.clear();
+            // Requests already read behind this one: the client means to stay (even
+            // if it has half-closed after sending them), so it is not watched.
+            let watch = client.buf.is_empty();
+            let (client_reader, mut client_writer) = client.stream.split();
+            let attempt = async {
+                within(peer.io_timeout, upstream.write_all(out)).await?;
+                read_response_head(
+                    &mut upstream,
+                    ubuf,
+                    head_request,
+                    peer.io_timeout,
+                    &mut client_writer,
+                )
+                .await
+            };
+            let response = match unless_client_leaves(attempt, watch, &client_reader).await {
+                None => {
+                    // As nginx (499) and Envoy (downstream reset): the backend's
+                    // answer would go nowhere; its connection is dropped mid-exchange.
+                    // Status 0: nothing was sent, as pingora's side logs it.
+                    exchange.on(req, Instant::now(), Event::ClientGone);
+                    return Served::Close;
+                }
+                Some(Ok(head)) => head,
+                Some(Err(broken)) => {
+                    let event = Event::Broken {
+                        timed_out: matches!(broken, Broken::TimedOut),
+                        // A malformed answer is an answer: not resent as if the
+                        // pooled connection had been stale.
+                        stale: reused && !matches!(broken, Broken::BadResponse),
+                        responding: false,
+                        error: broken.name(),
+                    };
+                    action = exchange.on(req, Instant::now(), event);
+                    continue;
+                }
+            };
+            let status = response.status;
+            action = exchange.on(req, Instant::now(), Event::Response { status });
+            if let Action::Relay = action {
+                return self
+                    .relay(
+                        client,
+                        req,
+                        exchange,
+                        upstream,
+                        (peer.addr, peer.io_timeout),
+                        response,
+                        ubuf,
+                        keep_alive,
+                        out,
+                    )
+                    .await;
+            }
+        }
+        // Not reached: the exchange answers once its attempts are spent.
+        let failed = Event::Failed {
+            status: 502,
+            error: "too many attempts",
+        };
+        match exchange.on(req, Instant::now(), failed) {
+            Action::Answer(reply) => {
+                self.answer(client, req, exchange, reply, keep_alive, out)
+                    .await
+            }
+            _ => Served::Close,
+        }
+    }
+
+    /// Relays an accepted response: its head with Sluice's headers, then its body.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn relay(
+        &self,
+        client: &mut Client,
+        req: &FastRequest<'_>,
+        mut exchange: Exchange<Arc<Shared>>,
+        mut upstream: TcpStream,
+        (addr, io_timeout): (SocketAddr, Option<Duration>),
+        response: ResponseHead,
+        ubuf: &mut BytesMut,
+        keep_alive: bool,
+        out: &mut Vec<u8>,
+    ) -> Served {
+        let status = response.status;
+        // The client's connection outlives the backend's unless the client asked
+        // to close or the body ends only when the backend closes (the backend's own
+        // `Connection` is not relayed; Sluice says `close` when it will close).
+        let close_client = !keep_alive || response.framing == Framing::UntilClose;
+        out.clear();
+        response.write_relayed(ubuf, out);
+        let (rate, fallback) = exchange.response_headers();
+        if let Some(h) = rate {
+            push_number(out, "ratelimit-limit", u64::from(h.limit));
+            push_number(out, "ratelimit-remaining", u64::from(h.remaining));
+            push_number(out, "ratelimit-reset", h.reset);
+        }
+        if let Some(cause) = fallback {
+            push_header(out, "x-sluice-fallback", cause.as_bytes());
+        }
+        if close_client {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        bytes::Buf::advance(ubuf, response.len);
+        let result = relay_body(
+            &mut upstream,
+            ubuf,
+            &mut client.stream,
+            response.framing,
+            out,
+            io_timeout,
+        )
+        .await;
+        let (upstream_ok, client_ok) = match result {
+            Ok(()) => (true, true),
+            Err(Relay::Client) => (false, false),
+            Err(Relay::Upstream(broken)) => {
+                let event = Event::Broken {
+                    timed_out: matches!(broken, Broken::TimedOut),
+                    stale: false,
+                    responding: true,
+                    error: broken.name(),
+                };
+                exchange.on(req, Instant::now(), event);
+                (false, false)
+            }
+        };
+        if upstream_ok && !response.close && ubuf.is_empty() {
+            self.pool.put(client.thread, addr, upstream);
+        }
+        let finished = Event::Finished {
+            status,
+            failed: !client_ok,
+        };
+        exchange.on(req, Instant::now(), finished);
+        if client_ok && !close_client {
+            Served::KeepAlive
+        } else {
+            Served::Close
+        }
+    }
+}
