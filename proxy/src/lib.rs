@@ -48,5 +48,6 @@ pub mod shared;
 pub mod shutdown;
 pub mod slowstart;
 pub mod source;
+pub mod tasks;
 pub mod trace;
 pub mod verdict;

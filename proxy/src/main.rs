@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownWatch};
-use pingora::services::background::{background_service, BackgroundService};
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
 use sluice_proxy::admin::{Admin, AdminListener, Scope};
 use sluice_proxy::cli::{parse_args, EX_USAGE};
 use sluice_proxy::control_plane::ControlPlaneSource;
@@ -24,6 +23,9 @@ use sluice_proxy::phases::SluiceProxy;
 use sluice_proxy::shared::Shared;
 use sluice_proxy::shutdown::DrainOnSigterm;
 use sluice_proxy::source::FileSource;
+use sluice_proxy::tasks::{
+    health_checks, housekeeping, Every, FollowControlPlane, SyncGlobalLimits,
+};
 
 /// The process allocator; a stateless handle, the one `static` the binary has.
 /// glibc's malloc spends ~18% of a request's CPU here (profile in bench/RESULTS.md).
@@ -265,145 +267,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("expected a duration such as 10s, got {text:?}"))
 }
 
-/// A job run every `period` (the first run at once) until shutdown, on a background
-/// service of its own: one job blocked (a stdout write stuck on a full pipe) cannot
-/// delay the others.
-struct Every<F> {
-    period: Duration,
-    job: F,
-}
-
-#[async_trait]
-impl<F: Fn() + Send + Sync + 'static> BackgroundService for Every<F> {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.period);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => (self.job)(),
-            }
-        }
-    }
-}
-
-/// Every second: publish route gauges (breaker state, concurrency limit and
-/// in-flight, keyed-limiter sizes and overflow); every 10 s forget refilled
-/// rate-limit keys.
-fn housekeeping(shared: &Shared, n: u64) {
-    let Some(runtime) = shared.runtime.load_full() else {
-        return;
-    };
-    let metrics = &shared.metrics;
-    let now = std::time::Instant::now();
-    for policy in &runtime.policies {
-        let endpoints = &policy.endpoints;
-        endpoints.refresh(now);
-        if endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some() {
-            for (i, target) in endpoints.targets.iter().enumerate() {
-                let up = endpoints.is_healthy(i) && !endpoints.is_ejected(i, now);
-                metrics
-                    .backend_healthy
-                    .with_label_values(&[policy.name.as_str(), target.label.as_str()])
-                    .set(i64::from(up));
-            }
-        }
-    }
-    for route in runtime.routes() {
-        let labels = [route.policy.as_str(), route.name.as_str()];
-        if let Some(global) = &route.global {
-            // The series exists from the route's first second (at 0): rate() cannot
-            // see increments made before a counter's first scrape.
-            metrics
-                .global_local
-                .with_label_values(&labels)
-                .inc_by(global.take_local_decisions());
-            if n.is_multiple_of(10) {
-                global.sweep_local();
-            }
-        }
-        if let Some(breaker) = &route.breaker {
-            metrics
-                .breaker_state
-                .with_label_values(&labels)
-                .set(breaker.state().gauge());
-        }
-        if let Some(limiter) = &route.concurrency {
-            metrics
-                .concurrency_limit
-                .with_label_values(&labels)
-                .set(i64::from(limiter.limit()));
-            metrics
-                .route_inflight
-                .with_label_values(&labels)
-                .set(i64::from(limiter.inflight()));
-        }
-        let Some(limiter) = &route.limiter else {
-            continue;
-        };
-        if limiter.key().is_none() {
-            continue;
-        }
-        if n.is_multiple_of(10) {
-            limiter.sweep();
-        }
-        metrics
-            .rate_limit_keys
-            .with_label_values(&labels)
-            .set(limiter.tracked_keys() as i64);
-        let overflowed = limiter.take_overflowed();
-        if overflowed > 0 {
-            metrics
-                .rate_limit_overflow
-                .with_label_values(&labels)
-                .inc_by(overflowed);
-        }
-    }
-}
-
-/// Active health checks, every 100 ms: start the rounds that are due; each check
-/// is an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
-fn health_checks(shared: &Arc<Shared>) {
-    let Some(runtime) = shared.runtime.load_full() else {
-        return;
-    };
-    let now = std::time::Instant::now();
-    for (p, policy) in runtime.policies.iter().enumerate() {
-        let Some(rule) = policy.endpoints.health_check_due(now).cloned() else {
-            continue;
-        };
-        for (i, target) in policy.endpoints.targets.iter().enumerate() {
-            let Some(addr) = target.addr else { continue };
-            let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
-            let host = target.label.clone();
-            tokio::spawn(async move {
-                let ok =
-                    sluice_proxy::health::probe::probe(addr, &host, &rule.path, rule.timeout).await;
-                let Some(policy) = runtime.policies.get(p) else {
-                    return;
-                };
-                if let Some(health) =
-                    policy
-                        .endpoints
-                        .record_check(i, ok, std::time::Instant::now())
-                {
-                    let healthy = health == sluice_proxy::health::Health::Healthy;
-                    shared
-                        .metrics
-                        .backend_healthy
-                        .with_label_values(&[policy.name.as_str(), host.as_str()])
-                        .set(i64::from(healthy));
-                    let (policy, backend) = (policy.name.as_str(), host.as_str());
-                    if healthy {
-                        tracing::info!(policy, backend, healthy, "backend health changed");
-                    } else {
-                        tracing::warn!(policy, backend, healthy, "backend health changed");
-                    }
-                }
-            });
-        }
-    }
-}
-
 /// Serves `flow` on `socket` with the engine the flags choose.
 fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, socket: Bound) {
     let name = flow.side.direction.as_str();
@@ -436,55 +299,6 @@ fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, socket: Bou
     );
     service.threads = Some(args.threads.max(1));
     server.add_service(service);
-}
-
-/// Keeps the global rate limits supplied from Redis, on a background service's runtime.
-struct SyncGlobalLimits {
-    shared: Arc<Shared>,
-    redis: String,
-    timeout: Duration,
-}
-
-#[async_trait]
-impl BackgroundService for SyncGlobalLimits {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let runtime = Arc::clone(&self.shared.runtime);
-        let limiters = move || {
-            runtime.load().as_deref().map_or_else(Vec::new, |r| {
-                r.routes().filter_map(|r| r.global.clone()).collect()
-            })
-        };
-        let metrics = globallimit::SyncMetrics {
-            redis_up: self.shared.metrics.global_redis_up.clone(),
-            syncs: self.shared.metrics.global_syncs.clone(),
-        };
-        globallimit::sync(
-            Arc::clone(&self.shared.globals),
-            limiters,
-            metrics,
-            self.redis.clone(),
-            self.timeout,
-            shutdown,
-        )
-        .await;
-    }
-}
-
-/// Runs the control-plane stream on a background service's runtime.
-struct FollowControlPlane(std::sync::Mutex<Option<ControlPlaneSource>>);
-
-#[async_trait]
-impl BackgroundService for FollowControlPlane {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let source = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(source) = source {
-            source.run(shutdown).await;
-        }
-    }
 }
 
 fn main() -> ExitCode {
