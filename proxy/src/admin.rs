@@ -104,21 +104,21 @@ impl Admin {
         match path {
             "/live" => reply(200, "text/plain", b"live\n".to_vec()),
             "/ready" => match &runtime {
-                Some(_) if closed_listener(&self.listeners).is_some() => reply(
+                rt if !rt.loaded() => reply(
+                    503,
+                    "text/plain",
+                    b"not ready: no valid policy loaded yet\n".to_vec(),
+                ),
+                _ if closed_listener(&self.listeners).is_some() => reply(
                     503,
                     "text/plain",
                     b"not ready: a listener is not accepting connections yet\n".to_vec(),
                 ),
-                Some(rt) => reply(
+                rt => reply(
                     200,
                     "text/plain",
                     format!("ready: policy version {} from {}\n", rt.version, rt.source)
                         .into_bytes(),
-                ),
-                None => reply(
-                    503,
-                    "text/plain",
-                    b"not ready: no valid policy loaded yet\n".to_vec(),
                 ),
             },
             "/metrics" => reply(
@@ -128,7 +128,7 @@ impl Admin {
             ),
             "/config_dump" => {
                 let dump = match &runtime {
-                    Some(rt) => serde_json::json!({
+                    rt if rt.loaded() => serde_json::json!({
                         "version": rt.version,
                         "source": rt.source,
                         "loadedAt": Timestamp(rt.loaded_at).to_string(),
@@ -136,7 +136,7 @@ impl Admin {
                         "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
                         "globalRateLimits": self.global_limits(rt),
                     }),
-                    None => serde_json::json!({"version": null, "source": null, "policies": []}),
+                    _ => serde_json::json!({"version": null, "source": null, "policies": []}),
                 };
                 let mut body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
                 body.push(b'\n');

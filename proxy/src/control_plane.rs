@@ -84,12 +84,7 @@ fn restored_version(text: &str) -> Option<u64> {
 
 /// The control-plane version of the serving runtime; 0 before any.
 fn serving_version(shared: &Shared) -> u64 {
-    shared
-        .runtime
-        .load()
-        .as_ref()
-        .and_then(|r| r.control_plane_version)
-        .unwrap_or(0)
+    shared.runtime.load().control_plane_version.unwrap_or(0)
 }
 
 /// Checks, applies and persists one pushed snapshot; returns the version and error
@@ -135,10 +130,8 @@ fn take_snapshot(
 /// Records `version` as the control-plane version of the (unchanged) runtime.
 /// Blocking, like every runtime build.
 fn adopt_version(shared: &Shared, url: &str, version: u64) {
-    let Some(current) = shared.runtime.load_full() else {
-        return;
-    };
-    if current.control_plane_version == Some(version) {
+    let current = shared.runtime.load_full();
+    if !current.loaded() || current.control_plane_version == Some(version) {
         return;
     }
     // Runtime is immutable; rebuilding from the same set carries every component
@@ -149,7 +142,7 @@ fn adopt_version(shared: &Shared, url: &str, version: u64) {
         crate::runtime::Runtime::build(set, label, Some(&current), &shared.globals)
     {
         next.control_plane_version = Some(version);
-        shared.runtime.store(Some(Arc::new(next)));
+        shared.runtime.store(Arc::new(next));
     }
 }
 

@@ -12,7 +12,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::Histogram;
@@ -39,6 +39,9 @@ pub struct Runtime {
     pub control_plane_version: Option<u64>,
     pub set: PolicySet,
     pub policies: Vec<PolicyRuntime>,
+    /// False only for the empty snapshot a proxy starts with: no policy loaded
+    /// yet, so not ready, and every request is answered 503.
+    loaded: bool,
     /// Host -> policy index. FNV, not SipHash: the keys come from validated policies
     /// (no flooding risk) and are short; FNV hashes them several times faster.
     hosts: FnvHashMap<String, usize>,
@@ -117,8 +120,28 @@ impl Runtime {
             control_plane_version: None,
             set,
             policies,
+            loaded: true,
             hosts,
         })
+    }
+
+    /// What a proxy serves before its first policy: nothing (see [`Runtime::loaded`]).
+    pub fn empty() -> Runtime {
+        Runtime {
+            version: String::new(),
+            source: String::new(),
+            loaded_at: SystemTime::now(),
+            control_plane_version: None,
+            set: PolicySet::default(),
+            policies: Vec::new(),
+            loaded: false,
+            hosts: FnvHashMap::default(),
+        }
+    }
+
+    /// Whether a policy was loaded (false for [`Runtime::empty`]).
+    pub fn loaded(&self) -> bool {
+        self.loaded
     }
 
     pub fn policy(&self, name: &str) -> Option<&PolicyRuntime> {
@@ -311,12 +334,12 @@ fn version_of(set: &PolicySet) -> String {
 /// with the route (so its buckets include the SLO threshold) and carried over reloads
 /// with it; removed routes disappear from the exposition.
 pub struct DurationCollector {
-    runtime: Arc<ArcSwapOption<Runtime>>,
+    runtime: Arc<ArcSwap<Runtime>>,
     desc: Desc,
 }
 
 impl DurationCollector {
-    pub fn new(runtime: Arc<ArcSwapOption<Runtime>>) -> prometheus::Result<Self> {
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> prometheus::Result<Self> {
         let desc = Desc::new(
             DURATION_NAME.into(),
             DURATION_HELP.into(),
@@ -333,9 +356,7 @@ impl Collector for DurationCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let Some(runtime) = self.runtime.load_full() else {
-            return Vec::new();
-        };
+        let runtime = self.runtime.load();
         let mut family: Option<MetricFamily> = None;
         for route in runtime.routes() {
             for mut f in route.duration.collect() {

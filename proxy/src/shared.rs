@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use prometheus::Registry;
 
 use crate::accesslog::AccessLog;
@@ -14,8 +14,9 @@ use crate::runtime::{DurationCollector, Runtime};
 use crate::trace::IdGenerator;
 
 pub struct Shared {
-    /// The live snapshot, replaced whole on reload; empty until a policy loads.
-    pub runtime: Arc<ArcSwapOption<Runtime>>,
+    /// The live snapshot, replaced whole on reload; [`Runtime::empty`] until a
+    /// policy loads.
+    pub runtime: Arc<ArcSwap<Runtime>>,
     pub metrics: Metrics,
     pub ids: IdGenerator,
     /// Requests between their exchange's start and its end; the drain waits for 0.
@@ -29,7 +30,7 @@ impl Shared {
     /// Everything empty: no policy yet, metrics on a registry of their own (which
     /// also exports the per-route duration histograms of whatever snapshot is live).
     pub fn new(access_log: bool, redis: bool) -> prometheus::Result<Shared> {
-        let runtime = Arc::new(ArcSwapOption::empty());
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::empty()));
         let registry = Registry::new();
         registry.register(Box::new(DurationCollector::new(Arc::clone(&runtime))?))?;
         Ok(Shared {

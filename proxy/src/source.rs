@@ -62,7 +62,7 @@ pub fn apply(
 ) -> (ReloadResult, Vec<String>) {
     let current = shared.runtime.load_full();
     let built = checked.and_then(|Checked { set, warnings }| {
-        Runtime::build(set, label.to_owned(), current.as_deref(), &shared.globals)
+        Runtime::build(set, label.to_owned(), Some(&current), &shared.globals)
             .map(|runtime| (runtime, warnings))
             .map_err(|e| vec![e.to_string()])
     });
@@ -73,16 +73,16 @@ pub fn apply(
             }
             (ReloadResult::Rejected, errors)
         }
-        Ok((next, _)) if current.as_ref().is_some_and(|c| c.version == next.version) => {
+        Ok((next, _)) if current.loaded() && current.version == next.version => {
             (ReloadResult::Unchanged, Vec::new())
         }
         Ok((mut next, warnings)) => {
             next.control_plane_version = control_plane_version;
             let metrics = &shared.metrics;
-            if let Some(old) = &current {
+            if current.loaded() {
                 let _ = metrics
                     .policy_info
-                    .remove_label_values(&[old.version.as_str()]);
+                    .remove_label_values(&[current.version.as_str()]);
             }
             metrics
                 .policy_info
@@ -90,7 +90,7 @@ pub fn apply(
                 .set(1);
             tracing::info!(
                 version = next.version.as_str(),
-                previous = current.as_ref().map(|c| c.version.as_str()),
+                previous = current.loaded().then_some(current.version.as_str()),
                 policies = next.policies.len(),
                 source = label,
                 "policy applied"
@@ -121,7 +121,7 @@ pub fn apply(
                     );
                 }
             }
-            shared.runtime.store(Some(Arc::new(next)));
+            shared.runtime.store(Arc::new(next));
             (ReloadResult::Accepted, Vec::new())
         }
     };

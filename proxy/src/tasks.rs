@@ -39,9 +39,7 @@ impl<F: Fn() + Send + Sync + 'static> BackgroundService for Every<F> {
 /// in-flight, keyed-limiter sizes and overflow); every 10 s forget refilled
 /// rate-limit keys.
 pub fn housekeeping(shared: &Shared, n: u64) {
-    let Some(runtime) = shared.runtime.load_full() else {
-        return;
-    };
+    let runtime = shared.runtime.load_full();
     let metrics = &shared.metrics;
     let now = std::time::Instant::now();
     for policy in &runtime.policies {
@@ -112,9 +110,7 @@ pub fn housekeeping(shared: &Shared, n: u64) {
 /// Active health checks, every 100 ms: start the rounds that are due; each check
 /// is an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
 pub fn health_checks(shared: &Arc<Shared>) {
-    let Some(runtime) = shared.runtime.load_full() else {
-        return;
-    };
+    let runtime = shared.runtime.load_full();
     let now = std::time::Instant::now();
     for (p, policy) in runtime.policies.iter().enumerate() {
         let Some(rule) = policy.endpoints.health_check_due(now).cloned() else {
@@ -164,9 +160,11 @@ impl BackgroundService for SyncGlobalLimits {
     async fn start(&self, shutdown: ShutdownWatch) {
         let runtime = Arc::clone(&self.shared.runtime);
         let limiters = move || {
-            runtime.load().as_deref().map_or_else(Vec::new, |r| {
-                r.routes().filter_map(|r| r.global.clone()).collect()
-            })
+            runtime
+                .load()
+                .routes()
+                .filter_map(|r| r.global.clone())
+                .collect()
         };
         let metrics = globallimit::SyncMetrics {
             redis_up: self.shared.metrics.global_redis_up.clone(),
@@ -212,7 +210,7 @@ mod tests {
         let shared = Arc::new(Shared::new(false, false).unwrap());
         let set = sluice_policy::load::parse_str(Path::new("t.yaml"), yaml).unwrap();
         let runtime = Runtime::build(set, "t".into(), None, &shared.globals).unwrap();
-        shared.runtime.store(Some(Arc::new(runtime)));
+        shared.runtime.store(Arc::new(runtime));
         shared
     }
 
@@ -224,7 +222,7 @@ mod tests {
         let m = &shared.metrics;
         let labels = ["p", "r"];
         assert_eq!(m.concurrency_limit.with_label_values(&labels).get(), 0);
-        let route = shared.runtime.load_full().unwrap();
+        let route = shared.runtime.load_full();
         let limiter = route.policies[0].routes[0].limiter.as_ref().unwrap();
         limiter.check("10.0.0.1");
         limiter.check("10.0.0.2");

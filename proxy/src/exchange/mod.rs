@@ -115,12 +115,12 @@ pub trait Request {
 
 /// Something that happened to the request.
 pub enum Event<'a> {
-    /// The request head arrived: route it on `runtime` (the live snapshot, `None`
+    /// The request head arrived: route it on `runtime` (the live snapshot, empty
     /// before any policy loaded), then govern it. `original_dst`: where an
     /// iptables-redirected connection was going. `h2c`: whether the engine can
     /// speak h2c to backends (else a policy that needs it is handed off).
     Arrived {
-        runtime: Option<Arc<Runtime>>,
+        runtime: Arc<Runtime>,
         side: &'a Side,
         original_dst: Option<SocketAddr>,
         h2c: bool,
@@ -389,7 +389,7 @@ impl<O: Observe> Exchange<O> {
     fn arrive(
         &mut self,
         req: &(impl Request + ?Sized),
-        runtime: Option<Arc<Runtime>>,
+        runtime: Arc<Runtime>,
         side: &Side,
         original_dst: Option<SocketAddr>,
     ) -> Option<Reply> {
@@ -406,10 +406,10 @@ impl<O: Observe> Exchange<O> {
                 self.traceparent_generated = true;
             }
         }
-        let Some(runtime) = runtime else {
+        if !runtime.loaded() {
             self.verdict = Verdict::NotReady;
             return Some(Reply::not_ready());
-        };
+        }
         let header = |name: &str| req.header(name);
         let (method, path) = (req.method(), req.path());
         self.routed = match (side.direction, &side.inbound_policy) {
