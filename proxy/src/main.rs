@@ -275,7 +275,7 @@ fn add_listener(server: &mut Server, args: &Args, flow: SluiceProxy, socket: Bou
     // Both engines listen through Sluice's HTTP/1 front: with `--engine h1` it
     // serves requests itself and hands the rest to pingora; with `--engine
     // pingora` it hands every connection over, through the same strict checks
-    // (h1/front.rs), so the engines accept exactly the same requests.
+    // (front.rs), so the engines accept exactly the same requests.
     // pingora gets two instances: one without h2c for HTTP/1 connections (its h2c
     // check would wait for 24 bytes the front already read), one with it for
     // connections opening with the HTTP/2 preface.
