@@ -275,3 +275,60 @@ fn shadow_mode_refuses_nothing_and_records_what_it_would_have_done() {
         "{notes:?}"
     );
 }
+
+#[test]
+fn an_open_breaker_and_overload_are_answered_by_their_fallbacks() {
+    let h = Harness::new(runtime(
+        "",
+        "    - name: breaker\n      match: {pathPrefix: /b}\n      circuitBreaker: {consecutiveFailures: 1, openFor: 10s}\n      fallback: {status: 200, body: cached, on: [breaker-open]}\n    - name: busy\n      concurrency: {max: 1}\n      fallback: {backend: 127.0.0.1:2000, on: [overloaded]}\n",
+    ));
+    // The breaker opens on one failure; the next request gets the static fallback.
+    h.request(&Req::get("/b"), 0, status(500));
+    let (_ex, action) = h.arrive(&Req::get("/b"), 1);
+    let Action::Answer(reply) = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(reply.status, 200);
+    assert_eq!(&reply.body[..], b"cached");
+    assert!(reply
+        .headers
+        .iter()
+        .any(|(k, v)| k == "x-sluice-fallback" && v == "breaker-open"));
+    assert!(h
+        .rec
+        .notes()
+        .contains(&"fallback breaker breaker-open enforce".to_owned()));
+
+    // One request holds the only slot; the next goes to the fallback backend.
+    let (_held, _) = h.arrive(&Req::get("/x"), 2);
+    let (mut ex, action) = h.arrive(&Req::get("/x"), 3);
+    let Action::Connect(peer) = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(
+        peer.addr,
+        std::net::SocketAddr::from(([127, 0, 0, 1], 2000))
+    );
+    assert!(matches!(
+        ex.on(&Req::get("/x"), h.at(4), Event::Response { status: 200 }),
+        Action::Relay
+    ));
+    ex.on(
+        &Req::get("/x"),
+        h.at(5),
+        Event::Finished {
+            status: 200,
+            failed: false,
+        },
+    );
+    let s = h.rec.settled().pop().unwrap();
+    assert_eq!(
+        (s.verdict, s.fallback, s.backend.as_deref()),
+        (
+            Verdict::Fallback,
+            Some(FallbackCause::Overloaded),
+            Some("fallback")
+        )
+    );
+    assert_eq!(ex.response_headers().1, Some("overloaded"));
+}
