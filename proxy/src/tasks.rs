@@ -11,6 +11,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::control_plane::ControlPlaneSource;
+use crate::endpoints::Endpoints;
 use crate::globallimit;
 use crate::shared::Shared;
 
@@ -45,13 +46,19 @@ pub fn housekeeping(shared: &Shared, n: u64) {
     for policy in &runtime.policies {
         let endpoints = &policy.endpoints;
         endpoints.refresh(now);
-        if endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some() {
-            for (i, target) in endpoints.targets.iter().enumerate() {
-                let up = endpoints.is_healthy(i) && !endpoints.is_ejected(i, now);
+        let checked =
+            endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some();
+        for (b, (label, addrs)) in endpoints.backends().enumerate() {
+            let labels = [policy.name.as_str(), label];
+            metrics
+                .backend_endpoints
+                .with_label_values(&labels)
+                .set(addrs.len() as i64);
+            if checked {
                 metrics
                     .backend_healthy
-                    .with_label_values(&[policy.name.as_str(), target.label.as_str()])
-                    .set(i64::from(up));
+                    .with_label_values(&labels)
+                    .set(i64::from(backend_up(endpoints, b, now)));
             }
         }
     }
@@ -107,6 +114,15 @@ pub fn housekeeping(shared: &Shared, n: u64) {
     }
 }
 
+/// Whether some endpoint of backend `backend` is healthy and not ejected: the
+/// backend's `sluice_backend_healthy` (per backend, not per address, to keep the
+/// series bounded by configuration).
+fn backend_up(endpoints: &Endpoints, backend: usize, now: std::time::Instant) -> bool {
+    endpoints.targets.iter().enumerate().any(|(i, t)| {
+        t.backend == backend && endpoints.is_healthy(i) && !endpoints.is_ejected(i, now)
+    })
+}
+
 /// Active health checks, every 100 ms: start the rounds that are due; each check
 /// is an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
 pub fn health_checks(shared: &Arc<Shared>) {
@@ -117,7 +133,7 @@ pub fn health_checks(shared: &Arc<Shared>) {
             continue;
         };
         for (i, target) in policy.endpoints.targets.iter().enumerate() {
-            let Some(addr) = target.addr else { continue };
+            let (addr, backend) = (target.addr, target.backend);
             let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
             let host = target.label.clone();
             tokio::spawn(async move {
@@ -131,16 +147,18 @@ pub fn health_checks(shared: &Arc<Shared>) {
                         .record_check(i, ok, std::time::Instant::now())
                 {
                     let healthy = health == crate::health::Health::Healthy;
+                    let up = backend_up(&policy.endpoints, backend, std::time::Instant::now());
                     shared
                         .metrics
                         .backend_healthy
                         .with_label_values(&[policy.name.as_str(), host.as_str()])
-                        .set(i64::from(healthy));
-                    let (policy, backend) = (policy.name.as_str(), host.as_str());
+                        .set(i64::from(up));
+                    let (policy, backend, addr) =
+                        (policy.name.as_str(), host.as_str(), addr.to_string());
                     if healthy {
-                        tracing::info!(policy, backend, healthy, "backend health changed");
+                        tracing::info!(policy, backend, addr, healthy, "backend health changed");
                     } else {
-                        tracing::warn!(policy, backend, healthy, "backend health changed");
+                        tracing::warn!(policy, backend, addr, healthy, "backend health changed");
                     }
                 }
             });
