@@ -10,9 +10,9 @@
 //! back. A result that agrees with the current status resets the opposite streak, so a
 //! flapping backend (ok, fail, ok, fail) never changes status.
 //!
-//! Every backend starts [`Health::Healthy`]: on boot, or after a reload that changed a
-//! policy's backends or checks (an unchanged policy keeps its `Endpoints`, health
-//! included), the proxy has not probed anything yet, and starting unhealthy would
+//! Every backend starts [`Health::Healthy`]: on boot, or when it joins (a reload or a
+//! DNS change; endpoints that remain under an unchanged check keep their state, see
+//! [`HealthState::carried`]), the proxy has not probed it yet, and starting unhealthy would
 //! black out all traffic until the first `healthy_after` rounds of checks complete.
 //! Passive outlier ejection, where the policy configures it, covers the
 //! dead-on-arrival backend in the meantime.
