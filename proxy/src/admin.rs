@@ -50,6 +50,26 @@ fn closed_listener(listeners: &[std::net::SocketAddr]) -> Option<std::net::Socke
     })
 }
 
+/// Per policy, each backend's resolved addresses: `{"policy": {"api:8080":
+/// ["10.0.0.1:8080", ...]}}` (empty for a name that resolved to nothing).
+fn endpoints(rt: &crate::runtime::Runtime) -> serde_json::Value {
+    rt.policies
+        .iter()
+        .map(|p| {
+            let backends: serde_json::Map<String, serde_json::Value> = p
+                .endpoints
+                .backends()
+                .map(|(label, addrs)| {
+                    let addrs = addrs.iter().map(|a| serde_json::Value::from(a.to_string()));
+                    (label.to_owned(), addrs.collect())
+                })
+                .collect();
+            (p.name.clone(), serde_json::Value::Object(backends))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 impl Admin {
     /// The global rate limits' state: whether Redis answers, and per route its
     /// bucket's Redis key, the keys tracked and the tokens leased right now.
@@ -135,6 +155,7 @@ impl Admin {
                         "controlPlaneVersion": rt.control_plane_version,
                         "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
                         "globalRateLimits": self.global_limits(rt),
+                        "endpoints": endpoints(rt),
                     }),
                     _ => serde_json::json!({"version": null, "source": null, "policies": []}),
                 };

@@ -16,17 +16,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
-use sluice_policy::{Backend, LoadBalancer};
-
 /// Longest precomputed sequence (2 bytes per entry: 128 KiB at most).
 pub const MAX_PERIOD: u64 = 1 << 16;
-
-/// The rule a balancer was built from: state carries over a reload only when this is equal.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BalancerRule {
-    pub backends: Vec<Backend>,
-    pub load_balancer: LoadBalancer,
-}
 
 /// One period of the smooth order, with the constant that reduces the cursor into
 /// it without a division (Lemire's "fastmod": `u64::MAX / len + 1`; exact for every
@@ -65,7 +56,6 @@ enum Order {
 }
 
 pub struct Balancer {
-    rule: BalancerRule,
     order: Order,
     weights: Mutex<Vec<u32>>,
     /// Picks so far, wrapping at 2^32: once in four billion picks the order jumps
@@ -74,29 +64,25 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(rule: BalancerRule) -> Self {
-        let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
-        let sequence = Sequence::new(&weights);
-        let order = if rule.load_balancer.slow_start.is_some() {
+    /// One backend per weight; `ramping` (slow start) lets [`Balancer::set_weights`]
+    /// change them later.
+    pub fn new(weights: &[u32], ramping: bool) -> Self {
+        let sequence = Sequence::new(weights);
+        let order = if ramping {
             Order::Ramping(ArcSwap::from_pointee(sequence))
         } else {
             Order::Fixed(sequence)
         };
         Balancer {
             order,
-            weights: Mutex::new(weights),
-            rule,
+            weights: Mutex::new(weights.to_vec()),
             cursor: AtomicU32::new(0),
         }
     }
 
-    pub fn rule(&self) -> &BalancerRule {
-        &self.rule
-    }
-
     /// Uses `weights` (one per backend) from now on, e.g. while a backend's weight
     /// ramps up; a no-op when they did not change. Off the request path. Only a
-    /// balancer whose rule has slow start can ramp: for the others this is ignored
+    /// balancer built `ramping` can ramp: for the others this is ignored
     /// (their weights are the policy's until a reload builds a new balancer).
     pub fn set_weights(&self, weights: &[u32]) {
         let Order::Ramping(sequence) = &self.order else {
@@ -173,7 +159,6 @@ fn smooth_sequence(weights: &[u32]) -> Vec<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_policy::{Address, Protocol};
 
     impl Balancer {
         fn sequence_len(&self) -> usize {
@@ -204,34 +189,18 @@ mod tests {
 
     #[test]
     fn only_a_slow_start_balancer_ramps() {
-        let mut rule = balancer(&[1, 1]).rule;
-        let fixed = Balancer::new(rule.clone());
+        let fixed = Balancer::new(&[1, 1], false);
         fixed.set_weights(&[1, 0]);
         let picks: Vec<usize> = (0..4).filter_map(|_| fixed.pick(|_| false)).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
-        rule.load_balancer.slow_start = Some(std::time::Duration::from_secs(10));
-        let ramping = Balancer::new(rule);
+        let ramping = Balancer::new(&[1, 1], true);
         ramping.set_weights(&[1, 0]);
         let picks: Vec<usize> = (0..4).filter_map(|_| ramping.pick(|_| false)).collect();
         assert_eq!(picks, vec![0, 0, 0, 0]);
     }
 
     fn balancer(weights: &[u32]) -> Balancer {
-        Balancer::new(BalancerRule {
-            backends: weights
-                .iter()
-                .enumerate()
-                .map(|(i, w)| Backend {
-                    address: Address {
-                        host: "127.0.0.1".into(),
-                        port: 9000 + i as u16,
-                    },
-                    weight: *w,
-                    protocol: Protocol::Http1,
-                })
-                .collect(),
-            load_balancer: LoadBalancer::default(),
-        })
+        Balancer::new(weights, false)
     }
 
     #[test]

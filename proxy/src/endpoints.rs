@@ -1,20 +1,44 @@
-//! A policy's backends as the proxy sees them: addresses, the picking algorithm and
-//! its state (smooth WRR position, peak-EWMA latencies, the Maglev table), active
-//! health, passive outlier ejection and slow start, behind one `pick`.
+//! A policy's backends as the proxy sees them: every address of every backend as an
+//! *endpoint*, the picking algorithm and its state (smooth WRR position, peak-EWMA
+//! latencies, the Maglev table), active health, passive outlier ejection and slow
+//! start, behind one `pick` by endpoint index.
 //!
-//! A pick skips backends already tried for this request, unhealthy and ejected ones;
-//! when that leaves nothing it allows an already-tried backend (a retry), and when
+//! A pick skips endpoints already tried for this request, unhealthy and ejected ones;
+//! when that leaves nothing it allows an already-tried endpoint (a retry), and when
 //! still nothing, it ignores health and ejection altogether (Envoy's *panic mode*:
-//! sending to a possibly-bad backend beats failing every request when the checks
+//! sending to a possibly-bad endpoint beats failing every request when the checks
 //! themselves are wrong).
 //!
-//! The whole `Endpoints` carries over a reload while its rule (backends, balancer,
-//! health check, outlier detection) is unchanged; when the backend set changes, the
-//! backends that stay keep their slow-start progress and new ones start ramping.
+//! Endpoints, not backends: a backend `api:8080` whose name has five A records is
+//! five endpoints, so balancing, slow start, health checks and outlier ejection see
+//! pods, not names. A backend's `weight` is its *share*, split evenly over its
+//! endpoints: each gets `round(weight * scale / n)`, with `scale` chosen per policy
+//! so the heaviest backend's weight becomes about [`WEIGHT_SCALE`], which keeps the
+//! rounding well under 1% of a backend's share for up to hundreds of endpoints (90/10
+//! over 3 and 7 endpoints stays 90/10 with every algorithm). The label (`host:port`
+//! as written) and the upstream counters stay per backend, so metric series remain
+//! bounded by configuration. A backend whose name resolved to nothing has no endpoint.
+//!
+//! Where addresses come from: [`Endpoints::new`] (a reload) takes each backend's
+//! addresses from the previous `Endpoints` when it had the same backend, and
+//! otherwise resolves the name at once, blocking (the system resolver, every
+//! address; IP literals are parsed, never looked up), as snapshots are built off the
+//! async path. Afterwards the resolver job (`tasks::resolve_backends`) keeps them
+//! current: [`Endpoints::with_resolved`] rebuilds the set from new addresses.
+//!
+//! Carry-over: the whole `Endpoints` carries over a reload while its rule (backends,
+//! balancer, health check, outlier detection) is unchanged. When it is rebuilt (a
+//! changed rule, or changed addresses), an endpoint that remains (same backend label,
+//! same address) keeps its state: its P2C estimate and pending count, its health and
+//! outlier state (shared with the old set, so requests still in flight there settle
+//! into the same state) and its slow-start ramp; Maglev tables are built from
+//! endpoint names, so keys of remaining endpoints mostly stay where they were. New
+//! endpoints ramp up over slow start (when configured); removed ones drop out.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -22,13 +46,26 @@ use sluice_policy::{
     Algorithm, Backend, HealthCheck, Key, LoadBalancer, OutlierDetection, Protocol,
 };
 
-use crate::balancer::{Balancer, BalancerRule};
+use crate::balancer::Balancer;
 use crate::hashring::Maglev;
 use crate::health::{Health, HealthState};
 use crate::metrics::CounterCache;
 use crate::outlier::OutlierDetector;
 use crate::p2c::P2c;
 use crate::slowstart;
+
+/// The heaviest backend's weight is scaled to about this before it is split over
+/// its endpoints: large enough that rounding a share to an integer costs under 1%
+/// while a backend has fewer than `weight * scale / 50` endpoints, small enough that
+/// the sum over [`MAX_ENDPOINTS_PER_BACKEND`] endpoints of many backends stays far
+/// from the pickers' integer limits (P2C sums in `u64`; WRR and Maglev reduce and
+/// scale weights themselves).
+pub const WEIGHT_SCALE: u64 = 1 << 20;
+
+/// The most addresses one backend contributes (the lowest, once sorted): bounds the
+/// balancers' tables (WRR and Maglev index endpoints with `u16`) and the Maglev
+/// build time whatever a DNS answer holds.
+pub const MAX_ENDPOINTS_PER_BACKEND: usize = 256;
 
 /// Everything a policy says about its backends: the carry-over key.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,15 +76,25 @@ pub struct EndpointsRule {
     pub outlier_detection: Option<OutlierDetection>,
 }
 
-/// A backend as the proxy dials it.
+/// One address of a backend, as the proxy dials it.
 pub struct Target {
-    /// `host:port` as written in the policy: the metrics label.
+    /// The backend it belongs to: an index into the rule's backends.
+    pub backend: usize,
+    /// The backend's `host:port` as written in the policy: the metrics label.
     pub label: String,
-    /// Resolved when the snapshot was built; `None` if the name did not resolve.
-    pub addr: Option<SocketAddr>,
+    pub addr: SocketAddr,
     pub protocol: Protocol,
-    /// `sluice_upstream_requests_total` handles, by outcome.
-    pub upstream: CounterCache,
+    /// `sluice_upstream_requests_total` handles, by outcome: the backend's, shared
+    /// by its endpoints (one series per backend).
+    pub upstream: Arc<CounterCache>,
+}
+
+/// A backend's resolved addresses and its upstream counters.
+struct Resolved {
+    label: String,
+    /// Sorted, deduplicated, at most [`MAX_ENDPOINTS_PER_BACKEND`] ([`normalize`]).
+    addrs: Vec<SocketAddr>,
+    upstream: Arc<CounterCache>,
 }
 
 enum Picker {
@@ -55,6 +102,8 @@ enum Picker {
     P2c(P2c),
     Hash {
         key: Key,
+        /// One per endpoint, `label@addr`: what the table is built from.
+        names: Vec<String>,
         ring: ArcSwap<Maglev>,
         weights: Mutex<Vec<u32>>,
     },
@@ -63,95 +112,252 @@ enum Picker {
 pub struct Endpoints {
     rule: EndpointsRule,
     pub targets: Vec<Target>,
+    /// One per backend of the rule, in its order.
+    resolved: Vec<Resolved>,
+    /// Each endpoint's share of its backend's weight, before slow start.
+    weights: Vec<u32>,
     picker: Picker,
     health: Option<HealthState>,
     outlier: Option<OutlierDetector>,
-    /// When a backend joined by a reload (slow start); `None` for the first set.
+    /// When an endpoint joined (a reload or a DNS change; slow start); `None` for the
+    /// first set.
     joined: Vec<Option<Instant>>,
     random: AtomicU64,
     next_check: Mutex<Instant>,
-    /// Every target resolved and no health checks or outlier detection: every backend
-    /// is always available, so a pick only has to avoid the ones already tried.
+    /// No health checks or outlier detection: every endpoint is always available, so
+    /// a pick only has to avoid the ones already tried.
     always_available: bool,
     /// Some backend speaks h2c (the h1 engine hands such requests to pingora).
     pub speaks_h2c: bool,
 }
 
+/// The address of an IP-literal host, which never goes to DNS.
+pub fn literal(host: &str, port: u16) -> Option<SocketAddr> {
+    host.parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, port))
+}
+
+/// The canonical form of a resolved set: sorted, deduplicated, capped at
+/// [`MAX_ENDPOINTS_PER_BACKEND`], so that equal sets compare equal.
+pub fn normalize(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs.truncate(MAX_ENDPOINTS_PER_BACKEND);
+    addrs
+}
+
+/// Every address of `host:port` from the system resolver, blocking; empty when the
+/// name does not resolve.
+fn resolve_blocking(host: &str, port: u16) -> Vec<SocketAddr> {
+    if let Some(addr) = literal(host, port) {
+        return vec![addr];
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map(|addrs| normalize(addrs.collect()))
+        .unwrap_or_default()
+}
+
+/// An endpoint's share of its backend's `weight` (see the module doc): at least 1
+/// while the backend has weight, so no endpoint of a live backend starves.
+fn split(weight: u32, endpoints: usize, scale: u64) -> u32 {
+    if weight == 0 || endpoints == 0 {
+        return 0;
+    }
+    let n = endpoints as u64;
+    let share = (u64::from(weight).saturating_mul(scale) + n / 2) / n;
+    u32::try_from(share.max(1)).unwrap_or(u32::MAX)
+}
+
 impl Endpoints {
-    /// Blocking: resolves every backend's name (`to_socket_addrs`, the system
-    /// resolver), so it runs where snapshots are built, never on an async task.
+    /// For a reload: each backend's addresses are the previous `Endpoints`' for the
+    /// same backend, else resolved now. Blocking (the system resolver), so it runs
+    /// where snapshots are built, never on an async task.
     pub fn new(rule: EndpointsRule, previous: Option<&Endpoints>, now: Instant) -> Self {
-        let targets: Vec<Target> = rule
+        let resolved = rule
             .backends
             .iter()
-            .map(|b| Target {
-                label: b.address.to_string(),
-                addr: (b.address.host.as_str(), b.address.port)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut addrs| addrs.next()),
-                protocol: b.protocol,
-                upstream: CounterCache::new(5),
+            .map(|b| {
+                let label = b.address.to_string();
+                match previous.and_then(|p| p.addresses_of(&label)) {
+                    Some(addrs) => addrs.to_vec(),
+                    None => resolve_blocking(&b.address.host, b.address.port),
+                }
             })
             .collect();
-        let joined = targets
+        Self::build(rule, resolved, previous, now)
+    }
+
+    /// `rule`'s backends at `resolved` (one set per backend, in order; a missing set
+    /// is empty), carrying the state of endpoints that remain from `previous`.
+    pub fn build(
+        rule: EndpointsRule,
+        resolved: Vec<Vec<SocketAddr>>,
+        previous: Option<&Endpoints>,
+        now: Instant,
+    ) -> Self {
+        let mut resolved = resolved.into_iter();
+        let resolved: Vec<Resolved> = rule
+            .backends
             .iter()
-            .map(|t| match previous {
-                None => None,
-                Some(p) => match p.targets.iter().position(|old| old.label == t.label) {
-                    Some(j) => p.joined.get(j).copied().flatten(),
-                    None => Some(now),
-                },
+            .map(|b| {
+                let label = b.address.to_string();
+                let upstream = previous
+                    .and_then(|p| p.resolved.iter().find(|r| r.label == label))
+                    .map_or_else(
+                        || Arc::new(CounterCache::new(5)),
+                        |r| Arc::clone(&r.upstream),
+                    );
+                Resolved {
+                    addrs: normalize(resolved.next().unwrap_or_default()),
+                    label,
+                    upstream,
+                }
             })
             .collect();
-        let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
+        let max_weight = rule.backends.iter().map(|b| u64::from(b.weight)).max();
+        let scale = (WEIGHT_SCALE / max_weight.unwrap_or(1).max(1)).max(1);
+        let mut targets = Vec::new();
+        let mut weights = Vec::new();
+        for (index, (backend, set)) in rule.backends.iter().zip(&resolved).enumerate() {
+            let weight = split(backend.weight, set.addrs.len(), scale);
+            for addr in &set.addrs {
+                targets.push(Target {
+                    backend: index,
+                    label: set.label.clone(),
+                    addr: *addr,
+                    protocol: backend.protocol,
+                    upstream: Arc::clone(&set.upstream),
+                });
+                weights.push(weight);
+            }
+        }
+        // Where each endpoint was in `previous` (same backend label, same address).
+        let from: Vec<Option<usize>> = match previous {
+            None => vec![None; targets.len()],
+            Some(p) => {
+                let before: HashMap<(&str, SocketAddr), usize> = p
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .map(|(j, t)| ((t.label.as_str(), t.addr), j))
+                    .collect();
+                targets
+                    .iter()
+                    .map(|t| before.get(&(t.label.as_str(), t.addr)).copied())
+                    .collect()
+            }
+        };
+        let joined = from
+            .iter()
+            .map(|j| match (previous, j) {
+                (None, _) => None,
+                (Some(p), Some(j)) => p.joined.get(*j).copied().flatten(),
+                (Some(_), None) => Some(now),
+            })
+            .collect();
         let picker = match &rule.load_balancer.algorithm {
-            Algorithm::WeightedRoundRobin => Picker::RoundRobin(Balancer::new(BalancerRule {
-                backends: rule.backends.clone(),
-                load_balancer: rule.load_balancer.clone(),
-            })),
-            Algorithm::P2cEwma => Picker::P2c(P2c::new(&weights, now)),
-            Algorithm::ConsistentHash { hash_on } => Picker::Hash {
-                key: hash_on.clone(),
-                ring: ArcSwap::from_pointee(Maglev::new(
-                    &targets.iter().map(|t| t.label.clone()).collect::<Vec<_>>(),
-                    &weights,
-                )),
-                weights: Mutex::new(weights.clone()),
+            Algorithm::WeightedRoundRobin => Picker::RoundRobin(Balancer::new(
+                &weights,
+                rule.load_balancer.slow_start.is_some(),
+            )),
+            Algorithm::P2cEwma => match previous.map(|p| &p.picker) {
+                Some(Picker::P2c(old)) => Picker::P2c(P2c::carried(&weights, now, old, &from)),
+                _ => Picker::P2c(P2c::new(&weights, now)),
             },
+            Algorithm::ConsistentHash { hash_on } => {
+                let names: Vec<String> = targets
+                    .iter()
+                    .map(|t| format!("{}@{}", t.label, t.addr))
+                    .collect();
+                Picker::Hash {
+                    key: hash_on.clone(),
+                    ring: ArcSwap::from_pointee(Maglev::new(&names, &weights)),
+                    names,
+                    weights: Mutex::new(weights.clone()),
+                }
+            }
         };
         // P2C's candidate draws only need to differ between processes, not be secret.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x5eed, |d| d.as_nanos() as u64);
-        let always_available = targets.iter().all(|t| t.addr.is_some())
-            && rule.health_check.is_none()
-            && rule.outlier_detection.is_none();
-        let speaks_h2c = targets.iter().any(|t| t.protocol == Protocol::H2c);
+        let n = targets.len();
+        let health = rule.health_check.as_ref().map(|rule| {
+            match previous.and_then(|p| {
+                p.health
+                    .as_ref()
+                    .filter(|_| p.rule.health_check.as_ref() == Some(rule))
+            }) {
+                Some(old) => HealthState::carried(n, old, &from),
+                None => HealthState::new(n, now),
+            }
+        });
+        let outlier = rule.outlier_detection.as_ref().map(|rule| {
+            match previous.and_then(|p| p.outlier.as_ref().filter(|o| o.rule() == rule)) {
+                Some(old) => OutlierDetector::carried(old, n, &from),
+                None => OutlierDetector::new(rule, n),
+            }
+        });
         let endpoints = Endpoints {
-            always_available,
-            speaks_h2c,
-            health: rule
-                .health_check
-                .as_ref()
-                .map(|_| HealthState::new(targets.len(), now)),
-            outlier: rule
-                .outlier_detection
-                .as_ref()
-                .map(|o| OutlierDetector::new(o, targets.len())),
+            always_available: rule.health_check.is_none() && rule.outlier_detection.is_none(),
+            speaks_h2c: rule.backends.iter().any(|b| b.protocol == Protocol::H2c),
+            health,
+            outlier,
             targets,
+            resolved,
+            weights,
             picker,
             joined,
             random: AtomicU64::new(seed),
-            next_check: Mutex::new(now),
+            next_check: Mutex::new(match previous {
+                Some(p) => *p.next_check.lock().unwrap_or_else(PoisonError::into_inner),
+                None => now,
+            }),
             rule,
         };
         endpoints.refresh(now);
         endpoints
     }
 
+    /// A rebuild at `resolved` (one set per backend), or `None` when every backend
+    /// already has exactly those addresses.
+    pub fn with_resolved(&self, resolved: Vec<Vec<SocketAddr>>, now: Instant) -> Option<Endpoints> {
+        let resolved: Vec<Vec<SocketAddr>> = resolved.into_iter().map(normalize).collect();
+        let same = resolved.len() == self.resolved.len()
+            && resolved
+                .iter()
+                .zip(&self.resolved)
+                .all(|(new, old)| *new == old.addrs);
+        if same {
+            return None;
+        }
+        Some(Self::build(self.rule.clone(), resolved, Some(self), now))
+    }
+
     pub fn rule(&self) -> &EndpointsRule {
         &self.rule
+    }
+
+    /// Backend `index`'s addresses (sorted); empty when it resolved to nothing.
+    pub fn backend_addresses(&self, index: usize) -> &[SocketAddr] {
+        self.resolved.get(index).map_or(&[], |r| r.addrs.as_slice())
+    }
+
+    /// The addresses of the backend labelled `label` (`host:port`), if there is one.
+    pub fn addresses_of(&self, label: &str) -> Option<&[SocketAddr]> {
+        self.resolved
+            .iter()
+            .find(|r| r.label == label)
+            .map(|r| r.addrs.as_slice())
+    }
+
+    /// Each backend's label and addresses, in the rule's order.
+    pub fn backends(&self) -> impl Iterator<Item = (&str, &[SocketAddr])> {
+        self.resolved
+            .iter()
+            .map(|r| (r.label.as_str(), r.addrs.as_slice()))
     }
 
     /// What requests are hashed on, for consistent hashing.
@@ -176,7 +382,7 @@ impl Endpoints {
 
     #[inline]
     fn dialable(&self, index: usize) -> bool {
-        self.targets.get(index).is_some_and(|t| t.addr.is_some())
+        index < self.targets.len()
     }
 
     #[inline]
@@ -263,25 +469,24 @@ impl Endpoints {
             .is_some_and(|o| o.record(index, failed, now))
     }
 
-    /// Applies slow start: each backend's weight ramps over `slowStart` after it
-    /// joined (by a reload) or became healthy again. Called every second, off the
-    /// request path.
+    /// Applies slow start: each endpoint's weight ramps over `slowStart` after it
+    /// joined (by a reload or a DNS change) or became healthy again. Called every
+    /// second, off the request path.
     pub fn refresh(&self, now: Instant) {
         let Some(window) = self.rule.load_balancer.slow_start else {
             return;
         };
         let weights: Vec<u32> = self
-            .rule
-            .backends
+            .weights
             .iter()
             .enumerate()
-            .map(|(i, b)| {
+            .map(|(i, weight)| {
                 let recovered = self.health.as_ref().and_then(|h| h.healthy_since(i));
                 let since = match (self.joined.get(i).copied().flatten(), recovered) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     (a, b) => a.or(b),
                 };
-                slowstart::effective_weight(b.weight, since, now, Some(window))
+                slowstart::effective_weight(*weight, since, now, Some(window))
             })
             .collect();
         match &self.picker {
@@ -293,13 +498,13 @@ impl Endpoints {
             }
             Picker::Hash {
                 ring,
+                names,
                 weights: current,
                 ..
             } => {
                 let mut current = current.lock().unwrap_or_else(PoisonError::into_inner);
                 if *current != weights {
-                    let names: Vec<String> = self.targets.iter().map(|t| t.label.clone()).collect();
-                    ring.store(std::sync::Arc::new(Maglev::new(&names, &weights)));
+                    ring.store(Arc::new(Maglev::new(names, &weights)));
                     *current = weights;
                 }
             }
@@ -328,215 +533,4 @@ impl Endpoints {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_policy::Address;
-
-    fn backend(port: u16, weight: u32) -> Backend {
-        Backend {
-            address: Address {
-                host: "127.0.0.1".into(),
-                port,
-            },
-            weight,
-            protocol: Protocol::Http1,
-        }
-    }
-
-    fn rule(
-        backends: Vec<Backend>,
-        algorithm: Algorithm,
-        slow_start: Option<Duration>,
-    ) -> EndpointsRule {
-        EndpointsRule {
-            backends,
-            load_balancer: LoadBalancer {
-                algorithm,
-                slow_start,
-            },
-            health_check: None,
-            outlier_detection: None,
-        }
-    }
-
-    fn share(e: &Endpoints, now: Instant, picks: usize, index: usize) -> f64 {
-        let hits = (0..picks)
-            .filter(|_| e.pick(now, b"", &[]) == Some(index))
-            .count();
-        hits as f64 / picks as f64
-    }
-
-    #[test]
-    fn without_checks_a_pick_avoids_tried_backends_and_still_answers_when_all_were_tried() {
-        let now = Instant::now();
-        for algorithm in [
-            Algorithm::WeightedRoundRobin,
-            Algorithm::P2cEwma,
-            Algorithm::ConsistentHash {
-                hash_on: Key::Header("x-user".into()),
-            },
-        ] {
-            let e = Endpoints::new(
-                rule(
-                    vec![backend(1, 1), backend(2, 1), backend(3, 1)],
-                    algorithm,
-                    None,
-                ),
-                None,
-                now,
-            );
-            assert!(e.always_available);
-            for _ in 0..30 {
-                assert_eq!(e.pick(now, b"k", &[0, 2]), Some(1));
-                assert!(e.pick(now, b"k", &[0, 1, 2]).is_some());
-            }
-        }
-        // Health checks turn the shortcut off: an unhealthy backend is avoided.
-        let mut checked = rule(
-            vec![backend(1, 1), backend(2, 1)],
-            Algorithm::WeightedRoundRobin,
-            None,
-        );
-        checked.health_check = Some(HealthCheck {
-            path: "/health".into(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            unhealthy_after: 1,
-            healthy_after: 1,
-        });
-        let e = Endpoints::new(checked, None, now);
-        assert!(!e.always_available);
-        e.record_check(1, false, now);
-        for _ in 0..10 {
-            assert_eq!(e.pick(now, b"", &[]), Some(0));
-        }
-    }
-
-    #[test]
-    fn a_backend_added_by_a_reload_ramps_up_over_slow_start() {
-        let t0 = Instant::now();
-        let window = Some(Duration::from_secs(100));
-        let first = Endpoints::new(
-            rule(vec![backend(1, 100)], Algorithm::WeightedRoundRobin, window),
-            None,
-            t0,
-        );
-        let both = rule(
-            vec![backend(1, 100), backend(2, 100)],
-            Algorithm::WeightedRoundRobin,
-            window,
-        );
-        let second = Endpoints::new(both, Some(&first), t0);
-        // Just joined: the floor (10%) of its weight; halfway: half; after: all.
-        let at = |secs: u64| {
-            let now = t0 + Duration::from_secs(secs);
-            second.refresh(now);
-            share(&second, now, 2000, 1)
-        };
-        assert!((at(0) - 10.0 / 110.0).abs() < 0.01, "{}", at(0));
-        assert!((at(50) - 50.0 / 150.0).abs() < 0.01, "{}", at(50));
-        assert!((at(100) - 0.5).abs() < 0.01, "{}", at(100));
-    }
-
-    #[test]
-    fn p2c_prefers_the_faster_of_two_backends() {
-        let now = Instant::now();
-        let e = Endpoints::new(
-            rule(vec![backend(1, 1), backend(2, 1)], Algorithm::P2cEwma, None),
-            None,
-            now,
-        );
-        for _ in 0..20 {
-            e.begin(0);
-            e.finish(0, now, Duration::from_millis(1), false);
-            e.begin(1);
-            e.finish(1, now, Duration::from_millis(80), false);
-        }
-        assert!(share(&e, now, 1000, 0) > 0.9);
-    }
-
-    #[test]
-    fn consistent_hash_keeps_a_key_on_its_backend_and_skips_tried_ones() {
-        let now = Instant::now();
-        let hash = Algorithm::ConsistentHash {
-            hash_on: Key::Header("x-user-id".into()),
-        };
-        let e = Endpoints::new(
-            rule(
-                vec![backend(1, 1), backend(2, 1), backend(3, 1)],
-                hash,
-                None,
-            ),
-            None,
-            now,
-        );
-        let first = e.pick(now, b"alice", &[]).unwrap_or(99);
-        for _ in 0..50 {
-            assert_eq!(e.pick(now, b"alice", &[]), Some(first));
-        }
-        let next = e.pick(now, b"alice", &[first]).unwrap_or(99);
-        assert_ne!(next, first);
-    }
-
-    #[test]
-    fn unhealthy_backends_get_no_traffic_and_return_when_healthy() {
-        let now = Instant::now();
-        let mut r = rule(
-            vec![backend(1, 1), backend(2, 1)],
-            Algorithm::WeightedRoundRobin,
-            None,
-        );
-        let check = HealthCheck {
-            path: "/healthz".into(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            unhealthy_after: 2,
-            healthy_after: 1,
-        };
-        r.health_check = Some(check);
-        let e = Endpoints::new(r, None, now);
-        assert_eq!(e.record_check(1, false, now), None);
-        assert_eq!(e.record_check(1, false, now), Some(Health::Unhealthy));
-        for _ in 0..20 {
-            assert_eq!(e.pick(now, b"", &[]), Some(0));
-        }
-        assert_eq!(e.record_check(1, true, now), Some(Health::Healthy));
-        assert!((share(&e, now, 100, 1) - 0.5).abs() < 0.05);
-    }
-
-    #[test]
-    fn all_backends_unhealthy_falls_back_to_panic_mode() {
-        let now = Instant::now();
-        let mut r = rule(vec![backend(1, 1)], Algorithm::WeightedRoundRobin, None);
-        r.outlier_detection = Some(OutlierDetection {
-            consecutive_failures: 1,
-            eject_for: Duration::from_secs(30),
-            max_ejected_percent: 100,
-        });
-        let e = Endpoints::new(r, None, now);
-        assert!(e.finish(0, now, Duration::from_millis(1), true));
-        assert!(e.is_ejected(0, now));
-        assert_eq!(
-            e.pick(now, b"", &[]),
-            Some(0),
-            "better a suspect backend than none"
-        );
-    }
-
-    #[test]
-    fn health_checks_are_due_once_per_interval() {
-        let now = Instant::now();
-        let mut r = rule(vec![backend(1, 1)], Algorithm::WeightedRoundRobin, None);
-        r.health_check = Some(HealthCheck {
-            path: "/healthz".into(),
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(1),
-            unhealthy_after: 1,
-            healthy_after: 1,
-        });
-        let e = Endpoints::new(r, None, now);
-        assert!(e.health_check_due(now).is_some());
-        assert!(e.health_check_due(now + Duration::from_secs(4)).is_none());
-        assert!(e.health_check_due(now + Duration::from_secs(5)).is_some());
-    }
-}
+mod tests;

@@ -10,9 +10,9 @@
 //! back. A result that agrees with the current status resets the opposite streak, so a
 //! flapping backend (ok, fail, ok, fail) never changes status.
 //!
-//! Every backend starts [`Health::Healthy`]: on boot, or after a reload that changed a
-//! policy's backends or checks (an unchanged policy keeps its `Endpoints`, health
-//! included), the proxy has not probed anything yet, and starting unhealthy would
+//! Every backend starts [`Health::Healthy`]: on boot, or when it joins (a reload or a
+//! DNS change; endpoints that remain under an unchanged check keep their state, see
+//! [`HealthState::carried`]), the proxy has not probed it yet, and starting unhealthy would
 //! black out all traffic until the first `healthy_after` rounds of checks complete.
 //! Passive outlier ejection, where the policy configures it, covers the
 //! dead-on-arrival backend in the meantime.
@@ -31,7 +31,7 @@
 pub mod probe;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use sluice_policy::HealthCheck;
@@ -57,6 +57,16 @@ struct Backend {
 }
 
 impl Backend {
+    fn fresh() -> Self {
+        Backend {
+            healthy: AtomicBool::new(true),
+            streaks: Mutex::new(Streaks {
+                against: 0,
+                changed_at: None,
+            }),
+        }
+    }
+
     fn streaks(&self) -> MutexGuard<'_, Streaks> {
         // The guarded data is plain counters that are valid after any partial update,
         // so a panic elsewhere while holding the lock leaves nothing to repair.
@@ -66,7 +76,9 @@ impl Backend {
 
 #[derive(Debug)]
 pub struct HealthState {
-    backends: Vec<Backend>,
+    /// Shared with the state this one was [carried](HealthState::carried) from, so
+    /// that checks still running against the old backend set land here too.
+    backends: Vec<Arc<Backend>>,
     created_at: Instant,
 }
 
@@ -74,16 +86,30 @@ impl HealthState {
     /// `n` backends, all healthy (see the module doc for why).
     pub fn new(n: usize, now: Instant) -> Self {
         HealthState {
+            backends: (0..n).map(|_| Arc::new(Backend::fresh())).collect(),
+            created_at: now,
+        }
+    }
+
+    /// `n` backends, where backend `i` is `previous`'s backend `from[i]` when that is
+    /// `Some` (its status, streak and "healthy since", shared); the others start
+    /// healthy, as in [`HealthState::new`].
+    pub fn carried(n: usize, previous: &HealthState, from: &[Option<usize>]) -> Self {
+        HealthState {
             backends: (0..n)
-                .map(|_| Backend {
-                    healthy: AtomicBool::new(true),
-                    streaks: Mutex::new(Streaks {
-                        against: 0,
-                        changed_at: None,
-                    }),
+                .map(|i| {
+                    match from
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .and_then(|j| previous.backends.get(j))
+                    {
+                        Some(kept) => Arc::clone(kept),
+                        None => Arc::new(Backend::fresh()),
+                    }
                 })
                 .collect(),
-            created_at: now,
+            created_at: previous.created_at,
         }
     }
 

@@ -13,7 +13,7 @@
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
 //! leaves (`metrics`, `trace`, `verdict`...) < components (`ratelimit`, `breaker`,
-//! `endpoints`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
+//! `endpoints`, `resolve`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
 //! (`exchange`, `front`, `phases`, `h1`) < app (`source`, `control_plane`, `admin`,
 //! `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
@@ -42,6 +42,7 @@ pub mod p2c;
 pub mod pathmatch;
 pub mod phases;
 pub mod ratelimit;
+pub mod resolve;
 pub mod respond;
 pub mod runtime;
 pub mod shared;

@@ -24,7 +24,7 @@ use sluice_proxy::shared::Shared;
 use sluice_proxy::shutdown::DrainOnSigterm;
 use sluice_proxy::source::FileSource;
 use sluice_proxy::tasks::{
-    health_checks, housekeeping, Every, FollowControlPlane, SyncGlobalLimits,
+    health_checks, housekeeping, Every, FollowControlPlane, ResolveBackends, SyncGlobalLimits,
 };
 
 /// The process allocator; a stateless handle, the one `static` the binary has.
@@ -146,6 +146,11 @@ struct Args {
     /// counts as unreachable. Requests never wait on Redis.
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     redis_timeout: Duration,
+    /// The DNS server (`IP:PORT`) that backend names are re-resolved through, instead
+    /// of the ones in /etc/resolv.conf (which the first resolution of a name, when a
+    /// policy loads, still uses).
+    #[arg(long, value_name = "ADDR")]
+    dns_server: Option<SocketAddr>,
     /// What the operational log (JSON lines on stderr) writes, in RUST_LOG syntax:
     /// `warn`, or `info,sluice_proxy=debug`.
     #[arg(
@@ -477,6 +482,13 @@ fn main() -> ExitCode {
                 let n = seconds.fetch_add(1, Ordering::Relaxed) + 1;
                 housekeeping(&house, n);
             },
+        },
+    ));
+    server.add_service(background_service(
+        "resolve-backends",
+        ResolveBackends {
+            shared: Arc::clone(&shared),
+            dns_server: args.dns_server,
         },
     ));
     if let Some(redis) = args.redis.clone() {

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub shed: IntCounterVec,
     pub retries: IntCounterVec,
     pub backend_healthy: IntGaugeVec,
+    pub backend_endpoints: IntGaugeVec,
+    pub dns_lookups: IntCounterVec,
     pub backend_ejections: IntCounterVec,
     pub control_plane_connected: IntGauge,
     pub passthrough: IntCounterVec,
@@ -189,8 +191,20 @@ impl Metrics {
             backend_healthy: gauge(
                 r,
                 "sluice_backend_healthy",
-                "1 when a backend passes its active health checks and is not ejected, else 0.",
+                "1 when some address of a backend passes its active health checks and is not ejected, else 0.",
                 &["policy", "backend"],
+            )?,
+            backend_endpoints: gauge(
+                r,
+                "sluice_backend_endpoints",
+                "Endpoints (resolved addresses) of a backend.",
+                &["policy", "backend"],
+            )?,
+            dns_lookups: counter(
+                r,
+                "sluice_dns_lookups_total",
+                "DNS lookups of backend names by the resolver job, by result (ok, error).",
+                &["backend", "result"],
             )?,
             backend_ejections: counter(
                 r,

@@ -34,7 +34,7 @@
 //! the cap and ejecting are one step: two backends failing at the same moment cannot
 //! both squeeze under the cap. Lock order is always detector lock, then backend lock.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use sluice_policy::OutlierDetection;
@@ -59,7 +59,9 @@ impl Slot {
 #[derive(Debug)]
 pub struct OutlierDetector {
     rule: OutlierDetection,
-    slots: Vec<Mutex<Slot>>,
+    /// Shared with the detector this one was [carried](OutlierDetector::carried)
+    /// from, so outcomes of requests in flight on the old backend set still count.
+    slots: Vec<Arc<Mutex<Slot>>>,
     /// Serialises "count ejected, then eject" so the cap holds under concurrency.
     ejecting: Mutex<()>,
 }
@@ -74,7 +76,30 @@ impl OutlierDetector {
     pub fn new(rule: &OutlierDetection, n: usize) -> Self {
         OutlierDetector {
             rule: rule.clone(),
-            slots: (0..n).map(|_| Mutex::new(Slot::default())).collect(),
+            slots: (0..n).map(|_| Arc::default()).collect(),
+            ejecting: Mutex::new(()),
+        }
+    }
+
+    /// A detector for `n` backends, where backend `i` is `previous`'s backend
+    /// `from[i]` when that is `Some` (its streak, ejection and ejection count,
+    /// shared); the others start clean. The cap is recomputed for `n`.
+    pub fn carried(previous: &OutlierDetector, n: usize, from: &[Option<usize>]) -> Self {
+        OutlierDetector {
+            rule: previous.rule.clone(),
+            slots: (0..n)
+                .map(|i| {
+                    match from
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .and_then(|j| previous.slots.get(j))
+                    {
+                        Some(kept) => Arc::clone(kept),
+                        None => Arc::default(),
+                    }
+                })
+                .collect(),
             ejecting: Mutex::new(()),
         }
     }

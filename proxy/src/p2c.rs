@@ -37,6 +37,7 @@
 //! is a few atomic loads (the criterion benchmark in `proxy/benches` times it).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Estimate for a backend that has not answered yet (Linkerd's default).
@@ -185,7 +186,9 @@ impl PeakEwma {
 
 #[derive(Debug)]
 pub struct P2c {
-    backends: Vec<PeakEwma>,
+    /// Shared with the balancer this one was [carried](P2c::carried) from, so that
+    /// requests still in flight on the old one settle into the same state.
+    backends: Vec<Arc<PeakEwma>>,
     weights: Vec<AtomicU32>,
     /// The sum of `weights`, kept by `set_weight` (wrapping adds of differences).
     total: AtomicU64,
@@ -206,12 +209,42 @@ impl P2c {
 
     pub fn with_decay(weights: &[u32], now: Instant, decay: Duration) -> Self {
         P2c {
-            backends: weights.iter().map(|_| PeakEwma::new(0)).collect(),
+            backends: weights.iter().map(|_| Arc::new(PeakEwma::new(0))).collect(),
             weights: weights.iter().map(|w| AtomicU32::new(*w)).collect(),
             total: AtomicU64::new(weights.iter().map(|w| u64::from(*w)).sum()),
             decay,
             per_decay_ms: 1.0 / (decay.as_secs_f64() * 1e3).max(1.0),
             epoch: now,
+        }
+    }
+
+    /// A balancer over a new backend set in which backend `i` is `previous`'s
+    /// backend `from[i]` where that is `Some`: it keeps its latency estimate and
+    /// pending count (the very same state, shared: requests in flight on `previous`
+    /// still settle into it). The others start fresh, as in [`P2c::new`]. The clock
+    /// (epoch) and decay are `previous`'s, so carried estimates keep their ages.
+    pub fn carried(weights: &[u32], now: Instant, previous: &P2c, from: &[Option<usize>]) -> Self {
+        let at_ms = previous.ms(now);
+        let backends = (0..weights.len())
+            .map(|i| {
+                match from
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .and_then(|j| previous.backends.get(j))
+                {
+                    Some(kept) => Arc::clone(kept),
+                    None => Arc::new(PeakEwma::new(at_ms)),
+                }
+            })
+            .collect();
+        P2c {
+            backends,
+            weights: weights.iter().map(|w| AtomicU32::new(*w)).collect(),
+            total: AtomicU64::new(weights.iter().map(|w| u64::from(*w)).sum()),
+            decay: previous.decay,
+            per_decay_ms: previous.per_decay_ms,
+            epoch: previous.epoch,
         }
     }
 
@@ -459,7 +492,7 @@ impl P2c {
 
     /// Requests to `index` in flight.
     pub fn pending(&self, index: usize) -> u32 {
-        self.backends.get(index).map_or(0, PeakEwma::pending)
+        self.backends.get(index).map_or(0, |b| b.pending())
     }
 
     /// The load `pick` compares: estimated latency in nanoseconds times

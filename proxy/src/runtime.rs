@@ -47,10 +47,12 @@ pub struct Runtime {
     hosts: FnvHashMap<String, usize>,
 }
 
+#[derive(Clone)]
 pub struct PolicyRuntime {
     pub name: String,
     pub mode: Mode,
-    pub routes: Vec<RouteRuntime>,
+    /// Shared, so that a snapshot that only changes endpoints (DNS) is cheap to make.
+    pub routes: Arc<Vec<RouteRuntime>>,
     pub endpoints: Arc<Endpoints>,
 }
 
@@ -139,6 +141,35 @@ impl Runtime {
         }
     }
 
+    /// This snapshot with the endpoints of some policies replaced (`replaced[i]` for
+    /// policy `i`; `None` keeps its own): what the resolver job stores when a name's
+    /// addresses change. Everything else is the same `Arc`s, so no state is lost,
+    /// and it is not a reload: version, source and load time stay.
+    pub fn with_endpoints(&self, replaced: Vec<Option<Arc<Endpoints>>>) -> Runtime {
+        let mut replaced = replaced.into_iter();
+        let policies = self
+            .policies
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                if let Some(endpoints) = replaced.next().flatten() {
+                    p.endpoints = endpoints;
+                }
+                p
+            })
+            .collect();
+        Runtime {
+            version: self.version.clone(),
+            source: self.source.clone(),
+            loaded_at: self.loaded_at,
+            control_plane_version: self.control_plane_version,
+            set: self.set.clone(),
+            policies,
+            loaded: self.loaded,
+            hosts: self.hosts.clone(),
+        }
+    }
+
     /// Whether a policy was loaded (false for [`Runtime::empty`]).
     pub fn loaded(&self) -> bool {
         self.loaded
@@ -177,7 +208,7 @@ impl Runtime {
     pub fn policy_by_backend(&self, addr: std::net::SocketAddr) -> Option<usize> {
         self.policies
             .iter()
-            .position(|p| p.endpoints.targets.iter().any(|t| t.addr == Some(addr)))
+            .position(|p| p.endpoints.targets.iter().any(|t| t.addr == addr))
     }
 
     /// The index of the policy named `name`.
@@ -317,7 +348,7 @@ fn compile_policy(
     Ok(PolicyRuntime {
         name: policy.name.clone(),
         mode: policy.mode,
-        routes,
+        routes: Arc::new(routes),
         endpoints,
     })
 }

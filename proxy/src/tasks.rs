@@ -1,17 +1,21 @@
 //! The proxy's background work, each on a pingora background service of its own
 //! (one stuck job cannot delay the others), all ending at shutdown: gauges and
-//! key sweeps every second, active health checks, the Redis sync of the global
-//! rate limits, and the control-plane stream.
+//! key sweeps every second, active health checks, the re-resolution of backend
+//! names, the Redis sync of the global rate limits, and the control-plane stream.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::control_plane::ControlPlaneSource;
+use crate::endpoints::{literal, Endpoints};
 use crate::globallimit;
+use crate::resolve::{DnsResolver, Names, Outcome, Resolve, ResolveError, LOOKUP_TIMEOUT};
+use crate::runtime::Runtime;
 use crate::shared::Shared;
 
 /// A job run every `period` (the first run at once) until shutdown, on a background
@@ -45,13 +49,19 @@ pub fn housekeeping(shared: &Shared, n: u64) {
     for policy in &runtime.policies {
         let endpoints = &policy.endpoints;
         endpoints.refresh(now);
-        if endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some() {
-            for (i, target) in endpoints.targets.iter().enumerate() {
-                let up = endpoints.is_healthy(i) && !endpoints.is_ejected(i, now);
+        let checked =
+            endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some();
+        for (b, (label, addrs)) in endpoints.backends().enumerate() {
+            let labels = [policy.name.as_str(), label];
+            metrics
+                .backend_endpoints
+                .with_label_values(&labels)
+                .set(addrs.len() as i64);
+            if checked {
                 metrics
                     .backend_healthy
-                    .with_label_values(&[policy.name.as_str(), target.label.as_str()])
-                    .set(i64::from(up));
+                    .with_label_values(&labels)
+                    .set(i64::from(backend_up(endpoints, b, now)));
             }
         }
     }
@@ -107,6 +117,15 @@ pub fn housekeeping(shared: &Shared, n: u64) {
     }
 }
 
+/// Whether some endpoint of backend `backend` is healthy and not ejected: the
+/// backend's `sluice_backend_healthy` (per backend, not per address, to keep the
+/// series bounded by configuration).
+fn backend_up(endpoints: &Endpoints, backend: usize, now: std::time::Instant) -> bool {
+    endpoints.targets.iter().enumerate().any(|(i, t)| {
+        t.backend == backend && endpoints.is_healthy(i) && !endpoints.is_ejected(i, now)
+    })
+}
+
 /// Active health checks, every 100 ms: start the rounds that are due; each check
 /// is an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
 pub fn health_checks(shared: &Arc<Shared>) {
@@ -117,7 +136,7 @@ pub fn health_checks(shared: &Arc<Shared>) {
             continue;
         };
         for (i, target) in policy.endpoints.targets.iter().enumerate() {
-            let Some(addr) = target.addr else { continue };
+            let (addr, backend) = (target.addr, target.backend);
             let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
             let host = target.label.clone();
             tokio::spawn(async move {
@@ -131,21 +150,186 @@ pub fn health_checks(shared: &Arc<Shared>) {
                         .record_check(i, ok, std::time::Instant::now())
                 {
                     let healthy = health == crate::health::Health::Healthy;
+                    let up = backend_up(&policy.endpoints, backend, std::time::Instant::now());
                     shared
                         .metrics
                         .backend_healthy
                         .with_label_values(&[policy.name.as_str(), host.as_str()])
-                        .set(i64::from(healthy));
-                    let (policy, backend) = (policy.name.as_str(), host.as_str());
+                        .set(i64::from(up));
+                    let (policy, backend, addr) =
+                        (policy.name.as_str(), host.as_str(), addr.to_string());
                     if healthy {
-                        tracing::info!(policy, backend, healthy, "backend health changed");
+                        tracing::info!(policy, backend, addr, healthy, "backend health changed");
                     } else {
-                        tracing::warn!(policy, backend, healthy, "backend health changed");
+                        tracing::warn!(policy, backend, addr, healthy, "backend health changed");
                     }
                 }
             });
         }
     }
+}
+
+/// How often the resolver job looks for names that are due and for policies whose
+/// endpoints disagree with the last answers (a snapshot built by a reload while
+/// the job swapped in new addresses is corrected here within a second).
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the live snapshot's endpoints on the current addresses of its backends'
+/// names (see `resolve` for the schedule, `endpoints` for what a rebuild keeps).
+///
+/// Design: the job alone owns the answers ([`Names`]); the snapshot's `Endpoints`
+/// hold the addresses they were built from, and reloads carry those over
+/// (`Endpoints::new` takes a remaining backend's addresses from the previous
+/// snapshot), so a reload never waits for DNS. When an answer changes a policy's
+/// addresses, the job stores a copy of the live snapshot in which only that policy's
+/// `Endpoints` is rebuilt ([`Runtime::with_endpoints`]: every other component is the
+/// same `Arc`): not a reload, and requests in flight keep the snapshot they pinned.
+/// The swap is a compare-and-swap, so it never overwrites a reload; losing that race
+/// costs one tick, since every tick compares the live snapshot with the answers.
+pub struct ResolveBackends {
+    pub shared: Arc<Shared>,
+    /// `--dns-server`; else the system configuration.
+    pub dns_server: Option<SocketAddr>,
+}
+
+#[async_trait]
+impl BackgroundService for ResolveBackends {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Built here, on the service's own runtime, which runs its lookups.
+        let resolver = match self.dns_server {
+            Some(server) => DnsResolver::at(server),
+            None => DnsResolver::system(),
+        };
+        let resolver = match resolver {
+            Ok(resolver) => resolver,
+            Err(error) => {
+                tracing::warn!(%error, "backend names will not be re-resolved");
+                return;
+            }
+        };
+        let mut names = Names::default();
+        let mut tick = tokio::time::interval(RESOLVE_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = async {
+                    tick.tick().await;
+                    resolve_backends(&self.shared, &resolver, &mut names, Instant::now()).await;
+                } => {}
+            }
+        }
+    }
+}
+
+/// The names (not IP literals) of every backend of `runtime`.
+fn backend_names(runtime: &Runtime) -> impl Iterator<Item = (String, u16)> + '_ {
+    runtime
+        .policies
+        .iter()
+        .flat_map(|p| p.endpoints.rule().backends.iter())
+        .map(|b| &b.address)
+        .filter(|a| literal(&a.host, a.port).is_none())
+        .map(|a| (a.host.clone(), a.port))
+}
+
+/// One round of the resolver job at `now`: looks up the names that are due (at
+/// once, each bounded by [`LOOKUP_TIMEOUT`]), counts and logs the results, then
+/// brings the live snapshot's endpoints in line with the answers.
+pub async fn resolve_backends(
+    shared: &Shared,
+    resolver: &dyn Resolve,
+    names: &mut Names,
+    now: Instant,
+) {
+    names.track(backend_names(&shared.runtime.load()), now);
+    let due = names.due(now);
+    let lookups = due.iter().map(|(host, port)| async move {
+        tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup(host, *port))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ResolveError::Timeout {
+                    host: host.clone(),
+                    timeout: LOOKUP_TIMEOUT,
+                })
+            })
+    });
+    let results = futures::future::join_all(lookups).await;
+    for ((host, port), result) in due.iter().zip(results) {
+        let backend = format!("{host}:{port}");
+        let error = result.as_ref().err().map(ToString::to_string);
+        let label = if error.is_some() { "error" } else { "ok" };
+        shared
+            .metrics
+            .dns_lookups
+            .with_label_values(&[backend.as_str(), label])
+            .inc();
+        let backend = backend.as_str();
+        match names.record(host, *port, result, now) {
+            Outcome::Failed { first: true } => {
+                let error = error.unwrap_or_default();
+                tracing::warn!(
+                    backend,
+                    error,
+                    "backend name lookup failed; keeping its last addresses"
+                );
+            }
+            Outcome::Failed { first: false } => {}
+            Outcome::Resolved { changed, recovered } => {
+                if recovered {
+                    tracing::info!(backend, "backend name lookup works again");
+                }
+                if changed {
+                    let addrs: Vec<String> = names
+                        .addresses(host, *port)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    tracing::info!(
+                        backend,
+                        addrs = addrs.join(","),
+                        "backend addresses changed"
+                    );
+                }
+            }
+        }
+    }
+    apply_resolved(shared, names, now);
+}
+
+/// Swaps in a snapshot whose endpoints are at the last good answers when some
+/// policy's are not; true when it did. A backend with no answer yet keeps what it
+/// has; IP literals are their own answer.
+pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
+    let current = shared.runtime.load_full();
+    let replaced: Vec<Option<Arc<Endpoints>>> = current
+        .policies
+        .iter()
+        .map(|policy| {
+            let endpoints = &policy.endpoints;
+            let wanted = endpoints
+                .rule()
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let (host, port) = (b.address.host.as_str(), b.address.port);
+                    match (literal(host, port), names.addresses(host, port)) {
+                        (Some(addr), _) => vec![addr],
+                        (None, Some(addrs)) => addrs.to_vec(),
+                        (None, None) => endpoints.backend_addresses(i).to_vec(),
+                    }
+                })
+                .collect();
+            endpoints.with_resolved(wanted, now).map(Arc::new)
+        })
+        .collect();
+    if replaced.iter().all(Option::is_none) {
+        return false;
+    }
+    let next = Arc::new(current.with_endpoints(replaced));
+    let before = shared.runtime.compare_and_swap(&current, next);
+    Arc::ptr_eq(&before, &current)
 }
 
 /// Keeps the global rate limits supplied from Redis, on a background service's runtime.
@@ -231,6 +415,186 @@ mod tests {
         assert_eq!(m.route_inflight.with_label_values(&labels).get(), 0);
         assert_eq!(m.breaker_state.with_label_values(&labels).get(), 0);
         assert_eq!(m.rate_limit_keys.with_label_values(&labels).get(), 2);
+    }
+
+    /// A resolver answering whatever the test last set, counting its lookups.
+    struct FakeResolver {
+        answer: std::sync::Mutex<Result<crate::resolve::Answer, ResolveError>>,
+        lookups: std::sync::atomic::AtomicU32,
+    }
+
+    impl FakeResolver {
+        fn new() -> Self {
+            FakeResolver {
+                answer: std::sync::Mutex::new(Err(ResolveError::Config("unset".into()))),
+                lookups: std::sync::atomic::AtomicU32::new(0),
+            }
+        }
+
+        fn answer(&self, last_octets: &[u8], ttl: Option<Duration>) {
+            *self.answer.lock().unwrap() = Ok(crate::resolve::Answer {
+                addrs: addrs(last_octets),
+                ttl,
+            });
+        }
+
+        fn fail(&self) {
+            *self.answer.lock().unwrap() = Err(ResolveError::Lookup {
+                host: "localhost".into(),
+                message: "SERVFAIL".into(),
+            });
+        }
+
+        fn lookups(&self) -> u32 {
+            self.lookups.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl Resolve for FakeResolver {
+        async fn lookup(&self, _: &str, _: u16) -> Result<crate::resolve::Answer, ResolveError> {
+            self.lookups
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.answer.lock().unwrap().clone()
+        }
+    }
+
+    fn addrs(last_octets: &[u8]) -> Vec<SocketAddr> {
+        last_octets
+            .iter()
+            .map(|i| SocketAddr::from(([10, 0, 0, *i], 8080)))
+            .collect()
+    }
+
+    /// `localhost` (from /etc/hosts at build, never from DNS) and an IP literal.
+    const NAMED: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: 'localhost:8080', weight: 90}, {address: '127.0.0.1:9', weight: 10}]\n  loadBalancer: {algorithm: p2c-ewma}\n  routes:\n    - name: r\n      rateLimit: {requestsPerSecond: 1, burst: 1}\n";
+
+    #[tokio::test]
+    async fn changed_records_change_the_endpoints_without_a_reload() {
+        let shared = shared_with(NAMED);
+        let before = shared.runtime.load_full();
+        let (resolver, mut names, t0) = (FakeResolver::new(), Names::default(), Instant::now());
+        resolver.answer(&[1, 2, 3], Some(Duration::from_secs(10)));
+        resolve_backends(&shared, &resolver, &mut names, t0).await;
+        let after = shared.runtime.load_full();
+        let endpoints = &after.policies[0].endpoints;
+        assert_eq!(endpoints.backend_addresses(0), addrs(&[1, 2, 3]).as_slice());
+        assert_eq!(
+            endpoints.targets.len(),
+            4,
+            "three addresses and the literal"
+        );
+        // Not a reload: the same version and load time, the same route components.
+        assert_eq!(
+            (after.version.as_str(), after.loaded_at),
+            (before.version.as_str(), before.loaded_at)
+        );
+        let limiter = |rt: &Runtime| rt.policies[0].routes[0].limiter.clone().unwrap();
+        assert!(Arc::ptr_eq(&limiter(&before), &limiter(&after)));
+        // Not due yet: no lookup, no change.
+        resolve_backends(&shared, &resolver, &mut names, t0 + Duration::from_secs(9)).await;
+        assert_eq!(resolver.lookups(), 1);
+        // At the TTL the new answer is picked up; the endpoint that stays keeps its state.
+        endpoints.begin(1);
+        resolver.answer(&[2, 4], Some(Duration::from_secs(10)));
+        resolve_backends(&shared, &resolver, &mut names, t0 + Duration::from_secs(10)).await;
+        let last = shared.runtime.load_full();
+        assert_eq!(
+            last.policies[0].endpoints.backend_addresses(0),
+            addrs(&[2, 4]).as_slice()
+        );
+        assert_eq!(
+            last.policies[0].endpoints.pending_total(),
+            1,
+            "10.0.0.2 kept its pending request"
+        );
+        assert_eq!(dns_lookups(&shared, "ok"), 2);
+        // A reload carries the resolved addresses over; it does not resolve again.
+        let set = last.set.clone();
+        let reloaded = Runtime::build(set, "t".into(), Some(&last), &shared.globals).unwrap();
+        assert_eq!(
+            reloaded.policies[0].endpoints.backend_addresses(0),
+            addrs(&[2, 4]).as_slice()
+        );
+    }
+
+    fn dns_lookups(shared: &Shared, result: &str) -> u64 {
+        shared
+            .metrics
+            .dns_lookups
+            .with_label_values(&["localhost:8080", result])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_failing_lookup_keeps_the_last_good_addresses_and_is_counted() {
+        let shared = shared_with(NAMED);
+        let (resolver, mut names, t0) = (FakeResolver::new(), Names::default(), Instant::now());
+        resolver.answer(&[1, 2], None);
+        resolve_backends(&shared, &resolver, &mut names, t0).await;
+        resolver.fail();
+        let t1 = t0 + crate::resolve::DEFAULT_REFRESH;
+        resolve_backends(&shared, &resolver, &mut names, t1).await;
+        let runtime = shared.runtime.load_full();
+        assert_eq!(
+            runtime.policies[0].endpoints.backend_addresses(0),
+            addrs(&[1, 2]).as_slice()
+        );
+        assert_eq!(
+            (dns_lookups(&shared, "ok"), dns_lookups(&shared, "error")),
+            (1, 1)
+        );
+        // Retried after the shortest wait, not at the TTL.
+        assert_eq!(
+            names.next_due("localhost", 8080),
+            Some(t1 + crate::resolve::MIN_REFRESH)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_a_reload_built_meanwhile_is_corrected_on_the_next_tick() {
+        let shared = shared_with(NAMED);
+        let (resolver, mut names, t0) = (FakeResolver::new(), Names::default(), Instant::now());
+        resolver.answer(&[1, 2], Some(Duration::from_secs(60)));
+        let stale = shared.runtime.load_full();
+        resolve_backends(&shared, &resolver, &mut names, t0).await;
+        // A reload built from the snapshot before the swap stores the old addresses.
+        let reload =
+            Runtime::build(stale.set.clone(), "t".into(), Some(&stale), &shared.globals).unwrap();
+        shared.runtime.store(Arc::new(reload));
+        resolve_backends(&shared, &resolver, &mut names, t0 + Duration::from_secs(1)).await;
+        assert_eq!(resolver.lookups(), 1, "no new lookup was needed");
+        let runtime = shared.runtime.load_full();
+        assert_eq!(
+            runtime.policies[0].endpoints.backend_addresses(0),
+            addrs(&[1, 2]).as_slice()
+        );
+    }
+
+    #[test]
+    fn housekeeping_publishes_each_backends_endpoint_count() {
+        let shared = shared_with(NAMED);
+        let runtime = shared.runtime.load_full();
+        let resolved = vec![
+            addrs(&[1, 2, 3]),
+            vec![SocketAddr::from(([127, 0, 0, 1], 9))],
+        ];
+        let endpoints = runtime.policies[0]
+            .endpoints
+            .with_resolved(resolved, Instant::now())
+            .unwrap();
+        shared.runtime.store(Arc::new(
+            runtime.with_endpoints(vec![Some(Arc::new(endpoints))]),
+        ));
+        housekeeping(&shared, 1);
+        let gauge = |backend: &str| {
+            shared
+                .metrics
+                .backend_endpoints
+                .with_label_values(&["p", backend])
+                .get()
+        };
+        assert_eq!((gauge("localhost:8080"), gauge("127.0.0.1:9")), (3, 1));
     }
 
     #[tokio::test]

@@ -93,7 +93,7 @@ impl<O: Observe> Exchange<O> {
             .pick(now, key.as_bytes(), &self.tried)
             .and_then(|i| {
                 let t = endpoints.targets.get(i)?;
-                Some((i, t.addr?, t.protocol))
+                Some((i, t.addr, t.protocol))
             });
         let Some((index, addr, protocol)) = picked else {
             return Err(format!("policy {:?} has no reachable backend", policy.name));
