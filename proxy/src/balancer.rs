@@ -228,6 +228,7 @@ mod tests {
                     },
                     weight: *w,
                     protocol: Protocol::Http1,
+                    service: None,
                 })
                 .collect(),
             load_balancer: LoadBalancer::default(),

@@ -340,6 +340,7 @@ mod tests {
             },
             weight,
             protocol: Protocol::Http1,
+            service: None,
         }
     }
 
