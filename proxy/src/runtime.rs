@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::Histogram;
-use sluice_policy::{FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
+use sluice_policy::{Backend, FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
 
 use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
@@ -51,7 +51,17 @@ pub struct PolicyRuntime {
     pub name: String,
     pub mode: Mode,
     pub routes: Vec<RouteRuntime>,
+    /// The policy's backends; a route with backends of its own has its own.
     pub endpoints: Arc<Endpoints>,
+}
+
+impl PolicyRuntime {
+    /// Every set of backends of the policy: its own, then each route's own. Each
+    /// needs the background work (slow-start refresh, health checks) of the first.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &Arc<Endpoints>> {
+        std::iter::once(&self.endpoints)
+            .chain(self.routes.iter().filter_map(|r| r.endpoints.as_ref()))
+    }
 }
 
 pub struct RouteRuntime {
@@ -70,6 +80,9 @@ pub struct RouteRuntime {
     pub budget: Option<Arc<RetryBudget>>,
     /// The resolved address of a `fallback.backend`, if any.
     pub fallback_addr: Option<SocketAddr>,
+    /// The route's own backends, balanced apart from the policy's (their own
+    /// round-robin position, latencies, ejections); `None`: the policy's.
+    pub endpoints: Option<Arc<Endpoints>>,
     pub duration: Histogram,
     /// `sluice_requests_total` handles by status class, verdict and direction.
     pub requests: CounterCache,
@@ -173,11 +186,13 @@ impl Runtime {
         }
     }
 
-    /// The policy one of whose backends is `addr` (transparent outbound matching).
+    /// The policy one of whose backends, or one of whose routes' backends, is
+    /// `addr` (transparent outbound matching).
     pub fn policy_by_backend(&self, addr: std::net::SocketAddr) -> Option<usize> {
-        self.policies
-            .iter()
-            .position(|p| p.endpoints.targets.iter().any(|t| t.addr == Some(addr)))
+        self.policies.iter().position(|p| {
+            p.all_endpoints()
+                .any(|e| e.targets.iter().any(|t| t.addr == Some(addr)))
+        })
     }
 
     /// The index of the policy named `name`.
@@ -217,17 +232,9 @@ fn compile_policy(
     before: Option<&PolicyRuntime>,
     globals: &Arc<GlobalLimits>,
 ) -> prometheus::Result<PolicyRuntime> {
-    let rule = EndpointsRule {
-        backends: policy.backends.clone(),
-        load_balancer: policy.load_balancer.clone(),
-        health_check: policy.health_check.clone(),
-        outlier_detection: policy.outlier_detection.clone(),
-    };
-    let previous = before.map(|b| &b.endpoints);
-    let endpoints = carry(
-        previous,
-        |e| *e.rule() == rule,
-        || Endpoints::new(rule.clone(), previous.map(|p| &**p), Instant::now()),
+    let endpoints = compile_endpoints(
+        endpoints_rule(policy, &policy.backends),
+        before.map(|b| &b.endpoints),
     );
     let slo_threshold = policy
         .slo
@@ -285,6 +292,14 @@ fn compile_policy(
                 || RetryBudget::new(&retries.budget, now),
             )
         });
+        // Carried from the route's own backends before, if it had them: its
+        // balancer state is not the policy's.
+        let endpoints = route.backends.as_ref().map(|backends| {
+            compile_endpoints(
+                endpoints_rule(policy, backends),
+                old.and_then(|o| o.endpoints.as_ref()),
+            )
+        });
         let fallback_addr = match route.fallback.as_ref().map(|f| &f.action) {
             Some(FallbackAction::Backend(a)) => (a.host.as_str(), a.port)
                 .to_socket_addrs()
@@ -309,6 +324,7 @@ fn compile_policy(
             concurrency,
             budget,
             fallback_addr,
+            endpoints,
             duration,
             requests: CounterCache::new(CODE_CLASSES * Verdict::COUNT * 2),
             slo_threshold,
@@ -320,6 +336,35 @@ fn compile_policy(
         routes,
         endpoints,
     })
+}
+
+/// A set of backends under the policy's balancer settings (the policy's own or a
+/// route's: both are balanced the same way).
+///
+/// A Service reached by a named port has no address to dial by name (its model
+/// address has port 0): it is left out, so the proxy has no endpoint for it rather
+/// than one at port 0, until the control plane sends the Service's endpoints.
+fn endpoints_rule(policy: &TrafficPolicy, backends: &[Backend]) -> EndpointsRule {
+    EndpointsRule {
+        backends: backends
+            .iter()
+            .filter(|b| b.dialable_address().is_some())
+            .cloned()
+            .collect(),
+        load_balancer: policy.load_balancer.clone(),
+        health_check: policy.health_check.clone(),
+        outlier_detection: policy.outlier_detection.clone(),
+    }
+}
+
+/// The previous endpoints when their rule is unchanged, else new ones that keep
+/// what they can of the previous (slow-start progress).
+fn compile_endpoints(rule: EndpointsRule, previous: Option<&Arc<Endpoints>>) -> Arc<Endpoints> {
+    carry(
+        previous,
+        |e| *e.rule() == rule,
+        || Endpoints::new(rule.clone(), previous.map(|p| &**p), Instant::now()),
+    )
 }
 
 /// The content hash of the canonical YAML (the control plane's, shortened):
