@@ -130,7 +130,7 @@ fn share(b: &Backend, list: &[Backend]) -> String {
         return "0%".into();
     }
     let tenths = (u64::from(b.weight) * 1000 + total / 2) / total;
-    if tenths % 10 == 0 {
+    if tenths.is_multiple_of(10) {
         format!("{}%", tenths / 10)
     } else {
         format!("{}.{}%", tenths / 10, tenths % 10)
