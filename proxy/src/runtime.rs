@@ -51,16 +51,28 @@ pub struct PolicyRuntime {
     pub name: String,
     pub mode: Mode,
     pub routes: Vec<RouteRuntime>,
-    /// The policy's backends; a route with backends of its own has its own.
+    /// The policy's backends.
     pub endpoints: Arc<Endpoints>,
+    /// One per route, in route order: the route's own backends, balanced apart
+    /// from the policy's (their own round-robin position, latencies, ejections),
+    /// or `None` for a route that uses the policy's. Beside the routes rather than
+    /// in them: like `endpoints`, a set may be rebuilt without the routes' state.
+    pub route_endpoints: Vec<Option<Arc<Endpoints>>>,
 }
 
 impl PolicyRuntime {
+    /// The backends of route `route`'s requests: its own, else the policy's.
+    pub fn endpoints_of(&self, route: usize) -> &Arc<Endpoints> {
+        self.route_endpoints
+            .get(route)
+            .and_then(Option::as_ref)
+            .unwrap_or(&self.endpoints)
+    }
+
     /// Every set of backends of the policy: its own, then each route's own. Each
     /// needs the background work (slow-start refresh, health checks) of the first.
     pub fn all_endpoints(&self) -> impl Iterator<Item = &Arc<Endpoints>> {
-        std::iter::once(&self.endpoints)
-            .chain(self.routes.iter().filter_map(|r| r.endpoints.as_ref()))
+        std::iter::once(&self.endpoints).chain(self.route_endpoints.iter().flatten())
     }
 }
 
@@ -80,9 +92,6 @@ pub struct RouteRuntime {
     pub budget: Option<Arc<RetryBudget>>,
     /// The resolved address of a `fallback.backend`, if any.
     pub fallback_addr: Option<SocketAddr>,
-    /// The route's own backends, balanced apart from the policy's (their own
-    /// round-robin position, latencies, ejections); `None`: the policy's.
-    pub endpoints: Option<Arc<Endpoints>>,
     pub duration: Histogram,
     /// `sluice_requests_total` handles by status class, verdict and direction.
     pub requests: CounterCache,
@@ -242,6 +251,7 @@ fn compile_policy(
         .and_then(|s| s.latency.as_ref())
         .map(|l| l.threshold);
     let mut routes = Vec::with_capacity(policy.routes.len());
+    let mut route_endpoints = Vec::with_capacity(policy.routes.len());
     for route in &policy.routes {
         let old = before.and_then(|b| b.routes.iter().find(|r| r.name == route.name));
         let limiter = route.rate_limit.as_ref().map(|rule| {
@@ -294,12 +304,16 @@ fn compile_policy(
         });
         // Carried from the route's own backends before, if it had them: its
         // balancer state is not the policy's.
-        let endpoints = route.backends.as_ref().map(|backends| {
-            compile_endpoints(
-                endpoints_rule(policy, backends),
-                old.and_then(|o| o.endpoints.as_ref()),
-            )
+        let old_endpoints = before.and_then(|b| {
+            let j = b.routes.iter().position(|r| r.name == route.name)?;
+            b.route_endpoints.get(j)?.as_ref()
         });
+        route_endpoints.push(
+            route
+                .backends
+                .as_ref()
+                .map(|backends| compile_endpoints(endpoints_rule(policy, backends), old_endpoints)),
+        );
         let fallback_addr = match route.fallback.as_ref().map(|f| &f.action) {
             Some(FallbackAction::Backend(a)) => (a.host.as_str(), a.port)
                 .to_socket_addrs()
@@ -324,7 +338,6 @@ fn compile_policy(
             concurrency,
             budget,
             fallback_addr,
-            endpoints,
             duration,
             requests: CounterCache::new(CODE_CLASSES * Verdict::COUNT * 2),
             slo_threshold,
@@ -335,6 +348,7 @@ fn compile_policy(
         mode: policy.mode,
         routes,
         endpoints,
+        route_endpoints,
     })
 }
 

@@ -490,11 +490,11 @@ impl<O: Observe> Exchange<O> {
     /// pick, outcome and label of a backend index goes through here, since an index
     /// means something only in the set it was picked from.
     fn endpoints(&self) -> Option<&Arc<Endpoints>> {
-        let runtime = self.runtime.as_ref()?;
-        match route_of(runtime, self.routed).and_then(|r| r.endpoints.as_ref()) {
-            Some(own) => Some(own),
-            None => policy_of(runtime, self.routed).map(|p| &p.endpoints),
-        }
+        let policy = self.policy()?;
+        Some(match self.routed {
+            Routed::Route { route, .. } => policy.endpoints_of(route),
+            Routed::NoRoute { .. } | Routed::NoPolicy => &policy.endpoints,
+        })
     }
 
     /// The last attempt's backend, as labels and the access log name it.

@@ -95,12 +95,16 @@ fn route_backends_carry_over_a_reload_that_leaves_them_unchanged() {
         &GlobalLimits::new(false),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let own = |rt: &Runtime| rt.policies[0].routes[0].endpoints.clone();
+    let own = |rt: &Runtime| rt.policies[0].route_endpoints[0].clone();
     let (Some(before), Some(after)) = (own(&first.rt), own(&second)) else {
         panic!("the canary route has backends of its own")
     };
     assert!(Arc::ptr_eq(&before, &after));
-    assert!(second.policies[0].routes[1].endpoints.is_none());
+    assert!(second.policies[0].route_endpoints[1].is_none());
+    assert!(Arc::ptr_eq(
+        second.policies[0].endpoints_of(1),
+        &second.policies[0].endpoints
+    ));
     // Transparent mode finds the policy by a route's backend too.
     let addr = "127.0.0.1:2002".parse().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(second.policy_by_backend(addr), Some(0));
