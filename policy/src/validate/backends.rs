@@ -23,13 +23,13 @@ pub(super) fn backends(
     namespace: Option<&str>,
 ) -> Vec<Backend> {
     let mut list = Vec::with_capacity(specs.len());
-    // Only backends that passed are compared, so that a mistake is not also
-    // reported as a duplicate of another mistake.
+    // Only backends whose target (address or Service) passed are compared, so
+    // that a mistake is not also reported as a duplicate of another mistake.
     let mut valid = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        let before = c.violations.len();
-        list.push(backend(c, &format!("{at}[{i}]"), spec, namespace));
-        valid.push(c.violations.len() == before);
+        let (backend, target_ok) = backend(c, &format!("{at}[{i}]"), spec, namespace);
+        list.push(backend);
+        valid.push(target_ok);
     }
     let mut seen: HashMap<(&Address, Option<&ServicePort>), usize> = HashMap::new();
     for (i, b) in list.iter().enumerate() {
@@ -64,7 +64,9 @@ pub(super) fn backends(
     list
 }
 
-fn backend(c: &mut Checker, at: &str, b: &BackendSpec, namespace: Option<&str>) -> Backend {
+/// The backend, and whether its target (address or Service) is valid.
+fn backend(c: &mut Checker, at: &str, b: &BackendSpec, namespace: Option<&str>) -> (Backend, bool) {
+    let before = c.violations.len();
     let nowhere = || Address {
         host: String::new(),
         port: 0,
@@ -89,7 +91,8 @@ fn backend(c: &mut Checker, at: &str, b: &BackendSpec, namespace: Option<&str>) 
             (nowhere(), None)
         }
     };
-    Backend {
+    let target_ok = c.violations.len() == before;
+    let backend = Backend {
         address,
         weight: c.int_range(&format!("{at}.weight"), b.weight.unwrap_or(1), 0, 10_000),
         protocol: match b.protocol {
@@ -97,7 +100,8 @@ fn backend(c: &mut Checker, at: &str, b: &BackendSpec, namespace: Option<&str>) 
             Some(ProtocolSpec::H2c) => Protocol::H2c,
         },
         service,
-    }
+    };
+    (backend, target_ok)
 }
 
 fn service_ref(c: &mut Checker, at: &str, text: &str, port: Option<&PortSpec>) -> ServiceRef {
