@@ -3,8 +3,8 @@
 //! (burst 50) -> 200/s (burst 50)".
 
 use sluice_policy::{
-    Algorithm, CircuitBreaker, Concurrency, Fallback, FallbackAction, GlobalRateLimit, PathMatch,
-    PolicySet, RateLimit, Retries, Route, RouteMatch, TrafficPolicy,
+    Algorithm, Backend, CircuitBreaker, Concurrency, Fallback, FallbackAction, GlobalRateLimit,
+    PathMatch, PolicySet, RateLimit, Retries, Route, RouteMatch, TrafficPolicy,
 };
 
 fn dur(d: std::time::Duration) -> String {
@@ -99,6 +99,92 @@ fn retries(r: &Retries) -> String {
     )
 }
 
+/// A backend as its author named it: the Service (`reviews-v1`, `reviews.shop`,
+/// with `:port` only when the list names the Service twice), else the address.
+fn backend_name(b: &Backend, list: &[Backend]) -> String {
+    match &b.service {
+        Some(s) => {
+            let twice = list
+                .iter()
+                .filter(|o| {
+                    o.service
+                        .as_ref()
+                        .is_some_and(|x| x.to_string() == s.to_string())
+                })
+                .count()
+                > 1;
+            if twice {
+                format!("{s}:{}", s.port)
+            } else {
+                s.to_string()
+            }
+        }
+        None => b.address.to_string(),
+    }
+}
+
+/// A backend's share of the traffic, as a percentage to one decimal.
+fn share(b: &Backend, list: &[Backend]) -> String {
+    let total: u64 = list.iter().map(|x| u64::from(x.weight)).sum();
+    if total == 0 {
+        return "0%".into();
+    }
+    let tenths = (u64::from(b.weight) * 1000 + total / 2) / total;
+    if tenths.is_multiple_of(10) {
+        format!("{}%", tenths / 10)
+    } else {
+        format!("{}.{}%", tenths / 10, tenths % 10)
+    }
+}
+
+/// The same backend in both lists: the same address, and for a Service reached by
+/// a named port (no number in its address) the same port name.
+fn same_backend(a: &Backend, b: &Backend) -> bool {
+    a.address == b.address
+        && a.service.as_ref().map(|s| &s.port) == b.service.as_ref().map(|s| &s.port)
+}
+
+/// How a split changed, in shares of the traffic rather than raw weights (a
+/// reviewer asks "how much goes to the canary now"); a weight change that moves
+/// no traffic (a lone backend) is still named, by its weight.
+fn backend_changes(old: &[Backend], new: &[Backend]) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in new {
+        let name = backend_name(b, new);
+        match old.iter().find(|o| same_backend(o, b)) {
+            None => out.push(format!("backend {name} added ({})", share(b, new))),
+            Some(o) => {
+                let (before, after) = (share(o, old), share(b, new));
+                if before != after {
+                    out.push(format!("backends {name}: {before} -> {after}"));
+                } else if o.weight != b.weight {
+                    out.push(format!(
+                        "backend {name} weight {} -> {}",
+                        o.weight, b.weight
+                    ));
+                }
+                if o.protocol != b.protocol {
+                    out.push(format!("backend {name} protocol changed"));
+                }
+            }
+        }
+    }
+    for o in old {
+        if !new.iter().any(|b| same_backend(o, b)) {
+            out.push(format!("backend {} removed", backend_name(o, old)));
+        }
+    }
+    out
+}
+
+/// A whole list, for a route that gains or loses backends of its own.
+fn split(list: &[Backend]) -> String {
+    list.iter()
+        .map(|b| format!("{} ({})", backend_name(b, list), share(b, list)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn opt<T>(value: &Option<T>, show: impl Fn(&T) -> String) -> String {
     value.as_ref().map_or_else(|| "none".to_owned(), show)
 }
@@ -168,6 +254,12 @@ fn route_changes(
             )
         })
     });
+    match (&old.backends, &new.backends) {
+        (Some(before), Some(after)) => out.extend(backend_changes(before, after)),
+        (None, Some(after)) => out.push(format!("backends: the policy's -> {}", split(after))),
+        (Some(before), None) => out.push(format!("backends: {} -> the policy's", split(before))),
+        (None, None) => {}
+    }
     let (old_mode, new_mode) = (
         old.effective_mode(policy_mode.0),
         new.effective_mode(policy_mode.1),
@@ -184,24 +276,7 @@ fn policy_changes(old: &TrafficPolicy, new: &TrafficPolicy) -> Vec<String> {
     change(&mut out, "mode", &old.mode, &new.mode, |m| {
         m.as_str().to_owned()
     });
-    for b in &new.backends {
-        match old.backends.iter().find(|o| o.address == b.address) {
-            None => out.push(format!("backend {} added (weight {})", b.address, b.weight)),
-            Some(o) if o.weight != b.weight => out.push(format!(
-                "backend {} weight {} -> {}",
-                b.address, o.weight, b.weight
-            )),
-            Some(o) if o.protocol != b.protocol => {
-                out.push(format!("backend {} protocol changed", b.address))
-            }
-            Some(_) => {}
-        }
-    }
-    for o in &old.backends {
-        if !new.backends.iter().any(|b| b.address == o.address) {
-            out.push(format!("backend {} removed", o.address));
-        }
-    }
+    out.extend(backend_changes(&old.backends, &new.backends));
     let algorithm = |a: &Algorithm| match a {
         Algorithm::WeightedRoundRobin => "weighted-round-robin".to_owned(),
         Algorithm::P2cEwma => "p2c-ewma".to_owned(),
@@ -325,6 +400,52 @@ mod tests {
     }
 
     const BASE: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: shop}\nspec:\n  hosts: [shop]\n  backends: [{address: \"10.0.0.1:80\", weight: 1}]\n  routes:\n    - name: orders\n      rateLimit: {requestsPerSecond: 100, burst: 50}\n";
+
+    const SPLIT: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: reviews, namespace: shop}\nspec:\n  hosts: [reviews]\n  backends:\n    - {service: reviews-v1, port: 9080, weight: 90}\n    - {service: reviews-v2, port: 9080, weight: 10}\n  routes:\n    - name: canary\n      match: {headers: {x-canary: \"true\"}}\n      backends:\n        - {service: reviews-v2, port: 9080, weight: 10}\n        - {service: reviews-v3, port: 9080, weight: 30}\n    - name: default\n";
+
+    #[test]
+    fn describes_a_changed_split_in_shares_of_the_traffic() {
+        let old = load(SPLIT);
+        let new = load(
+            &SPLIT
+                .replace("reviews-v2, port: 9080, weight: 10}\n        -", "reviews-v2, port: 9080, weight: 25}\n        -")
+                .replace("weight: 30", "weight: 75")
+                .replace("weight: 90", "weight: 75")
+                .replace("weight: 10}\n  routes", "weight: 25}\n    - {address: \"legacy.example.com:8080\", weight: 0}\n  routes"),
+        );
+        assert_eq!(
+            diff(&old, &new),
+            vec![
+                "policy reviews: backends reviews-v1: 90% -> 75%".to_owned(),
+                "policy reviews: backends reviews-v2: 10% -> 25%".to_owned(),
+                "policy reviews: backend legacy.example.com:8080 added (0%)".to_owned(),
+                "policy reviews: route canary: backend reviews-v2 weight 10 -> 25".to_owned(),
+                "policy reviews: route canary: backend reviews-v3 weight 30 -> 75".to_owned(),
+            ]
+        );
+        let own = load(&SPLIT.replace(
+            "    - name: default\n",
+            "    - name: default\n      backends: [{service: reviews-v1, port: http}]\n",
+        ));
+        assert_eq!(
+            diff(&old, &own),
+            vec![
+                "policy reviews: route default: backends: the policy's -> reviews-v1 (100%)"
+                    .to_owned()
+            ]
+        );
+        let moved = load(&SPLIT.replace(
+            "reviews-v3, port: 9080, weight: 30",
+            "reviews-v4, port: 9080, weight: 30",
+        ));
+        assert_eq!(
+            diff(&old, &moved),
+            vec![
+                "policy reviews: route canary: backend reviews-v4 added (75%)".to_owned(),
+                "policy reviews: route canary: backend reviews-v3 removed".to_owned(),
+            ]
+        );
+    }
 
     #[test]
     fn describes_changes_route_by_route() {

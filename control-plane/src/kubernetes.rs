@@ -92,7 +92,19 @@ fn structural(schema: &Value, defs: &Map<String, Value>, depth: usize) -> Value 
                         .as_array()
                         .map(|a| a.iter().map(|v| structural(v, defs, depth + 1)).collect())
                         .unwrap_or_default();
-                    out.insert(key.clone(), Value::Array(items));
+                    let types: Vec<&str> = items
+                        .iter()
+                        .filter_map(|i| i.get("type").and_then(Value::as_str))
+                        .collect();
+                    if items.len() == 2 && types == ["integer", "string"] {
+                        // A port by number or name: a structural schema allows a
+                        // union of types only as Kubernetes' own IntOrString.
+                        out.insert("x-kubernetes-int-or-string".into(), Value::Bool(true));
+                        let plain = json!([{"type": "integer"}, {"type": "string"}]);
+                        out.insert(key.clone(), plain);
+                    } else {
+                        out.insert(key.clone(), Value::Array(items));
+                    }
                 }
             },
             "properties" => {
@@ -293,6 +305,7 @@ mod tests {
             assert!(!yaml.contains(forbidden), "CRD contains {forbidden:?}");
         }
         assert!(yaml.contains("requestsPerSecond:"));
+        assert!(yaml.contains("x-kubernetes-int-or-string: true"));
         assert!(yaml.contains("nullable: true"));
     }
 }

@@ -44,15 +44,25 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
     }
 }
 
-/// `demo: valid, 4 hosts, 3 backends (weighted-round-robin), 5 routes, mode enforce`
+/// `demo: valid, 4 hosts, 3 backends (weighted-round-robin), 5 routes, mode enforce`;
+/// routes with backends of their own are counted: `2 routes (1 with backends of its own)`.
 pub fn summary(p: &TrafficPolicy) -> String {
     let algorithm = match &p.load_balancer.algorithm {
         Algorithm::WeightedRoundRobin => "weighted-round-robin".to_owned(),
         Algorithm::P2cEwma => "p2c-ewma".to_owned(),
         Algorithm::ConsistentHash { hash_on } => format!("consistent-hash on {hash_on}"),
     };
+    let own = p.routes.iter().filter(|r| r.backends.is_some()).count();
+    let own = if own == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({own} with backends of {})",
+            plural(own, "its own", "their own")
+        )
+    };
     format!(
-        "{}: valid, {} {}, {} {} ({algorithm}), {} {}, mode {}",
+        "{}: valid, {} {}, {} {} ({algorithm}), {} {}{own}, mode {}",
         p.name,
         p.hosts.len(),
         plural(p.hosts.len(), "host", "hosts"),

@@ -55,6 +55,14 @@ pub enum Problem {
     ConsistentHashWithoutHashOn,
     #[error("all backend weights are 0: no backend could ever be picked")]
     AllWeightsZero,
+    #[error("a backend needs an `address` (host:port) or a `service` (with its `port`)")]
+    NoBackendTarget,
+    #[error("a backend is either an `address` or a `service`, not both")]
+    AddressAndService,
+    #[error("a `service` backend needs `port`: the Service port, by number or by name")]
+    ServiceWithoutPort,
+    #[error("`port` only applies to a `service` backend (an `address` carries its own)")]
+    PortWithoutService,
     #[error("a fallback needs a static response (`status`/`body`) or a `backend`")]
     EmptyFallback,
     #[error("a fallback is either a static response (`status`/`headers`/`body`) or a `backend`, not both")]

@@ -1,11 +1,15 @@
 //! Checks that find a policy valid but probably not what its author meant. They never
 //! refuse a policy: it serves as written, and each warning says where it will surprise.
 //!
-//! One check so far: a route that can never match, because an earlier route matches
-//! every request it would (routes are tried in order and the first match wins). Its
-//! settings are dead configuration, which usually means routes are in the wrong order.
+//! A route that can never match, because an earlier route matches every request it
+//! would (routes are tried in order and the first match wins). Its settings are dead
+//! configuration, which usually means routes are in the wrong order.
 //!
-//! The check never warns wrongly: a route is reported only when one earlier route
+//! A Service backend on a named port: no proxy can dial it by name (the number is
+//! only in the Service's endpoints, which the control plane does not send yet), so
+//! it gets no traffic.
+//!
+//! The unreachable-route check never warns wrongly: a route is reported only when one earlier route
 //! covers it condition by condition (path, methods, headers), each judged the way the
 //! proxy matches requests. It stays silent when only several earlier routes together
 //! cover a later one.
@@ -13,7 +17,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::model::{PathMatch, RouteMatch, TrafficPolicy};
+use crate::model::{Backend, PathMatch, RouteMatch, ServicePort, TrafficPolicy};
 
 /// Something valid but suspicious, independent of where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +28,8 @@ pub enum Warning {
         covered_by: String,
         covered_by_index: usize,
     },
+    #[error("Service {service:?} is reached by the port name {port:?}: a proxy only dials a port number, so this backend gets no traffic until the control plane sends its endpoints; give the number")]
+    NamedServicePort { service: String, port: String },
 }
 
 /// A warning placed in a file, like [`crate::PolicyError`]:
@@ -79,17 +85,57 @@ pub fn unreachable_routes(policy: &TrafficPolicy) -> Vec<Unreachable> {
 
 /// Every warning about `policy`, with the YAML path it is about, in document order.
 pub(crate) fn warnings(policy: &TrafficPolicy) -> Vec<(String, Warning)> {
-    unreachable_routes(policy)
+    let mut out = named_ports("spec.backends", &policy.backends);
+    for (i, route) in policy.routes.iter().enumerate() {
+        if let Some(backends) = &route.backends {
+            out.extend(named_ports(&format!("spec.routes[{i}].backends"), backends));
+        }
+    }
+    let unreachable = unreachable_routes(policy).into_iter().map(|u| {
+        (
+            format!("spec.routes[{}]", u.route),
+            Warning::UnreachableRoute {
+                route: policy.routes[u.route].name.clone(),
+                covered_by: policy.routes[u.covered_by].name.clone(),
+                covered_by_index: u.covered_by,
+            },
+        )
+    });
+    // In document order: the policy's backends come before its routes.
+    let (first, routes): (Vec<_>, Vec<_>) = out
         .into_iter()
-        .map(|u| {
-            (
-                format!("spec.routes[{}]", u.route),
-                Warning::UnreachableRoute {
-                    route: policy.routes[u.route].name.clone(),
-                    covered_by: policy.routes[u.covered_by].name.clone(),
-                    covered_by_index: u.covered_by,
+        .partition(|(path, _)| path.starts_with("spec.backends"));
+    let mut routed: Vec<(String, Warning)> = unreachable.chain(routes).collect();
+    // A route's backends are inside the route: `spec.routes[2]` sorts before
+    // `spec.routes[2].backends[0]`, and by index (numerically) between routes.
+    routed.sort_by_key(|(path, _)| route_index(path));
+    first.into_iter().chain(routed).collect()
+}
+
+fn route_index(path: &str) -> usize {
+    path.strip_prefix("spec.routes[")
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// The Service backends at `at` reached by a port name.
+fn named_ports(at: &str, backends: &[Backend]) -> Vec<(String, Warning)> {
+    backends
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| {
+            let service = b.service.as_ref()?;
+            let ServicePort::Name(port) = &service.port else {
+                return None;
+            };
+            Some((
+                format!("{at}[{i}].port"),
+                Warning::NamedServicePort {
+                    service: service.to_string(),
+                    port: port.clone(),
                 },
-            )
+            ))
         })
         .collect()
 }

@@ -23,6 +23,8 @@ pub struct TrafficPolicy {
     /// Lower-cased, without port.
     pub hosts: Vec<String>,
     pub mode: Mode,
+    /// May be empty: an inbound policy's requests go to the app, and a route with
+    /// backends of its own does not use these.
     pub backends: Vec<Backend>,
     pub load_balancer: LoadBalancer,
     pub health_check: Option<HealthCheck>,
@@ -68,10 +70,94 @@ impl fmt::Display for Address {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Backend {
+    /// Where a proxy dials the backend by name. For a [`Backend::service`], the
+    /// Service's cluster DNS name and port (`NAME.NAMESPACE.svc.cluster.local:PORT`,
+    /// its ClusterIP), see [`ServiceRef::address`]; port 0 when the Service port is
+    /// named, since no name says which number it is: such a backend has no address
+    /// to dial ([`Backend::dialable_address`] is `None`) and gets its endpoints only
+    /// from the control plane.
     pub address: Address,
     /// 0..=10000; 0 drains the backend.
     pub weight: u32,
     pub protocol: Protocol,
+    /// The Kubernetes Service the backend was written as; `None` for an `address`.
+    pub service: Option<ServiceRef>,
+}
+
+impl Backend {
+    /// The address to dial by name; `None` for a Service reached through a named
+    /// port, whose number only the Service's endpoints know.
+    pub fn dialable_address(&self) -> Option<&Address> {
+        (self.address.port != 0).then_some(&self.address)
+    }
+}
+
+/// A Kubernetes Service as a backend: `name` or `name.namespace`, and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    /// A DNS-1035 label.
+    pub name: String,
+    /// A DNS-1123 label; `None`: the policy's own namespace.
+    pub namespace: Option<String>,
+    pub port: ServicePort,
+}
+
+/// The namespace of a Service named without one, in a policy that has none either
+/// (a policy file without `metadata.namespace`): Kubernetes' own default, where
+/// `kubectl` would look too.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+impl ServiceRef {
+    /// The namespace the Service lives in, given the policy's.
+    pub fn namespace_in<'a>(&'a self, policy_namespace: Option<&'a str>) -> &'a str {
+        self.namespace
+            .as_deref()
+            .or(policy_namespace)
+            .unwrap_or(DEFAULT_NAMESPACE)
+    }
+
+    /// The address a proxy dials without the control plane's endpoints: the
+    /// Service's ClusterIP through cluster DNS. Port 0 for a named port (see
+    /// [`Backend::address`]).
+    pub fn address(&self, policy_namespace: Option<&str>) -> Address {
+        Address {
+            host: format!(
+                "{}.{}.svc.cluster.local",
+                self.name,
+                self.namespace_in(policy_namespace)
+            ),
+            port: match self.port {
+                ServicePort::Number(n) => n,
+                ServicePort::Name(_) => 0,
+            },
+        }
+    }
+}
+
+/// As written: `name`, or `name.namespace`.
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{}.{ns}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// A Service port, by number or by name (an IANA_SVC_NAME such as `http`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServicePort {
+    Number(u16),
+    Name(String),
+}
+
+impl fmt::Display for ServicePort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServicePort::Number(n) => write!(f, "{n}"),
+            ServicePort::Name(name) => f.write_str(name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -156,6 +242,10 @@ pub struct Route {
     pub priority: Option<Priority>,
     /// The route's own override; `None` inherits the policy's mode.
     pub mode: Option<Mode>,
+    /// The route's own backends (never empty), balanced apart from the policy's
+    /// under the policy's `loadBalancer`, `healthCheck` and `outlierDetection`;
+    /// `None`: the policy's backends.
+    pub backends: Option<Vec<Backend>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -321,7 +411,13 @@ impl Route {
             fallback: None,
             priority: None,
             mode: None,
+            backends: None,
         }
+    }
+
+    /// The backends this route's requests go to: its own, else the policy's.
+    pub fn effective_backends<'a>(&'a self, policy: &'a [Backend]) -> &'a [Backend] {
+        self.backends.as_deref().unwrap_or(policy)
     }
 
     /// The mode in force for this route: its own override, else the policy's.

@@ -72,17 +72,33 @@ pub enum ModeSpec {
     Shadow,
 }
 
+/// One backend: an `address`, or a Kubernetes `service` with its `port`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendSpec {
-    /// `host:port`.
-    pub address: String,
+    /// `host:port`; give either this or `service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// A Kubernetes Service: `name` (in the policy's namespace) or `name.namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The Service port, by number (1..=65535) or by name; required with `service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortSpec>,
     /// Relative weight, 0..=10000 (0 drains the backend); default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i64>,
     /// `http1` (default) or `h2c`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<ProtocolSpec>,
+}
+
+/// A port by number or by name, as a Kubernetes Service port is referred to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum PortSpec {
+    Number(i64),
+    Name(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -204,6 +220,11 @@ pub struct RouteSpec {
     pub priority: Option<PrioritySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ModeSpec>,
+    /// The route's own backends (same form as the policy's, not empty), instead of
+    /// the policy's; balanced under the policy's `loadBalancer`, `healthCheck` and
+    /// `outlierDetection`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Vec<BackendSpec>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]

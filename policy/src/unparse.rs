@@ -31,18 +31,7 @@ impl From<&TrafficPolicy> for TrafficPolicySpec {
             spec: PolicyBodySpec {
                 hosts: p.hosts.clone(),
                 mode: Some(mode(p.mode)),
-                backends: p
-                    .backends
-                    .iter()
-                    .map(|b| BackendSpec {
-                        address: b.address.to_string(),
-                        weight: Some(i64::from(b.weight)),
-                        protocol: Some(match b.protocol {
-                            Protocol::Http1 => ProtocolSpec::Http1,
-                            Protocol::H2c => ProtocolSpec::H2c,
-                        }),
-                    })
-                    .collect(),
+                backends: p.backends.iter().map(backend).collect(),
                 load_balancer: Some(LoadBalancerSpec {
                     algorithm: Some(match p.load_balancer.algorithm {
                         Algorithm::WeightedRoundRobin => AlgorithmSpec::WeightedRoundRobin,
@@ -81,6 +70,31 @@ impl From<&TrafficPolicy> for TrafficPolicySpec {
                 },
             },
         }
+    }
+}
+
+/// A Service backend is written as its Service (its address is derived from it).
+fn backend(b: &Backend) -> BackendSpec {
+    let (address, service, port) = match &b.service {
+        Some(s) => (
+            None,
+            Some(s.to_string()),
+            Some(match &s.port {
+                ServicePort::Number(n) => PortSpec::Number(i64::from(*n)),
+                ServicePort::Name(name) => PortSpec::Name(name.clone()),
+            }),
+        ),
+        None => (Some(b.address.to_string()), None, None),
+    };
+    BackendSpec {
+        address,
+        service,
+        port,
+        weight: Some(i64::from(b.weight)),
+        protocol: Some(match b.protocol {
+            Protocol::Http1 => ProtocolSpec::Http1,
+            Protocol::H2c => ProtocolSpec::H2c,
+        }),
     }
 }
 
@@ -202,6 +216,10 @@ fn route(r: &Route) -> RouteSpec {
             shed_first: p.shed_first.clone(),
         }),
         mode: r.mode.map(mode),
+        backends: r
+            .backends
+            .as_ref()
+            .map(|list| list.iter().map(backend).collect()),
     }
 }
 

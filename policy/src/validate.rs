@@ -4,7 +4,8 @@
 //! Checks accumulate: a document with five mistakes reports five violations, so an
 //! author fixes them in one pass instead of five.
 
-use std::collections::HashMap;
+mod backends;
+
 use std::time::Duration;
 
 use crate::duration;
@@ -240,44 +241,8 @@ fn body(c: &mut Checker, spec: &PolicyBodySpec, meta: &MetadataSpec) -> TrafficP
         }
     }
 
-    let backends: Vec<Backend> = spec
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Backend {
-            address: c.address(&format!("spec.backends[{i}].address"), &b.address),
-            weight: c.int_range(
-                &format!("spec.backends[{i}].weight"),
-                b.weight.unwrap_or(1),
-                0,
-                10_000,
-            ),
-            protocol: match b.protocol {
-                None | Some(ProtocolSpec::Http1) => Protocol::Http1,
-                Some(ProtocolSpec::H2c) => Protocol::H2c,
-            },
-        })
-        .collect();
-    let mut seen: HashMap<&Address, usize> = HashMap::new();
-    for (i, b) in backends.iter().enumerate() {
-        if b.address.port == 0 {
-            continue;
-        }
-        if let Some(first) = seen.insert(&b.address, i) {
-            c.fail(
-                format!("spec.backends[{i}].address"),
-                Problem::Duplicate {
-                    what: "backend",
-                    name: b.address.to_string(),
-                    first: format!("at spec.backends[{first}]"),
-                },
-            );
-        }
-    }
-    // Judged on what was written, so an out-of-range weight is not also reported as 0.
-    if !spec.backends.is_empty() && spec.backends.iter().all(|b| b.weight == Some(0)) {
-        c.fail("spec.backends", Problem::AllWeightsZero);
-    }
+    let namespace = meta.namespace.as_deref();
+    let backends = backends::backends(c, "spec.backends", &spec.backends, namespace);
 
     let load_balancer = spec
         .load_balancer
@@ -303,7 +268,7 @@ fn body(c: &mut Checker, spec: &PolicyBodySpec, meta: &MetadataSpec) -> TrafficP
 
     let mut routes: Vec<Route> = Vec::new();
     for (i, r) in spec.routes.iter().enumerate() {
-        let route = route(c, &format!("spec.routes[{i}]"), r);
+        let route = route(c, &format!("spec.routes[{i}]"), r, namespace);
         if let Some(first) = routes.iter().position(|x| x.name == route.name) {
             c.fail(
                 format!("spec.routes[{i}].name"),
@@ -445,7 +410,7 @@ fn slo(c: &mut Checker, s: &SloSpec) -> Slo {
     }
 }
 
-fn route(c: &mut Checker, at: &str, r: &RouteSpec) -> Route {
+fn route(c: &mut Checker, at: &str, r: &RouteSpec, namespace: Option<&str>) -> Route {
     if !is_dns_label(&r.name) {
         c.fail(
             format!("{at}.name"),
@@ -500,6 +465,13 @@ fn route(c: &mut Checker, at: &str, r: &RouteSpec) -> Route {
             }
         }),
         mode: r.mode.map(mode),
+        backends: r.backends.as_ref().map(|list| {
+            let at = format!("{at}.backends");
+            if list.is_empty() {
+                c.fail(&at, Problem::Empty);
+            }
+            backends::backends(c, &at, list, namespace)
+        }),
     }
 }
 

@@ -33,6 +33,55 @@ fn address() -> impl Strategy<Value = Address> {
         .prop_map(|(host, port)| Address { host, port })
 }
 
+/// Namespaces never `default`, so that no Service named without one (in the
+/// generated policies, which have none: `default`) is another's duplicate.
+fn service() -> impl Strategy<Value = ServiceRef> {
+    (
+        "[a-z][a-z0-9-]{0,6}[a-z0-9]",
+        option::of("[a-z][a-z0-9]{0,5}"),
+        prop_oneof![
+            (1u16..=u16::MAX).prop_map(ServicePort::Number),
+            "[a-z][a-z0-9]{0,6}".prop_map(ServicePort::Name),
+        ],
+    )
+        .prop_map(|(name, namespace, port)| ServiceRef {
+            name,
+            namespace,
+            port,
+        })
+}
+
+/// Distinct backends, each an address or a Service, in a policy without namespace.
+fn backends(count: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Backend>> {
+    btree_set(
+        prop_oneof![address().prop_map(Ok), service().prop_map(Err)],
+        count,
+    )
+    .prop_flat_map(|targets| {
+        let n = targets.len();
+        (Just(targets), vec(1u32..=10_000, n), vec(any::<bool>(), n))
+    })
+    .prop_map(|(targets, weights, h2c)| {
+        targets
+            .into_iter()
+            .zip(weights)
+            .zip(h2c)
+            .map(|((target, weight), h2c)| {
+                let (address, service) = match target {
+                    Ok(address) => (address, None),
+                    Err(service) => (service.address(None), Some(service)),
+                };
+                Backend {
+                    address,
+                    weight,
+                    protocol: if h2c { Protocol::H2c } else { Protocol::Http1 },
+                    service,
+                }
+            })
+            .collect()
+    })
+}
+
 fn key() -> impl Strategy<Value = Key> {
     prop_oneof![Just(Key::ClientIp), "x-[a-z]{1,8}".prop_map(Key::Header)]
 }
@@ -175,6 +224,7 @@ fn route(name: String) -> impl Strategy<Value = Route> {
         option::of(fallback),
         option::of(priority),
         option::of(prop_oneof![Just(Mode::Enforce), Just(Mode::Shadow)]),
+        option::of(backends(1..4)),
     )
         .prop_map(
             move |(
@@ -188,6 +238,7 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                 fallback,
                 priority,
                 mode,
+                backends,
             )| Route {
                 name: name.clone(),
                 matcher,
@@ -200,15 +251,12 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                 fallback,
                 priority,
                 mode,
+                backends,
             },
         )
 }
 
 fn policy() -> impl Strategy<Value = TrafficPolicy> {
-    let backends = btree_set(address(), 0..4).prop_flat_map(|addrs| {
-        let n = addrs.len();
-        (Just(addrs), vec(1u32..=10_000, n), vec(any::<bool>(), n))
-    });
     let algorithm = prop_oneof![
         Just(Algorithm::WeightedRoundRobin),
         Just(Algorithm::P2cEwma),
@@ -229,7 +277,7 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
         name(),
         btree_set("[a-z]{1,8}(\\.[a-z]{1,5})?", 0..3),
         prop_oneof![Just(Mode::Enforce), Just(Mode::Shadow)],
-        backends,
+        backends(0..4),
         (algorithm, option::of(duration())),
         option::of(
             ("/[a-z]{0,5}", duration(), 1u32..10, 1u32..10).prop_map(|(path, t, u, h)| {
@@ -266,7 +314,7 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
                 name,
                 hosts,
                 mode,
-                (addrs, weights, h2c),
+                backends,
                 (algorithm, slow_start),
                 health_check,
                 outlier_detection,
@@ -278,16 +326,7 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
                     name,
                     namespace: None,
                     mode,
-                    backends: addrs
-                        .into_iter()
-                        .zip(weights)
-                        .zip(h2c)
-                        .map(|((address, weight), h2c)| Backend {
-                            address,
-                            weight,
-                            protocol: if h2c { Protocol::H2c } else { Protocol::Http1 },
-                        })
-                        .collect(),
+                    backends,
                     load_balancer: LoadBalancer {
                         algorithm,
                         slow_start,

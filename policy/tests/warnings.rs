@@ -73,3 +73,28 @@ fn the_example_policies_draw_no_warnings() {
     let checked = sluice_policy::check_path(&dir).unwrap_or_else(|e| panic!("{e}"));
     assert!(checked.warnings.is_empty(), "{:?}", checked.warnings);
 }
+
+#[test]
+fn warns_that_a_service_on_a_named_port_gets_no_traffic() {
+    let yaml = "\
+apiVersion: sluice.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: x}
+spec:
+  backends:
+    - {service: reviews, port: 9080}
+    - {service: reviews-v2.shop, port: http}
+  routes:
+    - name: canary
+      backends: [{service: reviews-v3, port: grpc}]
+";
+    let checked = sluice_policy::check_str(Path::new("x.yaml"), yaml).expect("valid");
+    let warnings: Vec<String> = checked.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        vec![
+            "x.yaml:7:40: warning: spec.backends[1].port: Service \"reviews-v2.shop\" is reached by the port name \"http\": a proxy only dials a port number, so this backend gets no traffic until the control plane sends its endpoints; give the number",
+            "x.yaml:10:46: warning: spec.routes[0].backends[0].port: Service \"reviews-v3\" is reached by the port name \"grpc\": a proxy only dials a port number, so this backend gets no traffic until the control plane sends its endpoints; give the number",
+        ]
+    );
+}

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::Histogram;
-use sluice_policy::{FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
+use sluice_policy::{Backend, FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
 
 use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
@@ -53,7 +53,48 @@ pub struct PolicyRuntime {
     pub mode: Mode,
     /// Shared, so that a snapshot that only changes endpoints (DNS) is cheap to make.
     pub routes: Arc<Vec<RouteRuntime>>,
+    /// The policy's backends.
     pub endpoints: Arc<Endpoints>,
+    /// One per route, in route order: the route's own backends, balanced apart
+    /// from the policy's (their own round-robin position, latencies, ejections),
+    /// or `None` for a route that uses the policy's. Beside the routes rather than
+    /// in them: like `endpoints`, a set may be rebuilt without the routes' state.
+    pub route_endpoints: Vec<Option<Arc<Endpoints>>>,
+}
+
+impl PolicyRuntime {
+    /// The backends of route `route`'s requests: its own, else the policy's.
+    pub fn endpoints_of(&self, route: usize) -> &Arc<Endpoints> {
+        self.route_endpoints
+            .get(route)
+            .and_then(Option::as_ref)
+            .unwrap_or(&self.endpoints)
+    }
+
+    /// Every set of backends of the policy: its own, then each route's own. Each
+    /// needs the background work (slow-start refresh, health checks) of the first.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &Arc<Endpoints>> {
+        self.endpoint_sets().map(|(_, e)| e)
+    }
+
+    /// [`Self::all_endpoints`] with each set's number, stable for the snapshot:
+    /// 0 is the policy's, `1 + r` route `r`'s own (see [`Self::endpoint_set`]).
+    pub fn endpoint_sets(&self) -> impl Iterator<Item = (usize, &Arc<Endpoints>)> {
+        std::iter::once((0, &self.endpoints)).chain(
+            self.route_endpoints
+                .iter()
+                .enumerate()
+                .filter_map(|(r, e)| Some((1 + r, e.as_ref()?))),
+        )
+    }
+
+    /// The set numbered `set` by [`Self::endpoint_sets`].
+    pub fn endpoint_set(&self, set: usize) -> Option<&Arc<Endpoints>> {
+        match set {
+            0 => Some(&self.endpoints),
+            r => self.route_endpoints.get(r - 1)?.as_ref(),
+        }
+    }
 }
 
 pub struct RouteRuntime {
@@ -145,15 +186,22 @@ impl Runtime {
     /// policy `i`; `None` keeps its own): what the resolver job stores when a name's
     /// addresses change. Everything else is the same `Arc`s, so no state is lost,
     /// and it is not a reload: version, source and load time stay.
-    pub fn with_endpoints(&self, replaced: Vec<Option<Arc<Endpoints>>>) -> Runtime {
+    pub fn with_endpoints(&self, replaced: Vec<Vec<(usize, Arc<Endpoints>)>>) -> Runtime {
         let mut replaced = replaced.into_iter();
         let policies = self
             .policies
             .iter()
             .map(|p| {
                 let mut p = p.clone();
-                if let Some(endpoints) = replaced.next().flatten() {
-                    p.endpoints = endpoints;
+                for (set, endpoints) in replaced.next().unwrap_or_default() {
+                    match set {
+                        0 => p.endpoints = endpoints,
+                        r => {
+                            if let Some(slot) = p.route_endpoints.get_mut(r - 1) {
+                                *slot = Some(endpoints);
+                            }
+                        }
+                    }
                 }
                 p
             })
@@ -204,11 +252,13 @@ impl Runtime {
         }
     }
 
-    /// The policy one of whose backends is `addr` (transparent outbound matching).
+    /// The policy one of whose backends, or one of whose routes' backends, is
+    /// `addr` (transparent outbound matching).
     pub fn policy_by_backend(&self, addr: std::net::SocketAddr) -> Option<usize> {
-        self.policies
-            .iter()
-            .position(|p| p.endpoints.targets.iter().any(|t| t.addr == addr))
+        self.policies.iter().position(|p| {
+            p.all_endpoints()
+                .any(|e| e.targets.iter().any(|t| t.addr == addr))
+        })
     }
 
     /// The index of the policy named `name`.
@@ -248,17 +298,9 @@ fn compile_policy(
     before: Option<&PolicyRuntime>,
     globals: &Arc<GlobalLimits>,
 ) -> prometheus::Result<PolicyRuntime> {
-    let rule = EndpointsRule {
-        backends: policy.backends.clone(),
-        load_balancer: policy.load_balancer.clone(),
-        health_check: policy.health_check.clone(),
-        outlier_detection: policy.outlier_detection.clone(),
-    };
-    let previous = before.map(|b| &b.endpoints);
-    let endpoints = carry(
-        previous,
-        |e| *e.rule() == rule,
-        || Endpoints::new(rule.clone(), previous.map(|p| &**p), Instant::now()),
+    let endpoints = compile_endpoints(
+        endpoints_rule(policy, &policy.backends),
+        before.map(|b| &b.endpoints),
     );
     let slo_threshold = policy
         .slo
@@ -266,6 +308,7 @@ fn compile_policy(
         .and_then(|s| s.latency.as_ref())
         .map(|l| l.threshold);
     let mut routes = Vec::with_capacity(policy.routes.len());
+    let mut route_endpoints = Vec::with_capacity(policy.routes.len());
     for route in &policy.routes {
         let old = before.and_then(|b| b.routes.iter().find(|r| r.name == route.name));
         let limiter = route.rate_limit.as_ref().map(|rule| {
@@ -316,6 +359,18 @@ fn compile_policy(
                 || RetryBudget::new(&retries.budget, now),
             )
         });
+        // Carried from the route's own backends before, if it had them: its
+        // balancer state is not the policy's.
+        let old_endpoints = before.and_then(|b| {
+            let j = b.routes.iter().position(|r| r.name == route.name)?;
+            b.route_endpoints.get(j)?.as_ref()
+        });
+        route_endpoints.push(
+            route
+                .backends
+                .as_ref()
+                .map(|backends| compile_endpoints(endpoints_rule(policy, backends), old_endpoints)),
+        );
         let fallback_addr = match route.fallback.as_ref().map(|f| &f.action) {
             Some(FallbackAction::Backend(a)) => (a.host.as_str(), a.port)
                 .to_socket_addrs()
@@ -350,7 +405,37 @@ fn compile_policy(
         mode: policy.mode,
         routes: Arc::new(routes),
         endpoints,
+        route_endpoints,
     })
+}
+
+/// A set of backends under the policy's balancer settings (the policy's own or a
+/// route's: both are balanced the same way).
+///
+/// A Service reached by a named port has no address to dial by name (its model
+/// address has port 0): it is left out, so the proxy has no endpoint for it rather
+/// than one at port 0, until the control plane sends the Service's endpoints.
+fn endpoints_rule(policy: &TrafficPolicy, backends: &[Backend]) -> EndpointsRule {
+    EndpointsRule {
+        backends: backends
+            .iter()
+            .filter(|b| b.dialable_address().is_some())
+            .cloned()
+            .collect(),
+        load_balancer: policy.load_balancer.clone(),
+        health_check: policy.health_check.clone(),
+        outlier_detection: policy.outlier_detection.clone(),
+    }
+}
+
+/// The previous endpoints when their rule is unchanged, else new ones that keep
+/// what they can of the previous (slow-start progress).
+fn compile_endpoints(rule: EndpointsRule, previous: Option<&Arc<Endpoints>>) -> Arc<Endpoints> {
+    carry(
+        previous,
+        |e| *e.rule() == rule,
+        || Endpoints::new(rule.clone(), previous.map(|p| &**p), Instant::now()),
+    )
 }
 
 /// The content hash of the canonical YAML (the control plane's, shortened):

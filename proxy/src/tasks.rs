@@ -46,8 +46,11 @@ pub fn housekeeping(shared: &Shared, n: u64) {
     let runtime = shared.runtime.load_full();
     let metrics = &shared.metrics;
     let now = std::time::Instant::now();
-    for policy in &runtime.policies {
-        let endpoints = &policy.endpoints;
+    for (policy, endpoints) in runtime
+        .policies
+        .iter()
+        .flat_map(|p| p.all_endpoints().map(move |e| (p, e)))
+    {
         endpoints.refresh(now);
         let checked =
             endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some();
@@ -131,11 +134,16 @@ fn backend_up(endpoints: &Endpoints, backend: usize, now: std::time::Instant) ->
 pub fn health_checks(shared: &Arc<Shared>) {
     let runtime = shared.runtime.load_full();
     let now = std::time::Instant::now();
-    for (p, policy) in runtime.policies.iter().enumerate() {
-        let Some(rule) = policy.endpoints.health_check_due(now).cloned() else {
+    let sets = runtime
+        .policies
+        .iter()
+        .enumerate()
+        .flat_map(|(p, policy)| policy.endpoint_sets().map(move |(set, e)| (p, set, e)));
+    for (p, set, endpoints) in sets {
+        let Some(rule) = endpoints.health_check_due(now).cloned() else {
             continue;
         };
-        for (i, target) in policy.endpoints.targets.iter().enumerate() {
+        for (i, target) in endpoints.targets.iter().enumerate() {
             let (addr, backend) = (target.addr, target.backend);
             let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
             let host = target.label.clone();
@@ -144,13 +152,12 @@ pub fn health_checks(shared: &Arc<Shared>) {
                 let Some(policy) = runtime.policies.get(p) else {
                     return;
                 };
-                if let Some(health) =
-                    policy
-                        .endpoints
-                        .record_check(i, ok, std::time::Instant::now())
-                {
+                let Some(endpoints) = policy.endpoint_set(set) else {
+                    return;
+                };
+                if let Some(health) = endpoints.record_check(i, ok, std::time::Instant::now()) {
                     let healthy = health == crate::health::Health::Healthy;
-                    let up = backend_up(&policy.endpoints, backend, std::time::Instant::now());
+                    let up = backend_up(endpoints, backend, std::time::Instant::now());
                     shared
                         .metrics
                         .backend_healthy
@@ -226,7 +233,8 @@ fn backend_names(runtime: &Runtime) -> impl Iterator<Item = (String, u16)> + '_ 
     runtime
         .policies
         .iter()
-        .flat_map(|p| p.endpoints.rule().backends.iter())
+        .flat_map(|p| p.all_endpoints())
+        .flat_map(|e| e.rule().backends.iter())
         .map(|b| &b.address)
         .filter(|a| literal(&a.host, a.port).is_none())
         .map(|a| (a.host.clone(), a.port))
@@ -302,34 +310,43 @@ pub async fn resolve_backends(
 /// has; IP literals are their own answer.
 pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
     let current = shared.runtime.load_full();
-    let replaced: Vec<Option<Arc<Endpoints>>> = current
+    let replaced: Vec<Vec<(usize, Arc<Endpoints>)>> = current
         .policies
         .iter()
         .map(|policy| {
-            let endpoints = &policy.endpoints;
-            let wanted = endpoints
-                .rule()
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    let (host, port) = (b.address.host.as_str(), b.address.port);
-                    match (literal(host, port), names.addresses(host, port)) {
-                        (Some(addr), _) => vec![addr],
-                        (None, Some(addrs)) => addrs.to_vec(),
-                        (None, None) => endpoints.backend_addresses(i).to_vec(),
-                    }
+            policy
+                .endpoint_sets()
+                .filter_map(|(set, endpoints)| {
+                    Some((set, Arc::new(resolved(endpoints, names, now)?)))
                 })
-                .collect();
-            endpoints.with_resolved(wanted, now).map(Arc::new)
+                .collect()
         })
         .collect();
-    if replaced.iter().all(Option::is_none) {
+    if replaced.iter().all(Vec::is_empty) {
         return false;
     }
     let next = Arc::new(current.with_endpoints(replaced));
     let before = shared.runtime.compare_and_swap(&current, next);
     Arc::ptr_eq(&before, &current)
+}
+
+/// `endpoints` rebuilt on the last good answers, when they differ from them.
+fn resolved(endpoints: &Endpoints, names: &Names, now: Instant) -> Option<Endpoints> {
+    let wanted = endpoints
+        .rule()
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let (host, port) = (b.address.host.as_str(), b.address.port);
+            match (literal(host, port), names.addresses(host, port)) {
+                (Some(addr), _) => vec![addr],
+                (None, Some(addrs)) => addrs.to_vec(),
+                (None, None) => endpoints.backend_addresses(i).to_vec(),
+            }
+        })
+        .collect();
+    endpoints.with_resolved(wanted, now)
 }
 
 /// Keeps the global rate limits supplied from Redis, on a background service's runtime.

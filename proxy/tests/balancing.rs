@@ -1,6 +1,7 @@
 //! Balancing, health and protocols end to end: P2C under latency skew, consistent
 //! hashing across a reload, active health checks, outlier ejection with its cap,
-//! h2c on both sides, the inbound listener, and balancer state across a reload.
+//! h2c on both sides, the inbound listener, balancer state across a reload, and a
+//! canary route (by header) with backends of its own.
 
 mod support;
 
@@ -353,4 +354,46 @@ async fn balancer_position_survives_an_unrelated_reload() {
     for window in picks.windows(10) {
         assert_eq!(window.iter().filter(|p| *p == "b").count(), 1, "{picks:?}");
     }
+}
+
+#[tokio::test]
+async fn a_canary_route_by_header_splits_over_its_own_backends() {
+    let mut ups = Vec::new();
+    for name in ["a", "b", "c1", "c2"] {
+        ups.push(upstream_with_latency(name, Duration::ZERO).await);
+    }
+    let (c1, c2) = (ups[2].addr(), ups[3].addr());
+    let routes = format!(
+        "    - name: canary\n      match: {{headers: {{x-canary: \"true\"}}}}\n      backends:\n        - {{address: \"{c1}\", weight: 3}}\n        - {{address: \"{c2}\", weight: 1}}\n    - name: default\n"
+    );
+    let dir = TempDir::new();
+    let backends = [(ups[0].addr(), 1), (ups[1].addr(), 1)];
+    let proxy = start_with(&dir, &policy("shop", &backends, "", &routes), &[]).await;
+    let mut client = HttpClient::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    let mut hits: HashMap<String, usize> = HashMap::new();
+    for _ in 0..40 {
+        let upstream = upstream_of(&mut client, "shop", &[("x-canary", "true")]).await;
+        *hits.entry(format!("canary->{upstream}")).or_default() += 1;
+        let upstream = upstream_of(&mut client, "shop", &[("x-canary", "no")]).await;
+        *hits.entry(format!("default->{upstream}")).or_default() += 1;
+    }
+    // Smooth weighted round robin: the exact split over each set, and no request
+    // of one route at the other's backends.
+    let expected: HashMap<String, usize> = [
+        ("canary->c1", 30),
+        ("canary->c2", 10),
+        ("default->a", 20),
+        ("default->b", 20),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(hits, expected);
+    let m = metrics(&proxy).await;
+    let series = format!(
+        "sluice_upstream_requests_total{{backend=\"{c2}\",outcome=\"success\",policy=\"shop\"}}"
+    );
+    assert_eq!(sample(&m, &series), 10.0, "{series} in\n{m}");
 }

@@ -81,10 +81,10 @@ impl<O: Observe> Exchange<O> {
         req: &(impl Request + ?Sized),
         now: Instant,
     ) -> Result<(SocketAddr, bool), String> {
-        let Some(policy) = self.policy() else {
+        let (Some(policy), Some(endpoints)) = (self.policy(), self.endpoints()) else {
             return Err("request was not routed".into());
         };
-        let endpoints = Arc::clone(&policy.endpoints);
+        let endpoints = Arc::clone(endpoints);
         let key = endpoints
             .hash_key()
             .map(|k| request_key(req, k))
@@ -132,8 +132,8 @@ impl<O: Observe> Exchange<O> {
         } else {
             self.target == Target::Balanced
                 && self
-                    .policy()
-                    .is_some_and(|p| p.endpoints.untried_left(&self.tried))
+                    .endpoints()
+                    .is_some_and(|e| e.untried_left(&self.tried))
         };
         if again {
             if retries {
@@ -312,22 +312,24 @@ impl<O: Observe> Exchange<O> {
         let Some((index, started)) = self.attempt.take() else {
             return;
         };
-        let Some(policy) = self.policy() else { return };
+        let (Some(policy), Some(endpoints)) = (self.policy(), self.endpoints()) else {
+            return;
+        };
         let rtt = now.saturating_duration_since(started);
-        if policy.endpoints.finish(index, now, rtt, failed) {
-            self.obs.ejected(policy, index);
+        if endpoints.finish(index, now, rtt, failed) {
+            self.obs.ejected(policy, endpoints, index);
         }
     }
 
     pub(super) fn record_upstream(&self, outcome: Outcome) {
-        if let Some(policy) = self.policy() {
+        if let (Some(policy), Some(endpoints)) = (self.policy(), self.endpoints()) {
             let backend = match self.target {
                 Target::FallbackBackend => return,
                 Target::Balanced | Target::App(_) => self.backend,
                 Target::Passthrough(_) => return,
             };
             if let Some(backend) = backend {
-                self.obs.upstream(policy, backend, outcome);
+                self.obs.upstream(policy, endpoints, backend, outcome);
             }
         }
     }

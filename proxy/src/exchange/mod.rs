@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use sluice_policy::{FallbackCause, Key};
 
 use crate::breaker::Admission;
+use crate::endpoints::Endpoints;
 use crate::runtime::{PolicyRuntime, RouteRuntime, Routed, Runtime};
 use crate::trace;
 use crate::verdict::Verdict;
@@ -322,9 +323,9 @@ impl<O: Observe> Exchange<O> {
             .then_some(self.traceparent.as_str())
     }
 
-    /// The policy whose backends the request goes to speaks h2c.
+    /// The backends the request goes to speak h2c.
     pub fn wants_h2c(&self) -> bool {
-        self.policy().is_some_and(|p| p.endpoints.speaks_h2c)
+        self.endpoints().is_some_and(|e| e.speaks_h2c)
     }
 
     /// Takes an event, says what to do.
@@ -485,17 +486,23 @@ impl<O: Observe> Exchange<O> {
         route_of(self.runtime.as_ref()?, self.routed)
     }
 
+    /// The backends the request goes to: its route's own, else its policy's. Every
+    /// pick, outcome and label of a backend index goes through here, since an index
+    /// means something only in the set it was picked from.
+    fn endpoints(&self) -> Option<&Arc<Endpoints>> {
+        let policy = self.policy()?;
+        Some(match self.routed {
+            Routed::Route { route, .. } => policy.endpoints_of(route),
+            Routed::NoRoute { .. } | Routed::NoPolicy => &policy.endpoints,
+        })
+    }
+
     /// The last attempt's backend, as labels and the access log name it.
     fn backend_label(&self) -> Option<&str> {
         match (self.backend?, self.target) {
             (_, Target::FallbackBackend) => None,
             (APP, _) => Some("app"),
-            (i, _) => self
-                .policy()?
-                .endpoints
-                .targets
-                .get(i)
-                .map(|t| t.label.as_str()),
+            (i, _) => self.endpoints()?.targets.get(i).map(|t| t.label.as_str()),
         }
     }
 }

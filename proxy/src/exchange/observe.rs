@@ -11,6 +11,7 @@ use sluice_policy::{FallbackCause, Mode};
 use super::{Direction, Request, APP};
 use crate::accesslog::{AccessRecord, Timestamp};
 use crate::breaker::Transition;
+use crate::endpoints::Endpoints;
 use crate::metrics::{code_class, code_class_index};
 use crate::runtime::{PolicyRuntime, RouteRuntime};
 use crate::shared::Shared;
@@ -70,23 +71,26 @@ pub trait Observe {
     fn fallback(&self, route: &RouteRuntime, cause: FallbackCause, mode: Mode);
     /// A retry was asked for: `granted` by the budget, or not.
     fn retry(&self, route: &RouteRuntime, granted: bool);
-    /// An attempt at `backend` (an index into the policy's targets, or the app) ended.
-    fn upstream(&self, policy: &PolicyRuntime, backend: usize, outcome: Outcome);
-    /// Outlier detection ejected `backend`.
-    fn ejected(&self, policy: &PolicyRuntime, backend: usize);
+    /// An attempt at `backend` (an index into `endpoints`' targets, the route's or
+    /// the policy's, or the app) ended.
+    fn upstream(
+        &self,
+        policy: &PolicyRuntime,
+        endpoints: &Endpoints,
+        backend: usize,
+        outcome: Outcome,
+    );
+    /// Outlier detection ejected `backend` (of `endpoints`).
+    fn ejected(&self, policy: &PolicyRuntime, endpoints: &Endpoints, backend: usize);
     /// Unclaimed traffic forwarded untouched.
     fn passthrough(&self, direction: Direction);
     fn finished<R: Request + ?Sized>(&self, record: &Record<'_, R>);
 }
 
-fn target_label(policy: &PolicyRuntime, backend: usize) -> &str {
+fn target_label(endpoints: &Endpoints, backend: usize) -> &str {
     match backend {
         APP => "app",
-        i => policy
-            .endpoints
-            .targets
-            .get(i)
-            .map_or("?", |t| t.label.as_str()),
+        i => endpoints.targets.get(i).map_or("?", |t| t.label.as_str()),
     }
 }
 
@@ -175,15 +179,21 @@ impl Observe for Arc<Shared> {
         self.metrics.retries.with_label_values(&labels).inc();
     }
 
-    fn upstream(&self, policy: &PolicyRuntime, backend: usize, outcome: Outcome) {
+    fn upstream(
+        &self,
+        policy: &PolicyRuntime,
+        endpoints: &Endpoints,
+        backend: usize,
+        outcome: Outcome,
+    ) {
         let make = || {
             self.metrics.upstream_requests.with_label_values(&[
                 policy.name.as_str(),
-                target_label(policy, backend),
+                target_label(endpoints, backend),
                 outcome.as_str(),
             ])
         };
-        match policy.endpoints.targets.get(backend) {
+        match endpoints.targets.get(backend) {
             Some(t) => {
                 if let Some(counter) = t.upstream.get(outcome as usize, make) {
                     counter.inc();
@@ -193,8 +203,8 @@ impl Observe for Arc<Shared> {
         }
     }
 
-    fn ejected(&self, policy: &PolicyRuntime, backend: usize) {
-        let label = target_label(policy, backend);
+    fn ejected(&self, policy: &PolicyRuntime, endpoints: &Endpoints, backend: usize) {
+        let label = target_label(endpoints, backend);
         self.metrics
             .backend_ejections
             .with_label_values(&[policy.name.as_str(), label])

@@ -27,10 +27,8 @@ impl<O: Observe> Exchange<O> {
         // is neither blamed nor credited, as Envoy's outlier detection ignores
         // downstream resets).
         if let Some((index, started)) = self.attempt.take() {
-            if let Some(policy) = self.policy() {
-                policy
-                    .endpoints
-                    .abandon(index, now, now.saturating_duration_since(started));
+            if let Some(endpoints) = self.endpoints() {
+                endpoints.abandon(index, now, now.saturating_duration_since(started));
             }
         }
         // Settle the request with the route's components: exactly one outcome each.
@@ -91,11 +89,9 @@ impl<O: Observe> Drop for Exchange<O> {
                 }
             }
         }
-        if let (Some((index, started)), Some(policy)) = (self.attempt, self.policy()) {
+        if let (Some((index, started)), Some(endpoints)) = (self.attempt, self.endpoints()) {
             let now = Instant::now();
-            policy
-                .endpoints
-                .abandon(index, now, now.saturating_duration_since(started));
+            endpoints.abandon(index, now, now.saturating_duration_since(started));
         }
         self.obs.end();
     }

@@ -131,6 +131,25 @@ async fn changed_records_change_the_endpoints_without_a_reload() {
     );
 }
 
+#[tokio::test]
+async fn a_routes_own_backends_are_resolved_and_swapped_too() {
+    let shared = shared_with("apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: '127.0.0.1:9'}]\n  routes:\n    - name: canary\n      match: {headers: {x-canary: 'true'}}\n      backends: [{address: 'localhost:8080'}]\n    - name: rest\n");
+    let (resolver, mut names, t0) = (FakeResolver::new(), Names::default(), Instant::now());
+    resolver.answer(&[7, 8], Some(Duration::from_secs(10)));
+    resolve_backends(&shared, &resolver, &mut names, t0).await;
+    let after = shared.runtime.load_full();
+    let policy = &after.policies[0];
+    let canary = policy.endpoint_set(1).expect("the canary route's own set");
+    assert_eq!(canary.backend_addresses(0), addrs(&[7, 8]).as_slice());
+    assert!(Arc::ptr_eq(policy.endpoints_of(0), canary));
+    // The policy's own set (an IP literal) is left as it was.
+    assert_eq!(policy.endpoints.targets.len(), 1);
+    assert!(
+        policy.endpoint_set(2).is_none(),
+        "the other route has no set of its own"
+    );
+}
+
 fn dns_lookups(shared: &Shared, result: &str) -> u64 {
     shared
         .metrics
@@ -197,7 +216,7 @@ fn housekeeping_publishes_each_backends_endpoint_count() {
         .with_resolved(resolved, Instant::now())
         .unwrap();
     shared.runtime.store(Arc::new(
-        runtime.with_endpoints(vec![Some(Arc::new(endpoints))]),
+        runtime.with_endpoints(vec![vec![(0, Arc::new(endpoints))]]),
     ));
     housekeeping(&shared, 1);
     let gauge = |backend: &str| {

@@ -14,6 +14,7 @@ use super::*;
 
 mod admission;
 mod attempts;
+mod backends;
 use crate::breaker::Transition;
 use crate::globallimit::GlobalLimits;
 
@@ -89,12 +90,12 @@ impl Observe for Arc<Recorder> {
     fn retry(&self, route: &RouteRuntime, granted: bool) {
         self.note(format!("retry {} {granted}", route.name));
     }
-    fn upstream(&self, policy: &PolicyRuntime, backend: usize, outcome: Outcome) {
-        let label = observe_label(policy, backend);
+    fn upstream(&self, _: &PolicyRuntime, endpoints: &Endpoints, backend: usize, outcome: Outcome) {
+        let label = observe_label(endpoints, backend);
         self.note(format!("upstream {label} {}", outcome.as_str()));
     }
-    fn ejected(&self, policy: &PolicyRuntime, backend: usize) {
-        self.note(format!("ejected {}", observe_label(policy, backend)));
+    fn ejected(&self, _: &PolicyRuntime, endpoints: &Endpoints, backend: usize) {
+        self.note(format!("ejected {}", observe_label(endpoints, backend)));
     }
     fn passthrough(&self, direction: Direction) {
         self.note(format!("passthrough {}", direction.as_str()));
@@ -113,10 +114,10 @@ impl Observe for Arc<Recorder> {
     }
 }
 
-fn observe_label(policy: &PolicyRuntime, backend: usize) -> String {
+fn observe_label(endpoints: &Endpoints, backend: usize) -> String {
     match backend {
         APP => "app".into(),
-        i => policy.endpoints.targets[i].label.clone(),
+        i => endpoints.targets[i].label.clone(),
     }
 }
 
