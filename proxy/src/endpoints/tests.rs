@@ -26,6 +26,7 @@ fn rule(
         },
         health_check: None,
         outlier_detection: None,
+        namespace: None,
     }
 }
 
