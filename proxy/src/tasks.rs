@@ -196,6 +196,9 @@ pub const RESOLVE_EVERY: Duration = Duration::from_secs(1);
 /// same `Arc`): not a reload, and requests in flight keep the snapshot they pinned.
 /// The swap is a compare-and-swap, so it never overwrites a reload; losing that race
 /// costs one tick, since every tick compares the live snapshot with the answers.
+/// The same comparison covers the Service sets the control plane pushed
+/// (`Shared::services`, see `discovery`): a Service backend with a set takes it and
+/// its name is not looked up.
 pub struct ResolveBackends {
     pub shared: Arc<Shared>,
     /// `--dns-server`; else the system configuration.
