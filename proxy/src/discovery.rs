@@ -237,6 +237,7 @@ impl FollowEndpoints {
     /// Follows the stream until shutdown, reconnecting with backoff.
     pub async fn run(&self, mut shutdown: ShutdownWatch) {
         let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+        let mut told_unimplemented = false;
         // Ends on shutdown; each iteration is one connection attempt.
         loop {
             let outcome = tokio::select! {
@@ -244,9 +245,24 @@ impl FollowEndpoints {
                 outcome = self.session() => outcome,
             };
             self.source.shared.metrics.endpoints_stream_connected.set(0);
+            let unimplemented = outcome
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<tonic::Status>())
+                .is_some_and(|s| s.code() == tonic::Code::Unimplemented);
             match outcome {
                 Ok(true) => backoff.reset(),
                 Ok(false) => {}
+                // A control plane older than the endpoint stream: said once, not at
+                // every retry (it may be upgraded, so the proxy keeps asking).
+                Err(_) if unimplemented => {
+                    if !std::mem::replace(&mut told_unimplemented, true) {
+                        tracing::info!(
+                            url = self.source.url.as_str(),
+                            "the control plane serves no endpoint stream; Service backends use DNS"
+                        );
+                    }
+                }
                 Err(e) => tracing::warn!(
                     url = self.source.url.as_str(),
                     error = format!("{e:#}"),
