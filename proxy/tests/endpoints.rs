@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use sluice_control_plane::api::{
     self,
     endpoint_discovery_server::{EndpointDiscovery, EndpointDiscoveryServer},
@@ -28,6 +28,8 @@ type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// What the fake control plane pushes and what it heard back.
 #[derive(Default)]
 struct Plane {
+    /// The policy YAML, pushed as a new snapshot on change.
+    policy: tokio::sync::watch::Sender<String>,
     /// The pods of `default/reviews` (ip, targetPort, ready), pushed whole on change.
     pods: tokio::sync::watch::Sender<Vec<(SocketAddr, bool)>>,
     /// Every ACK/NACK of an endpoint update: (nonce, error).
@@ -47,18 +49,29 @@ impl PolicyDiscovery for Fake {
         &self,
         _request: Request<Streaming<api::DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamPoliciesStream>, Status> {
-        let snapshot = api::Snapshot {
-            version: 1,
-            content_hash: String::new(),
-            policies_yaml: POLICY.into(),
-            nonce: "p1".into(),
-            source: "test".into(),
-            accepted_at_ms: 0,
-        };
-        // One snapshot, then the stream stays open (as a real control plane's).
-        let stream =
-            futures::stream::once(async { Ok(snapshot) }).chain(futures::stream::pending());
-        Ok(Response::new(Box::pin(stream)))
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut policy = self.0.policy.subscribe();
+        policy.mark_changed();
+        tokio::spawn(async move {
+            // Ends when the proxy hangs up or the test drops the plane.
+            for version in 1.. {
+                if policy.changed().await.is_err() {
+                    return;
+                }
+                let snapshot = api::Snapshot {
+                    version,
+                    content_hash: String::new(),
+                    policies_yaml: policy.borrow_and_update().clone(),
+                    nonce: format!("p{version}"),
+                    source: "test".into(),
+                    accepted_at_ms: 0,
+                };
+                if tx.send(Ok(snapshot)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn get_status(
@@ -229,6 +242,7 @@ async fn service_pods_come_and_go_without_failing_a_request() {
         pod([127, 0, 0, 13], "c").await,
     ];
     let plane = Arc::new(Plane::default());
+    plane.policy.send_replace(POLICY.to_owned());
     plane
         .pods
         .send_replace(pods.iter().map(|p| (p.addr(), true)).collect());
@@ -325,6 +339,21 @@ async fn service_pods_come_and_go_without_failing_a_request() {
         async || support::sample(&support::metrics(&proxy).await, series) == 2.0,
     )
     .await;
+    // A reload that adds a route with a Service backend of its own resubscribes.
+    plane.policy.send_replace(format!(
+        "{POLICY}  routes:\n    - name: ratings\n      match: {{path: /ratings}}\n      backends: [{{service: ratings.other, port: 8080}}]\n    - name: rest\n"
+    ));
+    eventually("the proxy resubscribes with other/ratings", async || {
+        plane
+            .subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|s| s == &["default/reviews".to_owned(), "other/ratings".to_owned()])
+    })
+    .await;
+    assert_eq!(send(listen, 10, 1).await, Vec::<String>::new());
+
     let metrics = support::metrics(&proxy).await;
     assert!(
         metrics.contains("sluice_endpoints_stream_connected 1"),
