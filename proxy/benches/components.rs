@@ -170,6 +170,7 @@ fn balancer(c: &mut Criterion) {
                 },
                 health_check: None,
                 outlier_detection: None,
+                namespace: None,
             },
             None,
             now,

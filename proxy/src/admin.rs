@@ -70,6 +70,37 @@ fn endpoints(rt: &crate::runtime::Runtime) -> serde_json::Value {
         .into()
 }
 
+/// The Services' endpoint sets pushed by the control plane: `{"ns/name": {"version":
+/// 3, "endpoints": [{"ip", "servicePort", "servicePortName", "targetPort", "ready",
+/// "serving", "terminating", "pod", "zone"}]}}`; empty in file mode.
+fn service_endpoints(services: &crate::services::ServiceSets) -> serde_json::Value {
+    services
+        .iter()
+        .map(|(key, set)| {
+            let endpoints: Vec<serde_json::Value> = set
+                .endpoints
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "ip": e.ip.to_string(),
+                        "servicePort": e.service_port,
+                        "servicePortName": e.service_port_name,
+                        "targetPort": e.target_port,
+                        "ready": e.ready,
+                        "serving": e.serving,
+                        "terminating": e.terminating,
+                        "pod": e.pod,
+                        "zone": e.zone,
+                    })
+                })
+                .collect();
+            let set = serde_json::json!({"version": set.version, "endpoints": endpoints});
+            (key.to_owned(), set)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 impl Admin {
     /// The global rate limits' state: whether Redis answers, and per route its
     /// bucket's Redis key, the keys tracked and the tokens leased right now.
@@ -156,6 +187,7 @@ impl Admin {
                         "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
                         "globalRateLimits": self.global_limits(rt),
                         "endpoints": endpoints(rt),
+                        "serviceEndpoints": service_endpoints(&self.shared.services.load()),
                     }),
                     _ => serde_json::json!({"version": null, "source": null, "policies": []}),
                 };

@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use pingora::server::ShutdownWatch;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::backoff::Backoff;
 use crate::shared::Shared;
@@ -42,6 +44,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// File name of the persisted snapshot inside `--state-dir`.
 pub const STATE_FILE: &str = "last-good-policy.yaml";
 
+#[derive(Clone)]
 pub struct ControlPlaneSource {
     pub shared: Arc<Shared>,
     pub url: String,
@@ -59,6 +62,19 @@ pub struct ControlPlaneSource {
 pub enum Ca {
     File(PathBuf),
     Pem(String),
+}
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
 }
 
 /// The persisted form: a comment line with the version, then the policy YAML.
@@ -191,27 +207,29 @@ impl ControlPlaneSource {
         Ok(endpoint)
     }
 
-    /// One stream until it breaks; Ok(true) if at least one snapshot arrived.
-    async fn session(&self) -> anyhow::Result<bool> {
+    /// A channel to the control plane (TLS as configured) and the credentials every
+    /// call carries: shared by the policy stream and the endpoints stream
+    /// (`discovery`). The token file is read on each connection, so a rotated
+    /// token is picked up by the next reconnect.
+    pub async fn connect(&self) -> anyhow::Result<(Channel, Bearer)> {
         let channel = self.endpoint().await?.connect().await?;
         let token = match &self.token_file {
             Some(path) => Some(tokio::fs::read_to_string(path).await?.trim().to_owned()),
             None => None,
         };
-        let header: Option<tonic::metadata::MetadataValue<_>> = token
+        let header = token
             .map(|t| format!("Bearer {t}").parse())
             .transpose()
             .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
-        let mut client = api::policy_discovery_client::PolicyDiscoveryClient::with_interceptor(
-            channel,
-            move |mut req: tonic::Request<()>| {
-                if let Some(h) = &header {
-                    req.metadata_mut().insert("authorization", h.clone());
-                }
-                Ok(req)
-            },
-        )
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        Ok((channel, Bearer(header)))
+    }
+
+    /// One stream until it breaks; Ok(true) if at least one snapshot arrived.
+    async fn session(&self) -> anyhow::Result<bool> {
+        let (channel, bearer) = self.connect().await?;
+        let mut client =
+            api::policy_discovery_client::PolicyDiscoveryClient::with_interceptor(channel, bearer)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(api::DiscoveryRequest {
             node_id: self.node_id.clone(),

@@ -24,7 +24,14 @@
 //! otherwise resolves the name at once, blocking (the system resolver, every
 //! address; IP literals are parsed, never looked up), as snapshots are built off the
 //! async path. Afterwards the resolver job (`tasks::resolve_backends`) keeps them
-//! current: [`Endpoints::with_resolved`] rebuilds the set from new addresses.
+//! current: [`Endpoints::with_resolved`] rebuilds the set from new addresses. A
+//! Service backend's endpoints may instead come from the control plane (see
+//! `services`), with their conditions: [`Endpoints::with_members`] rebuilds from
+//! [`Member`]s, each of which may be *draining* (a pod that still serves but is not
+//! ready). A draining endpoint counts as unavailable, like an unhealthy one: it gets
+//! new requests only in the fallback of the pick order, when no available endpoint
+//! of the set is left. A backend's weight is split over its ready endpoints only (so
+//! a draining pod does not dilute its backend's share), or over all when none is.
 //!
 //! Carry-over: the whole `Endpoints` carries over a reload while its rule (backends,
 //! balancer, health check, outlier detection) is unchanged. When it is rebuilt (a
@@ -74,6 +81,26 @@ pub struct EndpointsRule {
     pub load_balancer: LoadBalancer,
     pub health_check: Option<HealthCheck>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// The policy's namespace: where a Service backend named without one lives.
+    pub namespace: Option<String>,
+}
+
+/// One address of a backend and whether it is draining (still serving, not ready:
+/// it takes new requests only when nothing available is left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Member {
+    pub addr: SocketAddr,
+    pub draining: bool,
+}
+
+impl Member {
+    /// A ready address (DNS answers and IP literals are always ready).
+    pub fn ready(addr: SocketAddr) -> Self {
+        Member {
+            addr,
+            draining: false,
+        }
+    }
 }
 
 /// One address of a backend, as the proxy dials it.
@@ -84,6 +111,8 @@ pub struct Target {
     pub label: String,
     pub addr: SocketAddr,
     pub protocol: Protocol,
+    /// Not ready (see [`Member`]): unavailable to a pick while something else is.
+    pub draining: bool,
     /// `sluice_upstream_requests_total` handles, by outcome: the backend's, shared
     /// by its endpoints (one series per backend).
     pub upstream: Arc<CounterCache>,
@@ -94,6 +123,8 @@ struct Resolved {
     label: String,
     /// Sorted, deduplicated, at most [`MAX_ENDPOINTS_PER_BACKEND`] ([`normalize`]).
     addrs: Vec<SocketAddr>,
+    /// Per address of `addrs`, whether it is draining.
+    draining: Vec<bool>,
     upstream: Arc<CounterCache>,
 }
 
@@ -124,8 +155,8 @@ pub struct Endpoints {
     joined: Vec<Option<Instant>>,
     random: AtomicU64,
     next_check: Mutex<Instant>,
-    /// No health checks or outlier detection: every endpoint is always available, so
-    /// a pick only has to avoid the ones already tried.
+    /// No health checks, outlier detection or draining endpoint: every endpoint is
+    /// always available, so a pick only has to avoid the ones already tried.
     always_available: bool,
     /// Some backend speaks h2c (the h1 engine hands such requests to pingora).
     pub speaks_h2c: bool,
@@ -147,6 +178,15 @@ pub fn normalize(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     addrs
 }
 
+/// [`normalize`] for members: an address listed twice is ready if either entry is.
+pub fn normalize_members(mut members: Vec<Member>) -> Vec<Member> {
+    // `false < true`: the ready entry of an address sorts first and survives dedup.
+    members.sort_unstable();
+    members.dedup_by_key(|m| m.addr);
+    members.truncate(MAX_ENDPOINTS_PER_BACKEND);
+    members
+}
+
 /// Every address of `host:port` from the system resolver, blocking; empty when the
 /// name does not resolve.
 fn resolve_blocking(host: &str, port: u16) -> Vec<SocketAddr> {
@@ -157,6 +197,17 @@ fn resolve_blocking(host: &str, port: u16) -> Vec<SocketAddr> {
         .to_socket_addrs()
         .map(|addrs| normalize(addrs.collect()))
         .unwrap_or_default()
+}
+
+fn members(r: &Resolved) -> Vec<Member> {
+    r.addrs
+        .iter()
+        .zip(&r.draining)
+        .map(|(addr, draining)| Member {
+            addr: *addr,
+            draining: *draining,
+        })
+        .collect()
 }
 
 /// An endpoint's share of its backend's `weight` (see the module doc): at least 1
@@ -171,22 +222,30 @@ fn split(weight: u32, endpoints: usize, scale: u64) -> u32 {
 }
 
 impl Endpoints {
-    /// For a reload: each backend's addresses are the previous `Endpoints`' for the
-    /// same backend, else resolved now. Blocking (the system resolver), so it runs
-    /// where snapshots are built, never on an async task.
+    /// For a reload: each backend's addresses (and conditions) are the previous
+    /// `Endpoints`' for the same backend, else resolved now; a Service on a named
+    /// port has none until the control plane sends them. Blocking (the system
+    /// resolver), so it runs where snapshots are built, never on an async task.
     pub fn new(rule: EndpointsRule, previous: Option<&Endpoints>, now: Instant) -> Self {
-        let resolved = rule
+        let members = rule
             .backends
             .iter()
             .map(|b| {
                 let label = b.address.to_string();
-                match previous.and_then(|p| p.addresses_of(&label)) {
-                    Some(addrs) => addrs.to_vec(),
-                    None => resolve_blocking(&b.address.host, b.address.port),
+                match (
+                    previous.and_then(|p| p.members_of(&label)),
+                    b.dialable_address(),
+                ) {
+                    (Some(members), _) => members,
+                    (None, Some(a)) => resolve_blocking(&a.host, a.port)
+                        .into_iter()
+                        .map(Member::ready)
+                        .collect(),
+                    (None, None) => Vec::new(),
                 }
             })
             .collect();
-        Self::build(rule, resolved, previous, now)
+        Self::build_members(rule, members, previous, now)
     }
 
     /// `rule`'s backends at `resolved` (one set per backend, in order; a missing set
@@ -197,7 +256,21 @@ impl Endpoints {
         previous: Option<&Endpoints>,
         now: Instant,
     ) -> Self {
-        let mut resolved = resolved.into_iter();
+        let members = resolved
+            .into_iter()
+            .map(|set| set.into_iter().map(Member::ready).collect())
+            .collect();
+        Self::build_members(rule, members, previous, now)
+    }
+
+    /// [`Self::build`] from members, which may be draining.
+    pub fn build_members(
+        rule: EndpointsRule,
+        members: Vec<Vec<Member>>,
+        previous: Option<&Endpoints>,
+        now: Instant,
+    ) -> Self {
+        let mut members = members.into_iter();
         let resolved: Vec<Resolved> = rule
             .backends
             .iter()
@@ -209,8 +282,10 @@ impl Endpoints {
                         || Arc::new(CounterCache::new(5)),
                         |r| Arc::clone(&r.upstream),
                     );
+                let set = normalize_members(members.next().unwrap_or_default());
                 Resolved {
-                    addrs: normalize(resolved.next().unwrap_or_default()),
+                    addrs: set.iter().map(|m| m.addr).collect(),
+                    draining: set.iter().map(|m| m.draining).collect(),
                     label,
                     upstream,
                 }
@@ -221,13 +296,16 @@ impl Endpoints {
         let mut targets = Vec::new();
         let mut weights = Vec::new();
         for (index, (backend, set)) in rule.backends.iter().zip(&resolved).enumerate() {
-            let weight = split(backend.weight, set.addrs.len(), scale);
-            for addr in &set.addrs {
+            let ready = set.draining.iter().filter(|d| !**d).count();
+            let over = if ready > 0 { ready } else { set.addrs.len() };
+            let weight = split(backend.weight, over, scale);
+            for (addr, draining) in set.addrs.iter().zip(&set.draining) {
                 targets.push(Target {
                     backend: index,
                     label: set.label.clone(),
                     addr: *addr,
                     protocol: backend.protocol,
+                    draining: *draining,
                     upstream: Arc::clone(&set.upstream),
                 });
                 weights.push(weight);
@@ -301,7 +379,9 @@ impl Endpoints {
             }
         });
         let endpoints = Endpoints {
-            always_available: rule.health_check.is_none() && rule.outlier_detection.is_none(),
+            always_available: rule.health_check.is_none()
+                && rule.outlier_detection.is_none()
+                && !targets.iter().any(|t| t.draining),
             speaks_h2c: rule.backends.iter().any(|b| b.protocol == Protocol::H2c),
             health,
             outlier,
@@ -324,16 +404,35 @@ impl Endpoints {
     /// A rebuild at `resolved` (one set per backend), or `None` when every backend
     /// already has exactly those addresses.
     pub fn with_resolved(&self, resolved: Vec<Vec<SocketAddr>>, now: Instant) -> Option<Endpoints> {
-        let resolved: Vec<Vec<SocketAddr>> = resolved.into_iter().map(normalize).collect();
-        let same = resolved.len() == self.resolved.len()
-            && resolved
-                .iter()
-                .zip(&self.resolved)
-                .all(|(new, old)| *new == old.addrs);
+        let members = resolved
+            .into_iter()
+            .map(|set| set.into_iter().map(Member::ready).collect())
+            .collect();
+        self.with_members(members, now)
+    }
+
+    /// [`Self::with_resolved`] with conditions: a rebuild at `members` (one set per
+    /// backend), or `None` when every backend already has exactly those, draining
+    /// flags included.
+    pub fn with_members(&self, members: Vec<Vec<Member>>, now: Instant) -> Option<Endpoints> {
+        let members: Vec<Vec<Member>> = members.into_iter().map(normalize_members).collect();
+        let same = members.len() == self.resolved.len()
+            && members.iter().zip(&self.resolved).all(|(new, old)| {
+                new.len() == old.addrs.len()
+                    && new
+                        .iter()
+                        .zip(old.addrs.iter().zip(&old.draining))
+                        .all(|(m, (a, d))| m.addr == *a && m.draining == *d)
+            });
         if same {
             return None;
         }
-        Some(Self::build(self.rule.clone(), resolved, Some(self), now))
+        Some(Self::build_members(
+            self.rule.clone(),
+            members,
+            Some(self),
+            now,
+        ))
     }
 
     pub fn rule(&self) -> &EndpointsRule {
@@ -343,6 +442,23 @@ impl Endpoints {
     /// Backend `index`'s addresses (sorted); empty when it resolved to nothing.
     pub fn backend_addresses(&self, index: usize) -> &[SocketAddr] {
         self.resolved.get(index).map_or(&[], |r| r.addrs.as_slice())
+    }
+
+    /// Backend `index`'s addresses with their conditions.
+    pub fn backend_members(&self, index: usize) -> Vec<Member> {
+        self.resolved.get(index).map_or_else(Vec::new, members)
+    }
+
+    /// The members of the backend labelled `label`, if there is one.
+    pub fn members_of(&self, label: &str) -> Option<Vec<Member>> {
+        self.resolved.iter().find(|r| r.label == label).map(members)
+    }
+
+    /// How many of backend `index`'s endpoints are ready (not draining).
+    pub fn ready_count(&self, index: usize) -> usize {
+        self.resolved
+            .get(index)
+            .map_or(0, |r| r.draining.iter().filter(|d| !**d).count())
     }
 
     /// The addresses of the backend labelled `label` (`host:port`), if there is one.
@@ -385,9 +501,12 @@ impl Endpoints {
         index < self.targets.len()
     }
 
+    /// Dialable, not draining, healthy and not ejected: what a pick prefers.
     #[inline]
     fn available(&self, index: usize, now: Instant) -> bool {
-        self.dialable(index) && self.is_healthy(index) && !self.is_ejected(index, now)
+        self.targets.get(index).is_some_and(|t| !t.draining)
+            && self.is_healthy(index)
+            && !self.is_ejected(index, now)
     }
 
     /// splitmix64 over a shared counter. The counter moves by a plain load and

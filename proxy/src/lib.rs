@@ -9,12 +9,15 @@
 //!   settlement (metrics and the access log through its `Observe`r);
 //! - the policy it is decided by is a [`runtime::Runtime`] snapshot in
 //!   [`shared::Shared`], swapped whole by [`source`] (files) or [`control_plane`]
-//!   (the gRPC stream); the components it holds are plain state with synchronous APIs.
+//!   (the gRPC stream); the components it holds are plain state with synchronous APIs;
+//! - a `service:` backend's pods come from the control plane's endpoint stream
+//!   ([`discovery`], kept in [`services`]) and are swapped into the live snapshot's
+//!   endpoints like DNS answers ([`tasks`]), without a reload.
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
 //! leaves (`metrics`, `trace`, `verdict`...) < components (`ratelimit`, `breaker`,
-//! `endpoints`, `resolve`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
-//! (`exchange`, `front`, `phases`, `h1`) < app (`source`, `control_plane`, `admin`,
+//! `endpoints`, `resolve`, `services`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
+//! (`exchange`, `front`, `phases`, `h1`) < app (`source`, `control_plane`, `discovery`, `admin`,
 //! `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
 
@@ -27,6 +30,7 @@ pub mod budget;
 pub mod cli;
 pub mod concurrency;
 pub mod control_plane;
+pub mod discovery;
 pub mod endpoints;
 pub mod exchange;
 pub mod front;
@@ -45,6 +49,7 @@ pub mod ratelimit;
 pub mod resolve;
 pub mod respond;
 pub mod runtime;
+pub mod services;
 pub mod shared;
 pub mod shutdown;
 pub mod slowstart;

@@ -502,6 +502,14 @@ fn main() -> ExitCode {
         ));
     }
     if let Some(source) = control_plane {
+        // Service backends' pods: a stream of its own beside the policy stream, on
+        // its own background runtime (a slow policy apply does not delay it).
+        server.add_service(background_service(
+            "control-plane-endpoints",
+            sluice_proxy::discovery::FollowEndpoints {
+                source: source.clone(),
+            },
+        ));
         server.add_service(background_service(
             "control-plane",
             FollowControlPlane(std::sync::Mutex::new(Some(source))),

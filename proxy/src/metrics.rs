@@ -42,6 +42,8 @@ pub struct Metrics {
     pub dns_lookups: IntCounterVec,
     pub backend_ejections: IntCounterVec,
     pub control_plane_connected: IntGauge,
+    pub endpoints_stream_connected: IntGauge,
+    pub endpoint_updates: IntCounterVec,
     pub passthrough: IntCounterVec,
     pub global_redis_up: IntGauge,
     pub global_syncs: IntCounterVec,
@@ -92,6 +94,11 @@ impl Metrics {
             "1 while the proxy holds a policy stream to the control plane.",
         )?;
         r.register(Box::new(control_plane_connected.clone()))?;
+        let endpoints_stream_connected = IntGauge::new(
+            "sluice_endpoints_stream_connected",
+            "1 while the proxy holds an endpoints stream to the control plane.",
+        )?;
+        r.register(Box::new(endpoints_stream_connected.clone()))?;
         let global_redis_up = IntGauge::new(
             "sluice_global_rate_limit_redis_up",
             "1 while Redis answers the global rate limits' claims (0 without --redis).",
@@ -197,7 +204,7 @@ impl Metrics {
             backend_endpoints: gauge(
                 r,
                 "sluice_backend_endpoints",
-                "Endpoints (resolved addresses) of a backend.",
+                "Endpoints of a backend that take new requests (resolved addresses; ready pods of a Service).",
                 &["policy", "backend"],
             )?,
             dns_lookups: counter(
@@ -244,9 +251,16 @@ impl Metrics {
                 "Requests of a global rate limit decided by the replica's own bucket (Redis unreachable, or a lease on its way).",
                 &["policy", "route"],
             )?,
+            endpoint_updates: counter(
+                r,
+                "sluice_endpoint_updates_total",
+                "Endpoint updates from the control plane, by result (ack, nack).",
+                &["result"],
+            )?,
             global_redis_up,
             inflight,
             control_plane_connected,
+            endpoints_stream_connected,
             registry,
         })
     }

@@ -413,18 +413,15 @@ fn compile_policy(
 /// route's: both are balanced the same way).
 ///
 /// A Service reached by a named port has no address to dial by name (its model
-/// address has port 0): it is left out, so the proxy has no endpoint for it rather
-/// than one at port 0, until the control plane sends the Service's endpoints.
-fn endpoints_rule(policy: &TrafficPolicy, backends: &[Backend]) -> EndpointsRule {
+/// address has port 0): it is in the rule, but `Endpoints::new` gives it no endpoint
+/// (rather than one at port 0) until the control plane sends the Service's endpoints.
+pub fn endpoints_rule(policy: &TrafficPolicy, backends: &[Backend]) -> EndpointsRule {
     EndpointsRule {
-        backends: backends
-            .iter()
-            .filter(|b| b.dialable_address().is_some())
-            .cloned()
-            .collect(),
+        backends: backends.to_vec(),
         load_balancer: policy.load_balancer.clone(),
         health_check: policy.health_check.clone(),
         outlier_detection: policy.outlier_detection.clone(),
+        namespace: policy.namespace.clone(),
     }
 }
 

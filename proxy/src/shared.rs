@@ -11,6 +11,7 @@ use crate::accesslog::AccessLog;
 use crate::globallimit::GlobalLimits;
 use crate::metrics::Metrics;
 use crate::runtime::{DurationCollector, Runtime};
+use crate::services::ServiceSets;
 use crate::trace::IdGenerator;
 
 pub struct Shared {
@@ -24,6 +25,10 @@ pub struct Shared {
     pub access_log: AccessLog,
     /// Redis reachability and the sync task's wake-up, for the global rate limits.
     pub globals: Arc<GlobalLimits>,
+    /// The Services' endpoint sets pushed by the control plane (empty in file
+    /// mode): written whole by the endpoints stream, read by the swap into the
+    /// live snapshot (`tasks::apply_resolved`) and by /config_dump.
+    pub services: ArcSwap<ServiceSets>,
 }
 
 impl Shared {
@@ -40,6 +45,7 @@ impl Shared {
             inflight: AtomicUsize::new(0),
             access_log: AccessLog::new(access_log),
             globals: GlobalLimits::new(redis),
+            services: ArcSwap::from_pointee(ServiceSets::default()),
         })
     }
 }

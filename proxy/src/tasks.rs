@@ -12,10 +12,11 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::control_plane::ControlPlaneSource;
-use crate::endpoints::{literal, Endpoints};
+use crate::endpoints::{literal, Endpoints, Member};
 use crate::globallimit;
 use crate::resolve::{DnsResolver, Names, Outcome, Resolve, ResolveError, LOOKUP_TIMEOUT};
 use crate::runtime::Runtime;
+use crate::services::ServiceSets;
 use crate::shared::Shared;
 
 /// A job run every `period` (the first run at once) until shutdown, on a background
@@ -56,10 +57,12 @@ pub fn housekeeping(shared: &Shared, n: u64) {
             endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some();
         for (b, (label, addrs)) in endpoints.backends().enumerate() {
             let labels = [policy.name.as_str(), label];
+            // Ready ones: what takes new requests (every address, for DNS).
+            let ready = endpoints.ready_count(b).min(addrs.len());
             metrics
                 .backend_endpoints
                 .with_label_values(&labels)
-                .set(addrs.len() as i64);
+                .set(ready as i64);
             if checked {
                 metrics
                     .backend_healthy
@@ -193,6 +196,9 @@ pub const RESOLVE_EVERY: Duration = Duration::from_secs(1);
 /// same `Arc`): not a reload, and requests in flight keep the snapshot they pinned.
 /// The swap is a compare-and-swap, so it never overwrites a reload; losing that race
 /// costs one tick, since every tick compares the live snapshot with the answers.
+/// The same comparison covers the Service sets the control plane pushed
+/// (`Shared::services`, see `discovery`): a Service backend with a set takes it and
+/// its name is not looked up.
 pub struct ResolveBackends {
     pub shared: Arc<Shared>,
     /// `--dns-server`; else the system configuration.
@@ -228,14 +234,24 @@ impl BackgroundService for ResolveBackends {
     }
 }
 
-/// The names (not IP literals) of every backend of `runtime`.
-fn backend_names(runtime: &Runtime) -> impl Iterator<Item = (String, u16)> + '_ {
+/// The names (not IP literals) of every backend of `runtime` that DNS serves: not
+/// a Service whose endpoints the control plane pushed (nor one on a named port).
+fn backend_names<'a>(
+    runtime: &'a Runtime,
+    services: &'a ServiceSets,
+) -> impl Iterator<Item = (String, u16)> + 'a {
     runtime
         .policies
         .iter()
         .flat_map(|p| p.all_endpoints())
-        .flat_map(|e| e.rule().backends.iter())
-        .map(|b| &b.address)
+        .flat_map(move |e| {
+            let namespace = e.rule().namespace.as_deref();
+            e.rule()
+                .backends
+                .iter()
+                .filter(move |b| services.members(b, namespace).is_none())
+        })
+        .filter_map(|b| b.dialable_address())
         .filter(|a| literal(&a.host, a.port).is_none())
         .map(|a| (a.host.clone(), a.port))
 }
@@ -249,7 +265,10 @@ pub async fn resolve_backends(
     names: &mut Names,
     now: Instant,
 ) {
-    names.track(backend_names(&shared.runtime.load()), now);
+    names.track(
+        backend_names(&shared.runtime.load(), &shared.services.load()),
+        now,
+    );
     let due = names.due(now);
     let lookups = due.iter().map(|(host, port)| async move {
         tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup(host, *port))
@@ -306,10 +325,13 @@ pub async fn resolve_backends(
 }
 
 /// Swaps in a snapshot whose endpoints are at the last good answers when some
-/// policy's are not; true when it did. A backend with no answer yet keeps what it
-/// has; IP literals are their own answer.
+/// policy's are not; true when it did. A Service backend with a pushed set takes
+/// it (see `services`: the set has precedence over DNS); any other backend with no
+/// answer yet keeps what it has; IP literals are their own answer. The endpoints
+/// stream calls this too (with no DNS answers, so names keep what they have).
 pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
     let current = shared.runtime.load_full();
+    let services = shared.services.load();
     let replaced: Vec<Vec<(usize, Arc<Endpoints>)>> = current
         .policies
         .iter()
@@ -317,7 +339,7 @@ pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
             policy
                 .endpoint_sets()
                 .filter_map(|(set, endpoints)| {
-                    Some((set, Arc::new(resolved(endpoints, names, now)?)))
+                    Some((set, Arc::new(resolved(endpoints, names, &services, now)?)))
                 })
                 .collect()
         })
@@ -330,23 +352,36 @@ pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
     Arc::ptr_eq(&before, &current)
 }
 
-/// `endpoints` rebuilt on the last good answers, when they differ from them.
-fn resolved(endpoints: &Endpoints, names: &Names, now: Instant) -> Option<Endpoints> {
+/// `endpoints` rebuilt on the pushed sets and the last good answers, when they
+/// differ from them.
+fn resolved(
+    endpoints: &Endpoints,
+    names: &Names,
+    services: &ServiceSets,
+    now: Instant,
+) -> Option<Endpoints> {
+    let namespace = endpoints.rule().namespace.as_deref();
     let wanted = endpoints
         .rule()
         .backends
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let (host, port) = (b.address.host.as_str(), b.address.port);
+            if let Some(members) = services.members(b, namespace) {
+                return members;
+            }
+            let Some(address) = b.dialable_address() else {
+                return endpoints.backend_members(i);
+            };
+            let (host, port) = (address.host.as_str(), address.port);
             match (literal(host, port), names.addresses(host, port)) {
-                (Some(addr), _) => vec![addr],
-                (None, Some(addrs)) => addrs.to_vec(),
-                (None, None) => endpoints.backend_addresses(i).to_vec(),
+                (Some(addr), _) => vec![Member::ready(addr)],
+                (None, Some(addrs)) => addrs.iter().copied().map(Member::ready).collect(),
+                (None, None) => endpoints.backend_members(i),
             }
         })
         .collect();
-    endpoints.with_resolved(wanted, now)
+    endpoints.with_members(wanted, now)
 }
 
 /// Keeps the global rate limits supplied from Redis, on a background service's runtime.

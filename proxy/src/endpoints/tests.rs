@@ -26,6 +26,7 @@ fn rule(
         },
         health_check: None,
         outlier_detection: None,
+        namespace: None,
     }
 }
 
@@ -462,4 +463,105 @@ fn maglev_keys_of_remaining_endpoints_mostly_stay_across_a_rebuild() {
     let replaced = old.with_resolved(vec![addrs(2..12)], now).expect("changed");
     let moved = maglev_disruption(&old, &replaced, now);
     assert!(moved < 0.03, "{moved}");
+}
+
+fn members(ready: std::ops::Range<u8>, draining: std::ops::Range<u8>) -> Vec<Member> {
+    let ready = addrs(ready).into_iter().map(Member::ready);
+    let draining = addrs(draining).into_iter().map(|addr| Member {
+        addr,
+        draining: true,
+    });
+    ready.chain(draining).collect()
+}
+
+#[test]
+fn a_draining_endpoint_gets_no_new_request_while_a_ready_one_is_left() {
+    let now = Instant::now();
+    for algorithm in [
+        Algorithm::WeightedRoundRobin,
+        Algorithm::P2cEwma,
+        hash_on_user(),
+    ] {
+        let r = rule(vec![backend(1, 1)], algorithm, None);
+        // 10.0.0.1 and .2 ready, .3 draining (index 2).
+        let e = Endpoints::build_members(r, vec![members(1..3, 3..4)], None, now);
+        assert!(!e.always_available);
+        for n in 0..100u32 {
+            let key = n.to_string();
+            assert_ne!(e.pick(now, key.as_bytes(), &[]), Some(2));
+        }
+        // A retry still prefers a ready endpoint already tried.
+        assert_ne!(e.pick(now, b"k", &[0, 1]), Some(2));
+        assert_eq!(e.ready_count(0), 2);
+    }
+}
+
+#[test]
+fn a_draining_endpoint_takes_requests_when_no_ready_one_is_left() {
+    let now = Instant::now();
+    for algorithm in [
+        Algorithm::WeightedRoundRobin,
+        Algorithm::P2cEwma,
+        hash_on_user(),
+    ] {
+        let r = rule(vec![backend(1, 1)], algorithm, None);
+        let e = Endpoints::build_members(r, vec![members(1..1, 1..3)], None, now);
+        let picked: std::collections::BTreeSet<Option<usize>> = (0..100u32)
+            .map(|n| e.pick(now, n.to_string().as_bytes(), &[]))
+            .collect();
+        assert!(picked.iter().all(Option::is_some), "{picked:?}");
+        assert_eq!(e.ready_count(0), 0);
+    }
+}
+
+#[test]
+fn draining_endpoints_do_not_dilute_their_backends_share() {
+    let now = Instant::now();
+    let r = rule(
+        vec![backend(1, 50), backend(2, 50)],
+        Algorithm::WeightedRoundRobin,
+        None,
+    );
+    // Backend 0: one ready, three draining; backend 1: two ready.
+    let e = Endpoints::build_members(r, vec![members(1..2, 2..5), members(5..7, 7..7)], None, now);
+    let picks: Vec<usize> = (0..1000).filter_map(|_| e.pick(now, b"", &[])).collect();
+    let share = first_backend_share(&e, &picks);
+    assert!((share - 0.5).abs() < 0.01, "{share}");
+}
+
+#[test]
+fn a_changed_set_keeps_the_state_of_remaining_endpoints_and_their_conditions_count() {
+    let now = Instant::now();
+    let mut r = rule(vec![backend(1, 1)], Algorithm::P2cEwma, None);
+    r.outlier_detection = Some(OutlierDetection {
+        consecutive_failures: 1,
+        eject_for: Duration::from_secs(30),
+        max_ejected_percent: 100,
+    });
+    let old = Endpoints::build_members(r, vec![members(1..4, 4..4)], None, now);
+    assert!(old.finish(1, now, Duration::from_millis(1), true));
+    old.begin(0);
+    // .1 becomes draining, .2 stays (ejected), .3 goes, .4 comes.
+    let next = vec![
+        Member {
+            addr: addrs(1..2)[0],
+            draining: true,
+        },
+        Member::ready(addrs(2..3)[0]),
+        Member::ready(addrs(4..5)[0]),
+    ];
+    let new = old.with_members(vec![next.clone()], now).expect("changed");
+    assert!(new.targets[0].draining);
+    assert!(new.is_ejected(1, now), "the ejection carried over");
+    assert_eq!(new.pending_total(), 1, "the attempt in flight carried over");
+    for _ in 0..20 {
+        assert_eq!(new.pick(now, b"", &[]), Some(2));
+    }
+    assert!(new.with_members(vec![next], now).is_none(), "unchanged");
+    // A changed condition alone is a change.
+    let ready_again = members(1..3, 3..3)
+        .into_iter()
+        .chain(members(4..5, 4..4))
+        .collect();
+    assert!(new.with_members(vec![ready_again], now).is_some());
 }
