@@ -251,12 +251,20 @@ impl Metrics {
                 "Requests of a global rate limit decided by the replica's own bucket (Redis unreachable, or a lease on its way).",
                 &["policy", "route"],
             )?,
-            endpoint_updates: counter(
-                r,
-                "sluice_endpoint_updates_total",
-                "Endpoint updates from the control plane, by result (ack, nack).",
-                &["result"],
-            )?,
+            endpoint_updates: {
+                let c = counter(
+                    r,
+                    "sluice_endpoint_updates_total",
+                    "Endpoint updates from the control plane, by result (ack, nack).",
+                    &["result"],
+                )?;
+                // Both series from the start (at 0): rate() cannot see the first
+                // increment of a series that did not exist, and a NACK is rare.
+                for result in ["ack", "nack"] {
+                    c.with_label_values(&[result]);
+                }
+                c
+            },
             global_redis_up,
             inflight,
             control_plane_connected,
