@@ -1,3 +1,4 @@
+use super::build::split;
 use super::*;
 use sluice_policy::Address;
 
