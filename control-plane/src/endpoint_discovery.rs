@@ -265,7 +265,12 @@ impl EndpointDiscovery for Endpoints {
                                         error = reply.error.as_str(),
                                         "proxy refused an endpoints update"
                                     );
-                                    store.endpoints_nacked(&node, &answered.sets, reply.error);
+                                    store.endpoints_nacked(
+                                        &node,
+                                        &answered.sets,
+                                        &answered.removed,
+                                        reply.error,
+                                    );
                                 }
                             }
                             if reply.resubscribe {

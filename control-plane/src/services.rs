@@ -175,9 +175,29 @@ impl Index {
     }
 }
 
+/// A watcher event reduced to what the index keeps (the objects are dropped at once).
+enum Change<T> {
+    Init,
+    InitApply(String, T),
+    InitDone,
+    Apply(String, T),
+    Delete(String),
+}
+
+fn change<K: kube::Resource, T>(event: Event<K>, keep: impl Fn(&K) -> T) -> Change<T> {
+    let key_of = |o: &K| key(o.meta().namespace.as_ref(), o.meta().name.as_ref());
+    match event {
+        Event::Init => Change::Init,
+        Event::InitApply(o) => Change::InitApply(key_of(&o), keep(&o)),
+        Event::InitDone => Change::InitDone,
+        Event::Apply(o) => Change::Apply(key_of(&o), keep(&o)),
+        Event::Delete(o) => Change::Delete(key_of(&o)),
+    }
+}
+
 enum Update {
-    Service(Result<Event<Service>, watcher::Error>),
-    Slice(Result<Event<EndpointSlice>, watcher::Error>),
+    Service(Result<Change<Vec<ServicePort>>, watcher::Error>),
+    Slice(Result<Change<Option<Slice>>, watcher::Error>),
 }
 
 /// Lists and watches Services and EndpointSlices until the streams end (never,
@@ -188,13 +208,13 @@ pub async fn follow(store: Arc<EndpointStore>, client: kube::Client, metrics: Me
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(Update::Service);
+    .map(|e| Update::Service(e.map(|e| change(e, service_ports))));
     let slices = watcher::watcher(
         Api::<EndpointSlice>::all(client),
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(Update::Slice);
+    .map(|e| Update::Slice(e.map(|e| change(e, slice))));
     let mut events = futures::stream::select(services, slices).boxed();
     let mut index = Index::default();
     // A relist in progress: the objects listed so far (they replace the index's
@@ -206,42 +226,34 @@ pub async fn follow(store: Arc<EndpointStore>, client: kube::Client, metrics: Me
         let mut affected = BTreeSet::new();
         match update {
             Update::Service(Ok(event)) => match event {
-                Event::Init => listing_services = Some(BTreeMap::new()),
-                Event::InitApply(s) => {
+                Change::Init => listing_services = Some(BTreeMap::new()),
+                Change::InitApply(k, ports) => {
                     if let Some(list) = listing_services.as_mut() {
-                        list.insert(
-                            key(s.metadata.namespace.as_ref(), s.metadata.name.as_ref()),
-                            service_ports(&s),
-                        );
+                        list.insert(k, ports);
                     }
                 }
-                Event::InitDone => {
+                Change::InitDone => {
                     let listed = listing_services.take().unwrap_or_default();
                     affected.extend(index.services.keys().cloned());
                     affected.extend(listed.keys().cloned());
                     index.services = listed;
                     services_listed = true;
                 }
-                Event::Apply(s) => {
-                    let k = key(s.metadata.namespace.as_ref(), s.metadata.name.as_ref());
-                    affected.insert(index.service(k, Some(service_ports(&s))));
+                Change::Apply(k, ports) => {
+                    affected.insert(index.service(k, Some(ports)));
                 }
-                Event::Delete(s) => {
-                    let k = key(s.metadata.namespace.as_ref(), s.metadata.name.as_ref());
+                Change::Delete(k) => {
                     affected.insert(index.service(k, None));
                 }
             },
             Update::Slice(Ok(event)) => match event {
-                Event::Init => listing_slices = Some(BTreeMap::new()),
-                Event::InitApply(s) => {
-                    if let (Some(list), Some(kept)) = (listing_slices.as_mut(), slice(&s)) {
-                        list.insert(
-                            key(s.metadata.namespace.as_ref(), s.metadata.name.as_ref()),
-                            kept,
-                        );
+                Change::Init => listing_slices = Some(BTreeMap::new()),
+                Change::InitApply(k, kept) => {
+                    if let (Some(list), Some(kept)) = (listing_slices.as_mut(), kept) {
+                        list.insert(k, kept);
                     }
                 }
-                Event::InitDone => {
+                Change::InitDone => {
                     let listed = listing_slices.take().unwrap_or_default();
                     let old: Vec<String> = index.slices.keys().cloned().collect();
                     for k in old {
@@ -252,14 +264,8 @@ pub async fn follow(store: Arc<EndpointStore>, client: kube::Client, metrics: Me
                     }
                     slices_listed = true;
                 }
-                Event::Apply(s) => {
-                    let k = key(s.metadata.namespace.as_ref(), s.metadata.name.as_ref());
-                    affected.extend(index.slice(k, slice(&s)));
-                }
-                Event::Delete(s) => {
-                    let k = key(s.metadata.namespace.as_ref(), s.metadata.name.as_ref());
-                    affected.extend(index.slice(k, None));
-                }
+                Change::Apply(k, kept) => affected.extend(index.slice(k, kept)),
+                Change::Delete(k) => affected.extend(index.slice(k, None)),
             },
             // Retried with backoff by the watcher; the sets served stay as they were.
             Update::Service(Err(e)) | Update::Slice(Err(e)) => {

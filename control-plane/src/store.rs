@@ -69,7 +69,8 @@ pub struct ProxyState {
     /// [`crate::endpoints::MAX_SERVICES_PER_SUBSCRIPTION`]).
     pub endpoint_versions: BTreeMap<String, u64>,
     pub last_endpoints_nack_error: String,
-    /// What the NACKed update carried, as `namespace/name@version`.
+    /// What the NACKed update carried: `namespace/name@version` for a set,
+    /// `namespace/name removed` for a removal.
     pub last_endpoints_nack: Vec<String>,
 }
 
@@ -345,12 +346,22 @@ impl Store {
         }
     }
 
-    /// The proxy refused an endpoints update carrying `sets`.
-    pub fn endpoints_nacked(&self, node: &str, sets: &[(String, u64)], error: String) {
+    /// The proxy refused an endpoints update carrying `sets` and `removed`.
+    pub fn endpoints_nacked(
+        &self,
+        node: &str,
+        sets: &[(String, u64)],
+        removed: &[String],
+        error: String,
+    ) {
         let mut state = self.lock();
         if let Some(p) = Self::endpoint_entry(&mut state, node) {
             p.last_endpoints_nack_error = error;
-            p.last_endpoints_nack = sets.iter().map(|(s, v)| format!("{s}@{v}")).collect();
+            p.last_endpoints_nack = sets
+                .iter()
+                .map(|(s, v)| format!("{s}@{v}"))
+                .chain(removed.iter().map(|s| format!("{s} removed")))
+                .collect();
         }
     }
 
