@@ -275,7 +275,10 @@ impl EndpointDiscovery for Endpoints {
                             }
                             if reply.resubscribe {
                                 if let Err(refused) = sub.resubscribe(reply.services) {
-                                    let _ = tx.send(Err(refused)).await;
+                                    // Without waiting: a proxy that does not read
+                                    // must not hold this task; ending it ends the
+                                    // stream either way.
+                                    let _ = tx.try_send(Err(refused));
                                     break;
                                 }
                                 store.endpoints_wanted(&node, sub.wanted());
