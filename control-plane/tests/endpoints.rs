@@ -259,6 +259,15 @@ async fn a_proxy_gets_its_services_endpoints_each_change_and_removal() {
         ("shop/reviews-11", "zone-a")
     );
     proxy.answer(&first, "").await;
+    // The (empty) TrafficPolicy list is served as version 1 once listed.
+    for _ in 0..400 {
+        if running.store.current().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let policy_version = running.store.current().map(|c| c.version);
+    assert_eq!(policy_version, Some(1));
     let acked = proxy_status(&running, |p| p.endpoint_versions.len() == 2).await;
     assert_eq!(
         acked.endpoint_versions.get("shop/reviews"),
@@ -391,6 +400,8 @@ async fn a_proxy_gets_its_services_endpoints_each_change_and_removal() {
         "{text}"
     );
     assert_eq!(running.metrics.endpoint_sets.get(), 3);
+    // Endpoint changes make no policy version.
+    assert_eq!(running.store.current().map(|c| c.version), policy_version);
     let _ = stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }
