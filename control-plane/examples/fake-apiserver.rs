@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Prints the bound address (`10.213.0.1:41234`) on a line of its own on stdout,
-//! then serves plain HTTP until killed. What it answers is described in
+//! then serves plain HTTP until killed. It holds no TrafficPolicies, Services or
+//! EndpointSlices: their lists are empty and their watches stay open. What it answers is described in
 //! `tests/support/fake_apiserver.rs`.
 
 #[path = "../tests/support/fake_apiserver.rs"]

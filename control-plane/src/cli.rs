@@ -200,6 +200,10 @@ struct ProxyJson<'a> {
     connected_since: String,
     last_nack_version: u64,
     last_nack_error: &'a str,
+    /// The ACKed version of each Service's endpoint set.
+    endpoint_versions: std::collections::BTreeMap<&'a str, u64>,
+    last_endpoints_nack_error: &'a str,
+    last_endpoints_nack: &'a [String],
 }
 
 /// `sluice-cp status`.
@@ -244,7 +248,47 @@ fn proxy_json(p: &api::ProxyStatus) -> ProxyJson<'_> {
         connected_since: ms_to_rfc3339(p.connected_since_ms),
         last_nack_version: p.last_nack_version,
         last_nack_error: &p.last_nack_error,
+        endpoint_versions: p
+            .endpoint_versions
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect(),
+        last_endpoints_nack_error: &p.last_endpoints_nack_error,
+        last_endpoints_nack: &p.last_endpoints_nack,
     }
+}
+
+/// Services shown per proxy in the text status (`--output json` has them all).
+const SHOWN_SERVICES: usize = 8;
+
+/// The proxy's endpoint sets, on indented lines under its row: the ACKed version
+/// of each Service (`shop/reviews@7`), and its last endpoints NACK if any.
+fn print_endpoints(out: &mut impl Write, p: &api::ProxyStatus) -> std::io::Result<()> {
+    if !p.endpoint_versions.is_empty() {
+        let mut services: Vec<(&String, &u64)> = p.endpoint_versions.iter().collect();
+        services.sort();
+        let shown: Vec<String> = services
+            .iter()
+            .take(SHOWN_SERVICES)
+            .map(|(s, v)| format!("{s}@{v}"))
+            .collect();
+        let more = services.len().saturating_sub(SHOWN_SERVICES);
+        let tail = if more > 0 {
+            format!(" (and {more} more; --output json lists all)")
+        } else {
+            String::new()
+        };
+        writeln!(out, "  endpoints acked: {}{tail}", shown.join(" "))?;
+    }
+    if !p.last_endpoints_nack_error.is_empty() {
+        let of = if p.last_endpoints_nack.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", p.last_endpoints_nack.join(", "))
+        };
+        writeln!(out, "  endpoints NACK: {}{of}", p.last_endpoints_nack_error)?;
+    }
+    Ok(())
 }
 
 fn print_status(out: &mut impl Write, s: &api::StatusResponse) -> std::io::Result<()> {
@@ -294,6 +338,7 @@ fn print_status(out: &mut impl Write, s: &api::StatusResponse) -> std::io::Resul
             if p.connected { "yes" } else { "no" },
             ms_to_rfc3339(p.connected_since_ms)
         )?;
+        print_endpoints(out, p)?;
     }
     Ok(())
 }
@@ -389,4 +434,38 @@ pub fn rollback(remote: &Remote, to: Option<u64>) -> ExitCode {
             Ok(())
         })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lists_each_proxys_acked_endpoint_sets_and_its_last_endpoints_nack() {
+        let proxy = api::ProxyStatus {
+            node_id: "client-0".into(),
+            acked_version: 3,
+            connected: true,
+            endpoint_versions: (0..10).map(|i| (format!("shop/s{i}"), i)).collect(),
+            last_endpoints_nack_error: "no port 80".into(),
+            last_endpoints_nack: vec!["shop/s1@4".into()],
+            ..Default::default()
+        };
+        let status = api::StatusResponse {
+            served_version: 3,
+            proxies: vec![proxy],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        print_status(&mut out, &status).expect("printed");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[2].starts_with("client-0 "), "{text}");
+        assert_eq!(
+            lines[3],
+            "  endpoints acked: shop/s0@0 shop/s1@1 shop/s2@2 shop/s3@3 shop/s4@4 shop/s5@5 \
+             shop/s6@6 shop/s7@7 (and 2 more; --output json lists all)"
+        );
+        assert_eq!(lines[4], "  endpoints NACK: no port 80 (shop/s1@4)");
+    }
 }

@@ -65,7 +65,11 @@ impl Discovery {
 /// Whether a subscriber is who its token says: the namespace it claims and its
 /// node id (the pod, for injected sidecars) must be the token's, so no pod can
 /// speak for another.
-fn matches_identity(identity: &Identity, node: &str, namespace: &str) -> Result<(), Status> {
+pub(crate) fn matches_identity(
+    identity: &Identity,
+    node: &str,
+    namespace: &str,
+) -> Result<(), Status> {
     if identity.via != Via::TokenReview {
         return Ok(());
     }

@@ -40,6 +40,16 @@ pub struct Metrics {
     pub nacks: IntCounter,
     /// Failed lists or watches of the TrafficPolicy resources (each is retried).
     pub watch_restarts: IntCounter,
+    /// Services with an endpoint set (`--kubernetes`).
+    pub endpoint_sets: IntGauge,
+    /// Changes of Services' endpoint sets (a Service added, changed or removed).
+    pub endpoint_set_changes: IntCounter,
+    /// `EndpointsUpdate`s sent to proxies.
+    pub endpoint_updates: IntCounter,
+    /// Endpoint updates proxies refused.
+    pub endpoint_nacks: IntCounter,
+    /// Failed lists or watches of Services or EndpointSlices (each is retried).
+    pub endpoint_watch_restarts: IntCounter,
     policy_changes: IntCounterVec,
     token_reviews: IntCounterVec,
     webhook_reviews: IntCounterVec,
@@ -113,6 +123,31 @@ impl Metrics {
                 r,
                 "sluice_cp_watch_restarts_total",
                 "Lists or watches of the TrafficPolicy resources that failed and are retried with backoff.",
+            )?,
+            endpoint_sets: gauge(
+                r,
+                "sluice_cp_endpoint_sets",
+                "Kubernetes Services whose endpoint set the control plane serves.",
+            )?,
+            endpoint_set_changes: counter(
+                r,
+                "sluice_cp_endpoint_set_changes_total",
+                "Changes of Services' endpoint sets (added, changed or removed), each a new version of that Service's set.",
+            )?,
+            endpoint_updates: counter(
+                r,
+                "sluice_cp_endpoint_updates_total",
+                "EndpointsUpdates sent to proxies (each carries the whole set of every Service it names).",
+            )?,
+            endpoint_nacks: counter(
+                r,
+                "sluice_cp_endpoint_nacks_total",
+                "EndpointsUpdates proxies answered with a NACK.",
+            )?,
+            endpoint_watch_restarts: counter(
+                r,
+                "sluice_cp_endpoint_watch_restarts_total",
+                "Lists or watches of Services or EndpointSlices that failed and are retried with backoff.",
             )?,
             policy_changes: counter_vec(
                 r,

@@ -34,9 +34,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 
+use crate::api::endpoint_discovery_server::EndpointDiscoveryServer;
 use crate::api::policy_discovery_server::PolicyDiscoveryServer;
 use crate::auth::{Authenticator, TokenReviewer};
 use crate::discovery::Discovery;
+use crate::endpoint_discovery::Endpoints;
+use crate::endpoints::EndpointStore;
 use crate::inject::InjectOptions;
 use crate::metrics::Metrics;
 use crate::store::{Offer, Store};
@@ -137,6 +140,8 @@ impl ServeConfig {
 pub struct Running {
     pub addr: SocketAddr,
     pub store: Arc<Store>,
+    /// Services' endpoint sets (empty without `--kubernetes`).
+    pub endpoints: Arc<EndpointStore>,
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// The metrics `/metrics` serves (for tests without `--telemetry`).
     pub metrics: Metrics,
@@ -324,13 +329,23 @@ pub async fn start(
         }
         None => None,
     };
-    if let Some(client) = &client {
-        tokio::spawn(crate::kubernetes::follow(
-            Arc::clone(&store),
-            client.clone(),
-            metrics.clone(),
-            Arc::clone(&readiness),
-        ));
+    let endpoints = Arc::new(EndpointStore::default());
+    match &client {
+        Some(client) => {
+            tokio::spawn(crate::kubernetes::follow(
+                Arc::clone(&store),
+                client.clone(),
+                metrics.clone(),
+                Arc::clone(&readiness),
+            ));
+            tokio::spawn(crate::services::follow(
+                Arc::clone(&endpoints),
+                client.clone(),
+                metrics.clone(),
+            ));
+        }
+        // No cluster, no Services: subscriptions are answered at once, empty.
+        None => endpoints.mark_synced(),
     }
     let auth = Arc::new(match (&config.token_review, client, token) {
         (Some(audience), Some(client), static_token) => {
@@ -352,6 +367,16 @@ pub async fn start(
         shutdown.await;
         let _ = stop.send(true);
     });
+    let endpoint_service = EndpointDiscoveryServer::new(Endpoints {
+        store: Arc::clone(&store),
+        endpoints: Arc::clone(&endpoints),
+        nonce: AtomicU64::new(0),
+        stopping: stopping.clone(),
+        auth: Arc::clone(&auth),
+        metrics: metrics.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service = PolicyDiscoveryServer::new(Discovery {
         store: Arc::clone(&store),
         nonce: AtomicU64::new(0),
@@ -362,7 +387,7 @@ pub async fn start(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = builder.add_service(service);
+    let router = builder.add_service(service).add_service(endpoint_service);
     let stopped = until_stopped(stopping.clone());
     type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
     let serving: Serving = match tls {
@@ -400,6 +425,7 @@ pub async fn start(
     Ok(Running {
         addr,
         store,
+        endpoints,
         task,
         metrics,
         telemetry: telemetry_addr,

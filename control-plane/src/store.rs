@@ -64,6 +64,14 @@ pub struct ProxyState {
     pub connected: bool,
     /// Streams currently open for this node id (a reconnect may overlap the old one).
     streams: u32,
+    /// EndpointDiscovery: the version of each Service's set the proxy last ACKed
+    /// (only Services it still wants: at most
+    /// [`crate::endpoints::MAX_SERVICES_PER_SUBSCRIPTION`]).
+    pub endpoint_versions: BTreeMap<String, u64>,
+    pub last_endpoints_nack_error: String,
+    /// What the NACKed update carried: `namespace/name@version` for a set,
+    /// `namespace/name removed` for a removal.
+    pub last_endpoints_nack: Vec<String>,
 }
 
 #[derive(Default)]
@@ -307,6 +315,56 @@ impl Store {
         }
     }
 
+    /// The proxy's entry for endpoint state: its policy stream's, or a new one
+    /// (a proxy may subscribe to endpoints first), unless the table is full.
+    fn endpoint_entry<'a>(state: &'a mut State, node: &str) -> Option<&'a mut ProxyState> {
+        if state.proxies.len() >= MAX_TRACKED_PROXIES && !state.proxies.contains_key(node) {
+            return None;
+        }
+        Some(state.proxies.entry(node.to_owned()).or_default())
+    }
+
+    /// The proxy (re)subscribed to `wanted`: ACKed versions of other Services go.
+    pub fn endpoints_wanted(&self, node: &str, wanted: &std::collections::BTreeSet<String>) {
+        let mut state = self.lock();
+        if let Some(p) = Self::endpoint_entry(&mut state, node) {
+            p.endpoint_versions
+                .retain(|service, _| wanted.contains(service));
+        }
+    }
+
+    /// The proxy applied an endpoints update: these sets, and these Services gone.
+    pub fn endpoints_acked(&self, node: &str, sets: &[(String, u64)], removed: &[String]) {
+        let mut state = self.lock();
+        if let Some(p) = Self::endpoint_entry(&mut state, node) {
+            for (service, version) in sets {
+                p.endpoint_versions.insert(service.clone(), *version);
+            }
+            for service in removed {
+                p.endpoint_versions.remove(service);
+            }
+        }
+    }
+
+    /// The proxy refused an endpoints update carrying `sets` and `removed`.
+    pub fn endpoints_nacked(
+        &self,
+        node: &str,
+        sets: &[(String, u64)],
+        removed: &[String],
+        error: String,
+    ) {
+        let mut state = self.lock();
+        if let Some(p) = Self::endpoint_entry(&mut state, node) {
+            p.last_endpoints_nack_error = error;
+            p.last_endpoints_nack = sets
+                .iter()
+                .map(|(s, v)| format!("{s}@{v}"))
+                .chain(removed.iter().map(|s| format!("{s} removed")))
+                .collect();
+        }
+    }
+
     pub fn status(&self) -> api::StatusResponse {
         let state = self.lock();
         let current = state.current.as_deref();
@@ -335,6 +393,13 @@ impl Store {
                     service_account: p.service_account.clone(),
                     pod: p.pod.clone(),
                     authenticated_by: p.authenticated_by.clone(),
+                    endpoint_versions: p
+                        .endpoint_versions
+                        .iter()
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
+                    last_endpoints_nack_error: p.last_endpoints_nack_error.clone(),
+                    last_endpoints_nack: p.last_endpoints_nack.clone(),
                 })
                 .collect(),
         }

@@ -55,6 +55,23 @@ async fn fake_api_server(listener: TcpListener, watches: Arc<Mutex<Vec<String>>>
         tokio::spawn(async move {
             while let Some(line) = read_head(&mut stream).await {
                 let target = line.split(' ').nth(1).unwrap_or("").to_owned();
+                if !target.contains("/trafficpolicies") {
+                    // Services and EndpointSlices (the endpoints source) are not
+                    // this test's: not found, which that source retries.
+                    let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+                    let head = format!(
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if stream
+                        .write_all(format!("{head}{body}").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
                 if !target.contains("watch=") {
                     let list = json!({
                         "apiVersion": "sluice.dev/v1alpha1",

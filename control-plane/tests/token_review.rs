@@ -128,7 +128,16 @@ mod through_the_api {
         fake: &Arc<FakeApiServer>,
     ) -> (Running, tokio::sync::oneshot::Sender<()>) {
         let (url, _) = fake.start().await;
-        let dir = std::env::temp_dir().join(format!("sluice-token-review-{}", std::process::id()));
+        // One directory per control plane: tests run at once, and a token file
+        // rewritten under another's feet reads as empty.
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-token-review-{}-{unique}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::create_dir_all(&dir).expect("dir");
         let token_file = dir.join("token");
         std::fs::write(&token_file, "cli-secret\n").expect("token");

@@ -16,9 +16,15 @@
 //! separates those from the push itself. Results are `key=value` lines on stdout;
 //! then it prints `done` and waits for `--gate` to disappear before hanging up.
 //!
+//! `--mode endpoints` measures an endpoint change instead (see `fanout/endpoints.rs`):
+//! one pod of a Service turning unready, reaching every stream subscribed to it.
+//!
 //! A benchmark, not a test: it talks to loopback only, and every wait is bounded by
 //! `--timeout`.
 #![forbid(unsafe_code)]
+
+#[path = "fanout/endpoints.rs"]
+mod endpoints;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -54,18 +60,34 @@ struct Args {
     /// HTTP/2 connections the streams are spread over.
     #[arg(long, default_value_t = 10)]
     connections: usize,
+    /// What changes: a policy file (`--server`, `--policy-file`, `--new-content`),
+    /// or one endpoint of a Service (an in-process control plane on a fake API server).
+    #[arg(long, value_enum, default_value_t = Mode::Policies)]
+    mode: Mode,
     /// A policy file in the served directory, replaced to trigger the push.
-    #[arg(long)]
-    policy_file: PathBuf,
+    #[arg(long, required_if_eq("mode", "policies"))]
+    policy_file: Option<PathBuf>,
     /// The content it is replaced with (must validate, and differ).
-    #[arg(long)]
-    new_content: PathBuf,
+    #[arg(long, required_if_eq("mode", "policies"))]
+    new_content: Option<PathBuf>,
+    /// `--mode endpoints`: pods of the measured Service.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// `--mode endpoints`: worker threads of the in-process control plane.
+    #[arg(long, default_value_t = 1)]
+    server_threads: usize,
     /// After `ready`, wait for this file to exist; after `done`, for it to go.
     #[arg(long)]
     gate: Option<PathBuf>,
     /// Bound on every wait, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Policies,
+    Endpoints,
 }
 
 /// A snapshot as one subscriber received it.
@@ -98,6 +120,28 @@ fn main() -> ExitCode {
     if args.streams == 0 || args.connections == 0 || args.connections > args.streams {
         eprintln!("sluice-fanout-bench: need 1 <= --connections <= --streams");
         return ExitCode::from(64);
+    }
+    if args.mode == Mode::Endpoints {
+        if args.endpoints == 0 || args.endpoints > 1000 || args.server_threads == 0 {
+            eprintln!(
+                "sluice-fanout-bench: need 1 <= --endpoints <= 1000 (one slice) and --server-threads >= 1"
+            );
+            return ExitCode::from(64);
+        }
+        let options = endpoints::Options {
+            streams: args.streams,
+            connections: args.connections,
+            endpoints: args.endpoints,
+            server_threads: args.server_threads,
+            timeout: Duration::from_secs(args.timeout),
+        };
+        return match endpoints::run(options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice-fanout-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Err(e) = check_loopback(&args.server) {
         eprintln!("sluice-fanout-bench: {e}");
@@ -140,6 +184,10 @@ fn check_loopback(server: &str) -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let limit = Duration::from_secs(args.timeout);
+    // Required by clap in this mode.
+    let (Some(policy_file), Some(new_content)) = (&args.policy_file, &args.new_content) else {
+        bail!("--policy-file and --new-content are required");
+    };
     let endpoint = Endpoint::from_shared(args.server.clone())
         .map_err(|e| anyhow!("--server {}: {e}", args.server))?
         .connect_timeout(Duration::from_secs(5));
@@ -203,9 +251,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Phase 2: change the policy, then time the fan-out from that write.
-    let content = std::fs::read(&args.new_content)
-        .with_context(|| format!("--new-content {}", args.new_content.display()))?;
-    let (written, written_unix) = replace(&args.policy_file, &content)?;
+    let content = std::fs::read(new_content)
+        .with_context(|| format!("--new-content {}", new_content.display()))?;
+    let (written, written_unix) = replace(policy_file, &content)?;
     let deadline = written + limit;
     let mut new_version = 0;
     let mut accepted_at_ms = 0;

@@ -8,6 +8,11 @@
 //!   authenticated only when the review asks for its audience.
 //! - `GET …/trafficpolicies` (list, then watch): the TrafficPolicy objects it was
 //!   given, and a watch that stays open with nothing to say.
+//! - `GET /api/v1/services` and `GET /apis/discovery.k8s.io/v1/endpointslices`
+//!   (list, then watch): the Services and EndpointSlices it holds; a test changes
+//!   them with [`FakeApiServer::apply`] and [`FakeApiServer::delete`], and each
+//!   change is an event on the open watches (a watch from resourceVersion N first
+//!   gets every change after N, as the real one does).
 //! - Anything else: 404 with a `Status`.
 //!
 //! Every TokenReview asked is recorded, so a test can check the audience sent.
@@ -15,7 +20,7 @@
 // Each user (tests, the proxy's tests, the example program) uses its own subset.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,6 +52,100 @@ pub struct FakeApiServer {
     /// Answer this many more TrafficPolicy lists and watches with 500, as an API
     /// server that is restarting does.
     pub failing_policy_requests: Mutex<usize>,
+    /// Services and EndpointSlices, and their changes.
+    pub objects: Mutex<Objects>,
+    /// Wakes the open watches after a change.
+    changed: tokio::sync::Notify,
+}
+
+/// The kinds of object the fake lists and watches with events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    fn of_path(path: &str) -> Option<Kind> {
+        if path.ends_with("/services") {
+            Some(Kind::Service)
+        } else if path.ends_with("/endpointslices") {
+            Some(Kind::EndpointSlice)
+        } else {
+            None
+        }
+    }
+
+    fn list(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Service => ("v1", "ServiceList"),
+            Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+        }
+    }
+}
+
+/// The objects with events, and every change (at most [`MAX_EVENTS`] kept).
+#[derive(Default)]
+pub struct Objects {
+    /// The last resourceVersion given out.
+    rv: u64,
+    items: BTreeMap<(Kind, String, String), Value>,
+    /// `(resourceVersion, kind, watch event line)`, oldest first.
+    events: Vec<(u64, Kind, String)>,
+}
+
+/// Changes a test makes are few; the bound only keeps a runaway test finite.
+const MAX_EVENTS: usize = 100_000;
+
+/// A Service `namespace/name` with `ports` as `(name, port, targetPort)`.
+pub fn service(namespace: &str, name: &str, ports: &[(&str, u16, Value)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(port_name, port, target)| {
+            json!({"name": port_name, "port": port, "targetPort": target, "protocol": "TCP"})
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-svc-{namespace}-{name}")},
+        "spec": {"ports": ports, "type": "ClusterIP"},
+    })
+}
+
+/// An EndpointSlice `namespace/slice` of Service `service`: `ports` as `(name,
+/// port)`, `endpoints` as `(ip, ready)` (pod `<service>-<last octet>`; an unready
+/// one is neither serving nor terminating).
+pub fn endpoint_slice(
+    namespace: &str,
+    slice: &str,
+    service: &str,
+    ports: &[(&str, u16)],
+    endpoints: &[(&str, bool)],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(name, port)| json!({"name": name, "port": port, "protocol": "TCP"}))
+        .collect();
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, ready)| {
+            let pod = format!("{service}-{}", ip.rsplit(['.', ':']).next().unwrap_or(ip));
+            json!({
+                "addresses": [ip],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                "targetRef": {"kind": "Pod", "namespace": namespace, "name": pod},
+                "zone": "zone-a",
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": slice, "namespace": namespace, "uid": format!("uid-eps-{namespace}-{slice}"),
+            "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    })
 }
 
 impl FakeApiServer {
@@ -82,6 +181,101 @@ impl FakeApiServer {
             "metadata": {"name": name, "namespace": namespace, "resourceVersion": rv, "uid": format!("uid-{namespace}-{name}")},
             "spec": spec,
         }));
+    }
+
+    fn objects(&self) -> std::sync::MutexGuard<'_, Objects> {
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, objects: &mut Objects, kind: Kind, event: &str, object: &Value) {
+        let line = format!("{}\n", json!({"type": event, "object": object}));
+        objects.events.push((objects.rv, kind, line));
+        if objects.events.len() > MAX_EVENTS {
+            objects.events.remove(0);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Creates or replaces a Service or EndpointSlice (by its metadata's namespace
+    /// and name), as `kubectl apply` would: an ADDED or MODIFIED event.
+    pub fn apply(&self, mut object: Value) {
+        let kind = match object["kind"].as_str() {
+            Some("Service") => Kind::Service,
+            Some("EndpointSlice") => Kind::EndpointSlice,
+            other => panic!("the fake keeps Services and EndpointSlices, not {other:?}"),
+        };
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        let mut objects = self.objects();
+        objects.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(objects.rv.to_string());
+        let event = match objects.items.insert((kind, ns, name), object.clone()) {
+            Some(_) => "MODIFIED",
+            None => "ADDED",
+        };
+        self.record(&mut objects, kind, event, &object);
+    }
+
+    /// Deletes a Service or EndpointSlice: a DELETED event; false if it did not exist.
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        let mut objects = self.objects();
+        let Some(mut object) = objects
+            .items
+            .remove(&(kind, namespace.to_owned(), name.to_owned()))
+        else {
+            return false;
+        };
+        objects.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(objects.rv.to_string());
+        self.record(&mut objects, kind, "DELETED", &object);
+        true
+    }
+
+    fn list(&self, kind: Kind) -> Value {
+        let objects = self.objects();
+        let items: Vec<&Value> = objects
+            .items
+            .iter()
+            .filter(|((k, _, _), _)| *k == kind)
+            .map(|(_, v)| v)
+            .collect();
+        let (api_version, list_kind) = kind.list();
+        json!({"apiVersion": api_version, "kind": list_kind,
+            "metadata": {"resourceVersion": objects.rv.to_string()}, "items": items})
+    }
+
+    /// Streams the changes of `kind` after resourceVersion `from`, until the client
+    /// goes (bounded by the connection's life).
+    async fn watch(&self, stream: &mut TcpStream, kind: Kind, mut from: u64) {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        loop {
+            // Registered before looking, so a change between the look and the wait
+            // still wakes it.
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let lines: Vec<(u64, String)> = self
+                .objects()
+                .events
+                .iter()
+                .filter(|(rv, k, _)| *k == kind && *rv > from)
+                .map(|(rv, _, line)| (*rv, line.clone()))
+                .collect();
+            for (rv, line) in lines {
+                let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                if stream.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+                from = rv;
+            }
+            notified.await;
+        }
     }
 
     /// Whether to fail this TrafficPolicy request (one of `failing_policy_requests`).
@@ -127,6 +321,18 @@ impl FakeApiServer {
                 let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                     "message": "etcdserver: leader changed (fake API server)", "reason": "InternalError", "code": 500});
                 respond(&mut stream, 500, &status).await
+            } else if let (true, Some(kind)) = (method == "GET", Kind::of_path(path)) {
+                if target.contains("watch=") {
+                    let from = target
+                        .split(['?', '&'])
+                        .find_map(|kv| kv.strip_prefix("resourceVersion="))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    self.watch(&mut stream, kind, from).await;
+                    false
+                } else {
+                    respond(&mut stream, 200, &self.list(kind)).await
+                }
             } else if method == "GET"
                 && path.ends_with("/trafficpolicies")
                 && target.contains("watch=")
