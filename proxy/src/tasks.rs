@@ -330,26 +330,35 @@ pub async fn resolve_backends(
 /// answer yet keeps what it has; IP literals are their own answer. The endpoints
 /// stream calls this too (with no DNS answers, so names keep what they have).
 pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
-    let current = shared.runtime.load_full();
-    let services = shared.services.load();
-    let replaced: Vec<Vec<(usize, Arc<Endpoints>)>> = current
-        .policies
-        .iter()
-        .map(|policy| {
-            policy
-                .endpoint_sets()
-                .filter_map(|(set, endpoints)| {
-                    Some((set, Arc::new(resolved(endpoints, names, &services, now)?)))
-                })
-                .collect()
-        })
-        .collect();
-    if replaced.iter().all(Vec::is_empty) {
-        return false;
+    // Bounded: a lost compare-and-swap (a reload, or the other caller — the resolver
+    // job and the endpoints stream both swap) is tried again on the newer snapshot,
+    // so an acknowledged endpoint update is in the live snapshot when this returns;
+    // past the bound, the resolver job's next tick corrects it.
+    for _ in 0..8 {
+        let current = shared.runtime.load_full();
+        let services = shared.services.load();
+        let replaced: Vec<Vec<(usize, Arc<Endpoints>)>> = current
+            .policies
+            .iter()
+            .map(|policy| {
+                policy
+                    .endpoint_sets()
+                    .filter_map(|(set, endpoints)| {
+                        Some((set, Arc::new(resolved(endpoints, names, &services, now)?)))
+                    })
+                    .collect()
+            })
+            .collect();
+        if replaced.iter().all(Vec::is_empty) {
+            return false;
+        }
+        let next = Arc::new(current.with_endpoints(replaced));
+        let before = shared.runtime.compare_and_swap(&current, next);
+        if Arc::ptr_eq(&before, &current) {
+            return true;
+        }
     }
-    let next = Arc::new(current.with_endpoints(replaced));
-    let before = shared.runtime.compare_and_swap(&current, next);
-    Arc::ptr_eq(&before, &current)
+    false
 }
 
 /// `endpoints` rebuilt on the pushed sets and the last good answers, when they
