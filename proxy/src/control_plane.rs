@@ -159,6 +159,12 @@ fn adopt_version(shared: &Shared, url: &str, version: u64) {
     {
         next.control_plane_version = Some(version);
         shared.runtime.store(Arc::new(next));
+        // As after any reload: the pushed Service endpoints go in at once.
+        crate::shared::apply_resolved(
+            shared,
+            &crate::resolve::Names::default(),
+            std::time::Instant::now(),
+        );
     }
 }
 

@@ -9,7 +9,7 @@
 //! with the reason and changes nothing; a good one replaces the sets it names in
 //! `Shared::services`, is ACKed by its nonce, and is swapped into the live
 //! snapshot's endpoints at once by the same path as DNS answers
-//! ([`crate::tasks::apply_resolved`]: a compare-and-swap of a copy in which only the
+//! ([`crate::shared::apply_resolved`]: a compare-and-swap of a copy in which only the
 //! changed sets are rebuilt, remaining endpoints keeping their state). The resolver
 //! job repeats that comparison every second, so an update whose swap lost a race
 //! with a reload still lands.
@@ -34,8 +34,7 @@ use crate::control_plane::{api, ControlPlaneSource, MAX_BACKOFF, MAX_MESSAGE_BYT
 use crate::resolve::Names;
 use crate::runtime::Runtime;
 use crate::services::{service_key, PodEndpoint, ServiceSet};
-use crate::shared::Shared;
-use crate::tasks::apply_resolved;
+use crate::shared::{apply_resolved, Shared};
 
 /// How often the stream compares the live snapshot's Services with its
 /// subscription (a reload may have added or removed a `service:` backend).

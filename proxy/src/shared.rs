@@ -3,13 +3,16 @@
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use prometheus::Registry;
 
 use crate::accesslog::AccessLog;
+use crate::endpoints::{literal, Endpoints, Member};
 use crate::globallimit::GlobalLimits;
 use crate::metrics::Metrics;
+use crate::resolve::Names;
 use crate::runtime::{DurationCollector, Runtime};
 use crate::services::ServiceSets;
 use crate::trace::IdGenerator;
@@ -48,4 +51,73 @@ impl Shared {
             services: ArcSwap::from_pointee(ServiceSets::default()),
         })
     }
+}
+
+/// Swaps in a snapshot whose endpoints are at the last good answers when some
+/// policy's are not; true when it did. A Service backend with a pushed set takes
+/// it (see `services`: the set has precedence over DNS); any other backend with no
+/// answer yet keeps what it has; IP literals are their own answer. The endpoints
+/// stream calls this too (with no DNS answers, so names keep what they have).
+pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
+    // Bounded: a lost compare-and-swap (a reload, or the other caller — the resolver
+    // job and the endpoints stream both swap) is tried again on the newer snapshot,
+    // so an acknowledged endpoint update is in the live snapshot when this returns;
+    // past the bound, the resolver job's next tick corrects it.
+    for _ in 0..8 {
+        let current = shared.runtime.load_full();
+        let services = shared.services.load();
+        let replaced: Vec<Vec<(usize, Arc<Endpoints>)>> = current
+            .policies
+            .iter()
+            .map(|policy| {
+                policy
+                    .endpoint_sets()
+                    .filter_map(|(set, endpoints)| {
+                        Some((set, Arc::new(resolved(endpoints, names, &services, now)?)))
+                    })
+                    .collect()
+            })
+            .collect();
+        if replaced.iter().all(Vec::is_empty) {
+            return false;
+        }
+        let next = Arc::new(current.with_endpoints(replaced));
+        let before = shared.runtime.compare_and_swap(&current, next);
+        if Arc::ptr_eq(&before, &current) {
+            return true;
+        }
+    }
+    false
+}
+
+/// `endpoints` rebuilt on the pushed sets and the last good answers, when they
+/// differ from them.
+fn resolved(
+    endpoints: &Endpoints,
+    names: &Names,
+    services: &ServiceSets,
+    now: Instant,
+) -> Option<Endpoints> {
+    let namespace = endpoints.rule().namespace.as_deref();
+    let wanted = endpoints
+        .rule()
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if let Some(members) = services.members(b, namespace) {
+                return members;
+            }
+            let Some(address) = b.dialable_address() else {
+                return endpoints.backend_members(i);
+            };
+            let (host, port) = (address.host.as_str(), address.port);
+            match (literal(host, port), names.addresses(host, port)) {
+                (Some(addr), _) => vec![Member::ready(addr)],
+                (None, Some(addrs)) => addrs.iter().copied().map(Member::ready).collect(),
+                (None, None) => endpoints.backend_members(i),
+            }
+        })
+        .collect();
+    endpoints.with_members(wanted, now)
 }
