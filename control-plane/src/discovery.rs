@@ -87,6 +87,27 @@ pub(crate) fn matches_identity(
     Ok(())
 }
 
+/// Opens a subscription stream (policies or endpoints): the caller's identity, the
+/// stream, and its first message, which must subscribe with a bounded node id.
+pub(crate) async fn subscribe<T: prost::Message + Default>(
+    auth: &Authenticator,
+    request: Request<Streaming<T>>,
+    node_id: impl Fn(&T) -> &str,
+) -> Result<(Identity, Streaming<T>, T), Status> {
+    let identity = auth.authenticate(request.metadata()).await?;
+    let mut inbound = request.into_inner();
+    let first = inbound.message().await?.ok_or_else(|| {
+        Status::invalid_argument("the stream must start with a subscribe message")
+    })?;
+    let node = node_id(&first);
+    if node.is_empty() || node.len() > MAX_NODE_ID {
+        return Err(Status::invalid_argument(format!(
+            "node_id must be 1..={MAX_NODE_ID} characters"
+        )));
+    }
+    Ok((identity, inbound, first))
+}
+
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -97,17 +118,9 @@ impl PolicyDiscovery for Discovery {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        let identity = self.auth.authenticate(request.metadata()).await?;
-        let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream must start with a subscribe message")
-        })?;
+        let (identity, mut inbound, first) =
+            subscribe(&self.auth, request, |m: &DiscoveryRequest| &m.node_id).await?;
         let node = first.node_id.clone();
-        if node.is_empty() || node.len() > MAX_NODE_ID {
-            return Err(Status::invalid_argument(format!(
-                "node_id must be 1..={MAX_NODE_ID} characters"
-            )));
-        }
         matches_identity(&identity, &node, &first.namespace)?;
         let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
         if self

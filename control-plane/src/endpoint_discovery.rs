@@ -27,10 +27,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::api::endpoint_discovery_server::EndpointDiscovery;
 use crate::api::{self, EndpointsRequest, EndpointsUpdate};
 use crate::auth::Authenticator;
-use crate::discovery::matches_identity;
+use crate::discovery::{matches_identity, subscribe};
 use crate::endpoints::{Changes, EndpointStore, MAX_SERVICES_PER_SUBSCRIPTION};
 use crate::metrics::Metrics;
-use crate::serve::MAX_NODE_ID;
 use crate::store::Store;
 
 /// Updates queued per stream before the stream waits (and coalesces).
@@ -178,17 +177,9 @@ impl EndpointDiscovery for Endpoints {
         &self,
         request: Request<Streaming<EndpointsRequest>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let identity = self.auth.authenticate(request.metadata()).await?;
-        let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream must start with a subscribe message")
-        })?;
+        let (identity, mut inbound, first) =
+            subscribe(&self.auth, request, |m: &EndpointsRequest| &m.node_id).await?;
         let node = first.node_id.clone();
-        if node.is_empty() || node.len() > MAX_NODE_ID {
-            return Err(Status::invalid_argument(format!(
-                "node_id must be 1..={MAX_NODE_ID} characters"
-            )));
-        }
         matches_identity(&identity, &node, "")?;
         let mut changes = self.endpoints.subscribe();
         let mut sub = Subscription::new(*changes.borrow_and_update());

@@ -70,51 +70,12 @@ impl<O: Observe> Exchange<O> {
                 Some(key) => limiter.check_owned(key),
                 None => limiter.check(""),
             };
-            match decision {
-                Limit::Allowed { remaining, reset } => {
-                    self.rate_headers = Some(RateHeaders {
-                        limit: limiter.limit(),
-                        remaining,
-                        reset: ceil_secs(reset),
-                    });
-                }
-                Limit::Limited { retry_after } => {
-                    self.obs.rate_limited(route);
-                    self.shadow_or(
-                        route,
-                        Refusal::RateLimited {
-                            retry_after,
-                            limit: limiter.limit(),
-                        },
-                    )?;
-                }
-            }
+            self.rate_limit(route, decision, limiter.limit())?;
         }
-
         if let Some(limiter) = &route.global {
             let key = limiter.key().map(|k| request_key(req, k));
-            match limiter.check(key.as_deref().unwrap_or(""), now) {
-                Limit::Allowed { remaining, reset } => {
-                    // The tighter of the two limits is the one to advertise.
-                    if self.rate_headers.is_none_or(|h| remaining < h.remaining) {
-                        self.rate_headers = Some(RateHeaders {
-                            limit: limiter.limit(),
-                            remaining,
-                            reset: ceil_secs(reset),
-                        });
-                    }
-                }
-                Limit::Limited { retry_after } => {
-                    self.obs.rate_limited(route);
-                    self.shadow_or(
-                        route,
-                        Refusal::RateLimited {
-                            retry_after,
-                            limit: limiter.limit(),
-                        },
-                    )?;
-                }
-            }
+            let decision = limiter.check(key.as_deref().unwrap_or(""), now);
+            self.rate_limit(route, decision, limiter.limit())?;
         }
 
         if let Some(breaker) = &route.breaker {
@@ -166,6 +127,33 @@ impl<O: Observe> Exchange<O> {
             budget.deposit(now);
         }
         Ok(())
+    }
+
+    /// One rate limit's decision (local or global, in that order): an admitted
+    /// request advertises the tighter of the limits it passed, a refused one is a
+    /// refusal (only recorded in shadow mode).
+    fn rate_limit(
+        &mut self,
+        route: &RouteRuntime,
+        decision: Limit,
+        limit: u32,
+    ) -> Result<(), Refusal> {
+        match decision {
+            Limit::Allowed { remaining, reset } => {
+                if self.rate_headers.is_none_or(|h| remaining < h.remaining) {
+                    self.rate_headers = Some(RateHeaders {
+                        limit,
+                        remaining,
+                        reset: ceil_secs(reset),
+                    });
+                }
+                Ok(())
+            }
+            Limit::Limited { retry_after } => {
+                self.obs.rate_limited(route);
+                self.shadow_or(route, Refusal::RateLimited { retry_after, limit })
+            }
+        }
     }
 
     /// A refusal, or in shadow mode only its record (and the fallback that would
