@@ -100,8 +100,10 @@ struct Receipt {
 }
 
 /// What a subscriber reports to the measuring task.
-enum Event {
-    Received(Receipt),
+/// What a subscriber reports: a receipt (a snapshot's, or in `--mode endpoints`
+/// an endpoint update's), or its failure.
+enum Event<R> {
+    Received(R),
     Failed { stream: usize, error: String },
 }
 
@@ -315,7 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn subscriber(
     stream: usize,
     channel: Channel,
-    events: &mpsc::UnboundedSender<Event>,
+    events: &mpsc::UnboundedSender<Event<Receipt>>,
 ) -> anyhow::Result<()> {
     let node_id = format!("{NODE_PREFIX}{stream}");
     let mut client =
@@ -354,12 +356,12 @@ async fn subscriber(
     bail!("the control plane ended the stream")
 }
 
-/// The next snapshot receipt; a subscriber failure or the deadline is an error.
-async fn next_event(
-    events: &mut mpsc::UnboundedReceiver<Event>,
+/// The next receipt; a subscriber failure or the deadline is an error.
+async fn next_event<R>(
+    events: &mut mpsc::UnboundedReceiver<Event<R>>,
     deadline: Instant,
     waiting_for: &str,
-) -> anyhow::Result<Receipt> {
+) -> anyhow::Result<R> {
     let event = tokio::time::timeout_at(deadline.into(), events.recv())
         .await
         .map_err(|_| anyhow!("timed out waiting for {waiting_for}"))?;

@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounterVec, IntGauge, Opts};
-use sluice_policy::{GlobalRateLimit, Key, KeyedLimit, RateLimit};
+use sluice_policy::{GlobalRateLimit, Key, KeyedLimit};
 
 use super::*;
 use crate::globallimit::memstore::MemStore;
+use crate::globallimit::tests::rule;
 use crate::globallimit::{IDLE_RETURN, PROBE_EVERY};
 use crate::ratelimit::Decision;
 
@@ -128,22 +129,6 @@ impl Replica {
             .syncs
             .with_label_values(&[outcome])
             .get()
-    }
-}
-
-/// A shared bucket refilling at `rps` with a replica's own bucket of `local_burst`.
-fn rule(rps: f64, burst: u32, local_burst: u32, key: Option<KeyedLimit>) -> GlobalRateLimit {
-    GlobalRateLimit {
-        shared: RateLimit {
-            requests_per_second: rps,
-            burst,
-            key: key.clone(),
-        },
-        when_unreachable: RateLimit {
-            requests_per_second: 0.001,
-            burst: local_burst,
-            key,
-        },
     }
 }
 

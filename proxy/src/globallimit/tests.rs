@@ -10,7 +10,13 @@ use super::lease::Shares;
 use super::*;
 use crate::ratelimit::Decision;
 
-fn rule(rps: f64, burst: u32, local_burst: u32, key: Option<KeyedLimit>) -> GlobalRateLimit {
+/// A shared bucket refilling at `rps` with a replica's own bucket of `local_burst`.
+pub(super) fn rule(
+    rps: f64,
+    burst: u32,
+    local_burst: u32,
+    key: Option<KeyedLimit>,
+) -> GlobalRateLimit {
     GlobalRateLimit {
         shared: RateLimit {
             requests_per_second: rps,

@@ -26,7 +26,7 @@ mod fake_apiserver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use fake_apiserver::{endpoint_slice, service, FakeApiServer};
 use prost::Message;
 use sluice_control_plane::api::endpoint_discovery_client::EndpointDiscoveryClient;
@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{ms, percentile, NODE_PREFIX, STATUS_POLL};
+use super::{ms, next_event, percentile, NODE_PREFIX, STATUS_POLL};
 
 const SERVICE: &str = "bench/reviews";
 /// Services besides the measured one, none of them subscribed: the change must
@@ -61,10 +61,7 @@ struct Receipt {
     bytes: usize,
 }
 
-enum Event {
-    Received(Receipt),
-    Failed { stream: usize, error: String },
-}
+type Event = super::Event<Receipt>;
 
 fn pods(count: usize, unready: Option<usize>) -> Vec<(String, bool)> {
     (0..count)
@@ -194,7 +191,7 @@ async fn measure(options: &Options, url: &str, fake: &FakeApiServer) -> anyhow::
     let mut bytes = 0;
     let deadline = subscribing + options.timeout;
     while latest.contains(&0) {
-        let r = next(&mut events, deadline, "the first set").await?;
+        let r = next_event(&mut events, deadline, "the first set").await?;
         latest[r.stream] = r.version;
         bytes = r.bytes;
     }
@@ -215,7 +212,7 @@ async fn measure(options: &Options, url: &str, fake: &FakeApiServer) -> anyhow::
     let mut first_at: Vec<Option<Instant>> = vec![None; options.streams];
     let mut new_version = 0;
     while first_at.iter().any(Option::is_none) {
-        let r = next(&mut events, deadline, "the changed set").await?;
+        let r = next_event(&mut events, deadline, "the changed set").await?;
         if r.version > initial && first_at[r.stream].is_none() {
             first_at[r.stream] = Some(r.at);
             (new_version, bytes) = (r.version, r.bytes);
@@ -293,21 +290,6 @@ async fn subscriber(
         }
     }
     bail!("the control plane ended the stream")
-}
-
-async fn next(
-    events: &mut mpsc::UnboundedReceiver<Event>,
-    deadline: Instant,
-    waiting_for: &str,
-) -> anyhow::Result<Receipt> {
-    let event = tokio::time::timeout_at(deadline.into(), events.recv())
-        .await
-        .map_err(|_| anyhow!("timed out waiting for {waiting_for}"))?;
-    match event {
-        Some(Event::Received(receipt)) => Ok(receipt),
-        Some(Event::Failed { stream, error }) => bail!("stream {stream}: {error}"),
-        None => bail!("every subscriber ended"),
-    }
 }
 
 /// Polls `GetStatus` until every simulated proxy ACKed `version` of the Service.
