@@ -158,13 +158,7 @@ fn adopt_version(shared: &Shared, url: &str, version: u64) {
         crate::runtime::Runtime::build(set, label, Some(&current), &shared.globals)
     {
         next.control_plane_version = Some(version);
-        shared.runtime.store(Arc::new(next));
-        // As after any reload: the pushed Service endpoints go in at once.
-        crate::shared::apply_resolved(
-            shared,
-            &crate::resolve::Names::default(),
-            std::time::Instant::now(),
-        );
+        shared.install(next);
     }
 }
 

@@ -53,6 +53,17 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Makes a reloaded snapshot the live one. It may replace a snapshot the
+    /// endpoints stream had just swapped pods into, so the pushed Service sets go
+    /// into it at once, not at the resolver job's next tick (named backends keep
+    /// what the build resolved).
+    pub fn install(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+        apply_resolved(self, &Names::default(), Instant::now());
+    }
+}
+
 /// Swaps in a snapshot whose endpoints are at the last good answers when some
 /// policy's are not; true when it did. A Service backend with a pushed set takes
 /// it (see `services`: the set has precedence over DNS); any other backend with no

@@ -11,13 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_policy::watch::{is_policy_entry, settle};
 use sluice_policy::Checked;
 
-use crate::resolve::Names;
 use crate::runtime::Runtime;
 use crate::shared::Shared;
 
@@ -122,11 +121,7 @@ pub fn apply(
                     );
                 }
             }
-            shared.runtime.store(Arc::new(next));
-            // A reload may have replaced a snapshot the endpoints stream had just
-            // swapped pods into: the pushed sets go into the new one at once, not at
-            // the resolver job's next tick (named backends keep what the build had).
-            crate::shared::apply_resolved(shared, &Names::default(), Instant::now());
+            shared.install(next);
             (ReloadResult::Accepted, Vec::new())
         }
     };
