@@ -195,10 +195,15 @@ struct ProxyJson<'a> {
     pod: &'a str,
     authenticated_by: &'a str,
     labels: std::collections::BTreeMap<&'a str, &'a str>,
-    acked_version: u64,
+    /// The version of each policy the proxy holds.
+    policy_versions: std::collections::BTreeMap<&'a str, &'a str>,
+    /// Its subscription: every policy, or hosts and policies by identity.
+    all_policies: bool,
+    hosts_wanted: u32,
+    policies_wanted: u32,
     connected: bool,
     connected_since: String,
-    last_nack_version: u64,
+    last_nack: &'a [String],
     last_nack_error: &'a str,
     /// The ACKed version of each Service's endpoint set.
     endpoint_versions: std::collections::BTreeMap<&'a str, u64>,
@@ -243,10 +248,17 @@ fn proxy_json(p: &api::ProxyStatus) -> ProxyJson<'_> {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect(),
-        acked_version: p.acked_version,
+        policy_versions: p
+            .policy_versions
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        all_policies: p.all_policies,
+        hosts_wanted: p.hosts_wanted,
+        policies_wanted: p.policies_wanted,
         connected: p.connected,
         connected_since: ms_to_rfc3339(p.connected_since_ms),
-        last_nack_version: p.last_nack_version,
+        last_nack: &p.last_nack,
         last_nack_error: &p.last_nack_error,
         endpoint_versions: p
             .endpoint_versions
@@ -297,29 +309,30 @@ fn print_status(out: &mut impl Write, s: &api::StatusResponse) -> std::io::Resul
     } else {
         writeln!(
             out,
-            "serving version {} ({}) from {}{}",
+            "serving version {} ({}, {} policies) from {}{}",
             s.served_version,
             s.content_hash,
+            s.policies,
             s.served_source,
             if s.rollback { " [rollback]" } else { "" }
         )?;
     }
     if !s.rejected_errors.is_empty() {
-        writeln!(out, "last change refused:")?;
+        writeln!(out, "refused:")?;
         for e in &s.rejected_errors {
             writeln!(out, "  {e}")?;
         }
     }
     writeln!(
         out,
-        "{:<32} {:<16} {:<20} {:>8} {:>10} {:<21} LAST NACK",
-        "NODE", "NAMESPACE", "SERVICE-ACCOUNT", "VERSION", "CONNECTED", "SINCE"
+        "{:<32} {:<16} {:<20} {:>8} {:<12} {:>10} {:<21} LAST NACK",
+        "NODE", "NAMESPACE", "SERVICE-ACCOUNT", "POLICIES", "WANTS", "CONNECTED", "SINCE"
     )?;
     for p in &s.proxies {
         let nack = if p.last_nack_error.is_empty() {
             "-".to_owned()
         } else {
-            format!("v{}: {}", p.last_nack_version, p.last_nack_error)
+            format!("{}: {}", p.last_nack.join(", "), p.last_nack_error)
         };
         let or_dash = |s: &str| {
             if s.is_empty() {
@@ -330,11 +343,16 @@ fn print_status(out: &mut impl Write, s: &api::StatusResponse) -> std::io::Resul
         };
         writeln!(
             out,
-            "{:<32} {:<16} {:<20} {:>8} {:>10} {:<21} {nack}",
+            "{:<32} {:<16} {:<20} {:>8} {:<12} {:>10} {:<21} {nack}",
             p.node_id,
             or_dash(&p.namespace),
             or_dash(&p.service_account),
-            p.acked_version,
+            p.policy_versions.len(),
+            if p.all_policies {
+                "all".to_owned()
+            } else {
+                format!("{}h {}p", p.hosts_wanted, p.policies_wanted)
+            },
             if p.connected { "yes" } else { "no" },
             ms_to_rfc3339(p.connected_since_ms)
         )?;
@@ -444,7 +462,6 @@ mod tests {
     fn status_lists_each_proxys_acked_endpoint_sets_and_its_last_endpoints_nack() {
         let proxy = api::ProxyStatus {
             node_id: "client-0".into(),
-            acked_version: 3,
             connected: true,
             endpoint_versions: (0..10).map(|i| (format!("shop/s{i}"), i)).collect(),
             last_endpoints_nack_error: "no port 80".into(),

@@ -1,15 +1,19 @@
-//! The gRPC API (`PolicyDiscovery`): proxies subscribe and get every accepted
-//! snapshot, answering each with an ACK or a NACK; the operator's calls (status,
-//! history, current, rollback) read and roll back the [`Store`].
+//! The gRPC API (`PolicyDiscovery`): proxies subscribe to the policies they use
+//! (by host, by identity, or all) and get each one as a resource of its own, then
+//! every change of those, answering each update with the policies they refused;
+//! the operator's calls (status, history, current, rollback) read and roll back
+//! the [`Store`].
 //!
 //! Callers are checked in each call, not by an interceptor: a TokenReview is a
 //! request to the Kubernetes API, and tonic's interceptors cannot wait. A proxy's
 //! ServiceAccount token only subscribes, and only as its own pod and namespace.
 //!
-//! Invariants: a subscriber gets the current snapshot at once, then only the latest
-//! one (a slow proxy skips intermediate versions); every stream ends on shutdown.
+//! Invariants: a subscriber gets what it asked for at once (and an answer for every
+//! host it asks about, owned or not), then only what changed in it: each update is
+//! the difference between what the proxy holds and the latest served set, so a
+//! slow proxy skips intermediate versions; every stream ends on shutdown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,11 +23,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::policy_discovery_server::PolicyDiscovery;
-use crate::api::{self, DiscoveryRequest};
+use crate::api::{self, PolicyRequest};
 use crate::auth::{Authenticator, Identity, Via};
 use crate::metrics::Metrics;
 use crate::serve::MAX_NODE_ID;
-use crate::store::Store;
+use crate::store::{PolicyResource, Served, Store};
+use sluice_policy::PolicyId;
 
 /// The `PolicyDiscovery` service of one server.
 pub(crate) struct Discovery {
@@ -108,85 +113,250 @@ pub(crate) async fn subscribe<T: prost::Message + Default>(
     Ok((identity, inbound, first))
 }
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<api::Snapshot, Status>> + Send>>;
+/// Most hosts, and most policies by identity, one stream may subscribe to (more
+/// are ignored, with a warning): the proxy bounds its own wants below these.
+pub const MAX_SUBSCRIBED: usize = 10_000;
+/// Updates awaiting an answer whose contents are remembered (for status).
+const OUTSTANDING: usize = 8;
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<api::PolicyUpdate, Status>> + Send>>;
+
+/// What one stream subscribes to and what its proxy holds.
+#[derive(Default)]
+pub(crate) struct Subscription {
+    all: bool,
+    hosts: BTreeSet<String>,
+    policies: BTreeSet<PolicyId>,
+    /// Hosts subscribed since the last update: each gets an answer, owned or not.
+    asked: Vec<String>,
+    /// What the proxy holds (or was sent): identity -> version.
+    held: HashMap<PolicyId, String>,
+}
+
+impl Subscription {
+    /// Applies a request's subscription changes; whether anything changed.
+    fn change(&mut self, node: &str, m: &PolicyRequest) -> bool {
+        let mut changed = false;
+        for host in &m.hosts_removed {
+            changed |= self.hosts.remove(&host.to_ascii_lowercase());
+        }
+        for id in &m.policies_removed {
+            changed |= self.policies.remove(&PolicyId::parse(id));
+        }
+        let mut ignored = 0usize;
+        for host in &m.hosts_added {
+            let host = host.to_ascii_lowercase();
+            if self.hosts.len() >= MAX_SUBSCRIBED && !self.hosts.contains(&host) {
+                ignored += 1;
+                continue;
+            }
+            self.asked.push(host.clone());
+            self.hosts.insert(host);
+            changed = true;
+        }
+        for id in &m.policies_added {
+            if self.policies.len() >= MAX_SUBSCRIBED {
+                ignored += 1;
+                continue;
+            }
+            changed |= self.policies.insert(PolicyId::parse(id));
+        }
+        if ignored > 0 {
+            tracing::warn!(
+                node,
+                ignored,
+                limit = MAX_SUBSCRIBED,
+                "a proxy subscribed to more hosts or policies than one stream may; the rest are ignored"
+            );
+        }
+        changed
+    }
+
+    /// The update that brings the proxy from what it holds to what it wants of
+    /// `served`; `None` when there is nothing to say.
+    pub(crate) fn update(&mut self, served: &Served) -> Option<api::PolicyUpdate> {
+        let mut wanted: BTreeMap<&PolicyId, &Arc<PolicyResource>> = BTreeMap::new();
+        if self.all {
+            wanted.extend(served.policies.iter());
+        } else {
+            for host in &self.hosts {
+                if let Some((id, p)) = served
+                    .hosts
+                    .get(host)
+                    .and_then(|id| served.policies.get_key_value(id))
+                {
+                    wanted.insert(id, p);
+                }
+            }
+            for id in &self.policies {
+                if let Some((id, p)) = served.policies.get_key_value(id) {
+                    wanted.insert(id, p);
+                }
+            }
+        }
+        let mut update = api::PolicyUpdate::default();
+        for (id, p) in &wanted {
+            if self.held.get(*id) != Some(&p.version) {
+                self.held.insert((*id).clone(), p.version.clone());
+                update.policies.push(p.to_api());
+            }
+        }
+        let gone: Vec<PolicyId> = self
+            .held
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.held.remove(&id);
+            update.removed.push(id.to_string());
+        }
+        for host in std::mem::take(&mut self.asked) {
+            if !served.hosts.contains_key(&host) {
+                update.unknown_hosts.push(host);
+            }
+        }
+        let empty = update.policies.is_empty()
+            && update.removed.is_empty()
+            && update.unknown_hosts.is_empty();
+        (!empty).then_some(update)
+    }
+}
 
 #[tonic::async_trait]
 impl PolicyDiscovery for Discovery {
-    type StreamPoliciesStream = SnapshotStream;
+    type StreamPoliciesStream = UpdateStream;
 
     async fn stream_policies(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SnapshotStream>, Status> {
+        request: Request<Streaming<PolicyRequest>>,
+    ) -> Result<Response<UpdateStream>, Status> {
         let (identity, mut inbound, first) =
-            subscribe(&self.auth, request, |m: &DiscoveryRequest| &m.node_id).await?;
+            subscribe(&self.auth, request, |m: &PolicyRequest| &m.node_id).await?;
         let node = first.node_id.clone();
         matches_identity(&identity, &node, &first.namespace)?;
-        let labels: BTreeMap<String, String> = first.labels.into_iter().collect();
+        let labels: BTreeMap<String, String> = first.labels.clone().into_iter().collect();
         if self
             .store
-            .connected(&node, labels, first.namespace, first.version, &identity)
+            .connected(&node, labels, first.namespace.clone(), &identity)
         {
             self.metrics.proxies_connected.inc();
         }
+        let mut subscription = Subscription {
+            all: first.all,
+            held: first
+                .held
+                .iter()
+                .map(|(id, v)| (PolicyId::parse(id), v.clone()))
+                .collect(),
+            ..Subscription::default()
+        };
+        subscription.change(&node, &first);
         tracing::info!(
             node = node.as_str(),
-            version = first.version,
+            all = first.all,
+            hosts = subscription.hosts.len(),
+            policies = subscription.policies.len(),
+            held = subscription.held.len(),
             namespace = identity.namespace.as_str(),
             service_account = identity.service_account.as_str(),
             authenticated_by = identity.via.as_str(),
             "proxy connected"
         );
 
-        // A few snapshots in flight are plenty: the watch always holds the latest.
+        // A few updates in flight are plenty: each is computed against the latest set.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = Arc::clone(&self.store);
-        let mut snapshots = store.subscribe();
+        let mut served = store.subscribe();
         let base = self.nonce.fetch_add(1 << 20, Ordering::Relaxed);
         let mut stopping = self.stopping.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let mut sent: u64 = 0;
-            let mut outstanding: Vec<(String, u64)> = Vec::new();
-            let mut next = snapshots.borrow_and_update().clone();
+            // Nonce -> what that update carried, for the status of the answer.
+            let mut outstanding: VecDeque<(String, Vec<(String, String)>, Vec<String>)> =
+                VecDeque::new();
+            let mut dirty = true;
+            let mut first_update = true;
             // Ends when the proxy hangs up or the server shuts down.
             loop {
-                if let Some(snapshot) = next.take() {
-                    sent += 1;
-                    let nonce = format!("{:x}", base + sent);
-                    outstanding.push((nonce.clone(), snapshot.version));
-                    if outstanding.len() > 8 {
-                        outstanding.remove(0);
+                if dirty {
+                    dirty = false;
+                    store.subscription(
+                        &node,
+                        subscription.all,
+                        subscription.hosts.len(),
+                        subscription.policies.len(),
+                    );
+                    let now = served.borrow_and_update().clone();
+                    // The first update is sent even when empty: it tells the proxy
+                    // that it holds everything it asked for.
+                    let update = subscription
+                        .update(&now)
+                        .or_else(|| first_update.then(api::PolicyUpdate::default));
+                    if let Some(mut update) = update {
+                        first_update = false;
+                        sent += 1;
+                        update.nonce = format!("{:x}", base + sent);
+                        let carried = update
+                            .policies
+                            .iter()
+                            .map(|p| (p.id.clone(), p.version.clone()))
+                            .collect();
+                        outstanding.push_back((
+                            update.nonce.clone(),
+                            carried,
+                            update.removed.clone(),
+                        ));
+                        if outstanding.len() > OUTSTANDING {
+                            outstanding.pop_front();
+                        }
+                        if tx.send(Ok(update)).await.is_err() {
+                            break;
+                        }
+                        metrics.pushes.inc();
                     }
-                    if tx.send(Ok(snapshot.to_api(nonce))).await.is_err() {
-                        break;
-                    }
-                    metrics.pushes.inc();
                 }
                 tokio::select! {
                     _ = stopping.wait_for(|s| *s) => break,
-                    changed = snapshots.changed() => match changed {
-                        Ok(()) => next = snapshots.borrow_and_update().clone(),
+                    changed = served.changed() => match changed {
+                        Ok(()) => dirty = true,
                         Err(_) => break,
                     },
                     message = inbound.message() => match message {
-                        Ok(Some(reply)) => {
-                            let version = outstanding
-                                .iter()
-                                .find(|(n, _)| *n == reply.response_nonce)
-                                .map_or(reply.version, |(_, v)| *v);
-                            if reply.error.is_empty() {
+                        Ok(Some(m)) => {
+                            dirty |= subscription.change(&node, &m);
+                            if m.response_nonce.is_empty() {
+                                continue;
+                            }
+                            let Some(at) = outstanding.iter().position(|(n, _, _)| *n == m.response_nonce) else {
+                                continue;
+                            };
+                            let Some((_, carried, removed)) = outstanding.remove(at) else {
+                                continue;
+                            };
+                            let (refused, applied): (Vec<_>, Vec<_>) = carried
+                                .into_iter()
+                                .partition(|(id, _)| m.refused.contains_key(id));
+                            store.policies_acked(&node, &applied, &removed);
+                            if refused.is_empty() {
                                 metrics.acks.inc();
-                                store.acked(&node, reply.version);
                             } else {
                                 metrics.nacks.inc();
+                                let why: Vec<String> = refused
+                                    .iter()
+                                    .map(|(id, _)| format!("{id}: {}", m.refused[id]))
+                                    .collect();
                                 tracing::warn!(
                                     node = node.as_str(),
-                                    version,
-                                    error = reply.error.as_str(),
-                                    "proxy refused a snapshot"
+                                    refused = why.join("; "),
+                                    "proxy refused policies"
                                 );
-                                store.nacked(&node, version, reply.error);
+                                store.policies_nacked(
+                                    &node,
+                                    refused.iter().map(|(id, v)| format!("{id}@{v}")).collect(),
+                                    why.join("\n"),
+                                );
                             }
                         }
                         Ok(None) | Err(_) => break,
@@ -218,7 +388,7 @@ impl PolicyDiscovery for Discovery {
             .store
             .current()
             .ok_or_else(|| Status::not_found("nothing is served yet"))?;
-        Ok(Response::new(current.to_api(String::new())))
+        Ok(Response::new(current.to_api()))
     }
 
     async fn get_history(
@@ -235,7 +405,7 @@ impl PolicyDiscovery for Discovery {
                 content_hash: s.content_hash.clone(),
                 source: s.source.clone(),
                 accepted_at_ms: s.accepted_at_ms,
-                policies: s.policies as u32,
+                policies: s.policies.len() as u32,
             })
             .collect();
         Ok(Response::new(api::HistoryResponse { entries }))
@@ -258,7 +428,7 @@ impl PolicyDiscovery for Discovery {
             "rolled back"
         );
         Ok(Response::new(api::RollbackResponse {
-            served: Some(served.to_api(String::new())),
+            served: Some(served.to_api()),
         }))
     }
 }

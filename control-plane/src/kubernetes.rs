@@ -3,9 +3,10 @@
 //!
 //! The Kubernetes API is the store: every control-plane replica lists and watches
 //! `trafficpolicies.sluice.dev` (kube's watcher resumes a broken watch from the last
-//! resourceVersion), rebuilds the whole set on each change, and offers it to the
-//! [`Store`] like a directory reload: validated with the `policy` crate, refused as a
-//! whole when any resource is invalid. Policy names are global across namespaces.
+//! resourceVersion) and offers each resource to the [`Store`] on its own, validated
+//! with the `policy` crate: an invalid resource refuses only itself (it keeps its
+//! last good version) and a change re-checks that resource only. Identity is
+//! `namespace/name`, so two namespaces may both have a policy `api`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,16 +18,19 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use serde_json::{json, Map, Value};
 use sluice_policy::spec::PolicyBodySpec;
+use sluice_policy::PolicyId;
 
 use crate::metrics::Metrics;
-use crate::serve::{log_warnings, split_warnings};
-use crate::store::Store;
+use crate::serve::report;
+use crate::store::{Offered, Store};
 use crate::telemetry::Readiness;
 
 pub const GROUP: &str = "sluice.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "TrafficPolicy";
 pub const PLURAL: &str = "trafficpolicies";
+/// The source label of what the resources offer.
+const SOURCE: &str = "kubernetes";
 /// Why `/ready` waits, until the first list of the resources completes.
 pub const NOT_LISTED: &str = "the TrafficPolicy resources have not been listed yet";
 
@@ -192,40 +196,36 @@ fn document(object: &DynamicObject) -> Value {
     })
 }
 
-/// Validates every resource together and offers the set to the store.
-fn offer(store: &Store, metrics: &Metrics, objects: &BTreeMap<(String, String), DynamicObject>) {
-    let texts: Vec<(String, String)> = objects
-        .iter()
-        .map(|((ns, name), object)| {
-            (
-                format!("kubernetes:{ns}/{name}"),
-                serde_saphyr::to_string(&document(object)).unwrap_or_default(),
-            )
-        })
-        .collect();
-    let (result, warnings) = split_warnings(sluice_policy::check_sources(
-        texts
-            .iter()
-            .map(|(f, t)| (Path::new(f.as_str()), t.as_str())),
-    ));
-    let offered = store.offer(result, "kubernetes");
-    metrics.offered(&offered);
-    match offered {
-        crate::store::Offer::Accepted(v) => {
-            tracing::info!(
-                version = v,
-                source = "kubernetes",
-                resources = objects.len(),
-                "policy accepted"
-            );
-            log_warnings(v, "kubernetes", &warnings);
-        }
-        crate::store::Offer::Rejected => {
-            for e in store.rejected() {
-                tracing::error!(error = e.as_str(), "policy rejected");
-            }
-        }
-        crate::store::Offer::Unchanged => {}
+/// The identity of a resource.
+fn id_of(object: &DynamicObject) -> PolicyId {
+    PolicyId {
+        namespace: object.metadata.namespace.clone(),
+        name: object.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// One resource as the store takes it: checked on its own, with its generation and
+/// age (the host-conflict rule prefers the oldest).
+fn offered(object: &DynamicObject) -> Offered {
+    let id = id_of(object);
+    let text = serde_saphyr::to_string(&document(object)).unwrap_or_default();
+    let file = format!("kubernetes:{id}");
+    let document = sluice_policy::check_each([(Path::new(&file), text.as_str())]).pop();
+    let outcome = match document {
+        Some(d) => Offered::documents(vec![d]).remove(0).outcome,
+        None => Err(vec![format!("{file}: the resource has no policy document")]),
+    };
+    Offered {
+        id: Some(id),
+        file,
+        generation: object.metadata.generation.unwrap_or(0),
+        created: object
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        outcome,
     }
 }
 
@@ -241,14 +241,7 @@ pub async fn follow(
     let gvk = GroupVersionKind::gvk(GROUP, VERSION, KIND);
     let resource = ApiResource::from_gvk_with_plural(&gvk, PLURAL);
     let api: Api<DynamicObject> = Api::all_with(client, &resource);
-    let mut objects: BTreeMap<(String, String), DynamicObject> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<(String, String), DynamicObject>> = None;
-    let key = |o: &DynamicObject| {
-        (
-            o.metadata.namespace.clone().unwrap_or_default(),
-            o.metadata.name.clone().unwrap_or_default(),
-        )
-    };
+    let mut relisting: Option<BTreeMap<PolicyId, DynamicObject>> = None;
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
@@ -257,21 +250,22 @@ pub async fn follow(
             Ok(Event::Init) => relisting = Some(BTreeMap::new()),
             Ok(Event::InitApply(o)) => {
                 if let Some(list) = relisting.as_mut() {
-                    list.insert(key(&o), o);
+                    list.insert(id_of(&o), o);
                 }
             }
             Ok(Event::InitDone) => {
-                objects = relisting.take().unwrap_or_default();
-                offer(&store, &metrics, &objects);
+                let listed = relisting.take().unwrap_or_default();
+                let offer = store.replace(listed.values().map(offered).collect(), SOURCE);
+                report(&store, &metrics, &offer, SOURCE);
                 readiness.source_loaded();
             }
             Ok(Event::Apply(o)) => {
-                objects.insert(key(&o), o);
-                offer(&store, &metrics, &objects);
+                let offer = store.update(vec![offered(&o)], &[], SOURCE);
+                report(&store, &metrics, &offer, SOURCE);
             }
             Ok(Event::Delete(o)) => {
-                objects.remove(&key(&o));
-                offer(&store, &metrics, &objects);
+                let offer = store.update(Vec::new(), &[id_of(&o)], SOURCE);
+                report(&store, &metrics, &offer, SOURCE);
             }
             // A watch the API server closed is resumed without an error and is not
             // counted: that happens every few minutes. An error is a list or watch

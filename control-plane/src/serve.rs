@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use sluice_policy::watch::{is_policy_entry, settle};
-use sluice_policy::{Checked, PolicyErrors, PolicySet};
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -42,7 +41,7 @@ use crate::endpoint_discovery::Endpoints;
 use crate::endpoints::EndpointStore;
 use crate::inject::InjectOptions;
 use crate::metrics::Metrics;
-use crate::store::{Offer, Store};
+use crate::store::{Offer, Offered, Store};
 use crate::telemetry::{Readiness, TelemetryServer};
 use crate::tls::{self, CertificateCheck, CertificateFiles};
 use crate::webhook::WebhookServer;
@@ -440,52 +439,43 @@ fn source_label(dir: &Path) -> String {
     format!("dir:{}", dir.display())
 }
 
-/// Loads the directory and offers it to the store.
+/// Reads the directory and offers every policy in it to the store, each on its
+/// own: an invalid file refuses only its own policies.
 pub fn load_dir(store: &Store, dir: &Path, metrics: &Metrics) -> Offer {
-    let (result, warnings) = split_warnings(sluice_policy::check_path(dir));
-    let offer = store.offer(result, &source_label(dir));
-    metrics.offered(&offer);
-    match &offer {
-        Offer::Accepted(v) => {
-            tracing::info!(version = v, source = source_label(dir), "policy accepted");
-            log_warnings(*v, &source_label(dir), &warnings);
-        }
-        Offer::Rejected => {
-            for e in store.rejected() {
-                tracing::error!(error = e.as_str(), "policy rejected");
-            }
-        }
-        Offer::Unchanged => {}
-    }
+    let offered = Offered::documents(sluice_policy::check_each_path(dir));
+    let source = source_label(dir);
+    let offer = store.replace(offered, &source);
+    report(store, metrics, &offer, &source);
     offer
 }
 
-/// A checked source as the store takes it (the set, or every error as a line), and
-/// its warnings as lines.
-pub(crate) fn split_warnings(
-    checked: Result<Checked, PolicyErrors>,
-) -> (Result<PolicySet, Vec<String>>, Vec<String>) {
-    match checked {
-        Ok(Checked { set, warnings }) => {
-            (Ok(set), warnings.iter().map(ToString::to_string).collect())
+/// Counts and logs what became of an offered change.
+pub(crate) fn report(store: &Store, metrics: &Metrics, offer: &Offer, source: &str) {
+    metrics.offered(offer);
+    match offer {
+        Offer::Accepted(v) => {
+            tracing::info!(
+                version = v,
+                source,
+                policies = store.served().policies.len(),
+                "policy accepted"
+            );
         }
-        Err(errors) => (
-            Err(errors.0.iter().map(ToString::to_string).collect()),
-            Vec::new(),
-        ),
+        Offer::Rejected | Offer::Unchanged => {}
     }
-}
-
-/// One warn line for an accepted policy with warnings: it serves as written, but
-/// whoever wrote it should hear that part of it will never apply.
-pub(crate) fn log_warnings(version: u64, source: &str, warnings: &[String]) {
-    if !warnings.is_empty() {
-        tracing::warn!(
-            version,
-            source,
-            warnings = %warnings.join("; "),
-            "policy accepted with warnings"
-        );
+    if *offer != Offer::Unchanged {
+        for e in store.unidentified() {
+            tracing::error!(error = e.as_str(), "policy rejected");
+        }
+        for (id, c) in store.changed_conditions() {
+            if !c.accepted {
+                tracing::error!(policy = %id, reason = c.reason, error = c.message.as_str(), "policy rejected");
+            } else if !c.message.is_empty() {
+                // Served as written all the same; whoever wrote it should hear
+                // that part of it will never apply.
+                tracing::warn!(policy = %id, warnings = c.message.as_str(), "policy accepted with warnings");
+            }
+        }
     }
 }
 

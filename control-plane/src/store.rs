@@ -1,47 +1,170 @@
-//! The served policy: the current snapshot, the last [`HISTORY`] versions, the last
-//! refused change, and which proxy runs which version.
+//! The served policy, one resource per TrafficPolicy: what the source says of each
+//! policy, each one's last good version, the served set that follows from them
+//! ([`resolve`]), every policy's condition, the last [`HISTORY`] served sets, and
+//! which proxy holds which version of what.
 //!
 //! One `Store` owns all of it behind a mutex (every write goes through its methods,
-//! so there is a single writer); new snapshots fan out to every subscriber through
-//! a `watch` channel, which always holds the latest: a slow proxy skips intermediate
-//! versions instead of queueing them.
+//! so there is a single writer). Each change of the served set is published as a
+//! new [`Served`] through a `watch` channel, which always holds the latest: every
+//! proxy's stream diffs it against what that proxy holds and sends only the
+//! policies it wants that changed.
 //!
-//! Invariants: versions only grow; unchanged content never makes a new version; a
-//! refused change never replaces the served snapshot.
+//! Invariants: a policy's version is the content hash of its canonical YAML (the
+//! same on every replica); an invalid policy never replaces its last good version
+//! and blocks no other policy; unchanged content makes no new served set.
 
-use std::collections::{BTreeMap, VecDeque};
+pub mod resolve;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sluice_policy::PolicySet;
+use sluice_policy::{PolicyId, TrafficPolicy};
 use tokio::sync::watch;
 
 use crate::api;
 use crate::auth::Identity;
+pub use resolve::{Condition, Entry};
 
-/// Versions kept in memory for `history` and `rollback`.
+/// Served sets kept in memory for `history` and `rollback`.
 pub const HISTORY: usize = 20;
 /// Most proxies tracked in status (disconnected ones are forgotten first).
 pub const MAX_TRACKED_PROXIES: usize = 100_000;
+/// Most errors of documents without an identity kept for status.
+pub const MAX_UNIDENTIFIED_ERRORS: usize = 100;
 
+/// One policy as served: canonical YAML, versioned by its content hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyResource {
+    pub id: PolicyId,
+    /// Content hash of `yaml`: the same on every replica.
+    pub version: String,
+    /// The policy alone, as one canonical YAML document.
+    pub yaml: String,
+    pub hosts: Vec<String>,
+    /// Kubernetes' `metadata.generation` of the resource; 0 for files.
+    pub generation: i64,
+    pub policy: TrafficPolicy,
+}
+
+impl PolicyResource {
+    pub fn new(policy: TrafficPolicy, generation: i64) -> PolicyResource {
+        let (yaml, version) = sluice_policy::policy_yaml(&policy);
+        PolicyResource {
+            id: policy.id(),
+            version,
+            hosts: policy.hosts.clone(),
+            yaml,
+            generation,
+            policy,
+        }
+    }
+
+    pub fn to_api(&self) -> api::PolicyResource {
+        api::PolicyResource {
+            id: self.id.to_string(),
+            version: self.version.clone(),
+            yaml: self.yaml.clone(),
+            hosts: self.hosts.clone(),
+        }
+    }
+}
+
+/// What a source offers for one policy document.
+#[derive(Debug, Clone)]
+pub struct Offered {
+    /// `None` for a text without any identity (not YAML, no `metadata.name`): its
+    /// errors are reported, and the policies its file held keep their last good
+    /// versions.
+    pub id: Option<PolicyId>,
+    /// Where it was read (a file, `kubernetes:namespace/name`).
+    pub file: String,
+    pub generation: i64,
+    /// `creationTimestamp` (RFC 3339) for resources, empty for files.
+    pub created: String,
+    /// The policy with its warnings, or its errors (file:line:column).
+    pub outcome: Result<(TrafficPolicy, Vec<String>), Vec<String>>,
+}
+
+impl Offered {
+    /// Every document of a checked source, as files are offered (no generation).
+    pub fn documents(documents: Vec<sluice_policy::Document>) -> Vec<Offered> {
+        documents
+            .into_iter()
+            .map(|d| Offered {
+                id: d.id,
+                file: d.file.display().to_string(),
+                generation: 0,
+                created: String::new(),
+                outcome: match d.outcome {
+                    Ok((policy, warnings)) => {
+                        Ok((policy, warnings.iter().map(ToString::to_string).collect()))
+                    }
+                    Err(errors) => Err(errors.iter().map(ToString::to_string).collect()),
+                },
+            })
+            .collect()
+    }
+}
+
+/// The served set at one moment: what every proxy stream diffs against.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// Grows with every change (local to this replica: streams only compare it).
+    pub revision: u64,
+    pub policies: BTreeMap<PolicyId, Arc<PolicyResource>>,
+    /// Host -> the policy that owns it.
+    pub hosts: HashMap<String, PolicyId>,
+}
+
+impl Served {
+    fn new(revision: u64, policies: BTreeMap<PolicyId, Arc<PolicyResource>>) -> Served {
+        let hosts = policies
+            .iter()
+            .flat_map(|(id, p)| p.hosts.iter().map(move |h| (h.clone(), id.clone())))
+            .collect();
+        Served {
+            revision,
+            policies,
+            hosts,
+        }
+    }
+
+    /// Content hash over every served policy's identity and version: equal sets
+    /// have equal hashes on every replica.
+    pub fn content_hash(&self) -> String {
+        let mut lines = String::new();
+        for (id, p) in &self.policies {
+            lines.push_str(&format!("{id} {}\n", p.version));
+        }
+        content_hash(&lines)
+    }
+}
+
+/// One served set, as history keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
+    /// This replica's count of served sets (for `history` and `rollback --to`).
     pub version: u64,
     pub content_hash: String,
-    pub yaml: String,
     pub source: String,
     pub accepted_at_ms: u64,
-    pub policies: usize,
+    pub policies: BTreeMap<PolicyId, Arc<PolicyResource>>,
     pub rollback: bool,
 }
 
 impl Snapshot {
-    pub fn to_api(&self, nonce: String) -> api::Snapshot {
+    /// Every served policy as one multi-document YAML (for `diff`; never pushed to
+    /// proxies, which get each policy on its own).
+    pub fn yaml(&self) -> String {
+        self.policies.values().map(|p| p.yaml.as_str()).collect()
+    }
+
+    pub fn to_api(&self) -> api::Snapshot {
         api::Snapshot {
             version: self.version,
             content_hash: self.content_hash.clone(),
-            policies_yaml: self.yaml.clone(),
-            nonce,
+            policies_yaml: self.yaml(),
             source: self.source.clone(),
             accepted_at_ms: self.accepted_at_ms,
         }
@@ -57,9 +180,16 @@ pub struct ProxyState {
     pub pod: String,
     /// How the proxy was recognised: loopback, static-token or token-review.
     pub authenticated_by: String,
-    pub acked_version: u64,
+    /// The version of each policy the proxy holds (ACKed), by identity.
+    pub policy_versions: BTreeMap<String, String>,
+    /// The last refused policy update: why, and `namespace/name@version` of each
+    /// refused policy.
     pub last_nack_error: String,
-    pub last_nack_version: u64,
+    pub last_nack: Vec<String>,
+    /// Its subscription: everything, or these many hosts and policies.
+    pub all_policies: bool,
+    pub hosts_wanted: u32,
+    pub policies_wanted: u32,
     pub connected_since_ms: u64,
     pub connected: bool,
     /// Streams currently open for this node id (a reconnect may overlap the old one).
@@ -76,25 +206,40 @@ pub struct ProxyState {
 
 #[derive(Default)]
 struct State {
+    /// What the source says of each policy now.
+    entries: BTreeMap<PolicyId, Entry>,
+    /// Each policy's latest valid version (served while the source's is invalid).
+    last_good: BTreeMap<PolicyId, Arc<PolicyResource>>,
+    /// Errors of documents without an identity (a file that is not YAML).
+    unidentified: Vec<String>,
+    /// Where each policy was last read from.
+    origins: BTreeMap<PolicyId, String>,
+    conditions: BTreeMap<PolicyId, Condition>,
+    /// The conditions the last change made new (for its log lines).
+    changed: Vec<(PolicyId, Condition)>,
     current: Option<Arc<Snapshot>>,
     history: VecDeque<Arc<Snapshot>>,
-    /// The hash of what the source last offered (a rollback serves something else).
+    /// A hash of the source's word on every policy: a rollback holds until it changes.
     source_hash: Option<String>,
-    rejected: Vec<String>,
     proxies: BTreeMap<String, ProxyState>,
 }
 
 /// What happened to an offered change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Offer {
+    /// The served set changed: its new version number (some documents may have
+    /// been refused all the same; see [`Store::rejected`]).
     Accepted(u64),
     Unchanged,
+    /// Nothing served changed, and some offered documents were refused.
     Rejected,
 }
 
 pub struct Store {
     state: Mutex<State>,
-    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    tx: watch::Sender<Arc<Served>>,
+    /// Policies whose condition changed, for the status writer.
+    conditions_tx: watch::Sender<u64>,
 }
 
 pub fn now_ms() -> u64 {
@@ -111,9 +256,25 @@ impl Default for Store {
     fn default() -> Self {
         Store {
             state: Mutex::default(),
-            tx: watch::channel(None).0,
+            tx: watch::channel(Arc::new(Served::default())).0,
+            conditions_tx: watch::channel(0).0,
         }
     }
+}
+
+/// The hash of a source's word on every policy (versions and errors).
+fn source_hash(entries: &BTreeMap<PolicyId, Entry>, unidentified: &[String]) -> String {
+    let mut text = String::new();
+    for (id, e) in entries {
+        match &e.candidate {
+            Ok(p) => text.push_str(&format!("{id} {}\n", p.version)),
+            Err(errors) => text.push_str(&format!("{id} ! {}\n", errors.join(" "))),
+        }
+    }
+    for e in unidentified {
+        text.push_str(&format!("! {e}\n"));
+    }
+    content_hash(&text)
 }
 
 impl Store {
@@ -121,82 +282,191 @@ impl Store {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Receives every new snapshot (starting with the current one).
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+    /// Receives every new served set (starting with the current one).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Served>> {
         self.tx.subscribe()
+    }
+
+    /// Ticks whenever a policy's condition changes (see [`Store::conditions`]).
+    pub fn watch_conditions(&self) -> watch::Receiver<u64> {
+        self.conditions_tx.subscribe()
+    }
+
+    /// The served set now.
+    pub fn served(&self) -> Arc<Served> {
+        self.tx.borrow().clone()
     }
 
     pub fn current(&self) -> Option<Arc<Snapshot>> {
         self.lock().current.clone()
     }
 
+    /// Every policy's condition.
+    pub fn conditions(&self) -> BTreeMap<PolicyId, Condition> {
+        self.lock().conditions.clone()
+    }
+
+    /// Errors of documents without an identity (a file that is not YAML).
+    pub fn unidentified(&self) -> Vec<String> {
+        self.lock().unidentified.clone()
+    }
+
+    /// The conditions the last offered change made new.
+    pub fn changed_conditions(&self) -> Vec<(PolicyId, Condition)> {
+        self.lock().changed.clone()
+    }
+
     fn publish(
         &self,
         state: &mut State,
-        yaml: String,
-        hash: String,
+        policies: BTreeMap<PolicyId, Arc<PolicyResource>>,
         source: String,
-        policies: usize,
         rollback: bool,
     ) -> u64 {
         let version = state.current.as_ref().map_or(0, |c| c.version) + 1;
+        let served = Served::new(version, policies);
         let snapshot = Arc::new(Snapshot {
             version,
-            content_hash: hash,
-            yaml,
+            content_hash: served.content_hash(),
             source,
             accepted_at_ms: now_ms(),
-            policies,
+            policies: served.policies.clone(),
             rollback,
         });
         state.history.push_back(Arc::clone(&snapshot));
         while state.history.len() > HISTORY {
             state.history.pop_front();
         }
-        state.current = Some(Arc::clone(&snapshot));
-        state.rejected.clear();
-        self.tx.send_replace(Some(snapshot));
+        state.current = Some(snapshot);
+        self.tx.send_replace(Arc::new(served));
         version
     }
 
-    /// A source's latest content: validated `set`, or its errors.
-    pub fn offer(&self, result: Result<PolicySet, Vec<String>>, source: &str) -> Offer {
+    /// Replaces what `source` says of every policy (a directory read again, or a
+    /// full list of the custom resources): policies it no longer names are gone.
+    pub fn replace(&self, offered: Vec<Offered>, source: &str) -> Offer {
         let mut state = self.lock();
-        match result {
-            Err(errors) => {
-                state.rejected = errors;
-                Offer::Rejected
-            }
-            Ok(set) => {
-                let yaml = sluice_policy::to_yaml(&set);
-                let hash = content_hash(&yaml);
-                let unchanged_source = state.source_hash.as_deref() == Some(hash.as_str());
-                let serving_it = state
-                    .current
-                    .as_ref()
-                    .is_some_and(|c| c.content_hash == hash);
-                state.source_hash = Some(hash.clone());
-                if unchanged_source || serving_it {
-                    // Nothing new: a refused edit that was reverted is no longer
-                    // refused, and a rollback stays in force until the source changes.
-                    state.rejected.clear();
-                    return Offer::Unchanged;
+        let mut next = BTreeMap::new();
+        let mut unidentified = Vec::new();
+        let mut refused = false;
+        // Files with a document that names no policy: what they held before is
+        // kept (invalid, serving its last good version), not deleted.
+        let mut unreadable: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for o in offered {
+            refused |= o.outcome.is_err();
+            if o.id.is_none() {
+                if let Err(errors) = &o.outcome {
+                    unreadable
+                        .entry(o.file.clone())
+                        .or_default()
+                        .extend(errors.iter().cloned());
                 }
-                let version = self.publish(
-                    &mut state,
-                    yaml,
-                    hash,
-                    source.to_owned(),
-                    set.policies.len(),
-                    false,
+            }
+            if let Some(id) = &o.id {
+                state.origins.insert(id.clone(), o.file.clone());
+            }
+            take(&mut next, &mut unidentified, o);
+        }
+        for (id, file) in &state.origins {
+            let Some(errors) = unreadable.get(file) else {
+                continue;
+            };
+            if next.contains_key(id) {
+                continue;
+            }
+            if let Some(old) = state.entries.get(id) {
+                next.insert(
+                    id.clone(),
+                    Entry {
+                        candidate: Err(errors.clone()),
+                        warnings: Vec::new(),
+                        ..old.clone()
+                    },
                 );
-                Offer::Accepted(version)
             }
         }
+        let kept: std::collections::BTreeSet<&PolicyId> = next.keys().collect();
+        let origins = std::mem::take(&mut state.origins);
+        state.origins = origins
+            .into_iter()
+            .filter(|(id, _)| kept.contains(id))
+            .collect();
+        state.entries = next;
+        state.unidentified = unidentified;
+        self.settle(&mut state, source, refused)
     }
 
-    /// Serves version `to` (0: the one before the current) again, as a new version
-    /// marked as a rollback until the source changes.
+    /// Changes what the source says of some policies only (a resource added,
+    /// changed or deleted), leaving the others as they are.
+    pub fn update(&self, offered: Vec<Offered>, removed: &[PolicyId], source: &str) -> Offer {
+        let mut state = self.lock();
+        let mut refused = false;
+        for id in removed {
+            state.entries.remove(id);
+            state.origins.remove(id);
+        }
+        for o in &offered {
+            if let Some(id) = &o.id {
+                state.origins.insert(id.clone(), o.file.clone());
+            }
+        }
+        let State {
+            entries,
+            unidentified,
+            ..
+        } = &mut *state;
+        for o in offered {
+            refused |= o.outcome.is_err();
+            take(entries, unidentified, o);
+        }
+        unidentified.truncate(MAX_UNIDENTIFIED_ERRORS);
+        self.settle(&mut state, source, refused)
+    }
+
+    /// After the entries changed: last good versions, the served set, conditions.
+    fn settle(&self, state: &mut State, source: &str, refused: bool) -> Offer {
+        let hash = source_hash(&state.entries, &state.unidentified);
+        if state.source_hash.as_deref() == Some(hash.as_str()) {
+            // Nothing new: a rollback stays in force until the source changes.
+            state.changed.clear();
+            return Offer::Unchanged;
+        }
+        state.source_hash = Some(hash);
+        for (id, entry) in &state.entries {
+            if let Ok(resource) = &entry.candidate {
+                state.last_good.insert(id.clone(), Arc::clone(resource));
+            }
+        }
+        let State {
+            entries, last_good, ..
+        } = &mut *state;
+        last_good.retain(|id, _| entries.contains_key(id));
+        let (served, conditions) = resolve::resolve(&state.entries, &state.last_good);
+        state.changed = conditions
+            .iter()
+            .filter(|(id, c)| state.conditions.get(*id) != Some(*c))
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        if state.conditions != conditions {
+            state.conditions = conditions;
+            self.conditions_tx.send_modify(|n| *n += 1);
+        }
+        let same = state
+            .current
+            .as_ref()
+            .is_some_and(|c| c.policies == served && !c.rollback);
+        if same {
+            return if refused {
+                Offer::Rejected
+            } else {
+                Offer::Unchanged
+            };
+        }
+        Offer::Accepted(self.publish(state, served, source.to_owned(), false))
+    }
+
+    /// Serves the set of version `to` (0: the one before the current) again, as a
+    /// new version marked as a rollback until the source changes.
     pub fn rollback(&self, to: u64) -> Result<Arc<Snapshot>, String> {
         let mut state = self.lock();
         let current = state.current.clone().ok_or("nothing is served yet")?;
@@ -223,14 +493,7 @@ impl Store {
             ));
         }
         let source = format!("rollback to version {}", target.version);
-        self.publish(
-            &mut state,
-            target.yaml.clone(),
-            target.content_hash.clone(),
-            source,
-            target.policies,
-            true,
-        );
+        self.publish(&mut state, target.policies.clone(), source, true);
         state
             .current
             .clone()
@@ -241,8 +504,10 @@ impl Store {
         self.lock().history.iter().cloned().collect()
     }
 
+    /// Every refusal now: each invalid or conflicting policy's, and each
+    /// unreadable document's.
     pub fn rejected(&self) -> Vec<String> {
-        self.lock().rejected.clone()
+        rejected_of(&self.lock())
     }
 
     /// A proxy opened a stream: whether it was not connected before (a reconnect
@@ -252,7 +517,6 @@ impl Store {
         node: &str,
         labels: BTreeMap<String, String>,
         namespace: String,
-        version: u64,
         identity: &Identity,
     ) -> bool {
         let mut state = self.lock();
@@ -280,7 +544,6 @@ impl Store {
         proxy.service_account = identity.service_account.clone();
         proxy.pod = identity.pod.clone().unwrap_or_default();
         proxy.authenticated_by = identity.via.as_str().to_owned();
-        proxy.acked_version = version;
         let newly = proxy.streams == 0;
         if newly {
             proxy.connected_since_ms = now_ms();
@@ -302,16 +565,32 @@ impl Store {
         }
     }
 
-    pub fn acked(&self, node: &str, version: u64) {
+    /// The proxy holds these policies now (ACKed) and no longer these.
+    pub fn policies_acked(&self, node: &str, held: &[(String, String)], removed: &[String]) {
         if let Some(p) = self.lock().proxies.get_mut(node) {
-            p.acked_version = version;
+            for (id, version) in held {
+                p.policy_versions.insert(id.clone(), version.clone());
+            }
+            for id in removed {
+                p.policy_versions.remove(id);
+            }
         }
     }
 
-    pub fn nacked(&self, node: &str, version: u64, error: String) {
+    /// The proxy refused these policies (`namespace/name@version`), for `why`.
+    pub fn policies_nacked(&self, node: &str, refused: Vec<String>, why: String) {
         if let Some(p) = self.lock().proxies.get_mut(node) {
-            p.last_nack_version = version;
-            p.last_nack_error = error;
+            p.last_nack = refused;
+            p.last_nack_error = why;
+        }
+    }
+
+    /// What the proxy subscribes to now.
+    pub fn subscription(&self, node: &str, all: bool, hosts: usize, policies: usize) {
+        if let Some(p) = self.lock().proxies.get_mut(node) {
+            p.all_policies = all;
+            p.hosts_wanted = hosts as u32;
+            p.policies_wanted = policies as u32;
         }
     }
 
@@ -368,12 +647,14 @@ impl Store {
     pub fn status(&self) -> api::StatusResponse {
         let state = self.lock();
         let current = state.current.as_deref();
+        let rejected_errors = rejected_of(&state);
         api::StatusResponse {
+            policies: current.map_or(0, |c| c.policies.len() as u32),
             served_version: current.map_or(0, |c| c.version),
             served_source: current.map(|c| c.source.clone()).unwrap_or_default(),
             content_hash: current.map(|c| c.content_hash.clone()).unwrap_or_default(),
             rollback: current.is_some_and(|c| c.rollback),
-            rejected_errors: state.rejected.clone(),
+            rejected_errors,
             proxies: state
                 .proxies
                 .iter()
@@ -385,9 +666,16 @@ impl Store {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
                     namespace: p.namespace.clone(),
-                    acked_version: p.acked_version,
                     last_nack_error: p.last_nack_error.clone(),
-                    last_nack_version: p.last_nack_version,
+                    last_nack: p.last_nack.clone(),
+                    policy_versions: p
+                        .policy_versions
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    all_policies: p.all_policies,
+                    hosts_wanted: p.hosts_wanted,
+                    policies_wanted: p.policies_wanted,
                     connected_since_ms: p.connected_since_ms,
                     connected: p.connected,
                     service_account: p.service_account.clone(),
@@ -406,69 +694,40 @@ impl Store {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::Path;
-
-    fn set(host: &str) -> PolicySet {
-        let yaml = format!(
-            "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: shop}}\nspec: {{hosts: [{host}]}}\n"
-        );
-        sluice_policy::parse_str(Path::new("t.yaml"), &yaml).unwrap_or_default()
-    }
-
-    #[test]
-    fn versions_grow_and_unchanged_content_makes_no_version() {
-        let store = Store::default();
-        assert_eq!(store.offer(Ok(set("a")), "dir"), Offer::Accepted(1));
-        assert_eq!(store.offer(Ok(set("a")), "dir"), Offer::Unchanged);
-        assert_eq!(store.offer(Ok(set("b")), "dir"), Offer::Accepted(2));
-        assert_eq!(store.current().map(|c| c.version), Some(2));
-    }
-
-    #[test]
-    fn a_rejected_change_keeps_the_served_version_and_is_reported() {
-        let store = Store::default();
-        store.offer(Ok(set("a")), "dir");
-        assert_eq!(
-            store.offer(Err(vec!["x.yaml:1:1: bad".into()]), "dir"),
-            Offer::Rejected
-        );
-        assert_eq!(store.current().map(|c| c.version), Some(1));
-        assert_eq!(
-            store.status().rejected_errors,
-            vec!["x.yaml:1:1: bad".to_owned()]
-        );
-        store.offer(Ok(set("b")), "dir");
-        assert!(store.status().rejected_errors.is_empty());
-    }
-
-    #[test]
-    fn keeps_the_last_twenty_versions() {
-        let store = Store::default();
-        for i in 0..30 {
-            store.offer(Ok(set(&format!("h{i}"))), "dir");
+/// Every refusal now: each invalid or conflicting policy's, and each unreadable
+/// document's.
+fn rejected_of(state: &State) -> Vec<String> {
+    let mut out = state.unidentified.clone();
+    for (id, c) in &state.conditions {
+        if !c.accepted {
+            out.push(format!("{id}: {}: {}", c.reason, c.message));
         }
-        let history = store.history();
-        assert_eq!(history.len(), HISTORY);
-        assert_eq!(history.first().map(|s| s.version), Some(11));
     }
+    out
+}
 
-    #[test]
-    fn rollback_serves_an_earlier_version_as_a_new_one_until_the_source_changes() {
-        let store = Store::default();
-        store.offer(Ok(set("a")), "dir");
-        store.offer(Ok(set("b")), "dir");
-        let rolled = store.rollback(0).expect("rollback");
-        assert_eq!((rolled.version, rolled.rollback), (3, true));
-        assert_eq!(rolled.content_hash, store.history()[0].content_hash);
-        assert!(store.status().rollback);
-        // The source offering the same content again does not undo the rollback...
-        assert_eq!(store.offer(Ok(set("b")), "dir"), Offer::Unchanged);
-        // ...a new change does.
-        assert_eq!(store.offer(Ok(set("c")), "dir"), Offer::Accepted(4));
-        assert!(!store.status().rollback);
-        assert!(store.rollback(99).is_err());
-    }
+/// Records one offered document in `entries` (or its errors in `unidentified`).
+fn take(entries: &mut BTreeMap<PolicyId, Entry>, unidentified: &mut Vec<String>, o: Offered) {
+    let Some(id) = o.id else {
+        if let Err(errors) = o.outcome {
+            unidentified.extend(errors);
+        }
+        return;
+    };
+    let (candidate, warnings) = match o.outcome {
+        Ok((policy, warnings)) => (
+            Ok(Arc::new(PolicyResource::new(policy, o.generation))),
+            warnings,
+        ),
+        Err(errors) => (Err(errors), Vec::new()),
+    };
+    entries.insert(
+        id,
+        Entry {
+            generation: o.generation,
+            created: o.created,
+            candidate,
+            warnings,
+        },
+    );
 }

@@ -175,14 +175,16 @@ async fn follows_custom_resources_through_a_broken_watch() {
 
     // The list, then the change sent on the first watch.
     wait_for("the modified catalog", || {
-        store.current().is_some_and(|c| c.yaml.contains("burst: 7"))
+        store
+            .current()
+            .is_some_and(|c| c.yaml().contains("burst: 7"))
     })
     .await;
     // The watch broke after resourceVersion 11; the next one resumes from there.
     wait_for("cart from the resumed watch", || {
         store
             .current()
-            .is_some_and(|c| c.yaml.contains("name: cart"))
+            .is_some_and(|c| c.yaml().contains("name: cart"))
     })
     .await;
     let recorded = watches
@@ -193,14 +195,14 @@ async fn follows_custom_resources_through_a_broken_watch() {
     assert!(recorded[0].contains("resourceVersion=10"), "{recorded:?}");
     assert!(recorded[1].contains("resourceVersion=11"), "{recorded:?}");
 
-    // The invalid resource is refused as a whole, naming the resource...
+    // The invalid resource is refused alone, naming the resource...
     let served = store.current().map(|c| c.version).unwrap_or(0);
     wait_for("the invalid resource refused", || {
         store
             .status()
             .rejected_errors
             .iter()
-            .any(|e| e.starts_with("kubernetes:shop/bad:"))
+            .any(|e| e.starts_with("shop/bad: Invalid: kubernetes:shop/bad:"))
     })
     .await;
     assert_eq!(store.current().map(|c| c.version), Some(served));
@@ -211,7 +213,7 @@ async fn follows_custom_resources_through_a_broken_watch() {
         "{:?}",
         status.rejected_errors
     );
-    // ...and deleting it makes the set valid again (same content: no new version).
+    // ...and deleting it clears the refusal (nothing served changed: no new version).
     wait_for("the refusal cleared", || {
         store.status().rejected_errors.is_empty()
     })

@@ -1,12 +1,13 @@
-//! `sluice-cp serve` as a client sees it: versions pushed on subscribe, ACK/NACK in
-//! status, the API locked behind TLS and a bearer token off loopback, and what the
+//! `sluice-cp serve` as a client sees it: each policy a resource, sent to those
+//! who subscribe to its host, refused alone (by the proxy, or invalid at the
+//! source) and shown in status, the API locked behind TLS and a bearer token off loopback, and what the
 //! real binary logs when it accepts a policy with warnings.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
-use sluice_control_plane::api::{DiscoveryRequest, StatusRequest};
+use sluice_control_plane::api::{PolicyRequest, StatusRequest};
 use sluice_control_plane::cli::{connect, Remote};
 use sluice_control_plane::serve::{start, Running, ServeConfig, UsageError};
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,18 +47,61 @@ async fn serve(
     Ok((running, stop))
 }
 
+fn cart(version: u32) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: cart}}\nspec:\n  hosts: [cart]\n  routes:\n    - name: r{version}\n"
+    )
+}
+
+/// Replaces `name` in `dir` atomically (the watch must not read half a file).
+fn write(dir: &Path, name: &str, yaml: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, yaml).expect("write");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
+/// The proxy `node`'s entry in status, once `check` holds (bounded wait).
+async fn proxy_status(
+    client: &mut PolicyDiscoveryClient<tonic::transport::Channel>,
+    node: &str,
+    check: impl Fn(&sluice_control_plane::api::ProxyStatus) -> bool,
+) -> sluice_control_plane::api::ProxyStatus {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client
+            .get_status(StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if let Some(p) = status.proxies.into_iter().find(|p| p.node_id == node) {
+            if check(&p) {
+                return p;
+            }
+        }
+        assert!(Instant::now() < deadline, "status never showed it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
-async fn a_subscriber_gets_the_current_snapshot_and_its_nack_shows_in_status() {
-    let dir = temp("nack");
+async fn a_subscriber_gets_the_policies_of_its_hosts_only_and_refuses_one_alone() {
+    let dir = temp("resources");
+    let policies = dir.join("policies");
+    write(&policies, "cart.yaml", &cart(1));
+    write(&policies, "other.yaml", &POLICY.replace("shop", "other"));
     let (running, stop) = serve(&dir, |_| {}).await.expect("serve");
     let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
         .await
         .expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest {
+    let hello = PolicyRequest {
         node_id: "fake-proxy".into(),
         namespace: "shop".into(),
         ..Default::default()
+    };
+    tx.send(PolicyRequest {
+        hosts_added: vec!["shop".into(), "nowhere.example".into()],
+        ..hello.clone()
     })
     .await
     .expect("subscribe");
@@ -66,46 +110,122 @@ async fn a_subscriber_gets_the_current_snapshot_and_its_nack_shows_in_status() {
         .await
         .expect("stream")
         .into_inner();
+    // Only what it asked for, and an answer for the host nobody owns.
     let first = stream
         .message()
         .await
         .expect("message")
-        .expect("a snapshot at once");
-    assert_eq!(first.version, 1);
-    assert!(first.policies_yaml.contains("name: shop"));
-    tx.send(DiscoveryRequest {
-        node_id: "fake-proxy".into(),
-        version: 0,
+        .expect("an update at once");
+    let ids: Vec<&str> = first.policies.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["shop"]);
+    assert!(first.policies[0].yaml.contains("name: shop"));
+    assert_eq!(first.unknown_hosts, ["nowhere.example"]);
+    let shop_version = first.policies[0].version.clone();
+    tx.send(PolicyRequest {
         response_nonce: first.nonce.clone(),
-        error: "proxy.yaml:3:7: spec.routes[0]: cannot apply".into(),
-        ..Default::default()
+        refused: [("shop".to_owned(), "proxy.yaml:3:7: cannot apply".to_owned())].into(),
+        ..hello.clone()
     })
     .await
     .expect("nack");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let proxy = loop {
-        let status = client
-            .get_status(StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        if let Some(p) = status
-            .proxies
-            .into_iter()
-            .find(|p| !p.last_nack_error.is_empty())
-        {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "the NACK never showed in status");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(proxy.node_id, "fake-proxy");
-    assert_eq!((proxy.last_nack_version, proxy.acked_version), (1, 0));
-    assert_eq!(
-        proxy.last_nack_error,
-        "proxy.yaml:3:7: spec.routes[0]: cannot apply"
+    let proxy = proxy_status(&mut client, "fake-proxy", |p| !p.last_nack.is_empty()).await;
+    assert_eq!(proxy.last_nack, [format!("shop@{shop_version}")]);
+    assert!(proxy.last_nack_error.contains("cannot apply"));
+    assert!(proxy.policy_versions.is_empty());
+    assert_eq!((proxy.hosts_wanted, proxy.all_policies), (2, false));
+
+    // A host added later: that policy alone.
+    tx.send(PolicyRequest {
+        hosts_added: vec!["cart".into()],
+        ..hello.clone()
+    })
+    .await
+    .expect("more");
+    let second = stream.message().await.expect("message").expect("update");
+    let ids: Vec<&str> = second.policies.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["cart"]);
+    tx.send(PolicyRequest {
+        response_nonce: second.nonce.clone(),
+        ..hello.clone()
+    })
+    .await
+    .expect("ack");
+    let cart_v1 = second.policies[0].version.clone();
+    proxy_status(&mut client, "fake-proxy", |p| {
+        p.policy_versions.get("cart") == Some(&cart_v1)
+    })
+    .await;
+
+    // A policy nobody here wants changes: nothing is sent for it; the next update
+    // is the next change of a wanted one, that policy alone.
+    write(
+        &policies,
+        "other.yaml",
+        &POLICY.replace("shop", "elsewhere"),
     );
-    assert!(proxy.connected);
+    write(&policies, "cart.yaml", &cart(2));
+    let third = stream.message().await.expect("message").expect("update");
+    let ids: Vec<&str> = third.policies.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["cart"], "{third:?}");
+    assert_ne!(third.policies[0].version, cart_v1);
+    assert!(third.removed.is_empty());
+
+    // Unsubscribed: removed.
+    tx.send(PolicyRequest {
+        hosts_removed: vec!["cart".into()],
+        ..hello.clone()
+    })
+    .await
+    .expect("less");
+    let fourth = stream.message().await.expect("message").expect("update");
+    assert_eq!(fourth.removed, ["cart"]);
+    assert!(fourth.policies.is_empty());
+    let _ = stop.send(());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[tokio::test]
+async fn an_invalid_file_refuses_its_own_policy_and_the_others_go_on() {
+    let dir = temp("per-policy");
+    let policies = dir.join("policies");
+    write(&policies, "cart.yaml", &cart(1));
+    let (running, stop) = serve(&dir, |_| {}).await.expect("serve");
+    let store = std::sync::Arc::clone(&running.store);
+    let served = |id: &str| {
+        store
+            .served()
+            .policies
+            .get(&sluice_policy::PolicyId::parse(id))
+            .map(|p| p.version.clone())
+    };
+    let (shop_v1, cart_v1) = (served("shop").expect("shop"), served("cart").expect("cart"));
+    // shop breaks, cart changes, in one reload: cart's change is served, shop keeps
+    // its last good version, and status says where shop is wrong.
+    write(
+        &policies,
+        "shop.yaml",
+        &POLICY.replace("hosts: [shop]", "hosts: [shop], mode: loud"),
+    );
+    write(&policies, "cart.yaml", &cart(2));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served("cart") == Some(cart_v1.clone()) {
+        assert!(Instant::now() < deadline, "cart's change was never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running.store.rejected().is_empty() {
+        assert!(Instant::now() < deadline, "shop's refusal never showed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served("shop"), Some(shop_v1.clone()));
+    let rejected = running.store.rejected();
+    assert!(
+        rejected[0].starts_with("shop: Invalid: ")
+            && rejected[0].contains("shop.yaml:4:")
+            && rejected[0].contains("spec.mode"),
+        "{rejected:?}"
+    );
+    assert!(rejected[0].contains(&format!("still serving its last good version {shop_v1}")));
     let _ = stop.send(());
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
@@ -279,12 +399,12 @@ fn accepting_a_policy_with_a_route_that_can_never_match_logs_a_warning() {
     let _ = child.wait();
     let line: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
     assert_eq!(line["level"], "warn");
-    assert_eq!(line["version"], 1);
+    assert_eq!(line["policy"], "shop");
     let warning = format!(
         "{}:8:7: warning: spec.routes[1]: route \"orders\" can never match: route \"all\" (spec.routes[0]) matches every request it would",
         policy.display()
     );
-    // Several warnings are one field, joined by "; ".
+    // Several warnings are one field, one per line.
     assert_eq!(line["warnings"], serde_json::json!(warning));
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

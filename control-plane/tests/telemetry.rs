@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use fake_apiserver::FakeApiServer;
 use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
-use sluice_control_plane::api::DiscoveryRequest;
+use sluice_control_plane::api::PolicyRequest;
 use sluice_control_plane::inject::InjectOptions;
 use sluice_control_plane::serve::{start, Running, ServeConfig, WebhookConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -152,13 +152,14 @@ async fn counts_pushes_acks_nacks_and_policy_changes_of_a_directory() {
     .await;
     equals(addr, "sluice_cp_proxies_connected", 0.0).await;
 
-    // A proxy subscribes: the current snapshot is pushed.
+    // A proxy subscribes to everything: the served policy is pushed.
     let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
         .await
         .expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let hello = DiscoveryRequest {
+    let hello = PolicyRequest {
         node_id: "proxy-1".into(),
+        all: true,
         ..Default::default()
     };
     tx.send(hello.clone()).await.expect("subscribe");
@@ -167,12 +168,13 @@ async fn counts_pushes_acks_nacks_and_policy_changes_of_a_directory() {
         .await
         .expect("stream")
         .into_inner();
-    let first = stream.message().await.expect("message").expect("snapshot");
+    let first = stream.message().await.expect("message").expect("update");
+    assert_eq!(first.policies.len(), 1);
     equals(addr, "sluice_cp_pushes_total", 1.0).await;
     equals(addr, "sluice_cp_proxies_connected", 1.0).await;
-    tx.send(DiscoveryRequest {
-        version: first.version,
+    tx.send(PolicyRequest {
         response_nonce: first.nonce,
+        all: false,
         ..hello.clone()
     })
     .await
@@ -181,8 +183,9 @@ async fn counts_pushes_acks_nacks_and_policy_changes_of_a_directory() {
 
     // A change is accepted and pushed; the proxy refuses it.
     std::fs::write(dir.join("policies/shop.yaml"), CHANGED).expect("change");
-    let second = stream.message().await.expect("message").expect("snapshot");
-    assert_eq!(second.version, 2);
+    let second = stream.message().await.expect("message").expect("update");
+    assert_eq!(second.policies.len(), 1);
+    assert_ne!(second.policies[0].version, first.policies[0].version);
     equals(addr, "sluice_cp_served_version", 2.0).await;
     equals(
         addr,
@@ -191,9 +194,10 @@ async fn counts_pushes_acks_nacks_and_policy_changes_of_a_directory() {
     )
     .await;
     equals(addr, "sluice_cp_pushes_total", 2.0).await;
-    tx.send(DiscoveryRequest {
+    tx.send(PolicyRequest {
         response_nonce: second.nonce,
-        error: "shop.yaml:1:1: cannot apply".into(),
+        refused: [("shop".to_owned(), "shop.yaml:1:1: cannot apply".to_owned())].into(),
+        all: false,
         ..hello
     })
     .await
@@ -229,7 +233,7 @@ async fn subscribe(
         .await
         .expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(DiscoveryRequest {
+    tx.send(PolicyRequest {
         node_id: node.into(),
         namespace: namespace.into(),
         ..Default::default()

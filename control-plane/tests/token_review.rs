@@ -118,7 +118,7 @@ async fn a_control_plane_not_allowed_to_review_says_which_permission_it_lacks() 
 mod through_the_api {
     use super::*;
     use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
-    use sluice_control_plane::api::{DiscoveryRequest, StatusRequest};
+    use sluice_control_plane::api::{PolicyRequest, StatusRequest};
     use sluice_control_plane::serve::{start, Running, ServeConfig};
     use tokio_stream::wrappers::ReceiverStream;
 
@@ -173,7 +173,7 @@ mod through_the_api {
             .await
             .expect("connect");
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(DiscoveryRequest {
+        tx.send(PolicyRequest {
             node_id: node.into(),
             namespace: namespace.into(),
             ..Default::default()

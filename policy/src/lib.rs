@@ -24,8 +24,8 @@ pub mod watch;
 pub use error::{PolicyError, PolicyErrors, Problem};
 pub use lint::{PolicyWarning, Warning};
 pub use load::{
-    check_path, check_paths, check_sources, check_str, load_path, load_paths, parse_sources,
-    parse_str, Checked,
+    check_each, check_each_path, check_path, check_paths, check_sources, check_str, load_path,
+    load_paths, parse_sources, parse_str, Checked, Document,
 };
 pub use model::*;
 
@@ -39,4 +39,15 @@ pub fn to_yaml(set: &PolicySet) -> String {
         out.push_str(&serde_saphyr::to_string(&spec).unwrap_or_default());
     }
     out
+}
+
+/// One policy alone as canonical YAML, and its version: the content hash of that
+/// text. The control plane versions each policy it serves by it, and the proxy
+/// reports the versions it holds by it, so both agree on every replica.
+pub fn policy_yaml(policy: &TrafficPolicy) -> (String, String) {
+    let yaml = to_yaml(&PolicySet {
+        policies: vec![policy.clone()],
+    });
+    let version = hash::content_hash(&yaml);
+    (yaml, version)
 }

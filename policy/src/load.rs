@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{did_you_mean, PolicyError, PolicyErrors, Problem, Violation};
 use crate::lint::{self, PolicyWarning};
-use crate::model::{PolicySet, TrafficPolicy};
+use crate::model::{PolicyId, PolicySet, TrafficPolicy};
 use crate::node::{self, PathIndex, Position};
 use crate::spec::TrafficPolicySpec;
 
@@ -54,6 +54,37 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<PolicySet, PolicyErrors> {
 
 /// [`load_paths`], with the warnings.
 pub fn check_paths(paths: &[PathBuf]) -> Result<Checked, PolicyErrors> {
+    let (sources, mut errors) = read_paths(paths);
+    match check_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str()))) {
+        Ok(checked) if errors.is_empty() => Ok(checked),
+        Ok(_) => Err(PolicyErrors(errors)),
+        Err(PolicyErrors(more)) => {
+            errors.extend(more);
+            Err(PolicyErrors(errors))
+        }
+    }
+}
+
+/// [`check_each`] over a file or directory: every document on its own; a file
+/// that cannot be read is one document without identity.
+pub fn check_each_path(path: &Path) -> Vec<Document> {
+    let (sources, errors) = read_paths(&[path.to_owned()]);
+    let mut out: Vec<Document> = errors
+        .into_iter()
+        .map(|e| Document {
+            file: e.file.clone(),
+            id: None,
+            outcome: Err(vec![e]),
+        })
+        .collect();
+    out.extend(check_each(
+        sources.iter().map(|(f, t)| (f.as_path(), t.as_str())),
+    ));
+    out
+}
+
+/// The policy files of `paths` and their texts (bounded), and what could not be read.
+fn read_paths(paths: &[PathBuf]) -> (Vec<(PathBuf, String)>, Vec<PolicyError>) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -81,14 +112,7 @@ pub fn check_paths(paths: &[PathBuf]) -> Result<Checked, PolicyErrors> {
             }),
         }
     }
-    match check_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str()))) {
-        Ok(checked) if errors.is_empty() => Ok(checked),
-        Ok(_) => Err(PolicyErrors(errors)),
-        Err(PolicyErrors(more)) => {
-            errors.extend(more);
-            Err(PolicyErrors(errors))
-        }
-    }
+    (sources, errors)
 }
 
 /// Parses policy text as if read from `file` (the name is only used in messages).
@@ -147,70 +171,167 @@ fn placed_warnings(l: &Loaded) -> impl Iterator<Item = PolicyWarning> + '_ {
 }
 
 fn parse_file(file: &Path, text: &str, loaded: &mut Vec<Loaded>, errors: &mut Vec<PolicyError>) {
-    let first_new = errors.len();
-    parse_documents_of(file, text, loaded, errors);
-    // Report in reading order, whatever order the checks ran in.
-    errors[first_new..].sort_by_key(|e| (e.line, e.column));
+    for (_, document) in documents_of(file, text) {
+        match document {
+            Ok(l) => loaded.push(l),
+            Err(found) => errors.extend(found),
+        }
+    }
 }
 
-fn parse_documents_of(
-    file: &Path,
-    text: &str,
-    loaded: &mut Vec<Loaded>,
-    errors: &mut Vec<PolicyError>,
-) {
+/// A document's written identity (see [`written_id`]) and its check.
+type Checked1 = (Option<PolicyId>, Result<Loaded, Vec<PolicyError>>);
+
+/// Every document of one text, each checked on its own (its errors in reading
+/// order); a text that is not YAML is one error.
+fn documents_of(file: &Path, text: &str) -> Vec<Checked1> {
     let documents = match node::parse_documents(text) {
         Ok(docs) => docs,
         Err(e) => {
-            errors.push(PolicyError {
-                file: file.to_owned(),
-                line: e.position.line,
-                column: e.position.column,
-                path: String::new(),
-                problem: Problem::Invalid(format!("invalid YAML: {}", e.message)),
-            });
-            return;
+            return vec![(
+                None,
+                Err(vec![PolicyError {
+                    file: file.to_owned(),
+                    line: e.position.line,
+                    column: e.position.column,
+                    path: String::new(),
+                    problem: Problem::Invalid(format!("invalid YAML: {}", e.message)),
+                }]),
+            )]
         }
     };
-    for document in documents {
+    documents
+        .into_iter()
         // `---` at the end of a file or between comments yields an empty document.
-        if matches!(document.value, node::Node::Null) {
-            continue;
-        }
-        let index = PathIndex::build(&document);
-        let place = |v: Violation| {
-            let Position { line, column } = if v.at_key {
-                index.key(&v.path)
-            } else {
-                index.value(&v.path)
-            };
-            PolicyError {
-                file: file.to_owned(),
-                line,
-                column,
-                path: v.path,
-                problem: v.problem,
+        .filter(|document| !matches!(document.value, node::Node::Null))
+        .map(|document| {
+            let mut checked = check_document(file, &document);
+            if let Err(errors) = &mut checked {
+                // Report in reading order, whatever order the checks ran in.
+                errors.sort_by_key(|e| (e.line, e.column));
             }
+            (written_id(&document.value.to_json()), checked)
+        })
+        .collect()
+}
+
+/// What a document names itself (`metadata.namespace`, `metadata.name`), read from
+/// the raw document so that an invalid policy can still be told apart from others.
+fn written_id(json: &serde_json::Value) -> Option<PolicyId> {
+    let metadata = json.get("metadata")?;
+    Some(PolicyId {
+        namespace: metadata
+            .get("namespace")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned),
+        name: metadata.get("name")?.as_str()?.to_owned(),
+    })
+}
+
+fn check_document(
+    file: &Path,
+    document: &serde_saphyr::Spanned<node::Node>,
+) -> Result<Loaded, Vec<PolicyError>> {
+    let index = PathIndex::build(document);
+    let place = |v: Violation| {
+        let Position { line, column } = if v.at_key {
+            index.key(&v.path)
+        } else {
+            index.value(&v.path)
         };
-        let (spec, shape_errors, explained) = deserialize_all(document.value.to_json());
-        let had_shape_errors = !shape_errors.is_empty();
-        errors.extend(shape_errors.into_iter().map(place));
-        let Some(spec) = spec else { continue };
-        match TrafficPolicy::try_from(&spec) {
-            Ok(_) if had_shape_errors => {}
-            Ok(policy) => loaded.push(Loaded {
-                policy,
-                file: file.to_owned(),
-                index,
-            }),
-            Err(violations) => errors.extend(
+        PolicyError {
+            file: file.to_owned(),
+            line,
+            column,
+            path: v.path,
+            problem: v.problem,
+        }
+    };
+    let (spec, shape_errors, explained) = deserialize_all(document.value.to_json());
+    let mut errors: Vec<PolicyError> = shape_errors.into_iter().map(place).collect();
+    let Some(spec) = spec else {
+        return Err(errors);
+    };
+    match TrafficPolicy::try_from(&spec) {
+        Ok(policy) if errors.is_empty() => Ok(Loaded {
+            policy,
+            file: file.to_owned(),
+            index,
+        }),
+        Ok(_) => Err(errors),
+        Err(violations) => {
+            errors.extend(
                 violations
                     .into_iter()
                     .filter(|v| !explained.contains(&v.path))
                     .map(place),
-            ),
+            );
+            Err(errors)
         }
     }
+}
+
+/// One policy document checked on its own, as the control plane serves them: an
+/// invalid document refuses only itself.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub file: PathBuf,
+    /// The identity the document gives itself, when it has a readable
+    /// `metadata.name` (`None` for a file that is not YAML at all).
+    pub id: Option<PolicyId>,
+    /// The policy and its warnings, or its errors (placed at file:line:column).
+    pub outcome: Result<(TrafficPolicy, Vec<PolicyWarning>), Vec<PolicyError>>,
+}
+
+/// Checks every document of `sources` on its own: no rule spans two documents
+/// except identity (a second document with an identity already read is refused).
+/// Hosts claimed twice are for the caller to settle, by its own rule.
+pub fn check_each<'a>(sources: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Vec<Document> {
+    let mut out: Vec<Document> = Vec::new();
+    let mut seen: HashMap<PolicyId, (PathBuf, Position)> = HashMap::new();
+    for (file, text) in sources {
+        for (raw_id, checked) in documents_of(file, text) {
+            let outcome = match checked {
+                Err(errors) => Err(errors),
+                Ok(l) => {
+                    let at = l.index.value("metadata.name");
+                    match seen.get(&l.policy.id()) {
+                        Some((first_file, first)) => Err(vec![PolicyError {
+                            file: l.file.clone(),
+                            line: at.line,
+                            column: at.column,
+                            path: "metadata.name".into(),
+                            problem: Problem::Duplicate {
+                                what: "policy name",
+                                name: l.policy.id().to_string(),
+                                first: format!(
+                                    "at {}:{}:{}",
+                                    first_file.display(),
+                                    first.line,
+                                    first.column
+                                ),
+                            },
+                        }]),
+                        None => {
+                            seen.insert(l.policy.id(), (l.file.clone(), at));
+                            let warnings = placed_warnings(&l).collect();
+                            Ok((l.policy, warnings))
+                        }
+                    }
+                }
+            };
+            let id = match &outcome {
+                Ok((policy, _)) => Some(policy.id()),
+                Err(_) => raw_id,
+            };
+            out.push(Document {
+                file: file.to_owned(),
+                id,
+                outcome,
+            });
+        }
+    }
+    out
 }
 
 /// Most shape errors reported for one document before giving up.
@@ -414,7 +535,7 @@ fn join(path: &str, field: &str) -> String {
 
 /// Rules spanning policies: names unique, each host governed by one policy.
 fn check_across(loaded: &[Loaded], errors: &mut Vec<PolicyError>) {
-    let mut names: HashMap<&str, &Loaded> = HashMap::new();
+    let mut names: HashMap<PolicyId, &Loaded> = HashMap::new();
     let mut hosts: HashMap<&str, &Loaded> = HashMap::new();
     for l in loaded {
         let at = |path: String, problem: Problem| {
@@ -427,13 +548,13 @@ fn check_across(loaded: &[Loaded], errors: &mut Vec<PolicyError>) {
                 problem,
             }
         };
-        if let Some(first) = names.insert(&l.policy.name, l) {
+        if let Some(first) = names.insert(l.policy.id(), l) {
             let where_first = first.index.value("metadata.name");
             errors.push(at(
                 "metadata.name".into(),
                 Problem::Duplicate {
                     what: "policy name",
-                    name: l.policy.name.clone(),
+                    name: l.policy.id().to_string(),
                     first: format!(
                         "at {}:{}:{}",
                         first.file.display(),
@@ -442,15 +563,15 @@ fn check_across(loaded: &[Loaded], errors: &mut Vec<PolicyError>) {
                     ),
                 },
             ));
-            names.insert(&first.policy.name, first);
+            names.insert(first.policy.id(), first);
         }
         for (i, host) in l.policy.hosts.iter().enumerate() {
             match hosts.get(host.as_str()) {
-                Some(owner) if owner.policy.name != l.policy.name => errors.push(at(
+                Some(owner) if owner.policy.id() != l.policy.id() => errors.push(at(
                     format!("spec.hosts[{i}]"),
                     Problem::HostClaimed {
                         host: host.clone(),
-                        policy: owner.policy.name.clone(),
+                        policy: owner.policy.id().to_string(),
                     },
                 )),
                 _ => {

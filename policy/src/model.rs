@@ -35,6 +35,49 @@ pub struct TrafficPolicy {
     pub routes: Vec<Route>,
 }
 
+/// A policy's identity: `namespace/name`, or `name` for a policy written without a
+/// namespace (a file outside Kubernetes). The same name in two namespaces is two
+/// policies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyId {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl PolicyId {
+    /// Reads `namespace/name` or `name` (as [`fmt::Display`] writes it).
+    pub fn parse(text: &str) -> PolicyId {
+        match text.split_once('/') {
+            Some((namespace, name)) => PolicyId {
+                namespace: Some(namespace.to_owned()),
+                name: name.to_owned(),
+            },
+            None => PolicyId {
+                namespace: None,
+                name: text.to_owned(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for PolicyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(namespace) => write!(f, "{namespace}/{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+impl TrafficPolicy {
+    pub fn id(&self) -> PolicyId {
+        PolicyId {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Mode {
     #[default]

@@ -183,7 +183,8 @@ impl Admin {
                         "version": rt.version,
                         "source": rt.source,
                         "loadedAt": Timestamp(rt.loaded_at).to_string(),
-                        "controlPlaneVersion": rt.control_plane_version,
+                        // Each policy's version as the control plane names it.
+                        "policyVersions": rt.set.policies.iter().map(|p| (p.id().to_string(), sluice_policy::policy_yaml(p).1)).collect::<std::collections::BTreeMap<_, _>>(),
                         "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
                         "globalRateLimits": self.global_limits(rt),
                         "endpoints": endpoints(rt),

@@ -1,24 +1,33 @@
 //! Policy from the control plane: one gRPC stream (`PolicyDiscovery.StreamPolicies`)
-//! that subscribes with this proxy's node id, applies every pushed snapshot through
-//! the same path as file reloads ([`crate::source::apply`]: lossless, state carried
-//! over) and answers each with an ACK or a NACK carrying the errors.
+//! on which every policy is a resource of its own. The proxy subscribes to what it
+//! uses: the hosts its requests name (on demand, see [`crate::demand`]), its
+//! inbound policy and declared dependencies, or everything (`--all-policies`).
+//! Each update (policies added or changed, removed, hosts no policy owns) is
+//! checked policy by policy: a policy that does not validate is refused alone, in
+//! the answer, and the rest are applied through the same path as file reloads
+//! ([`crate::source::apply`]: lossless, state carried over).
 //!
-//! When the control plane is unreachable the proxy keeps serving its last good
-//! policy and reconnects with jittered exponential backoff. Each applied snapshot is
-//! persisted to `--state-dir`, so a proxy restarted while the control plane is down
-//! starts from it (and `/ready` names that source).
+//! When the control plane is unreachable the proxy keeps serving what it holds and
+//! reconnects with jittered exponential backoff, telling the control plane what it
+//! holds so only what changed is sent again. What it holds is persisted to
+//! `--state-dir`, so a proxy restarted while the control plane is down starts from
+//! it (and `/ready` names that source). Policies discovered on demand and left
+//! without a request for the idle period are released.
 //!
-//! Applying a snapshot blocks (building a runtime resolves backend names; persisting
+//! Applying an update blocks (building a runtime resolves backend names; persisting
 //! writes a file), so the stream hands each one to tokio's blocking pool and waits
 //! for it before reading the next: the reload order is the push order, and there is
 //! still one writer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pingora::server::ShutdownWatch;
+use sluice_policy::{Checked, PolicySet, TrafficPolicy};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -34,15 +43,17 @@ pub mod api {
     tonic::include_proto!("sluice.v1");
 }
 
-/// Largest snapshot accepted (the control plane's own limit).
+/// Largest update accepted (the control plane's own limit).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// The first reconnect step; it doubles up to [`MAX_BACKOFF`], and each wait is drawn
 /// at random below the current step ("full jitter") so a fleet does not reconnect in
 /// lockstep.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// File name of the persisted snapshot inside `--state-dir`.
+/// File name of the persisted policies inside `--state-dir`.
 pub const STATE_FILE: &str = "last-good-policy.yaml";
+/// Hosts sent in one subscription message.
+const ASKS_PER_MESSAGE: usize = 256;
 
 #[derive(Clone)]
 pub struct ControlPlaneSource {
@@ -55,6 +66,46 @@ pub struct ControlPlaneSource {
     pub token_file: Option<PathBuf>,
     /// The CA an https:// control plane's certificate is checked against.
     pub ca: Option<Ca>,
+    /// Subscribe to every policy of the mesh instead of discovering on demand.
+    pub all: bool,
+    /// Policies held whatever their use, by identity (the inbound policy).
+    pub policies: Vec<String>,
+    /// Hosts held whatever their use (declared dependencies).
+    pub hosts: Vec<String>,
+}
+
+/// The policies this proxy holds, by identity: each one's last good version.
+#[derive(Default, Clone)]
+struct Held {
+    policies: BTreeMap<String, (String, TrafficPolicy)>,
+}
+
+impl Held {
+    fn from_set(set: PolicySet) -> Held {
+        Held {
+            policies: set
+                .policies
+                .into_iter()
+                .map(|p| {
+                    let version = sluice_policy::policy_yaml(&p).1;
+                    (p.id().to_string(), (version, p))
+                })
+                .collect(),
+        }
+    }
+
+    fn set(&self) -> PolicySet {
+        PolicySet {
+            policies: self.policies.values().map(|(_, p)| p.clone()).collect(),
+        }
+    }
+
+    fn versions(&self) -> HashMap<String, String> {
+        self.policies
+            .iter()
+            .map(|(id, (v, _))| (id.clone(), v.clone()))
+            .collect()
+    }
 }
 
 /// Where the control plane's CA comes from.
@@ -77,89 +128,150 @@ impl Interceptor for Bearer {
     }
 }
 
-/// The persisted form: a comment line with the version, then the policy YAML.
-fn persist(dir: &Path, version: u64, yaml: &str) -> std::io::Result<()> {
+/// Writes what the proxy holds (multi-document YAML, after a comment naming where
+/// it came from).
+fn persist(dir: &Path, url: &str, yaml: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
     std::fs::write(
         &tmp,
-        format!("# sluice control-plane version {version}\n{yaml}"),
+        format!("# sluice: the policies held from the control plane at {url}\n{yaml}"),
     )?;
     // Rename is atomic: a crash leaves the old file or the new one, never half.
     std::fs::rename(tmp, dir.join(STATE_FILE))
 }
 
-fn restored_version(text: &str) -> Option<u64> {
-    text.lines()
-        .next()?
-        .strip_prefix("# sluice control-plane version ")?
-        .trim()
-        .parse()
-        .ok()
+/// What became of one update: the policies refused (identity -> why).
+struct Applied {
+    refused: HashMap<String, String>,
 }
 
-/// The control-plane version of the serving runtime; 0 before any.
-fn serving_version(shared: &Shared) -> u64 {
-    shared.runtime.load().control_plane_version.unwrap_or(0)
-}
-
-/// Checks, applies and persists one pushed snapshot; returns the version and error
-/// text its ACK or NACK carries. Blocking: building a runtime resolves names.
-fn take_snapshot(
+/// Checks each policy of `update` on its own, then applies what the proxy holds
+/// with the good ones in and the removed ones out. Blocking: building a runtime
+/// resolves names, persisting writes a file.
+fn take_update(
     shared: &Shared,
     url: &str,
     state_dir: Option<&Path>,
-    snapshot: &api::Snapshot,
-) -> (u64, String) {
-    let label = format!("control-plane:{url} version {}", snapshot.version);
-    let name = PathBuf::from(format!("control-plane version {}", snapshot.version));
-    let checked = sluice_policy::check_str(&name, &snapshot.policies_yaml)
-        .map_err(|e| e.0.iter().map(ToString::to_string).collect());
-    let (result, errors) = apply(
-        shared,
-        checked,
-        &label,
-        "control-plane",
-        Some(snapshot.version),
-    );
-    match result {
-        ReloadResult::Rejected => (serving_version(shared), errors.join("\n")),
-        ReloadResult::Accepted | ReloadResult::Unchanged => {
-            // Unchanged content under a new number is still that number.
-            if result == ReloadResult::Unchanged {
-                adopt_version(shared, url, snapshot.version);
-            }
-            if let Some(dir) = state_dir {
-                if let Err(e) = persist(dir, snapshot.version, &snapshot.policies_yaml) {
-                    tracing::warn!(
-                        dir = %dir.display(),
-                        error = %e,
-                        "cannot persist the policy"
-                    );
+    held: &mut Held,
+    update: &api::PolicyUpdate,
+) -> Applied {
+    let mut refused = HashMap::new();
+    let mut next = held.clone();
+    for id in &update.removed {
+        next.policies.remove(id);
+    }
+    let mut warnings = Vec::new();
+    let mut taken = Vec::new();
+    for resource in &update.policies {
+        let place = PathBuf::from(format!("control-plane:{}", resource.id));
+        let checked = match sluice_policy::check_str(&place, &resource.yaml) {
+            Ok(Checked {
+                mut set,
+                warnings: w,
+            }) if set.policies.len() == 1 => {
+                let policy = set.policies.remove(0);
+                if policy.id().to_string() == resource.id {
+                    warnings.extend(w);
+                    Ok(policy)
+                } else {
+                    Err(format!(
+                        "the resource {} holds policy {}",
+                        resource.id,
+                        policy.id()
+                    ))
                 }
             }
-            (snapshot.version, String::new())
+            Ok(c) => Err(format!(
+                "the resource {} holds {} policies, not one",
+                resource.id,
+                c.set.policies.len()
+            )),
+            Err(errors) => Err(errors
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")),
+        };
+        match checked {
+            Ok(policy) => {
+                taken.push(resource.id.clone());
+                next.policies
+                    .insert(resource.id.clone(), (resource.version.clone(), policy));
+            }
+            Err(why) => {
+                tracing::error!(
+                    policy = resource.id.as_str(),
+                    error = why.as_str(),
+                    "policy rejected"
+                );
+                refused.insert(resource.id.clone(), why);
+            }
         }
     }
-}
-
-/// Records `version` as the control-plane version of the (unchanged) runtime.
-/// Blocking, like every runtime build.
-fn adopt_version(shared: &Shared, url: &str, version: u64) {
-    let current = shared.runtime.load_full();
-    if !current.loaded() || current.control_plane_version == Some(version) {
-        return;
+    // The control plane gives every host one owner; a proxy may still hold an old
+    // owner for a moment (its removal in a later update): the newcomer waits.
+    let mut owners: HashMap<&str, &str> = HashMap::new();
+    for (id, (_, policy)) in &next.policies {
+        if taken.contains(id) {
+            continue;
+        }
+        for host in &policy.hosts {
+            owners.insert(host, id);
+        }
     }
-    // Runtime is immutable; rebuilding from the same set carries every component
-    // over, so only the version number changes.
-    let set = current.set.clone();
-    let label = format!("control-plane:{url} version {version}");
-    if let Ok(mut next) =
-        crate::runtime::Runtime::build(set, label, Some(&current), &shared.globals)
-    {
-        next.control_plane_version = Some(version);
-        shared.install(next);
+    let mut conflicted = Vec::new();
+    for id in &taken {
+        if let Some((_, policy)) = next.policies.get(id) {
+            if let Some((host, owner)) = policy
+                .hosts
+                .iter()
+                .find_map(|h| owners.get(h.as_str()).map(|o| (h, *o)))
+            {
+                conflicted.push((id.clone(), format!("host {host} is held by policy {owner}")));
+            } else {
+                for host in &policy.hosts {
+                    owners.insert(host, id);
+                }
+            }
+        }
     }
+    for (id, why) in conflicted {
+        match held.policies.get(&id) {
+            Some(old) => next.policies.insert(id.clone(), old.clone()),
+            None => next.policies.remove(&id),
+        };
+        refused.insert(id, why);
+    }
+    let label = format!("control-plane:{url}");
+    let (result, errors) = apply(
+        shared,
+        Ok(Checked {
+            set: next.set(),
+            warnings,
+        }),
+        &label,
+        "control-plane",
+    );
+    if result == ReloadResult::Rejected {
+        // The runtime could not be built with them: every new one is refused, and
+        // what was held stays.
+        let why = errors.join("\n");
+        for resource in &update.policies {
+            refused
+                .entry(resource.id.clone())
+                .or_insert_with(|| why.clone());
+        }
+        return Applied { refused };
+    }
+    *held = next;
+    if let Some(dir) = state_dir {
+        if let Err(e) = persist(dir, url, &sluice_policy::to_yaml(&held.set())) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot persist the policy");
+        }
+    }
+    Applied { refused }
 }
 
 impl ControlPlaneSource {
@@ -172,16 +284,14 @@ impl ControlPlaneSource {
         let Ok(text) = std::fs::read_to_string(&path) else {
             return false;
         };
-        let version = restored_version(&text);
         let checked = sluice_policy::check_str(&path, &text)
             .map_err(|e| e.0.iter().map(ToString::to_string).collect());
         let label = format!(
-            "state:{} (control-plane version {}, saved while connected to {})",
+            "state:{} (saved while connected to {})",
             path.display(),
-            version.unwrap_or(0),
             self.url
         );
-        let (result, _) = apply(&self.shared, checked, &label, "state", version);
+        let (result, _) = apply(&self.shared, checked, &label, "state");
         result == ReloadResult::Accepted
     }
 
@@ -224,71 +334,203 @@ impl ControlPlaneSource {
         Ok((channel, Bearer(header)))
     }
 
-    /// One stream until it breaks; Ok(true) if at least one snapshot arrived.
-    async fn session(&self) -> anyhow::Result<bool> {
+    /// The first message of a stream: who this proxy is, what it wants, and what
+    /// it holds already.
+    fn subscribe(&self, held: &Held) -> api::PolicyRequest {
+        let mut hosts = self.hosts.clone();
+        if let Some(demand) = self.shared.demand.get() {
+            // What it holds (after a restart, from the state file) it goes on
+            // wanting, until it is released like anything discovered.
+            let holding: Vec<String> = held
+                .policies
+                .iter()
+                .filter(|(id, _)| !self.policies.contains(id))
+                .flat_map(|(_, (_, p))| p.hosts.iter().cloned())
+                .filter(|h| !self.hosts.contains(h))
+                .collect();
+            demand.hold(&holding);
+            hosts.extend(demand.asked());
+        }
+        api::PolicyRequest {
+            node_id: self.node_id.clone(),
+            labels: self.labels.clone(),
+            namespace: self.namespace.clone(),
+            hosts_added: hosts,
+            policies_added: self.policies.clone(),
+            all: self.all,
+            held: held.versions(),
+            ..Default::default()
+        }
+    }
+
+    /// One stream until it breaks; Ok(true) if at least one update arrived.
+    async fn session(
+        &self,
+        held: &mut Held,
+        asks: &mut Option<mpsc::Receiver<String>>,
+    ) -> anyhow::Result<bool> {
         let (channel, bearer) = self.connect().await?;
         let mut client =
             api::policy_discovery_client::PolicyDiscoveryClient::with_interceptor(channel, bearer)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(api::DiscoveryRequest {
-            node_id: self.node_id.clone(),
-            labels: self.labels.clone(),
-            namespace: self.namespace.clone(),
-            version: serving_version(&self.shared),
-            response_nonce: String::new(),
-            error: String::new(),
-        })
-        .await?;
-        let mut snapshots = client
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(self.subscribe(held)).await?;
+        let mut updates = client
             .stream_policies(ReceiverStream::new(rx))
             .await?
             .into_inner();
         self.shared.metrics.control_plane_connected.set(1);
+        let demand = self.shared.demand.get();
+        if let Some(demand) = demand {
+            demand.set_connected(true);
+        }
         tracing::info!(
             url = self.url.as_str(),
             node = self.node_id.as_str(),
             "connected to the control plane"
         );
+        let idle = demand.map_or(Duration::from_secs(3600), |d| d.idle);
+        let mut release = tokio::time::interval(idle.max(Duration::from_secs(1)));
+        release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        release.reset();
         let mut received = false;
-        while let Some(mut snapshot) = snapshots.message().await? {
-            received = true;
-            let nonce = std::mem::take(&mut snapshot.nonce);
-            // Building a runtime resolves backend names (blocking DNS) and persisting
-            // writes a file: neither may stall this runtime's threads. Awaiting each
-            // snapshot before reading the next keeps the one writer and the order.
-            let (shared, url, state_dir) = (
-                Arc::clone(&self.shared),
-                self.url.clone(),
-                self.state_dir.clone(),
-            );
-            let (version, error) = tokio::task::spawn_blocking(move || {
-                take_snapshot(&shared, &url, state_dir.as_deref(), &snapshot)
-            })
-            .await?;
-            tx.send(api::DiscoveryRequest {
-                node_id: self.node_id.clone(),
-                labels: HashMap::new(),
-                namespace: String::new(),
-                version,
-                response_nonce: nonce,
-                error,
-            })
-            .await?;
+        let node = self.node_id.clone();
+        let message = |m: api::PolicyRequest| api::PolicyRequest {
+            node_id: node.clone(),
+            ..m
+        };
+        // Ends when the stream breaks (an error) or the control plane ends it.
+        loop {
+            tokio::select! {
+                update = updates.message() => {
+                    let Some(update) = update? else { break };
+                    received = true;
+                    let nonce = update.nonce.clone();
+                    let unknown = update.unknown_hosts.clone();
+                    // Building a runtime resolves backend names (blocking DNS) and
+                    // persisting writes a file: neither may stall this runtime's
+                    // threads. Awaiting each update before reading the next keeps
+                    // the one writer and the order.
+                    let (shared, url, state_dir, mut mine) = (
+                        Arc::clone(&self.shared),
+                        self.url.clone(),
+                        self.state_dir.clone(),
+                        std::mem::take(held),
+                    );
+                    let (applied, mine) = tokio::task::spawn_blocking(move || {
+                        let applied = take_update(&shared, &url, state_dir.as_deref(), &mut mine, &update);
+                        (applied, mine)
+                    })
+                    .await?;
+                    *held = mine;
+                    if let Some(demand) = demand {
+                        let owned: Vec<String> = held
+                            .policies
+                            .values()
+                            .flat_map(|(_, p)| p.hosts.iter().cloned())
+                            .collect();
+                        demand.owned(&owned);
+                        demand.answered(&unknown, Instant::now());
+                    }
+                    tx.send(message(api::PolicyRequest {
+                        response_nonce: nonce,
+                        refused: applied.refused,
+                        ..Default::default()
+                    }))
+                    .await?;
+                }
+                Some(host) = recv(asks) => {
+                    let mut hosts = vec![host];
+                    if let Some(asks) = asks.as_mut() {
+                        while hosts.len() < ASKS_PER_MESSAGE {
+                            match asks.try_recv() {
+                                Ok(h) => hosts.push(h),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    tx.send(message(api::PolicyRequest {
+                        hosts_added: hosts,
+                        ..Default::default()
+                    }))
+                    .await?;
+                }
+                _ = release.tick(), if demand.is_some() => {
+                    let released = self.release(held, idle);
+                    if !released.is_empty() {
+                        tracing::info!(hosts = released.join(","), "releasing hosts left without requests");
+                        tx.send(message(api::PolicyRequest {
+                            hosts_removed: released,
+                            ..Default::default()
+                        }))
+                        .await?;
+                    }
+                }
+            }
         }
         Ok(received)
     }
 
-    /// Follows the control plane until shutdown.
-    pub async fn run(self, mut shutdown: ShutdownWatch) {
+    /// The hosts to release: those of policies discovered on demand that saw no
+    /// request since the last call (so idle for between `idle` and twice that),
+    /// and hosts no policy owns that were answered over `idle` ago. Declared
+    /// dependencies and the inbound policy are never released.
+    fn release(&self, held: &Held, idle: Duration) -> Vec<String> {
+        let Some(demand) = self.shared.demand.get() else {
+            return Vec::new();
+        };
+        let runtime = self.shared.runtime.load();
+        let mut out = Vec::new();
+        for policy in &runtime.policies {
+            if self.policies.contains(&policy.name) {
+                continue;
+            }
+            if policy.used.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            let Some((_, held_policy)) = held.policies.get(&policy.name) else {
+                continue;
+            };
+            let asked: Vec<String> = held_policy
+                .hosts
+                .iter()
+                .filter(|h| demand.was_asked(h) && !self.hosts.contains(h))
+                .cloned()
+                .collect();
+            out.extend(asked);
+        }
+        if let Some(before) = Instant::now().checked_sub(idle) {
+            out.extend(demand.unknown_since(before));
+        }
+        demand.release(&out);
+        out
+    }
+
+    /// Follows the control plane until shutdown. `asks` are the hosts requests
+    /// want (on demand; `None` with `--all-policies`).
+    pub async fn run(self, mut asks: Option<mpsc::Receiver<String>>, mut shutdown: ShutdownWatch) {
         let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+        // What a restored state file holds is what the proxy holds.
+        let mut held = {
+            let runtime = self.shared.runtime.load();
+            if runtime.loaded() {
+                Held::from_set(runtime.set.clone())
+            } else {
+                Held::default()
+            }
+        };
         // Ends on shutdown; each iteration is one connection attempt.
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.changed() => return,
-                outcome = self.session() => outcome,
+                outcome = self.session(&mut held, &mut asks) => outcome,
             };
             self.shared.metrics.control_plane_connected.set(0);
+            if let Some(demand) = self.shared.demand.get() {
+                demand.set_connected(false);
+                // Nobody answers now: whoever waits looks again and goes on.
+                demand.answered(&[], Instant::now());
+            }
             match outcome {
                 Ok(true) => backoff.reset(),
                 Ok(false) => {}
@@ -305,5 +547,13 @@ impl ControlPlaneSource {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+/// The next host asked for, or never (no demand, or its senders are gone).
+async fn recv(asks: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
+    match asks {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

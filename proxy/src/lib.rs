@@ -9,7 +9,10 @@
 //!   settlement (metrics and the access log through its `Observe`r);
 //! - the policy it is decided by is a [`runtime::Runtime`] snapshot in
 //!   [`shared::Shared`], swapped whole by [`source`] (files) or [`control_plane`]
-//!   (the gRPC stream); the components it holds are plain state with synchronous APIs;
+//!   (the gRPC stream, one resource per policy); the components it holds are plain
+//!   state with synchronous APIs;
+//! - with a control plane, a request for a host no held policy owns first waits for
+//!   the control plane's answer about it ([`demand`], asked by [`phases`]' `discover`);
 //! - a `service:` backend's pods come from the control plane's endpoint stream
 //!   ([`discovery`], kept in [`services`]) and are swapped into the live snapshot's
 //!   endpoints like DNS answers ([`tasks`]), without a reload.
@@ -30,6 +33,7 @@ pub mod budget;
 pub mod cli;
 pub mod concurrency;
 pub mod control_plane;
+pub mod demand;
 pub mod discovery;
 pub mod endpoints;
 pub mod exchange;

@@ -16,6 +16,7 @@ use pingora::services::background::background_service;
 use sluice_proxy::admin::{Admin, AdminListener, Scope};
 use sluice_proxy::cli::{parse_args, EX_USAGE};
 use sluice_proxy::control_plane::ControlPlaneSource;
+use sluice_proxy::demand::Demand;
 use sluice_proxy::exchange::{Direction, Side};
 use sluice_proxy::globallimit;
 use sluice_proxy::listeners::{write_ready_file, Bound, Listeners};
@@ -70,6 +71,23 @@ struct Args {
     /// control plane is down still starts with a policy.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// With --control-plane: hold every policy of the mesh instead of discovering
+    /// them on demand (by the Host of the first request for each).
+    #[arg(long, requires = "control_plane")]
+    all_policies: bool,
+    /// A host whose policy is held from the start and never released (a declared
+    /// dependency; repeatable). With --transparent, a service reached by its
+    /// address without a Host its policy names must be declared.
+    #[arg(long = "dependency", value_name = "HOST", requires = "control_plane")]
+    dependencies: Vec<String>,
+    /// How long a request for a host no held policy owns waits for the control
+    /// plane's answer before it is answered as unowned.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    discovery_timeout: Duration,
+    /// A policy discovered on demand, or a host no policy owns, is released after
+    /// this long without a request (and twice this at most).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    policy_idle: Duration,
     /// File holding the bearer token for the control plane.
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -370,16 +388,35 @@ fn main() -> ExitCode {
             }
         }
     }
+    let mut asks = None;
     if let Some(url) = &args.control_plane {
+        let namespace = args
+            .namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_default();
+        if !args.all_policies {
+            let (demand, rx) = Demand::new(args.discovery_timeout, args.policy_idle);
+            let _ = shared.demand.set(demand);
+            asks = Some(rx);
+        }
+        // The inbound policy is this pod's namespace's.
+        let inbound: Vec<String> = args
+            .inbound_policy
+            .iter()
+            .map(|name| {
+                if name.contains('/') || namespace.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{namespace}/{name}")
+                }
+            })
+            .collect();
         let source = ControlPlaneSource {
             shared: Arc::clone(&shared),
             url: url.clone(),
             node_id: node_id.clone(),
-            namespace: args
-                .namespace
-                .clone()
-                .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                .unwrap_or_default(),
+            namespace,
             labels: args.labels.iter().cloned().collect(),
             state_dir: args.state_dir.clone(),
             token_file: args.token_file.clone(),
@@ -388,6 +425,13 @@ fn main() -> ExitCode {
                 (None, Some(pem)) => Some(sluice_proxy::control_plane::Ca::Pem(pem.clone())),
                 (None, None) => None,
             },
+            all: args.all_policies,
+            policies: inbound,
+            hosts: args
+                .dependencies
+                .iter()
+                .map(|h| sluice_policy::validate::host_without_port(h).to_ascii_lowercase())
+                .collect(),
         };
         source.restore();
         control_plane = Some(source);
@@ -512,7 +556,7 @@ fn main() -> ExitCode {
         ));
         server.add_service(background_service(
             "control-plane",
-            FollowControlPlane(std::sync::Mutex::new(Some(source))),
+            FollowControlPlane(std::sync::Mutex::new(Some((source, asks)))),
         ));
     }
 

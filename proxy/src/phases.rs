@@ -5,6 +5,7 @@
 //! HTTP/1.0 (and everything with `--engine pingora`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +15,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::exchange::{Action, Event, Exchange, Peer, Reply, Request, Side, UPSTREAM_IDLE_TIMEOUT};
+use crate::exchange::{
+    Action, Direction, Event, Exchange, Peer, Reply, Request, Side, UPSTREAM_IDLE_TIMEOUT,
+};
 use crate::front;
 use crate::respond::respond;
 use crate::shared::Shared;
@@ -34,13 +37,51 @@ impl SluiceProxy {
         Exchange::new(Arc::clone(&self.shared), now)
     }
 
+    /// Before routing an outbound request: when policies are discovered on demand
+    /// and no held policy owns `host`, waits (bounded) for the control plane's
+    /// answer about it. Marks the owning policy used (so it is not released).
+    /// True when it asked and the answer did not come in time.
+    pub async fn discover(&self, host: &str) -> bool {
+        let Some(demand) = self.shared.demand.get() else {
+            return false;
+        };
+        if self.side.direction != Direction::Outbound {
+            return false;
+        }
+        {
+            let runtime = self.shared.runtime.load();
+            if let Some(policy) = runtime
+                .policy_of_host(host)
+                .and_then(|i| runtime.policies.get(i))
+            {
+                // A load first: the flag is written once per release period, not
+                // per request, so the cache line stays shared.
+                if !policy.used.load(Ordering::Relaxed) {
+                    policy.used.store(true, Ordering::Relaxed);
+                }
+                return false;
+            }
+        }
+        demand
+            .wait(host, || {
+                self.shared.runtime.load().policy_of_host(host).is_some()
+            })
+            .await
+    }
+
     /// The first event of a request whose head arrived.
-    pub fn arrived(&self, original_dst: Option<SocketAddr>, h2c: bool) -> Event<'_> {
+    pub fn arrived(
+        &self,
+        original_dst: Option<SocketAddr>,
+        h2c: bool,
+        undiscovered: bool,
+    ) -> Event<'_> {
         Event::Arrived {
             runtime: self.shared.runtime.load_full(),
             side: &self.side,
             original_dst,
             h2c,
+            undiscovered,
         }
     }
 }
@@ -221,7 +262,9 @@ impl ProxyHttp for SluiceProxy {
                 } else {
                     None
                 };
-                let event = self.arrived(original_dst, true);
+                let host = Request::host(session).to_owned();
+                let undiscovered = self.discover(&host).await;
+                let event = self.arrived(original_dst, true, undiscovered);
                 ctx.exchange.on(&*session, now, event)
             }
         };

@@ -35,8 +35,6 @@ pub struct Runtime {
     /// Where the policy came from (`file:/path`, later `control-plane:URL`).
     pub source: String,
     pub loaded_at: SystemTime,
-    /// The control plane's version number, when the policy came from it.
-    pub control_plane_version: Option<u64>,
     pub set: PolicySet,
     pub policies: Vec<PolicyRuntime>,
     /// False only for the empty snapshot a proxy starts with: no policy loaded
@@ -49,7 +47,13 @@ pub struct Runtime {
 
 #[derive(Clone)]
 pub struct PolicyRuntime {
+    /// The policy's identity: `namespace/name`, or `name` without a namespace (see
+    /// [`sluice_policy::PolicyId`]); the `policy` label of its metrics.
     pub name: String,
+    /// Set when a request is routed to the policy's hosts; cleared by the job that
+    /// releases policies discovered on demand and left unused (`control_plane`).
+    /// Carried over across reloads, like every stateful part.
+    pub used: Arc<std::sync::atomic::AtomicBool>,
     pub mode: Mode,
     /// Shared, so that a snapshot that only changes endpoints (DNS) is cheap to make.
     pub routes: Arc<Vec<RouteRuntime>>,
@@ -150,7 +154,7 @@ impl Runtime {
         let mut policies = Vec::with_capacity(set.policies.len());
         let mut hosts = FnvHashMap::default();
         for (index, policy) in set.policies.iter().enumerate() {
-            let before = previous.and_then(|p| p.policy(&policy.name));
+            let before = previous.and_then(|p| p.policy(&policy.id().to_string()));
             policies.push(compile_policy(policy, before, globals)?);
             for host in &policy.hosts {
                 hosts.insert(host.clone(), index);
@@ -160,7 +164,6 @@ impl Runtime {
             version: version_of(&set),
             source,
             loaded_at: SystemTime::now(),
-            control_plane_version: None,
             set,
             policies,
             loaded: true,
@@ -174,7 +177,6 @@ impl Runtime {
             version: String::new(),
             source: String::new(),
             loaded_at: SystemTime::now(),
-            control_plane_version: None,
             set: PolicySet::default(),
             policies: Vec::new(),
             loaded: false,
@@ -210,7 +212,6 @@ impl Runtime {
             version: self.version.clone(),
             source: self.source.clone(),
             loaded_at: self.loaded_at,
-            control_plane_version: self.control_plane_version,
             set: self.set.clone(),
             policies,
             loaded: self.loaded,
@@ -223,8 +224,19 @@ impl Runtime {
         self.loaded
     }
 
-    pub fn policy(&self, name: &str) -> Option<&PolicyRuntime> {
-        self.policies.iter().find(|p| p.name == name)
+    /// The policy with this identity (`namespace/name`, or `name`).
+    pub fn policy(&self, id: &str) -> Option<&PolicyRuntime> {
+        self.policies.iter().find(|p| p.name == id)
+    }
+
+    /// The index of the policy that owns `host` (port ignored, any case).
+    pub fn policy_of_host(&self, host: &str) -> Option<usize> {
+        let bare = sluice_policy::validate::host_without_port(host);
+        if bare.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.hosts.get(&bare.to_ascii_lowercase()).copied()
+        } else {
+            self.hosts.get(bare).copied()
+        }
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &RouteRuntime> {
@@ -240,14 +252,8 @@ impl Runtime {
         path: &str,
         header: impl Fn(&str) -> Option<&'h [u8]>,
     ) -> Routed {
-        let bare = sluice_policy::validate::host_without_port(host);
-        let found = if bare.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.hosts.get(&bare.to_ascii_lowercase())
-        } else {
-            self.hosts.get(bare)
-        };
-        match found {
-            Some(&policy) => self.route_in_policy(policy, method, path, header),
+        match self.policy_of_host(host) {
+            Some(policy) => self.route_in_policy(policy, method, path, header),
             None => Routed::NoPolicy,
         }
     }
@@ -261,9 +267,18 @@ impl Runtime {
         })
     }
 
-    /// The index of the policy named `name`.
+    /// The index of the policy `name`: its identity (`namespace/name`), or a bare
+    /// name (`--inbound-policy NAME`), which matches the first policy of that name
+    /// in any namespace (a proxy holds its own namespace's inbound policy).
     pub fn policy_index(&self, name: &str) -> Option<usize> {
-        self.policies.iter().position(|p| p.name == name)
+        self.policies
+            .iter()
+            .position(|p| p.name == name)
+            .or_else(|| {
+                self.policies
+                    .iter()
+                    .position(|p| p.name.rsplit_once('/').is_some_and(|(_, n)| n == name))
+            })
     }
 
     /// The first route of policy `policy` whose path, method and headers match.
@@ -298,6 +313,7 @@ fn compile_policy(
     before: Option<&PolicyRuntime>,
     globals: &Arc<GlobalLimits>,
 ) -> prometheus::Result<PolicyRuntime> {
+    let id = policy.id().to_string();
     let endpoints = compile_endpoints(
         endpoints_rule(policy, &policy.backends),
         before.map(|b| &b.endpoints),
@@ -381,10 +397,10 @@ fn compile_policy(
         // The histogram carries over while its bucket layout is unchanged.
         let duration = match old {
             Some(o) if o.slo_threshold == slo_threshold => o.duration.clone(),
-            _ => route_histogram(&policy.name, &route.name, slo_threshold)?,
+            _ => route_histogram(&id, &route.name, slo_threshold)?,
         };
         routes.push(RouteRuntime {
-            policy: policy.name.clone(),
+            policy: id.clone(),
             name: route.name.clone(),
             mode: route.effective_mode(policy.mode),
             route: route.clone(),
@@ -401,7 +417,8 @@ fn compile_policy(
         });
     }
     Ok(PolicyRuntime {
-        name: policy.name.clone(),
+        name: id,
+        used: before.map_or_else(Default::default, |b| Arc::clone(&b.used)),
         mode: policy.mode,
         routes: Arc::new(routes),
         endpoints,

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use prometheus::Registry;
 
 use crate::accesslog::AccessLog;
+use crate::demand::Demand;
 use crate::endpoints::{literal, Endpoints, Member};
 use crate::globallimit::GlobalLimits;
 use crate::metrics::Metrics;
@@ -32,6 +33,9 @@ pub struct Shared {
     /// mode): written whole by the endpoints stream, read by the swap into the
     /// live snapshot (`tasks::apply_resolved`) and by /config_dump.
     pub services: ArcSwap<ServiceSets>,
+    /// Policies discovered on demand (`--control-plane` without
+    /// `--all-policies`): set once at start, before any listener serves.
+    pub demand: std::sync::OnceLock<Demand>,
 }
 
 impl Shared {
@@ -49,6 +53,7 @@ impl Shared {
             access_log: AccessLog::new(access_log),
             globals: GlobalLimits::new(redis),
             services: ArcSwap::from_pointee(ServiceSets::default()),
+            demand: std::sync::OnceLock::new(),
         })
     }
 }

@@ -58,7 +58,6 @@ pub fn apply(
     checked: Result<Checked, Vec<String>>,
     label: &str,
     kind: &str,
-    control_plane_version: Option<u64>,
 ) -> (ReloadResult, Vec<String>) {
     let current = shared.runtime.load_full();
     let built = checked.and_then(|Checked { set, warnings }| {
@@ -76,8 +75,7 @@ pub fn apply(
         Ok((next, _)) if current.loaded() && current.version == next.version => {
             (ReloadResult::Unchanged, Vec::new())
         }
-        Ok((mut next, warnings)) => {
-            next.control_plane_version = control_plane_version;
+        Ok((next, warnings)) => {
             let metrics = &shared.metrics;
             if current.loaded() {
                 let _ = metrics
@@ -148,7 +146,7 @@ impl FileSource {
     pub fn reload(&self) -> ReloadResult {
         let checked = sluice_policy::check_path(&self.path)
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>());
-        apply(&self.shared, checked, &self.label(), "file", None).0
+        apply(&self.shared, checked, &self.label(), "file").0
     }
 
     /// Starts watching; the returned watcher must be kept alive. Changes are applied

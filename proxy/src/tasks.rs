@@ -358,8 +358,17 @@ impl BackgroundService for SyncGlobalLimits {
     }
 }
 
-/// Runs the control-plane stream on a background service's runtime.
-pub struct FollowControlPlane(pub std::sync::Mutex<Option<ControlPlaneSource>>);
+/// Runs the control-plane stream on a background service's runtime, with the hosts
+/// requests ask for on demand (`None`: every policy is held).
+#[allow(clippy::type_complexity)]
+pub struct FollowControlPlane(
+    pub  std::sync::Mutex<
+        Option<(
+            ControlPlaneSource,
+            Option<tokio::sync::mpsc::Receiver<String>>,
+        )>,
+    >,
+);
 
 #[async_trait]
 impl BackgroundService for FollowControlPlane {
@@ -369,8 +378,8 @@ impl BackgroundService for FollowControlPlane {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(source) = source {
-            source.run(shutdown).await;
+        if let Some((source, asks)) = source {
+            source.run(asks, shutdown).await;
         }
     }
 }

@@ -128,13 +128,20 @@ where
     }
 }
 
-fn acked(store: &Store, node: &str) -> u64 {
+/// The version of policy `id` the proxy `node` holds, by the control plane's status.
+fn acked(store: &Store, node: &str, id: &str) -> Option<String> {
     store
         .status()
         .proxies
         .iter()
         .find(|p| p.node_id == node)
-        .map_or(0, |p| p.acked_version)
+        .and_then(|p| p.policy_versions.get(id).cloned())
+}
+
+/// The version of policy `id` the control plane serves.
+fn served(store: &Store, id: &str) -> Option<String> {
+    let id = sluice_policy::PolicyId::parse(id);
+    store.served().policies.get(&id).map(|p| p.version.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,10 +164,14 @@ async fn an_edit_reaches_three_proxies_and_an_invalid_edit_reaches_none() {
         .collect();
     for p in &proxies {
         p.wait_ready().await;
+        // Discovered on demand: the first request for the host fetches its policy.
+        let r = get(p.listen_addr(), "shop", "/").await.expect("request");
+        assert_eq!(r.header("x-upstream"), Some("a"));
     }
+    let v1 = served(&store, "shop").expect("served");
     eventually(Duration::from_secs(5), "all three ACK version 1", || {
-        let store = Arc::clone(&store);
-        async move { (1..=3).all(|i| acked(&store, &format!("proxy-{i}")) == 1) }
+        let (store, v1) = (Arc::clone(&store), v1.clone());
+        async move { (1..=3).all(|i| acked(&store, &format!("proxy-{i}"), "shop") == Some(v1.clone())) }
     })
     .await;
     let status = store.status();
@@ -172,14 +183,20 @@ async fn an_edit_reaches_three_proxies_and_an_invalid_edit_reaches_none() {
 
     // An edit reaches all three: ACKed, and in their /config_dump.
     write(&policies, "shop.yaml", &policy(b.addr(), 5));
+    eventually(Duration::from_secs(10), "a second version", || {
+        let (store, v1) = (Arc::clone(&store), v1.clone());
+        async move { served(&store, "shop").is_some_and(|v| v != v1) }
+    })
+    .await;
+    let v2 = served(&store, "shop").expect("served");
     eventually(Duration::from_secs(10), "all three ACK version 2", || {
-        let store = Arc::clone(&store);
-        async move { (1..=3).all(|i| acked(&store, &format!("proxy-{i}")) == 2) }
+        let (store, v2) = (Arc::clone(&store), v2.clone());
+        async move { (1..=3).all(|i| acked(&store, &format!("proxy-{i}"), "shop") == Some(v2.clone())) }
     })
     .await;
     for p in &proxies {
         let d = dump(p).await;
-        assert_eq!(d["controlPlaneVersion"], 2);
+        assert_eq!(d["policyVersions"]["shop"], v2.as_str());
         let r = get(p.listen_addr(), "shop", "/").await.expect("request");
         assert_eq!(r.header("x-upstream"), Some("b"));
     }
@@ -196,17 +213,18 @@ async fn an_edit_reaches_three_proxies_and_an_invalid_edit_reaches_none() {
     )
     .await;
     let status = store.status();
-    assert_eq!(status.served_version, 2);
+    assert_eq!(served(&store, "shop"), Some(v2.clone()));
     assert!(
-        status.rejected_errors[0].ends_with(
-            "shop.yaml:10:51: spec.routes[0].rateLimit.burst: must be at least 1, got 0"
-        ),
+        status.rejected_errors[0].starts_with("shop: Invalid: ")
+            && status.rejected_errors[0].contains(
+                "shop.yaml:10:51: spec.routes[0].rateLimit.burst: must be at least 1, got 0"
+            ),
         "{:?}",
         status.rejected_errors
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     for p in &proxies {
-        assert_eq!(dump(p).await["controlPlaneVersion"], 2);
+        assert_eq!(dump(p).await["policyVersions"]["shop"], v2.as_str());
         // Traffic still behaves by version 2: backend b, its limit of 5.
         let r = get(p.listen_addr(), "shop", "/").await.expect("request");
         assert_eq!((r.status, r.header("x-upstream")), (200, Some("b")));
@@ -238,6 +256,9 @@ async fn proxies_outlive_the_control_plane_and_a_restarted_proxy_serves_the_pers
         }
     };
     eventually(Duration::from_secs(3), "connected", || connected(&p)).await;
+    // The proxy holds what its traffic uses: a request discovers the policy.
+    let r = get(p.listen_addr(), "shop", "/").await.expect("request");
+    assert_eq!(r.header("x-upstream"), Some("a"));
 
     cp.stop().await;
     eventually(Duration::from_secs(3), "the proxy notices", || {

@@ -1,6 +1,6 @@
 //! A `service:` backend's pods from the control plane's endpoint stream, end to end:
 //! a real `sluice-proxy` following an in-test control plane that serves one policy
-//! (`PolicyDiscovery.StreamPolicies`) and pushes the Service's endpoint sets
+//! (`PolicyDiscovery.StreamPolicies`, as a resource) and pushes the Service's endpoint sets
 //! (`EndpointDiscovery.StreamEndpoints`), with fake pods on 127.0.0.11.. .
 
 mod support;
@@ -43,11 +43,11 @@ struct Fake(Arc<Plane>);
 
 #[tonic::async_trait]
 impl PolicyDiscovery for Fake {
-    type StreamPoliciesStream = Out<api::Snapshot>;
+    type StreamPoliciesStream = Out<api::PolicyUpdate>;
 
     async fn stream_policies(
         &self,
-        _request: Request<Streaming<api::DiscoveryRequest>>,
+        _request: Request<Streaming<api::PolicyRequest>>,
     ) -> Result<Response<Self::StreamPoliciesStream>, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut policy = self.0.policy.subscribe();
@@ -58,15 +58,18 @@ impl PolicyDiscovery for Fake {
                 if policy.changed().await.is_err() {
                     return;
                 }
-                let snapshot = api::Snapshot {
-                    version,
-                    content_hash: String::new(),
-                    policies_yaml: policy.borrow_and_update().clone(),
+                // Pushed whatever the proxy subscribed to: it holds what it is sent.
+                let update = api::PolicyUpdate {
                     nonce: format!("p{version}"),
-                    source: "test".into(),
-                    accepted_at_ms: 0,
+                    policies: vec![api::PolicyResource {
+                        id: "shop".into(),
+                        version: format!("v{version}"),
+                        yaml: policy.borrow_and_update().clone(),
+                        hosts: vec!["shop".into()],
+                    }],
+                    ..Default::default()
                 };
-                if tx.send(Ok(snapshot)).await.is_err() {
+                if tx.send(Ok(update)).await.is_err() {
                     return;
                 }
             }

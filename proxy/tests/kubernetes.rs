@@ -270,6 +270,8 @@ async fn a_90_10_split_over_two_services_holds_whatever_their_pod_counts() {
         }
     }
     let addr = c.proxy.listen_addr();
+    // The first request discovers the policy (it may fail: no pods known yet).
+    let _ = ask(addr, "reviews").await;
     let endpoints = (c.proxy.addr("admin"), "/config_dump".to_owned());
     eventually("all ten pods known to the proxy", async || {
         let dump = reqwest_free_get(&endpoints).await;

@@ -2,19 +2,24 @@
 //!
 //! Opens `--streams` subscriptions to a running `sluice-cp serve`, spread round-robin
 //! over `--connections` HTTP/2 connections (one tonic `Channel` each), as many
-//! simulated proxies in one process. Each subscriber ACKs every snapshot at once, as a
-//! proxy that applied it would. Once every stream runs the served version (by its own
-//! receipt and by the control plane's status) it prints `ready ...`, waits for
-//! `--gate` to exist (so a script can measure the idle control plane), then replaces
-//! `--policy-file` with `--new-content` and measures, from that write:
+//! simulated proxies in one process. Each subscribes to the `--host`s given (as a
+//! proxy discovering them on demand would; none: every policy) and answers every
+//! update at once, as a proxy that applied it would. Once every stream holds policy
+//! `--policy-id` (by its own receipt and by the control plane's status) it prints
+//! `ready ...`, waits for `--gate` to exist (so a script can measure the idle control
+//! plane), then replaces `--policy-file` with `--new-content` and measures, from that
+//! write:
 //!
-//! - when every stream received the new version, and each stream's receive latency;
-//! - when `GetStatus` first showed every subscriber ACKed it.
+//! - when every stream received the policy's new version, each stream's receive
+//!   latency, and what the update carried (policies and bytes: the changed policy
+//!   only, not the mesh);
+//! - when `GetStatus` first showed every subscriber holding it.
 //!
 //! The time includes the control plane's debounce of directory events (it waits for
-//! 100 ms without one) and validation; `write_to_accepted_ms` (from the snapshot's `accepted_at_ms`)
-//! separates those from the push itself. Results are `key=value` lines on stdout;
-//! then it prints `done` and waits for `--gate` to disappear before hanging up.
+//! 100 ms without one) and validation; `write_to_accepted_ms` (from the history's
+//! `accepted_at_ms`) separates those from the push itself. Results are `key=value`
+//! lines on stdout; then it prints `done` and waits for `--gate` to disappear before
+//! hanging up.
 //!
 //! `--mode endpoints` measures an endpoint change instead (see `fanout/endpoints.rs`):
 //! one pod of a Service turning unready, reaching every stream subscribed to it.
@@ -34,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
-use sluice_control_plane::api::{DiscoveryRequest, StatusRequest};
+use sluice_control_plane::api::{HistoryRequest, PolicyRequest, StatusRequest};
 use sluice_control_plane::serve::MAX_MESSAGE_BYTES;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -70,6 +75,12 @@ struct Args {
     /// The content it is replaced with (must validate, and differ).
     #[arg(long, required_if_eq("mode", "policies"))]
     new_content: Option<PathBuf>,
+    /// The policy (`namespace/name`, or `name`) the new content changes.
+    #[arg(long, required_if_eq("mode", "policies"))]
+    policy_id: Option<String>,
+    /// A host every stream subscribes to (repeatable); none: every policy.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
     /// `--mode endpoints`: pods of the measured Service.
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
@@ -90,12 +101,14 @@ enum Mode {
     Endpoints,
 }
 
-/// A snapshot as one subscriber received it.
+/// An update as one subscriber received it.
 struct Receipt {
     stream: usize,
-    version: u64,
+    /// The version of the measured policy it carried, if it did.
+    version: Option<String>,
     at: Instant,
-    accepted_at_ms: u64,
+    /// Policies it carried, and their YAML's bytes.
+    policies: usize,
     bytes: usize,
 }
 
@@ -187,8 +200,10 @@ fn check_loopback(server: &str) -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let limit = Duration::from_secs(args.timeout);
     // Required by clap in this mode.
-    let (Some(policy_file), Some(new_content)) = (&args.policy_file, &args.new_content) else {
-        bail!("--policy-file and --new-content are required");
+    let (Some(policy_file), Some(new_content), Some(policy_id)) =
+        (&args.policy_file, &args.new_content, &args.policy_id)
+    else {
+        bail!("--policy-file, --new-content and --policy-id are required");
     };
     let endpoint = Endpoint::from_shared(args.server.clone())
         .map_err(|e| anyhow!("--server {}: {e}", args.server))?
@@ -212,8 +227,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for stream in 0..args.streams {
         let channel = channels[stream % args.connections].clone();
         let events = events_tx.clone();
+        let (hosts, id) = (args.hosts.clone(), policy_id.clone());
         tokio::spawn(async move {
-            if let Err(e) = subscriber(stream, channel, &events).await {
+            if let Err(e) = subscriber(stream, channel, hosts, &id, &events).await {
                 let _ = events.send(Event::Failed {
                     stream,
                     error: format!("{e:#}"),
@@ -223,26 +239,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(events_tx);
 
-    // Phase 1: every stream has the served version and the server knows it.
-    let mut latest = vec![0u64; args.streams];
+    // Phase 1: every stream holds the measured policy and the server knows it.
+    let mut latest: Vec<Option<String>> = vec![None; args.streams];
     let mut first_at: Vec<Option<Instant>> = vec![None; args.streams];
-    let mut snapshot_bytes = 0;
+    let (mut first_policies, mut first_bytes) = (0, 0);
     let deadline = subscribing + limit;
-    while latest.contains(&0) {
-        let r = next_event(&mut events, deadline, "the initial snapshot").await?;
-        latest[r.stream] = r.version;
-        snapshot_bytes = r.bytes;
+    while latest.iter().any(Option::is_none) {
+        let r = next_event(&mut events, deadline, "the measured policy").await?;
+        if r.version.is_some() {
+            latest[r.stream] = r.version;
+            (first_policies, first_bytes) = (r.policies, r.bytes);
+        }
     }
-    let initial = latest[0];
-    if let Some(stream) = latest.iter().position(|v| *v != initial) {
+    let initial = latest[0].clone().unwrap_or_default();
+    if let Some(stream) = latest.iter().position(|v| v.as_deref() != Some(&initial)) {
         bail!(
-            "the served version changed while subscribing (stream {stream} got {} and stream 0 got {initial}); rerun on a quiet policy directory",
+            "the policy changed while subscribing (stream {stream} got {:?} and stream 0 got {initial}); rerun on a quiet policy directory",
             latest[stream]
         );
     }
-    wait_all_acked(&mut status, args.streams, initial, deadline).await?;
+    wait_all_acked(&mut status, args.streams, policy_id, &initial, deadline).await?;
     println!(
-        "ready streams={} connections={} version={initial} snapshot_bytes={snapshot_bytes} subscribe_all_acked_ms={:.1}",
+        "ready streams={} connections={} policy={policy_id} version={initial} \
+         first_update_policies={first_policies} first_update_bytes={first_bytes} \
+         subscribe_all_acked_ms={:.1}",
         args.streams,
         args.connections,
         ms(subscribing.elapsed())
@@ -257,8 +277,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--new-content {}", new_content.display()))?;
     let (written, written_unix) = replace(policy_file, &content)?;
     let deadline = written + limit;
-    let mut new_version = 0;
-    let mut accepted_at_ms = 0;
+    let mut new_version = String::new();
+    let (mut update_policies, mut update_bytes) = (0, 0);
     while first_at.iter().any(Option::is_none) {
         let r = match next_event(&mut events, deadline, "the new version").await {
             Ok(e) => e,
@@ -274,11 +294,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 bail!("{e}; the control plane rejected the change: {rejected:?}");
             }
         };
-        if r.version > initial && first_at[r.stream].is_none() {
+        let Some(version) = r.version.filter(|v| *v != initial) else {
+            continue;
+        };
+        if first_at[r.stream].is_none() {
             first_at[r.stream] = Some(r.at);
-            if new_version == 0 {
-                (new_version, accepted_at_ms, snapshot_bytes) =
-                    (r.version, r.accepted_at_ms, r.bytes);
+            if new_version.is_empty() {
+                (new_version, update_policies, update_bytes) = (version, r.policies, r.bytes);
             }
         }
     }
@@ -289,11 +311,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     received.sort();
     let all_received = received.last().copied().unwrap_or_default();
-    let all_acked = wait_all_acked(&mut status, args.streams, new_version, deadline).await?;
+    let all_acked =
+        wait_all_acked(&mut status, args.streams, policy_id, &new_version, deadline).await?;
+    let accepted_at_ms = status
+        .get_history(HistoryRequest {})
+        .await?
+        .into_inner()
+        .entries
+        .last()
+        .map_or(0, |e| e.accepted_at_ms);
 
     let spread = all_received.saturating_sub(received.first().copied().unwrap_or_default());
     println!(
-        "result streams={} connections={} version={new_version} snapshot_bytes={snapshot_bytes} \
+        "result streams={} connections={} policy={policy_id} version={new_version} \
+         update_policies={update_policies} update_bytes={update_bytes} \
          write_to_accepted_ms={:.1} write_to_all_received_ms={:.1} write_to_all_acked_ms={:.1} \
          first_to_last_received_ms={:.1} receive_p50_ms={:.1} receive_p99_ms={:.1} receive_max_ms={:.1}",
         args.streams,
@@ -313,41 +344,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One simulated proxy: subscribes, then ACKs every snapshot as soon as it arrives.
+/// One simulated proxy: subscribes to `hosts` (none: everything), then answers
+/// every update as soon as it arrives, refusing nothing.
 async fn subscriber(
     stream: usize,
     channel: Channel,
+    hosts: Vec<String>,
+    policy_id: &str,
     events: &mpsc::UnboundedSender<Event<Receipt>>,
 ) -> anyhow::Result<()> {
     let node_id = format!("{NODE_PREFIX}{stream}");
     let mut client =
         PolicyDiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(DiscoveryRequest {
+    tx.send(PolicyRequest {
         node_id: node_id.clone(),
         namespace: "bench".into(),
+        all: hosts.is_empty(),
+        hosts_added: hosts,
         ..Default::default()
     })
     .await?;
-    let mut snapshots = client
+    let mut updates = client
         .stream_policies(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    while let Some(snapshot) = snapshots.message().await? {
+    while let Some(update) = updates.message().await? {
         let at = Instant::now();
-        tx.send(DiscoveryRequest {
+        tx.send(PolicyRequest {
             node_id: node_id.clone(),
-            version: snapshot.version,
-            response_nonce: snapshot.nonce,
+            response_nonce: update.nonce.clone(),
             ..Default::default()
         })
         .await?;
         let received = Event::Received(Receipt {
             stream,
-            version: snapshot.version,
+            version: update
+                .policies
+                .iter()
+                .find(|p| p.id == policy_id)
+                .map(|p| p.version.clone()),
             at,
-            accepted_at_ms: snapshot.accepted_at_ms,
-            bytes: snapshot.policies_yaml.len(),
+            policies: update.policies.len(),
+            bytes: update.policies.iter().map(|p| p.yaml.len()).sum(),
         });
         if events.send(received).is_err() {
             return Ok(());
@@ -373,12 +412,13 @@ async fn next_event<R>(
     }
 }
 
-/// Polls `GetStatus` until every simulated proxy is connected and ACKed `version`;
-/// returns when the answer showing it arrived.
+/// Polls `GetStatus` until every simulated proxy is connected and holds `version`
+/// of policy `id`; returns when the answer showing it arrived.
 async fn wait_all_acked(
     status: &mut PolicyDiscoveryClient<Channel>,
     streams: usize,
-    version: u64,
+    id: &str,
+    version: &str,
     deadline: Instant,
 ) -> anyhow::Result<Instant> {
     loop {
@@ -391,7 +431,9 @@ async fn wait_all_acked(
         let acked = proxies
             .iter()
             .filter(|p| p.node_id.starts_with(NODE_PREFIX))
-            .filter(|p| p.connected && p.acked_version >= version)
+            .filter(|p| {
+                p.connected && p.policy_versions.get(id).map(String::as_str) == Some(version)
+            })
             .count();
         if acked >= streams {
             return Ok(at);

@@ -125,6 +125,9 @@ pub enum Event<'a> {
         side: &'a Side,
         original_dst: Option<SocketAddr>,
         h2c: bool,
+        /// The control plane was asked which policy owns the Host (on demand) and
+        /// did not answer in time: unowned, it is a 503 to retry, not a 404.
+        undiscovered: bool,
     },
     /// The engine that took a handed-off exchange goes on where it stopped.
     Resume,
@@ -338,9 +341,10 @@ impl<O: Observe> Exchange<O> {
                     side,
                     original_dst,
                     h2c,
+                    undiscovered,
                 },
             ) => {
-                if let Some(reply) = self.arrive(req, runtime, side, original_dst) {
+                if let Some(reply) = self.arrive(req, runtime, side, original_dst, undiscovered) {
                     return self.answer(reply);
                 }
                 if !h2c && self.wants_h2c() {
@@ -393,6 +397,7 @@ impl<O: Observe> Exchange<O> {
         runtime: Arc<Runtime>,
         side: &Side,
         original_dst: Option<SocketAddr>,
+        undiscovered: bool,
     ) -> Option<Reply> {
         self.state = State::Proxying;
         self.direction = side.direction;
@@ -446,6 +451,9 @@ impl<O: Observe> Exchange<O> {
         // Unclaimed traffic with nowhere to go is a 404.
         if unclaimed && !matches!(self.target, Target::Passthrough(_)) {
             self.verdict = Verdict::NoPolicy;
+            if undiscovered {
+                return Some(Reply::undiscovered(req.host()));
+            }
             return Some(Reply::no_policy(side.inbound_policy.as_deref(), req.host()));
         }
         None

@@ -57,6 +57,15 @@ impl Reply {
         Reply::text(404, Vec::new(), body)
     }
 
+    /// The control plane did not say in time which policy owns `host` (asked on
+    /// demand): worth a retry, unlike a host no policy owns.
+    pub(super) fn undiscovered(host: &str) -> Reply {
+        let body = format!(
+            "sluice: the control plane has not answered yet which policy governs host {host:?}; retry\n"
+        );
+        Reply::text(503, vec![("retry-after".into(), "1".into())], body)
+    }
+
     pub(super) fn no_route(policy: &str, method: &str, path: &str) -> Reply {
         let body = format!("sluice: policy {policy:?} has no route for {method} {path}\n");
         Reply::text(404, Vec::new(), body)

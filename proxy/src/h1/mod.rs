@@ -280,7 +280,8 @@ impl Engine {
         };
         let mut exchange = self.flow.exchange(Instant::now());
         client.last_active = exchange.start();
-        let event = self.flow.arrived(client.original_dst, false);
+        let undiscovered = self.flow.discover(req.host()).await;
+        let event = self.flow.arrived(client.original_dst, false, undiscovered);
         let action = exchange.on(&req, exchange.start(), event);
         if let Action::HandOff = action {
             // A policy with h2c backends needs pingora's HTTP/2 client: the request

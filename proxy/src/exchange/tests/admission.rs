@@ -111,6 +111,7 @@ fn no_policy_no_route_and_not_ready_are_answered_here() {
         side: &h.side,
         original_dst: None,
         h2c: true,
+        undiscovered: false,
     };
     let Action::Answer(reply) = ex.on(&Req::get("/x"), h.at(0), event) else {
         panic!()

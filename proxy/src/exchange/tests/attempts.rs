@@ -242,6 +242,7 @@ fn policies_with_h2c_backends_are_handed_off_before_governance() {
         side: &h.side,
         original_dst: None,
         h2c: false,
+        undiscovered: false,
     };
     assert!(matches!(
         ex.on(&Req::get("/"), h.at(0), event),
@@ -282,6 +283,7 @@ fn inbound_requests_go_to_the_app_and_never_back_to_the_proxy() {
         side: &h.side,
         original_dst: Some(SocketAddr::from(([10, 0, 0, 1], 15001))),
         h2c: true,
+        undiscovered: false,
     };
     let Action::Answer(reply) = ex.on(&Req::get("/"), h.at(0), event) else {
         panic!()
@@ -301,6 +303,7 @@ fn unclaimed_transparent_traffic_passes_through_untouched() {
         side: &h.side,
         original_dst: Some(dst),
         h2c: true,
+        undiscovered: false,
     };
     let Action::Connect(peer) = ex.on(&req, h.at(0), event) else {
         panic!()

@@ -222,6 +222,7 @@ impl Harness {
             side: &self.side,
             original_dst: None,
             h2c: true,
+            undiscovered: false,
         };
         let action = ex.on(req, self.at(ms), event);
         (ex, action)
