@@ -133,6 +133,47 @@ fn structural(schema: &Value, defs: &Map<String, Value>, depth: usize) -> Value 
     Value::Object(out)
 }
 
+/// The schema of `status`: what [`crate::status`] writes, its conditions as
+/// Kubernetes' own `metav1.Condition` (the schema `controller-gen` emits for it), so
+/// `kubectl wait --for=condition=Accepted` and generic tooling read them.
+fn status_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "Written by the control plane: whether it accepted this policy, and why not.",
+        "properties": {
+            "observedGeneration": {
+                "type": "integer", "format": "int64", "minimum": 0,
+                "description": "The metadata.generation the status is about.",
+            },
+            "conditions": {
+                "type": "array",
+                "maxItems": 8,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+                "description": "`Accepted`: True, or False with reason `Invalid` (the message lists the errors) or `HostConflict`.",
+                "items": {
+                    "type": "object",
+                    "required": ["type", "status", "reason", "message", "lastTransitionTime"],
+                    "properties": {
+                        "type": {
+                            "type": "string", "maxLength": 316,
+                            "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+                        },
+                        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                        "reason": {
+                            "type": "string", "minLength": 1, "maxLength": 1024,
+                            "pattern": "^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+                        },
+                        "message": {"type": "string", "maxLength": 32768},
+                        "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+                        "lastTransitionTime": {"type": "string", "format": "date-time"},
+                    },
+                },
+            },
+        },
+    })
+}
+
 /// The CRD as YAML, as committed at `k8s/base/crd.yaml`.
 pub fn crd_yaml() -> String {
     let root = serde_json::to_value(schemars::schema_for!(PolicyBodySpec)).unwrap_or_default();
@@ -164,11 +205,19 @@ pub fn crd_yaml() -> String {
                     "type": "object",
                     "description": "Everything that governs one service's traffic (see the README's policy reference).",
                     "required": ["spec"],
-                    "properties": {"spec": spec},
+                    "properties": {"spec": spec, "status": status_schema()},
                 }},
+                // Status is written only through its subresource, so the control
+                // plane cannot touch a spec, and a status write does not bump the
+                // generation.
+                "subresources": {"status": {}},
                 "additionalPrinterColumns": [
                     {"name": "Hosts", "type": "string", "jsonPath": ".spec.hosts"},
                     {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+                    {"name": "Accepted", "type": "string",
+                        "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"},
+                    {"name": "Reason", "type": "string",
+                        "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].reason"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
             }],
@@ -289,17 +338,61 @@ mod tests {
     #[test]
     fn the_crd_schema_is_structural() {
         let yaml = crd_yaml();
-        for forbidden in [
-            "$ref",
-            "$defs",
-            "additionalProperties: false",
-            "- 'null'",
-            "type:\n",
-        ] {
+        for forbidden in ["$ref", "$defs", "additionalProperties: false", "- 'null'"] {
             assert!(!yaml.contains(forbidden), "CRD contains {forbidden:?}");
+        }
+        // A `type` given as a list of types (a union); a `type:` opening a mapping is
+        // the condition's property named `type`.
+        let lines: Vec<&str> = yaml.lines().collect();
+        for pair in lines.windows(2) {
+            let is_list = pair[1].trim_start().starts_with("- ");
+            assert!(
+                !(pair[0].trim_end().ends_with("type:") && is_list),
+                "CRD has a list of types: {pair:?}"
+            );
         }
         assert!(yaml.contains("requestsPerSecond:"));
         assert!(yaml.contains("x-kubernetes-int-or-string: true"));
         assert!(yaml.contains("nullable: true"));
+    }
+
+    #[test]
+    fn the_crd_has_a_status_subresource_and_shows_the_accepted_condition() {
+        let yaml = crd_yaml();
+        assert!(yaml.contains("subresources:\n      status: {}\n"), "{yaml}");
+        for column in ["name: Accepted", "name: Reason"] {
+            assert!(yaml.contains(column), "{yaml}");
+        }
+        assert!(yaml.contains(r#".status.conditions[?(@.type=="Accepted")].reason"#));
+    }
+
+    #[test]
+    fn the_status_schema_holds_what_the_status_writer_writes() {
+        use crate::status::{status_patch, PolicyCondition, REASON_INVALID};
+        let schema = status_schema();
+        let patch = status_patch(
+            None,
+            &PolicyCondition {
+                namespace: "shop".into(),
+                name: "api".into(),
+                generation: 3,
+                accepted: false,
+                reason: REASON_INVALID.into(),
+                message: "kubernetes:shop/api:12:7: spec.routes[0].timeout: bad".into(),
+            },
+            "2025-01-01T00:00:00Z",
+        );
+        let status = patch["status"].as_object().expect("status");
+        for key in status.keys() {
+            assert!(schema["properties"].get(key).is_some(), "{key}");
+        }
+        let items = &schema["properties"]["conditions"]["items"];
+        let condition = status["conditions"][0].as_object().expect("condition");
+        for key in condition.keys() {
+            assert!(items["properties"].get(key).is_some(), "{key}");
+        }
+        for required in items["required"].as_array().expect("required") {
+            assert!(condition.contains_key(required.as_str().unwrap_or_default()));
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod serve;
 pub mod services;
 pub mod slo;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

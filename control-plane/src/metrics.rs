@@ -22,6 +22,8 @@ pub const POLICY_CHANGE_RESULTS: [&str; 3] = ["accepted", "rejected", "unchanged
 pub const TOKEN_REVIEW_RESULTS: [&str; 3] = ["authenticated", "refused", "error"];
 /// The `outcome` of an admission review ([`crate::webhook::Outcome`]).
 pub const WEBHOOK_OUTCOMES: [&str; 4] = ["patched", "unchanged", "refused", "error"];
+/// The `result` of a TrafficPolicy status write ([`crate::status::StatusWriter`]).
+pub const STATUS_WRITE_RESULTS: [&str; 4] = ["written", "not_found", "refused", "error"];
 
 /// Every metric of one control plane. Cloning shares the series (the handles are
 /// reference-counted), so each component holds its own copy.
@@ -53,6 +55,7 @@ pub struct Metrics {
     policy_changes: IntCounterVec,
     token_reviews: IntCounterVec,
     webhook_reviews: IntCounterVec,
+    status_writes: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -170,6 +173,13 @@ impl Metrics {
                 "outcome",
                 &WEBHOOK_OUTCOMES,
             )?,
+            status_writes: counter_vec(
+                r,
+                "sluice_cp_status_writes_total",
+                "TrafficPolicy status writes (PATCH of the status subresource), by result (written, not_found, refused, error).",
+                "result",
+                &STATUS_WRITE_RESULTS,
+            )?,
             registry,
         })
     }
@@ -191,6 +201,11 @@ impl Metrics {
     pub fn served(&self, version: u64) {
         self.served_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one status write; `result` is one of [`STATUS_WRITE_RESULTS`].
+    pub fn status_written(&self, result: &'static str) {
+        self.status_writes.with_label_values(&[result]).inc();
     }
 
     /// Prometheus text exposition of everything registered.
@@ -246,6 +261,11 @@ mod tests {
         for outcome in WEBHOOK_OUTCOMES {
             assert!(text.contains(&format!(
                 "sluice_cp_webhook_reviews_total{{outcome=\"{outcome}\"}} 0"
+            )));
+        }
+        for result in STATUS_WRITE_RESULTS {
+            assert!(text.contains(&format!(
+                "sluice_cp_status_writes_total{{result=\"{result}\"}} 0"
             )));
         }
     }

@@ -60,3 +60,17 @@ fn the_monitors_scrape_the_ports_the_proxy_and_the_control_plane_expose() {
     // The jobs the shipped alerts select.
     assert!(monitors.contains("{targetLabel: job, replacement: sluice-proxy}"));
 }
+
+#[test]
+fn the_control_plane_may_write_trafficpolicy_status_and_nothing_else_of_them() {
+    let rbac = std::fs::read_to_string(root().join("k8s/base/rbac.yaml")).expect("rbac.yaml");
+    // What `status::StatusWriter` does: PATCH …/trafficpolicies/NAME/status.
+    assert!(
+        rbac.contains("resources: [trafficpolicies/status]\n    verbs: [get, patch, update]\n"),
+        "{rbac}"
+    );
+    assert!(
+        rbac.contains("resources: [trafficpolicies]\n    verbs: [get, list, watch]\n"),
+        "{rbac}"
+    );
+}

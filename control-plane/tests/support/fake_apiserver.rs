@@ -8,6 +8,12 @@
 //!   authenticated only when the review asks for its audience.
 //! - `GET …/trafficpolicies` (list, then watch): the TrafficPolicy objects it was
 //!   given, and a watch that stays open with nothing to say.
+//! - `PATCH /apis/sluice.dev/v1alpha1/namespaces/NS/trafficpolicies/NAME/status` with
+//!   `application/merge-patch+json`: merges the patch's `status` into the stored
+//!   object (nothing else of it changes, as with the real status subresource), gives
+//!   it a new resourceVersion and answers the object; 404 for an object it does not
+//!   hold, 415 for another patch type. Every such PATCH is recorded
+//!   ([`StatusPatch`]); no watch event follows (the policy watch has none).
 //! - `GET /api/v1/services` and `GET /apis/discovery.k8s.io/v1/endpointslices`
 //!   (list, then watch): the Services and EndpointSlices it holds; a test changes
 //!   them with [`FakeApiServer::apply`] and [`FakeApiServer::delete`], and each
@@ -52,10 +58,26 @@ pub struct FakeApiServer {
     /// Answer this many more TrafficPolicy lists and watches with 500, as an API
     /// server that is restarting does.
     pub failing_policy_requests: Mutex<usize>,
+    /// Answer this many more TrafficPolicy status PATCHes with 500.
+    pub failing_status_patches: Mutex<usize>,
+    /// Every TrafficPolicy status PATCH asked, oldest first.
+    pub status_patches: Mutex<Vec<StatusPatch>>,
     /// Services and EndpointSlices, and their changes.
     pub objects: Mutex<Objects>,
     /// Wakes the open watches after a change.
     changed: tokio::sync::Notify,
+}
+
+/// One PATCH of a TrafficPolicy's status, as asked (answered or not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusPatch {
+    pub namespace: String,
+    pub name: String,
+    pub content_type: String,
+    /// The `fieldManager` query parameter.
+    pub field_manager: Option<String>,
+    /// The body, `Null` if it was not JSON.
+    pub patch: Value,
 }
 
 /// The kinds of object the fake lists and watches with events.
@@ -178,9 +200,119 @@ impl FakeApiServer {
         let rv = (policies.len() + 1).to_string();
         policies.push(json!({
             "apiVersion": "sluice.dev/v1alpha1", "kind": "TrafficPolicy",
-            "metadata": {"name": name, "namespace": namespace, "resourceVersion": rv, "uid": format!("uid-{namespace}-{name}")},
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": rv, "generation": 1, "uid": format!("uid-{namespace}-{name}")},
             "spec": spec,
         }));
+    }
+
+    /// The TrafficPolicy `namespace/name` as stored now (its status included).
+    pub fn policy(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.policies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|p| is_named(p, namespace, name))
+            .cloned()
+    }
+
+    /// Removes the TrafficPolicy `namespace/name`; false if it did not exist.
+    pub fn remove_policy(&self, namespace: &str, name: &str) -> bool {
+        let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let before = policies.len();
+        policies.retain(|p| !is_named(p, namespace, name));
+        policies.len() < before
+    }
+
+    /// The status PATCHes asked for `namespace/name`.
+    pub fn status_patches_of(&self, namespace: &str, name: &str) -> Vec<StatusPatch> {
+        self.status_patches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|p| p.namespace == namespace && p.name == name)
+            .cloned()
+            .collect()
+    }
+
+    /// Answers a PATCH of `namespace/name`'s status, as the status subresource does.
+    fn patch_policy_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        content_type: &str,
+        query: &str,
+        body: &[u8],
+    ) -> (u16, Value) {
+        let patch: Option<Value> = serde_json::from_slice(body).ok();
+        let field_manager = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("fieldManager="))
+            .map(str::to_owned);
+        self.status_patches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(StatusPatch {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                content_type: content_type.to_owned(),
+                field_manager,
+                patch: patch.clone().unwrap_or(Value::Null),
+            });
+        let failure = |code: u16, reason: &str, message: String| {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code});
+            (code, status)
+        };
+        {
+            let mut failing = self
+                .failing_status_patches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *failing > 0 {
+                *failing -= 1;
+                return failure(
+                    500,
+                    "InternalError",
+                    "etcdserver: request timed out (fake API server)".into(),
+                );
+            }
+        }
+        let media_type = content_type.split(';').next().unwrap_or("").trim();
+        if media_type != "application/merge-patch+json" {
+            return failure(
+                415,
+                "UnsupportedMediaType",
+                format!("the fake API server takes merge patches only, not {content_type:?}"),
+            );
+        }
+        let Some(patch) = patch else {
+            return failure(400, "BadRequest", "the patch is not JSON".into());
+        };
+        let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let next_rv = policy_resource_version(&policies) + 1;
+        let Some(object) = policies.iter_mut().find(|p| is_named(p, namespace, name)) else {
+            let mut answer = failure(
+                404,
+                "NotFound",
+                format!("trafficpolicies.sluice.dev \"{name}\" not found"),
+            );
+            answer.1["details"] =
+                json!({"name": name, "group": "sluice.dev", "kind": "trafficpolicies"});
+            return answer;
+        };
+        // The status subresource takes the patch's status and ignores the rest.
+        let mut patched = object.clone();
+        merge_patch(&mut patched, &patch);
+        match patched.get("status") {
+            Some(status) => object["status"] = status.clone(),
+            None => {
+                if let Some(o) = object.as_object_mut() {
+                    o.remove("status");
+                }
+            }
+        }
+        object["metadata"]["resourceVersion"] = json!(next_rv.to_string());
+        (200, object.clone())
     }
 
     fn objects(&self) -> std::sync::MutexGuard<'_, Objects> {
@@ -307,7 +439,7 @@ impl FakeApiServer {
 
     async fn connection(&self, mut stream: TcpStream) {
         // Bounded: one request per pass until the client closes.
-        while let Some((line, body)) = read_request(&mut stream).await {
+        while let Some((line, head, body)) = read_request(&mut stream).await {
             let mut words = line.split(' ');
             let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
             let path = target.split('?').next().unwrap_or("");
@@ -348,11 +480,20 @@ impl FakeApiServer {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
+                let rv = policy_resource_version(&items) + 1;
                 let list = json!({
                     "apiVersion": "sluice.dev/v1alpha1", "kind": "TrafficPolicyList",
-                    "metadata": {"resourceVersion": (items.len() + 1).to_string()}, "items": items,
+                    "metadata": {"resourceVersion": rv.to_string()}, "items": items,
                 });
                 respond(&mut stream, 200, &list).await
+            } else if let (true, Some((namespace, name))) =
+                (method == "PATCH", policy_status_path(path))
+            {
+                let query = target.split_once('?').map_or("", |(_, q)| q);
+                let content_type = header(&head, "content-type").unwrap_or_default();
+                let (status, answer) =
+                    self.patch_policy_status(namespace, name, &content_type, query, &body);
+                respond(&mut stream, status, &answer).await
             } else {
                 let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                     "message": format!("{path} not found (fake API server)"), "reason": "NotFound", "code": 404});
@@ -425,9 +566,65 @@ impl FakeApiServer {
     }
 }
 
-/// Reads one request: its request line and body (by Content-Length). Bounded: a
-/// head of at most 64 KiB, a body of at most 1 MiB.
-async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+fn is_named(object: &Value, namespace: &str, name: &str) -> bool {
+    object["metadata"]["namespace"].as_str() == Some(namespace)
+        && object["metadata"]["name"].as_str() == Some(name)
+}
+
+/// The highest resourceVersion among `policies`, or their count if higher (the
+/// list's version was always above every object's).
+fn policy_resource_version(policies: &[Value]) -> u64 {
+    policies
+        .iter()
+        .filter_map(|p| p["metadata"]["resourceVersion"].as_str()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+        .max(policies.len() as u64)
+}
+
+/// `(namespace, name)` of `/apis/sluice.dev/v1alpha1/namespaces/NS/trafficpolicies/NAME/status`.
+fn policy_status_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/apis/sluice.dev/v1alpha1/namespaces/")?;
+    let (namespace, rest) = rest.split_once("/trafficpolicies/")?;
+    let name = rest.strip_suffix("/status")?;
+    let plain = |s: &str| !s.is_empty() && !s.contains('/');
+    (plain(namespace) && plain(name)).then_some((namespace, name))
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything
+/// else (a list included) replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(object) = target {
+        for (key, value) in fields {
+            if value.is_null() {
+                object.remove(key);
+            } else {
+                merge_patch(object.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+}
+
+/// The value of header `name` in a request head.
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, value) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_owned())
+    })
+}
+
+/// Reads one request: its request line, head and body (by Content-Length). Bounded:
+/// a head of at most 64 KiB, a body of at most 1 MiB.
+async fn read_request(stream: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -444,13 +641,8 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
+    let length: usize = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
         .min(1024 * 1024);
     while buf.len() < head_end + length {
@@ -461,7 +653,7 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         buf.extend_from_slice(&chunk[..n]);
     }
     let line = head.lines().next().unwrap_or("").to_owned();
-    Some((line, buf[head_end..head_end + length].to_vec()))
+    Some((line, head, buf[head_end..head_end + length].to_vec()))
 }
 
 async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> bool {
@@ -469,7 +661,9 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &Value) -> bool {
     let reason = match status {
         200 => "OK",
         201 => "Created",
+        400 => "Bad Request",
         403 => "Forbidden",
+        415 => "Unsupported Media Type",
         500 => "Internal Server Error",
         _ => "Not Found",
     };

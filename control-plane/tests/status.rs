@@ -1,0 +1,205 @@
+//! The status writer against the fake API server: each TrafficPolicy gets the
+//! `Accepted` condition published for it through the status subresource, once; a
+//! deleted object or a failing API server does not stop it.
+
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fake_apiserver::FakeApiServer;
+use serde_json::{json, Value};
+use sluice_control_plane::metrics::Metrics;
+use sluice_control_plane::status::{
+    PolicyCondition, StatusWriter, REASON_ACCEPTED, REASON_INVALID,
+};
+
+const INVALID: &str = "kubernetes:shop/catalog:12:7: spec.routes[0].timeout: expected a duration like 2s, got \"soon\"";
+
+fn condition(name: &str, generation: i64, accepted: bool, message: &str) -> PolicyCondition {
+    PolicyCondition {
+        namespace: "shop".into(),
+        name: name.into(),
+        generation,
+        accepted,
+        reason: if accepted {
+            REASON_ACCEPTED
+        } else {
+            REASON_INVALID
+        }
+        .into(),
+        message: message.into(),
+    }
+}
+
+/// The fake holding `shop/api` and `shop/catalog`, and a writer talking to it.
+async fn start() -> (Arc<FakeApiServer>, StatusWriter, Metrics) {
+    let fake = Arc::new(FakeApiServer::default());
+    fake.add_policy("shop", "api", json!({"hosts": ["api"]}));
+    fake.add_policy("shop", "catalog", json!({"hosts": ["catalog"]}));
+    let (writer, metrics) = writer_for(&fake).await;
+    (fake, writer, metrics)
+}
+
+/// A writer (a control-plane replica) talking to `fake`, with its own metrics.
+async fn writer_for(fake: &Arc<FakeApiServer>) -> (StatusWriter, Metrics) {
+    let (url, _) = fake.start().await;
+    let client =
+        kube::Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("kube client");
+    let metrics = Metrics::register(prometheus::Registry::new()).expect("metrics");
+    (StatusWriter::start(client, metrics.clone()), metrics)
+}
+
+/// Waits until `check` holds; the deadline only keeps a broken test from hanging.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `namespace/name`'s status as the fake holds it.
+fn status(fake: &FakeApiServer, name: &str) -> Option<Value> {
+    fake.policy("shop", name)?.get("status").cloned()
+}
+
+/// Whether the fake's `shop/name` has an `Accepted` condition saying `c`.
+fn says(fake: &FakeApiServer, c: &PolicyCondition) -> bool {
+    let Some(status) = status(fake, &c.name) else {
+        return false;
+    };
+    let accepted = &status["conditions"][0];
+    status["observedGeneration"] == c.generation
+        && accepted["type"] == "Accepted"
+        && accepted["status"] == if c.accepted { "True" } else { "False" }
+        && accepted["reason"] == c.reason.as_str()
+        && accepted["message"] == c.message.as_str()
+        && accepted["observedGeneration"] == c.generation
+        && accepted["lastTransitionTime"].is_string()
+}
+
+fn count(metrics: &Metrics, result: &str) -> u64 {
+    let text = String::from_utf8(metrics.render().expect("render")).expect("utf-8");
+    let series = format!("sluice_cp_status_writes_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+}
+
+#[tokio::test]
+async fn writes_each_policys_condition_once() {
+    let (fake, writer, metrics) = start().await;
+    let api = condition("api", 1, true, "");
+    let catalog = condition("catalog", 1, false, INVALID);
+    writer.publish(vec![(api.clone(), None), (catalog.clone(), None)]);
+    eventually("both statuses", || {
+        says(&fake, &api) && says(&fake, &catalog)
+    })
+    .await;
+
+    let patches = fake.status_patches.lock().expect("lock").clone();
+    assert_eq!(patches.len(), 2, "{patches:?}");
+    for p in &patches {
+        assert_eq!(p.content_type, "application/merge-patch+json");
+        assert_eq!(p.field_manager.as_deref(), Some("sluice-cp"));
+    }
+    // The status subresource left the spec alone.
+    assert_eq!(
+        fake.policy("shop", "catalog").expect("catalog")["spec"],
+        json!({"hosts": ["catalog"]})
+    );
+
+    // The same set again, before the watch shows the writes (the statuses as seen
+    // are still none), then after: nothing more is written.
+    let seq = writer.publish(vec![(api.clone(), None), (catalog.clone(), None)]);
+    writer.attempted(seq).await;
+    let seen = |name: &str| status(&fake, name);
+    let seq = writer.publish(vec![(api, seen("api")), (catalog, seen("catalog"))]);
+    writer.attempted(seq).await;
+    assert_eq!(fake.status_patches.lock().expect("lock").len(), 2);
+    assert_eq!(count(&metrics, "written"), 2);
+}
+
+#[tokio::test]
+async fn a_second_replica_seeing_the_written_status_does_not_write_it_again() {
+    let (fake, first, _) = start().await;
+    let catalog = condition("catalog", 1, false, INVALID);
+    first.publish(vec![(catalog.clone(), None)]);
+    eventually("the status", || says(&fake, &catalog)).await;
+
+    let (second, second_metrics) = writer_for(&fake).await;
+    let seq = second.publish(vec![(catalog, status(&fake, "catalog"))]);
+    second.attempted(seq).await;
+    assert_eq!(fake.status_patches.lock().expect("lock").len(), 1);
+    assert_eq!(count(&second_metrics, "written"), 0);
+}
+
+#[tokio::test]
+async fn a_new_message_keeps_the_transition_time() {
+    let (fake, writer, _) = start().await;
+    let before = condition("catalog", 1, false, INVALID);
+    writer.publish(vec![(before.clone(), None)]);
+    eventually("the first status", || says(&fake, &before)).await;
+    let since =
+        status(&fake, "catalog").expect("status")["conditions"][0]["lastTransitionTime"].clone();
+
+    let after = condition(
+        "catalog",
+        2,
+        false,
+        "kubernetes:shop/catalog:3:1: hosts: empty",
+    );
+    writer.publish(vec![(after.clone(), status(&fake, "catalog"))]);
+    eventually("the second status", || says(&fake, &after)).await;
+    let status = status(&fake, "catalog").expect("status");
+    assert_eq!(status["conditions"][0]["lastTransitionTime"], since);
+    assert_eq!(status["conditions"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_deleted_object_does_not_wedge_the_writer() {
+    let (fake, writer, metrics) = start().await;
+    assert!(fake.remove_policy("shop", "catalog"));
+    let seq = writer.publish(vec![(condition("catalog", 1, false, INVALID), None)]);
+    writer.attempted(seq).await;
+    // A 404 is final: not retried.
+    assert_eq!(fake.status_patches_of("shop", "catalog").len(), 1);
+    assert_eq!(count(&metrics, "not_found"), 1);
+
+    let api = condition("api", 1, true, "");
+    writer.publish(vec![(api.clone(), None)]);
+    eventually("api's status", || says(&fake, &api)).await;
+}
+
+#[tokio::test]
+async fn a_failing_write_is_retried_until_written() {
+    let (fake, writer, metrics) = start().await;
+    *fake.failing_status_patches.lock().expect("lock") = 2;
+    let api = condition("api", 1, true, "");
+    writer.publish(vec![(api.clone(), None)]);
+    eventually("api's status", || says(&fake, &api)).await;
+    // The fake holds the status before the writer has its answer.
+    eventually("the write counted", || count(&metrics, "written") == 1).await;
+    assert_eq!(fake.status_patches_of("shop", "api").len(), 3);
+    assert_eq!(count(&metrics, "error"), 2);
+}
+
+#[tokio::test]
+async fn a_write_failing_every_try_is_retried_by_a_later_pass() {
+    let (fake, writer, metrics) = start().await;
+    let tries = usize::try_from(sluice_control_plane::status::ATTEMPTS).expect("small");
+    *fake.failing_status_patches.lock().expect("lock") = tries;
+    let api = condition("api", 1, true, "");
+    // Published once: the write that follows the failed tries is the writer's own.
+    writer.publish(vec![(api.clone(), None)]);
+    eventually("api's status", || says(&fake, &api)).await;
+    eventually("the write counted", || count(&metrics, "written") == 1).await;
+    assert_eq!(fake.status_patches_of("shop", "api").len(), tries + 1);
+    assert_eq!(
+        count(&metrics, "error"),
+        u64::try_from(tries).expect("small")
+    );
+}
