@@ -22,6 +22,7 @@ use sluice_policy::PolicyId;
 
 use crate::metrics::Metrics;
 use crate::serve::report;
+use crate::status::{DesiredSet, PolicyCondition, StatusWriter};
 use crate::store::{Offered, Store};
 use crate::telemetry::Readiness;
 
@@ -278,9 +279,31 @@ fn offered(object: &DynamicObject) -> Offered {
     }
 }
 
+/// Every resource's `Accepted` condition as the store decided it, with the status
+/// the resource shows now (the writer skips what is already there).
+fn desired(store: &Store, objects: &BTreeMap<PolicyId, DynamicObject>) -> DesiredSet {
+    store
+        .conditions()
+        .into_iter()
+        .filter_map(|(id, c)| {
+            let object = objects.get(&id)?;
+            let condition = PolicyCondition {
+                namespace: id.namespace.clone()?,
+                name: id.name,
+                generation: c.generation,
+                accepted: c.accepted,
+                reason: c.reason.to_owned(),
+                message: c.message,
+            };
+            Some((condition, object.data.get("status").cloned()))
+        })
+        .collect()
+}
+
 /// Lists and watches the TrafficPolicies of `client` until the stream ends (never,
 /// under normal operation: errors are retried with backoff). The source counts as
-/// read for `/ready` once the first list completes, accepted or refused.
+/// read for `/ready` once the first list completes, accepted or refused. Each
+/// resource's `status.conditions` says whether it is served and why not.
 pub async fn follow(
     store: Arc<Store>,
     client: kube::Client,
@@ -289,7 +312,9 @@ pub async fn follow(
 ) {
     let gvk = GroupVersionKind::gvk(GROUP, VERSION, KIND);
     let resource = ApiResource::from_gvk_with_plural(&gvk, PLURAL);
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let writer = StatusWriter::start(client, metrics.clone());
+    let mut objects: BTreeMap<PolicyId, DynamicObject> = BTreeMap::new();
     let mut relisting: Option<BTreeMap<PolicyId, DynamicObject>> = None;
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
@@ -303,18 +328,35 @@ pub async fn follow(
                 }
             }
             Ok(Event::InitDone) => {
-                let listed = relisting.take().unwrap_or_default();
-                let offer = store.replace(listed.values().map(offered).collect(), SOURCE);
+                objects = relisting.take().unwrap_or_default();
+                let offer = store.replace(objects.values().map(offered).collect(), SOURCE);
                 report(&store, &metrics, &offer, SOURCE);
+                writer.publish(desired(&store, &objects));
                 readiness.source_loaded();
             }
             Ok(Event::Apply(o)) => {
-                let offer = store.update(vec![offered(&o)], &[], SOURCE);
+                let id = id_of(&o);
+                // Our own status writes come back as changes: the spec is the same,
+                // so there is nothing to check again.
+                let same_spec = objects.get(&id).is_some_and(|before| {
+                    before.metadata.generation == o.metadata.generation
+                        && before.data.get("spec") == o.data.get("spec")
+                });
+                let changed = offered(&o);
+                objects.insert(id, o);
+                if same_spec {
+                    continue;
+                }
+                let offer = store.update(vec![changed], &[], SOURCE);
                 report(&store, &metrics, &offer, SOURCE);
+                writer.publish(desired(&store, &objects));
             }
             Ok(Event::Delete(o)) => {
-                let offer = store.update(Vec::new(), &[id_of(&o)], SOURCE);
+                let id = id_of(&o);
+                objects.remove(&id);
+                let offer = store.update(Vec::new(), &[id], SOURCE);
                 report(&store, &metrics, &offer, SOURCE);
+                writer.publish(desired(&store, &objects));
             }
             // A watch the API server closed is resumed without an error and is not
             // counted: that happens every few minutes. An error is a list or watch

@@ -700,7 +700,12 @@ fn rejected_of(state: &State) -> Vec<String> {
     let mut out = state.unidentified.clone();
     for (id, c) in &state.conditions {
         if !c.accepted {
-            out.push(format!("{id}: {}: {}", c.reason, c.message));
+            let serving = match (&c.serving, c.reason) {
+                (Some(version), _) => format!(" (still serving its last good version {version})"),
+                (None, "Invalid") => " (not served: it has no good version)".to_owned(),
+                (None, _) => String::new(),
+            };
+            out.push(format!("{id}: {}: {}{serving}", c.reason, c.message));
         }
     }
     out
@@ -730,4 +735,135 @@ fn take(entries: &mut BTreeMap<PolicyId, Entry>, unidentified: &mut Vec<String>,
             warnings,
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const SHOP: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: shop}\nspec: {hosts: [shop]}\n";
+    const CART: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: cart}\nspec: {hosts: [cart]}\n";
+
+    fn offer(files: &[(&str, &str)]) -> Vec<Offered> {
+        Offered::documents(sluice_policy::check_each(
+            files.iter().map(|(f, t)| (Path::new(*f), *t)),
+        ))
+    }
+
+    fn version_of(store: &Store, id: &str) -> Option<String> {
+        store
+            .served()
+            .policies
+            .get(&PolicyId::parse(id))
+            .map(|p| p.version.clone())
+    }
+
+    #[test]
+    fn versions_are_content_hashes_and_unchanged_content_makes_no_new_set() {
+        let store = Store::default();
+        assert_eq!(
+            store.replace(offer(&[("s.yaml", SHOP)]), "dir"),
+            Offer::Accepted(1)
+        );
+        let v = version_of(&store, "shop").expect("served");
+        assert_eq!(
+            v,
+            sluice_policy::policy_yaml(&store.served().policies[&PolicyId::parse("shop")].policy).1
+        );
+        assert_eq!(
+            store.replace(offer(&[("s.yaml", SHOP)]), "dir"),
+            Offer::Unchanged
+        );
+        // Another replica reading the same source serves the same versions.
+        let replica = Store::default();
+        replica.replace(offer(&[("s.yaml", SHOP)]), "dir");
+        assert_eq!(version_of(&replica, "shop"), Some(v));
+        assert_eq!(
+            replica.served().content_hash(),
+            store.served().content_hash()
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_no_longer_yaml_keeps_serving_what_it_held() {
+        let store = Store::default();
+        store.replace(offer(&[("s.yaml", SHOP), ("c.yaml", CART)]), "dir");
+        let before = version_of(&store, "shop");
+        assert_eq!(
+            store.replace(offer(&[("s.yaml", "{{{"), ("c.yaml", CART)]), "dir"),
+            Offer::Rejected
+        );
+        assert_eq!(version_of(&store, "shop"), before);
+        let rejected = store.rejected();
+        assert!(
+            rejected.iter().any(|e| e.starts_with("s.yaml:")),
+            "{rejected:?}"
+        );
+        assert!(
+            rejected.iter().any(|e| e.starts_with("shop: Invalid: ")
+                && e.contains("still serving its last good version")),
+            "{rejected:?}"
+        );
+        // Removing the file removes its policy.
+        store.replace(offer(&[("c.yaml", CART)]), "dir");
+        assert_eq!(version_of(&store, "shop"), None);
+        assert!(store.rejected().is_empty());
+    }
+
+    #[test]
+    fn an_update_changes_one_policy_and_removal_removes_it() {
+        let store = Store::default();
+        store.replace(offer(&[("s.yaml", SHOP), ("c.yaml", CART)]), "kubernetes");
+        let cart = version_of(&store, "cart");
+        let changed = offer(&[("s.yaml", &SHOP.replace("[shop]", "[shop, shop.example]"))]);
+        assert_eq!(store.update(changed, &[], "kubernetes"), Offer::Accepted(2));
+        assert_eq!(version_of(&store, "cart"), cart);
+        assert_eq!(
+            store.served().hosts.get("shop.example"),
+            Some(&PolicyId::parse("shop"))
+        );
+        store.update(Vec::new(), &[PolicyId::parse("cart")], "kubernetes");
+        assert_eq!(version_of(&store, "cart"), None);
+    }
+
+    #[test]
+    fn rollback_serves_an_earlier_set_until_the_source_changes() {
+        let store = Store::default();
+        store.replace(offer(&[("s.yaml", SHOP)]), "dir");
+        let first = version_of(&store, "shop");
+        store.replace(
+            offer(&[("s.yaml", &SHOP.replace("[shop]", "[shop, b]"))]),
+            "dir",
+        );
+        let rolled = store.rollback(0).expect("rollback");
+        assert_eq!((rolled.version, rolled.rollback), (3, true));
+        assert_eq!(version_of(&store, "shop"), first);
+        // The same source again does not undo it; a change does.
+        store.replace(
+            offer(&[("s.yaml", &SHOP.replace("[shop]", "[shop, b]"))]),
+            "dir",
+        );
+        assert_eq!(version_of(&store, "shop"), first);
+        store.replace(
+            offer(&[("s.yaml", &SHOP.replace("[shop]", "[shop, c]"))]),
+            "dir",
+        );
+        assert!(!store.status().rollback);
+        assert!(store.rollback(99).is_err());
+    }
+
+    #[test]
+    fn keeps_the_last_twenty_sets() {
+        let store = Store::default();
+        for i in 0..30 {
+            store.replace(
+                offer(&[("s.yaml", &SHOP.replace("[shop]", &format!("[h{i}]")))]),
+                "dir",
+            );
+        }
+        let history = store.history();
+        assert_eq!(history.len(), HISTORY);
+        assert_eq!(history.first().map(|s| s.version), Some(11));
+    }
 }

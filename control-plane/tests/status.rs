@@ -203,3 +203,97 @@ async fn a_write_failing_every_try_is_retried_by_a_later_pass() {
         u64::try_from(tries).expect("small")
     );
 }
+
+/// The whole path in a cluster: the control plane follows the (fake) cluster's
+/// TrafficPolicies and writes each one's condition. Two namespaces both have a
+/// policy `api` (two policies, both served); a policy claiming another namespace's
+/// Service name loses it (HostConflict) without stopping anyone; an invalid one
+/// says where it is wrong.
+#[tokio::test]
+async fn namespaces_are_isolated_and_each_resource_says_why_it_is_not_served() {
+    let fake = Arc::new(FakeApiServer::default());
+    fake.add_policy(
+        "a",
+        "api",
+        json!({"hosts": ["api.a.svc.cluster.local", "api.example"]}),
+    );
+    fake.add_policy("b", "api", json!({"hosts": ["api.b.svc.cluster.local"]}));
+    fake.add_policy(
+        "b",
+        "squatter",
+        json!({"hosts": ["api.a.svc.cluster.local", "squat.example"]}),
+    );
+    fake.add_policy(
+        "b",
+        "bad",
+        json!({"hosts": ["bad.example"], "routes": [{"name": "r", "rateLimit": {"requestsPerSecond": 1, "burst": 0}}]}),
+    );
+    let (url, _) = fake.start().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = sluice_control_plane::serve::start(
+        sluice_control_plane::serve::ServeConfig {
+            policies: None,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: None,
+            cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
+            token_file: None,
+            kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
+            token_review: None,
+            operators: Vec::new(),
+            telemetry: None,
+            webhook: None,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .expect("serve");
+    let accepted = |ns: &str, name: &str| -> Option<(String, String, String)> {
+        let object = fake.policy(ns, name)?;
+        let c = object["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Accepted")?
+            .clone();
+        Some((
+            c["status"].as_str()?.to_owned(),
+            c["reason"].as_str()?.to_owned(),
+            c["message"].as_str()?.to_owned(),
+        ))
+    };
+    eventually("every resource's condition", || {
+        [("a", "api"), ("b", "api"), ("b", "squatter"), ("b", "bad")]
+            .iter()
+            .all(|(ns, name)| accepted(ns, name).is_some())
+    })
+    .await;
+    assert_eq!(accepted("a", "api").map(|c| c.0), Some("True".into()));
+    assert_eq!(accepted("b", "api").map(|c| c.0), Some("True".into()));
+    let (status, reason, message) = accepted("b", "squatter").expect("squatter");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "HostConflict")
+    );
+    assert!(
+        message.contains("host api.a.svc.cluster.local belongs to policy a/api"),
+        "{message}"
+    );
+    let (status, reason, message) = accepted("b", "bad").expect("bad");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
+    assert!(
+        message.starts_with("kubernetes:b/bad:")
+            && message.contains("spec.routes[0].rateLimit.burst: must be at least 1, got 0"),
+        "{message}"
+    );
+    // Served: both `api`s; neither the loser nor the invalid one.
+    let served: Vec<String> = running
+        .store
+        .served()
+        .policies
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(served, ["a/api", "b/api"]);
+    let _ = stop.send(());
+}

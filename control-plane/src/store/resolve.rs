@@ -25,8 +25,11 @@ pub struct Condition {
     pub accepted: bool,
     /// `Accepted`, `Invalid` or `HostConflict`.
     pub reason: &'static str,
-    /// The errors (file:line:column), the conflict, or the warnings.
+    /// The errors (file:line:column), the conflict, or the warnings: from the
+    /// source alone, so that every replica writes the same status.
     pub message: String,
+    /// An invalid policy's last good version, still served (known to this replica).
+    pub serving: Option<String>,
     /// The generation the condition is about (Kubernetes' `metadata.generation`; 0
     /// for files).
     pub generation: i64,
@@ -81,6 +84,7 @@ pub fn resolve(
                         reason: "Accepted",
                         message: entry.warnings.join("\n"),
                         generation: entry.generation,
+                        serving: None,
                     },
                 );
             }
@@ -89,20 +93,14 @@ pub fn resolve(
                 if let Some(good) = kept {
                     candidates.insert(id, Arc::clone(good));
                 }
-                let serving = match kept {
-                    Some(good) => format!(
-                        "\n(still serving its last good version {} of generation {})",
-                        good.version, good.generation
-                    ),
-                    None => "\n(not served: it has no good version)".to_owned(),
-                };
                 conditions.insert(
                     id.clone(),
                     Condition {
                         accepted: false,
                         reason: "Invalid",
-                        message: format!("{}{serving}", errors.join("\n")),
+                        message: errors.join("\n"),
                         generation: entry.generation,
+                        serving: kept.map(|good| good.version.clone()),
                     },
                 );
             }
@@ -188,6 +186,7 @@ pub fn resolve(
                         reason: "HostConflict",
                         message: why.clone(),
                         generation,
+                        serving: None,
                     },
                 );
             }
@@ -197,4 +196,118 @@ pub fn resolve(
         }
     }
     (served, conditions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(id: &str, hosts: &[&str]) -> Arc<PolicyResource> {
+        let id = PolicyId::parse(id);
+        let ns = id
+            .namespace
+            .as_deref()
+            .map(|n| format!(", namespace: {n}"))
+            .unwrap_or_default();
+        let yaml = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {}{ns}}}\nspec: {{hosts: [{}]}}\n",
+            id.name,
+            hosts.join(", ")
+        );
+        let set = sluice_policy::parse_str(std::path::Path::new("t.yaml"), &yaml).expect("valid");
+        Arc::new(PolicyResource::new(set.policies[0].clone(), 1))
+    }
+
+    fn entry(resource: Arc<PolicyResource>, created: &str) -> Entry {
+        Entry {
+            generation: 1,
+            created: created.into(),
+            candidate: Ok(resource),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn served_ids(entries: &BTreeMap<PolicyId, Entry>) -> Vec<String> {
+        resolve(entries, &BTreeMap::new())
+            .0
+            .keys()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_service_name_belongs_to_the_policy_in_the_services_namespace() {
+        let mut entries = BTreeMap::new();
+        // The squatter is older, but the name is b's Service's.
+        let squatter = policy("a/squatter", &["api.b.svc.cluster.local"]);
+        let owner = policy("b/api", &["api.b.svc.cluster.local"]);
+        entries.insert(squatter.id.clone(), entry(squatter, "2026-01-01T00:00:00Z"));
+        entries.insert(owner.id.clone(), entry(owner, "2026-06-01T00:00:00Z"));
+        let (served, conditions) = resolve(&entries, &BTreeMap::new());
+        assert_eq!(
+            served.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["b/api"]
+        );
+        let lost = &conditions[&PolicyId::parse("a/squatter")];
+        assert_eq!((lost.accepted, lost.reason), (false, "HostConflict"));
+        assert!(
+            lost.message.contains("belongs to policy b/api"),
+            "{}",
+            lost.message
+        );
+    }
+
+    #[test]
+    fn otherwise_the_oldest_wins_then_the_smaller_identity() {
+        let mut entries = BTreeMap::new();
+        let old = policy("z/old", &["shop.example"]);
+        let new = policy("a/new", &["shop.example"]);
+        entries.insert(old.id.clone(), entry(old, "2026-01-01T00:00:00Z"));
+        entries.insert(new.id.clone(), entry(new, "2026-06-01T00:00:00Z"));
+        assert_eq!(served_ids(&entries), ["z/old"]);
+        // Same age (files have none): the smaller identity.
+        for e in entries.values_mut() {
+            e.created.clear();
+        }
+        assert_eq!(served_ids(&entries), ["a/new"]);
+    }
+
+    #[test]
+    fn a_loser_frees_its_other_hosts_for_policies_it_would_have_beaten() {
+        // b beats c on h2 (older), but b loses h1 to a: b is out, so c is served.
+        let mut entries = BTreeMap::new();
+        let a = policy("a", &["h1"]);
+        let b = policy("b", &["h1", "h2"]);
+        let c = policy("c", &["h2"]);
+        entries.insert(a.id.clone(), entry(a, "2026-01-01T00:00:00Z"));
+        entries.insert(b.id.clone(), entry(b, "2026-02-01T00:00:00Z"));
+        entries.insert(c.id.clone(), entry(c, "2026-03-01T00:00:00Z"));
+        assert_eq!(served_ids(&entries), ["a", "c"]);
+    }
+
+    #[test]
+    fn an_invalid_policy_serves_its_last_good_version_and_says_why() {
+        let good = policy("shop/api", &["api"]);
+        let mut entries = BTreeMap::new();
+        entries.insert(
+            good.id.clone(),
+            Entry {
+                generation: 2,
+                created: String::new(),
+                candidate: Err(vec!["api.yaml:3:4: spec.mode: unknown".into()]),
+                warnings: Vec::new(),
+            },
+        );
+        let last_good: BTreeMap<PolicyId, Arc<PolicyResource>> =
+            [(good.id.clone(), Arc::clone(&good))].into();
+        let (served, conditions) = resolve(&entries, &last_good);
+        assert_eq!(served.get(&good.id), Some(&good));
+        let c = &conditions[&good.id];
+        assert_eq!((c.accepted, c.reason, c.generation), (false, "Invalid", 2));
+        assert_eq!(c.message, "api.yaml:3:4: spec.mode: unknown");
+        assert_eq!(c.serving.as_deref(), Some(good.version.as_str()));
+        // Without a good version: nothing served, nobody else affected.
+        let (served, _) = resolve(&entries, &BTreeMap::new());
+        assert!(served.is_empty());
+    }
 }
