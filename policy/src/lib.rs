@@ -24,8 +24,8 @@ pub mod watch;
 pub use error::{PolicyError, PolicyErrors, Problem};
 pub use lint::{PolicyWarning, Warning};
 pub use load::{
-    check_each, check_each_path, check_path, check_paths, check_sources, check_str, load_path,
-    load_paths, parse_sources, parse_str, Checked, Document,
+    check_each, check_file, check_path, check_paths, check_sources, check_str, load_path,
+    load_paths, parse_sources, parse_str, read_paths, refuse_duplicates, Checked, Document,
 };
 pub use model::*;
 

@@ -65,26 +65,8 @@ pub fn check_paths(paths: &[PathBuf]) -> Result<Checked, PolicyErrors> {
     }
 }
 
-/// [`check_each`] over a file or directory: every document on its own; a file
-/// that cannot be read is one document without identity.
-pub fn check_each_path(path: &Path) -> Vec<Document> {
-    let (sources, errors) = read_paths(&[path.to_owned()]);
-    let mut out: Vec<Document> = errors
-        .into_iter()
-        .map(|e| Document {
-            file: e.file.clone(),
-            id: None,
-            outcome: Err(vec![e]),
-        })
-        .collect();
-    out.extend(check_each(
-        sources.iter().map(|(f, t)| (f.as_path(), t.as_str())),
-    ));
-    out
-}
-
 /// The policy files of `paths` and their texts (bounded), and what could not be read.
-fn read_paths(paths: &[PathBuf]) -> (Vec<(PathBuf, String)>, Vec<PolicyError>) {
+pub fn read_paths(paths: &[PathBuf]) -> (Vec<(PathBuf, String)>, Vec<PolicyError>) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -279,6 +261,8 @@ pub struct Document {
     /// The identity the document gives itself, when it has a readable
     /// `metadata.name` (`None` for a file that is not YAML at all).
     pub id: Option<PolicyId>,
+    /// Where its `metadata.name` is (line, column), for a duplicate's message.
+    pub name_at: (u64, u64),
     /// The policy and its warnings, or its errors (placed at file:line:column).
     pub outcome: Result<(TrafficPolicy, Vec<PolicyWarning>), Vec<PolicyError>>,
 }
@@ -288,50 +272,65 @@ pub struct Document {
 /// Hosts claimed twice are for the caller to settle, by its own rule.
 pub fn check_each<'a>(sources: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Vec<Document> {
     let mut out: Vec<Document> = Vec::new();
-    let mut seen: HashMap<PolicyId, (PathBuf, Position)> = HashMap::new();
     for (file, text) in sources {
-        for (raw_id, checked) in documents_of(file, text) {
-            let outcome = match checked {
-                Err(errors) => Err(errors),
-                Ok(l) => {
-                    let at = l.index.value("metadata.name");
-                    match seen.get(&l.policy.id()) {
-                        Some((first_file, first)) => Err(vec![PolicyError {
-                            file: l.file.clone(),
-                            line: at.line,
-                            column: at.column,
-                            path: "metadata.name".into(),
-                            problem: Problem::Duplicate {
-                                what: "policy name",
-                                name: l.policy.id().to_string(),
-                                first: format!(
-                                    "at {}:{}:{}",
-                                    first_file.display(),
-                                    first.line,
-                                    first.column
-                                ),
-                            },
-                        }]),
-                        None => {
-                            seen.insert(l.policy.id(), (l.file.clone(), at));
-                            let warnings = placed_warnings(&l).collect();
-                            Ok((l.policy, warnings))
-                        }
-                    }
-                }
-            };
-            let id = match &outcome {
-                Ok((policy, _)) => Some(policy.id()),
-                Err(_) => raw_id,
-            };
-            out.push(Document {
+        out.extend(check_file(file, text));
+    }
+    refuse_duplicates(&mut out);
+    out
+}
+
+/// Every document of one file, each checked on its own (what [`check_each`] does
+/// per file, for a caller that keeps the results of files that did not change).
+pub fn check_file(file: &Path, text: &str) -> Vec<Document> {
+    documents_of(file, text)
+        .into_iter()
+        .map(|(raw_id, checked)| match checked {
+            Err(errors) => Document {
                 file: file.to_owned(),
-                id,
-                outcome,
-            });
+                id: raw_id,
+                name_at: (0, 0),
+                outcome: Err(errors),
+            },
+            Ok(l) => {
+                let at = l.index.value("metadata.name");
+                let warnings = placed_warnings(&l).collect();
+                Document {
+                    file: l.file,
+                    id: Some(l.policy.id()),
+                    name_at: (at.line, at.column),
+                    outcome: Ok((l.policy, warnings)),
+                }
+            }
+        })
+        .collect()
+}
+
+/// Refuses every valid document whose identity an earlier one has already.
+pub fn refuse_duplicates(documents: &mut [Document]) {
+    let mut seen: HashMap<PolicyId, (PathBuf, (u64, u64))> = HashMap::new();
+    for d in documents.iter_mut() {
+        let (Some(id), Ok(_)) = (&d.id, &d.outcome) else {
+            continue;
+        };
+        match seen.get(id) {
+            Some((first_file, (line, column))) => {
+                d.outcome = Err(vec![PolicyError {
+                    file: d.file.clone(),
+                    line: d.name_at.0,
+                    column: d.name_at.1,
+                    path: "metadata.name".into(),
+                    problem: Problem::Duplicate {
+                        what: "policy name",
+                        name: id.to_string(),
+                        first: format!("at {}:{line}:{column}", first_file.display()),
+                    },
+                }]);
+            }
+            None => {
+                seen.insert(id.clone(), (d.file.clone(), d.name_at));
+            }
         }
     }
-    out
 }
 
 /// Most shape errors reported for one document before giving up.
