@@ -317,6 +317,108 @@ async fn proxies_outlive_the_control_plane_and_a_restarted_proxy_serves_the_pers
     cp.stop().await;
 }
 
+/// Policy `name` for host `name`, to `backend`.
+fn named(name: &str, backend: SocketAddr) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}]\n  backends:\n    - address: \"{backend}\"\n"
+    )
+}
+
+/// The identities of the policies in a proxy's /config_dump.
+async fn held(proxy: &ProxyProcess) -> Vec<String> {
+    let d = dump(proxy).await;
+    let mut names: Vec<String> = d["policyVersions"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A mesh of 100 policies: the proxy is ready holding none, holds what its requests
+/// name (and the control plane knows it), answers a host nobody owns with a 404 at
+/// once, and releases what goes unused for `--policy-idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_holds_only_what_its_requests_use_and_releases_it_when_idle() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    let mesh: String = (0..100)
+        .map(|i| named(&format!("s{i}"), a.addr()))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    write(&policies, "mesh.yaml", &mesh);
+    let cp = ControlPlane::start(&policies, ([127, 0, 0, 1], 0).into()).await;
+    let store = cp.store();
+    let state = dir.path().join("state");
+    let args: Vec<String> = [
+        "--control-plane",
+        &cp.url(),
+        "--node-id",
+        "lean",
+        "--state-dir",
+        &state.display().to_string(),
+        "--policy-idle",
+        "1s",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let p = ProxyProcess::start_args(&args);
+    p.wait_ready().await;
+    assert!(held(&p).await.is_empty());
+    for host in ["s3", "s7"] {
+        let r = get(p.listen_addr(), host, "/").await.expect("request");
+        assert_eq!((r.status, r.header("x-upstream")), (200, Some("a")));
+    }
+    assert_eq!(held(&p).await, ["s3", "s7"]);
+    eventually(
+        Duration::from_secs(5),
+        "the control plane sees what it holds",
+        || {
+            let store = Arc::clone(&store);
+            async move {
+                store.status().proxies.iter().any(|x| {
+                    x.node_id == "lean"
+                        && x.policy_versions.keys().collect::<Vec<_>>() == ["s3", "s7"]
+                })
+            }
+        },
+    )
+    .await;
+    // Nobody owns it: 404, and said so by the control plane (not a timeout).
+    let r = get(p.listen_addr(), "nobody", "/").await.expect("request");
+    assert_eq!(r.status, 404);
+    assert!(
+        r.text().contains("no policy governs host \"nobody\""),
+        "{}",
+        r.text()
+    );
+    // Unused for the idle period: released, from the proxy and the control plane.
+    eventually(Duration::from_secs(10), "released", || async {
+        held(&p).await.is_empty()
+    })
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the control plane sees the release",
+        || {
+            let store = Arc::clone(&store);
+            async move {
+                store.status().proxies.iter().any(|x| {
+                    x.node_id == "lean" && x.policy_versions.is_empty() && x.hosts_wanted == 0
+                })
+            }
+        },
+    )
+    .await;
+    // Asked again: discovered again.
+    let r = get(p.listen_addr(), "s3", "/").await.expect("request");
+    assert_eq!(r.status, 200);
+    cp.stop().await;
+}
+
 #[path = "../../control-plane/tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
 

@@ -367,3 +367,46 @@ async fn service_pods_come_and_go_without_failing_a_request() {
         "{metrics}"
     );
 }
+
+/// A control plane that does not say (in time) which policy owns a host: the
+/// request waits for `--discovery-timeout`, then gets a 503 worth retrying, not the
+/// 404 of a host nobody governs; a host the proxy holds is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_the_control_plane_has_not_answered_for_is_a_503_to_retry() {
+    let backend = pod([127, 0, 0, 31], "a").await;
+    let plane = Arc::new(Plane::default());
+    plane.policy.send_replace(POLICY.replace(
+        "backends: [{service: reviews, port: http}]",
+        &format!("backends: [{{address: \"{}\"}}]", backend.addr()),
+    ));
+    let url = format!("http://{}", control_plane(Arc::clone(&plane)).await);
+    let args: Vec<String> = [
+        "--control-plane",
+        &url,
+        "--node-id",
+        "n2",
+        "--discovery-timeout",
+        "200ms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let proxy = ProxyProcess::start_args(&args);
+    proxy.wait_ready().await;
+    let listen = proxy.listen_addr();
+    eventually("the pushed policy serves", async || {
+        get(listen, "shop", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let r = get(listen, "elsewhere", "/").await.expect("request");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.text()
+            .contains("has not answered yet which policy governs host \"elsewhere\""),
+        "{}",
+        r.text()
+    );
+}
