@@ -25,6 +25,10 @@ pub const SKIP_OUTBOUND_CIDRS: &str = "sluice.dev/skip-outbound-cidrs";
 /// `host:port` of the Redis holding the buckets of `globalRateLimit` routes, shared
 /// by every replica (the proxy's `--redis`).
 pub const REDIS: &str = "sluice.dev/redis";
+/// Comma-separated hosts whose policies the proxy holds from the start and never
+/// releases (its `--dependency`): what it calls by address rather than by a Host a
+/// policy names, or what must not wait for discovery on the first request.
+pub const DEPENDENCIES: &str = "sluice.dev/dependencies";
 pub const PROXY_CPU_REQUEST: &str = "sluice.dev/proxy-cpu-request";
 pub const PROXY_MEMORY_REQUEST: &str = "sluice.dev/proxy-memory-request";
 pub const PROXY_CPU_LIMIT: &str = "sluice.dev/proxy-cpu-limit";
@@ -101,6 +105,24 @@ fn list(
         });
     }
     Ok((!items.is_empty()).then(|| items.join(",")))
+}
+
+/// The `sluice.dev/dependencies` hosts (DNS names, lower case), normalised.
+pub fn dependencies(annotations: &BTreeMap<String, String>) -> Result<Option<String>, InjectError> {
+    list(
+        annotations,
+        DEPENDENCIES,
+        |item| {
+            item.len() <= 253
+                && item.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                })
+        },
+        "lower-case DNS names",
+    )
 }
 
 /// The `sluice.dev/redis` address (`host:port`), if set.
@@ -215,6 +237,18 @@ mod tests {
             ports(&map(SKIP_INBOUND_PORTS, ""), SKIP_INBOUND_PORTS),
             Ok(None)
         );
+    }
+
+    #[test]
+    fn dependencies_are_dns_names() {
+        let a = map(DEPENDENCIES, "reviews.shop.svc.cluster.local, ratings ,");
+        assert_eq!(
+            dependencies(&a),
+            Ok(Some("reviews.shop.svc.cluster.local,ratings".into()))
+        );
+        for bad in ["Reviews", "a..b", "http://x", "x:80"] {
+            assert!(dependencies(&map(DEPENDENCIES, bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

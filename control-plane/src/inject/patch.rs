@@ -267,6 +267,13 @@ fn proxy_container(
         // The control plane serves TLS and recognises the proxy by its projected
         // ServiceAccount token; the node id is the pod's name, as the token's.
         let ca = opts.ca_pem.clone().ok_or(InjectError::NoControlPlaneCa)?;
+        // Policies are discovered on demand by Host; declared dependencies are
+        // held from the start.
+        if let Some(hosts) = ann::dependencies(annotations)? {
+            for host in hosts.split(',') {
+                args.extend(["--dependency".into(), host.to_owned()]);
+            }
+        }
         args.extend([
             "--control-plane".into(),
             opts.control_plane.clone(),
