@@ -49,6 +49,7 @@ pub mod ratelimit;
 pub mod resolve;
 pub mod respond;
 pub mod runtime;
+pub mod series;
 pub mod services;
 pub mod shared;
 pub mod shutdown;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::Registry;
@@ -11,9 +11,10 @@ use prometheus::Registry;
 use crate::accesslog::AccessLog;
 use crate::endpoints::{literal, Endpoints, Member};
 use crate::globallimit::GlobalLimits;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ROUTE_SERIES_IDLE};
 use crate::resolve::Names;
 use crate::runtime::{DurationCollector, Runtime};
+use crate::series::Ledger;
 use crate::services::ServiceSets;
 use crate::trace::IdGenerator;
 
@@ -22,6 +23,9 @@ pub struct Shared {
     /// policy loads.
     pub runtime: Arc<ArcSwap<Runtime>>,
     pub metrics: Metrics,
+    /// The routes and policies that have metric series now, and how long they keep
+    /// them without traffic (see `series`).
+    pub series: Ledger,
     pub ids: IdGenerator,
     /// Requests between their exchange's start and its end; the drain waits for 0.
     pub inflight: AtomicUsize,
@@ -44,6 +48,7 @@ impl Shared {
         Ok(Shared {
             runtime,
             metrics: Metrics::register(registry)?,
+            series: Ledger::new(ROUTE_SERIES_IDLE),
             ids: IdGenerator::default(),
             inflight: AtomicUsize::new(0),
             access_log: AccessLog::new(access_log),
@@ -54,6 +59,13 @@ impl Shared {
 }
 
 impl Shared {
+    /// Routes and policies keep their series for `idle` without traffic, instead of
+    /// [`ROUTE_SERIES_IDLE`] (`--metrics-idle`).
+    pub fn with_metrics_idle(mut self, idle: Duration) -> Self {
+        self.series = Ledger::new(idle);
+        self
+    }
+
     /// Makes a reloaded snapshot the live one. It may replace a snapshot the
     /// endpoints stream had just swapped pods into, so the pushed Service sets go
     /// into it at once, not at the resolver job's next tick (named backends keep
