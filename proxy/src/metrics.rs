@@ -331,14 +331,21 @@ impl Metrics {
     /// Removes the per-backend series of the policies for which `doomed(policy)`
     /// holds, and their requests that matched no route.
     pub fn remove_policies(&self, doomed: impl Fn(&str) -> bool) {
-        let by_policy = |labels: &[LabelPair]| doomed(label(labels, "policy"));
+        self.remove_backends(|policy, _| doomed(policy));
+        self.remove_routes(|policy, route| route.is_empty() && doomed(policy));
+    }
+
+    /// Removes, from every per-backend metric, the series for which
+    /// `doomed(policy, backend)` holds.
+    pub fn remove_backends(&self, doomed: impl Fn(&str, &str) -> bool) {
+        let by_backend =
+            |labels: &[LabelPair]| doomed(label(labels, "policy"), label(labels, "backend"));
         for counters in [&self.upstream_requests, &self.backend_ejections] {
-            remove_where(counters, by_policy);
+            remove_where(counters, by_backend);
         }
         for gauges in [&self.backend_healthy, &self.backend_endpoints] {
-            remove_where(gauges, by_policy);
+            remove_where(gauges, by_backend);
         }
-        self.remove_routes(|policy, route| route.is_empty() && doomed(policy));
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use fnv::FnvHashSet;
 use prometheus::Registry;
 
 use crate::accesslog::AccessLog;
@@ -73,6 +74,29 @@ impl Shared {
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         apply_resolved(self, &Names::default(), Instant::now());
+        self.forget_removed_backends();
+    }
+
+    /// Removes the series of backends a reload took out of a policy it kept: the
+    /// policy keeps its series while it has traffic, and a removed backend's gauges
+    /// would otherwise stay at their last value (a `sluice_backend_healthy` of 0
+    /// keeping an alert firing). Policies the reload removed go whole, with the
+    /// rest of their series (see `series`).
+    fn forget_removed_backends(&self) {
+        let runtime = self.runtime.load();
+        let policies: FnvHashSet<&str> = runtime.policies.iter().map(|p| p.name.as_str()).collect();
+        let backends: FnvHashSet<(&str, &str)> = runtime
+            .policies
+            .iter()
+            .flat_map(|p| {
+                p.all_endpoints()
+                    .flat_map(|e| e.backends().map(|(label, _)| (p.name.as_str(), label)))
+            })
+            .collect();
+        self.metrics.remove_backends(|policy, backend| {
+            // `app`: the inbound listener's local application, in no policy's backends.
+            backend != "app" && policies.contains(policy) && !backends.contains(&(policy, backend))
+        });
     }
 }
 

@@ -349,6 +349,26 @@ fn a_reload_that_removes_a_route_removes_its_series() {
     );
 }
 
+#[test]
+fn a_reload_that_removes_a_backend_removes_its_series() {
+    let two_backends = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: 127.0.0.1:1}, {address: 127.0.0.1:2}]\n  healthCheck: {path: /healthz, interval: 1s, timeout: 500ms, unhealthyAfter: 2, healthyAfter: 1}\n";
+    let shared = shared_with(two_backends);
+    use_route(&shared, 0);
+    housekeeping(&shared, 1, Instant::now());
+    let series =
+        |backend: &str| format!("sluice_backend_healthy{{backend=\"{backend}\",policy=\"p\"}}");
+    let text = rendered(&shared);
+    assert!(text.contains(&series("127.0.0.1:2")), "{text}");
+
+    let before = shared.runtime.load_full();
+    let yaml = two_backends.replace(", {address: 127.0.0.1:2}", "");
+    let set = sluice_policy::load::parse_str(Path::new("t.yaml"), &yaml).unwrap();
+    shared.install(Runtime::build(set, "t".into(), Some(&before), &shared.globals).unwrap());
+    let text = rendered(&shared);
+    assert!(!text.contains("backend=\"127.0.0.1:2\""), "{text}");
+    assert!(text.contains(&series("127.0.0.1:1")), "{text}");
+}
+
 #[tokio::test]
 async fn a_job_runs_at_once_then_every_period_until_shutdown() {
     let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
