@@ -6,7 +6,8 @@
 //!   pingora's [`phases`] through the strict HTTP/1 [`front`];
 //! - [`exchange`] decides everything about it, for both engines: routing, the
 //!   rate limits, breaker and concurrency limit, peers, retries, fallbacks, and
-//!   settlement (metrics and the access log through its `Observe`r);
+//!   settlement (metrics and the access log through its `Observe`r; a route's and a
+//!   policy's series exist while they have traffic, see [`series`]);
 //! - the policy it is decided by is a [`runtime::Runtime`] snapshot in
 //!   [`shared::Shared`], swapped whole by [`source`] (files) or [`control_plane`]
 //!   (the gRPC stream, one resource per policy); the components it holds are plain
@@ -53,6 +54,7 @@ pub mod ratelimit;
 pub mod resolve;
 pub mod respond;
 pub mod runtime;
+pub mod series;
 pub mod services;
 pub mod shared;
 pub mod shutdown;

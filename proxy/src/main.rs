@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -164,6 +164,12 @@ struct Args {
     /// counts as unreachable. Requests never wait on Redis.
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     redis_timeout: Duration,
+    /// How long a route or a policy keeps its metric series without traffic. Series
+    /// appear at a route's first request and are removed after this long without
+    /// one (checked every second); a route used again starts them afresh, which
+    /// `rate()` reads as a counter reset. The default is `metrics::ROUTE_SERIES_IDLE`.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    metrics_idle: Duration,
     /// The DNS server (`IP:PORT`) that backend names are re-resolved through, instead
     /// of the ones in /etc/resolv.conf (which the first resolution of a name, when a
     /// policy loads, still uses).
@@ -363,7 +369,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| format!("sluice-proxy-{}", std::process::id()));
 
     let shared = match Shared::new(!args.no_access_log, args.redis.is_some()) {
-        Ok(shared) => Arc::new(shared),
+        Ok(shared) => Arc::new(shared.with_metrics_idle(args.metrics_idle)),
         Err(e) => {
             eprintln!("sluice-proxy: metrics: {e}");
             return ExitCode::FAILURE;
@@ -524,7 +530,7 @@ fn main() -> ExitCode {
             period: Duration::from_secs(1),
             job: move || {
                 let n = seconds.fetch_add(1, Ordering::Relaxed) + 1;
-                housekeeping(&house, n);
+                housekeeping(&house, n, Instant::now());
             },
         },
     ));
@@ -584,4 +590,18 @@ fn main() -> ExitCode {
     });
     flush_at_exit.access_log.flush();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    #[test]
+    fn metrics_idle_defaults_to_route_series_idle() {
+        let args = Args::try_parse_from(["sluice-proxy", "--policy", "p.yaml"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(args.metrics_idle, sluice_proxy::metrics::ROUTE_SERIES_IDLE);
+    }
 }

@@ -6,13 +6,31 @@
 //! The request-duration histogram is a custom collector because each route's buckets
 //! include that route's SLO latency threshold, which a single `HistogramVec` (one
 //! bucket layout for all) cannot express.
+//!
+//! Per-route and per-backend series are not made for every route of every policy
+//! loaded: they appear when a route or policy is used and are removed after
+//! [`ROUTE_SERIES_IDLE`] without traffic (see `series`, which decides; this module
+//! only knows how to remove a set of them: [`Metrics::remove_routes`],
+//! [`Metrics::remove_policies`]).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
+use prometheus::proto::LabelPair;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+/// How long a route or a policy keeps its series without traffic (`--metrics-idle`
+/// overrides it). Longer than any scrape interval and than the windows dashboards
+/// take `rate()` over (5m), so a route with sparse but steady traffic keeps its
+/// counters; short enough that a proxy holding thousands of policies exports the
+/// few it serves, not all of them.
+pub const ROUTE_SERIES_IDLE: Duration = Duration::from_secs(10 * 60);
 
 /// Bucket bounds (seconds) every route gets; a route's SLO threshold is added to them.
 pub const BASE_BUCKETS: [f64; 16] = [
@@ -280,6 +298,81 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+
+    /// Removes, from every per-route metric, the series of the routes for which
+    /// `doomed(policy, route)` holds. A policy's requests that matched no route are
+    /// counted under `route=""`, so `doomed(policy, "")` covers those.
+    pub fn remove_routes(&self, doomed: impl Fn(&str, &str) -> bool) {
+        let by_route =
+            |labels: &[LabelPair]| doomed(label(labels, "policy"), label(labels, "route"));
+        for counters in [
+            &self.requests,
+            &self.rate_limited,
+            &self.rate_limit_overflow,
+            &self.breaker_transitions,
+            &self.breaker_rejected,
+            &self.fallbacks,
+            &self.shed,
+            &self.retries,
+            &self.global_local,
+        ] {
+            remove_where(counters, by_route);
+        }
+        for gauges in [
+            &self.rate_limit_keys,
+            &self.breaker_state,
+            &self.concurrency_limit,
+            &self.route_inflight,
+        ] {
+            remove_where(gauges, by_route);
+        }
+    }
+
+    /// Removes the per-backend series of the policies for which `doomed(policy)`
+    /// holds, and their requests that matched no route.
+    pub fn remove_policies(&self, doomed: impl Fn(&str) -> bool) {
+        self.remove_backends(|policy, _| doomed(policy));
+        self.remove_routes(|policy, route| route.is_empty() && doomed(policy));
+    }
+
+    /// Removes, from every per-backend metric, the series for which
+    /// `doomed(policy, backend)` holds.
+    pub fn remove_backends(&self, doomed: impl Fn(&str, &str) -> bool) {
+        let by_backend =
+            |labels: &[LabelPair]| doomed(label(labels, "policy"), label(labels, "backend"));
+        for counters in [&self.upstream_requests, &self.backend_ejections] {
+            remove_where(counters, by_backend);
+        }
+        for gauges in [&self.backend_healthy, &self.backend_endpoints] {
+            remove_where(gauges, by_backend);
+        }
+    }
+}
+
+/// Removes the series of `vec` whose labels `doomed` picks. The vec is listed (its
+/// collected family) rather than removed from by constructed label values, so every
+/// series goes whatever label values it was made with (a shed class or a backend
+/// that a reload has since removed from the policy).
+fn remove_where<T: MetricVecBuilder>(vec: &MetricVec<T>, doomed: impl Fn(&[LabelPair]) -> bool) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels = metric.get_label();
+            if doomed(labels) {
+                let by_name: HashMap<&str, &str> =
+                    labels.iter().map(|l| (l.name(), l.value())).collect();
+                // Only fails for a series already gone, which is the aim.
+                let _ = vec.remove(&by_name);
+            }
+        }
+    }
+}
+
+/// The value of label `name` ("" without it).
+fn label<'a>(labels: &'a [LabelPair], name: &str) -> &'a str {
+    labels
+        .iter()
+        .find(|l| l.name() == name)
+        .map_or("", |l| l.value())
 }
 
 /// A route's duration histogram: base buckets plus its SLO threshold.
@@ -312,24 +405,46 @@ pub fn route_histogram(
 /// takes a lock on every call, which the request path should not pay per request.
 /// A cache belongs to one fixed label prefix (a route, a backend); the remaining
 /// labels index into it.
+///
+/// A cache can be emptied ([`CounterCache::clear`]): once its series are removed
+/// from the registry (a policy idle too long), the handles it holds count into
+/// series nobody exports, and the next use must resolve them again.
 pub struct CounterCache {
-    cells: Box<[std::sync::OnceLock<prometheus::IntCounter>]>,
+    cells: Box<[ArcSwapOption<IntCounter>]>,
 }
 
 impl CounterCache {
     pub fn new(size: usize) -> Self {
         CounterCache {
-            cells: (0..size).map(|_| std::sync::OnceLock::new()).collect(),
+            cells: (0..size).map(|_| ArcSwapOption::empty()).collect(),
         }
     }
 
-    /// The counter at `index`, made by `make` the first time.
-    pub fn get(
-        &self,
-        index: usize,
-        make: impl FnOnce() -> prometheus::IntCounter,
-    ) -> Option<&prometheus::IntCounter> {
-        self.cells.get(index).map(|cell| cell.get_or_init(make))
+    /// Adds one to the counter at `index`, made by `make` the first time (and the
+    /// first time after a [`CounterCache::clear`]). An index out of range is counted
+    /// through `make` every time.
+    pub fn inc(&self, index: usize, make: impl FnOnce() -> IntCounter) {
+        let Some(cell) = self.cells.get(index) else {
+            make().inc();
+            return;
+        };
+        let cached = cell.load();
+        match cached.as_ref() {
+            Some(counter) => counter.inc(),
+            None => {
+                // Two requests may both make it: they resolve the same series.
+                let counter = make();
+                counter.inc();
+                cell.store(Some(Arc::new(counter)));
+            }
+        }
+    }
+
+    /// Forgets every handle (the series stay as they are in the registry).
+    pub fn clear(&self) {
+        for cell in self.cells.iter() {
+            cell.store(None);
+        }
     }
 }
 

@@ -15,7 +15,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::Histogram;
 use sluice_policy::{Backend, FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
 
 use crate::breaker::CircuitBreaker;
@@ -23,10 +22,10 @@ use crate::budget::RetryBudget;
 use crate::concurrency::ConcurrencyLimiter;
 use crate::endpoints::{Endpoints, EndpointsRule};
 use crate::globallimit::{GlobalLimiter, GlobalLimits};
-use crate::metrics::{route_histogram, CounterCache, CODE_CLASSES, DURATION_HELP, DURATION_NAME};
+use crate::metrics::{DURATION_HELP, DURATION_NAME};
 use crate::pathmatch::{self, PathMatcher};
 use crate::ratelimit::RouteLimiter;
-use crate::verdict::Verdict;
+use crate::series::{PolicySeries, RouteSeries};
 
 pub struct Runtime {
     /// Content hash of the canonical policy: equal policies give equal versions on
@@ -64,6 +63,8 @@ pub struct PolicyRuntime {
     /// or `None` for a route that uses the policy's. Beside the routes rather than
     /// in them: like `endpoints`, a set may be rebuilt without the routes' state.
     pub route_endpoints: Vec<Option<Arc<Endpoints>>>,
+    /// Whether the policy's own series (its backends') exist: carried by name.
+    pub series: Arc<PolicySeries>,
 }
 
 impl PolicyRuntime {
@@ -117,11 +118,11 @@ pub struct RouteRuntime {
     pub budget: Option<Arc<RetryBudget>>,
     /// The resolved address of a `fallback.backend`, if any.
     pub fallback_addr: Option<SocketAddr>,
-    pub duration: Histogram,
-    /// `sluice_requests_total` handles by status class, verdict and direction.
-    pub requests: CounterCache,
-    /// Part of the histogram's bucket layout, so part of its carry-over rule.
-    slo_threshold: Option<std::time::Duration>,
+    /// The route's metric series, made at its first use (see `series`): carried by
+    /// name, so its counters and its histogram outlive reloads.
+    pub series: Arc<RouteSeries>,
+    /// The policy's SLO latency threshold: a bucket of the route's histogram.
+    pub slo_threshold: Option<std::time::Duration>,
 }
 
 /// Where a request goes: indices into the runtime it was routed by.
@@ -394,11 +395,13 @@ fn compile_policy(
                 .and_then(|mut addrs| addrs.next()),
             _ => None,
         };
-        // The histogram carries over while its bucket layout is unchanged.
-        let duration = match old {
-            Some(o) if o.slo_threshold == slo_threshold => o.duration.clone(),
-            _ => route_histogram(&id, &route.name, slo_threshold)?,
-        };
+        // By name, whatever the SLO threshold: a changed threshold remakes only the
+        // histogram (the housekeeping job's `RouteSeries::relayout`), not the counters.
+        let series = carry(
+            old.map(|o| &o.series),
+            |s| s.policy() == id && s.route() == route.name,
+            || RouteSeries::new(&id, &route.name),
+        );
         routes.push(RouteRuntime {
             policy: id.clone(),
             name: route.name.clone(),
@@ -411,11 +414,15 @@ fn compile_policy(
             concurrency,
             budget,
             fallback_addr,
-            duration,
-            requests: CounterCache::new(CODE_CLASSES * Verdict::COUNT * 2),
+            series,
             slo_threshold,
         });
     }
+    let series = carry(
+        before.map(|b| &b.series),
+        |s| s.policy() == id,
+        || PolicySeries::new(&id),
+    );
     Ok(PolicyRuntime {
         name: id,
         used: before.map_or_else(Default::default, |b| Arc::clone(&b.used)),
@@ -423,6 +430,7 @@ fn compile_policy(
         routes: Arc::new(routes),
         endpoints,
         route_endpoints,
+        series,
     })
 }
 
@@ -460,9 +468,9 @@ fn version_of(set: &PolicySet) -> String {
     hash
 }
 
-/// `sluice_request_duration_seconds{policy,route}`: a histogram per route, created
-/// with the route (so its buckets include the SLO threshold) and carried over reloads
-/// with it; removed routes disappear from the exposition.
+/// `sluice_request_duration_seconds{policy,route}`: a histogram per route of the live
+/// snapshot that has series (used lately, see `series`), with the SLO threshold among
+/// its buckets; routes without traffic and removed routes are left out.
 pub struct DurationCollector {
     runtime: Arc<ArcSwap<Runtime>>,
     desc: Desc,
@@ -489,7 +497,7 @@ impl Collector for DurationCollector {
         let runtime = self.runtime.load();
         let mut family: Option<MetricFamily> = None;
         for route in runtime.routes() {
-            for mut f in route.duration.collect() {
+            for mut f in route.series.collect_duration() {
                 match family.as_mut() {
                     None => family = Some(f),
                     Some(all) => all.mut_metric().append(f.mut_metric()),

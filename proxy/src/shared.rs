@@ -3,18 +3,20 @@
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use fnv::FnvHashSet;
 use prometheus::Registry;
 
 use crate::accesslog::AccessLog;
 use crate::demand::Demand;
 use crate::endpoints::{literal, Endpoints, Member};
 use crate::globallimit::GlobalLimits;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ROUTE_SERIES_IDLE};
 use crate::resolve::Names;
 use crate::runtime::{DurationCollector, Runtime};
+use crate::series::Ledger;
 use crate::services::ServiceSets;
 use crate::trace::IdGenerator;
 
@@ -23,6 +25,9 @@ pub struct Shared {
     /// policy loads.
     pub runtime: Arc<ArcSwap<Runtime>>,
     pub metrics: Metrics,
+    /// The routes and policies that have metric series now, and how long they keep
+    /// them without traffic (see `series`).
+    pub series: Ledger,
     pub ids: IdGenerator,
     /// Requests between their exchange's start and its end; the drain waits for 0.
     pub inflight: AtomicUsize,
@@ -48,6 +53,7 @@ impl Shared {
         Ok(Shared {
             runtime,
             metrics: Metrics::register(registry)?,
+            series: Ledger::new(ROUTE_SERIES_IDLE),
             ids: IdGenerator::default(),
             inflight: AtomicUsize::new(0),
             access_log: AccessLog::new(access_log),
@@ -59,6 +65,13 @@ impl Shared {
 }
 
 impl Shared {
+    /// Routes and policies keep their series for `idle` without traffic, instead of
+    /// [`ROUTE_SERIES_IDLE`] (`--metrics-idle`).
+    pub fn with_metrics_idle(mut self, idle: Duration) -> Self {
+        self.series = Ledger::new(idle);
+        self
+    }
+
     /// Makes a reloaded snapshot the live one. It may replace a snapshot the
     /// endpoints stream had just swapped pods into, so the pushed Service sets go
     /// into it at once, not at the resolver job's next tick (named backends keep
@@ -66,6 +79,29 @@ impl Shared {
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         apply_resolved(self, &Names::default(), Instant::now());
+        self.forget_removed_backends();
+    }
+
+    /// Removes the series of backends a reload took out of a policy it kept: the
+    /// policy keeps its series while it has traffic, and a removed backend's gauges
+    /// would otherwise stay at their last value (a `sluice_backend_healthy` of 0
+    /// keeping an alert firing). Policies the reload removed go whole, with the
+    /// rest of their series (see `series`).
+    fn forget_removed_backends(&self) {
+        let runtime = self.runtime.load();
+        let policies: FnvHashSet<&str> = runtime.policies.iter().map(|p| p.name.as_str()).collect();
+        let backends: FnvHashSet<(&str, &str)> = runtime
+            .policies
+            .iter()
+            .flat_map(|p| {
+                p.all_endpoints()
+                    .flat_map(|e| e.backends().map(|(label, _)| (p.name.as_str(), label)))
+            })
+            .collect();
+        self.metrics.remove_backends(|policy, backend| {
+            // `app`: the inbound listener's local application, in no policy's backends.
+            backend != "app" && policies.contains(policy) && !backends.contains(&(policy, backend))
+        });
     }
 }
 

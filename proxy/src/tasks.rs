@@ -1,6 +1,6 @@
 //! The proxy's background work, each on a pingora background service of its own
-//! (one stuck job cannot delay the others), all ending at shutdown: gauges and
-//! key sweeps every second, active health checks, the re-resolution of backend
+//! (one stuck job cannot delay the others), all ending at shutdown: gauges, key
+//! sweeps and the expiry of idle routes' series every second, active health checks, the re-resolution of backend
 //! names, the Redis sync of the global rate limits, and the control-plane stream.
 
 use std::net::SocketAddr;
@@ -14,8 +14,9 @@ use pingora::services::background::BackgroundService;
 use crate::control_plane::ControlPlaneSource;
 use crate::endpoints::{literal, Endpoints};
 use crate::globallimit;
+use crate::metrics::Metrics;
 use crate::resolve::{DnsResolver, Names, Outcome, Resolve, ResolveError, LOOKUP_TIMEOUT};
-use crate::runtime::Runtime;
+use crate::runtime::{RouteRuntime, Runtime};
 use crate::services::ServiceSets;
 use crate::shared::{apply_resolved, Shared};
 
@@ -40,19 +41,24 @@ impl<F: Fn() + Send + Sync + 'static> BackgroundService for Every<F> {
     }
 }
 
-/// Every second: publish route gauges (breaker state, concurrency limit and
-/// in-flight, keyed-limiter sizes and overflow); every 10 s forget refilled
+/// Every second (`n` counts the runs, `now` is the run's time): publish the gauges
+/// of the routes and policies that have series (breaker state, concurrency limit and
+/// in-flight, keyed-limiter sizes and overflow, backend endpoints and health), remove
+/// the series of those idle too long (see `series`); every 10 s forget refilled
 /// rate-limit keys.
-pub fn housekeeping(shared: &Shared, n: u64) {
+pub fn housekeeping(shared: &Shared, n: u64, now: Instant) {
     let runtime = shared.runtime.load_full();
     let metrics = &shared.metrics;
-    let now = std::time::Instant::now();
     for (policy, endpoints) in runtime
         .policies
         .iter()
         .flat_map(|p| p.all_endpoints().map(move |e| (p, e)))
     {
         endpoints.refresh(now);
+        // A policy without traffic has no backend series (see `series`).
+        if !policy.series.is_live() {
+            continue;
+        }
         let checked =
             endpoints.rule().health_check.is_some() || endpoints.rule().outlier_detection.is_some();
         for (b, (label, addrs)) in endpoints.backends().enumerate() {
@@ -71,55 +77,89 @@ pub fn housekeeping(shared: &Shared, n: u64) {
             }
         }
     }
-    for route in runtime.routes() {
-        let labels = [route.policy.as_str(), route.name.as_str()];
-        if let Some(global) = &route.global {
-            // The series exists from the route's first second (at 0): rate() cannot
-            // see increments made before a counter's first scrape.
-            metrics
-                .global_local
-                .with_label_values(&labels)
-                .inc_by(global.take_local_decisions());
+    for policy in &runtime.policies {
+        for route in policy.routes.iter() {
+            // The key sweeps run whether or not the route has series: they bound
+            // the limiters' memory.
             if n.is_multiple_of(10) {
-                global.sweep_local();
+                if let Some(global) = &route.global {
+                    global.sweep_local();
+                }
+                if let Some(limiter) = route.limiter.as_ref().filter(|l| l.key().is_some()) {
+                    limiter.sweep();
+                }
+            }
+            // A request holding a slot is use, however long it runs: its route's
+            // series (the in-flight gauge among them) stay until it is done.
+            if route.concurrency.as_ref().is_some_and(|c| c.inflight() > 0) {
+                route.series.mark_used();
+                policy.series.mark_used();
+            }
+            if route.series.is_live() {
+                route.series.relayout(route.slo_threshold);
+                publish_route_gauges(metrics, route);
             }
         }
-        if let Some(breaker) = &route.breaker {
-            metrics
-                .breaker_state
-                .with_label_values(&labels)
-                .set(breaker.state().gauge());
+    }
+    let gone = shared.series.expire(
+        metrics,
+        || runtime.routes().map(|r| &r.series),
+        || runtime.policies.iter().map(|p| &p.series),
+        now,
+    );
+    // The series are removed: the backends' cached handles now count into nothing.
+    for policy in &runtime.policies {
+        if gone.iter().any(|g| Arc::ptr_eq(g, &policy.series)) {
+            for endpoints in policy.all_endpoints() {
+                for target in &endpoints.targets {
+                    target.upstream.clear();
+                }
+            }
         }
-        if let Some(limiter) = &route.concurrency {
-            metrics
-                .concurrency_limit
-                .with_label_values(&labels)
-                .set(i64::from(limiter.limit()));
-            metrics
-                .route_inflight
-                .with_label_values(&labels)
-                .set(i64::from(limiter.inflight()));
-        }
-        let Some(limiter) = &route.limiter else {
-            continue;
-        };
-        if limiter.key().is_none() {
-            continue;
-        }
-        if n.is_multiple_of(10) {
-            limiter.sweep();
-        }
+    }
+}
+
+/// The gauges (and the counters its components keep for us) of a route that has
+/// series.
+fn publish_route_gauges(metrics: &Metrics, route: &RouteRuntime) {
+    let labels = [route.policy.as_str(), route.name.as_str()];
+    if let Some(global) = &route.global {
+        // Made at 0 with the route's series: rate() cannot see increments made
+        // before a counter's first scrape.
         metrics
-            .rate_limit_keys
+            .global_local
             .with_label_values(&labels)
-            .set(limiter.tracked_keys() as i64);
-        let overflowed = limiter.take_overflowed();
-        if overflowed > 0 {
-            metrics
-                .rate_limit_overflow
-                .with_label_values(&labels)
-                .inc_by(overflowed);
-        }
+            .inc_by(global.take_local_decisions());
+    }
+    if let Some(breaker) = &route.breaker {
+        metrics
+            .breaker_state
+            .with_label_values(&labels)
+            .set(breaker.state().gauge());
+    }
+    if let Some(limiter) = &route.concurrency {
+        metrics
+            .concurrency_limit
+            .with_label_values(&labels)
+            .set(i64::from(limiter.limit()));
+        metrics
+            .route_inflight
+            .with_label_values(&labels)
+            .set(i64::from(limiter.inflight()));
+    }
+    let Some(limiter) = route.limiter.as_ref().filter(|l| l.key().is_some()) else {
+        return;
+    };
+    metrics
+        .rate_limit_keys
+        .with_label_values(&labels)
+        .set(limiter.tracked_keys() as i64);
+    let overflowed = limiter.take_overflowed();
+    if overflowed > 0 {
+        metrics
+            .rate_limit_overflow
+            .with_label_values(&labels)
+            .inc_by(overflowed);
     }
 }
 
@@ -161,11 +201,15 @@ pub fn health_checks(shared: &Arc<Shared>) {
                 if let Some(health) = endpoints.record_check(i, ok, std::time::Instant::now()) {
                     let healthy = health == crate::health::Health::Healthy;
                     let up = backend_up(endpoints, backend, std::time::Instant::now());
-                    shared
-                        .metrics
-                        .backend_healthy
-                        .with_label_values(&[policy.name.as_str(), host.as_str()])
-                        .set(i64::from(up));
+                    // At once rather than at the next housekeeping run, for a
+                    // policy that has series (a policy without traffic has none).
+                    if policy.series.is_live() {
+                        shared
+                            .metrics
+                            .backend_healthy
+                            .with_label_values(&[policy.name.as_str(), host.as_str()])
+                            .set(i64::from(up));
+                    }
                     let (policy, backend, addr) =
                         (policy.name.as_str(), host.as_str(), addr.to_string());
                     if healthy {

@@ -1,10 +1,14 @@
 //! The telemetry listener: probes and Prometheus on an address of their own (the
 //! pod IP in Kubernetes), while everything that reveals the proxy's state stays on
-//! the loopback admin listener.
+//! the loopback admin listener; and what /metrics holds: series of the routes in
+//! use, not of every policy loaded.
 
 mod support;
 
-use support::{get, start_with, TempDir};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use support::{get, metrics, start_with, upstream, ProxyProcess, TempDir};
 
 const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec:\n  hosts: [t]\n  backends: [{address: \"127.0.0.1:9\"}]\n";
 
@@ -31,4 +35,150 @@ async fn the_telemetry_listener_serves_health_and_metrics_and_nothing_else() {
         .await
         .expect("dump");
     assert_eq!(dump.status, 200);
+}
+
+/// Policies `p0`..`p199`, each with host `hN` and three routes (`a`, `b`, `rest`),
+/// one file each, all to `backend`.
+fn many_policies(dir: &TempDir, backend: std::net::SocketAddr) {
+    for i in 0..200 {
+        dir.write(
+            &format!("p{i}.yaml"),
+            &format!(
+                "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p{i}}}\nspec:\n  hosts: [h{i}]\n  backends: [{{address: \"{backend}\"}}]\n  routes:\n    - name: a\n      match: {{pathPrefix: /a}}\n    - name: b\n      match: {{pathPrefix: /b}}\n    - name: rest\n"
+            ),
+        );
+    }
+}
+
+/// What a scrape holds of the policies' series.
+struct Scrape {
+    /// `sluice_request_duration_seconds_bucket` lines.
+    buckets: usize,
+    /// Every `policy` label value but "" (requests no policy claimed).
+    policies: BTreeSet<String>,
+    text: String,
+}
+
+async fn scrape(proxy: &ProxyProcess) -> Scrape {
+    let text = metrics(proxy).await;
+    let buckets = text
+        .lines()
+        .filter(|l| l.starts_with("sluice_request_duration_seconds_bucket{"))
+        .count();
+    let policies = text
+        .lines()
+        .filter(|l| l.starts_with("sluice_"))
+        .filter_map(|l| l.split("policy=\"").nth(1)?.split('"').next())
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Scrape {
+        buckets,
+        policies,
+        text,
+    }
+}
+
+/// Scrapes until `done` holds (after `before` each time), checking `always` on
+/// every scrape; bounded: 60 s.
+async fn scrape_until(
+    proxy: &ProxyProcess,
+    what: &str,
+    before: impl AsyncFn(),
+    always: impl Fn(&Scrape),
+    done: impl Fn(&Scrape) -> bool,
+) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        before().await;
+        let s = scrape(proxy).await;
+        always(&s);
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}; last scrape:\n{}",
+            s.text
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// 17 bucket lines per route with series: the 16 base buckets and +Inf.
+const BUCKETS: usize = 17;
+
+#[tokio::test]
+async fn metrics_have_series_only_for_routes_with_traffic_and_lose_them_when_idle() {
+    let backend = upstream("a").await;
+    let dir = TempDir::new();
+    many_policies(&dir, backend.addr());
+    let proxy = ProxyProcess::start(dir.path(), &["--metrics-idle", "2s"]);
+    proxy.wait_ready().await;
+    let before = scrape(&proxy).await;
+    assert_eq!(before.buckets, 0, "{}", before.text);
+    assert!(before.policies.is_empty(), "{:?}", before.policies);
+
+    let used: BTreeSet<String> = ["p7".to_owned(), "p42".to_owned()].into();
+    let traffic = async || {
+        for (host, path) in [("h7", "/a/x"), ("h42", "/b")] {
+            let r = get(proxy.listen_addr(), host, path).await.expect("answer");
+            assert_eq!(r.status, 200, "{host}{path}");
+        }
+    };
+    // Traffic is sent before each scrape: a scrape late by the idle period (a slow
+    // machine) sees fewer series, never others, and the next one sees them again.
+    let only_used = |s: &Scrape| {
+        assert!(s.policies.is_subset(&used), "{:?}\n{}", s.policies, s.text);
+        assert!(s.buckets <= 2 * BUCKETS, "{}", s.text);
+    };
+    let s = scrape_until(
+        &proxy,
+        "the two routes in use get their series",
+        traffic,
+        only_used,
+        |s| {
+            s.buckets == 2 * BUCKETS
+                && s.text.contains("policy=\"p7\",route=\"a\",le=\"+Inf\"")
+                && s.text.contains("policy=\"p42\",route=\"b\",le=\"+Inf\"")
+                // Published by the housekeeping job within a second of first use.
+                && s.text.contains("sluice_backend_endpoints{")
+                && s.policies == used
+        },
+    )
+    .await;
+    assert!(
+        s.text.contains("sluice_upstream_requests_total{backend="),
+        "{}",
+        s.text
+    );
+
+    // No traffic: after the idle period every series of the policies goes.
+    scrape_until(
+        &proxy,
+        "series idle for 2 s are removed",
+        async || {},
+        only_used,
+        |s| s.buckets == 0 && s.policies.is_empty(),
+    )
+    .await;
+
+    // Traffic again: the route's series come back, from 0.
+    let p7 = async || {
+        get(proxy.listen_addr(), "h7", "/a").await.expect("answer");
+    };
+    let s = scrape_until(
+        &proxy,
+        "a route used again gets its series back",
+        p7,
+        |s| assert!(s.buckets <= BUCKETS, "{}", s.text),
+        |s| s.buckets == BUCKETS,
+    )
+    .await;
+    assert!(
+        s.text
+            .contains("sluice_request_duration_seconds_count{policy=\"p7\",route=\"a\"}"),
+        "{}",
+        s.text
+    );
 }

@@ -1,6 +1,9 @@
 //! Where an exchange's side effects go: one trait, so the flow's decisions are
 //! tested apart from Prometheus and stdout, and one implementation for the proxy
 //! (`Arc<Shared>`: the metrics, the access log, the in-flight count).
+//!
+//! Every event on a route or a policy marks it used first (see `series`): that is
+//! what makes its series exist, and what keeps them while traffic lasts.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -94,6 +97,15 @@ fn target_label(endpoints: &Endpoints, backend: usize) -> &str {
     }
 }
 
+impl Shared {
+    /// Marks `route` used: its series exist from here on.
+    fn route_used(&self, route: &RouteRuntime) {
+        route
+            .series
+            .record(&self.series, route.slo_threshold, |_| ());
+    }
+}
+
 /// The proxy's observer: Prometheus counters (through the snapshot's cached
 /// handles where the request path is hot), the access log, warnings for state
 /// changes.
@@ -113,6 +125,7 @@ impl Observe for Arc<Shared> {
     }
 
     fn rate_limited(&self, route: &RouteRuntime) {
+        self.route_used(route);
         let labels = [
             route.policy.as_str(),
             route.name.as_str(),
@@ -122,6 +135,7 @@ impl Observe for Arc<Shared> {
     }
 
     fn breaker_rejected(&self, route: &RouteRuntime) {
+        self.route_used(route);
         let labels = [
             route.policy.as_str(),
             route.name.as_str(),
@@ -134,6 +148,7 @@ impl Observe for Arc<Shared> {
     }
 
     fn breaker_changed(&self, route: &RouteRuntime, t: Transition) {
+        self.route_used(route);
         let m = &self.metrics;
         let labels = [route.policy.as_str(), route.name.as_str()];
         m.breaker_state.with_label_values(&labels).set(t.to.gauge());
@@ -150,6 +165,7 @@ impl Observe for Arc<Shared> {
     }
 
     fn shed(&self, route: &RouteRuntime, class: &str) {
+        self.route_used(route);
         let labels = [
             route.policy.as_str(),
             route.name.as_str(),
@@ -160,6 +176,7 @@ impl Observe for Arc<Shared> {
     }
 
     fn fallback(&self, route: &RouteRuntime, cause: FallbackCause, mode: Mode) {
+        self.route_used(route);
         let labels = [
             route.policy.as_str(),
             route.name.as_str(),
@@ -170,6 +187,7 @@ impl Observe for Arc<Shared> {
     }
 
     fn retry(&self, route: &RouteRuntime, granted: bool) {
+        self.route_used(route);
         let result = if granted {
             "retried"
         } else {
@@ -186,6 +204,7 @@ impl Observe for Arc<Shared> {
         backend: usize,
         outcome: Outcome,
     ) {
+        policy.series.record(&self.series);
         let make = || {
             self.metrics.upstream_requests.with_label_values(&[
                 policy.name.as_str(),
@@ -194,16 +213,13 @@ impl Observe for Arc<Shared> {
             ])
         };
         match endpoints.targets.get(backend) {
-            Some(t) => {
-                if let Some(counter) = t.upstream.get(outcome as usize, make) {
-                    counter.inc();
-                }
-            }
+            Some(t) => t.upstream.inc(outcome as usize, make),
             None => make().inc(),
         }
     }
 
     fn ejected(&self, policy: &PolicyRuntime, endpoints: &Endpoints, backend: usize) {
+        policy.series.record(&self.series);
         let label = target_label(endpoints, backend);
         self.metrics
             .backend_ejections
@@ -224,8 +240,8 @@ impl Observe for Arc<Shared> {
     }
 
     fn finished<R: Request + ?Sized>(&self, r: &Record<'_, R>) {
-        if let Some(route) = r.route {
-            route.duration.observe(r.elapsed.as_secs_f64());
+        if let Some(policy) = r.policy {
+            policy.series.record(&self.series);
         }
         let policy = r.policy.map(|p| p.name.as_str());
         let route = r.route.map(|r| r.name.as_str());
@@ -237,15 +253,18 @@ impl Observe for Arc<Shared> {
             r.direction.as_str(),
         ];
         let make = || self.metrics.requests.with_label_values(&labels);
-        match r.route {
-            Some(route) => {
-                let index = (code_class_index(r.status) * Verdict::COUNT + r.verdict as usize) * 2
-                    + usize::from(r.direction == Direction::Inbound);
-                if let Some(counter) = route.requests.get(index, make) {
-                    counter.inc();
-                }
-            }
-            None => make().inc(),
+        let recorded = r.route.and_then(|route| {
+            let index = (code_class_index(r.status) * Verdict::COUNT + r.verdict as usize) * 2
+                + usize::from(r.direction == Direction::Inbound);
+            route
+                .series
+                .record(&self.series, route.slo_threshold, |series| {
+                    series.duration.observe(r.elapsed.as_secs_f64());
+                    series.requests.inc(index, make);
+                })
+        });
+        if recorded.is_none() {
+            make().inc();
         }
         if self.access_log.enabled() {
             self.access_log.write(&AccessRecord {

@@ -11,19 +11,36 @@ fn shared_with(yaml: &str) -> Arc<Shared> {
     shared
 }
 
+const GOVERNED: &str = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: 127.0.0.1:1}]\n  routes:\n    - name: r\n      circuitBreaker: {consecutiveFailures: 1, openFor: 1s}\n      concurrency: {max: 7}\n      rateLimit: {requestsPerSecond: 1, burst: 1, key: client-ip, maxKeys: 10}\n";
+
+/// What a request settling on route `route` of policy 0 marks: the route and its
+/// policy (see `series`).
+fn use_route(shared: &Shared, route: usize) {
+    let runtime = shared.runtime.load_full();
+    let policy = &runtime.policies[0];
+    let route = &policy.routes[route];
+    policy.series.record(&shared.series);
+    route
+        .series
+        .record(&shared.series, route.slo_threshold, |_| ())
+        .expect("series");
+}
+
+fn rendered(shared: &Shared) -> String {
+    String::from_utf8(shared.metrics.render()).expect("utf-8")
+}
+
 #[test]
 fn housekeeping_publishes_the_routes_gauges() {
-    let shared = shared_with(
-        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: 127.0.0.1:1}]\n  routes:\n    - name: r\n      circuitBreaker: {consecutiveFailures: 1, openFor: 1s}\n      concurrency: {max: 7}\n      rateLimit: {requestsPerSecond: 1, burst: 1, key: client-ip, maxKeys: 10}\n",
-    );
+    let shared = shared_with(GOVERNED);
     let m = &shared.metrics;
     let labels = ["p", "r"];
-    assert_eq!(m.concurrency_limit.with_label_values(&labels).get(), 0);
     let route = shared.runtime.load_full();
     let limiter = route.policies[0].routes[0].limiter.as_ref().unwrap();
     limiter.check("10.0.0.1");
     limiter.check("10.0.0.2");
-    housekeeping(&shared, 1);
+    use_route(&shared, 0);
+    housekeeping(&shared, 1, Instant::now());
     assert_eq!(m.concurrency_limit.with_label_values(&labels).get(), 7);
     assert_eq!(m.route_inflight.with_label_values(&labels).get(), 0);
     assert_eq!(m.breaker_state.with_label_values(&labels).get(), 0);
@@ -218,7 +235,8 @@ fn housekeeping_publishes_each_backends_endpoint_count() {
     shared.runtime.store(Arc::new(
         runtime.with_endpoints(vec![vec![(0, Arc::new(endpoints))]]),
     ));
-    housekeeping(&shared, 1);
+    use_route(&shared, 0);
+    housekeeping(&shared, 1, Instant::now());
     let gauge = |backend: &str| {
         shared
             .metrics
@@ -227,6 +245,128 @@ fn housekeeping_publishes_each_backends_endpoint_count() {
             .get()
     };
     assert_eq!((gauge("localhost:8080"), gauge("127.0.0.1:9")), (3, 1));
+}
+
+#[test]
+fn unused_routes_and_policies_have_no_series() {
+    let shared = shared_with(GOVERNED);
+    housekeeping(&shared, 1, Instant::now());
+    let text = rendered(&shared);
+    assert!(!text.contains("policy=\"p\""), "{text}");
+    // Exported at all: with no series (not an empty family with a header only).
+    assert!(!text.contains("sluice_request_duration_seconds"), "{text}");
+}
+
+#[test]
+fn housekeeping_removes_the_series_of_an_idle_route_and_they_return_with_traffic() {
+    let shared = shared_with(GOVERNED);
+    let idle = shared.series.idle();
+    let t0 = Instant::now();
+    use_route(&shared, 0);
+    shared
+        .metrics
+        .rate_limited
+        .with_label_values(&["p", "r", "enforce"])
+        .inc();
+    housekeeping(&shared, 1, t0);
+    let text = rendered(&shared);
+    for series in [
+        "sluice_request_duration_seconds_bucket{policy=\"p\",route=\"r\",le=\"0.001\"} 0",
+        "sluice_circuit_breaker_state{policy=\"p\",route=\"r\"} 0",
+        "sluice_concurrency_limit{policy=\"p\",route=\"r\"} 7",
+        "sluice_rate_limit_keys{policy=\"p\",route=\"r\"} 0",
+        "sluice_rate_limited_total{mode=\"enforce\",policy=\"p\",route=\"r\"} 1",
+        "sluice_backend_endpoints{backend=\"127.0.0.1:1\",policy=\"p\"} 1",
+    ] {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
+
+    housekeeping(&shared, 2, t0 + idle);
+    let text = rendered(&shared);
+    assert!(!text.contains("policy=\"p\""), "{text}");
+
+    use_route(&shared, 0);
+    housekeeping(&shared, 3, t0 + idle + Duration::from_secs(1));
+    let text = rendered(&shared);
+    assert!(
+        text.contains("sluice_circuit_breaker_state{policy=\"p\",route=\"r\"} 0"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("sluice_rate_limited_total"),
+        "counters start afresh, made at their next event: {text}"
+    );
+}
+
+#[test]
+fn a_policys_upstream_counts_are_exported_again_after_its_series_expired() {
+    use crate::exchange::{Observe, Outcome};
+    let shared = shared_with(GOVERNED);
+    let runtime = shared.runtime.load_full();
+    let policy = &runtime.policies[0];
+    let t0 = Instant::now();
+    let series =
+        "sluice_upstream_requests_total{backend=\"127.0.0.1:1\",outcome=\"success\",policy=\"p\"}";
+    shared.upstream(policy, &policy.endpoints, 0, Outcome::Success);
+    assert!(rendered(&shared).contains(&format!("{series} 1")));
+    housekeeping(&shared, 1, t0);
+    housekeeping(&shared, 2, t0 + shared.series.idle());
+    assert!(!rendered(&shared).contains(series));
+    // The handle cached for the backend pointed at the removed series: it was
+    // dropped with it, and the next attempt counts into a new one.
+    shared.upstream(policy, &policy.endpoints, 0, Outcome::Success);
+    assert!(
+        rendered(&shared).contains(&format!("{series} 1")),
+        "{}",
+        rendered(&shared)
+    );
+}
+
+#[test]
+fn a_reload_that_removes_a_route_removes_its_series() {
+    let two_routes = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: 127.0.0.1:1}]\n  routes:\n    - name: kept\n      concurrency: {max: 7}\n    - name: removed\n      concurrency: {max: 7}\n";
+    let shared = shared_with(two_routes);
+    let t0 = Instant::now();
+    use_route(&shared, 0);
+    use_route(&shared, 1);
+    housekeeping(&shared, 1, t0);
+    let before = shared.runtime.load_full();
+    let kept = Arc::clone(&before.policies[0].routes[0].series);
+    let yaml = two_routes.replace("    - name: removed\n      concurrency: {max: 7}\n", "");
+    let set = sluice_policy::load::parse_str(Path::new("t.yaml"), &yaml).unwrap();
+    let reloaded = Runtime::build(set, "t".into(), Some(&before), &shared.globals).unwrap();
+    assert!(
+        Arc::ptr_eq(&reloaded.policies[0].routes[0].series, &kept),
+        "a route that stays keeps its series"
+    );
+    shared.install(reloaded);
+    housekeeping(&shared, 2, t0 + Duration::from_secs(1));
+    let text = rendered(&shared);
+    assert!(!text.contains("route=\"removed\""), "{text}");
+    assert!(
+        text.contains("sluice_concurrency_limit{policy=\"p\",route=\"kept\"} 7"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_reload_that_removes_a_backend_removes_its_series() {
+    let two_backends = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: 127.0.0.1:1}, {address: 127.0.0.1:2}]\n  healthCheck: {path: /healthz, interval: 1s, timeout: 500ms, unhealthyAfter: 2, healthyAfter: 1}\n";
+    let shared = shared_with(two_backends);
+    use_route(&shared, 0);
+    housekeeping(&shared, 1, Instant::now());
+    let series =
+        |backend: &str| format!("sluice_backend_healthy{{backend=\"{backend}\",policy=\"p\"}}");
+    let text = rendered(&shared);
+    assert!(text.contains(&series("127.0.0.1:2")), "{text}");
+
+    let before = shared.runtime.load_full();
+    let yaml = two_backends.replace(", {address: 127.0.0.1:2}", "");
+    let set = sluice_policy::load::parse_str(Path::new("t.yaml"), &yaml).unwrap();
+    shared.install(Runtime::build(set, "t".into(), Some(&before), &shared.globals).unwrap());
+    let text = rendered(&shared);
+    assert!(!text.contains("backend=\"127.0.0.1:2\""), "{text}");
+    assert!(text.contains(&series("127.0.0.1:1")), "{text}");
 }
 
 #[tokio::test]
