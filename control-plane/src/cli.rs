@@ -400,13 +400,38 @@ pub fn diff(path: &Path, remote: &Remote) -> ExitCode {
     }))
 }
 
-/// `sluice-cp history`.
-pub fn history(remote: &Remote) -> ExitCode {
+/// `sluice-cp history [--policy NAMESPACE/NAME]`.
+pub fn history(remote: &Remote, policy: Option<&str>) -> ExitCode {
     finish(runtime().and_then(|rt| {
         rt.block_on(async {
             let mut client = connect(remote).await?;
-            let h = client.get_history(HistoryRequest {}).await?.into_inner();
+            let h = client
+                .get_history(HistoryRequest {
+                    policy: policy.unwrap_or_default().to_owned(),
+                })
+                .await?
+                .into_inner();
             let mut out = std::io::stdout().lock();
+            if policy.is_some() {
+                writeln!(
+                    out,
+                    "{:<17} {:>10} {:<21} SOURCE",
+                    "VERSION", "GENERATION", "SERVED"
+                )?;
+                for e in h.entries {
+                    let served = if e.accepted_at_ms == 0 {
+                        "-".to_owned()
+                    } else {
+                        ms_to_rfc3339(e.accepted_at_ms)
+                    };
+                    writeln!(
+                        out,
+                        "{:<17} {:>10} {:<21} {}",
+                        e.policy_version, e.generation, served, e.source
+                    )?;
+                }
+                return Ok(());
+            }
             writeln!(
                 out,
                 "{:>8} {:<17} {:<21} {:>8} SOURCE",
@@ -428,18 +453,41 @@ pub fn history(remote: &Remote) -> ExitCode {
     }))
 }
 
-/// `sluice-cp rollback [--to VERSION]`.
-pub fn rollback(remote: &Remote, to: Option<u64>) -> ExitCode {
+/// `sluice-cp rollback [--to VERSION]`, or `--policy NAMESPACE/NAME [--to VERSION]`.
+pub fn rollback(remote: &Remote, policy: Option<&str>, to: Option<&str>) -> ExitCode {
     finish(runtime().and_then(|rt| {
         rt.block_on(async {
+            let request = match policy {
+                Some(policy) => RollbackRequest {
+                    policy: policy.to_owned(),
+                    to_policy_version: to.unwrap_or_default().to_owned(),
+                    ..Default::default()
+                },
+                None => RollbackRequest {
+                    to_version: match to {
+                        Some(v) => v
+                            .parse()
+                            .map_err(|_| anyhow::anyhow!("--to {v}: a set's number, like 3"))?,
+                        None => 0,
+                    },
+                    ..Default::default()
+                },
+            };
             let mut client = connect(remote).await?;
             let r = client
-                .rollback(RollbackRequest {
-                    to_version: to.unwrap_or(0),
-                })
+                .rollback(request)
                 .await
                 .map_err(|s| anyhow::anyhow!("rollback refused: {}", s.message()))?
                 .into_inner();
+            if let Some(policy) = policy {
+                writeln!(
+                    std::io::stdout(),
+                    "{policy} has version {} again (generation {})",
+                    r.policy_version,
+                    r.generation
+                )?;
+                return Ok(());
+            }
             let served = r
                 .served
                 .ok_or_else(|| anyhow::anyhow!("the server returned no snapshot"))?;

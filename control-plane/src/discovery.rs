@@ -40,9 +40,55 @@ pub(crate) struct Discovery {
     /// ServiceAccounts (`namespace/name`) allowed the operator's calls.
     pub(crate) operators: Vec<String>,
     pub(crate) metrics: Metrics,
+    /// The cluster, when the TrafficPolicy resources are the source: a policy's
+    /// history and rollback are read from and written to it.
+    pub(crate) kube: Option<kube::Client>,
 }
 
 impl Discovery {
+    /// A policy's versions: for a TrafficPolicy resource, its status' accepted
+    /// specs (the cluster's answer, the same from every replica); for a policy
+    /// from a directory, the versions this replica served, oldest first.
+    async fn policy_history(&self, id: &PolicyId) -> Result<Vec<api::HistoryEntry>, Status> {
+        if let (Some(client), Some(_)) = (&self.kube, &id.namespace) {
+            let accepted = crate::kubernetes::accepted_specs(client, id)
+                .await
+                .map_err(Status::not_found)?;
+            return Ok(accepted
+                .into_iter()
+                .map(|a| api::HistoryEntry {
+                    source: format!("kubernetes:{id} status.accepted"),
+                    policies: 1,
+                    policy_version: a.version,
+                    generation: a.generation,
+                    ..Default::default()
+                })
+                .collect());
+        }
+        let mut entries: Vec<api::HistoryEntry> = Vec::new();
+        for s in self.store.history() {
+            let Some(p) = s.policies.get(id) else {
+                continue;
+            };
+            if entries
+                .last()
+                .is_some_and(|e| e.policy_version == p.version)
+            {
+                continue;
+            }
+            entries.push(api::HistoryEntry {
+                version: s.version,
+                content_hash: s.content_hash.clone(),
+                source: s.source.clone(),
+                accepted_at_ms: s.accepted_at_ms,
+                policies: 1,
+                policy_version: p.version.clone(),
+                generation: p.generation,
+            });
+        }
+        Ok(entries)
+    }
+
     /// The operator's calls (status, history, rollback): the static token, a
     /// loopback caller, or a ServiceAccount named by `--operator`; never another
     /// ServiceAccount's token (every pod of the mesh has one, and none may roll
@@ -396,6 +442,12 @@ impl PolicyDiscovery for Discovery {
         request: Request<api::HistoryRequest>,
     ) -> Result<Response<api::HistoryResponse>, Status> {
         self.operator(request.metadata()).await?;
+        let policy = request.into_inner().policy;
+        if !policy.is_empty() {
+            return Ok(Response::new(api::HistoryResponse {
+                entries: self.policy_history(&PolicyId::parse(&policy)).await?,
+            }));
+        }
         let entries = self
             .store
             .history()
@@ -406,6 +458,7 @@ impl PolicyDiscovery for Discovery {
                 source: s.source.clone(),
                 accepted_at_ms: s.accepted_at_ms,
                 policies: s.policies.len() as u32,
+                ..Default::default()
             })
             .collect();
         Ok(Response::new(api::HistoryResponse { entries }))
@@ -416,7 +469,29 @@ impl PolicyDiscovery for Discovery {
         request: Request<api::RollbackRequest>,
     ) -> Result<Response<api::RollbackResponse>, Status> {
         self.operator(request.metadata()).await?;
-        let to = request.into_inner().to_version;
+        let request = request.into_inner();
+        if !request.policy.is_empty() {
+            let id = PolicyId::parse(&request.policy);
+            let Some(client) = &self.kube else {
+                return Err(Status::failed_precondition(format!(
+                    "policy {id} comes from a directory, the source of truth: restore its \
+                     file (git revert); `sluice-cp rollback` without --policy serves an \
+                     earlier set from this control plane"
+                )));
+            };
+            let to = (!request.to_policy_version.is_empty())
+                .then_some(request.to_policy_version.as_str());
+            let (version, generation) = crate::kubernetes::restore_spec(client, &id, to)
+                .await
+                .map_err(Status::failed_precondition)?;
+            tracing::warn!(policy = %id, version = version.as_str(), generation, "rolled back a policy");
+            return Ok(Response::new(api::RollbackResponse {
+                served: None,
+                policy_version: version,
+                generation,
+            }));
+        }
+        let to = request.to_version;
         let served = self
             .store
             .rollback(to)
@@ -429,6 +504,7 @@ impl PolicyDiscovery for Discovery {
         );
         Ok(Response::new(api::RollbackResponse {
             served: Some(served.to_api()),
+            ..Default::default()
         }))
     }
 }

@@ -323,19 +323,19 @@ mod tests {
     #[test]
     fn a_service_changed_several_times_while_waiting_is_sent_once_with_its_latest_set() {
         let store = EndpointStore::default();
-        store.put("shop/a", at("10.0.0.1"));
+        let first = store.put("shop/a", at("10.0.0.1")).expect("new");
         let mut sub = Subscription::new(1);
         sub.resubscribe(vec!["shop/a".into()]).expect("valid");
         assert_eq!(
             names(&sub.next_update(&store).expect("first")).0,
-            [("shop/a".into(), 1)]
+            [("shop/a".into(), first)]
         );
         store.put("shop/a", at("10.0.0.2"));
         store.put("shop/b", at("10.0.0.9"));
-        store.put("shop/a", at("10.0.0.3"));
+        let last = store.put("shop/a", at("10.0.0.3")).expect("changed");
         sub.catch_up(&store);
         let update = sub.next_update(&store).expect("an update");
-        assert_eq!(names(&update).0, [("shop/a".into(), 3)]);
+        assert_eq!(names(&update).0, [("shop/a".into(), last)]);
         assert_eq!(update.0[0].endpoints[0].ip, "10.0.0.3");
     }
 

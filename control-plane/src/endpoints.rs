@@ -13,8 +13,10 @@
 //! each one's *latest* set (a Service changing five times while a proxy is slow is
 //! sent once). A stream further behind than the log rescans the Services it wants.
 //!
-//! Invariants: a Service's version grows with every change of its set and never on
-//! an unchanged one, also across its removal and return; endpoints are sorted, so equal sets compare equal.
+//! Invariants: a Service's version is the content hash of its set (endpoints sorted,
+//! so equal sets compare and hash equal): it changes with every change of the set
+//! and never on an unchanged one, and two replicas following the same cluster give
+//! the same set the same version.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -189,19 +191,21 @@ impl EndpointStore {
             endpoints.truncate(MAX_ENDPOINTS_PER_SERVICE);
         }
         let mut state = self.lock();
-        let version = match state.sets.get(service) {
-            Some(set) if set.endpoints == endpoints => return None,
-            Some(set) => set.version + 1,
-            // Above any version this Service had before it was removed (each
-            // version was a change, so none exceeds the change count): a stream that
-            // missed the removal still sees a new version.
-            None => state.seq + 1,
-        };
-        let set = api::EndpointSet {
+        if state
+            .sets
+            .get(service)
+            .is_some_and(|set| set.endpoints == endpoints)
+        {
+            return None;
+        }
+        let mut set = api::EndpointSet {
             service: service.to_owned(),
-            version,
+            version: 0,
             endpoints,
         };
+        // The content hash of the set as it goes on the wire (0 means "none").
+        let version = sluice_policy::hash::fnv1a64(&prost::Message::encode_to_vec(&set)).max(1);
+        set.version = version;
         state.sets.insert(service.to_owned(), Arc::new(set));
         self.record(&mut state, service);
         Some(version)
@@ -337,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn versions_grow_per_service_and_only_on_change() {
+    fn versions_are_content_hashes_that_change_only_with_the_set() {
         let store = EndpointStore::default();
         let set = |ip: &str| {
             vec![api::Endpoint {
@@ -345,16 +349,20 @@ mod tests {
                 ..Default::default()
             }]
         };
-        assert_eq!(store.put("shop/a", set("10.0.0.1")), Some(1));
+        let a1 = store.put("shop/a", set("10.0.0.1")).expect("new");
         assert_eq!(store.put("shop/a", set("10.0.0.1")), None);
-        assert_eq!(store.put("shop/b", set("10.0.0.1")), Some(2));
-        assert_eq!(store.put("shop/a", set("10.0.0.2")), Some(2));
+        let b1 = store.put("shop/b", set("10.0.0.1")).expect("new");
+        assert_ne!(a1, b1, "the Service's name is part of its set");
+        let a2 = store.put("shop/a", set("10.0.0.2")).expect("changed");
+        assert_ne!(a1, a2);
         assert!(store.remove("shop/a"));
         assert!(!store.remove("shop/a"));
         let (seq, changes) = store.changed_since(1);
         assert_eq!(seq, 4);
-        // Back again: above every version it had.
-        assert_eq!(store.put("shop/a", set("10.0.0.1")), Some(5));
+        // Back again with the same pods: the same version, on any replica.
+        assert_eq!(store.put("shop/a", set("10.0.0.1")), Some(a1));
+        let replica = EndpointStore::default();
+        assert_eq!(replica.put("shop/a", set("10.0.0.1")), Some(a1));
         assert_eq!(
             changes,
             Changes::Some(BTreeSet::from(["shop/a".into(), "shop/b".into()]))

@@ -22,7 +22,7 @@ use sluice_policy::PolicyId;
 
 use crate::metrics::Metrics;
 use crate::serve::report;
-use crate::status::{DesiredSet, PolicyCondition, StatusWriter};
+use crate::status::{AcceptedSpec, DesiredSet, PolicyCondition, StatusWriter};
 use crate::store::{Offered, Store};
 use crate::telemetry::Readiness;
 
@@ -171,6 +171,20 @@ fn status_schema() -> Value {
                     },
                 },
             },
+            "accepted": {
+                "type": "array",
+                "maxItems": crate::status::ACCEPTED_KEPT,
+                "description": "The last specs that validated, newest first: what an invalid spec is served as meanwhile (on every control-plane replica, after any restart), and what `sluice-cp rollback --policy` can restore.",
+                "items": {
+                    "type": "object",
+                    "required": ["generation", "version", "spec"],
+                    "properties": {
+                        "generation": {"type": "integer", "format": "int64", "minimum": 0},
+                        "version": {"type": "string", "maxLength": 64},
+                        "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                    },
+                },
+            },
         },
     })
 }
@@ -260,13 +274,28 @@ fn offered(object: &DynamicObject) -> Offered {
     let id = id_of(object);
     let text = serde_saphyr::to_string(&document(object)).unwrap_or_default();
     let file = format!("kubernetes:{id}");
-    let document = sluice_policy::check_each([(Path::new(&file), text.as_str())]).pop();
-    let outcome = match document {
+    let checked = sluice_policy::check_each([(Path::new(&file), text.as_str())]).pop();
+    let outcome = match checked {
         Some(d) => Offered::documents(vec![d]).remove(0).outcome,
         None => Err(vec![format!("{file}: the resource has no policy document")]),
     };
+    // Invalid now: the last spec that validated, as the resource's status keeps it.
+    let seed = outcome.as_ref().err().and_then(|_| {
+        let last = AcceptedSpec::list_of(object.data.get("status"))
+            .into_iter()
+            .next()?;
+        let mut earlier = object.clone();
+        earlier.data["spec"] = last.spec;
+        let text = serde_saphyr::to_string(&document(&earlier)).ok()?;
+        let (policy, _) = sluice_policy::check_each([(Path::new(&file), text.as_str())])
+            .pop()?
+            .outcome
+            .ok()?;
+        Some((policy, last.generation))
+    });
     Offered {
         id: Some(id),
+        seed,
         file,
         generation: object.metadata.generation.unwrap_or(0),
         created: object
@@ -279,6 +308,75 @@ fn offered(object: &DynamicObject) -> Offered {
     }
 }
 
+/// The TrafficPolicy `namespace/name`, read now.
+async fn get_policy(client: &kube::Client, id: &PolicyId) -> Result<DynamicObject, String> {
+    let namespace = id
+        .namespace
+        .as_deref()
+        .ok_or_else(|| format!("{id}: a TrafficPolicy resource is named namespace/name"))?;
+    let gvk = GroupVersionKind::gvk(GROUP, VERSION, KIND);
+    let resource = ApiResource::from_gvk_with_plural(&gvk, PLURAL);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    api.get(&id.name).await.map_err(|e| format!("{id}: {e}"))
+}
+
+/// The specs of TrafficPolicy `id` that validated, newest first (its status), the
+/// same on every replica.
+pub async fn accepted_specs(
+    client: &kube::Client,
+    id: &PolicyId,
+) -> Result<Vec<AcceptedSpec>, String> {
+    let object = get_policy(client, id).await?;
+    Ok(AcceptedSpec::list_of(object.data.get("status")))
+}
+
+/// Writes an earlier spec of TrafficPolicy `id` that validated back into it (`to`:
+/// that version; else the newest whose spec differs from the current one): a
+/// change of the source, which every replica then serves. Returns the version
+/// restored and the resource's new generation. The write carries the read's
+/// resourceVersion, so a concurrent edit makes it fail rather than be lost.
+pub async fn restore_spec(
+    client: &kube::Client,
+    id: &PolicyId,
+    to: Option<&str>,
+) -> Result<(String, i64), String> {
+    let mut object = get_policy(client, id).await?;
+    let accepted = AcceptedSpec::list_of(object.data.get("status"));
+    let current = object.data.get("spec").cloned().unwrap_or(Value::Null);
+    let target = match to {
+        Some(version) => accepted
+            .iter()
+            .find(|a| a.version == version)
+            .ok_or_else(|| {
+                let kept: Vec<&str> = accepted.iter().map(|a| a.version.as_str()).collect();
+                format!("{id}: version {version} is not among its last accepted specs {kept:?}")
+            })?,
+        None => accepted.iter().find(|a| a.spec != current).ok_or_else(|| {
+            format!("{id}: no earlier accepted spec that differs from its spec is kept")
+        })?,
+    };
+    if target.spec == current {
+        return Err(format!(
+            "{id}: version {} is its spec already",
+            target.version
+        ));
+    }
+    let version = target.version.clone();
+    object.data["spec"] = target.spec.clone();
+    if let Some(map) = object.data.as_object_mut() {
+        map.remove("status");
+    }
+    let namespace = id.namespace.clone().unwrap_or_default();
+    let gvk = GroupVersionKind::gvk(GROUP, VERSION, KIND);
+    let resource = ApiResource::from_gvk_with_plural(&gvk, PLURAL);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
+    let written = api
+        .replace(&id.name, &kube::api::PostParams::default(), &object)
+        .await
+        .map_err(|e| format!("{id}: {e}"))?;
+    Ok((version, written.metadata.generation.unwrap_or(0)))
+}
+
 /// Every resource's `Accepted` condition as the store decided it, with the status
 /// the resource shows now (the writer skips what is already there).
 fn desired(store: &Store, objects: &BTreeMap<PolicyId, DynamicObject>) -> DesiredSet {
@@ -287,6 +385,21 @@ fn desired(store: &Store, objects: &BTreeMap<PolicyId, DynamicObject>) -> Desire
         .into_iter()
         .filter_map(|(id, c)| {
             let object = objects.get(&id)?;
+            let status = object.data.get("status");
+            let kept = AcceptedSpec::list_of(status);
+            // A spec that validates goes in front of the specs that did before:
+            // decided from the object alone, the same on every replica.
+            let accepted_specs = match (&c.valid_version, object.data.get("spec")) {
+                (Some(version), Some(spec)) => AcceptedSpec::push(
+                    AcceptedSpec {
+                        generation: c.generation,
+                        version: version.clone(),
+                        spec: spec.clone(),
+                    },
+                    &kept,
+                ),
+                _ => kept,
+            };
             let condition = PolicyCondition {
                 namespace: id.namespace.clone()?,
                 name: id.name,
@@ -294,8 +407,9 @@ fn desired(store: &Store, objects: &BTreeMap<PolicyId, DynamicObject>) -> Desire
                 accepted: c.accepted,
                 reason: c.reason.to_owned(),
                 message: c.message,
+                accepted_specs,
             };
-            Some((condition, object.data.get("status").cloned()))
+            Some((condition, status.cloned()))
         })
         .collect()
 }
@@ -421,6 +535,7 @@ mod tests {
                 accepted: false,
                 reason: REASON_INVALID.into(),
                 message: "kubernetes:shop/api:12:7: spec.routes[0].timeout: bad".into(),
+                accepted_specs: Vec::new(),
             },
             "2025-01-01T00:00:00Z",
         );

@@ -172,16 +172,27 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// The versions the control plane keeps (the last 20).
+    /// The served sets this control plane keeps (the last 20), or one policy's
+    /// versions (`--policy NAMESPACE/NAME`; for a TrafficPolicy resource, the specs
+    /// that validated as its status keeps them, the same from every replica).
     History {
+        /// One policy's versions instead.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        policy: Option<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Serve an earlier version again (default: the one before the served one).
+    /// Serve an earlier set again (default: the one before the served one), or
+    /// with `--policy`, write an earlier spec of that TrafficPolicy that validated
+    /// back into it (default: the newest that differs from its spec).
     Rollback {
-        /// The version to serve again.
+        /// The set number (`--policy`: the policy's version) to go back to.
         #[arg(long)]
-        to: Option<u64>,
+        to: Option<String>,
+        /// Roll back this TrafficPolicy alone, in the cluster (every replica
+        /// follows).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        policy: Option<String>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -284,9 +295,11 @@ fn main() -> ExitCode {
             sluice_control_plane::cli::status(&remote.remote(), output == Output::Json)
         }
         Command::Diff { path, remote } => sluice_control_plane::cli::diff(&path, &remote.remote()),
-        Command::History { remote } => sluice_control_plane::cli::history(&remote.remote()),
-        Command::Rollback { to, remote } => {
-            sluice_control_plane::cli::rollback(&remote.remote(), to)
+        Command::History { policy, remote } => {
+            sluice_control_plane::cli::history(&remote.remote(), policy.as_deref())
+        }
+        Command::Rollback { to, policy, remote } => {
+            sluice_control_plane::cli::rollback(&remote.remote(), policy.as_deref(), to.as_deref())
         }
         Command::Validate { paths } => sluice_control_plane::validate::run(&paths),
         Command::Schema => {

@@ -30,15 +30,15 @@ pub const STATUS_WRITE_RESULTS: [&str; 4] = ["written", "not_found", "refused", 
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// The version number being served (0 before the first accepted change).
+    /// The number of the served set (0 before the first accepted change).
     pub served_version: IntGauge,
     /// Proxies with at least one open policy stream.
     pub proxies_connected: IntGauge,
-    /// Snapshots sent to proxies.
+    /// Policy updates sent to proxies.
     pub pushes: IntCounter,
-    /// Snapshots proxies applied.
+    /// Updates proxies applied whole.
     pub acks: IntCounter,
-    /// Snapshots proxies refused.
+    /// Updates proxies refused a policy of.
     pub nacks: IntCounter,
     /// Failed lists or watches of the TrafficPolicy resources (each is retried).
     pub watch_restarts: IntCounter,
@@ -110,17 +110,17 @@ impl Metrics {
             pushes: counter(
                 r,
                 "sluice_cp_pushes_total",
-                "Policy snapshots sent to proxies.",
+                "Policy updates sent to proxies (only the policies each subscribed to that changed).",
             )?,
             acks: counter(
                 r,
                 "sluice_cp_acks_total",
-                "Snapshots proxies answered with an ACK (applied).",
+                "Policy updates proxies applied whole (ACK).",
             )?,
             nacks: counter(
                 r,
                 "sluice_cp_nacks_total",
-                "Snapshots proxies answered with a NACK (refused, keeping their previous policy).",
+                "Policy updates proxies refused a policy of (NACK; the refused policy keeps its previous version there, the others apply).",
             )?,
             watch_restarts: counter(
                 r,

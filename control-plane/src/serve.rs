@@ -352,6 +352,7 @@ pub async fn start(
         // No cluster, no Services: subscriptions are answered at once, empty.
         None => endpoints.mark_synced(),
     }
+    let kube_client = client.clone();
     let auth = Arc::new(match (&config.token_review, client, token) {
         (Some(audience), Some(client), static_token) => {
             Authenticator::Kubernetes(Box::new(TokenReviewer::new(
@@ -389,6 +390,7 @@ pub async fn start(
         auth,
         operators: config.operators.clone(),
         metrics: metrics.clone(),
+        kube: kube_client,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

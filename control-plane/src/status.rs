@@ -47,6 +47,54 @@ pub const REASON_HOST_CONFLICT: &str = "HostConflict";
 /// terminal and stored in etcd on every change; the first errors say what to fix.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 
+/// Specs that validated kept in `status.accepted` (newest first).
+pub const ACCEPTED_KEPT: usize = 3;
+
+/// One spec that validated, as `status.accepted` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedSpec {
+    pub generation: i64,
+    /// The policy's version (content hash of its canonical YAML).
+    pub version: String,
+    pub spec: Value,
+}
+
+impl AcceptedSpec {
+    fn to_json(&self) -> Value {
+        json!({"generation": self.generation, "version": self.version, "spec": self.spec})
+    }
+
+    /// The `status.accepted` list of an object's status, as written.
+    pub fn list_of(status: Option<&Value>) -> Vec<AcceptedSpec> {
+        status
+            .and_then(|s| s.get("accepted"))
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| {
+                        Some(AcceptedSpec {
+                            generation: i.get("generation")?.as_i64()?,
+                            version: text(i, "version")?.to_owned(),
+                            spec: i.get("spec")?.clone(),
+                        })
+                    })
+                    .take(ACCEPTED_KEPT)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `list` with `newest` in front (once), at most [`ACCEPTED_KEPT`]: a function
+    /// of the object alone, so every replica computes the same list.
+    pub fn push(newest: AcceptedSpec, list: &[AcceptedSpec]) -> Vec<AcceptedSpec> {
+        std::iter::once(newest.clone())
+            .chain(list.iter().filter(|a| a.version != newest.version).cloned())
+            .take(ACCEPTED_KEPT)
+            .collect()
+    }
+}
+
 /// What one TrafficPolicy object's `Accepted` condition should say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyCondition {
@@ -60,6 +108,8 @@ pub struct PolicyCondition {
     pub reason: String,
     /// For humans; one error a line (see [`bounded_message`]).
     pub message: String,
+    /// `status.accepted`: the last specs that validated, newest first.
+    pub accepted_specs: Vec<AcceptedSpec>,
 }
 
 fn status_word(accepted: bool) -> &'static str {
@@ -148,7 +198,8 @@ pub fn needs_write(existing_status: Option<&Value>, desired: &PolicyCondition) -
         && text(condition, "status") == Some(status_word(desired.accepted))
         && text(condition, "reason") == Some(desired.reason.as_str())
         && text(condition, "message") == Some(bounded_message(&desired.message).as_str())
-        && text(condition, "lastTransitionTime").is_some();
+        && text(condition, "lastTransitionTime").is_some()
+        && AcceptedSpec::list_of(existing_status) == desired.accepted_specs;
     !same
 }
 
@@ -185,7 +236,16 @@ pub fn status_patch(
         Some(slot) => *slot = condition,
         None => conditions.push(condition),
     }
-    json!({"status": {"observedGeneration": desired.generation, "conditions": conditions}})
+    let accepted: Vec<Value> = desired
+        .accepted_specs
+        .iter()
+        .map(AcceptedSpec::to_json)
+        .collect();
+    json!({"status": {
+        "observedGeneration": desired.generation,
+        "conditions": conditions,
+        "accepted": accepted,
+    }})
 }
 
 #[cfg(test)]
@@ -200,6 +260,7 @@ mod tests {
             accepted,
             reason: reason.into(),
             message: message.into(),
+            accepted_specs: Vec::new(),
         }
     }
 
@@ -208,6 +269,29 @@ mod tests {
 
     fn written(c: &PolicyCondition, now: &str) -> Value {
         status_patch(None, c, now)["status"].clone()
+    }
+
+    #[test]
+    fn the_accepted_specs_are_part_of_the_status_and_keep_the_newest_three() {
+        let spec = |n: i64| AcceptedSpec {
+            generation: n,
+            version: format!("v{n}"),
+            spec: json!({"hosts": [format!("h{n}")]}),
+        };
+        let mut c = condition(true, REASON_ACCEPTED, "", 1);
+        c.accepted_specs = vec![spec(1)];
+        let written = status_patch(None, &c, T0);
+        assert!(!needs_write(Some(&written["status"]), &c));
+        assert_eq!(AcceptedSpec::list_of(Some(&written["status"])), [spec(1)]);
+        c.accepted_specs = AcceptedSpec::push(spec(2), &c.accepted_specs);
+        assert!(needs_write(Some(&written["status"]), &c));
+        // Newest first, each version once, at most ACCEPTED_KEPT.
+        let mut list = Vec::new();
+        for n in [1, 2, 3, 2, 4] {
+            list = AcceptedSpec::push(spec(n), &list);
+        }
+        let versions: Vec<&str> = list.iter().map(|a| a.version.as_str()).collect();
+        assert_eq!(versions, ["v4", "v2", "v3"]);
     }
 
     #[test]
@@ -220,7 +304,7 @@ mod tests {
             json!({"status": {"observedGeneration": 1, "conditions": [{
                 "type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
                 "observedGeneration": 1, "lastTransitionTime": T0,
-            }]}})
+            }], "accepted": []}})
         );
     }
 

@@ -84,6 +84,10 @@ pub struct Offered {
     pub created: String,
     /// The policy with its warnings, or its errors (file:line:column).
     pub outcome: Result<(TrafficPolicy, Vec<String>), Vec<String>>,
+    /// The last version that validated as the source itself keeps it (a
+    /// TrafficPolicy's `status.accepted`), with its generation: served while the
+    /// spec is invalid when this replica has no last good version of its own.
+    pub seed: Option<(TrafficPolicy, i64)>,
 }
 
 impl Offered {
@@ -102,6 +106,7 @@ impl Offered {
                     }
                     Err(errors) => Err(errors.iter().map(ToString::to_string).collect()),
                 },
+                seed: None,
             })
             .collect()
     }
@@ -380,6 +385,7 @@ impl Store {
                     Entry {
                         candidate: Err(errors.clone()),
                         warnings: Vec::new(),
+                        seed: None,
                         ..old.clone()
                     },
                 );
@@ -433,8 +439,14 @@ impl Store {
         }
         state.source_hash = Some(hash);
         for (id, entry) in &state.entries {
-            if let Ok(resource) = &entry.candidate {
-                state.last_good.insert(id.clone(), Arc::clone(resource));
+            match (&entry.candidate, &entry.seed) {
+                (Ok(resource), _) => {
+                    state.last_good.insert(id.clone(), Arc::clone(resource));
+                }
+                (Err(_), Some(seed)) if !state.last_good.contains_key(id) => {
+                    state.last_good.insert(id.clone(), Arc::clone(seed));
+                }
+                _ => {}
             }
         }
         let State {
@@ -726,6 +738,9 @@ fn take(entries: &mut BTreeMap<PolicyId, Entry>, unidentified: &mut Vec<String>,
         ),
         Err(errors) => (Err(errors), Vec::new()),
     };
+    let seed = o
+        .seed
+        .map(|(policy, generation)| Arc::new(PolicyResource::new(policy, generation)));
     entries.insert(
         id,
         Entry {
@@ -733,6 +748,7 @@ fn take(entries: &mut BTreeMap<PolicyId, Entry>, unidentified: &mut Vec<String>,
             created: o.created,
             candidate,
             warnings,
+            seed,
         },
     );
 }

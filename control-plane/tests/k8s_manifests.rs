@@ -62,15 +62,17 @@ fn the_monitors_scrape_the_ports_the_proxy_and_the_control_plane_expose() {
 }
 
 #[test]
-fn the_control_plane_may_write_trafficpolicy_status_and_nothing_else_of_them() {
+fn the_control_plane_may_write_trafficpolicy_status_and_replace_a_spec_for_a_rollback() {
     let rbac = std::fs::read_to_string(root().join("k8s/base/rbac.yaml")).expect("rbac.yaml");
     // What `status::StatusWriter` does: PATCH …/trafficpolicies/NAME/status.
     assert!(
         rbac.contains("resources: [trafficpolicies/status]\n    verbs: [get, patch, update]\n"),
         "{rbac}"
     );
+    // What `sluice-cp rollback --policy` does: PUT …/trafficpolicies/NAME (no patch,
+    // no create, no delete).
     assert!(
-        rbac.contains("resources: [trafficpolicies]\n    verbs: [get, list, watch]\n"),
+        rbac.contains("resources: [trafficpolicies]\n    verbs: [get, list, watch, update]\n"),
         "{rbac}"
     );
 }

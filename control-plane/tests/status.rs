@@ -30,6 +30,7 @@ fn condition(name: &str, generation: i64, accepted: bool, message: &str) -> Poli
         }
         .into(),
         message: message.into(),
+        accepted_specs: Vec::new(),
     }
 }
 
@@ -296,4 +297,120 @@ async fn namespaces_are_isolated_and_each_resource_says_why_it_is_not_served() {
         .collect();
     assert_eq!(served, ["a/api", "b/api"]);
     let _ = stop.send(());
+}
+
+/// A control plane following the fake cluster (no TokenReview: loopback is open).
+async fn follower(
+    fake: &Arc<FakeApiServer>,
+) -> (
+    sluice_control_plane::serve::Running,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (url, _) = fake.start().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = sluice_control_plane::serve::start(
+        sluice_control_plane::serve::ServeConfig {
+            policies: None,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: None,
+            cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
+            token_file: None,
+            kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
+            token_review: None,
+            operators: Vec::new(),
+            telemetry: None,
+            webhook: None,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .expect("serve");
+    (running, stop)
+}
+
+/// What a replica keeps is in the cluster: a replica that never saw a policy valid
+/// serves the last spec that validated from its status, answers its history as the
+/// first does, and a rollback through it writes that spec back into the resource.
+#[tokio::test]
+async fn replicas_agree_on_a_policys_last_good_spec_history_and_rollback() {
+    use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
+    use sluice_control_plane::api::{HistoryRequest, RollbackRequest};
+    let good = json!({"hosts": ["api"], "routes": [{"name": "r", "rateLimit": {"requestsPerSecond": 5, "burst": 5}}]});
+    let fake = Arc::new(FakeApiServer::default());
+    fake.add_policy("shop", "api", good.clone());
+    let (first, stop_first) = follower(&fake).await;
+    let id = sluice_policy::PolicyId::parse("shop/api");
+    let version = |running: &sluice_control_plane::serve::Running| {
+        running.store.served().policies.get(&id).map(|p| p.version.clone())
+    };
+    eventually("the first replica serves it", || version(&first).is_some()).await;
+    let good_version = version(&first).expect("served");
+    eventually("its status keeps the accepted spec", || {
+        fake.policy("shop", "api").is_some_and(|o| {
+            o["status"]["accepted"][0]["version"] == good_version.as_str()
+                && o["status"]["accepted"][0]["spec"] == good
+        })
+    })
+    .await;
+
+    // The spec turns invalid (edited while the first replica's watch says nothing).
+    {
+        let mut policies = fake.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let object = policies
+            .iter_mut()
+            .find(|p| p["metadata"]["name"] == "api")
+            .expect("stored");
+        object["spec"]["routes"][0]["rateLimit"]["burst"] = json!(0);
+        object["metadata"]["generation"] = json!(2);
+    }
+    // A second replica starts: it never saw the spec valid, and serves it all the same.
+    let (second, stop_second) = follower(&fake).await;
+    eventually("the second replica lists it", || {
+        !second.store.conditions().is_empty()
+    })
+    .await;
+    assert_eq!(version(&second), Some(good_version.clone()));
+    let condition = second.store.conditions()[&id].clone();
+    assert_eq!((condition.accepted, condition.reason), (false, "Invalid"));
+
+    // Both replicas give the same history (the cluster's)...
+    let history = |addr: std::net::SocketAddr| async move {
+        let mut client = PolicyDiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        client
+            .get_history(HistoryRequest {
+                policy: "shop/api".into(),
+            })
+            .await
+            .expect("history")
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| (e.policy_version, e.generation))
+            .collect::<Vec<_>>()
+    };
+    let from_first = history(first.addr).await;
+    assert_eq!(from_first, [(good_version.clone(), 1)]);
+    assert_eq!(history(second.addr).await, from_first);
+
+    // ...and a rollback through either writes the good spec back into the resource.
+    let mut client = PolicyDiscoveryClient::connect(format!("http://{}", second.addr))
+        .await
+        .expect("connect");
+    let rolled = client
+        .rollback(RollbackRequest {
+            policy: "shop/api".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rollback")
+        .into_inner();
+    assert_eq!(rolled.policy_version, good_version);
+    assert_eq!(rolled.generation, 3);
+    let object = fake.policy("shop", "api").expect("stored");
+    assert_eq!(object["spec"], good);
+    let _ = (stop_first.send(()), stop_second.send(()));
 }

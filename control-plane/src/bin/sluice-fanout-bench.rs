@@ -314,7 +314,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let all_acked =
         wait_all_acked(&mut status, args.streams, policy_id, &new_version, deadline).await?;
     let accepted_at_ms = status
-        .get_history(HistoryRequest {})
+        .get_history(HistoryRequest::default())
         .await?
         .into_inner()
         .entries

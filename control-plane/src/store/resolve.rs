@@ -30,6 +30,8 @@ pub struct Condition {
     pub message: String,
     /// An invalid policy's last good version, still served (known to this replica).
     pub serving: Option<String>,
+    /// The version of the source's spec when it is valid (served or not).
+    pub valid_version: Option<String>,
     /// The generation the condition is about (Kubernetes' `metadata.generation`; 0
     /// for files).
     pub generation: i64,
@@ -44,6 +46,9 @@ pub struct Entry {
     /// The policy as offered, or its errors.
     pub candidate: Result<Arc<PolicyResource>, Vec<String>>,
     pub warnings: Vec<String>,
+    /// The last good version the source itself remembers (a TrafficPolicy's
+    /// `status.accepted`), for an invalid candidate this replica never saw valid.
+    pub seed: Option<Arc<PolicyResource>>,
 }
 
 /// The owner's sort key for `host` among claimants: lower wins.
@@ -85,6 +90,7 @@ pub fn resolve(
                         message: entry.warnings.join("\n"),
                         generation: entry.generation,
                         serving: None,
+                        valid_version: Some(resource.version.clone()),
                     },
                 );
             }
@@ -101,6 +107,7 @@ pub fn resolve(
                         message: errors.join("\n"),
                         generation: entry.generation,
                         serving: kept.map(|good| good.version.clone()),
+                        valid_version: None,
                     },
                 );
             }
@@ -178,15 +185,19 @@ pub fn resolve(
     for (id, resource) in candidates {
         match losers.get(id) {
             Some(why) => {
-                let generation = entries.get(id).map_or(0, |e| e.generation);
+                let entry = entries.get(id);
+                let valid_version = entry
+                    .and_then(|e| e.candidate.as_ref().ok())
+                    .map(|r| r.version.clone());
                 conditions.insert(
                     id.clone(),
                     Condition {
                         accepted: false,
                         reason: "HostConflict",
                         message: why.clone(),
-                        generation,
+                        generation: entry.map_or(0, |e| e.generation),
                         serving: None,
+                        valid_version,
                     },
                 );
             }
@@ -224,6 +235,7 @@ mod tests {
             created: created.into(),
             candidate: Ok(resource),
             warnings: Vec::new(),
+            seed: None,
         }
     }
 
@@ -296,6 +308,7 @@ mod tests {
                 created: String::new(),
                 candidate: Err(vec!["api.yaml:3:4: spec.mode: unknown".into()]),
                 warnings: Vec::new(),
+                seed: None,
             },
         );
         let last_good: BTreeMap<PolicyId, Arc<PolicyResource>> =

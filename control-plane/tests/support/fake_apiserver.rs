@@ -215,6 +215,39 @@ impl FakeApiServer {
             .cloned()
     }
 
+    /// A PUT of the TrafficPolicy `namespace/name`: its spec replaced (status kept, as
+    /// the main resource of an object with a status subresource ignores it), a new
+    /// resourceVersion and generation. A stale resourceVersion is a 409.
+    fn replace_policy(&self, namespace: &str, name: &str, body: &[u8]) -> (u16, Value) {
+        let Ok(sent) = serde_json::from_slice::<Value>(body) else {
+            return (
+                400,
+                json!({"kind": "Status", "status": "Failure", "code": 400, "reason": "BadRequest"}),
+            );
+        };
+        let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let next_rv = policy_resource_version(&policies) + 1;
+        let Some(stored) = policies.iter_mut().find(|p| is_named(p, namespace, name)) else {
+            return (
+                404,
+                json!({"kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound"}),
+            );
+        };
+        let current_rv = stored["metadata"]["resourceVersion"].clone();
+        if sent["metadata"]["resourceVersion"] != current_rv {
+            return (
+                409,
+                json!({"kind": "Status", "status": "Failure", "code": 409, "reason": "Conflict",
+                "message": "the object has been modified; please apply your changes to the latest version"}),
+            );
+        }
+        stored["spec"] = sent["spec"].clone();
+        stored["metadata"]["resourceVersion"] = json!(next_rv.to_string());
+        let generation = stored["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+        stored["metadata"]["generation"] = json!(generation);
+        (200, stored.clone())
+    }
+
     /// Removes the TrafficPolicy `namespace/name`; false if it did not exist.
     pub fn remove_policy(&self, namespace: &str, name: &str) -> bool {
         let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
@@ -486,6 +519,18 @@ impl FakeApiServer {
                     "metadata": {"resourceVersion": rv.to_string()}, "items": items,
                 });
                 respond(&mut stream, 200, &list).await
+            } else if let (true, Some((namespace, name))) = (method == "GET", policy_path(path)) {
+                match self.policy(namespace, name) {
+                    Some(object) => respond(&mut stream, 200, &object).await,
+                    None => {
+                        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": format!("trafficpolicies {name:?} not found"), "reason": "NotFound", "code": 404});
+                        respond(&mut stream, 404, &status).await
+                    }
+                }
+            } else if let (true, Some((namespace, name))) = (method == "PUT", policy_path(path)) {
+                let (status, answer) = self.replace_policy(namespace, name, &body);
+                respond(&mut stream, status, &answer).await
             } else if let (true, Some((namespace, name))) =
                 (method == "PATCH", policy_status_path(path))
             {
@@ -583,6 +628,14 @@ fn policy_resource_version(policies: &[Value]) -> u64 {
 }
 
 /// `(namespace, name)` of `/apis/sluice.dev/v1alpha1/namespaces/NS/trafficpolicies/NAME/status`.
+/// `/apis/sluice.dev/v1alpha1/namespaces/NS/trafficpolicies/NAME` -> (NS, NAME).
+fn policy_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/apis/sluice.dev/v1alpha1/namespaces/")?;
+    let (namespace, name) = rest.split_once("/trafficpolicies/")?;
+    let plain = |s: &str| !s.is_empty() && !s.contains('/');
+    (plain(namespace) && plain(name)).then_some((namespace, name))
+}
+
 fn policy_status_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix("/apis/sluice.dev/v1alpha1/namespaces/")?;
     let (namespace, rest) = rest.split_once("/trafficpolicies/")?;
