@@ -69,7 +69,7 @@ spec:
       rateLimit: {{requestsPerSecond: 1000, burst: 100}}
     - name: checkout
       match: {{pathPrefix: /checkout}}
-      circuitBreaker: {{failureRatio: 0.5, minimumRequests: 20, window: 10s, openFor: 30s}}
+      circuitBreaker: {{errorRatio: 0.5, minRequests: 20, window: 10s, openFor: 30s}}
     - name: default
 """)
     with open(os.path.join(out, f"mesh-{f // per:03}.yaml"), "w") as fh:
@@ -82,13 +82,13 @@ pids+=($!)
 
 # serve DIR LOG: starts sluice-cp on DIR; sets cp (pid), server, ready_ms.
 serve() {
-  local start; start=$(now_ms)
-  "$bin/sluice-cp" serve --policies "$1" --listen 127.0.0.1:0 2>"$2" &
+  local start log=$2; start=$(now_ms)
+  "$bin/sluice-cp" serve --policies "$1" --listen 127.0.0.1:0 2>"$log" &
   cp=$!
   pids+=("$cp")
-  listening() { grep -o '"listen":"127.0.0.1:[0-9]*"' "$2" >/dev/null 2>&1; }
+  listening() { grep -o '"listen":"127.0.0.1:[0-9]*"' "$log" >/dev/null 2>&1; }
   wait_for 120 listening
-  server="http://$(grep -o '"listen":"127.0.0.1:[0-9]*"' "$2" | head -1 | cut -d'"' -f4)"
+  server="http://$(grep -o '"listen":"127.0.0.1:[0-9]*"' "$log" | head -1 | cut -d'"' -f4)"
   wait_for 120 "$bin/sluice-cp" status --server "$server" >/dev/null
   ready_ms=$(( $(now_ms) - start ))
 }
@@ -96,13 +96,14 @@ serve() {
 # Reading the mesh, at half and at full size (each control plane alone).
 half=$((POLICIES / 2))
 generate "$work/half" "$half"
+"$bin/sluice-cp" validate "$work/half" >/dev/null
 serve "$work/half" "$work/cp-half.log"
 half_row="| $half policies, no proxy | ${ready_ms} ms | $(rss_mib "$cp") MiB | $(hwm_mib "$cp") MiB | $(cpu_ms "$cp") ms |"
 stop_pids "$cp"
 generate "$work/policies" "$POLICIES"
 serve "$work/policies" "$work/cp.log"
 full_row="| $POLICIES policies, no proxy | ${ready_ms} ms | $(rss_mib "$cp") MiB | $(hwm_mib "$cp") MiB | $(cpu_ms "$cp") ms |"
-policies_served=$("$bin/sluice-cp" status --server "$server" | head -1)
+policies_served=$("$bin/sluice-cp" status --server "$server" | sed -n 1p)
 echo "$policies_served" >&2
 
 # One new proxy: start → ready; HOSTS hosts; its memory and series.
@@ -197,7 +198,7 @@ echo "$proxy_table"; echo "$fanout_table"; echo "$cp_table"
   echo "policies of 3 routes each (\`$FILES\` files); one \`sluice-proxy --control-plane\` (on-demand"
   echo "discovery, access log off) requests $HOSTS distinct hosts once each; \`sluice-fanout-bench\`"
   echo "holds $STREAMS subscriptions to $HOSTS hosts each over $CONNECTIONS HTTP/2 connections, then one"
-  echo "policy file is replaced (write + rename). CPU is user+sys from /proc (10 ms ticks). $policies_served."
+  echo "policy file is replaced (write + rename). CPU is user+sys from /proc (10 ms ticks). \`sluice-cp status\`: \`$policies_served\`."
   echo
   echo "$proxy_table"
   echo
