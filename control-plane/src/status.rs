@@ -143,7 +143,8 @@ pub fn bounded_message(message: &str) -> String {
     // Room for "…" and "\n(N more errors not shown)" with N up to u64::MAX.
     const NOTE_ROOM: usize = 64;
     let budget = MAX_MESSAGE_BYTES - NOTE_ROOM;
-    let lines: Vec<&str> = message.lines().collect();
+    // `split`, not `lines`: an empty last error is still one (`lines` drops it).
+    let lines: Vec<&str> = message.split('\n').collect();
     let mut out = String::with_capacity(MAX_MESSAGE_BYTES);
     let mut shown = 0;
     for line in &lines {
@@ -438,7 +439,7 @@ mod tests {
             } else {
                 // Every line but the note is an error, whole and in order (the first
                 // may be cut only when it alone is over the bound, and these are not).
-                let lines: Vec<&str> = bounded.lines().collect();
+                let lines: Vec<&str> = bounded.split('\n').collect();
                 let (note, shown) = lines.split_last().expect("a note");
                 proptest::prop_assert!(shown.iter().zip(&errors).all(|(s, e)| s == e));
                 let left_out = errors.len() - shown.len();
