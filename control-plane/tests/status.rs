@@ -343,7 +343,12 @@ async fn replicas_agree_on_a_policys_last_good_spec_history_and_rollback() {
     let (first, stop_first) = follower(&fake).await;
     let id = sluice_policy::PolicyId::parse("shop/api");
     let version = |running: &sluice_control_plane::serve::Running| {
-        running.store.served().policies.get(&id).map(|p| p.version.clone())
+        running
+            .store
+            .served()
+            .policies
+            .get(&id)
+            .map(|p| p.version.clone())
     };
     eventually("the first replica serves it", || version(&first).is_some()).await;
     let good_version = version(&first).expect("served");
