@@ -162,8 +162,40 @@ pub(crate) async fn subscribe<T: prost::Message + Default>(
 /// Most hosts, and most policies by identity, one stream may subscribe to (more
 /// are ignored, with a warning): the proxy bounds its own wants below these.
 pub const MAX_SUBSCRIBED: usize = 10_000;
-/// Updates awaiting an answer whose contents are remembered (for status).
-const OUTSTANDING: usize = 8;
+/// Updates awaiting an answer whose contents are remembered (for status): the
+/// parts of one large answer, and a few more.
+const OUTSTANDING: usize = 256;
+/// Most policies in one update, and most bytes of their YAML: a larger answer (a
+/// proxy subscribing to every policy of a large mesh) goes in several parts, so no
+/// message carries the mesh and none nears the 16 MiB message limit.
+pub const MAX_UPDATE_POLICIES: usize = 1000;
+pub const MAX_UPDATE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Splits an update into parts of at most [`MAX_UPDATE_POLICIES`] policies and
+/// [`MAX_UPDATE_BYTES`] of YAML (a single larger policy is a part of its own); the
+/// first part carries the removals and unknown hosts, every part but the last has
+/// `more` set.
+pub(crate) fn parts(mut update: api::PolicyUpdate) -> Vec<api::PolicyUpdate> {
+    let policies = std::mem::take(&mut update.policies);
+    let mut out = vec![update];
+    let mut bytes = 0;
+    for p in policies {
+        let last = out.len() - 1;
+        let size = p.yaml.len();
+        let full = out[last].policies.len() >= MAX_UPDATE_POLICIES
+            || (!out[last].policies.is_empty() && bytes + size > MAX_UPDATE_BYTES);
+        if full {
+            out[last].more = true;
+            out.push(api::PolicyUpdate::default());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(part) = out.last_mut() {
+            part.policies.push(p);
+        }
+    }
+    out
+}
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<api::PolicyUpdate, Status>> + Send>>;
 
@@ -340,7 +372,8 @@ impl PolicyDiscovery for Discovery {
                     let update = subscription
                         .update(&now)
                         .or_else(|| first_update.then(api::PolicyUpdate::default));
-                    if let Some(mut update) = update {
+                    let mut gone = false;
+                    for mut update in update.map(parts).unwrap_or_default() {
                         first_update = false;
                         sent += 1;
                         update.nonce = format!("{:x}", base + sent);
@@ -358,9 +391,13 @@ impl PolicyDiscovery for Discovery {
                             outstanding.pop_front();
                         }
                         if tx.send(Ok(update)).await.is_err() {
+                            gone = true;
                             break;
                         }
                         metrics.pushes.inc();
+                    }
+                    if gone {
+                        break;
                     }
                 }
                 tokio::select! {
@@ -506,5 +543,63 @@ impl PolicyDiscovery for Discovery {
             served: Some(served.to_api()),
             ..Default::default()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(i: usize, bytes: usize) -> api::PolicyResource {
+        api::PolicyResource {
+            id: format!("p{i}"),
+            version: format!("v{i}"),
+            yaml: "x".repeat(bytes),
+            hosts: vec![format!("h{i}")],
+        }
+    }
+
+    #[test]
+    fn a_large_answer_goes_in_parts_the_first_with_removals_the_last_without_more() {
+        let update = api::PolicyUpdate {
+            policies: (0..2500).map(|i| resource(i, 10)).collect(),
+            removed: vec!["gone".into()],
+            unknown_hosts: vec!["nobody".into()],
+            ..Default::default()
+        };
+        let parts = parts(update);
+        let sizes: Vec<usize> = parts.iter().map(|p| p.policies.len()).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        let more: Vec<bool> = parts.iter().map(|p| p.more).collect();
+        assert_eq!(more, [true, true, false]);
+        assert_eq!(parts[0].removed, ["gone"]);
+        assert_eq!(parts[0].unknown_hosts, ["nobody"]);
+        assert!(parts[1].removed.is_empty() && parts[2].unknown_hosts.is_empty());
+        assert_eq!(parts[2].policies[499].id, "p2499");
+    }
+
+    #[test]
+    fn parts_stay_under_the_byte_bound_and_a_huge_policy_is_a_part_alone() {
+        let update = api::PolicyUpdate {
+            policies: vec![
+                resource(0, MAX_UPDATE_BYTES / 2),
+                resource(1, MAX_UPDATE_BYTES / 2),
+                resource(2, 1),
+                resource(3, MAX_UPDATE_BYTES + 1),
+                resource(4, 1),
+            ],
+            ..Default::default()
+        };
+        let ids: Vec<Vec<String>> = parts(update)
+            .iter()
+            .map(|p| p.policies.iter().map(|r| r.id.clone()).collect())
+            .collect();
+        assert_eq!(ids, [vec!["p0", "p1"], vec!["p2"], vec!["p3"], vec!["p4"]]);
+        // Small enough: one part, nothing more.
+        let small = parts(api::PolicyUpdate {
+            policies: vec![resource(0, 10)],
+            ..Default::default()
+        });
+        assert_eq!((small.len(), small[0].more), (1, false));
     }
 }

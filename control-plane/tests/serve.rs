@@ -408,3 +408,61 @@ fn accepting_a_policy_with_a_route_that_can_never_match_logs_a_warning() {
     assert_eq!(line["warnings"], serde_json::json!(warning));
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[tokio::test]
+async fn a_subscriber_to_every_policy_of_a_large_mesh_gets_it_in_parts() {
+    let dir = temp("parts");
+    let policies = dir.join("policies");
+    // Two files: the YAML reader takes at most 1,024 documents per file.
+    for half in 0..2 {
+        let mesh: Vec<String> = (half * 750..(half + 1) * 750)
+            .map(|i| POLICY.replace("shop", &format!("s{i}")))
+            .collect();
+        write(&policies, &format!("mesh-{half}.yaml"), &mesh.join("---\n"));
+    }
+    let (running, stop) = serve(&dir, |_| {}).await.expect("serve");
+    let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = PolicyRequest {
+        node_id: "everything".into(),
+        ..Default::default()
+    };
+    tx.send(PolicyRequest {
+        all: true,
+        ..hello.clone()
+    })
+    .await
+    .expect("subscribe");
+    let mut stream = client
+        .stream_policies(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("a part within 30 s")
+            .expect("message")
+            .expect("part")
+    };
+    let first = next().await;
+    let second = next().await;
+    assert_eq!((first.policies.len(), first.more), (1000, true));
+    assert_eq!((second.policies.len(), second.more), (501, false));
+    for part in [first, second] {
+        tx.send(PolicyRequest {
+            response_nonce: part.nonce,
+            ..hello.clone()
+        })
+        .await
+        .expect("ack");
+    }
+    proxy_status(&mut client, "everything", |p| {
+        p.policy_versions.len() == 1501
+    })
+    .await;
+    let _ = stop.send(());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

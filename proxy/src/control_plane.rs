@@ -54,6 +54,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub const STATE_FILE: &str = "last-good-policy.yaml";
 /// Hosts sent in one subscription message.
 const ASKS_PER_MESSAGE: usize = 256;
+/// Most parts of one answer (each at most 1,000 policies): a bound on what the
+/// proxy buffers before applying.
+const MAX_PARTS: usize = 1000;
 
 #[derive(Clone)]
 pub struct ControlPlaneSource {
@@ -394,6 +397,9 @@ impl ControlPlaneSource {
         release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         release.reset();
         let mut received = false;
+        // The parts of an answer not yet whole, and their nonces and policies.
+        let mut pending = api::PolicyUpdate::default();
+        let mut parts: Vec<(String, Vec<String>)> = Vec::new();
         let node = self.node_id.clone();
         let message = |m: api::PolicyRequest| api::PolicyRequest {
             node_id: node.clone(),
@@ -403,9 +409,25 @@ impl ControlPlaneSource {
         loop {
             tokio::select! {
                 update = updates.message() => {
-                    let Some(update) = update? else { break };
+                    let Some(part) = update? else { break };
                     received = true;
-                    let nonce = update.nonce.clone();
+                    // A large answer comes in parts: applied together, once whole.
+                    parts.push((
+                        part.nonce.clone(),
+                        part.policies.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
+                    ));
+                    anyhow::ensure!(
+                        parts.len() <= MAX_PARTS,
+                        "the control plane sent an answer in more than {MAX_PARTS} parts"
+                    );
+                    let more = part.more;
+                    pending.policies.extend(part.policies);
+                    pending.removed.extend(part.removed);
+                    pending.unknown_hosts.extend(part.unknown_hosts);
+                    if more {
+                        continue;
+                    }
+                    let update = std::mem::take(&mut pending);
                     let unknown = update.unknown_hosts.clone();
                     // Building a runtime resolves backend names (blocking DNS) and
                     // persisting writes a file: neither may stall this runtime's
@@ -432,12 +454,19 @@ impl ControlPlaneSource {
                         demand.owned(&owned);
                         demand.answered(&unknown, Instant::now());
                     }
-                    tx.send(message(api::PolicyRequest {
-                        response_nonce: nonce,
-                        refused: applied.refused,
-                        ..Default::default()
-                    }))
-                    .await?;
+                    // Each part is answered by its nonce, with its own refusals.
+                    for (nonce, ids) in parts.drain(..) {
+                        let refused = ids
+                            .iter()
+                            .filter_map(|id| Some((id.clone(), applied.refused.get(id)?.clone())))
+                            .collect();
+                        tx.send(message(api::PolicyRequest {
+                            response_nonce: nonce,
+                            refused,
+                            ..Default::default()
+                        }))
+                        .await?;
+                    }
                 }
                 Some(host) = recv(asks) => {
                     let mut hosts = vec![host];

@@ -419,6 +419,45 @@ async fn a_proxy_holds_only_what_its_requests_use_and_releases_it_when_idle() {
     cp.stop().await;
 }
 
+/// `--all-policies` with a mesh larger than one update: the parts arrive and are
+/// applied together; the proxy holds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_holding_every_policy_gets_a_large_mesh_in_parts() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    // Two files: the YAML reader takes at most 1,024 documents per file.
+    for half in 0..2 {
+        let mesh: Vec<String> = (half * 600..(half + 1) * 600)
+            .map(|i| named(&format!("h{i}"), a.addr()))
+            .collect();
+        write(&policies, &format!("mesh-{half}.yaml"), &mesh.join("---\n"));
+    }
+    let cp = ControlPlane::start(&policies, ([127, 0, 0, 1], 0).into()).await;
+    let args: Vec<String> = [
+        "--control-plane",
+        &cp.url(),
+        "--node-id",
+        "all",
+        "--all-policies",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let p = ProxyProcess::start_args(&args);
+    p.wait_ready().await;
+    eventually(
+        Duration::from_secs(10),
+        "all 1,200 policies held",
+        || async { held(&p).await.len() == 1200 },
+    )
+    .await;
+    let r = get(p.listen_addr(), "h1100", "/").await.expect("request");
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("a")));
+    cp.stop().await;
+}
+
 #[path = "../../control-plane/tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
 
