@@ -60,9 +60,33 @@ fn write(dir: &Path, name: &str, yaml: &str) {
     std::fs::rename(&tmp, dir.join(name)).expect("rename");
 }
 
+type Client = PolicyDiscoveryClient<tonic::transport::Channel>;
+
+/// A client of `running`'s API, and a policy stream opened with `first`.
+async fn subscribe(
+    running: &Running,
+    first: PolicyRequest,
+) -> (
+    Client,
+    tokio::sync::mpsc::Sender<PolicyRequest>,
+    tonic::Streaming<sluice_control_plane::api::PolicyUpdate>,
+) {
+    let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await.expect("subscribe");
+    let stream = client
+        .stream_policies(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    (client, tx, stream)
+}
+
 /// The proxy `node`'s entry in status, once `check` holds (bounded wait).
 async fn proxy_status(
-    client: &mut PolicyDiscoveryClient<tonic::transport::Channel>,
+    client: &mut Client,
     node: &str,
     check: impl Fn(&sluice_control_plane::api::ProxyStatus) -> bool,
 ) -> sluice_control_plane::api::ProxyStatus {
@@ -90,26 +114,19 @@ async fn a_subscriber_gets_the_policies_of_its_hosts_only_and_refuses_one_alone(
     write(&policies, "cart.yaml", &cart(1));
     write(&policies, "other.yaml", &POLICY.replace("shop", "other"));
     let (running, stop) = serve(&dir, |_| {}).await.expect("serve");
-    let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
-        .await
-        .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
     let hello = PolicyRequest {
         node_id: "fake-proxy".into(),
         namespace: "shop".into(),
         ..Default::default()
     };
-    tx.send(PolicyRequest {
-        hosts_added: vec!["shop".into(), "nowhere.example".into()],
-        ..hello.clone()
-    })
-    .await
-    .expect("subscribe");
-    let mut stream = client
-        .stream_policies(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (mut client, tx, mut stream) = subscribe(
+        &running,
+        PolicyRequest {
+            hosts_added: vec!["shop".into(), "nowhere.example".into()],
+            ..hello.clone()
+        },
+    )
+    .await;
     // Only what it asked for, and an answer for the host nobody owns.
     let first = stream
         .message()
@@ -421,25 +438,18 @@ async fn a_subscriber_to_every_policy_of_a_large_mesh_gets_it_in_parts() {
         write(&policies, &format!("mesh-{half}.yaml"), &mesh.join("---\n"));
     }
     let (running, stop) = serve(&dir, |_| {}).await.expect("serve");
-    let mut client = PolicyDiscoveryClient::connect(format!("http://{}", running.addr))
-        .await
-        .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
     let hello = PolicyRequest {
         node_id: "everything".into(),
         ..Default::default()
     };
-    tx.send(PolicyRequest {
-        all: true,
-        ..hello.clone()
-    })
-    .await
-    .expect("subscribe");
-    let mut stream = client
-        .stream_policies(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (mut client, tx, mut stream) = subscribe(
+        &running,
+        PolicyRequest {
+            all: true,
+            ..hello.clone()
+        },
+    )
+    .await;
     let mut next = async || {
         tokio::time::timeout(Duration::from_secs(30), stream.message())
             .await

@@ -229,27 +229,7 @@ async fn namespaces_are_isolated_and_each_resource_says_why_it_is_not_served() {
         "bad",
         json!({"hosts": ["bad.example"], "routes": [{"name": "r", "rateLimit": {"requestsPerSecond": 1, "burst": 0}}]}),
     );
-    let (url, _) = fake.start().await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = sluice_control_plane::serve::start(
-        sluice_control_plane::serve::ServeConfig {
-            policies: None,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            tls: None,
-            cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
-            token_file: None,
-            kubernetes: Some(kube::Config::new(url.parse().expect("url"))),
-            token_review: None,
-            operators: Vec::new(),
-            telemetry: None,
-            webhook: None,
-        },
-        async {
-            let _ = stopped.await;
-        },
-    )
-    .await
-    .expect("serve");
+    let (running, stop) = follower(&fake).await;
     let accepted = |ns: &str, name: &str| -> Option<(String, String, String)> {
         let object = fake.policy(ns, name)?;
         let c = object["status"]["conditions"]
