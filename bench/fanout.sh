@@ -15,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STREAMS=${STREAMS:-1000} CONNECTIONS=${CONNECTIONS:-10} RESULTS=${RESULTS:-bench/RESULTS.md}
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 cargo build --release --locked -p sluice-control-plane >&2
 bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
@@ -27,12 +29,6 @@ cleanup() {
 trap cleanup EXIT
 
 # Waits up to $1 seconds for command $2... to succeed.
-wait_for() {
-  local seconds=$1; shift
-  for _ in $(seq 1 $((seconds * 10))); do "$@" && return 0; sleep 0.1; done
-  echo "fanout: timed out after ${seconds}s waiting for: $*" >&2
-  return 1
-}
 
 # The served policy is the demo's; the change raises one rate limit.
 mkdir "$work/policies"

@@ -1,4 +1,14 @@
-# bench/lib.sh: helpers shared by bench/proxy.sh and bench/ab.sh (sourced, not run).
+# bench/lib.sh: helpers shared by the bench scripts (sourced, not run).
+
+# wait_for SECONDS COMMAND...: runs COMMAND every 0.1 s until it succeeds; fails
+# (naming it) after SECONDS.
+wait_for() {
+    local seconds=$1
+    shift
+    for _ in $(seq 1 $((seconds * 10))); do "$@" && return 0; sleep 0.1; done
+    echo "$(basename "$0"): timed out after ${seconds}s waiting for: $*" >&2
+    return 1
+}
 
 # stop_pids PID...: SIGTERM, up to 5 s for them to exit, then SIGKILL.
 stop_pids() {

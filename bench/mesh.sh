@@ -35,12 +35,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_for() {
-  local seconds=$1; shift
-  for _ in $(seq 1 $((seconds * 10))); do "$@" && return 0; sleep 0.1; done
-  echo "mesh: timed out after ${seconds}s waiting for: $*" >&2
-  return 1
-}
 now_ms() { date +%s%3N; }
 rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 hwm_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
