@@ -168,8 +168,14 @@ impl Admin {
                 rt => reply(
                     200,
                     "text/plain",
-                    format!("ready: policy version {} from {}\n", rt.version, rt.source)
-                        .into_bytes(),
+                    // With on-demand discovery a proxy is ready holding nothing yet.
+                    format!(
+                        "ready: policy version {} ({} policies held) from {}\n",
+                        rt.version,
+                        rt.policies.len(),
+                        rt.source
+                    )
+                    .into_bytes(),
                 ),
             },
             "/metrics" => reply(
