@@ -535,21 +535,29 @@ impl ControlPlaneSource {
         out
     }
 
+    /// What the proxy holds: the live snapshot's policies (after a restart, those
+    /// of the state file).
+    fn held_now(&self) -> Held {
+        let runtime = self.shared.runtime.load();
+        if runtime.loaded() {
+            Held::from_set(runtime.set.clone())
+        } else {
+            Held::default()
+        }
+    }
+
     /// Follows the control plane until shutdown. `asks` are the hosts requests
     /// want (on demand; `None` with `--all-policies`).
     pub async fn run(self, mut asks: Option<mpsc::Receiver<String>>, mut shutdown: ShutdownWatch) {
         let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
-        // What a restored state file holds is what the proxy holds.
-        let mut held = {
-            let runtime = self.shared.runtime.load();
-            if runtime.loaded() {
-                Held::from_set(runtime.set.clone())
-            } else {
-                Held::default()
-            }
-        };
+        let mut held = self.held_now();
         // Ends on shutdown; each iteration is one connection attempt.
         loop {
+            if held.policies.is_empty() {
+                // Lost with an apply that failed mid-way (it holds them while it
+                // runs): what serves is what the proxy holds.
+                held = self.held_now();
+            }
             let outcome = tokio::select! {
                 _ = shutdown.changed() => return,
                 outcome = self.session(&mut held, &mut asks) => outcome,
