@@ -714,7 +714,9 @@ fn rejected_of(state: &State) -> Vec<String> {
         if !c.accepted {
             let serving = match (&c.serving, c.reason) {
                 (Some(version), _) => format!(" (still serving its last good version {version})"),
-                (None, "Invalid") => " (not served: it has no good version)".to_owned(),
+                (None, crate::status::REASON_INVALID) => {
+                    " (not served: it has no good version)".to_owned()
+                }
                 (None, _) => String::new(),
             };
             out.push(format!("{id}: {}: {}{serving}", c.reason, c.message));

@@ -18,12 +18,14 @@ use std::sync::Arc;
 use sluice_policy::PolicyId;
 
 use super::PolicyResource;
+use crate::status::{REASON_ACCEPTED, REASON_HOST_CONFLICT, REASON_INVALID};
 
 /// Why a policy is (not) served, for its `Accepted` condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
     pub accepted: bool,
-    /// `Accepted`, `Invalid` or `HostConflict`.
+    /// [`REASON_ACCEPTED`], [`REASON_INVALID`] or [`REASON_HOST_CONFLICT`]: the
+    /// reasons the status writer puts on the resource.
     pub reason: &'static str,
     /// The errors (file:line:column), the conflict, or the warnings: from the
     /// source alone, so that every replica writes the same status.
@@ -86,7 +88,7 @@ pub fn resolve(
                     id.clone(),
                     Condition {
                         accepted: true,
-                        reason: "Accepted",
+                        reason: REASON_ACCEPTED,
                         message: entry.warnings.join("\n"),
                         generation: entry.generation,
                         serving: None,
@@ -103,7 +105,7 @@ pub fn resolve(
                     id.clone(),
                     Condition {
                         accepted: false,
-                        reason: "Invalid",
+                        reason: REASON_INVALID,
                         message: errors.join("\n"),
                         generation: entry.generation,
                         serving: kept.map(|good| good.version.clone()),
@@ -193,7 +195,7 @@ pub fn resolve(
                     id.clone(),
                     Condition {
                         accepted: false,
-                        reason: "HostConflict",
+                        reason: REASON_HOST_CONFLICT,
                         message: why.clone(),
                         generation: entry.map_or(0, |e| e.generation),
                         serving: None,
