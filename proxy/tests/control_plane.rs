@@ -324,6 +324,13 @@ fn named(name: &str, backend: SocketAddr) -> String {
     )
 }
 
+/// A map's keys in order (the status' maps are hash maps).
+fn sorted_keys(map: &std::collections::HashMap<String, String>) -> Vec<&str> {
+    let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys
+}
+
 /// The identities of the policies in a proxy's /config_dump.
 async fn held(proxy: &ProxyProcess) -> Vec<String> {
     let d = dump(proxy).await;
@@ -361,18 +368,26 @@ async fn a_proxy_holds_only_what_its_requests_use_and_releases_it_when_idle() {
         &state.display().to_string(),
         "--policy-idle",
         "1s",
+        // Held from the start and never released.
+        "--dependency",
+        "s42:8080",
     ]
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
     let p = ProxyProcess::start_args(&args);
     p.wait_ready().await;
-    assert!(held(&p).await.is_empty());
+    eventually(
+        Duration::from_secs(5),
+        "the dependency held without a request",
+        || async { held(&p).await == ["s42"] },
+    )
+    .await;
     for host in ["s3", "s7"] {
         let r = get(p.listen_addr(), host, "/").await.expect("request");
         assert_eq!((r.status, r.header("x-upstream")), (200, Some("a")));
     }
-    assert_eq!(held(&p).await, ["s3", "s7"]);
+    assert_eq!(held(&p).await, ["s3", "s42", "s7"]);
     eventually(
         Duration::from_secs(5),
         "the control plane sees what it holds",
@@ -380,8 +395,7 @@ async fn a_proxy_holds_only_what_its_requests_use_and_releases_it_when_idle() {
             let store = Arc::clone(&store);
             async move {
                 store.status().proxies.iter().any(|x| {
-                    x.node_id == "lean"
-                        && x.policy_versions.keys().collect::<Vec<_>>() == ["s3", "s7"]
+                    x.node_id == "lean" && sorted_keys(&x.policy_versions) == ["s3", "s42", "s7"]
                 })
             }
         },
@@ -395,9 +409,10 @@ async fn a_proxy_holds_only_what_its_requests_use_and_releases_it_when_idle() {
         "{}",
         r.text()
     );
-    // Unused for the idle period: released, from the proxy and the control plane.
+    // Unused for the idle period: released, from the proxy and the control plane;
+    // the declared dependency stays.
     eventually(Duration::from_secs(10), "released", || async {
-        held(&p).await.is_empty()
+        held(&p).await == ["s42"]
     })
     .await;
     eventually(
@@ -407,7 +422,9 @@ async fn a_proxy_holds_only_what_its_requests_use_and_releases_it_when_idle() {
             let store = Arc::clone(&store);
             async move {
                 store.status().proxies.iter().any(|x| {
-                    x.node_id == "lean" && x.policy_versions.is_empty() && x.hosts_wanted == 0
+                    x.node_id == "lean"
+                        && sorted_keys(&x.policy_versions) == ["s42"]
+                        && x.hosts_wanted == 1
                 })
             }
         },
