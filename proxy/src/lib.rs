@@ -3,7 +3,8 @@
 //! The map, in the order a request meets it:
 //! - it enters at [`h1`] (Sluice's HTTP/1.1 engine: `h1/listener.rs` accepts, `h1/mod.rs`
 //!   serves), which hands what it does not serve (h2c, upgrades, large bodies) to
-//!   pingora's [`phases`] through the strict HTTP/1 [`front`];
+//!   pingora's [`phases`] through the strict HTTP/1 [`front`]; connections opening
+//!   with the HTTP/2 preface go to [`h2`] (Sluice's HTTP/2 engine on the `h2` crate);
 //! - [`exchange`] decides everything about it, for both engines: routing, the
 //!   rate limits, breaker and concurrency limit, peers, retries, fallbacks, and
 //!   settlement (metrics and the access log through its `Observe`r; a route's and a
@@ -21,7 +22,7 @@
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
 //! leaves (`metrics`, `trace`, `verdict`...) < components (`ratelimit`, `breaker`,
 //! `endpoints`, `resolve`, `services`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
-//! (`exchange`, `front`, `phases`, `h1`) < app (`source`, `control_plane`, `discovery`, `admin`,
+//! (`exchange`, `front`, `phases`, `h1`, `h2`) < app (`source`, `control_plane`, `discovery`, `admin`,
 //! `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ pub mod exchange;
 pub mod front;
 pub mod globallimit;
 pub mod h1;
+pub mod h2;
 pub mod hashring;
 pub mod health;
 pub mod iptables;

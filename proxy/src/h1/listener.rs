@@ -29,7 +29,9 @@ pub struct Listener {
 
 impl Listener {
     /// Serves `flow` on `socket` (bound, non-blocking); connections the fast path does not serve go to
-    /// `pingora` (or, opening with the HTTP/2 preface, to `pingora_h2c`). A client
+    /// `pingora`; those opening with the HTTP/2 preface to the h2 engine (with
+    /// `pingora_h2c` given, or on a transparent listener; with `--engine pingora`,
+    /// to `pingora_h2c`). A client
     /// idle for `idle_timeout` between requests is disconnected.
     pub fn new(
         flow: SluiceProxy,
@@ -39,8 +41,13 @@ impl Listener {
         idle_timeout: Duration,
         fast_path: bool,
     ) -> Self {
+        // The h2 engine takes the preface with `--h2c`, and on transparent
+        // listeners always (intercepted clients speak what they speak).
+        let h2 = (fast_path && (pingora_h2c.is_some() || flow.transparent))
+            .then(|| crate::h2::Engine::new(flow.clone(), idle_timeout));
         Listener {
             inner: Arc::new(Engine {
+                h2,
                 flow,
                 listen: socket.addr,
                 pingora: Arc::new(pingora),
@@ -80,6 +87,9 @@ impl BackgroundService for Listener {
                 accepted = listener.accept() => accepted,
                 _ = sweep.tick() => {
                     self.inner.pool.sweep(Instant::now());
+                    if let Some(h2) = &self.inner.h2 {
+                        h2.sweep(Instant::now());
+                    }
                     continue;
                 }
                 _ = shutdown.changed() => {

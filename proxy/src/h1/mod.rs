@@ -16,11 +16,12 @@
 //! 304, relayed in canonical form. Hop-by-hop fields stay behind both ways (RFC 9110
 //! §7.6.1): the backend's `Connection: close` ends the backend connection, not the
 //! client's, as in Envoy. Anything else — HTTP/1.0, larger bodies, `Expect`,
-//! upgrades and CONNECT, h2c (the preface, or a policy whose backends speak h2c) —
+//! upgrades and CONNECT, a policy whose backends speak h2c —
 //! is handed over, connection and bytes already read, to pingora for the rest of
 //! the connection, through the same checks ([`crate::front`]). A request refused by those
 //! checks is answered with its status and the connection closed; nothing of it
-//! goes upstream.
+//! goes upstream. A connection that opens with the HTTP/2 preface goes to
+//! [`crate::h2`] (with `--engine pingora`, to pingora's h2c).
 
 mod listener;
 mod proxying;
@@ -64,8 +65,11 @@ struct Engine {
     /// Where connections the fast path does not serve go.
     pingora: Arc<HttpProxy<SluiceProxy>>,
     /// Only with `--h2c`: the pingora instance that speaks h2c, for connections that
-    /// open with the HTTP/2 preface.
+    /// open with the HTTP/2 preface (with `--engine pingora`).
     pingora_h2c: Option<Arc<HttpProxy<SluiceProxy>>>,
+    /// Sluice's HTTP/2 engine, for connections that open with the preface (with
+    /// `--h2c`, or on a transparent listener); `None` with `--engine pingora`.
+    h2: Option<crate::h2::Engine>,
     pool: Pool,
     idle_timeout: Duration,
     /// Serve requests here; else every connection goes to pingora (`--engine pingora`).
@@ -178,9 +182,9 @@ impl Engine {
             idle_timeout: self.idle_timeout,
             last_active: Instant::now(),
         };
-        if let Some(h2c) = &self.pingora_h2c {
+        if self.h2.is_some() || self.pingora_h2c.is_some() {
             match client.starts_with_preface().await {
-                Some(true) => return hand_off(client, h2c, false).await,
+                Some(true) => return self.serve_h2(client).await,
                 Some(false) => {}
                 None => return,
             }
@@ -203,6 +207,26 @@ impl Engine {
                 Served::Close => return,
                 Served::HandOff => return hand_off(client, &self.pingora, true).await,
             }
+        }
+    }
+
+    /// A connection that opened with the HTTP/2 preface: to the h2 engine, or to
+    /// pingora's h2c with `--engine pingora`.
+    async fn serve_h2(&self, client: Client) {
+        match (&self.h2, &self.pingora_h2c) {
+            (Some(h2), _) => {
+                let Client {
+                    stream,
+                    peer,
+                    buf,
+                    original_dst,
+                    shutdown,
+                    ..
+                } = client;
+                h2.serve(stream, buf, peer, original_dst, shutdown).await;
+            }
+            (None, Some(h2c)) => hand_off(client, h2c, false).await,
+            (None, None) => {}
         }
     }
 
