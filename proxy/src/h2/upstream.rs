@@ -415,34 +415,17 @@ impl Upstreams {
         // The body and trailers, while the request body may still be going up
         // (gRPC streams both ways at once). Bounded by the response's end, an
         // error, or the route's timeout on each read.
-        let relayed: Result<Option<http::HeaderMap>, (Side, bool)> = loop {
-            tokio::select! {
-                biased;
-                sent = &mut pump, if pumped.is_none() => {
+        let relayed = {
+            let relay = relay_response(&mut up_body, &mut down, limit);
+            tokio::pin!(relay);
+            loop {
+                tokio::select! {
+                    biased;
+                    relayed = &mut relay => break relayed,
                     // A client that stopped sending may still read; a backend that
                     // stopped reading may still answer: the response decides.
-                    pumped = Some(sent.unwrap_or(true));
+                    sent = &mut pump, if pumped.is_none() => pumped = Some(sent.unwrap_or(true)),
                 }
-                chunk = within(limit, up_body.data()) => match chunk {
-                    Some(Some(Ok(data))) => {
-                        let n = data.len();
-                        let last = up_body.is_end_stream();
-                        if send_data(&mut down, data, last).await.is_err() {
-                            break Err((Side::Client, false));
-                        }
-                        let _ = up_body.flow_control().release_capacity(n);
-                        if last {
-                            break Ok(None);
-                        }
-                    }
-                    Some(Some(Err(_))) => break Err((Side::Upstream, false)),
-                    Some(None) => match within(limit, up_body.trailers()).await {
-                        Some(Ok(trailers)) => break Ok(trailers),
-                        Some(Err(_)) => break Err((Side::Upstream, false)),
-                        None => break Err((Side::Upstream, true)),
-                    },
-                    None => break Err((Side::Upstream, true)),
-                },
             }
         };
         let finished = match relayed {
@@ -473,6 +456,42 @@ impl Upstreams {
         exchange.on(&*req, Instant::now(), finished);
         drop(lease);
         None
+    }
+}
+
+/// Relays the response body and trailers from the backend to the client, each
+/// read within the route's timeout; the trailers, or where it failed (and whether
+/// by timing out). Its own future, so that the request body keeps streaming up
+/// while it waits for the client's window (gRPC streams both ways at once).
+async fn relay_response(
+    up_body: &mut h2::RecvStream,
+    down: &mut SendStream<Bytes>,
+    limit: Option<Duration>,
+) -> Result<Option<http::HeaderMap>, (Side, bool)> {
+    // Bounded by the response's end, an error, or the route's timeout on each read.
+    loop {
+        match within(limit, up_body.data()).await {
+            Some(Some(Ok(data))) => {
+                let n = data.len();
+                let last = up_body.is_end_stream();
+                if send_data(down, data, last).await.is_err() {
+                    return Err((Side::Client, false));
+                }
+                let _ = up_body.flow_control().release_capacity(n);
+                if last {
+                    return Ok(None);
+                }
+            }
+            Some(Some(Err(_))) => return Err((Side::Upstream, false)),
+            Some(None) => {
+                return match within(limit, up_body.trailers()).await {
+                    Some(Ok(trailers)) => Ok(trailers),
+                    Some(Err(_)) => Err((Side::Upstream, false)),
+                    None => Err((Side::Upstream, true)),
+                }
+            }
+            None => return Err((Side::Upstream, true)),
+        }
     }
 }
 

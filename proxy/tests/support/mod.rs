@@ -315,7 +315,7 @@ impl ProxyProcess {
             .collect()
     }
 
-    fn exit_status(&self) -> Option<ExitStatus> {
+    pub fn exit_status(&self) -> Option<ExitStatus> {
         self.lock_child().try_wait().ok().flatten()
     }
 
