@@ -33,10 +33,14 @@ pub const MAX_IDLE_PER_BACKEND: usize = 128;
 /// Request bytes gathered before a write to the backend.
 const WRITE_CHUNK: usize = 16 * 1024;
 
-/// Idle HTTP/1 connections to backends.
+/// A worker thread and a backend: a connection belongs to the runtime (thread)
+/// that opened it.
+type Key = (ThreadId, SocketAddr);
+
+/// Idle HTTP/1 connections to backends, oldest first, with when they went idle.
 #[derive(Default)]
 pub(super) struct Pool {
-    idle: Mutex<FnvHashMap<(ThreadId, SocketAddr), Vec<(TcpStream, Instant)>>>,
+    idle: Mutex<FnvHashMap<Key, Vec<(TcpStream, Instant)>>>,
 }
 
 /// Still open and silent (a backend that closed shows as readable); no system

@@ -46,12 +46,15 @@ impl Drop for Lease {
     }
 }
 
+/// The HTTP/2 connections to one backend from one worker thread.
+type Connections = Vec<Arc<H2Conn>>;
+
 /// The upstream connections of one listener's h2 engine.
 #[derive(Default)]
 pub(super) struct Upstreams {
     /// Per (worker thread, backend): a connection belongs to the runtime (thread)
     /// that opened it, threads only share the lock.
-    h2: Mutex<FnvHashMap<(ThreadId, SocketAddr), Vec<Arc<H2Conn>>>>,
+    h2: Mutex<FnvHashMap<(ThreadId, SocketAddr), Connections>>,
     pub(super) http1: http1::Pool,
 }
 
