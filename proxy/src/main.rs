@@ -123,9 +123,11 @@ struct Args {
     /// Turn the JSON access log on stdout off.
     #[arg(long)]
     no_access_log: bool,
-    /// Also accept HTTP/2 with prior knowledge (h2c) on the listeners. pingora peeks
-    /// at the first 24 bytes of each connection to tell, without a timeout, so a
-    /// client that sends less than that and waits is not answered until it sends more.
+    /// Also accept HTTP/2 with prior knowledge (h2c) on the listeners: served by
+    /// Sluice's h2 engine (docs/http2.md), or pingora's with `--engine pingora`.
+    /// Transparent listeners accept it without this flag (`--engine h1`). The first
+    /// 24 bytes of each connection tell, without a timeout, so a client that sends
+    /// less than that and waits is not answered until it sends more.
     #[arg(long)]
     h2c: bool,
     /// The inbound sidecar listener: everything arriving here goes to `--app` under

@@ -495,3 +495,150 @@ async fn a_rapid_reset_flood_is_bounded_and_the_proxy_serves_on() {
     let fresh = connect(proxy.listen_addr()).await;
     assert_eq!(get(&fresh, "grpc", "/").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_transparent_listener_takes_the_preface_without_the_h2c_flag() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("shop", a.addr(), false, "    - name: all\n"),
+        &["--transparent"],
+    )
+    .await;
+    let client = connect(proxy.listen_addr()).await;
+    let got = get(&client, "shop", "/t").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(String::from_utf8_lossy(&got.body), "a GET /t\n");
+}
+
+#[tokio::test]
+async fn a_header_list_over_the_bound_is_refused_before_any_backend() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("shop", a.addr(), false, "    - name: all\n"),
+        &["--h2c"],
+    )
+    .await;
+    let client = connect(proxy.listen_addr()).await;
+    assert_eq!(get(&client, "shop", "/").await.status, 200);
+    let big = "x".repeat(20 * 1024);
+    let req = request("GET", "shop", "/big")
+        .header("x-big", big.as_str())
+        .body(())
+        .expect("request");
+    match send(&client, req, None, None).await {
+        Ok(got) => assert_eq!(got.status, 431),
+        Err(e) => assert!(e.is_reset(), "refused by a reset, got {e:?}"),
+    }
+    assert_eq!(a.requests(), 1, "nothing of it reached the backend");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_sent_goaway_and_closed() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("shop", a.addr(), false, "    - name: all\n"),
+        &["--h2c", "--idle-timeout", "1s"],
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    assert_eq!(get(&client, "shop", "/").await.status, 200);
+    // The client keeps its handle: only the proxy can end the connection.
+    let ended = tokio::time::timeout(WAIT, conn).await;
+    assert!(ended.is_ok(), "the idle connection was closed by the proxy");
+    drop(client);
+}
+
+#[tokio::test]
+async fn on_sigterm_streams_in_progress_finish_and_the_connection_is_sent_goaway() {
+    let (backend, seen) = h2c_backend().await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("grpc", backend, true, "    - name: all\n"),
+        &["--h2c"],
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { get(&client, "grpc", "/slow").await.status })
+    };
+    // Bounded wait until the stream is at the backend.
+    let deadline = std::time::Instant::now() + WAIT;
+    while seen.in_flight.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.sigterm();
+    assert_eq!(
+        slow.await.expect("task"),
+        200,
+        "the stream in progress finished"
+    );
+    let ended = tokio::time::timeout(WAIT, conn).await;
+    assert!(
+        ended.is_ok(),
+        "the connection was ended by the proxy (GOAWAY)"
+    );
+    drop(client);
+    assert!(proxy.wait_exit(WAIT).await.is_some(), "the proxy exited");
+}
+
+#[tokio::test]
+async fn http1_clients_reach_h2c_backends_on_the_fast_path() {
+    let (backend, seen) = h2c_backend().await;
+    let dir = TempDir::new();
+    // No --h2c: that flag is about clients; backends speak what the policy says.
+    let proxy = start_with(
+        &dir,
+        &policy("grpc", backend, true, "    - name: all\n"),
+        &[],
+    )
+    .await;
+    let mut client = support::HttpClient::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    let got = client
+        .request("GET", "grpc", "/", &[("te", "trailers")], b"")
+        .await
+        .expect("get");
+    assert_eq!((got.status, got.text()), (200, "ok".to_owned()));
+    // `te` is hop-by-hop for an HTTP/1.1 client: it stays behind.
+    assert_eq!(got.header("x-seen-te"), Some("-"));
+    let echoed = client
+        .request("POST", "grpc", "/echo", &[], b"hello body")
+        .await
+        .expect("post");
+    assert_eq!(
+        (echoed.status, echoed.text()),
+        (200, "hello body".to_owned())
+    );
+    // Keep-alive: the same client connection goes on.
+    let again = client
+        .request("GET", "grpc", "/", &[], b"")
+        .await
+        .expect("again");
+    assert_eq!(again.status, 200);
+    assert_eq!(seen.streams.load(Ordering::SeqCst), 3);
+    let log = log_lines(&proxy, 3).await;
+    assert!(log
+        .iter()
+        .all(|l| l["status"] == 200 && l["route"] == "all"));
+}

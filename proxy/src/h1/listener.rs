@@ -48,6 +48,7 @@ impl Listener {
         Listener {
             inner: Arc::new(Engine {
                 h2,
+                h2c: fast_path.then(crate::h2::H2Backends::default),
                 flow,
                 listen: socket.addr,
                 pingora: Arc::new(pingora),
@@ -89,6 +90,9 @@ impl BackgroundService for Listener {
                     self.inner.pool.sweep(Instant::now());
                     if let Some(h2) = &self.inner.h2 {
                         h2.sweep(Instant::now());
+                    }
+                    if let Some(h2c) = &self.inner.h2c {
+                        h2c.sweep(Instant::now());
                     }
                     continue;
                 }

@@ -16,13 +16,15 @@
 //! 304, relayed in canonical form. Hop-by-hop fields stay behind both ways (RFC 9110
 //! §7.6.1): the backend's `Connection: close` ends the backend connection, not the
 //! client's, as in Envoy. Anything else — HTTP/1.0, larger bodies, `Expect`,
-//! upgrades and CONNECT, a policy whose backends speak h2c —
+//! upgrades and CONNECT, a chunked body for a policy whose backends speak h2c —
 //! is handed over, connection and bytes already read, to pingora for the rest of
 //! the connection, through the same checks ([`crate::front`]). A request refused by those
 //! checks is answered with its status and the connection closed; nothing of it
 //! goes upstream. A connection that opens with the HTTP/2 preface goes to
-//! [`crate::h2`] (with `--engine pingora`, to pingora's h2c).
+//! [`crate::h2`] (with `--engine pingora`, to pingora's h2c); requests for h2c
+//! backends are sent over the h2 engine's upstream connections (`h2c.rs`).
 
+mod h2c;
 mod listener;
 mod proxying;
 pub use listener::Listener;
@@ -70,6 +72,9 @@ struct Engine {
     /// Sluice's HTTP/2 engine, for connections that open with the preface (with
     /// `--h2c`, or on a transparent listener); `None` with `--engine pingora`.
     h2: Option<crate::h2::Engine>,
+    /// HTTP/2 connections to h2c backends, for HTTP/1.1 requests whose policy
+    /// wants them (`None` with `--engine pingora`).
+    h2c: Option<crate::h2::H2Backends>,
     pool: Pool,
     idle_timeout: Duration,
     /// Serve requests here; else every connection goes to pingora (`--engine pingora`).
@@ -281,6 +286,9 @@ impl Engine {
                 Err(None) => return Served::Close,
             },
         };
+        // Requests for h2c backends stay here unless their body is chunked (kept
+        // re-encoded, not as data): those go to pingora.
+        let h2c = self.h2c.is_some() && chunked.is_none();
         let head_bytes = client.buf.split_to(n_head).freeze();
         head.attach(head_bytes);
         let body = match chunked {
@@ -305,10 +313,10 @@ impl Engine {
         let mut exchange = self.flow.exchange(Instant::now());
         client.last_active = exchange.start();
         let undiscovered = self.flow.discover(req.host()).await;
-        let event = self.flow.arrived(client.original_dst, false, undiscovered);
+        let event = self.flow.arrived(client.original_dst, h2c, undiscovered);
         let action = exchange.on(&req, exchange.start(), event);
         if let Action::HandOff = action {
-            // A policy with h2c backends needs pingora's HTTP/2 client: the request
+            // A policy with h2c backends, a chunked body: pingora's HTTP/2 client. The request
             // goes over as it came, with its exchange (routed, not yet governed).
             let mut replay =
                 BytesMut::with_capacity(req.head.bytes().len() + body.len() + client.buf.len());

@@ -11,6 +11,7 @@ use sluice_h1::{Framing, ResponseHead};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::h2c::H2cStep;
 use super::upstream::{
     connect, read_response_head, relay_body, unless_client_leaves, within, Broken, Relay,
 };
@@ -85,6 +86,18 @@ impl Engine {
                     return Served::Close;
                 }
             };
+            if peer.h2c {
+                let step = self
+                    .attempt_h2c(client, req, body, &mut exchange, &peer, keep_alive, out)
+                    .await;
+                match step {
+                    H2cStep::Next(next) => {
+                        action = next;
+                        continue;
+                    }
+                    H2cStep::Done(served) => return served,
+                }
+            }
             // A connection: pooled (unless a stale one just broke), else new.
             let pooled = match peer.fresh {
                 true => None,

@@ -544,3 +544,50 @@ impl Upstreams {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes `wire` (chunked, as a backend sent it) fed in pieces of `step` bytes.
+    fn dechunk(wire: &[u8], step: usize) -> (Vec<u8>, Option<http::HeaderMap>) {
+        let mut decoder = ChunkedDecoder::new(true);
+        let (mut input, mut canon, mut pending) = (Vec::new(), Vec::new(), BytesMut::new());
+        let mut dechunk = Dechunk::default();
+        let mut data = Vec::new();
+        for piece in wire.chunks(step) {
+            input.extend_from_slice(piece);
+            let progress = decoder
+                .transcode(&input, &mut canon)
+                .expect("valid chunking");
+            input.drain(..progress.consumed);
+            pending.extend_from_slice(&canon);
+            canon.clear();
+            dechunk.take(&mut pending, &mut data);
+            if progress.done {
+                break;
+            }
+        }
+        let body = data.iter().flat_map(|b| b.iter().copied()).collect();
+        (body, dechunk.trailers.filter(|t| !t.is_empty()))
+    }
+
+    #[test]
+    fn chunked_bodies_become_data_and_trailers_whatever_the_pieces() {
+        let wire = b"5;ext=1\r\nhello\r\n006\r\n world\r\n0\r\ngrpc-status: 0\r\nx-a:  b \r\n\r\n";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let (body, trailers) = dechunk(wire, step);
+            assert_eq!(body, b"hello world", "step {step}");
+            let trailers = trailers.expect("trailers");
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(trailers["x-a"], "b");
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_without_trailers_has_none() {
+        let (body, trailers) = dechunk(b"3\r\nabc\r\n0\r\n\r\n", 4);
+        assert_eq!(body, b"abc");
+        assert!(trailers.is_none());
+    }
+}

@@ -42,6 +42,7 @@
 //! [`MAX_UPSTREAM_CONNECTIONS`] per worker thread and backend (beyond, streams queue
 //! on the least loaded one).
 
+mod bridge;
 mod events;
 mod http1;
 mod io;
@@ -60,6 +61,7 @@ use pingora::server::ShutdownWatch;
 use tokio::net::TcpStream;
 
 use crate::phases::SluiceProxy;
+pub use bridge::{BodyBroken, H2Backends, H2Response, Sent};
 
 /// Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS), and
 /// streams whose work Sluice has in progress per connection.
@@ -150,6 +152,11 @@ impl Engine {
         let mut idle: Pin<Box<tokio::time::Sleep>> =
             Box::pin(tokio::time::sleep(self.idle_timeout));
         let mut going_away = false;
+        if *shutdown.borrow() {
+            // Accepted as the server began to stop: the client is told at once.
+            going_away = true;
+            conn.graceful_shutdown();
+        }
         // Bounded: ends when the connection closes (GOAWAY sent on idle or shutdown
         // ends it once its streams are done).
         loop {

@@ -37,7 +37,14 @@ struct H2Conn {
 }
 
 /// A stream's hold on a connection, given back on drop.
-struct Lease(Arc<H2Conn>);
+pub(super) struct Lease(Arc<H2Conn>);
+
+impl Lease {
+    /// A handle to open the stream with.
+    pub(super) fn send(&self) -> SendRequest<Bytes> {
+        self.0.send.clone()
+    }
+}
 
 impl Drop for Lease {
     fn drop(&mut self) {
@@ -217,13 +224,17 @@ async fn pump(
 /// Whether a stream that failed before its response reached the backend's app:
 /// refused (REFUSED_STREAM, or beyond a GOAWAY's last stream) or on a connection
 /// that broke.
-fn unprocessed(e: &h2::Error) -> bool {
+pub(super) fn unprocessed(e: &h2::Error) -> bool {
     e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() || e.is_io()
 }
 
 impl Upstreams {
     /// A connection with room for a stream: pooled unless `peer.fresh`, else new.
-    async fn h2_conn(&self, thread: ThreadId, peer: &Peer) -> Result<(Lease, bool), ErrorType> {
+    pub(super) async fn h2_conn(
+        &self,
+        thread: ThreadId,
+        peer: &Peer,
+    ) -> Result<(Lease, bool), ErrorType> {
         let key = (thread, peer.addr);
         if !peer.fresh {
             let mut pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
@@ -315,7 +326,7 @@ impl Upstreams {
         };
         let request = upstream_request(req, exchange, conn);
         let limit = peer.io_timeout;
-        let send = match within(limit, lease.0.send.clone().ready()).await {
+        let send = match within(limit, lease.send().ready()).await {
             Some(Ok(send)) => send,
             Some(Err(e)) => {
                 let event = broken(
