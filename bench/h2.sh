@@ -19,9 +19,13 @@
 #                    backend with an upstream keepalive pool                  :18105
 #   haproxy-h2       HAProxy `bind ... proto h2`, `server ... proto h2` to the
 #                    h2c backend                                              :18106
+#   sluice-h1-h2c    HTTP/1.1 client -> sluice h1 engine -> h2c backend (over the h2
+#                    engine's upstream connections; before, handed to pingora) :18102
+#   pingora-h1-h2c   the same with --engine pingora (what that hand-off cost)  :18104
 #
 # Load: `h2load -t1 -c$CONNS -m$STREAMS -D $DURATION --warm-up-time 1` (h2: 8
-# connections x 16 streams; h1: 64 connections, one request at a time), request
+# connections x 16 streams; HTTP/1.1 clients (*-h1*): `--h1`, 64 connections, one
+# request at a time), request
 # `GET /api/v1/items` with :authority `bench` (`--connect-to` the target). Sluice runs
 # bench/policy.yaml (10 routes, the traffic's route with a token bucket, a breaker and
 # a timeout; metrics on; access log off so that the engines are compared, not the
@@ -154,7 +158,7 @@ backend be
   server backend 127.0.0.1:18181 proto h2
 EOF
 
-declare -A PORT=([sluice-h1]=18101 [sluice-h2]=18101 [sluice-h2-h2c]=18102 [pingora-h2]=18103 [pingora-h2-h2c]=18104 [nginx-h2]=18105 [haproxy-h2]=18106)
+declare -A PORT=([sluice-h1-h2c]=18102 [pingora-h1-h2c]=18104 [sluice-h1]=18101 [sluice-h2]=18101 [sluice-h2-h2c]=18102 [pingora-h2]=18103 [pingora-h2-h2c]=18104 [nginx-h2]=18105 [haproxy-h2]=18106)
 declare -A PROCS
 taskset -c 0 nginx -e "$TMP/backend/error.log" -p "$TMP/backend" -c "$TMP/backend/nginx.conf" >/dev/null 2>&1 &
 PIDS+=($!)
@@ -187,6 +191,8 @@ start_sluice sluice-h2-h2c 18102 18112 18181 ", protocol: h2c"
 start_sluice pingora-h2 18103 18113 18180 "" --engine pingora
 start_sluice pingora-h2-h2c 18104 18114 18181 ", protocol: h2c" --engine pingora
 PROCS[sluice-h1]=${PROCS[sluice-h2]}
+PROCS[sluice-h1-h2c]=${PROCS[sluice-h2-h2c]}
+PROCS[pingora-h1-h2c]=${PROCS[pingora-h2-h2c]}
 
 for name in sluice-h2 sluice-h2-h2c pingora-h2 pingora-h2-h2c; do
     for ((i = 0; i < 100; i++)); do
@@ -200,10 +206,10 @@ for p in $NGINX_PID $BACKEND_PID $BACKEND_H2C_PID; do
     for c in $(pgrep -P "$p"); do PIDS+=("$c"); done
 done
 
-TARGETS=(sluice-h1 sluice-h2 sluice-h2-h2c pingora-h2 pingora-h2-h2c nginx-h2 haproxy-h2)
+TARGETS=(sluice-h1 sluice-h2 sluice-h2-h2c pingora-h2 pingora-h2-h2c nginx-h2 haproxy-h2 sluice-h1-h2c pingora-h1-h2c)
 load() { # target seconds logfile -> h2load's output
     local t=$1 secs=$2 logfile=$3 shape
-    if [ "$t" = sluice-h1 ]; then shape=(--h1 -c"$H1_CONNS" -m1); else shape=(-c"$CONNS" -m"$STREAMS"); fi
+    if [[ "$t" == *-h1* ]]; then shape=(--h1 -c"$H1_CONNS" -m1); else shape=(-c"$CONNS" -m"$STREAMS"); fi
     taskset -c 0 timeout $((secs + 30)) h2load -t1 "${shape[@]}" -D "$secs" --warm-up-time 1 \
         --connect-to="127.0.0.1:${PORT[$t]}" --log-file="$logfile" "http://bench$URLPATH"
 }
@@ -283,6 +289,8 @@ label() {
     pingora-h2-h2c) echo "sluice --engine pingora, h2c -> h2c" ;;
     nginx-h2) echo "nginx, h2c -> HTTP/1.1 (keepalive)" ;;
     haproxy-h2) echo "HAProxy, h2c -> h2c (proto h2 both sides)" ;;
+    sluice-h1-h2c) echo "sluice h1 engine, HTTP/1.1 -> h2c" ;;
+    pingora-h1-h2c) echo "sluice --engine pingora, HTTP/1.1 -> h2c" ;;
     esac
 }
 declare -A M
@@ -300,7 +308,7 @@ REPORT="$TMP/report.md"
     echo "$(h2load --version | head -1). sluice-proxy from $BUILD_REV$([ "$BUILD_DIRTY" -gt 0 ] && echo " plus $BUILD_DIRTY uncommitted file(s)")"
     echo "with bench/policy.yaml (route \`items\`: token bucket, breaker, timeout; metrics on), \`--threads 1"
     echo "--no-access-log --h2c\`. Load: \`h2load -t1 -c$CONNS -m$STREAMS -D $DURATION --warm-up-time 1\` for h2"
-    echo "($((CONNS * STREAMS)) streams in flight), \`h2load --h1 -t1 -c$H1_CONNS -m1\` for the h1 reference,"
+    echo "($((CONNS * STREAMS)) streams in flight), \`h2load --h1 -t1 -c$H1_CONNS -m1\` for HTTP/1.1 clients,"
     echo "\`GET $URLPATH\`, :authority \`bench\`. Medians of $ROUNDS interleaved rounds. Load average at start:"
     echo "$LOADAVG (cargo/rustc running: $BUSY_AT_START)."
     if [ "$BUSY_AT_START" = yes ] || [ "$DISTURBED" -gt 0 ]; then
