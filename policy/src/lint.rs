@@ -148,7 +148,9 @@ pub fn covers(earlier: &RouteMatch, later: &RouteMatch) -> bool {
         || (!later.methods.is_empty() && later.methods.iter().all(|m| earlier.methods.contains(m)));
     // A request carrying every header `later` asks for carries those `earlier` asks for.
     let headers = earlier.headers.iter().all(|h| later.headers.contains(h));
-    path_covers(&earlier.path, &later.path) && methods && headers
+    // A gRPC-only route covers only gRPC-only routes.
+    let grpc = earlier.grpc.is_none() || later.grpc.is_some();
+    path_covers(&earlier.effective_path(), &later.effective_path()) && methods && headers && grpc
 }
 
 /// Byte prefixes, as the proxy compares paths (`/api` covers `/apis`).
@@ -180,6 +182,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
                 .collect(),
+            grpc: None,
         }
     }
 
@@ -264,6 +267,31 @@ mod tests {
 
     #[test]
     fn a_prefix_covers_every_path_that_starts_with_its_bytes() {
+        let grpc = |service: &str, method: Option<&str>| RouteMatch {
+            grpc: Some(crate::model::GrpcMatch {
+                service: service.into(),
+                method: method.map(Into::into),
+            }),
+            ..RouteMatch::default()
+        };
+        // A gRPC service covers its methods; a path route covers gRPC routes under
+        // it, never the other way round (a gRPC route takes only gRPC requests).
+        assert!(covers(
+            &grpc("shop.Orders", None),
+            &grpc("shop.Orders", Some("Get"))
+        ));
+        assert!(!covers(
+            &grpc("shop.Orders", Some("Get")),
+            &grpc("shop.Orders", None)
+        ));
+        assert!(covers(
+            &matcher(prefix("/shop."), &[], &[]),
+            &grpc("shop.Orders", None)
+        ));
+        assert!(!covers(
+            &grpc("shop.Orders", None),
+            &matcher(prefix("/shop.Orders/"), &[], &[])
+        ));
         let api = matcher(prefix("/api"), &[], &[]);
         assert!(covers(&api, &matcher(prefix("/api/v1"), &[], &[])));
         assert!(covers(&api, &matcher(prefix("/apis"), &[], &[])));
@@ -361,6 +389,7 @@ mod tests {
                     .into_iter()
                     .map(|(n, v)| (n.to_owned(), v.to_owned()))
                     .collect(),
+                grpc: None,
             })
     }
 
