@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -169,7 +170,14 @@ async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
         for (name, value) in &reply.headers {
             resp.append_header(name.to_string(), value.as_str())?;
         }
-        return session.write_response_header(Box::new(resp), true).await;
+        // pingora's session ends an HTTP/2 stream only with a body frame (its
+        // `end` flag is not passed on for headers), and grpc-go reads a status in
+        // headers without END_STREAM as no status at all: write to the h2 stream.
+        if let ServerSession::H2(h2) = session.downstream_session.as_mut() {
+            return h2.write_response_header(Box::new(resp), true);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        return session.write_response_body(None, true).await;
     }
     let headers: Vec<(&str, &str)> = reply
         .headers
