@@ -160,9 +160,13 @@ async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     if reply.close {
         session.set_keepalive(None);
     }
-    if reply.is_grpc() {
-        // Trailers-only: one HEADERS frame that ends the stream (no length, no
-        // body), which is how gRPC clients expect a status without messages.
+    // A gRPC status is trailers-only: one HEADERS frame that ends the stream.
+    // pingora's session ends an HTTP/2 stream only with a body frame (its `end`
+    // flag is not passed on for headers), and grpc-go reads a status in headers
+    // without END_STREAM as no status at all: written to the h2 stream itself.
+    // (Over HTTP/1, where gRPC does not run, it is written like any answer, so
+    // the request body is drained or the connection closed as always.)
+    if let (true, ServerSession::H2(h2)) = (reply.is_grpc(), session.downstream_session.as_mut()) {
         let mut resp = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
         if let Some(ct) = reply.content_type {
             resp.insert_header("content-type", ct)?;
@@ -170,14 +174,7 @@ async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
         for (name, value) in &reply.headers {
             resp.append_header(name.to_string(), value.as_str())?;
         }
-        // pingora's session ends an HTTP/2 stream only with a body frame (its
-        // `end` flag is not passed on for headers), and grpc-go reads a status in
-        // headers without END_STREAM as no status at all: write to the h2 stream.
-        if let ServerSession::H2(h2) = session.downstream_session.as_mut() {
-            return h2.write_response_header(Box::new(resp), true);
-        }
-        session.write_response_header(Box::new(resp), false).await?;
-        return session.write_response_body(None, true).await;
+        return h2.write_response_header(Box::new(resp), true);
     }
     let headers: Vec<(&str, &str)> = reply
         .headers
