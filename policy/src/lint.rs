@@ -9,6 +9,9 @@
 //! only in the Service's endpoints, which the control plane does not send yet), so
 //! it gets no traffic.
 //!
+//! A route that takes gRPC calls (`match.grpc`) whose backends all speak HTTP/1:
+//! gRPC runs over HTTP/2 only, so every call would fail.
+//!
 //! The unreachable-route check never warns wrongly: a route is reported only when one earlier route
 //! covers it condition by condition (path, methods, headers), each judged the way the
 //! proxy matches requests. It stays silent when only several earlier routes together
@@ -17,7 +20,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::model::{Backend, PathMatch, RouteMatch, ServicePort, TrafficPolicy};
+use crate::model::{Backend, PathMatch, Protocol, RouteMatch, ServicePort, TrafficPolicy};
 
 /// Something valid but suspicious, independent of where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +31,8 @@ pub enum Warning {
         covered_by: String,
         covered_by_index: usize,
     },
+    #[error("route {route:?} takes gRPC calls but its backends speak HTTP/1: gRPC needs HTTP/2, so every call would fail; give them `protocol: h2c`")]
+    GrpcOverHttp1 { route: String },
     #[error("Service {service:?} is reached by the port name {port:?}: a proxy only dials a port number, so this backend gets no traffic until the control plane sends its endpoints; give the number")]
     NamedServicePort { service: String, port: String },
 }
@@ -89,6 +94,20 @@ pub(crate) fn warnings(policy: &TrafficPolicy) -> Vec<(String, Warning)> {
     for (i, route) in policy.routes.iter().enumerate() {
         if let Some(backends) = &route.backends {
             out.extend(named_ports(&format!("spec.routes[{i}].backends"), backends));
+        }
+    }
+    for (i, route) in policy.routes.iter().enumerate() {
+        let backends = route.effective_backends(&policy.backends);
+        if route.matcher.grpc.is_some()
+            && !backends.is_empty()
+            && backends.iter().all(|b| b.protocol == Protocol::Http1)
+        {
+            out.push((
+                format!("spec.routes[{i}].match.grpc"),
+                Warning::GrpcOverHttp1 {
+                    route: route.name.clone(),
+                },
+            ));
         }
     }
     let unreachable = unreachable_routes(policy).into_iter().map(|u| {
