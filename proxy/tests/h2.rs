@@ -209,7 +209,7 @@ fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> &'a str {
 }
 
 #[tokio::test]
-async fn h2c_client_reaches_an_h2c_backend_with_te_and_grpc_timeout() {
+async fn h2c_client_reaches_an_h2c_backend_with_te_and_the_remaining_grpc_timeout() {
     let (backend, _seen) = h2c_backend().await;
     let dir = TempDir::new();
     let proxy = start_with(
@@ -229,7 +229,21 @@ async fn h2c_client_reaches_an_h2c_backend_with_te_and_grpc_timeout() {
     assert_eq!(got.status, 200);
     assert_eq!(got.body, b"ok");
     assert_eq!(header(&got.headers, "x-seen-te"), "trailers");
-    assert_eq!(header(&got.headers, "x-seen-grpc-timeout"), "100m");
+    // What is left of the deadline goes upstream, in place of the client's.
+    let sent = header(&got.headers, "x-seen-grpc-timeout");
+    let (digits, unit) = sent.split_at(sent.len().saturating_sub(1));
+    let nanos_per = match unit {
+        "n" => 1,
+        "u" => 1_000,
+        "m" => 1_000_000,
+        "S" => 1_000_000_000,
+        other => panic!("grpc-timeout unit {other:?} in {sent:?}"),
+    };
+    let left = digits.parse::<u64>().expect("grpc-timeout digits") * nanos_per;
+    assert!(
+        left > 0 && left <= 100_000_000,
+        "grpc-timeout {sent} within 100 ms"
+    );
     let log = log_lines(&proxy, 1).await;
     assert_eq!(log[0]["route"], "all");
     assert_eq!(log[0]["status"], 200);

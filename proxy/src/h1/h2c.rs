@@ -140,7 +140,12 @@ impl Engine {
             Some(Sent::Response(response)) => response,
         };
         let status = response.head.status.as_u16();
-        let action = exchange.on(req, Instant::now(), Event::Response { status });
+        // gRPC is HTTP/2 only: an HTTP/1.1 client's call carries no grpc-status.
+        let event = Event::Response {
+            status,
+            grpc_status: None,
+        };
+        let action = exchange.on(req, Instant::now(), event);
         if !matches!(action, Action::Relay) {
             return H2cStep::Next(action);
         }
@@ -260,5 +265,9 @@ impl Engine {
 }
 
 fn finished(status: u16, failed: bool) -> Event<'static> {
-    Event::Finished { status, failed }
+    Event::Finished {
+        status,
+        failed,
+        grpc_status: None,
+    }
 }

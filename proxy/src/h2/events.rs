@@ -1,7 +1,5 @@
 //! The events whose shape follows what the response says (its status, and for
-//! gRPC its `grpc-status`), built in one place: the exchange is learning gRPC
-//! semantics (`grpc_status` on `Response` and `Finished`), and this is the only
-//! file that has to know.
+//! gRPC its `grpc-status`), and the gRPC deadline sent upstream, in one place.
 
 use crate::exchange::Event;
 
@@ -14,22 +12,30 @@ pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 /// The upstream response head arrived. `grpc_status`: in the head (a
 /// trailers-only response).
 pub(super) fn response(status: u16, grpc_status: Option<u32>) -> Event<'static> {
-    let _ = grpc_status;
-    Event::Response { status }
+    Event::Response {
+        status,
+        grpc_status,
+    }
 }
 
 /// The answer went out (`status`, 0 if none); `grpc_status`: what the client
 /// finally got, in the trailers or the head.
 pub(super) fn finished(status: u16, failed: bool, grpc_status: Option<u32>) -> Event<'static> {
-    let _ = grpc_status;
-    Event::Finished { status, failed }
+    Event::Finished {
+        status,
+        failed,
+        grpc_status,
+    }
 }
 
-/// The `grpc-timeout` a backend gets: for now the client's, copied with the rest
-/// of its head (the exchange will say what is left of the deadline).
+/// The `grpc-timeout` a backend gets: what is left of the call's deadline, in
+/// place of the client's (which is otherwise copied with the rest of its head).
 pub(super) fn grpc_timeout(
     exchange: &crate::exchange::Exchange<std::sync::Arc<crate::shared::Shared>>,
     headers: &mut http::HeaderMap,
 ) {
-    let _ = (exchange, headers);
+    let left = exchange.upstream_grpc_timeout(std::time::Instant::now());
+    if let Some(value) = left.and_then(|t| http::HeaderValue::from_str(&t).ok()) {
+        headers.insert("grpc-timeout", value);
+    }
 }

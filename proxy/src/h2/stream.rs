@@ -314,7 +314,6 @@ fn answer(
     let head_request = req.parts.method == http::Method::HEAD;
     let empty = reply.body.is_empty() || head_request;
     let head = reply_head(&reply, !reply.body.is_empty());
-    let grpc = events::grpc_status(head.headers());
     let written = match respond.send_response(head, empty) {
         // The body fits the stream's initial window (the proxy's answers are
         // short): queued at once, h2 writes it as the window allows.
@@ -322,6 +321,7 @@ fn answer(
         Ok(_) => true,
         Err(_) => false,
     };
-    let finished = events::finished(reply.status, !written, grpc);
+    // Nothing came from upstream: the exchange knows its own answer's status.
+    let finished = events::finished(reply.status, !written, None);
     exchange.on(req, Instant::now(), finished);
 }
