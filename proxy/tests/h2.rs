@@ -656,3 +656,25 @@ async fn http1_clients_reach_h2c_backends_on_the_fast_path() {
         .iter()
         .all(|l| l["status"] == 200 && l["route"] == "all"));
 }
+
+#[tokio::test]
+async fn connect_is_not_served_over_h2() {
+    let a = upstream("a").await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("shop", a.addr(), false, "    - name: all\n"),
+        &["--h2c"],
+    )
+    .await;
+    let client = connect(proxy.listen_addr()).await;
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri("shop:443")
+        .body(())
+        .expect("request");
+    let got = send(&client, req, None, None).await.expect("exchange");
+    assert_eq!(got.status, 501);
+    assert_eq!(a.requests(), 0, "nothing reached the backend");
+    assert_eq!(get(&client, "shop", "/").await.status, 200);
+}

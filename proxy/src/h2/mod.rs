@@ -37,6 +37,9 @@
 //! - idle: a connection without streams for the listener's idle timeout is sent
 //!   GOAWAY; on shutdown every connection is sent GOAWAY and its streams finish.
 //!
+//! The h1 engine sends HTTP/1.1 clients' requests for h2c backends over the same
+//! kind of upstream connections ([`H2Backends`]), instead of handing them to pingora.
+//!
 //! Upstream: [`MAX_STREAMS_PER_UPSTREAM`] streams per h2c backend connection (fewer
 //! if the backend says so), another connection opened when all are full, at most
 //! [`MAX_UPSTREAM_CONNECTIONS`] per worker thread and backend (beyond, streams queue

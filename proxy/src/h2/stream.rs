@@ -237,6 +237,15 @@ impl Engine {
         respond: SendResponse<Bytes>,
     ) {
         let (parts, recv) = req.into_parts();
+        if parts.method == http::Method::CONNECT {
+            // Tunnels over HTTP/2 (CONNECT, extended CONNECT) are not served: nothing
+            // of the request may be forwarded as if it were an ordinary one.
+            let mut respond = respond;
+            let mut refused = http::Response::new(());
+            *refused.status_mut() = http::StatusCode::NOT_IMPLEMENTED;
+            let _ = respond.send_response(refused, true);
+            return;
+        }
         let mut req = H2Request {
             parts: &parts,
             client_ip: conn.peer.ip(),
