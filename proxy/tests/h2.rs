@@ -678,3 +678,84 @@ async fn connect_is_not_served_over_h2() {
     assert_eq!(a.requests(), 0, "nothing reached the backend");
     assert_eq!(get(&client, "shop", "/").await.status, 200);
 }
+
+/// An HTTP/1.1 backend that answers every request with a chunked body ("hello
+/// world" in two chunks) and `grpc-status: 0` in its trailer section.
+async fn chunked_http1_backend() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        // Bounded by the test's life.
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                // One request per connection: read its head, answer, close.
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 4096];
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n5;ext=1\r\nworld\r\n0\r\ngrpc-status: 0\r\nx-trailer: t\r\n\r\n";
+                let _ = socket.write_all(answer).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_chunked_http1_response_becomes_data_and_trailers() {
+    let backend = chunked_http1_backend().await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("shop", backend, false, "    - name: all\n"),
+        &["--h2c"],
+    )
+    .await;
+    let client = connect(proxy.listen_addr()).await;
+    let got = get(&client, "shop", "/").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, b"hello world");
+    assert!(got.headers.get("transfer-encoding").is_none());
+    assert!(got.headers.get("connection").is_none());
+    assert!(got.headers.get("keep-alive").is_none());
+    let trailers = got.trailers.expect("trailers");
+    assert_eq!(header(&trailers, "grpc-status"), "0");
+    assert_eq!(header(&trailers, "x-trailer"), "t");
+}
+
+#[tokio::test]
+async fn a_client_that_resets_its_stream_is_recorded_gone() {
+    let (backend, seen) = h2c_backend().await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("grpc", backend, true, "    - name: all\n"),
+        &["--h2c"],
+    )
+    .await;
+    let client = connect(proxy.listen_addr()).await;
+    let mut ready = client.clone().ready().await.expect("ready");
+    let req = request("GET", "grpc", "/slow").body(()).expect("request");
+    let (response, _) = ready.send_request(req, true).expect("send");
+    // Bounded wait until the stream is at the backend, then the client gives up.
+    let deadline = std::time::Instant::now() + WAIT;
+    while seen.in_flight.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(response);
+    let log = log_lines(&proxy, 1).await;
+    assert_eq!(log[0]["status"], 0, "nothing was answered: {:?}", log[0]);
+    // The connection goes on.
+    assert_eq!(get(&client, "grpc", "/").await.status, 200);
+}

@@ -39,3 +39,18 @@ pub(super) fn grpc_timeout(
         headers.insert("grpc-timeout", value);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_status_is_a_number_or_nothing() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(grpc_status(&headers), None);
+        headers.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert_eq!(grpc_status(&headers), Some(14));
+        headers.insert("grpc-status", http::HeaderValue::from_static("unavailable"));
+        assert_eq!(grpc_status(&headers), None);
+    }
+}

@@ -585,6 +585,22 @@ mod tests {
     }
 
     #[test]
+    fn translated_heads_leave_connection_fields_and_framing_behind() {
+        let wire = b"HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nKeep-Alive: timeout=5\r\nX-Private: p\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nUpgrade: h2c\r\nX-Kept: k\r\n\r\n";
+        let head = parse_response(wire, false).expect("valid").expect("whole");
+        let parts = translate(wire, &head);
+        assert_eq!(parts.status, 200);
+        let names: Vec<&str> = parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+
+        let wire = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc";
+        let head = parse_response(wire, false).expect("valid").expect("whole");
+        let parts = translate(wire, &head);
+        assert_eq!(parts.status, 404);
+        assert_eq!(parts.headers.get_all("content-length").iter().count(), 1);
+    }
+
+    #[test]
     fn a_chunked_body_without_trailers_has_none() {
         let (body, trailers) = dechunk(b"3\r\nabc\r\n0\r\n\r\n", 4);
         assert_eq!(body, b"abc");
