@@ -12,6 +12,8 @@
 #                    (h2load --h1; the reference for the 1.3x ratio)
 #   sluice-h2        h2c client -> sluice h2 engine -> HTTP/1.1 backend       :18101
 #                    (the same proxy as sluice-h1: --h2c)
+#   sluice-h2-1s     the same, one stream per connection (`-c$H1_CONNS -m1`): no
+#                    multiplexing to share the cost of a read or write, as for HTTP/1.1
 #   sluice-h2-h2c    h2c client -> sluice h2 engine -> h2c backend            :18102
 #   pingora-h2       the same as sluice-h2 with --engine pingora --h2c        :18103
 #   pingora-h2-h2c   the same as sluice-h2-h2c with --engine pingora --h2c    :18104
@@ -158,7 +160,7 @@ backend be
   server backend 127.0.0.1:18181 proto h2
 EOF
 
-declare -A PORT=([sluice-h1-h2c]=18102 [pingora-h1-h2c]=18104 [sluice-h1]=18101 [sluice-h2]=18101 [sluice-h2-h2c]=18102 [pingora-h2]=18103 [pingora-h2-h2c]=18104 [nginx-h2]=18105 [haproxy-h2]=18106)
+declare -A PORT=([sluice-h2-1s]=18101 [sluice-h1-h2c]=18102 [pingora-h1-h2c]=18104 [sluice-h1]=18101 [sluice-h2]=18101 [sluice-h2-h2c]=18102 [pingora-h2]=18103 [pingora-h2-h2c]=18104 [nginx-h2]=18105 [haproxy-h2]=18106)
 declare -A PROCS
 taskset -c 0 nginx -e "$TMP/backend/error.log" -p "$TMP/backend" -c "$TMP/backend/nginx.conf" >/dev/null 2>&1 &
 PIDS+=($!)
@@ -191,6 +193,7 @@ start_sluice sluice-h2-h2c 18102 18112 18181 ", protocol: h2c"
 start_sluice pingora-h2 18103 18113 18180 "" --engine pingora
 start_sluice pingora-h2-h2c 18104 18114 18181 ", protocol: h2c" --engine pingora
 PROCS[sluice-h1]=${PROCS[sluice-h2]}
+PROCS[sluice-h2-1s]=${PROCS[sluice-h2]}
 PROCS[sluice-h1-h2c]=${PROCS[sluice-h2-h2c]}
 PROCS[pingora-h1-h2c]=${PROCS[pingora-h2-h2c]}
 
@@ -206,10 +209,14 @@ for p in $NGINX_PID $BACKEND_PID $BACKEND_H2C_PID; do
     for c in $(pgrep -P "$p"); do PIDS+=("$c"); done
 done
 
-TARGETS=(sluice-h1 sluice-h2 sluice-h2-h2c pingora-h2 pingora-h2-h2c nginx-h2 haproxy-h2 sluice-h1-h2c pingora-h1-h2c)
+TARGETS=(sluice-h1 sluice-h2 sluice-h2-1s sluice-h2-h2c pingora-h2 pingora-h2-h2c nginx-h2 haproxy-h2 sluice-h1-h2c pingora-h1-h2c)
 load() { # target seconds logfile -> h2load's output
     local t=$1 secs=$2 logfile=$3 shape
-    if [[ "$t" == *-h1* ]]; then shape=(--h1 -c"$H1_CONNS" -m1); else shape=(-c"$CONNS" -m"$STREAMS"); fi
+    case $t in
+    *-h1*) shape=(--h1 -c"$H1_CONNS" -m1) ;;
+    *-1s) shape=(-c"$H1_CONNS" -m1) ;;
+    *) shape=(-c"$CONNS" -m"$STREAMS") ;;
+    esac
     taskset -c 0 timeout $((secs + 30)) h2load -t1 "${shape[@]}" -D "$secs" --warm-up-time 1 \
         --connect-to="127.0.0.1:${PORT[$t]}" --log-file="$logfile" "http://bench$URLPATH"
 }
@@ -288,6 +295,7 @@ label() {
     case $1 in
     sluice-h1) echo "sluice h1 engine, HTTP/1.1 -> HTTP/1.1 (reference)" ;;
     sluice-h2) echo "sluice h2 engine, h2c -> HTTP/1.1" ;;
+    sluice-h2-1s) echo "sluice h2 engine, h2c -> HTTP/1.1, 1 stream per connection" ;;
     sluice-h2-h2c) echo "sluice h2 engine, h2c -> h2c" ;;
     pingora-h2) echo "sluice --engine pingora, h2c -> HTTP/1.1" ;;
     pingora-h2-h2c) echo "sluice --engine pingora, h2c -> h2c" ;;
@@ -312,7 +320,8 @@ REPORT="$TMP/report.md"
     echo "$(h2load --version | head -1). sluice-proxy from $BUILD_REV$([ "$BUILD_DIRTY" -gt 0 ] && echo " plus $BUILD_DIRTY uncommitted file(s)")"
     echo "with bench/policy.yaml (route \`items\`: token bucket, breaker, timeout; metrics on), \`--threads 1"
     echo "--no-access-log --h2c\`. Load: \`h2load -t1 -c$CONNS -m$STREAMS -D $DURATION --warm-up-time 1\` for h2"
-    echo "($((CONNS * STREAMS)) streams in flight), \`h2load --h1 -t1 -c$H1_CONNS -m1\` for HTTP/1.1 clients,"
+    echo "($((CONNS * STREAMS)) streams in flight; the \"1 stream per connection\" row: \`-c$H1_CONNS -m1\`),"
+    echo "\`h2load --h1 -t1 -c$H1_CONNS -m1\` for HTTP/1.1 clients,"
     echo "\`GET $URLPATH\`, :authority \`bench\`. Medians of $ROUNDS interleaved rounds. Load average at start:"
     echo "$LOADAVG (cargo/rustc running: $BUSY_AT_START)."
     if [ "$BUSY_AT_START" = yes ] || [ "$DISTURBED" -gt 0 ]; then
