@@ -26,6 +26,7 @@ fn policy(host: &str, backend: SocketAddr, h2c: bool, routes: &str) -> String {
 /// What the h2c test backend saw.
 #[derive(Default)]
 struct Seen {
+    connections: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     streams: AtomicUsize,
@@ -37,6 +38,11 @@ struct Seen {
 /// 300 ms; anything else answers 200 "ok" with the request's `te` and
 /// `grpc-timeout` in `x-seen-te` and `x-seen-grpc-timeout`.
 async fn h2c_backend() -> (SocketAddr, Arc<Seen>) {
+    h2c_backend_with(None).await
+}
+
+/// [`h2c_backend`] allowing at most `max_streams` streams per connection.
+async fn h2c_backend_with(max_streams: Option<u32>) -> (SocketAddr, Arc<Seen>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -47,8 +53,13 @@ async fn h2c_backend() -> (SocketAddr, Arc<Seen>) {
         // Bounded by the test's life: the runtime ends with the test.
         while let Ok((socket, _)) = listener.accept().await {
             let seen = Arc::clone(&shared);
+            seen.connections.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                let mut builder = h2::server::Builder::new();
+                if let Some(max) = max_streams {
+                    builder.max_concurrent_streams(max);
+                }
+                let Ok(mut conn) = builder.handshake::<_, Bytes>(socket).await else {
                     return;
                 };
                 while let Some(Ok((req, respond))) = conn.accept().await {
@@ -758,4 +769,39 @@ async fn a_client_that_resets_its_stream_is_recorded_gone() {
     assert_eq!(log[0]["status"], 0, "nothing was answered: {:?}", log[0]);
     // The connection goes on.
     assert_eq!(get(&client, "grpc", "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_backend_connection_at_its_stream_limit_makes_another_open() {
+    // The backend takes 10 streams per connection.
+    let (backend, seen) = h2c_backend_with(Some(10)).await;
+    let dir = TempDir::new();
+    let proxy = start_with(
+        &dir,
+        &policy("grpc", backend, true, "    - name: all\n"),
+        &["--h2c"],
+    )
+    .await;
+    let client = connect(proxy.listen_addr()).await;
+    // The first exchange brings the backend's SETTINGS to the proxy.
+    assert_eq!(get(&client, "grpc", "/").await.status, 200);
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            get(&client, "grpc", "/slow").await.status
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), 200);
+    }
+    assert!(
+        seen.connections.load(Ordering::SeqCst) >= 3,
+        "30 streams at 10 per connection need 3 connections: {}",
+        seen.connections.load(Ordering::SeqCst)
+    );
+    assert!(
+        seen.max_in_flight.load(Ordering::SeqCst) > 10,
+        "streams went on other connections instead of queueing behind the first"
+    );
 }

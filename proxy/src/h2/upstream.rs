@@ -36,6 +36,17 @@ struct H2Conn {
     last_used: Mutex<Instant>,
 }
 
+impl H2Conn {
+    /// Streams it takes: Sluice's bound, or fewer if the backend said so
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS), so that a full connection means another
+    /// connection rather than streams queued behind the backend's limit.
+    fn room(&self) -> usize {
+        self.send
+            .current_max_send_streams()
+            .min(MAX_STREAMS_PER_UPSTREAM)
+    }
+}
+
 /// A stream's hold on a connection, given back on drop.
 pub(super) struct Lease(Arc<H2Conn>);
 
@@ -242,7 +253,7 @@ impl Upstreams {
                 list.retain(|c| !c.closed.load(Ordering::Relaxed));
                 let roomy = list
                     .iter()
-                    .find(|c| c.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_UPSTREAM);
+                    .find(|c| c.streams.load(Ordering::Relaxed) < c.room());
                 let chosen = match roomy {
                     Some(c) => Some(c),
                     // At the bound on connections: the least loaded one (h2 queues
