@@ -26,6 +26,7 @@ use crate::metrics::{DURATION_HELP, DURATION_NAME};
 use crate::pathmatch::{self, PathMatcher};
 use crate::ratelimit::RouteLimiter;
 use crate::series::{PolicySeries, RouteSeries};
+use crate::tcplimit::TcpLimiter;
 
 pub struct Runtime {
     /// Content hash of the canonical policy: equal policies give equal versions on
@@ -65,6 +66,9 @@ pub struct PolicyRuntime {
     pub route_endpoints: Vec<Option<Arc<Endpoints>>>,
     /// Whether the policy's own series (its backends') exist: carried by name.
     pub series: Arc<PolicySeries>,
+    /// `spec.tcp`: the limits on its opaque TCP connections, carried while the
+    /// rule is unchanged (open connections keep their slots across a reload).
+    pub tcp: Option<Arc<TcpLimiter>>,
 }
 
 impl PolicyRuntime {
@@ -423,6 +427,13 @@ fn compile_policy(
         |s| s.policy() == id,
         || PolicySeries::new(&id),
     );
+    let tcp = policy.tcp.as_ref().map(|rule| {
+        carry(
+            before.and_then(|b| b.tcp.as_ref()),
+            |t| t.rule() == rule,
+            || TcpLimiter::new(rule),
+        )
+    });
     Ok(PolicyRuntime {
         name: id,
         used: before.map_or_else(Default::default, |b| Arc::clone(&b.used)),
@@ -431,6 +442,7 @@ fn compile_policy(
         endpoints,
         route_endpoints,
         series,
+        tcp,
     })
 }
 
