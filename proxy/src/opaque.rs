@@ -41,6 +41,7 @@ use crate::accesslog::{TcpRecord, Timestamp};
 use crate::detect::{sniff, Detection, Protocol, Sniffed};
 use crate::exchange::{Direction, Side};
 use crate::runtime::{PolicyRuntime, Runtime};
+use crate::series::PolicySeries;
 use crate::shared::Shared;
 use crate::tcplimit::TcpPermit;
 
@@ -169,6 +170,7 @@ pub async fn proxy(
     let _ = client.set_nodelay(true);
     let active = Active::new(metrics.tcp_active.with_label_values(&[direction]));
     let activity = Arc::new(Activity::new());
+    let series = policy.map(|p| Arc::clone(&p.series));
     let mut client = Counted {
         inner: client,
         bytes: 0,
@@ -176,6 +178,7 @@ pub async fn proxy(
             .tcp_bytes
             .with_label_values(&[label, direction, "received"]),
         activity: Arc::clone(&activity),
+        series: series.clone(),
     };
     let mut upstream = Counted {
         inner: upstream,
@@ -184,6 +187,7 @@ pub async fn proxy(
             .tcp_bytes
             .with_label_values(&[label, direction, "sent"]),
         activity: Arc::clone(&activity),
+        series,
     };
     // What detection read goes first, counted as received from the client.
     client.bytes += first.len() as u64;
@@ -243,16 +247,17 @@ impl Drop for Active {
     }
 }
 
-/// When a connection last moved a byte either way, in milliseconds since `base`.
+/// When a connection last moved a byte either way, in milliseconds since `base`
+/// (tokio's clock, so tests can pause it).
 struct Activity {
-    base: Instant,
+    base: tokio::time::Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
         Activity {
-            base: Instant::now(),
+            base: tokio::time::Instant::now(),
             last_ms: AtomicU64::new(0),
         }
     }
@@ -262,7 +267,7 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn last(&self) -> Instant {
+    fn last(&self) -> tokio::time::Instant {
         self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }
@@ -272,10 +277,10 @@ impl Activity {
 async fn idle(activity: &Activity, timeout: Duration) {
     loop {
         let deadline = activity.last() + timeout;
-        if deadline <= Instant::now() {
+        if deadline <= tokio::time::Instant::now() {
             return;
         }
-        tokio::time::sleep_until(deadline.into()).await;
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -285,6 +290,12 @@ struct Counted {
     bytes: u64,
     counter: IntCounter,
     activity: Arc<Activity>,
+    /// The governing policy's series, marked used by traffic so that they are not
+    /// expired under a busy long-lived connection (whose byte counter handles
+    /// would then count into removed series). A connection silent for the whole
+    /// `--metrics-idle` may still see its series expire; its later bytes are then
+    /// not exported (the access-log line still has them).
+    series: Option<Arc<PolicySeries>>,
 }
 
 impl AsyncRead for Counted {
@@ -301,6 +312,9 @@ impl AsyncRead for Counted {
             this.bytes += n;
             this.counter.inc_by(n);
             this.activity.touch();
+            if let Some(series) = &this.series {
+                series.mark_used();
+            }
         }
         polled
     }
@@ -321,5 +335,35 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_idle_after_the_timeout() {
+        let activity = Activity::new();
+        let started = tokio::time::Instant::now();
+        idle(&activity, Duration::from_secs(60)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_postpones_the_idle_timeout() {
+        let activity = Arc::new(Activity::new());
+        let toucher = Arc::clone(&activity);
+        let started = tokio::time::Instant::now();
+        let traffic = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(40)).await;
+                toucher.touch();
+            }
+        });
+        idle(&activity, Duration::from_secs(60)).await;
+        // The last byte moved at 120 s; idle 60 s after it.
+        assert_eq!(started.elapsed(), Duration::from_secs(180));
+        drop(traffic.await);
     }
 }
