@@ -7,10 +7,13 @@
 //! connection storm after a deploy.
 //!
 //! Invariants: a slot is taken only by an admitted connection and given back
-//! exactly once, when its [`TcpPermit`] drops; the count never exceeds
-//! `maxConnections`. Cheapest refusal first, as for requests: the rate, then the
+//! exactly once, when its [`TcpPermit`] drops; admission never takes the count
+//! past `maxConnections` (a reload that lowers it refuses new connections until
+//! enough old ones close). Cheapest refusal first, as for requests: the rate, then the
 //! cap. The limiter is carried across reloads while its rule is unchanged
-//! (`runtime`), so a reload neither forgets open connections nor refills the bucket.
+//! (`runtime`), and a changed rule keeps the count of open connections (and the
+//! bucket, if the rate is the same), so a reload neither forgets open connections
+//! nor refills the bucket.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -42,27 +45,41 @@ impl Refused {
 /// One policy's TCP limiter.
 pub struct TcpLimiter<C: Clock = DefaultClock> {
     rule: TcpLimits,
+    /// Shared with the limiter this one replaced (see [`TcpLimiter::after`]).
     open: Arc<AtomicU32>,
-    rate: Option<RouteLimiter<C>>,
+    rate: Option<Arc<RouteLimiter<C>>>,
 }
 
 /// An admitted connection's slot, given back when dropped.
 #[derive(Debug)]
 pub struct TcpPermit {
-    open: Option<Arc<AtomicU32>>,
+    open: Arc<AtomicU32>,
 }
 
 impl Drop for TcpPermit {
     fn drop(&mut self) {
-        if let Some(open) = self.open.take() {
-            open.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl TcpLimiter<DefaultClock> {
     pub fn new(rule: &TcpLimits) -> Self {
         Self::with_clock(rule, DefaultClock::default())
+    }
+
+    /// A limiter for a changed rule that replaces `previous`: the connections it
+    /// admitted are still open, so they keep counting against the new cap (a
+    /// reload that raises `maxConnections` from 100 to 200 admits 100 more, not
+    /// 200); its bucket is kept if the rate did not change.
+    pub fn after(rule: &TcpLimits, previous: Option<&TcpLimiter>) -> Self {
+        let mut limiter = Self::new(rule);
+        if let Some(previous) = previous {
+            limiter.open = Arc::clone(&previous.open);
+            if previous.rule.connection_rate == rule.connection_rate {
+                limiter.rate = previous.rate.clone();
+            }
+        }
+        limiter
     }
 }
 
@@ -77,7 +94,7 @@ where
             rate: rule
                 .connection_rate
                 .as_ref()
-                .map(|r| RouteLimiter::new(r, clock)),
+                .map(|r| Arc::new(RouteLimiter::new(r, clock))),
         }
     }
 
@@ -97,9 +114,9 @@ where
                 return Err(Refused::Rate);
             }
         }
-        let Some(max) = self.rule.max_connections else {
-            return Ok(TcpPermit { open: None });
-        };
+        // Counted without a cap too: a reload that adds one counts the
+        // connections already open.
+        let max = self.rule.max_connections.unwrap_or(u32::MAX);
         // A compare-and-swap loop, bounded: each failed pass saw another
         // connection take or give back a slot.
         let mut open = self.open.load(Ordering::Acquire);
@@ -115,7 +132,7 @@ where
             ) {
                 Ok(_) => {
                     return Ok(TcpPermit {
-                        open: Some(Arc::clone(&self.open)),
+                        open: Arc::clone(&self.open),
                     })
                 }
                 Err(now) => open = now,
@@ -179,6 +196,8 @@ mod tests {
         let limiter = TcpLimiter::new(&rule(None, None));
         let permits: Vec<_> = (0..1000).map(|_| limiter.admit()).collect();
         assert!(permits.iter().all(Result::is_ok));
+        assert_eq!(limiter.open(), 1000);
+        drop(permits);
         assert_eq!(limiter.open(), 0);
     }
 }

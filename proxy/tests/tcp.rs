@@ -321,10 +321,19 @@ async fn banner_server() -> SocketAddr {
 const RESP_PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 /// A proxy with a transparent inbound listener delivering to `app` under the
-/// policy `db` (whose `spec.tcp` is `tcp`).
+/// policy `db` (whose `spec.tcp` is `tcp`, after the `spec` lines `extra`).
 async fn transparent_proxy(dir: &TempDir, app: SocketAddr, tcp: &str) -> ProxyProcess {
+    transparent_proxy_with(dir, app, "", tcp).await
+}
+
+async fn transparent_proxy_with(
+    dir: &TempDir,
+    app: SocketAddr,
+    extra: &str,
+    tcp: &str,
+) -> ProxyProcess {
     let yaml = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: db}}\nspec:\n  tcp: {tcp}\n"
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: db}}\nspec:\n{extra}  tcp: {tcp}\n"
     );
     let app = app.to_string();
     start_with(
@@ -475,4 +484,54 @@ async fn opaque_tcp_with_nowhere_to_go_is_closed_and_counted() {
         r#"sluice_tcp_connections_total{direction="outbound",outcome="no_destination",policy=""}"#;
     let m = metrics_at(&proxy, series, 1.0).await;
     assert_eq!(sample(&m, series), 1.0, "{m}");
+}
+
+/// Sends a PING on a new connection to `addr`: whether PONG came back.
+async fn ping(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    if stream.write_all(RESP_PING).await.is_err() {
+        return false;
+    }
+    read_until(&mut stream, |b| b.ends_with(b"\r\n")).await == b"+PONG\r\n"
+}
+
+#[tokio::test]
+async fn connections_over_the_connection_rate_are_closed() {
+    let (app, connections) = resp_server().await;
+    let dir = TempDir::new();
+    // Two at once, then one per 1000 s: nothing refills during the test.
+    let proxy = transparent_proxy(&dir, app, "{connectionsPerSecond: 0.001, burst: 2}").await;
+    let inbound = proxy.addr("inbound");
+    assert!(ping(inbound).await);
+    assert!(ping(inbound).await);
+    assert!(
+        !ping(inbound).await,
+        "the third connection is over the rate"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    let refused =
+        r#"sluice_tcp_connections_total{direction="inbound",outcome="refused_rate",policy="db"}"#;
+    let m = metrics_at(&proxy, refused, 1.0).await;
+    assert_eq!(sample(&m, refused), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn shadow_mode_counts_what_it_would_refuse_and_lets_it_through() {
+    let (app, connections) = resp_server().await;
+    let dir = TempDir::new();
+    let proxy = transparent_proxy_with(&dir, app, "  mode: shadow\n", "{maxConnections: 1}").await;
+    let inbound = proxy.addr("inbound");
+    let mut first = TcpStream::connect(inbound).await.expect("connect");
+    first.write_all(RESP_PING).await.expect("ping");
+    assert_eq!(
+        read_until(&mut first, |b| b.ends_with(b"\r\n")).await,
+        b"+PONG\r\n"
+    );
+    assert!(ping(inbound).await, "shadow mode refuses nothing");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    let shadow = r#"sluice_tcp_connections_total{direction="inbound",outcome="shadow_refused_limit",policy="db"}"#;
+    let m = metrics_at(&proxy, shadow, 1.0).await;
+    assert_eq!(sample(&m, shadow), 1.0, "{m}");
 }
