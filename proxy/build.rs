@@ -1,5 +1,7 @@
 //! Generates the control-plane gRPC client from the protobuf the control plane
-//! owns (`control-plane/proto/`), with protox (pure Rust, no `protoc` needed).
+//! owns (`control-plane/proto/`), with protox (pure Rust, no `protoc` needed);
+//! and the client and server of the gRPC tests' service (`tests/proto/`), which
+//! only the tests include.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "../control-plane/proto/sluice/v1/policy.proto";
@@ -8,5 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(false)
         .compile_fds(fds)?;
+    let test_proto = "tests/proto/echo.proto";
+    println!("cargo:rerun-if-changed={test_proto}");
+    let fds = protox::compile([test_proto], ["tests/proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

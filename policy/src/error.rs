@@ -73,6 +73,8 @@ pub enum Problem {
     MaxKeysWithoutKey,
     #[error("give either `path` (exact) or `pathPrefix`, not both")]
     PathAndPrefix,
+    #[error("`grpc` sets the path (`/SERVICE/METHOD`): not with `path` or `pathPrefix`")]
+    GrpcAndPath,
     #[error("give either `max` (fixed) or `adaptive`, not both")]
     FixedAndAdaptive,
     #[error("needs `max` (fixed) or `adaptive: {{min, max}}`")]

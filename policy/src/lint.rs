@@ -9,6 +9,9 @@
 //! only in the Service's endpoints, which the control plane does not send yet), so
 //! it gets no traffic.
 //!
+//! A route that takes gRPC calls (`match.grpc`) whose backends all speak HTTP/1:
+//! gRPC runs over HTTP/2 only, so every call would fail.
+//!
 //! The unreachable-route check never warns wrongly: a route is reported only when one earlier route
 //! covers it condition by condition (path, methods, headers), each judged the way the
 //! proxy matches requests. It stays silent when only several earlier routes together
@@ -17,7 +20,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::model::{Backend, PathMatch, RouteMatch, ServicePort, TrafficPolicy};
+use crate::model::{Backend, PathMatch, Protocol, RouteMatch, ServicePort, TrafficPolicy};
 
 /// Something valid but suspicious, independent of where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +31,8 @@ pub enum Warning {
         covered_by: String,
         covered_by_index: usize,
     },
+    #[error("route {route:?} takes gRPC calls but its backends speak HTTP/1: gRPC needs HTTP/2, so every call would fail; give them `protocol: h2c`")]
+    GrpcOverHttp1 { route: String },
     #[error("Service {service:?} is reached by the port name {port:?}: a proxy only dials a port number, so this backend gets no traffic until the control plane sends its endpoints; give the number")]
     NamedServicePort { service: String, port: String },
 }
@@ -91,6 +96,20 @@ pub(crate) fn warnings(policy: &TrafficPolicy) -> Vec<(String, Warning)> {
             out.extend(named_ports(&format!("spec.routes[{i}].backends"), backends));
         }
     }
+    for (i, route) in policy.routes.iter().enumerate() {
+        let backends = route.effective_backends(&policy.backends);
+        if route.matcher.grpc.is_some()
+            && !backends.is_empty()
+            && backends.iter().all(|b| b.protocol == Protocol::Http1)
+        {
+            out.push((
+                format!("spec.routes[{i}].match.grpc"),
+                Warning::GrpcOverHttp1 {
+                    route: route.name.clone(),
+                },
+            ));
+        }
+    }
     let unreachable = unreachable_routes(policy).into_iter().map(|u| {
         (
             format!("spec.routes[{}]", u.route),
@@ -148,7 +167,9 @@ pub fn covers(earlier: &RouteMatch, later: &RouteMatch) -> bool {
         || (!later.methods.is_empty() && later.methods.iter().all(|m| earlier.methods.contains(m)));
     // A request carrying every header `later` asks for carries those `earlier` asks for.
     let headers = earlier.headers.iter().all(|h| later.headers.contains(h));
-    path_covers(&earlier.path, &later.path) && methods && headers
+    // A gRPC-only route covers only gRPC-only routes.
+    let grpc = earlier.grpc.is_none() || later.grpc.is_some();
+    path_covers(&earlier.effective_path(), &later.effective_path()) && methods && headers && grpc
 }
 
 /// Byte prefixes, as the proxy compares paths (`/api` covers `/apis`).
@@ -180,6 +201,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
                 .collect(),
+            grpc: None,
         }
     }
 
@@ -264,6 +286,31 @@ mod tests {
 
     #[test]
     fn a_prefix_covers_every_path_that_starts_with_its_bytes() {
+        let grpc = |service: &str, method: Option<&str>| RouteMatch {
+            grpc: Some(crate::model::GrpcMatch {
+                service: service.into(),
+                method: method.map(Into::into),
+            }),
+            ..RouteMatch::default()
+        };
+        // A gRPC service covers its methods; a path route covers gRPC routes under
+        // it, never the other way round (a gRPC route takes only gRPC requests).
+        assert!(covers(
+            &grpc("shop.Orders", None),
+            &grpc("shop.Orders", Some("Get"))
+        ));
+        assert!(!covers(
+            &grpc("shop.Orders", Some("Get")),
+            &grpc("shop.Orders", None)
+        ));
+        assert!(covers(
+            &matcher(prefix("/shop."), &[], &[]),
+            &grpc("shop.Orders", None)
+        ));
+        assert!(!covers(
+            &grpc("shop.Orders", None),
+            &matcher(prefix("/shop.Orders/"), &[], &[])
+        ));
         let api = matcher(prefix("/api"), &[], &[]);
         assert!(covers(&api, &matcher(prefix("/api/v1"), &[], &[])));
         assert!(covers(&api, &matcher(prefix("/apis"), &[], &[])));
@@ -361,6 +408,7 @@ mod tests {
                     .into_iter()
                     .map(|(n, v)| (n.to_owned(), v.to_owned()))
                     .collect(),
+                grpc: None,
             })
     }
 

@@ -301,6 +301,9 @@ pub struct Route {
     pub priority: Option<Priority>,
     /// The route's own override; `None` inherits the policy's mode.
     pub mode: Option<Mode>,
+    /// The gRPC statuses that count as a failed call (breaker, outlier detection,
+    /// `code_class`) for this route's gRPC requests; [`GrpcCode::FAILURES`] unless set.
+    pub grpc_failures: Vec<GrpcCode>,
     /// The route's own backends (never empty), balanced apart from the policy's
     /// under the policy's `loadBalancer`, `healthCheck` and `outlierDetection`;
     /// `None`: the policy's backends.
@@ -314,6 +317,129 @@ pub struct RouteMatch {
     pub methods: Vec<String>,
     /// (lower-case name, exact value), sorted by name.
     pub headers: Vec<(String, String)>,
+    /// Only gRPC requests (by content type) to this service (and method); the
+    /// path is then `/SERVICE/METHOD` (or `/SERVICE/` as a prefix) and `path` is `Any`.
+    pub grpc: Option<GrpcMatch>,
+}
+
+impl RouteMatch {
+    /// The paths this route matches: `path`, or the gRPC method's.
+    pub fn effective_path(&self) -> PathMatch {
+        match &self.grpc {
+            Some(GrpcMatch {
+                service,
+                method: Some(method),
+            }) => PathMatch::Exact(format!("/{service}/{method}")),
+            Some(GrpcMatch {
+                service,
+                method: None,
+            }) => PathMatch::Prefix(format!("/{service}/")),
+            None => self.path.clone(),
+        }
+    }
+}
+
+/// A gRPC service (fully qualified, `shop.Orders`) and optionally one method.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GrpcMatch {
+    pub service: String,
+    pub method: Option<String>,
+}
+
+/// A gRPC status code (grpc/doc/statuscodes.md), by its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GrpcCode {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+impl GrpcCode {
+    pub const ALL: [GrpcCode; 17] = [
+        GrpcCode::Ok,
+        GrpcCode::Cancelled,
+        GrpcCode::Unknown,
+        GrpcCode::InvalidArgument,
+        GrpcCode::DeadlineExceeded,
+        GrpcCode::NotFound,
+        GrpcCode::AlreadyExists,
+        GrpcCode::PermissionDenied,
+        GrpcCode::ResourceExhausted,
+        GrpcCode::FailedPrecondition,
+        GrpcCode::Aborted,
+        GrpcCode::OutOfRange,
+        GrpcCode::Unimplemented,
+        GrpcCode::Internal,
+        GrpcCode::Unavailable,
+        GrpcCode::DataLoss,
+        GrpcCode::Unauthenticated,
+    ];
+
+    /// What counts as a failed call unless a route says otherwise: the server or
+    /// the path to it failed, not the caller (the codes Envoy's and Linkerd's gRPC
+    /// failure accrual treat as server errors).
+    pub const FAILURES: [GrpcCode; 5] = [
+        GrpcCode::Unknown,
+        GrpcCode::DeadlineExceeded,
+        GrpcCode::ResourceExhausted,
+        GrpcCode::Internal,
+        GrpcCode::Unavailable,
+    ];
+
+    /// The code numbered `n`; numbers gRPC does not define are `UNKNOWN`, as the
+    /// gRPC libraries read them.
+    pub fn from_number(n: u32) -> GrpcCode {
+        usize::try_from(n)
+            .ok()
+            .and_then(|i| GrpcCode::ALL.get(i).copied())
+            .unwrap_or(GrpcCode::Unknown)
+    }
+
+    /// As policies write it: `deadline-exceeded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrpcCode::Ok => "ok",
+            GrpcCode::Cancelled => "cancelled",
+            GrpcCode::Unknown => "unknown",
+            GrpcCode::InvalidArgument => "invalid-argument",
+            GrpcCode::DeadlineExceeded => "deadline-exceeded",
+            GrpcCode::NotFound => "not-found",
+            GrpcCode::AlreadyExists => "already-exists",
+            GrpcCode::PermissionDenied => "permission-denied",
+            GrpcCode::ResourceExhausted => "resource-exhausted",
+            GrpcCode::FailedPrecondition => "failed-precondition",
+            GrpcCode::Aborted => "aborted",
+            GrpcCode::OutOfRange => "out-of-range",
+            GrpcCode::Unimplemented => "unimplemented",
+            GrpcCode::Internal => "internal",
+            GrpcCode::Unavailable => "unavailable",
+            GrpcCode::DataLoss => "data-loss",
+            GrpcCode::Unauthenticated => "unauthenticated",
+        }
+    }
+
+    /// The code written as policies write it, or as its number.
+    pub fn parse(text: &str) -> Option<GrpcCode> {
+        if let Ok(n) = text.parse::<u32>() {
+            return (n <= 16).then(|| GrpcCode::from_number(n));
+        }
+        let wanted = text.to_ascii_lowercase().replace('_', "-");
+        GrpcCode::ALL.into_iter().find(|c| c.as_str() == wanted)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -336,6 +462,9 @@ pub enum RetryOn {
     ConnectFailure,
     GatewayError,
     Reset,
+    /// A gRPC response whose status (in its head: a trailers-only response) is
+    /// this code; only gRPC requests.
+    Grpc(GrpcCode),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -405,6 +534,11 @@ pub struct SlowCall {
 pub struct Fallback {
     pub action: FallbackAction,
     pub on: Vec<FallbackCause>,
+    /// What a gRPC request gets instead of the static response (a gRPC client
+    /// cannot read it): this status, else the code of the cause.
+    pub grpc_status: Option<GrpcCode>,
+    /// The `grpc-message` with it; else the static body.
+    pub grpc_message: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -470,6 +604,7 @@ impl Route {
             fallback: None,
             priority: None,
             mode: None,
+            grpc_failures: GrpcCode::FAILURES.to_vec(),
             backends: None,
         }
     }

@@ -242,6 +242,11 @@ pub struct RouteSpec {
     pub priority: Option<PrioritySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ModeSpec>,
+    /// The gRPC statuses that count as a failed call for this route's gRPC requests
+    /// (breaker, outlier detection, `code_class`). Absent: `unknown`,
+    /// `deadline-exceeded`, `resource-exhausted`, `internal`, `unavailable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_failures: Option<Vec<GrpcCodeSpec>>,
     /// The route's own backends (same form as the policy's, not empty), instead of
     /// the policy's; balanced under the policy's `loadBalancer`, `healthCheck` and
     /// `outlierDetection`.
@@ -263,6 +268,43 @@ pub struct MatchSpec {
     /// Exact header values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// gRPC calls (content type `application/grpc`) to this service, and method if
+    /// given; not with `path` or `pathPrefix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcMatchSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMatchSpec {
+    /// The fully qualified service, `package.Service` (e.g. `shop.Orders`).
+    pub service: String,
+    /// One method of it (e.g. `Get`); absent: every method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// A gRPC status code by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum GrpcCodeSpec {
+    Ok,
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    DataLoss,
+    Unauthenticated,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -281,6 +323,16 @@ pub enum RetryOnSpec {
     ConnectFailure,
     GatewayError,
     Reset,
+    /// gRPC `CANCELLED` (in a trailers-only response; gRPC requests only).
+    Cancelled,
+    /// gRPC `DEADLINE_EXCEEDED`.
+    DeadlineExceeded,
+    /// gRPC `INTERNAL`.
+    Internal,
+    /// gRPC `RESOURCE_EXHAUSTED`.
+    ResourceExhausted,
+    /// gRPC `UNAVAILABLE`.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -393,6 +445,14 @@ pub struct FallbackSpec {
     /// Causes served by the fallback; absent = all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<FallbackCauseSpec>,
+    /// What gRPC requests get instead (a trailers-only response with this status);
+    /// absent: the cause's own code (`resource-exhausted` for limits and
+    /// overload, `unavailable` for an open breaker or upstream errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<GrpcCodeSpec>,
+    /// The `grpc-message` with it; absent: `body`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_message: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

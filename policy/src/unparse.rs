@@ -130,6 +130,10 @@ fn route(r: &Route) -> RouteSpec {
             },
             methods: m.methods.clone(),
             headers: m.headers.iter().cloned().collect(),
+            grpc: m.grpc.as_ref().map(|g| GrpcMatchSpec {
+                service: g.service.clone(),
+                method: g.method.clone(),
+            }),
         }),
         timeout: r.timeout.map(dur),
         retries: r.retries.as_ref().map(|x| RetriesSpec {
@@ -141,6 +145,12 @@ fn route(r: &Route) -> RouteSpec {
                     RetryOn::ConnectFailure => RetryOnSpec::ConnectFailure,
                     RetryOn::GatewayError => RetryOnSpec::GatewayError,
                     RetryOn::Reset => RetryOnSpec::Reset,
+                    RetryOn::Grpc(GrpcCode::Cancelled) => RetryOnSpec::Cancelled,
+                    RetryOn::Grpc(GrpcCode::DeadlineExceeded) => RetryOnSpec::DeadlineExceeded,
+                    RetryOn::Grpc(GrpcCode::Internal) => RetryOnSpec::Internal,
+                    RetryOn::Grpc(GrpcCode::ResourceExhausted) => RetryOnSpec::ResourceExhausted,
+                    // The only other code validation produces.
+                    RetryOn::Grpc(_) => RetryOnSpec::Unavailable,
                 })
                 .collect(),
             budget: Some(RetryBudgetSpec {
@@ -210,6 +220,8 @@ fn route(r: &Route) -> RouteSpec {
                     body: Some(body.clone()),
                     backend: None,
                     on,
+                    grpc_status: f.grpc_status.map(grpc_code),
+                    grpc_message: f.grpc_message.clone(),
                 },
                 FallbackAction::Backend(a) => FallbackSpec {
                     status: None,
@@ -217,6 +229,8 @@ fn route(r: &Route) -> RouteSpec {
                     body: None,
                     backend: Some(a.to_string()),
                     on,
+                    grpc_status: None,
+                    grpc_message: None,
                 },
             }
         }),
@@ -225,11 +239,40 @@ fn route(r: &Route) -> RouteSpec {
             shed_first: p.shed_first.clone(),
         }),
         mode: r.mode.map(mode),
+        // The default list is left out, so policies written before it keep their
+        // canonical YAML (and content hash).
+        grpc_failures: (r.grpc_failures != GrpcCode::FAILURES)
+            .then(|| r.grpc_failures.iter().map(|c| grpc_code(*c)).collect()),
         backends: r
             .backends
             .as_ref()
             .map(|list| list.iter().map(backend).collect()),
     }
+}
+
+/// The policy's name of a code.
+fn grpc_code(code: GrpcCode) -> GrpcCodeSpec {
+    use GrpcCodeSpec as S;
+    const SPECS: [GrpcCodeSpec; 17] = [
+        S::Ok,
+        S::Cancelled,
+        S::Unknown,
+        S::InvalidArgument,
+        S::DeadlineExceeded,
+        S::NotFound,
+        S::AlreadyExists,
+        S::PermissionDenied,
+        S::ResourceExhausted,
+        S::FailedPrecondition,
+        S::Aborted,
+        S::OutOfRange,
+        S::Unimplemented,
+        S::Internal,
+        S::Unavailable,
+        S::DataLoss,
+        S::Unauthenticated,
+    ];
+    SPECS[code as usize]
 }
 
 #[cfg(test)]

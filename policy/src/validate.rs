@@ -523,6 +523,15 @@ fn route(c: &mut Checker, at: &str, r: &RouteSpec, namespace: Option<&str>) -> R
             }
         }),
         mode: r.mode.map(mode),
+        grpc_failures: match &r.grpc_failures {
+            Some(codes) => {
+                let mut list: Vec<GrpcCode> = codes.iter().map(|c| grpc_code(*c)).collect();
+                list.sort();
+                list.dedup();
+                list
+            }
+            None => GrpcCode::FAILURES.to_vec(),
+        },
         backends: r.backends.as_ref().map(|list| {
             let at = format!("{at}.backends");
             if list.is_empty() {
@@ -582,11 +591,50 @@ fn route_match(c: &mut Checker, at: &str, m: &MatchSpec) -> RouteMatch {
             )
         })
         .collect();
+    let grpc = m.grpc.as_ref().map(|g| {
+        if m.path.is_some() || m.path_prefix.is_some() {
+            c.fail(format!("{at}.grpc"), Problem::GrpcAndPath);
+        }
+        // gRPC names: the proto identifier rules, the service dotted by package.
+        let ident = |s: &str| {
+            s.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        if !g.service.split('.').all(ident) {
+            c.fail(
+                format!("{at}.grpc.service"),
+                Problem::BadValue {
+                    expected: "a fully qualified gRPC service such as shop.Orders".into(),
+                    got: g.service.clone(),
+                },
+            );
+        }
+        if let Some(method) = g.method.as_deref().filter(|m| !ident(m)) {
+            c.fail(
+                format!("{at}.grpc.method"),
+                Problem::BadValue {
+                    expected: "a gRPC method name such as Get".into(),
+                    got: method.to_owned(),
+                },
+            );
+        }
+        GrpcMatch {
+            service: g.service.clone(),
+            method: g.method.clone(),
+        }
+    });
     RouteMatch {
         path,
         methods,
         headers,
+        grpc,
     }
+}
+
+/// The model's code for a policy's name of it (declared in the same order, by
+/// number; `a_grpc_code_spec_names_the_model_code` checks).
+fn grpc_code(spec: GrpcCodeSpec) -> GrpcCode {
+    GrpcCode::from_number(spec as u32)
 }
 
 fn retries(c: &mut Checker, at: &str, r: &RetriesSpec) -> Retries {
@@ -600,6 +648,11 @@ fn retries(c: &mut Checker, at: &str, r: &RetriesSpec) -> Retries {
                     RetryOnSpec::ConnectFailure => RetryOn::ConnectFailure,
                     RetryOnSpec::GatewayError => RetryOn::GatewayError,
                     RetryOnSpec::Reset => RetryOn::Reset,
+                    RetryOnSpec::Cancelled => RetryOn::Grpc(GrpcCode::Cancelled),
+                    RetryOnSpec::DeadlineExceeded => RetryOn::Grpc(GrpcCode::DeadlineExceeded),
+                    RetryOnSpec::Internal => RetryOn::Grpc(GrpcCode::Internal),
+                    RetryOnSpec::ResourceExhausted => RetryOn::Grpc(GrpcCode::ResourceExhausted),
+                    RetryOnSpec::Unavailable => RetryOn::Grpc(GrpcCode::Unavailable),
                 })
                 .collect()
         },
@@ -782,7 +835,11 @@ fn circuit_breaker(c: &mut Checker, at: &str, b: &CircuitBreakerSpec) -> Circuit
 }
 
 fn fallback(c: &mut Checker, at: &str, f: &FallbackSpec) -> Fallback {
-    let is_static = f.status.is_some() || f.body.is_some() || !f.headers.is_empty();
+    let is_static = f.status.is_some()
+        || f.body.is_some()
+        || !f.headers.is_empty()
+        || f.grpc_status.is_some()
+        || f.grpc_message.is_some();
     let action = match (&f.backend, is_static) {
         (Some(_), true) => {
             c.fail(at, Problem::AmbiguousFallback);
@@ -832,12 +889,24 @@ fn fallback(c: &mut Checker, at: &str, f: &FallbackSpec) -> Fallback {
             body: String::new(),
         }),
         on,
+        grpc_status: f.grpc_status.map(grpc_code),
+        grpc_message: f.grpc_message.clone(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::host_without_port;
+
+    #[test]
+    fn a_grpc_code_spec_names_the_model_code() {
+        for code in crate::model::GrpcCode::ALL {
+            let spec: crate::spec::GrpcCodeSpec =
+                serde_json::from_value(serde_json::Value::String(code.as_str().into()))
+                    .expect("every code has a spec name");
+            assert_eq!(super::grpc_code(spec), code);
+        }
+    }
     use crate::model::{Route, DEFAULT_ROUTE};
 
     #[test]

@@ -132,15 +132,23 @@ fn route(name: String) -> impl Strategy<Value = Route> {
         ],
         btree_set(prop_oneof![Just("GET"), Just("POST"), Just("PUT")], 0..3),
         headers(),
+        option::of((
+            "[a-z]{1,5}(\\.[A-Z][a-z]{0,5})?",
+            option::of("[A-Z][a-z]{0,5}"),
+        )),
     )
-        .prop_map(|(path, methods, headers)| RouteMatch {
+        .prop_map(|(path, methods, headers, grpc)| RouteMatch {
+            // `grpc` sets the path: the two never come together.
+            grpc: grpc
+                .filter(|_| path == PathMatch::Any)
+                .map(|(service, method)| GrpcMatch { service, method }),
             path,
             methods: methods.into_iter().map(str::to_owned).collect(),
             headers,
         });
     let retries = (
         1u32..=10,
-        btree_set(0usize..3, 1..3),
+        btree_set(0usize..8, 1..4),
         closed_ratio(),
         (0u32..100).prop_map(f64::from),
     )
@@ -153,6 +161,11 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                         RetryOn::ConnectFailure,
                         RetryOn::GatewayError,
                         RetryOn::Reset,
+                        RetryOn::Grpc(GrpcCode::Cancelled),
+                        RetryOn::Grpc(GrpcCode::DeadlineExceeded),
+                        RetryOn::Grpc(GrpcCode::Internal),
+                        RetryOn::Grpc(GrpcCode::ResourceExhausted),
+                        RetryOn::Grpc(GrpcCode::Unavailable),
                     ][i]
                 })
                 .collect(),
@@ -223,11 +236,25 @@ fn route(name: String) -> impl Strategy<Value = Route> {
             address().prop_map(FallbackAction::Backend),
         ],
         btree_set(0usize..4, 1..4),
+        option::of(0usize..17),
+        option::of("[ -~]{0,20}"),
     )
-        .prop_map(|(action, on)| Fallback {
-            action,
-            on: on.into_iter().map(|i| FallbackCause::ALL[i]).collect(),
+        .prop_map(|(action, on, grpc_status, grpc_message)| {
+            // Only a static fallback has a gRPC form.
+            let is_static = matches!(action, FallbackAction::Static { .. });
+            Fallback {
+                action,
+                on: on.into_iter().map(|i| FallbackCause::ALL[i]).collect(),
+                grpc_status: grpc_status.filter(|_| is_static).map(|i| GrpcCode::ALL[i]),
+                grpc_message: grpc_message.filter(|_| is_static),
+            }
         });
+    let grpc_failures = btree_set(0usize..17, 0..6).prop_map(|codes| {
+        codes
+            .into_iter()
+            .map(|i| GrpcCode::ALL[i])
+            .collect::<Vec<_>>()
+    });
     let priority = ("x-[a-z]{1,6}", vec("[a-z]{1,5}", 1..3))
         .prop_map(|(header, shed_first)| Priority { header, shed_first });
     (
@@ -242,6 +269,7 @@ fn route(name: String) -> impl Strategy<Value = Route> {
         option::of(priority),
         option::of(prop_oneof![Just(Mode::Enforce), Just(Mode::Shadow)]),
         option::of(backends(1..4)),
+        prop_oneof![Just(GrpcCode::FAILURES.to_vec()), grpc_failures],
     )
         .prop_map(
             move |(
@@ -256,6 +284,7 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                 priority,
                 mode,
                 backends,
+                grpc_failures,
             )| Route {
                 name: name.clone(),
                 matcher,
@@ -269,6 +298,7 @@ fn route(name: String) -> impl Strategy<Value = Route> {
                 priority,
                 mode,
                 backends,
+                grpc_failures,
             },
         )
 }

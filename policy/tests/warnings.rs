@@ -98,3 +98,27 @@ spec:
         ]
     );
 }
+
+#[test]
+fn a_grpc_route_to_http1_backends_is_warned_at_its_match() {
+    let yaml = "\
+apiVersion: sluice.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: g}
+spec:
+  hosts: [g]
+  backends: [{address: 127.0.0.1:9}]
+  routes:
+    - name: orders
+      match: {grpc: {service: shop.Orders}}
+    - name: h2
+      match: {grpc: {service: shop.Users}}
+      backends: [{address: 127.0.0.1:10, protocol: h2c}]
+";
+    let checked = sluice_policy::check_str(Path::new("g.yaml"), yaml).expect("valid");
+    let warnings: Vec<String> = checked.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        vec!["g.yaml:9:21: warning: spec.routes[0].match.grpc: route \"orders\" takes gRPC calls but its backends speak HTTP/1: gRPC needs HTTP/2, so every call would fail; give them `protocol: h2c`"]
+    );
+}

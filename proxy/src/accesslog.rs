@@ -28,6 +28,8 @@ pub struct AccessRecord<'a> {
     pub route: Option<&'a str>,
     pub backend: Option<&'a str>,
     pub status: u16,
+    /// A gRPC call's `grpc-status` (the field is left out for other requests).
+    pub grpc_status: Option<u32>,
     /// Written in milliseconds with microsecond precision.
     pub duration: std::time::Duration,
     pub decision: &'a str,
@@ -135,6 +137,10 @@ impl AccessRecord<'_> {
         text(out, "backend", self.backend);
         out.extend_from_slice(b",\"status\":");
         out.extend_from_slice(digits.format(self.status).as_bytes());
+        if let Some(code) = self.grpc_status {
+            out.extend_from_slice(b",\"grpc_status\":");
+            out.extend_from_slice(digits.format(code).as_bytes());
+        }
         let micros = self.duration.as_micros();
         out.extend_from_slice(b",\"duration_ms\":");
         out.extend_from_slice(digits.format(micros / 1000).as_bytes());
@@ -236,6 +242,7 @@ mod tests {
                 route: None,
                 backend: Some("10.0.0.1:80"),
                 status: 200,
+                grpc_status: None,
                 duration: Duration::from_micros(12_345_678),
                 decision: "allowed",
                 shadow_decision: None,
@@ -302,6 +309,7 @@ mod tests {
             route: None,
             backend: None,
             status: 0,
+            grpc_status: None,
             duration: Duration::ZERO,
             decision: "allowed",
             shadow_decision: None,

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -97,6 +98,8 @@ pub struct Ctx {
     next: Option<Peer>,
     /// The answer `fail_to_proxy` writes.
     reply: Option<Reply>,
+    /// The `grpc-status` of the relayed response (its head, or its trailers).
+    grpc_status: Option<u32>,
 }
 
 impl Ctx {
@@ -160,6 +163,22 @@ async fn write_reply(session: &mut Session, reply: &Reply) -> Result<()> {
     if reply.close {
         session.set_keepalive(None);
     }
+    // A gRPC status is trailers-only: one HEADERS frame that ends the stream.
+    // pingora's session ends an HTTP/2 stream only with a body frame (its `end`
+    // flag is not passed on for headers), and grpc-go reads a status in headers
+    // without END_STREAM as no status at all: written to the h2 stream itself.
+    // (Over HTTP/1, where gRPC does not run, it is written like any answer, so
+    // the request body is drained or the connection closed as always.)
+    if let (true, ServerSession::H2(h2)) = (reply.is_grpc(), session.downstream_session.as_mut()) {
+        let mut resp = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
+        if let Some(ct) = reply.content_type {
+            resp.insert_header("content-type", ct)?;
+        }
+        for (name, value) in &reply.headers {
+            resp.append_header(name.to_string(), value.as_str())?;
+        }
+        return h2.write_response_header(Box::new(resp), true);
+    }
     let headers: Vec<(&str, &str)> = reply
         .headers
         .iter()
@@ -202,6 +221,14 @@ fn one_framing(resp: &mut ResponseHeader) -> Result<()> {
     Ok(())
 }
 
+/// The `grpc-status` in a response head or trailers, when it is a number.
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The answer to a request the HTTP/1 front refused, as the fast path writes it.
 async fn write_refusal(session: &mut Session, refusal: sluice_h1::Refusal) -> Result<()> {
     let body = front::refusal_body(refusal);
@@ -237,6 +264,7 @@ impl ProxyHttp for SluiceProxy {
             exchange: self.exchange(Instant::now()),
             next: None,
             reply: None,
+            grpc_status: None,
         }
     }
 
@@ -343,6 +371,10 @@ impl ProxyHttp for SluiceProxy {
         if let Some(ip) = session.client_ip() {
             upstream.append_header("x-forwarded-for", ip.to_string())?;
         }
+        if let Some(timeout) = ctx.exchange.upstream_grpc_timeout(Instant::now()) {
+            // What is left of the call's deadline, in place of the client's.
+            upstream.insert_header("grpc-timeout", timeout)?;
+        }
         Ok(())
     }
 
@@ -354,9 +386,13 @@ impl ProxyHttp for SluiceProxy {
     ) -> Result<()> {
         one_framing(resp)?;
         let status = resp.status.as_u16();
-        let action = ctx
-            .exchange
-            .on(&*session, Instant::now(), Event::Response { status });
+        let grpc_status = grpc_status(&resp.headers);
+        ctx.grpc_status = grpc_status;
+        let event = Event::Response {
+            status,
+            grpc_status,
+        };
+        let action = ctx.exchange.on(&*session, Instant::now(), event);
         if let Action::Relay = action {
             return Ok(());
         }
@@ -365,6 +401,19 @@ impl ProxyHttp for SluiceProxy {
         let mut e = Error::explain(ErrorType::HTTPStatus(status), "refused upstream response");
         e.set_retry(ctx.keep(action));
         Err(e)
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // A gRPC call's outcome, settled when the request finishes (`logging`).
+        if let Some(code) = grpc_status(trailers) {
+            ctx.grpc_status = Some(code);
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -512,6 +561,7 @@ impl ProxyHttp for SluiceProxy {
         let event = Event::Finished {
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
             failed: e.is_some(),
+            grpc_status: ctx.grpc_status,
         };
         ctx.exchange.on(&*session, Instant::now(), event);
     }

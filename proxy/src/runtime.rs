@@ -301,6 +301,7 @@ impl Runtime {
         let matched = p.routes.iter().position(|r| {
             let m = &r.route.matcher;
             r.path.matches(path.as_bytes(), path_head)
+                && (m.grpc.is_none() || is_grpc(header("content-type")))
                 && (m.methods.is_empty() || m.methods.iter().any(|x| x == method))
                 && m.headers
                     .iter()
@@ -311,6 +312,19 @@ impl Runtime {
             None => Routed::NoRoute { policy },
         }
     }
+}
+
+/// Whether a request with this `content-type` is a gRPC call: `application/grpc`,
+/// alone or with a subtype (`+proto`, `+json`) or parameters. gRPC-Web
+/// (`application/grpc-web`) frames its status into the body, so it is not.
+pub fn is_grpc(content_type: Option<&[u8]>) -> bool {
+    let Some(ct) = content_type else {
+        return false;
+    };
+    let prefix = b"application/grpc";
+    ct.len() >= prefix.len()
+        && ct[..prefix.len()].eq_ignore_ascii_case(prefix)
+        && matches!(ct.get(prefix.len()), None | Some(b'+' | b';'))
 }
 
 fn compile_policy(
@@ -411,7 +425,7 @@ fn compile_policy(
             name: route.name.clone(),
             mode: route.effective_mode(policy.mode),
             route: route.clone(),
-            path: PathMatcher::new(&route.matcher.path),
+            path: PathMatcher::new(&route.matcher.effective_path()),
             limiter,
             global,
             breaker,

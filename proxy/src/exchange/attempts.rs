@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_policy::{FallbackAction, FallbackCause, Protocol, RetryOn};
+use sluice_policy::{FallbackAction, FallbackCause, GrpcCode, Protocol, RetryOn};
 
 use super::{
     is_idempotent, reply, request_key, Action, Exchange, Observe, Outcome, Peer, Reply, Request,
@@ -28,7 +28,7 @@ impl<O: Observe> Exchange<O> {
         if self.attempts >= MAX_ATTEMPTS {
             return self.fail(502, reply::Failure::Status("too many attempts"));
         }
-        let remaining = self.route().and_then(|r| r.route.timeout).map(|t| {
+        let remaining = self.deadline.map(|t| {
             t.saturating_sub(now.saturating_duration_since(self.start))
                 .max(Duration::from_millis(1))
         });
@@ -147,17 +147,22 @@ impl<O: Observe> Exchange<O> {
         failed(self)
     }
 
-    /// An upstream response head arrived with `status`.
+    /// An upstream response head arrived with `status` (and `grpc_status`, a
+    /// trailers-only gRPC response's).
     pub(super) fn response(
         &mut self,
         req: &(impl Request + ?Sized),
         now: Instant,
         status: u16,
+        grpc_status: Option<u32>,
     ) -> Action {
         if matches!(status, 100 | 102..=199) {
             // Interim (100 Continue, 103 Early Hints): passed on, and the final
             // response is still to come, so nothing is settled yet.
             return Action::Relay;
+        }
+        if self.grpc && status == 200 {
+            return self.grpc_response(req, now, grpc_status);
         }
         self.upstream_status = Some(status);
         self.last_attempt_failed = status >= 500;
@@ -176,14 +181,79 @@ impl<O: Observe> Exchange<O> {
             self.retries += 1;
             return self.next_attempt(req, now, false);
         }
+        self.upstream_failed(req, now, status)
+    }
+
+    /// A gRPC call's response head (HTTP 200): with its status in it (trailers-
+    /// only) the attempt is settled now, and may be retried on that code; else the
+    /// status comes in the trailers and is settled at `Finished`.
+    fn grpc_response(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        grpc_status: Option<u32>,
+    ) -> Action {
+        self.upstream_status = Some(200);
+        let Some(code) = grpc_status.map(GrpcCode::from_number) else {
+            self.grpc_pending = true;
+            self.state = State::Relaying;
+            return Action::Relay;
+        };
+        let failed = self.settle_grpc(now, code);
+        if self.target == Target::FallbackBackend {
+            self.state = State::Relaying;
+            return Action::Relay;
+        }
+        if self.may_retry(req, now, RetryOn::Grpc(code), false) {
+            self.retries += 1;
+            return self.next_attempt(req, now, false);
+        }
+        if failed {
+            return self.upstream_failed(req, now, 200);
+        }
+        self.state = State::Relaying;
+        Action::Relay
+    }
+
+    /// Settles the attempt by its gRPC status; whether the route counts it failed.
+    pub(super) fn settle_grpc(&mut self, now: Instant, code: GrpcCode) -> bool {
+        let failed = self.grpc_failure(code);
+        self.last_attempt_failed = failed;
+        self.end_attempt(now, failed);
+        self.record_upstream(if failed {
+            Outcome::GrpcError
+        } else {
+            Outcome::Success
+        });
+        failed
+    }
+
+    /// Whether `code` is a failed call for the request's route (the default list
+    /// without one).
+    pub(super) fn grpc_failure(&self, code: GrpcCode) -> bool {
+        match self.route() {
+            Some(route) => route.route.grpc_failures.contains(&code),
+            None => GrpcCode::FAILURES.contains(&code),
+        }
+    }
+
+    /// A failed response that is not retried: the fallback when the route's
+    /// covers upstream errors, else it is relayed as it is.
+    fn upstream_failed(
+        &mut self,
+        req: &(impl Request + ?Sized),
+        now: Instant,
+        status: u16,
+    ) -> Action {
         if self.covers_upstream_errors() {
             // This response is refused: the next attempt goes to the fallback
             // backend, or the static fallback answers.
             if self.fallback_backend_for_error() {
                 return self.next_attempt(req, now, false);
             }
+            // A gRPC failure arrives as HTTP 200: answered as an upstream error.
             return self.fail(
-                status,
+                if status >= 500 { status } else { 502 },
                 reply::Failure::Status("upstream error, serving the fallback"),
             );
         }
@@ -231,9 +301,13 @@ impl<O: Observe> Exchange<O> {
         self.fail(status, reply::Failure::Other(error))
     }
 
-    /// The proxy answers this (its own response).
+    /// The proxy answers this (its own response; a gRPC call gets it as a gRPC status).
     pub(super) fn answer(&mut self, reply: Reply) -> Action {
         self.state = State::Answering;
+        self.answered = Some((reply.status, reply.grpc));
+        if self.grpc {
+            return Action::Answer(reply.into_grpc());
+        }
         Action::Answer(reply)
     }
 
@@ -268,7 +342,10 @@ impl<O: Observe> Exchange<O> {
         if !retries.on.contains(&on) || self.retries >= retries.attempts {
             return false;
         }
-        if !nothing_sent && (!is_idempotent(req.method()) || req.body_truncated()) {
+        // gRPC calls are all POSTs: a route that lists retries for them marks its
+        // methods retryable (match them by `grpc.method`).
+        let idempotent = self.grpc || is_idempotent(req.method());
+        if !nothing_sent && (!idempotent || req.body_truncated()) {
             return false;
         }
         let granted = route.budget.as_ref().is_none_or(|b| b.withdraw(now));

@@ -212,17 +212,19 @@ impl<O: Observe> Exchange<O> {
     pub(super) fn static_fallback(&mut self, cause: FallbackCause) -> Option<Reply> {
         let runtime = self.runtime.clone()?;
         let route = super::route_of(&runtime, self.routed)?;
-        let Some(FallbackAction::Static {
+        let fallback = route.route.fallback.as_ref()?;
+        let FallbackAction::Static {
             status,
             headers,
             body,
-        }) = route.route.fallback.as_ref().map(|f| &f.action)
+        } = &fallback.action
         else {
             return None;
         };
         self.obs.fallback(route, cause, Mode::Enforce);
         self.verdict = Verdict::Fallback;
         self.fallback = Some(cause);
-        Some(Reply::fallback(*status, headers, body, cause))
+        let grpc = (fallback.grpc_status, fallback.grpc_message.as_deref());
+        Some(Reply::fallback(*status, headers, body, cause, grpc))
     }
 }

@@ -28,6 +28,7 @@
 
 mod attempts;
 mod govern;
+pub mod grpc;
 mod observe;
 mod reply;
 mod settle;
@@ -38,7 +39,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_policy::{FallbackCause, Key};
+use sluice_policy::{FallbackCause, GrpcCode, Key};
 
 use crate::breaker::Admission;
 use crate::endpoints::Endpoints;
@@ -133,8 +134,12 @@ pub enum Event<'a> {
     Resume,
     /// Connecting to the last `Connect`'s peer failed; `error` names why.
     ConnectFailed { error: &'static str },
-    /// The upstream response head arrived.
-    Response { status: u16 },
+    /// The upstream response head arrived; `grpc_status`: the `grpc-status` in it
+    /// (a trailers-only gRPC response).
+    Response {
+        status: u16,
+        grpc_status: Option<u32>,
+    },
     /// The exchange with the backend broke (or timed out) after connecting.
     /// `stale`: a pooled connection broke before any answer (nothing reached the
     /// app); `responding`: part of the response already went to the client.
@@ -149,9 +154,14 @@ pub enum Event<'a> {
     Failed { status: u16, error: &'static str },
     /// The client left before its answer was complete.
     ClientGone,
-    /// The answer went out (`status`, 0 if none; `failed`: it ended in an error):
-    /// settle everything.
-    Finished { status: u16, failed: bool },
+    /// The answer went out (`status`, 0 if none; `failed`: it ended in an error;
+    /// `grpc_status`: the `grpc-status` the client got from upstream, in the
+    /// trailers or the head): settle everything.
+    Finished {
+        status: u16,
+        failed: bool,
+        grpc_status: Option<u32>,
+    },
 }
 
 /// What the engine is to do next.
@@ -260,6 +270,17 @@ pub struct Exchange<O: Observe> {
     rate_headers: Option<RateHeaders>,
     /// The cause a fallback is (being) served for.
     fallback: Option<FallbackCause>,
+    /// A gRPC call (by content type): its outcome is its `grpc-status`, and the
+    /// proxy's own answers to it are gRPC statuses.
+    grpc: bool,
+    /// The request's time limit from its start: the route's timeout, shortened by
+    /// the client's `grpc-timeout`.
+    deadline: Option<Duration>,
+    /// A relayed gRPC response's status is still to come, in its trailers: the
+    /// attempt is settled at `Finished`.
+    grpc_pending: bool,
+    /// The proxy's own answer: its HTTP status, and the gRPC status of it.
+    answered: Option<(u16, GrpcCode)>,
 }
 
 /// The backend index standing for the local app of an inbound listener.
@@ -292,6 +313,10 @@ impl<O: Observe> Exchange<O> {
             permit: false,
             rate_headers: None,
             fallback: None,
+            grpc: false,
+            deadline: None,
+            grpc_pending: false,
+            answered: None,
         }
     }
 
@@ -324,6 +349,24 @@ impl<O: Observe> Exchange<O> {
     pub fn generated_traceparent(&self) -> Option<&str> {
         self.traceparent_generated
             .then_some(self.traceparent.as_str())
+    }
+
+    /// Whether the request is a gRPC call.
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// The `grpc-timeout` to send upstream in place of the client's: what is left
+    /// of the call's deadline at `now` (so the server stops working when the
+    /// client stops waiting); `None` for other requests, or without a deadline.
+    pub fn upstream_grpc_timeout(&self, now: Instant) -> Option<String> {
+        if !self.grpc {
+            return None;
+        }
+        let left = self
+            .deadline?
+            .saturating_sub(now.saturating_duration_since(self.start));
+        Some(grpc::format_timeout(left.max(Duration::from_millis(1))))
     }
 
     /// The backends the request goes to speak h2c.
@@ -359,7 +402,13 @@ impl<O: Observe> Exchange<O> {
             (State::Proxying, Event::ConnectFailed { error }) => {
                 self.connect_failed(req, now, error)
             }
-            (State::Proxying, Event::Response { status }) => self.response(req, now, status),
+            (
+                State::Proxying,
+                Event::Response {
+                    status,
+                    grpc_status,
+                },
+            ) => self.response(req, now, status, grpc_status),
             (
                 State::Proxying | State::Relaying,
                 Event::Broken {
@@ -377,11 +426,18 @@ impl<O: Observe> Exchange<O> {
             }
             (State::Done, Event::ClientGone | Event::Finished { .. }) => Action::Done,
             (_, Event::ClientGone) => {
-                self.finish(req, now, 0, true);
+                self.finish(req, now, 0, true, None);
                 Action::Done
             }
-            (_, Event::Finished { status, failed }) => {
-                self.finish(req, now, status, failed);
+            (
+                _,
+                Event::Finished {
+                    status,
+                    failed,
+                    grpc_status,
+                },
+            ) => {
+                self.finish(req, now, status, failed, grpc_status);
                 Action::Done
             }
             // Anything else is out of order (an engine's bug): the connection
@@ -401,6 +457,7 @@ impl<O: Observe> Exchange<O> {
     ) -> Option<Reply> {
         self.state = State::Proxying;
         self.direction = side.direction;
+        self.grpc = crate::runtime::is_grpc(req.header("content-type"));
         match req
             .header("traceparent")
             .filter(|v| trace::trace_id(v).is_some())
@@ -435,6 +492,14 @@ impl<O: Observe> Exchange<O> {
             },
         };
         self.runtime = Some(runtime);
+        let client_deadline = self
+            .grpc
+            .then(|| req.header("grpc-timeout").and_then(grpc::parse_timeout))
+            .flatten();
+        self.deadline = match (self.route().and_then(|r| r.route.timeout), client_deadline) {
+            (Some(route), Some(client)) => Some(route.min(client)),
+            (route, client) => route.or(client),
+        };
         let unclaimed = self.routed == Routed::NoPolicy;
         self.target = match side.direction {
             // The local app is an inbound listener's only backend, whatever the

@@ -28,6 +28,8 @@ pub enum Outcome {
     ConnectError,
     Timeout,
     Error,
+    /// A gRPC status the route counts as a failure.
+    GrpcError,
 }
 
 impl Outcome {
@@ -38,6 +40,7 @@ impl Outcome {
             Outcome::ConnectError => "connect_error",
             Outcome::Timeout => "timeout",
             Outcome::Error => "error",
+            Outcome::GrpcError => "grpc_error",
         }
     }
 }
@@ -49,6 +52,11 @@ pub struct Record<'a, R: ?Sized> {
     pub route: Option<&'a RouteRuntime>,
     /// As sent to the client, 0 if nothing was.
     pub status: u16,
+    /// What the request is classed by (`code_class`): `status`, or for a gRPC call
+    /// the HTTP status its gRPC status stands for (see `grpc::class_status`).
+    pub class_status: u16,
+    /// A gRPC call's status, as the client got it.
+    pub grpc_status: Option<u32>,
     pub elapsed: Duration,
     pub verdict: Verdict,
     pub shadow: Option<Verdict>,
@@ -248,13 +256,14 @@ impl Observe for Arc<Shared> {
         let labels = [
             policy.unwrap_or(""),
             route.unwrap_or(""),
-            code_class(r.status),
+            code_class(r.class_status),
             r.verdict.as_str(),
             r.direction.as_str(),
         ];
         let make = || self.metrics.requests.with_label_values(&labels);
         let recorded = r.route.and_then(|route| {
-            let index = (code_class_index(r.status) * Verdict::COUNT + r.verdict as usize) * 2
+            let index = (code_class_index(r.class_status) * Verdict::COUNT + r.verdict as usize)
+                * 2
                 + usize::from(r.direction == Direction::Inbound);
             route
                 .series
@@ -277,6 +286,7 @@ impl Observe for Arc<Shared> {
                 route,
                 backend: r.backend,
                 status: r.status,
+                grpc_status: r.grpc_status,
                 duration: r.elapsed,
                 decision: r.verdict.as_str(),
                 shadow_decision: r.shadow.map(Verdict::as_str),

@@ -5,9 +5,9 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_policy::FallbackCause;
+use sluice_policy::{FallbackCause, GrpcCode};
 
-use super::{ceil_secs, Exchange, Observe};
+use super::{ceil_secs, grpc, Exchange, Observe};
 
 /// A response the proxy writes itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,10 @@ pub struct Reply {
     /// The client connection closes after it: a request that failed may have left
     /// its body unread (complete answers — refusals, fallbacks — keep it open).
     pub close: bool,
+    /// The status a gRPC call gets instead (see [`Reply::into_grpc`]).
+    pub grpc: GrpcCode,
+    /// Its `grpc-message`, when not the body's text.
+    pub grpc_message: Option<String>,
 }
 
 /// Why a request could not be proxied, for its explanation.
@@ -40,7 +44,14 @@ impl Reply {
             headers,
             body: Bytes::from(body),
             close: false,
+            grpc: grpc::code_for_http(status),
+            grpc_message: None,
         }
+    }
+
+    /// The same answer with another gRPC status.
+    fn with_grpc(self, code: GrpcCode) -> Reply {
+        Reply { grpc: code, ..self }
     }
 
     pub(super) fn not_ready() -> Reply {
@@ -87,7 +98,7 @@ impl Reply {
             ("ratelimit-remaining".into(), "0".to_owned()),
             ("ratelimit-reset".into(), secs),
         ];
-        Reply::text(429, headers, body)
+        Reply::text(429, headers, body).with_grpc(GrpcCode::ResourceExhausted)
     }
 
     pub(super) fn breaker_open(policy: &str, route: &str, retry_in: Duration) -> Reply {
@@ -95,7 +106,7 @@ impl Reply {
         let body = format!(
             "sluice: circuit breaker of route {route:?} (policy {policy:?}) is open; retry in {secs}s\n"
         );
-        Reply::text(503, vec![("retry-after".into(), secs)], body)
+        Reply::text(503, vec![("retry-after".into(), secs)], body).with_grpc(GrpcCode::Unavailable)
     }
 
     pub(super) fn overloaded(policy: &str, route: &str, limit: u32) -> Reply {
@@ -103,15 +114,22 @@ impl Reply {
             "sluice: route {route:?} (policy {policy:?}) is overloaded ({limit} requests in flight); retry later\n"
         );
         Reply::text(503, vec![("retry-after".into(), "1".to_owned())], body)
+            .with_grpc(GrpcCode::ResourceExhausted)
     }
 
-    /// A route's static fallback, marked with the cause it answers.
+    /// A route's static fallback, marked with the cause it answers; gRPC calls get
+    /// `grpc` (the fallback's own status and message, else the cause's code).
     pub(super) fn fallback(
         status: u16,
         headers: &[(String, String)],
         body: &str,
         cause: FallbackCause,
+        grpc: (Option<GrpcCode>, Option<&str>),
     ) -> Reply {
+        let code = grpc.0.unwrap_or(match cause {
+            FallbackCause::RateLimited | FallbackCause::Overloaded => GrpcCode::ResourceExhausted,
+            FallbackCause::BreakerOpen | FallbackCause::UpstreamError => GrpcCode::Unavailable,
+        });
         let content_type = (!headers.iter().any(|(k, _)| k == "content-type"))
             .then_some("text/plain; charset=utf-8");
         Reply {
@@ -124,6 +142,8 @@ impl Reply {
                 .collect(),
             body: Bytes::from(body.to_owned()),
             close: false,
+            grpc: code,
+            grpc_message: grpc.1.map(str::to_owned),
         }
     }
 }
@@ -150,9 +170,14 @@ impl<O: Observe> Exchange<O> {
                 self.backend_label().unwrap_or("?"),
             ),
         };
+        let reply = Reply::text(status, Vec::new(), format!("{what}\n"));
         Reply {
             close: true,
-            ..Reply::text(status, Vec::new(), format!("{what}\n"))
+            grpc: match status {
+                504 => GrpcCode::DeadlineExceeded,
+                _ => reply.grpc,
+            },
+            ..reply
         }
     }
 }

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Exchange, Observe, Record, Request, State, Target};
+use sluice_policy::GrpcCode;
+
+use super::{grpc, Exchange, Observe, Record, Request, State, Target};
 use crate::trace;
 
 impl<O: Observe> Exchange<O> {
@@ -14,6 +16,7 @@ impl<O: Observe> Exchange<O> {
         now: Instant,
         status: u16,
         failed: bool,
+        grpc_status: Option<u32>,
     ) {
         let arrived = self.state != State::New;
         self.state = State::Done;
@@ -22,6 +25,14 @@ impl<O: Observe> Exchange<O> {
             return;
         }
         let elapsed = now.saturating_duration_since(self.start);
+        // A relayed gRPC response's status came in its trailers: the attempt is
+        // settled by it. A response that ended without one (and without an error)
+        // reads as UNKNOWN to the client, as gRPC libraries report it.
+        let mut grpc_code = grpc_status.map(GrpcCode::from_number);
+        if std::mem::take(&mut self.grpc_pending) && (grpc_code.is_some() || !failed) {
+            let code = *grpc_code.get_or_insert(GrpcCode::Unknown);
+            self.settle_grpc(now, code);
+        }
         // An attempt still open here ended without a response: the client left.
         // It is abandoned (its time so far is a latency sample for P2C; the backend
         // is neither blamed nor credited, as Envoy's outlier detection ignores
@@ -56,11 +67,32 @@ impl<O: Observe> Exchange<O> {
             Target::FallbackBackend => Some("fallback"),
             _ => self.backend_label(),
         };
+        // What the request is classed by (`code_class`, the SLO rules): the HTTP
+        // status, or for a gRPC call its gRPC status, as docs/grpc.md maps it (the
+        // proxy's own answers keep the class of the HTTP answer they stand for).
+        let mut class_status = status;
+        if self.grpc && status == 200 {
+            match self.answered {
+                Some((http, code)) => {
+                    class_status = http;
+                    grpc_code = Some(code);
+                }
+                None => {
+                    let code = grpc_code.unwrap_or(GrpcCode::Unknown);
+                    class_status = match self.route() {
+                        Some(route) => grpc::class_status(code, &route.route.grpc_failures),
+                        None => grpc::class_status(code, &GrpcCode::FAILURES),
+                    };
+                }
+            }
+        }
         self.obs.finished(&Record {
             req,
             route: self.route(),
             policy: self.policy(),
             status,
+            class_status,
+            grpc_status: grpc_code.filter(|_| self.grpc).map(|c| c as u32),
             elapsed,
             verdict: self.verdict,
             shadow: self.shadow,

@@ -46,6 +46,7 @@ impl Engine {
         let finished = Event::Finished {
             status: reply.status,
             failed: !written,
+            grpc_status: None,
         };
         exchange.on(req, Instant::now(), finished);
         if written && keep_alive {
@@ -151,7 +152,15 @@ impl Engine {
                 }
             };
             let status = response.status;
-            action = exchange.on(req, Instant::now(), Event::Response { status });
+            action = exchange.on(
+                req,
+                Instant::now(),
+                Event::Response {
+                    status,
+                    // gRPC is HTTP/2 only: nothing this engine relays carries it.
+                    grpc_status: None,
+                },
+            );
             if let Action::Relay = action {
                 return self
                     .relay(
@@ -246,6 +255,7 @@ impl Engine {
         let finished = Event::Finished {
             status,
             failed: !client_ok,
+            grpc_status: None,
         };
         exchange.on(req, Instant::now(), finished);
         if client_ok && !close_client {

@@ -20,7 +20,14 @@ fn an_admitted_request_goes_to_a_backend_and_settles_once() {
     assert_eq!(peer.addr.ip(), IpAddr::from([127, 0, 0, 1]));
     assert!(!peer.fresh && !peer.h2c);
     assert!(matches!(
-        ex.on(&Req::get("/x"), h.at(5), Event::Response { status: 204 }),
+        ex.on(
+            &Req::get("/x"),
+            h.at(5),
+            Event::Response {
+                status: 204,
+                grpc_status: None
+            }
+        ),
         Action::Relay
     ));
     ex.on(
@@ -29,6 +36,7 @@ fn an_admitted_request_goes_to_a_backend_and_settles_once() {
         Event::Finished {
             status: 204,
             failed: false,
+            grpc_status: None,
         },
     );
     // A second Finished (an engine calling twice) settles nothing more.
@@ -38,7 +46,8 @@ fn an_admitted_request_goes_to_a_backend_and_settles_once() {
             h.at(8),
             Event::Finished {
                 status: 204,
-                failed: false
+                failed: false,
+                grpc_status: None
             }
         ),
         Action::Done
@@ -63,7 +72,14 @@ fn interim_responses_pass_on_and_the_final_one_settles() {
     let h = Harness::new(runtime("", "    - name: all\n"));
     let (mut ex, _) = h.arrive(&Req::post("/"), 0);
     for status in [100, 103, 200] {
-        let action = ex.on(&Req::post("/"), h.at(1), Event::Response { status });
+        let action = ex.on(
+            &Req::post("/"),
+            h.at(1),
+            Event::Response {
+                status,
+                grpc_status: None,
+            },
+        );
         assert!(matches!(action, Action::Relay), "{status}: {action:?}");
     }
     ex.on(
@@ -72,6 +88,7 @@ fn interim_responses_pass_on_and_the_final_one_settles() {
         Event::Finished {
             status: 200,
             failed: false,
+            grpc_status: None,
         },
     );
     let upstream: Vec<_> = h
@@ -123,6 +140,7 @@ fn no_policy_no_route_and_not_ready_are_answered_here() {
         Event::Finished {
             status: 503,
             failed: false,
+            grpc_status: None,
         },
     );
     assert_eq!(h.rec.settled().last().unwrap().verdict, Verdict::NotReady);
@@ -311,7 +329,14 @@ fn an_open_breaker_and_overload_are_answered_by_their_fallbacks() {
         std::net::SocketAddr::from(([127, 0, 0, 1], 2000))
     );
     assert!(matches!(
-        ex.on(&Req::get("/x"), h.at(4), Event::Response { status: 200 }),
+        ex.on(
+            &Req::get("/x"),
+            h.at(4),
+            Event::Response {
+                status: 200,
+                grpc_status: None
+            }
+        ),
         Action::Relay
     ));
     ex.on(
@@ -320,6 +345,7 @@ fn an_open_breaker_and_overload_are_answered_by_their_fallbacks() {
         Event::Finished {
             status: 200,
             failed: false,
+            grpc_status: None,
         },
     );
     let s = h.rec.settled().pop().unwrap();

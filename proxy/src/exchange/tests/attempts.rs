@@ -120,7 +120,14 @@ fn a_timeout_answers_504_and_the_route_timeout_bounds_each_attempt() {
         "    - name: all\n      timeout: 2s\n      retries: {attempts: 1, on: [gateway-error], budget: {ratio: 1.0, minPerSecond: 100}}\n",
     ));
     let (mut ex, _) = h.arrive(&Req::get("/"), 0);
-    let action = ex.on(&Req::get("/"), h.at(1_500), Event::Response { status: 503 });
+    let action = ex.on(
+        &Req::get("/"),
+        h.at(1_500),
+        Event::Response {
+            status: 503,
+            grpc_status: None,
+        },
+    );
     let Action::Connect(peer) = action else {
         panic!("{action:?}")
     };
@@ -135,8 +142,14 @@ fn upstream_errors_go_to_the_static_fallback_or_the_fallback_backend() {
         "    - name: static\n      match: {pathPrefix: /s}\n      fallback: {status: 200, headers: {content-type: application/json}, body: '{}', on: [upstream-error]}\n    - name: backend\n      fallback: {backend: 127.0.0.1:2000, on: [upstream-error]}\n",
     ));
     let (mut ex, _) = h.arrive(&Req::get("/s"), 0);
-    let Action::Answer(reply) = ex.on(&Req::get("/s"), h.at(1), Event::Response { status: 500 })
-    else {
+    let Action::Answer(reply) = ex.on(
+        &Req::get("/s"),
+        h.at(1),
+        Event::Response {
+            status: 500,
+            grpc_status: None,
+        },
+    ) else {
         panic!()
     };
     assert_eq!(reply.status, 200);
@@ -148,14 +161,27 @@ fn upstream_errors_go_to_the_static_fallback_or_the_fallback_backend() {
     assert!(!reply.close);
 
     let (mut ex, _) = h.arrive(&Req::get("/b"), 0);
-    let Action::Connect(peer) = ex.on(&Req::get("/b"), h.at(1), Event::Response { status: 500 })
-    else {
+    let Action::Connect(peer) = ex.on(
+        &Req::get("/b"),
+        h.at(1),
+        Event::Response {
+            status: 500,
+            grpc_status: None,
+        },
+    ) else {
         panic!()
     };
     assert_eq!(peer.addr, SocketAddr::from(([127, 0, 0, 1], 2000)));
     // The fallback backend's answer is relayed whatever it is.
     assert!(matches!(
-        ex.on(&Req::get("/b"), h.at(2), Event::Response { status: 500 }),
+        ex.on(
+            &Req::get("/b"),
+            h.at(2),
+            Event::Response {
+                status: 500,
+                grpc_status: None
+            }
+        ),
         Action::Relay
     ));
     ex.on(
@@ -164,6 +190,7 @@ fn upstream_errors_go_to_the_static_fallback_or_the_fallback_backend() {
         Event::Finished {
             status: 500,
             failed: false,
+            grpc_status: None,
         },
     );
     let s = h.rec.settled().pop().unwrap();
@@ -186,7 +213,14 @@ fn a_response_cut_short_aborts_and_is_settled_as_a_failure() {
     ));
     let (mut ex, _) = h.arrive(&Req::get("/"), 0);
     assert!(matches!(
-        ex.on(&Req::get("/"), h.at(1), Event::Response { status: 200 }),
+        ex.on(
+            &Req::get("/"),
+            h.at(1),
+            Event::Response {
+                status: 200,
+                grpc_status: None
+            }
+        ),
         Action::Relay
     ));
     let broken = Event::Broken {
@@ -205,6 +239,7 @@ fn a_response_cut_short_aborts_and_is_settled_as_a_failure() {
         Event::Finished {
             status: 200,
             failed: true,
+            grpc_status: None,
         },
     );
     let breaker = h.rt.policies[0].routes[0].breaker.as_ref().unwrap();
@@ -318,7 +353,14 @@ fn events_out_of_order_abort_instead_of_acting() {
     let h = Harness::new(runtime("", "    - name: all\n"));
     let mut ex = Exchange::new(Arc::clone(&h.rec), h.at(0));
     assert!(matches!(
-        ex.on(&Req::get("/"), h.at(0), Event::Response { status: 200 }),
+        ex.on(
+            &Req::get("/"),
+            h.at(0),
+            Event::Response {
+                status: 200,
+                grpc_status: None
+            }
+        ),
         Action::Abort
     ));
     assert!(matches!(
@@ -332,6 +374,7 @@ fn events_out_of_order_abort_instead_of_acting() {
         Event::Finished {
             status: 400,
             failed: true,
+            grpc_status: None,
         },
     );
     assert!(h.rec.settled().is_empty());
@@ -351,7 +394,10 @@ enum Ev {
 impl Ev {
     fn event(&self) -> Event<'static> {
         match *self {
-            Ev::Response(status) => Event::Response { status },
+            Ev::Response(status) => Event::Response {
+                status,
+                grpc_status: None,
+            },
             Ev::ConnectFailed => Event::ConnectFailed {
                 error: "ConnectRefused",
             },
@@ -408,7 +454,7 @@ proptest! {
         }
         prop_assert!(connects <= MAX_ATTEMPTS);
         if finish_at_end {
-            ex.on(&req, h.at(100), Event::Finished { status: 200, failed: false });
+            ex.on(&req, h.at(100), Event::Finished { status: 200, failed: false, grpc_status: None });
         }
         drop(ex);
         prop_assert!(h.rec.settled().len() <= 1);

@@ -15,6 +15,7 @@ use super::*;
 mod admission;
 mod attempts;
 mod backends;
+mod grpc;
 use crate::breaker::Transition;
 use crate::globallimit::GlobalLimits;
 
@@ -37,6 +38,8 @@ struct Settled {
     backend: Option<String>,
     attempts: u32,
     elapsed: Duration,
+    class_status: u16,
+    grpc_status: Option<u32>,
 }
 
 impl Recorder {
@@ -110,6 +113,8 @@ impl Observe for Arc<Recorder> {
             backend: r.backend.map(str::to_owned),
             attempts: r.attempts,
             elapsed: r.elapsed,
+            class_status: r.class_status,
+            grpc_status: r.grpc_status,
         });
     }
 }
@@ -260,6 +265,7 @@ impl Harness {
             Event::Finished {
                 status,
                 failed: false,
+                grpc_status: None,
             },
         );
         drop(ex);
@@ -268,11 +274,17 @@ impl Harness {
 }
 
 fn ok(_: usize) -> Event<'static> {
-    Event::Response { status: 200 }
+    Event::Response {
+        status: 200,
+        grpc_status: None,
+    }
 }
 
 fn status(s: u16) -> impl FnMut(usize) -> Event<'static> {
-    move |_| Event::Response { status: s }
+    move |_| Event::Response {
+        status: s,
+        grpc_status: None,
+    }
 }
 
 fn refused(_: usize) -> Event<'static> {
