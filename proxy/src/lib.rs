@@ -1,6 +1,10 @@
 //! Sluice's data plane: an HTTP proxy governed by `TrafficPolicy`.
 //!
 //! The map, in the order a request meets it:
+//! - on a `--transparent` listener, [`detect`] first tells HTTP from opaque TCP by
+//!   the first bytes (or the destination port); opaque connections go to
+//!   [`opaque`], proxied byte for byte under the policy's `spec.tcp` ([`tcplimit`]),
+//!   and never reach the HTTP engines;
 //! - it enters at [`h1`] (Sluice's HTTP/1.1 engine: `h1/listener.rs` accepts, `h1/mod.rs`
 //!   serves), which hands what it does not serve (h2c, upgrades, large bodies) to
 //!   pingora's [`phases`] through the strict HTTP/1 [`front`];
@@ -19,9 +23,9 @@
 //!   endpoints like DNS answers ([`tasks`]), without a reload.
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
-//! leaves (`metrics`, `trace`, `verdict`...) < components (`ratelimit`, `breaker`,
-//! `endpoints`, `resolve`, `services`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
-//! (`exchange`, `front`, `phases`, `h1`) < app (`source`, `control_plane`, `discovery`, `admin`,
+//! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`,
+//! `endpoints`, `resolve`, `services`, `globallimit`, `tcplimit`...) < runtime (`runtime`, `shared`) < engine
+//! (`exchange`, `front`, `phases`, `h1`, `opaque`) < app (`source`, `control_plane`, `discovery`, `admin`,
 //! `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
 

@@ -291,7 +291,7 @@ impl Metrics {
             tcp_connections: counter(
                 r,
                 "sluice_tcp_connections_total",
-                "Opaque TCP connections, by policy (\"\" when no policy governs the destination), direction and outcome (opened, refused_limit, refused_rate, connect_error, no_destination; shadow_refused_* in shadow mode, let through).",
+                "Opaque TCP connections, by policy (\"\" when no policy governs the destination), direction and outcome (opened, refused_limit, refused_rate, connect_error, no_destination, not_ready; shadow_refused_* in shadow mode, let through).",
                 &["policy", "direction", "outcome"],
             )?,
             tcp_active: {

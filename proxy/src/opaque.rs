@@ -15,6 +15,9 @@
 //! none, or a policy without `spec.tcp`, it is an ungoverned passthrough (counted
 //! under `policy=""`).
 //!
+//! Before the first policy is loaded every opaque connection is closed (counted
+//! `not_ready`), as HTTP is answered 503 then.
+//!
 //! Invariants: a refused connection is closed before anything is sent upstream;
 //! a connection's limiter slot and its `sluice_tcp_active_connections` count are
 //! held from admission until both directions are done, and given back exactly once
@@ -130,6 +133,12 @@ pub async fn proxy(
     };
     if let Some(p) = policy {
         p.series.record(&shared.series);
+    }
+    if !runtime.loaded() {
+        // No policy yet (HTTP is answered 503 then): the limits a policy may set
+        // are unknown, and the pod is not ready, so nothing is let through.
+        count("not_ready");
+        return;
     }
     let Some(dst) = dst else {
         // Outbound without an original destination (a connection made to the

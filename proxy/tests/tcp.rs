@@ -535,3 +535,25 @@ async fn shadow_mode_counts_what_it_would_refuse_and_lets_it_through() {
     let m = metrics_at(&proxy, shadow, 1.0).await;
     assert_eq!(sample(&m, shadow), 1.0, "{m}");
 }
+
+#[tokio::test]
+async fn opaque_tcp_is_closed_until_a_policy_is_loaded() {
+    let (app, connections) = resp_server().await;
+    let dir = TempDir::new();
+    // An invalid policy at start: the proxy runs, not ready, with no policy.
+    let path = dir.write(
+        "policy.yaml",
+        "apiVersion: sluice.dev/v1alpha1\nkind: Nonsense\n",
+    );
+    let app = app.to_string();
+    let proxy = ProxyProcess::start(
+        &path,
+        &["--transparent", "--inbound", "127.0.0.1:0", "--app", &app],
+    );
+    assert!(!ping(proxy.addr("inbound")).await);
+    assert_eq!(connections.load(Ordering::SeqCst), 0);
+    let series =
+        r#"sluice_tcp_connections_total{direction="inbound",outcome="not_ready",policy=""}"#;
+    let m = metrics_at(&proxy, series, 1.0).await;
+    assert_eq!(sample(&m, series), 1.0, "{m}");
+}
