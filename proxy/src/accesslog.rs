@@ -172,7 +172,10 @@ pub struct TcpRecord<'a> {
     /// The destination's port (never its address: the log stays free of IPs it
     /// does not need, and a port names the service).
     pub port: u16,
-    /// `closed` (either side finished), `idle_timeout`, or `error`.
+    /// How it ended: `closed` (both sides finished), `idle_timeout`, `error`; or
+    /// why it was closed unanswered, as `sluice_tcp_connections_total`'s outcome
+    /// (`refused_limit`, `refused_rate`, `connect_error`, `no_destination`,
+    /// `not_ready`).
     pub end: &'a str,
     pub bytes_received: u64,
     pub bytes_sent: u64,

@@ -134,16 +134,36 @@ pub async fn proxy(
     if let Some(p) = policy {
         p.series.record(&shared.series);
     }
+    let port = dst.or(original_dst).map_or(0, |d| d.port());
+    let log = |end: &str, received: u64, sent: u64| {
+        shared.access_log.write_tcp(&TcpRecord {
+            ts: Timestamp::now(),
+            direction,
+            policy: policy.map(|p| p.name.as_str()),
+            port,
+            end,
+            bytes_received: received,
+            bytes_sent: sent,
+            duration: start.elapsed(),
+            policy_version: policy.map(|_| runtime.version.as_str()),
+        });
+    };
+    // A connection closed unanswered: counted and logged (what detection read
+    // from it is dropped).
+    let refuse = |outcome: &str| {
+        count(outcome);
+        log(outcome, first.len() as u64, 0);
+    };
     if !runtime.loaded() {
         // No policy yet (HTTP is answered 503 then): the limits a policy may set
         // are unknown, and the pod is not ready, so nothing is let through.
-        count("not_ready");
+        refuse("not_ready");
         return;
     }
     let Some(dst) = dst else {
         // Outbound without an original destination (a connection made to the
         // proxy itself), or inbound to one of the proxy's own ports.
-        count("no_destination");
+        refuse("no_destination");
         return;
     };
     let limits = policy.and_then(|p| p.tcp.as_ref());
@@ -160,7 +180,7 @@ pub async fn proxy(
             None
         }
         Some(Err(refused)) => {
-            count(refused.as_str());
+            refuse(refused.as_str());
             return;
         }
     };
@@ -170,7 +190,7 @@ pub async fn proxy(
     let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(dst)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(_)) | Err(_) => {
-            count("connect_error");
+            refuse("connect_error");
             return;
         }
     };
@@ -213,17 +233,7 @@ pub async fn proxy(
         }
     };
     drop(active);
-    shared.access_log.write_tcp(&TcpRecord {
-        ts: Timestamp::now(),
-        direction,
-        policy: policy.map(|p| p.name.as_str()),
-        port: dst.port(),
-        end: end.as_str(),
-        bytes_received: client.bytes,
-        bytes_sent: upstream.bytes,
-        duration: start.elapsed(),
-        policy_version: policy.map(|_| runtime.version.as_str()),
-    });
+    log(end.as_str(), client.bytes, upstream.bytes);
 }
 
 /// The policy governing a connection to `dst`: inbound, the listener's; outbound,

@@ -442,6 +442,14 @@ async fn connections_beyond_max_connections_are_closed_unanswered() {
         r#"sluice_tcp_connections_total{direction="inbound",outcome="refused_limit",policy="db"}"#;
     let m = metrics_at(&proxy, refused, 1.0).await;
     assert_eq!(sample(&m, refused), 1.0, "{m}");
+    let log = support::log_lines(&proxy, 1).await;
+    let line = log
+        .iter()
+        .find(|l| l["end"] == "refused_limit")
+        .unwrap_or_else(|| panic!("no refused line: {log:?}"));
+    assert_eq!(line["policy"], "db");
+    assert_eq!(line["bytes_received"], RESP_PING.len());
+    assert_eq!(line["bytes_sent"], 0);
     // Once the first closes, its slot is given back.
     drop(first);
     let active = r#"sluice_tcp_active_connections{direction="inbound"}"#;
