@@ -119,13 +119,40 @@ fn is_tchar(b: u8) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sniffed {
     Protocol(Protocol),
+    /// The client sent nothing for the whole timeout: opaque, its server speaks
+    /// first (told apart so that it can be counted: the port is worth listing).
+    Silent,
     /// The client left (or failed) before sending anything.
     Closed,
 }
 
+impl Sniffed {
+    /// The `result` label of `sluice_protocol_detections_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sniffed::Protocol(Protocol::Http1) => "http1",
+            Sniffed::Protocol(Protocol::Http2) => "http2",
+            Sniffed::Protocol(Protocol::Opaque) => "opaque",
+            Sniffed::Silent => "timeout",
+            Sniffed::Closed => "closed",
+        }
+    }
+
+    /// Every `result` label value (and `opaque_port`, for connections to a listed
+    /// port, which are not sniffed).
+    pub const RESULTS: [&'static str; 6] = [
+        "http1",
+        "http2",
+        "opaque",
+        "timeout",
+        "closed",
+        "opaque_port",
+    ];
+}
+
 /// Reads the first bytes of a connection into `buf` until [`classify`] decides,
-/// for at most `timeout`. Silence until then is [`Protocol::Opaque`] (the server
-/// speaks first); a partial HTTP-looking prefix then is HTTP/1 (the HTTP engine's
+/// for at most `timeout`. Silence until then is [`Sniffed::Silent`], opaque (the
+/// server speaks first); a partial HTTP-looking prefix then is HTTP/1 (the HTTP engine's
 /// own timeouts apply from there); a client that closes mid-way after sending
 /// something is opaque (its bytes are delivered as they are).
 pub async fn sniff<R: AsyncRead + Unpin>(
@@ -147,7 +174,7 @@ pub async fn sniff<R: AsyncRead + Unpin>(
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) if buf.is_empty() => return Sniffed::Closed,
             Ok(_) => return Sniffed::Protocol(Protocol::Opaque),
-            Err(_) if buf.is_empty() => return Sniffed::Protocol(Protocol::Opaque),
+            Err(_) if buf.is_empty() => return Sniffed::Silent,
             Err(_) => return Sniffed::Protocol(Protocol::Http1),
         }
     }
@@ -226,7 +253,7 @@ mod tests {
         let (mut client, _server) = tokio::io::duplex(64);
         let mut buf = BytesMut::new();
         let sniffed = sniff(&mut client, &mut buf, Duration::from_secs(1)).await;
-        assert_eq!(sniffed, Sniffed::Protocol(Protocol::Opaque));
+        assert_eq!(sniffed, Sniffed::Silent);
         assert!(buf.is_empty());
     }
 

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub tcp_connections: IntCounterVec,
     pub tcp_active: IntGaugeVec,
     pub tcp_bytes: IntCounterVec,
+    /// What protocol detection found on the transparent listeners.
+    pub protocol_detections: IntCounterVec,
 }
 
 fn counter(
@@ -312,6 +314,22 @@ impl Metrics {
                 "Bytes of opaque TCP connections, as the client sees them: side=received from the client (sent on to the destination), side=sent to the client (from the destination).",
                 &["policy", "direction", "side"],
             )?,
+            protocol_detections: {
+                let c = counter(
+                    r,
+                    "sluice_protocol_detections_total",
+                    "Connections on the transparent listeners by what protocol detection found: http1, http2, opaque (by the first bytes), timeout (the client said nothing: opaque, server speaks first), closed (left silently), opaque_port (a listed port, not looked at).",
+                    &["direction", "result"],
+                )?;
+                // Fixed label sets, all from the start (at 0), so rate() sees the
+                // first timeout.
+                for direction in ["outbound", "inbound"] {
+                    for result in crate::detect::Sniffed::RESULTS {
+                        c.with_label_values(&[direction, result]);
+                    }
+                }
+                c
+            },
             global_redis_up,
             inflight,
             control_plane_connected,

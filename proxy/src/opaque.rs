@@ -69,11 +69,22 @@ pub async fn sort(
         return Some((stream, buf));
     };
     let listed = original_dst.is_some_and(|d| detection.opaque_ports.contains(&d.port()));
-    if !listed {
-        match sniff(&mut stream, &mut buf, detection.timeout).await {
+    let detected = |result: &str| {
+        shared
+            .metrics
+            .protocol_detections
+            .with_label_values(&[side.direction.as_str(), result])
+            .inc();
+    };
+    if listed {
+        detected("opaque_port");
+    } else {
+        let sniffed = sniff(&mut stream, &mut buf, detection.timeout).await;
+        detected(sniffed.as_str());
+        match sniffed {
             Sniffed::Closed => return None,
             Sniffed::Protocol(Protocol::Http1 | Protocol::Http2) => return Some((stream, buf)),
-            Sniffed::Protocol(Protocol::Opaque) => {}
+            Sniffed::Protocol(Protocol::Opaque) | Sniffed::Silent => {}
         }
     }
     proxy(

@@ -387,6 +387,8 @@ async fn opaque_tcp_reaches_the_app_and_is_counted() {
     let active = r#"sluice_tcp_active_connections{direction="inbound"}"#;
     let m = metrics_at(&proxy, active, 0.0).await;
     assert_eq!(sample(&m, opened), 1.0, "{m}");
+    let detected = r#"sluice_protocol_detections_total{direction="inbound",result="opaque"}"#;
+    assert_eq!(sample(&m, detected), 1.0, "{m}");
     assert_eq!(sample(&m, received), (3 * RESP_PING.len()) as f64, "{m}");
     assert_eq!(sample(&m, sent), (3 * b"+PONG\r\n".len()) as f64, "{m}");
     let log = support::log_lines(&proxy, 1).await;
@@ -418,6 +420,8 @@ async fn a_server_that_speaks_first_is_reached_after_the_detect_timeout() {
     client.shutdown().await.expect("shutdown");
     let rest = read_until(&mut client, |_| false).await;
     assert!(rest.is_empty(), "{rest:?}");
+    let timeout = r#"sluice_protocol_detections_total{direction="inbound",result="timeout"}"#;
+    assert_eq!(sample(&metrics(&proxy).await, timeout), 1.0);
 }
 
 #[tokio::test]
@@ -474,6 +478,8 @@ async fn http_on_a_transparent_listener_is_still_http() {
     assert_eq!(got.text().trim_end(), "app GET /hello");
     let log = support::log_lines(&proxy, 1).await;
     assert!(log.iter().all(|l| l["protocol"] != "tcp"), "{log:?}");
+    let detected = r#"sluice_protocol_detections_total{direction="inbound",result="http1"}"#;
+    assert_eq!(sample(&metrics(&proxy).await, detected), 1.0);
 }
 
 #[tokio::test]
