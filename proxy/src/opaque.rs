@@ -46,7 +46,7 @@ use crate::exchange::{Direction, Side};
 use crate::runtime::{PolicyRuntime, Runtime};
 use crate::series::PolicySeries;
 use crate::shared::Shared;
-use crate::tcplimit::TcpPermit;
+use crate::tcplimit::{Refused, TcpPermit};
 
 /// What the listener goes on with after [`sort`]: an HTTP connection and the
 /// bytes already read from it (`None`: the connection was taken, or is gone).
@@ -128,13 +128,43 @@ pub async fn proxy(
 ) {
     let start = Instant::now();
     let direction = side.direction.as_str();
-    let runtime = shared.runtime.load_full();
     let dst = match side.direction {
         Direction::Inbound => side.app_address(original_dst),
         Direction::Outbound => original_dst,
     };
-    let policy = governing_policy(&runtime, side, dst);
-    let label = policy.map_or("", |p| p.name.as_str());
+    let port = dst.or(original_dst).map_or(0, |d| d.port());
+    // Everything the connection needs from the snapshot is taken here, at
+    // admission; the snapshot itself is not held for the connection's life (which
+    // may be hours, across many reloads).
+    let (admitted, policy, version, series, connect_timeout) = {
+        let runtime = shared.runtime.load();
+        let policy = governing_policy(&runtime, side, dst);
+        if let Some(p) = policy {
+            p.series.record(&shared.series);
+        }
+        let admitted = if !runtime.loaded() {
+            // No policy yet (HTTP is answered 503 then): the limits a policy may
+            // set are unknown, and the pod is not ready, so nothing is let through.
+            Err("not_ready")
+        } else if dst.is_none() {
+            // Outbound without an original destination (a connection made to the
+            // proxy itself), or inbound to one of the proxy's own ports.
+            Err("no_destination")
+        } else {
+            admit(policy)
+        };
+        let limits = policy.and_then(|p| p.tcp.as_ref());
+        (
+            admitted,
+            policy.map(|p| p.name.clone()),
+            policy.map(|_| runtime.version.clone()),
+            policy.map(|p| Arc::clone(&p.series)),
+            limits.map_or(TcpLimits::DEFAULT_CONNECT_TIMEOUT, |l| {
+                l.rule().connect_timeout
+            }),
+        )
+    };
+    let label = policy.as_deref().unwrap_or("");
     let metrics = &shared.metrics;
     let count = |outcome: &str| {
         metrics
@@ -142,21 +172,17 @@ pub async fn proxy(
             .with_label_values(&[label, direction, outcome])
             .inc();
     };
-    if let Some(p) = policy {
-        p.series.record(&shared.series);
-    }
-    let port = dst.or(original_dst).map_or(0, |d| d.port());
     let log = |end: &str, received: u64, sent: u64| {
         shared.access_log.write_tcp(&TcpRecord {
             ts: Timestamp::now(),
             direction,
-            policy: policy.map(|p| p.name.as_str()),
+            policy: policy.as_deref(),
             port,
             end,
             bytes_received: received,
             bytes_sent: sent,
             duration: start.elapsed(),
-            policy_version: policy.map(|_| runtime.version.as_str()),
+            policy_version: version.as_deref(),
         });
     };
     // A connection closed unanswered: counted and logged (what detection read
@@ -165,52 +191,25 @@ pub async fn proxy(
         count(outcome);
         log(outcome, first.len() as u64, 0);
     };
-    if !runtime.loaded() {
-        // No policy yet (HTTP is answered 503 then): the limits a policy may set
-        // are unknown, and the pod is not ready, so nothing is let through.
-        refuse("not_ready");
-        return;
+    let (_permit, shadow_refusal) = match admitted {
+        Ok(admission) => admission,
+        Err(outcome) => return refuse(outcome),
+    };
+    if let Some(outcome) = shadow_refusal {
+        count(outcome);
     }
     let Some(dst) = dst else {
-        // Outbound without an original destination (a connection made to the
-        // proxy itself), or inbound to one of the proxy's own ports.
-        refuse("no_destination");
-        return;
+        return refuse("no_destination");
     };
-    let limits = policy.and_then(|p| p.tcp.as_ref());
-    let shadow = policy.is_some_and(|p| p.mode == Mode::Shadow);
-    let _permit: Option<TcpPermit> = match limits.map(|l| l.admit()) {
-        None => None,
-        Some(Ok(permit)) => Some(permit),
-        Some(Err(refused)) if shadow => {
-            // Shadow mode: counted as what would have happened, let through.
-            count(match refused {
-                crate::tcplimit::Refused::Limit => "shadow_refused_limit",
-                crate::tcplimit::Refused::Rate => "shadow_refused_rate",
-            });
-            None
-        }
-        Some(Err(refused)) => {
-            refuse(refused.as_str());
-            return;
-        }
-    };
-    let connect_timeout = limits.map_or(TcpLimits::DEFAULT_CONNECT_TIMEOUT, |l| {
-        l.rule().connect_timeout
-    });
     let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(dst)).await {
         Ok(Ok(upstream)) => upstream,
-        Ok(Err(_)) | Err(_) => {
-            refuse("connect_error");
-            return;
-        }
+        Ok(Err(_)) | Err(_) => return refuse("connect_error"),
     };
     count("opened");
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
     let active = Active::new(metrics.tcp_active.with_label_values(&[direction]));
     let activity = Arc::new(Activity::new());
-    let series = policy.map(|p| Arc::clone(&p.series));
     let mut client = Counted {
         inner: client,
         bytes: 0,
@@ -245,6 +244,29 @@ pub async fn proxy(
     };
     drop(active);
     log(end.as_str(), client.bytes, upstream.bytes);
+}
+
+/// `spec.tcp` of the governing policy, if any: the connection's slot (held until
+/// it closes) and, in shadow mode, what would have refused it; or the outcome it
+/// is refused with.
+fn admit(
+    policy: Option<&PolicyRuntime>,
+) -> Result<(Option<TcpPermit>, Option<&'static str>), &'static str> {
+    let Some(limits) = policy.and_then(|p| p.tcp.as_ref()) else {
+        return Ok((None, None));
+    };
+    match limits.admit() {
+        Ok(permit) => Ok((Some(permit), None)),
+        // Shadow mode: counted as what would have happened, let through.
+        Err(refused) if policy.is_some_and(|p| p.mode == Mode::Shadow) => Ok((
+            None,
+            Some(match refused {
+                Refused::Limit => "shadow_refused_limit",
+                Refused::Rate => "shadow_refused_rate",
+            }),
+        )),
+        Err(refused) => Err(refused.as_str()),
+    }
 }
 
 /// The policy governing a connection to `dst`: inbound, the listener's; outbound,
