@@ -29,7 +29,7 @@ fn accepts_the_example_policies_with_one_line_per_policy() {
     assert!(stdout.contains(
         "example-grpc: valid, 1 host, 2 backends (weighted-round-robin), 2 routes, mode enforce\n"
     ));
-    assert!(stdout.ends_with("11 valid policies\n"), "{stdout}");
+    assert!(stdout.ends_with("12 valid policies\n"), "{stdout}");
 }
 
 #[test]

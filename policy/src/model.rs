@@ -30,6 +30,8 @@ pub struct TrafficPolicy {
     pub health_check: Option<HealthCheck>,
     pub outlier_detection: Option<OutlierDetection>,
     pub slo: Option<Slo>,
+    /// Limits on opaque TCP connections this policy governs (`spec.tcp`).
+    pub tcp: Option<TcpLimits>,
     /// First match wins. Never empty: a policy written without routes has one
     /// [`Route::catch_all`] named [`DEFAULT_ROUTE`].
     pub routes: Vec<Route>,
@@ -257,6 +259,20 @@ pub struct OutlierDetection {
     pub consecutive_failures: u32,
     pub eject_for: Duration,
     pub max_ejected_percent: u8,
+}
+
+/// `spec.tcp`: connection-level governance of opaque TCP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpLimits {
+    pub connect_timeout: Duration,
+    pub max_connections: Option<u32>,
+    /// New connections per second as a token bucket (`key` is always `None`).
+    pub connection_rate: Option<RateLimit>,
+}
+
+impl TcpLimits {
+    /// What a policy without `connectTimeout` waits: as long as an HTTP attempt.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 }
 
 #[derive(Debug, Clone, PartialEq)]

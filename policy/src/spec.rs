@@ -59,6 +59,10 @@ pub struct PolicyBodySpec {
     pub outlier_detection: Option<OutlierDetectionSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo: Option<SloSpec>,
+    /// Connection-level governance of opaque (non-HTTP) TCP to this policy's
+    /// backends (outbound) or to the app (an inbound policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSpec>,
     /// Routes, first match wins; a request that matches none is answered 404.
     /// Without routes, one implicit route named `default` matches every request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -192,6 +196,24 @@ pub struct SloSpec {
 pub struct LatencySloSpec {
     pub threshold: DurationSpec,
     pub target: f64,
+}
+
+/// `spec.tcp`: limits on opaque TCP connections (protocol detection found no HTTP).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSpec {
+    /// Longest wait for the destination to accept a connection (default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<DurationSpec>,
+    /// Most connections open at once (>= 1); further ones are closed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<i64>,
+    /// New connections per second (token-bucket refill, > 0, fractions allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_per_second: Option<f64>,
+    /// Bucket size for `connectionsPerSecond` (>= 1; default: the rate, rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -63,6 +63,15 @@ impl From<&TrafficPolicy> for TrafficPolicySpec {
                         target: l.target,
                     }),
                 }),
+                tcp: p.tcp.as_ref().map(|t| TcpSpec {
+                    connect_timeout: Some(dur(t.connect_timeout)),
+                    max_connections: t.max_connections.map(i64::from),
+                    connections_per_second: t
+                        .connection_rate
+                        .as_ref()
+                        .map(|r| r.requests_per_second),
+                    burst: t.connection_rate.as_ref().map(|r| i64::from(r.burst)),
+                }),
                 routes: if is_implicit(&p.routes) {
                     Vec::new()
                 } else {

@@ -265,6 +265,7 @@ fn body(c: &mut Checker, spec: &PolicyBodySpec, meta: &MetadataSpec) -> TrafficP
         ) as u8,
     });
     let slo = spec.slo.as_ref().map(|s| slo(c, s));
+    let tcp = spec.tcp.as_ref().map(|t| tcp(c, t));
 
     let mut routes: Vec<Route> = Vec::new();
     for (i, r) in spec.routes.iter().enumerate() {
@@ -297,6 +298,7 @@ fn body(c: &mut Checker, spec: &PolicyBodySpec, meta: &MetadataSpec) -> TrafficP
         health_check,
         outlier_detection,
         slo,
+        tcp,
         routes,
     }
 }
@@ -396,6 +398,62 @@ fn open_ratio(c: &mut Checker, path: &str, value: f64) -> f64 {
         return 0.5;
     }
     value
+}
+
+fn tcp(c: &mut Checker, t: &TcpSpec) -> TcpLimits {
+    let connect_timeout = t
+        .connect_timeout
+        .as_ref()
+        .map_or(TcpLimits::DEFAULT_CONNECT_TIMEOUT, |d| {
+            c.duration("spec.tcp.connectTimeout", d)
+        });
+    let max_connections = t
+        .max_connections
+        .map(|m| c.at_least("spec.tcp.maxConnections", m, 1));
+    let connection_rate = match (t.connections_per_second, t.burst) {
+        (Some(rate), burst) => {
+            if !(rate > 0.0 && rate.is_finite()) {
+                c.fail(
+                    "spec.tcp.connectionsPerSecond",
+                    Problem::NotPositive { got: rate },
+                );
+            } else if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+                c.fail(
+                    "spec.tcp.connectionsPerSecond",
+                    Problem::OutOfRange {
+                        min: "0.000001".into(),
+                        max: "1000000000".into(),
+                        got: format!("{rate:e}"),
+                    },
+                );
+            }
+            // Without `burst`, one second's worth of connections (at least one).
+            let default_burst = if rate.is_finite() && rate > 1.0 {
+                rate.ceil().min(f64::from(u32::MAX)) as i64
+            } else {
+                1
+            };
+            let burst = c.at_least("spec.tcp.burst", burst.unwrap_or(default_burst), 1);
+            Some(RateLimit {
+                requests_per_second: rate,
+                burst,
+                key: None,
+            })
+        }
+        (None, Some(_)) => {
+            c.fail(
+                "spec.tcp.burst",
+                Problem::Invalid("`burst` only applies with `connectionsPerSecond`".into()),
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    TcpLimits {
+        connect_timeout,
+        max_connections,
+        connection_rate,
+    }
 }
 
 fn slo(c: &mut Checker, s: &SloSpec) -> Slo {

@@ -106,6 +106,23 @@ fn rate_limit() -> impl Strategy<Value = RateLimit> {
         })
 }
 
+fn tcp() -> impl Strategy<Value = TcpLimits> {
+    (
+        duration(),
+        option::of(1u32..100_000),
+        option::of((1u32..1000, 1u32..1000)),
+    )
+        .prop_map(|(connect_timeout, max_connections, rate)| TcpLimits {
+            connect_timeout,
+            max_connections,
+            connection_rate: rate.map(|(rps, burst)| RateLimit {
+                requests_per_second: f64::from(rps) / 4.0,
+                burst,
+                key: None,
+            }),
+        })
+}
+
 fn route(name: String) -> impl Strategy<Value = Route> {
     let matcher = (
         prop_oneof![
@@ -337,6 +354,7 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
                     latency: latency.map(|(threshold, target)| LatencySlo { threshold, target }),
                 }),
         ),
+        option::of(tcp()),
         routes,
     )
         .prop_map(
@@ -349,6 +367,7 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
                 health_check,
                 outlier_detection,
                 slo,
+                tcp,
                 routes,
             )| {
                 TrafficPolicy {
@@ -364,6 +383,7 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
                     health_check,
                     outlier_detection,
                     slo,
+                    tcp,
                     routes,
                 }
             },

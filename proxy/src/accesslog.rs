@@ -73,11 +73,20 @@ impl AccessLog {
     /// Appends `record` as one line. Errors (a closed stdout) are dropped: the access
     /// log must never fail a request.
     pub fn write(&self, record: &AccessRecord<'_>) {
+        self.append(|out| record.encode(out));
+    }
+
+    /// Appends the line of a closed opaque TCP connection.
+    pub fn write_tcp(&self, record: &TcpRecord<'_>) {
+        self.append(|out| record.encode(out));
+    }
+
+    fn append(&self, encode: impl FnOnce(&mut Vec<u8>)) {
         if !self.enabled {
             return;
         }
         let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
-        record.encode(&mut buffer);
+        encode(&mut buffer);
         buffer.push(b'\n');
         if buffer.len() >= MAX_BUFFERED {
             let _ = std::io::stdout().lock().write_all(&buffer);
@@ -153,6 +162,58 @@ impl AccessRecord<'_> {
     }
 }
 
+/// What the access log says about one opaque TCP connection, when it closes.
+/// `"protocol":"tcp"` tells these lines from request lines (which have no such
+/// field); byte counts are as the client sees them, like `sluice_tcp_bytes_total`.
+pub struct TcpRecord<'a> {
+    pub ts: Timestamp,
+    pub direction: &'a str,
+    pub policy: Option<&'a str>,
+    /// The destination's port (never its address: the log stays free of IPs it
+    /// does not need, and a port names the service).
+    pub port: u16,
+    /// How it ended: `closed` (both sides finished), `idle_timeout`, `error`; or
+    /// why it was closed unanswered, as `sluice_tcp_connections_total`'s outcome
+    /// (`refused_limit`, `refused_rate`, `connect_error`, `no_destination`,
+    /// `not_ready`).
+    pub end: &'a str,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: std::time::Duration,
+    pub policy_version: Option<&'a str>,
+}
+
+impl TcpRecord<'_> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut digits = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"ts\":\"");
+        self.ts.encode(out);
+        out.extend_from_slice(b"\",\"protocol\":\"tcp\",\"direction\":");
+        json_string(out, self.direction);
+        out.extend_from_slice(b",\"policy\":");
+        match self.policy {
+            Some(p) => json_string(out, p),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"port\":");
+        out.extend_from_slice(digits.format(self.port).as_bytes());
+        out.extend_from_slice(b",\"end\":");
+        json_string(out, self.end);
+        out.extend_from_slice(b",\"bytes_received\":");
+        out.extend_from_slice(digits.format(self.bytes_received).as_bytes());
+        out.extend_from_slice(b",\"bytes_sent\":");
+        out.extend_from_slice(digits.format(self.bytes_sent).as_bytes());
+        out.extend_from_slice(b",\"duration_ms\":");
+        out.extend_from_slice(digits.format(self.duration.as_millis()).as_bytes());
+        out.extend_from_slice(b",\"policy_version\":");
+        match self.policy_version {
+            Some(v) => json_string(out, v),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+    }
+}
+
 /// A JSON string literal: copied as is when nothing needs escaping (the usual case
 /// for methods, hosts, paths and names), else escaped by serde_json.
 fn json_string(out: &mut Vec<u8>, value: &str) {
@@ -214,6 +275,30 @@ mod tests {
         short.encode(&mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
         assert_eq!(v["duration_ms"].as_f64(), Some(0.007));
+    }
+
+    #[test]
+    fn tcp_records_are_valid_json() {
+        let record = TcpRecord {
+            ts: Timestamp(SystemTime::UNIX_EPOCH),
+            direction: "outbound",
+            policy: Some("shop/db"),
+            port: 5432,
+            end: "closed",
+            bytes_received: 12,
+            bytes_sent: 3400,
+            duration: Duration::from_millis(1500),
+            policy_version: None,
+        };
+        let mut out = Vec::new();
+        record.encode(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+        assert_eq!(v["protocol"], "tcp");
+        assert_eq!(v["policy"], "shop/db");
+        assert_eq!(v["port"], 5432);
+        assert_eq!(v["bytes_sent"], 3400);
+        assert_eq!(v["duration_ms"], 1500);
+        assert_eq!(v["policy_version"], serde_json::Value::Null);
     }
 
     fn sample() -> AccessRecord<'static> {

@@ -1,6 +1,10 @@
 //! Sluice's data plane: an HTTP proxy governed by `TrafficPolicy`.
 //!
 //! The map, in the order a request meets it:
+//! - on a `--transparent` listener, [`detect`] first tells HTTP from opaque TCP by
+//!   the first bytes (or the destination port); opaque connections go to
+//!   [`opaque`], proxied byte for byte under the policy's `spec.tcp` ([`tcplimit`]),
+//!   and never reach the HTTP engines;
 //! - it enters at [`h1`] (Sluice's HTTP/1.1 engine: `h1/listener.rs` accepts, `h1/mod.rs`
 //!   serves), which hands what it does not serve (h2c, upgrades, large bodies) to
 //!   pingora's [`phases`] through the strict HTTP/1 [`front`]; connections opening
@@ -20,9 +24,9 @@
 //!   endpoints like DNS answers ([`tasks`]), without a reload.
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
-//! leaves (`metrics`, `trace`, `verdict`...) < components (`ratelimit`, `breaker`,
-//! `endpoints`, `resolve`, `services`, `globallimit`...) < runtime (`runtime`, `shared`) < engine
-//! (`exchange`, `front`, `phases`, `h1`, `h2`) < app (`source`, `control_plane`, `discovery`, `admin`,
+//! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`,
+//! `endpoints`, `resolve`, `services`, `globallimit`, `tcplimit`...) < runtime (`runtime`, `shared`) < engine
+//! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `admin`,
 //! `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
 
@@ -36,6 +40,7 @@ pub mod cli;
 pub mod concurrency;
 pub mod control_plane;
 pub mod demand;
+pub mod detect;
 pub mod discovery;
 pub mod endpoints;
 pub mod exchange;
@@ -48,6 +53,7 @@ pub mod health;
 pub mod iptables;
 pub mod listeners;
 pub mod metrics;
+pub mod opaque;
 pub mod outlier;
 pub mod p2c;
 pub mod pathmatch;
@@ -63,5 +69,6 @@ pub mod shutdown;
 pub mod slowstart;
 pub mod source;
 pub mod tasks;
+pub mod tcplimit;
 pub mod trace;
 pub mod verdict;

@@ -148,6 +148,19 @@ struct Args {
     /// inbound requests go to the app on 127.0.0.1 at their original port.
     #[arg(long)]
     transparent: bool,
+    /// With --transparent: destination ports whose connections are opaque TCP
+    /// without waiting for the client to speak (server-speaks-first protocols:
+    /// SMTP, MySQL, PostgreSQL, Redis...), comma-separated. Connections to other
+    /// ports are HTTP/1, HTTP/2 or opaque by their first bytes.
+    #[arg(long, value_delimiter = ',', default_value = sluice_proxy::detect::DEFAULT_OPAQUE_PORTS)]
+    opaque_ports: Vec<u16>,
+    /// With --transparent: how long to wait for a client's first bytes before its
+    /// connection is taken for opaque TCP whose server speaks first.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    detect_timeout: Duration,
+    /// With --transparent: close an opaque TCP connection idle this long both ways.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    tcp_idle_timeout: Duration,
     /// The HTTP engine of the listeners: `h1`, Sluice's own HTTP/1.1 fast path, which
     /// hands everything else (h2c, upgrades, chunked request bodies, HTTP/1.0, ...)
     /// to pingora; or `pingora` for every request.
@@ -460,6 +473,11 @@ fn main() -> ExitCode {
     server.bootstrap();
 
     let own_ports: Vec<u16> = bound.iter().map(|(_, addr)| addr.port()).collect();
+    let detect = args.transparent.then(|| sluice_proxy::detect::Detection {
+        opaque_ports: args.opaque_ports.clone(),
+        timeout: args.detect_timeout,
+        idle_timeout: args.tcp_idle_timeout,
+    });
     let outbound = SluiceProxy {
         shared: Arc::clone(&shared),
         side: Side {
@@ -469,6 +487,7 @@ fn main() -> ExitCode {
             own_ports: own_ports.clone(),
         },
         transparent: args.transparent,
+        detect: detect.clone(),
     };
     let Listeners {
         listen,
@@ -491,6 +510,7 @@ fn main() -> ExitCode {
                 own_ports,
             },
             transparent: args.transparent,
+            detect,
         };
         add_listener(&mut server, &args, inbound, inbound_socket);
     }
@@ -605,5 +625,23 @@ mod tests {
         let args = Args::try_parse_from(["sluice-proxy", "--policy", "p.yaml"])
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(args.metrics_idle, sluice_proxy::metrics::ROUTE_SERIES_IDLE);
+    }
+
+    #[test]
+    fn detection_defaults_match_the_documented_ones() {
+        let args = Args::try_parse_from(["sluice-proxy", "--policy", "p.yaml"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            args.opaque_ports,
+            [25, 587, 3306, 4444, 5432, 6379, 9300, 11211]
+        );
+        assert_eq!(
+            args.detect_timeout,
+            sluice_proxy::detect::DEFAULT_DETECT_TIMEOUT
+        );
+        assert_eq!(
+            args.tcp_idle_timeout,
+            sluice_proxy::detect::DEFAULT_TCP_IDLE_TIMEOUT
+        );
     }
 }

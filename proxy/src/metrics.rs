@@ -66,6 +66,13 @@ pub struct Metrics {
     pub global_redis_up: IntGauge,
     pub global_syncs: IntCounterVec,
     pub global_local: IntCounterVec,
+    /// Opaque TCP connections (see `opaque`): by policy ("" when none governs
+    /// the destination), direction and outcome.
+    pub tcp_connections: IntCounterVec,
+    pub tcp_active: IntGaugeVec,
+    pub tcp_bytes: IntCounterVec,
+    /// What protocol detection found on the transparent listeners.
+    pub protocol_detections: IntCounterVec,
 }
 
 fn counter(
@@ -283,6 +290,46 @@ impl Metrics {
                 }
                 c
             },
+            tcp_connections: counter(
+                r,
+                "sluice_tcp_connections_total",
+                "Opaque TCP connections, by policy (\"\" when no policy governs the destination), direction and outcome (opened, refused_limit, refused_rate, connect_error, no_destination, not_ready; shadow_refused_* in shadow mode, let through).",
+                &["policy", "direction", "outcome"],
+            )?,
+            tcp_active: {
+                let g = gauge(
+                    r,
+                    "sluice_tcp_active_connections",
+                    "Opaque TCP connections open now, by direction.",
+                    &["direction"],
+                )?;
+                for direction in ["outbound", "inbound"] {
+                    g.with_label_values(&[direction]);
+                }
+                g
+            },
+            tcp_bytes: counter(
+                r,
+                "sluice_tcp_bytes_total",
+                "Bytes of opaque TCP connections, as the client sees them: side=received from the client (sent on to the destination), side=sent to the client (from the destination).",
+                &["policy", "direction", "side"],
+            )?,
+            protocol_detections: {
+                let c = counter(
+                    r,
+                    "sluice_protocol_detections_total",
+                    "Connections on the transparent listeners by what protocol detection found: http1, http2, opaque (by the first bytes), timeout (the client said nothing: opaque, server speaks first), closed (left silently), opaque_port (a listed port, not looked at).",
+                    &["direction", "result"],
+                )?;
+                // Fixed label sets, all from the start (at 0), so rate() sees the
+                // first timeout.
+                for direction in ["outbound", "inbound"] {
+                    for result in crate::detect::Sniffed::RESULTS {
+                        c.with_label_values(&[direction, result]);
+                    }
+                }
+                c
+            },
             global_redis_up,
             inflight,
             control_plane_connected,
@@ -332,6 +379,9 @@ impl Metrics {
     /// holds, and their requests that matched no route.
     pub fn remove_policies(&self, doomed: impl Fn(&str) -> bool) {
         self.remove_backends(|policy, _| doomed(policy));
+        let by_policy = |labels: &[LabelPair]| doomed(label(labels, "policy"));
+        remove_where(&self.tcp_connections, by_policy);
+        remove_where(&self.tcp_bytes, by_policy);
         self.remove_routes(|policy, route| route.is_empty() && doomed(policy));
     }
 

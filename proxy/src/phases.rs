@@ -30,6 +30,9 @@ pub struct SluiceProxy {
     pub side: Side,
     /// Connections arrive by iptables REDIRECT: use their original destination.
     pub transparent: bool,
+    /// Transparent listeners: tell HTTP from opaque TCP before the HTTP engines
+    /// parse (`opaque::sort`); `None` serves every connection as HTTP.
+    pub detect: Option<crate::detect::Detection>,
 }
 
 impl SluiceProxy {

@@ -26,6 +26,7 @@ use crate::metrics::{DURATION_HELP, DURATION_NAME};
 use crate::pathmatch::{self, PathMatcher};
 use crate::ratelimit::RouteLimiter;
 use crate::series::{PolicySeries, RouteSeries};
+use crate::tcplimit::TcpLimiter;
 
 pub struct Runtime {
     /// Content hash of the canonical policy: equal policies give equal versions on
@@ -65,6 +66,9 @@ pub struct PolicyRuntime {
     pub route_endpoints: Vec<Option<Arc<Endpoints>>>,
     /// Whether the policy's own series (its backends') exist: carried by name.
     pub series: Arc<PolicySeries>,
+    /// `spec.tcp`: the limits on its opaque TCP connections, carried while the
+    /// rule is unchanged (open connections keep their slots across a reload).
+    pub tcp: Option<Arc<TcpLimiter>>,
 }
 
 impl PolicyRuntime {
@@ -437,6 +441,14 @@ fn compile_policy(
         |s| s.policy() == id,
         || PolicySeries::new(&id),
     );
+    let tcp = policy.tcp.as_ref().map(|rule| {
+        let previous = before.and_then(|b| b.tcp.as_ref());
+        carry(
+            previous,
+            |t| t.rule() == rule,
+            || TcpLimiter::after(rule, previous.map(|p| &**p)),
+        )
+    });
     Ok(PolicyRuntime {
         name: id,
         used: before.map_or_else(Default::default, |b| Arc::clone(&b.used)),
@@ -445,6 +457,7 @@ fn compile_policy(
         endpoints,
         route_endpoints,
         series,
+        tcp,
     })
 }
 
@@ -527,4 +540,50 @@ pub fn unix_millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(tcp: &str, previous: Option<&Runtime>) -> Runtime {
+        let yaml = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: db}}\nspec:\n  backends:\n    - address: 127.0.0.1:5432\n  tcp: {tcp}\n"
+        );
+        let set = sluice_policy::load::parse_str(std::path::Path::new("t.yaml"), &yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Runtime::build(set, "test".into(), previous, &GlobalLimits::new(false))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn limiter(rt: &Runtime) -> &Arc<TcpLimiter> {
+        rt.policies[0]
+            .tcp
+            .as_ref()
+            .unwrap_or_else(|| panic!("spec.tcp"))
+    }
+
+    #[test]
+    fn tcp_limits_carry_over_a_reload_that_leaves_them_unchanged() {
+        let first = build("{maxConnections: 1}", None);
+        let _open = limiter(&first).admit().unwrap_or_else(|e| panic!("{e:?}"));
+        let second = build("{maxConnections: 1}", Some(&first));
+        assert!(Arc::ptr_eq(limiter(&first), limiter(&second)));
+        // The connection opened before the reload still holds the only slot.
+        assert!(limiter(&second).admit().is_err());
+    }
+
+    #[test]
+    fn changed_tcp_limits_still_count_the_open_connections() {
+        let first = build("{maxConnections: 1}", None);
+        let open = limiter(&first).admit().unwrap_or_else(|e| panic!("{e:?}"));
+        let second = build("{maxConnections: 2}", Some(&first));
+        assert!(!Arc::ptr_eq(limiter(&first), limiter(&second)));
+        assert_eq!(limiter(&second).open(), 1);
+        let _another = limiter(&second).admit().unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(limiter(&second).admit().is_err());
+        // The slot taken under the old rule is given back to the new one.
+        drop(open);
+        assert_eq!(limiter(&second).open(), 1);
+    }
 }

@@ -22,6 +22,10 @@ pub const SKIP_OUTBOUND_PORTS: &str = "sluice.dev/skip-outbound-ports";
 pub const SKIP_INBOUND_PORTS: &str = "sluice.dev/skip-inbound-ports";
 /// Comma-separated IPv4 CIDRs whose outbound traffic bypasses the proxy.
 pub const SKIP_OUTBOUND_CIDRS: &str = "sluice.dev/skip-outbound-cidrs";
+/// Comma-separated destination ports whose connections are opaque TCP without
+/// protocol detection (the proxy's `--opaque-ports`; replaces its default list):
+/// server-speaks-first protocols on ports the default does not list.
+pub const OPAQUE_PORTS: &str = "sluice.dev/opaque-ports";
 /// `host:port` of the Redis holding the buckets of `globalRateLimit` routes, shared
 /// by every replica (the proxy's `--redis`).
 pub const REDIS: &str = "sluice.dev/redis";

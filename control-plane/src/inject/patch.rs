@@ -240,6 +240,9 @@ fn proxy_container(
     if let Some(redis) = ann::redis(annotations)? {
         args.extend(["--redis".into(), redis]);
     }
+    if let Some(ports) = ann::ports(annotations, ann::OPAQUE_PORTS)? {
+        args.extend(["--opaque-ports".into(), ports]);
+    }
     args.extend([
         "--transparent".into(),
         // The admin listener stays in the pod; probes and Prometheus reach the

@@ -94,7 +94,7 @@ pub struct Side {
 impl Side {
     /// Where inbound traffic is delivered: in transparent mode the app listens on
     /// the port the client dialled, else on `--app`.
-    fn app_address(&self, original_dst: Option<SocketAddr>) -> Option<SocketAddr> {
+    pub fn app_address(&self, original_dst: Option<SocketAddr>) -> Option<SocketAddr> {
         match original_dst {
             Some(dst) if self.own_ports.contains(&dst.port()) => None,
             Some(dst) => Some(SocketAddr::from(([127, 0, 0, 1], dst.port()))),

@@ -174,10 +174,18 @@ impl Engine {
             .transparent
             .then(|| original_destination(&stream))
             .flatten();
+        // Transparent listeners: opaque TCP is proxied there and never comes back.
+        let detect = self.flow.detect.as_ref();
+        let side = &self.flow.side;
+        let Some((stream, buf)) =
+            crate::opaque::sort(&self.flow.shared, side, detect, stream, original_dst).await
+        else {
+            return;
+        };
         let mut client = Client {
             stream,
             peer,
-            buf: BytesMut::with_capacity(8 * 1024),
+            buf,
             handed: None,
             original_dst,
             shutdown,
