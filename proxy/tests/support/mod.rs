@@ -19,6 +19,8 @@
 // Each test file uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod http2;
+
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
