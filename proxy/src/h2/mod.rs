@@ -50,6 +50,7 @@ mod events;
 mod http1;
 mod io;
 mod stream;
+mod translate;
 mod upstream;
 
 use std::net::SocketAddr;
