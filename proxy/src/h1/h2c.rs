@@ -15,7 +15,9 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use super::upstream::unless_client_leaves;
-use super::{push_header, push_number, reason, Client, Engine, FastRequest, Served};
+use super::{
+    push_governance_fields, push_header, push_number, reason, Client, Engine, FastRequest, Served,
+};
 use crate::exchange::{Action, Event, Exchange, Peer, Request};
 use crate::h2::{H2Response, Sent};
 use crate::shared::Shared;
@@ -188,15 +190,7 @@ impl Engine {
         if !bodyless && length.is_none() && ended {
             push_number(out, "content-length", 0);
         }
-        let (rate, fallback) = exchange.response_headers();
-        if let Some(h) = rate {
-            push_number(out, "ratelimit-limit", u64::from(h.limit));
-            push_number(out, "ratelimit-remaining", u64::from(h.remaining));
-            push_number(out, "ratelimit-reset", h.reset);
-        }
-        if let Some(cause) = fallback {
-            push_header(out, "x-sluice-fallback", cause.as_bytes());
-        }
+        push_governance_fields(out, exchange);
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }

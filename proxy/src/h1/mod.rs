@@ -166,6 +166,20 @@ fn push_number(out: &mut Vec<u8>, name: &str, value: u64) {
     push_header(out, name, digits.format(value).as_bytes());
 }
 
+/// The fields governance adds to a relayed response: `RateLimit-*` and
+/// `x-sluice-fallback`.
+fn push_governance_fields(out: &mut Vec<u8>, exchange: &Exchange<Arc<Shared>>) {
+    let (rate, fallback) = exchange.response_headers();
+    if let Some(h) = rate {
+        push_number(out, "ratelimit-limit", u64::from(h.limit));
+        push_number(out, "ratelimit-remaining", u64::from(h.remaining));
+        push_number(out, "ratelimit-reset", h.reset);
+    }
+    if let Some(cause) = fallback {
+        push_header(out, "x-sluice-fallback", cause.as_bytes());
+    }
+}
+
 impl Engine {
     async fn serve(&self, stream: TcpStream, peer: SocketAddr, shutdown: ShutdownWatch) {
         let _ = stream.set_nodelay(true);

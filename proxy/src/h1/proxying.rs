@@ -13,10 +13,13 @@ use tokio::net::TcpStream;
 
 use super::h2c::H2cStep;
 use super::upstream::{
-    connect, read_response_head, relay_body, unless_client_leaves, within, Broken, Relay,
+    read_response_head, relay_body, unless_client_leaves, within, Broken, Relay,
 };
-use super::{push_header, push_number, write_reply_head, Client, Engine, FastRequest, Served};
+use super::{
+    push_governance_fields, push_header, write_reply_head, Client, Engine, FastRequest, Served,
+};
 use crate::exchange::{Action, Event, Exchange, Reply, Request, MAX_ATTEMPTS};
+use crate::h2::connect;
 use crate::shared::Shared;
 
 impl Engine {
@@ -225,15 +228,7 @@ impl Engine {
         let close_client = !keep_alive || response.framing == Framing::UntilClose;
         out.clear();
         response.write_relayed(ubuf, out);
-        let (rate, fallback) = exchange.response_headers();
-        if let Some(h) = rate {
-            push_number(out, "ratelimit-limit", u64::from(h.limit));
-            push_number(out, "ratelimit-remaining", u64::from(h.remaining));
-            push_number(out, "ratelimit-reset", h.reset);
-        }
-        if let Some(cause) = fallback {
-            push_header(out, "x-sluice-fallback", cause.as_bytes());
-        }
+        push_governance_fields(out, &exchange);
         if close_client {
             out.extend_from_slice(b"connection: close\r\n");
         }

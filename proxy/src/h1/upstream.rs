@@ -3,7 +3,6 @@
 //! on), relaying the body framed as the head says, and noticing a client that
 //! leaves while it waits.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -58,22 +57,6 @@ pub(super) async fn fill(
     match within(limit, stream.read_buf(buf)).await? {
         0 => Err(Broken::Closed),
         _ => Ok(()),
-    }
-}
-
-/// A new upstream connection, or why there is none (in pingora's terms, which the
-/// error answers and metrics use for both engines).
-pub(super) async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorType> {
-    match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err(ErrorType::ConnectRefused)
-        }
-        Ok(Err(_)) => Err(ErrorType::ConnectError),
-        Err(_) => Err(ErrorType::ConnectTimedout),
     }
 }
 

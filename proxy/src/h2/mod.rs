@@ -66,6 +66,7 @@ use tokio::net::TcpStream;
 
 use crate::phases::SluiceProxy;
 pub use bridge::{BodyBroken, H2Backends, H2Response, Sent};
+pub use upstream::connect;
 
 /// Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS), and
 /// streams whose work Sluice has in progress per connection.

@@ -85,8 +85,9 @@ pub(super) async fn within<T>(limit: Option<Duration>, io: impl Future<Output = 
 }
 
 /// A new TCP connection to a backend, or why there is none (in pingora's terms,
-/// as the h1 engine names them for answers and metrics).
-pub(super) async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorType> {
+/// which the error answers and metrics use for every engine; the h1 engine dials
+/// with it too).
+pub async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorType> {
     match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
