@@ -6,11 +6,14 @@
 //!   [`opaque`], proxied byte for byte under the policy's `spec.tcp` ([`tcplimit`]),
 //!   and never reach the HTTP engines;
 //! - it enters at [`h1`] (Sluice's HTTP/1.1 engine: `h1/listener.rs` accepts, `h1/mod.rs`
-//!   serves), which hands what it does not serve (h2c, upgrades, large bodies) to
-//!   pingora's [`phases`] through the strict HTTP/1 [`front`]; connections opening
-//!   with the HTTP/2 preface go to [`h2`] (Sluice's HTTP/2 engine on the `h2` crate);
+//!   serves), which hands what it does not serve (upgrades, large or chunked bodies,
+//!   HTTP/1.0) to pingora's [`phases`] through the strict HTTP/1 [`front`];
+//!   connections opening with the HTTP/2 preface go to [`h2`] (Sluice's HTTP/2
+//!   engine on the `h2` crate), whose upstream connections also carry the h1
+//!   engine's requests for h2c backends;
 //! - [`exchange`] decides everything about it, for both engines: routing, the
-//!   rate limits, breaker and concurrency limit, peers, retries, fallbacks, and
+//!   rate limits, breaker and concurrency limit, peers, retries, fallbacks (a gRPC
+//!   call by its `grpc-status`, answered in gRPC's terms: `exchange/grpc.rs`), and
 //!   settlement (metrics and the access log through its `Observe`r; a route's and a
 //!   policy's series exist while they have traffic, see [`series`]);
 //! - the policy it is decided by is a [`runtime::Runtime`] snapshot in
