@@ -1,5 +1,5 @@
 //! Sluice's HTTP/2 engine: h2c client connections (prior knowledge, or the
-//! preface on a transparent listener), one [`Exchange`] per stream, to h2c
+//! preface on a transparent listener), one [`Exchange`](crate::exchange::Exchange) per stream, to h2c
 //! backends over multiplexed HTTP/2 and to HTTP/1 backends over pooled HTTP/1.1.
 //!
 //! Why its own engine: pingora serves h2c at about half the h1 engine's throughput;
