@@ -165,6 +165,15 @@ async fn unavailable_opens_the_breaker_and_the_client_then_gets_unavailable_from
         text.contains("sluice_requests_total{code_class=\"5xx\",decision=\"allowed\",direction=\"outbound\",policy=\"grpc\",route=\"fail\"} 3"),
         "{text}"
     );
+    // Outlier detection and the upstream counters see the failed calls as failures
+    // (3 trailers-only, 2 in the trailers), not as successes.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("sluice_upstream_requests_total{")
+                && l.contains("outcome=\"grpc_error\"")
+                && l.ends_with(" 5")),
+        "{text}"
+    );
     // 3 failures, the refusal, 2 streams, the refusal.
     let log = log_lines(&proxy, 7).await;
     assert!(
