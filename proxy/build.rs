@@ -10,9 +10,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(false)
         .compile_fds(fds)?;
-    let test_proto = "tests/proto/echo.proto";
-    println!("cargo:rerun-if-changed={test_proto}");
-    let fds = protox::compile([test_proto], ["tests/proto"])?;
+    let test_protos = [
+        "tests/proto/echo.proto",
+        "tests/proto/grpc/health/v1/health.proto",
+    ];
+    for proto in test_protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(test_protos, ["tests/proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

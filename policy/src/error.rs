@@ -75,6 +75,10 @@ pub enum Problem {
     PathAndPrefix,
     #[error("`grpc` sets the path (`/SERVICE/METHOD`): not with `path` or `pathPrefix`")]
     GrpcAndPath,
+    #[error("give either `path` (an HTTP GET check) or `grpc` (a gRPC health check), not both")]
+    PathAndGrpcCheck,
+    #[error("needs `path` (an HTTP GET check) or `grpc: {{service}}` (a gRPC health check)")]
+    NoHealthProbe,
     #[error("give either `max` (fixed) or `adaptive`, not both")]
     FixedAndAdaptive,
     #[error("needs `max` (fixed) or `adaptive: {{min, max}}`")]

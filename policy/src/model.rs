@@ -247,7 +247,11 @@ impl fmt::Display for Key {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
+    /// The path of an HTTP `GET` check (over HTTP/2 to h2c backends); "" with `grpc`.
     pub path: String,
+    /// A gRPC health check instead (`grpc.health.v1.Health/Check` of this service,
+    /// "" for the server as a whole): passed when the backend answers `SERVING`.
+    pub grpc: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub unhealthy_after: u32,

@@ -163,13 +163,28 @@ impl<'de> Deserialize<'de> for DurationSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthCheckSpec {
-    pub path: String,
+    /// The path of an HTTP `GET` check (2xx or 3xx passes; over HTTP/2 to h2c
+    /// backends); give this or `grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A gRPC health check (`grpc.health.v1.Health/Check`, over h2c): passes when
+    /// the backend answers `SERVING`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcHealthSpec>,
     pub interval: DurationSpec,
     pub timeout: DurationSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_after: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_after: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcHealthSpec {
+    /// The service asked about; absent or "": the server as a whole.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

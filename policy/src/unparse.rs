@@ -45,7 +45,10 @@ impl From<&TrafficPolicy> for TrafficPolicySpec {
                     slow_start: p.load_balancer.slow_start.map(dur),
                 }),
                 health_check: p.health_check.as_ref().map(|h| HealthCheckSpec {
-                    path: h.path.clone(),
+                    path: h.grpc.is_none().then(|| h.path.clone()),
+                    grpc: h.grpc.as_ref().map(|service| GrpcHealthSpec {
+                        service: service.clone(),
+                    }),
                     interval: dur(h.interval),
                     timeout: dur(h.timeout),
                     unhealthy_after: Some(i64::from(h.unhealthy_after)),

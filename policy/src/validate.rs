@@ -354,15 +354,48 @@ fn load_balancer(c: &mut Checker, lb: &LoadBalancerSpec) -> LoadBalancer {
 }
 
 fn health_check(c: &mut Checker, h: &HealthCheckSpec) -> HealthCheck {
-    if !h.path.starts_with('/') {
-        c.fail(
-            "spec.healthCheck.path",
-            Problem::BadValue {
-                expected: "a path starting with '/'".into(),
-                got: h.path.clone(),
-            },
-        );
-    }
+    let path = match (&h.path, &h.grpc) {
+        (Some(_), Some(_)) => {
+            c.fail("spec.healthCheck.grpc", Problem::PathAndGrpcCheck);
+            String::new()
+        }
+        (None, None) => {
+            c.fail("spec.healthCheck", Problem::NoHealthProbe);
+            String::new()
+        }
+        (Some(path), None) => {
+            if !path.starts_with('/') {
+                c.fail(
+                    "spec.healthCheck.path",
+                    Problem::BadValue {
+                        expected: "a path starting with '/'".into(),
+                        got: path.clone(),
+                    },
+                );
+            }
+            path.clone()
+        }
+        (None, Some(_)) => String::new(),
+    };
+    let grpc = h.grpc.as_ref().map(|g| {
+        // A fully qualified service name, or "" for the whole server.
+        let valid = g.service.is_empty()
+            || g.service.split('.').all(|part| {
+                part.starts_with(|ch: char| ch.is_ascii_alphabetic() || ch == '_')
+                    && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            });
+        if !valid {
+            c.fail(
+                "spec.healthCheck.grpc.service",
+                Problem::BadValue {
+                    expected: "a fully qualified gRPC service such as shop.Orders, or nothing"
+                        .into(),
+                    got: g.service.clone(),
+                },
+            );
+        }
+        g.service.clone()
+    });
     let interval = c.duration("spec.healthCheck.interval", &h.interval);
     let timeout = c.duration("spec.healthCheck.timeout", &h.timeout);
     if timeout > interval {
@@ -375,7 +408,8 @@ fn health_check(c: &mut Checker, h: &HealthCheckSpec) -> HealthCheck {
         );
     }
     HealthCheck {
-        path: h.path.clone(),
+        path,
+        grpc,
         interval,
         timeout,
         unhealthy_after: c.at_least(

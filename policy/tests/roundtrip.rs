@@ -327,15 +327,21 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
         backends(0..4),
         (algorithm, option::of(duration())),
         option::of(
-            ("/[a-z]{0,5}", duration(), 1u32..10, 1u32..10).prop_map(|(path, t, u, h)| {
-                HealthCheck {
-                    path,
+            (
+                "/[a-z]{0,5}",
+                option::of("([a-z]{1,5}(\\.[A-Z][a-z]{0,4})?)?"),
+                duration(),
+                1u32..10,
+                1u32..10,
+            )
+                .prop_map(|(path, grpc, t, u, h)| HealthCheck {
+                    path: if grpc.is_some() { String::new() } else { path },
+                    grpc,
                     interval: t * 2,
                     timeout: t,
                     unhealthy_after: u,
                     healthy_after: h,
-                }
-            }),
+                }),
         ),
         option::of(
             (1u32..20, duration(), 0u8..=100).prop_map(|(c, e, m)| OutlierDetection {

@@ -200,6 +200,7 @@ mod tests {
     fn rule(unhealthy_after: u32, healthy_after: u32) -> HealthCheck {
         HealthCheck {
             path: "/healthz".into(),
+            grpc: None,
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(1),
             unhealthy_after,

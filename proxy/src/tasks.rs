@@ -173,7 +173,8 @@ fn backend_up(endpoints: &Endpoints, backend: usize, now: std::time::Instant) ->
 }
 
 /// Active health checks, every 100 ms: start the rounds that are due; each check
-/// is an HTTP/1.1 GET of the policy's `healthCheck.path`, bounded by its timeout.
+/// is a GET of the policy's `healthCheck.path` (HTTP/1.1, or HTTP/2 to an h2c
+/// backend) or a gRPC health check (`healthCheck.grpc`), bounded by its timeout.
 pub fn health_checks(shared: &Arc<Shared>) {
     let runtime = shared.runtime.load_full();
     let now = std::time::Instant::now();
@@ -190,8 +191,16 @@ pub fn health_checks(shared: &Arc<Shared>) {
             let (addr, backend) = (target.addr, target.backend);
             let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
             let host = target.label.clone();
+            let h2c = target.protocol == sluice_policy::Protocol::H2c;
             tokio::spawn(async move {
-                let ok = crate::health::probe::probe(addr, &host, &rule.path, rule.timeout).await;
+                use crate::health::probe::{probe, probe_h2};
+                let ok = match (&rule.grpc, h2c) {
+                    (Some(service), _) => {
+                        probe_h2(addr, &host, "", Some(service), rule.timeout).await
+                    }
+                    (None, true) => probe_h2(addr, &host, &rule.path, None, rule.timeout).await,
+                    (None, false) => probe(addr, &host, &rule.path, rule.timeout).await,
+                };
                 let Some(policy) = runtime.policies.get(p) else {
                     return;
                 };

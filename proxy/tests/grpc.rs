@@ -19,6 +19,12 @@ use tonic::{Code, Request, Response, Status};
 mod pb {
     tonic::include_proto!("sluice.test");
 }
+mod health {
+    tonic::include_proto!("grpc.health.v1");
+}
+use health::health_check_response::ServingStatus;
+use health::health_server::{Health, HealthServer};
+use health::{HealthCheckRequest, HealthCheckResponse};
 use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};
 use pb::Msg;
@@ -30,6 +36,29 @@ struct Backend {
     /// `Get` answers UNAVAILABLE (a backend in trouble).
     flaky: bool,
     calls: Arc<AtomicUsize>,
+    /// What its health service says of `sluice.test.Echo`.
+    serving: bool,
+    health_checks: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl Health for Backend {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.health_checks.fetch_add(1, Ordering::SeqCst);
+        if request.into_inner().service != "sluice.test.Echo" {
+            return Err(Status::not_found("unknown service"));
+        }
+        let status = match self.serving {
+            true => ServingStatus::Serving,
+            false => ServingStatus::NotServing,
+        };
+        Ok(Response::new(HealthCheckResponse {
+            status: status as i32,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -72,7 +101,8 @@ async fn serve(backend: Backend) -> SocketAddr {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(EchoServer::new(backend))
+            .add_service(EchoServer::new(backend.clone()))
+            .add_service(HealthServer::new(backend))
             .serve_with_incoming(incoming),
     );
     addr
@@ -83,6 +113,8 @@ fn backend(name: &'static str, flaky: bool) -> Backend {
         name,
         flaky,
         calls: Arc::new(AtomicUsize::new(0)),
+        serving: true,
+        health_checks: Arc::new(AtomicUsize::new(0)),
     }
 }
 
@@ -328,4 +360,50 @@ async fn a_client_grpc_timeout_bounds_the_call_and_goes_upstream_shortened() {
         forwarded <= Duration::from_millis(100) && forwarded > Duration::ZERO,
         "{forwarded:?}"
     );
+}
+
+#[tokio::test]
+async fn a_grpc_health_check_takes_a_not_serving_backend_out_of_the_balance() {
+    let serving = backend("serving", false);
+    let draining = Backend {
+        serving: false,
+        ..backend("draining", false)
+    };
+    let addrs = [serve(serving.clone()).await, serve(draining.clone()).await];
+    let list: String = addrs
+        .iter()
+        .map(|a| format!("    - {{address: \"{a}\", protocol: h2c}}\n"))
+        .collect();
+    let yaml = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: grpc}}\nspec:\n  hosts: [grpc]\n  backends:\n{list}  healthCheck: {{grpc: {{service: sluice.test.Echo}}, interval: 200ms, timeout: 150ms, unhealthyAfter: 1, healthyAfter: 1}}\n"
+    );
+    let dir = TempDir::new();
+    let proxy = start_with(&dir, &yaml, &["--h2c"]).await;
+    let mut client = client(proxy.listen_addr()).await;
+    // Once the draining backend's check has failed, every call goes to the other
+    // (bounded: 10 s; the checks run every 200 ms).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            names.push(client.get(msg()).await.expect("a call").into_inner().text);
+        }
+        if names.iter().all(|n| n == "serving") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the draining backend still gets calls: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = draining.calls.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        let reply = client.get(msg()).await.expect("a call");
+        assert_eq!(reply.into_inner().text, "serving");
+    }
+    assert_eq!(draining.calls.load(Ordering::SeqCst), before);
+    // Both were asked by the gRPC health protocol, over h2c.
+    assert!(serving.health_checks.load(Ordering::SeqCst) >= 1);
+    assert!(draining.health_checks.load(Ordering::SeqCst) >= 1);
 }

@@ -71,6 +71,7 @@ fn without_checks_a_pick_avoids_tried_backends_and_still_answers_when_all_were_t
     );
     checked.health_check = Some(HealthCheck {
         path: "/health".into(),
+        grpc: None,
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(1),
         unhealthy_after: 1,
@@ -160,6 +161,7 @@ fn unhealthy_backends_get_no_traffic_and_return_when_healthy() {
     );
     let check = HealthCheck {
         path: "/healthz".into(),
+        grpc: None,
         interval: Duration::from_secs(1),
         timeout: Duration::from_millis(500),
         unhealthy_after: 2,
@@ -201,6 +203,7 @@ fn health_checks_are_due_once_per_interval() {
     let mut r = rule(vec![backend(1, 1)], Algorithm::WeightedRoundRobin, None);
     r.health_check = Some(HealthCheck {
         path: "/healthz".into(),
+        grpc: None,
         interval: Duration::from_secs(5),
         timeout: Duration::from_secs(1),
         unhealthy_after: 1,
@@ -376,6 +379,7 @@ fn a_remaining_endpoint_keeps_its_health_and_ejection_across_a_rebuild() {
     let mut r = rule(vec![backend(1, 1)], Algorithm::WeightedRoundRobin, None);
     r.health_check = Some(HealthCheck {
         path: "/health".into(),
+        grpc: None,
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(1),
         unhealthy_after: 1,
