@@ -27,6 +27,7 @@
 #[cfg(any(test, feature = "reference"))]
 pub mod cases;
 pub mod chunked;
+pub mod detect;
 #[cfg(any(test, feature = "reference"))]
 pub mod properties;
 #[cfg(any(test, feature = "reference"))]

@@ -178,6 +178,42 @@ pub fn chunked(data: &[u8]) {
     }
 }
 
+/// Protocol detection of a connection's first bytes: decides every input of
+/// `MAX_LOOK` bytes or more, and never changes its mind as bytes arrive (what it
+/// decided on a prefix it decides on the whole); HTTP/1 only for a request line
+/// (`token SP`...) and HTTP/2 only for the whole preface.
+pub fn detect(data: &[u8]) {
+    use crate::detect::{classify, Protocol, H2_PREFACE, MAX_LOOK};
+    let whole = classify(data);
+    if data.len() >= MAX_LOOK {
+        assert!(whole.is_some(), "{} bytes undecided", data.len());
+    }
+    // Every prefix up to 64 bytes, then every 61st: the decision is stable.
+    let cuts = (0..=data.len().min(64)).chain((64..data.len()).step_by(61));
+    for k in cuts {
+        if let Some(early) = classify(&data[..k]) {
+            assert_eq!(
+                whole,
+                Some(early),
+                "decided {early:?} on {k} bytes of {:?}",
+                text(data)
+            );
+        }
+    }
+    match whole {
+        Some(Protocol::Http2) => assert!(data.starts_with(H2_PREFACE)),
+        Some(Protocol::Http1) => {
+            let method = data.iter().position(|&b| b == b' ').unwrap_or(0);
+            assert!(
+                method > 0 && crate::syntax::is_token(&data[..method]),
+                "{:?}",
+                text(data)
+            );
+        }
+        _ => {}
+    }
+}
+
 /// A response head from a backend (the first byte's low bit: it answers a HEAD):
 /// relayed ⇒ CRLF only, at most one Content-Length and none beside
 /// Transfer-Encoding, read the same way again, and a fixed point.

@@ -7,10 +7,11 @@
 //! where it was going, so the listener tells the protocols apart before parsing
 //! and hands opaque ones to [`crate::opaque`] (as Linkerd does).
 //!
-//! How: [`classify`] is a pure function of the bytes received so far that either
+//! How: [`classify`] (in `sluice_h1`, so the fuzz targets reach it) is a pure function of the bytes received so far that either
 //! decides or asks for more. It looks at a bounded prefix ([`MAX_LOOK`]) and never
 //! changes its mind: once it decides on some bytes, it decides the same on any
-//! longer input that starts with them (property-tested below). [`sniff`] reads
+//! longer input that starts with them (property-tested below, and fuzzed:
+//! `sluice_h1::properties::detect`). [`sniff`] reads
 //! until it decides, for at most the detection timeout: a client that sends nothing
 //! (MySQL, SMTP, where the server speaks first) is opaque when it expires.
 //!
@@ -25,23 +26,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Bytes [`classify`] looks at, at most: any input this long is decided.
-pub const MAX_LOOK: usize = 8 * 1024;
-/// The longest method token taken for HTTP/1 (the registered ones are at most 17
-/// bytes; extension methods rarely exceed a dozen).
-const MAX_METHOD: usize = 32;
-/// The HTTP/1 version prefix after the request target.
-const HTTP1_VERSION: &[u8] = b"HTTP/1.";
-
-/// What a connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Http1,
-    Http2,
-    Opaque,
-}
+pub use sluice_h1::detect::{classify, Protocol, H2_PREFACE, MAX_LOOK};
 
 /// How the listener treats connections before the HTTP engines parse them
 /// (only on `--transparent` listeners).
@@ -69,51 +54,6 @@ pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default `--tcp-idle-timeout`, Envoy's `tcp_proxy` default: long enough for
 /// pooled database connections, short enough that abandoned ones are reclaimed.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
-
-/// What `bytes`, the first ones of a connection, say: `None` when it cannot tell
-/// yet (never for `MAX_LOOK` bytes or more).
-pub fn classify(bytes: &[u8]) -> Option<Protocol> {
-    let n = bytes.len().min(H2_PREFACE.len());
-    if bytes[..n] == H2_PREFACE[..n] {
-        return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
-    }
-    let bounded = bytes.len() >= MAX_LOOK;
-    let look = &bytes[..bytes.len().min(MAX_LOOK)];
-    let undecided = if bounded { Some(Protocol::Http1) } else { None };
-    // The method: a token, then one space.
-    let Some(end) = look.iter().take(MAX_METHOD + 1).position(|&b| !is_tchar(b)) else {
-        return if look.len() <= MAX_METHOD {
-            None
-        } else {
-            Some(Protocol::Opaque)
-        };
-    };
-    if end == 0 || look[end] != b' ' {
-        return Some(Protocol::Opaque);
-    }
-    // The target: visible characters, then one space.
-    let rest = &look[end + 1..];
-    let Some(end) = rest.iter().position(|&b| !b.is_ascii_graphic()) else {
-        return undecided;
-    };
-    if end == 0 || rest[end] != b' ' {
-        return Some(Protocol::Opaque);
-    }
-    let version = &rest[end + 1..];
-    let n = version.len().min(HTTP1_VERSION.len());
-    if version[..n] != HTTP1_VERSION[..n] {
-        return Some(Protocol::Opaque);
-    }
-    if n == HTTP1_VERSION.len() {
-        return Some(Protocol::Http1);
-    }
-    undecided
-}
-
-/// RFC 9110 §5.6.2 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
 
 /// What [`sniff`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +162,7 @@ mod tests {
         ] {
             assert_eq!(classify(first), Some(Protocol::Opaque), "{first:?}");
         }
-        let long_method = [b'A'; MAX_METHOD + 1];
+        let long_method = [b'A'; sluice_h1::detect::MAX_METHOD + 1];
         assert_eq!(classify(&long_method), Some(Protocol::Opaque));
     }
 

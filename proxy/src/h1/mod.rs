@@ -59,7 +59,7 @@ pub const MAX_BODY: u64 = 64 * 1024;
 /// request head may take to arrive), unless `--idle-timeout` says otherwise.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The HTTP/2 connection preface (h2c with prior knowledge).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use sluice_h1::detect::H2_PREFACE;
 
 struct Engine {
     flow: SluiceProxy,
