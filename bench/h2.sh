@@ -19,6 +19,8 @@
 #   pingora-h2-h2c   the same as sluice-h2-h2c with --engine pingora --h2c    :18104
 #   nginx-h2         nginx `listen ... http2` (h2c), proxy_pass to the HTTP/1.1
 #                    backend with an upstream keepalive pool                  :18105
+#   nginx-grpc       nginx `listen ... http2`, `grpc_pass` (its only HTTP/2 upstream)
+#                    to the h2c backend with an upstream keepalive pool       :18107
 #   haproxy-h2       HAProxy `bind ... proto h2`, `server ... proto h2` to the
 #                    h2c backend                                              :18106
 #   sluice-h1-h2c    HTTP/1.1 client -> sluice h1 engine -> h2c backend (over the h2
@@ -104,7 +106,7 @@ trap 'exit 130' INT TERM
 
 SLUICE="$TMP/sluice-proxy"
 cp target/release/sluice-proxy "$SLUICE"
-for port in 18180 18181 18101 18102 18103 18104 18105 18106 18111 18112 18113 18114; do
+for port in 18180 18181 18101 18102 18103 18104 18105 18106 18107 18111 18112 18113 18114; do
     if ss -ltnH "sport = :$port" | grep -q .; then die "port $port is in use"; fi
 done
 
@@ -140,6 +142,18 @@ nginx_conf "$TMP/nginx" >"$TMP/nginx/nginx.conf" <<'EOF'
       proxy_set_header Connection "";
     }
   }
+  upstream backend_h2c {
+    server 127.0.0.1:18181;
+    keepalive 64;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:18107 http2;
+    location / {
+      grpc_pass grpc://backend_h2c;
+    }
+  }
 EOF
 cat >"$TMP/haproxy/haproxy.cfg" <<'EOF'
 global
@@ -160,7 +174,7 @@ backend be
   server backend 127.0.0.1:18181 proto h2
 EOF
 
-declare -A PORT=([sluice-h2-1s]=18101 [sluice-h1-h2c]=18102 [pingora-h1-h2c]=18104 [sluice-h1]=18101 [sluice-h2]=18101 [sluice-h2-h2c]=18102 [pingora-h2]=18103 [pingora-h2-h2c]=18104 [nginx-h2]=18105 [haproxy-h2]=18106)
+declare -A PORT=([sluice-h2-1s]=18101 [sluice-h1-h2c]=18102 [pingora-h1-h2c]=18104 [sluice-h1]=18101 [sluice-h2]=18101 [sluice-h2-h2c]=18102 [pingora-h2]=18103 [pingora-h2-h2c]=18104 [nginx-h2]=18105 [nginx-grpc]=18107 [haproxy-h2]=18106)
 declare -A PROCS
 taskset -c 0 nginx -e "$TMP/backend/error.log" -p "$TMP/backend" -c "$TMP/backend/nginx.conf" >/dev/null 2>&1 &
 PIDS+=($!)
@@ -205,11 +219,12 @@ for name in sluice-h2 sluice-h2-h2c pingora-h2 pingora-h2-h2c; do
     done
 done
 PROCS[nginx-h2]="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"
+PROCS[nginx-grpc]=${PROCS[nginx-h2]}
 for p in $NGINX_PID $BACKEND_PID $BACKEND_H2C_PID; do
     for c in $(pgrep -P "$p"); do PIDS+=("$c"); done
 done
 
-TARGETS=(sluice-h1 sluice-h2 sluice-h2-1s sluice-h2-h2c pingora-h2 pingora-h2-h2c nginx-h2 haproxy-h2 sluice-h1-h2c pingora-h1-h2c)
+TARGETS=(sluice-h1 sluice-h2 sluice-h2-1s sluice-h2-h2c pingora-h2 pingora-h2-h2c nginx-h2 nginx-grpc haproxy-h2 sluice-h1-h2c pingora-h1-h2c)
 load() { # target seconds logfile -> h2load's output
     local t=$1 secs=$2 logfile=$3 shape
     case $t in
@@ -300,6 +315,7 @@ label() {
     pingora-h2) echo "sluice --engine pingora, h2c -> HTTP/1.1" ;;
     pingora-h2-h2c) echo "sluice --engine pingora, h2c -> h2c" ;;
     nginx-h2) echo "nginx, h2c -> HTTP/1.1 (keepalive)" ;;
+    nginx-grpc) echo "nginx, h2c -> h2c (grpc_pass, keepalive)" ;;
     haproxy-h2) echo "HAProxy, h2c -> h2c (proto h2 both sides)" ;;
     sluice-h1-h2c) echo "sluice h1 engine, HTTP/1.1 -> h2c" ;;
     pingora-h1-h2c) echo "sluice --engine pingora, HTTP/1.1 -> h2c" ;;
