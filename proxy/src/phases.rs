@@ -16,6 +16,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::exchange::grpc;
 use crate::exchange::{
     Action, Direction, Event, Exchange, Peer, Reply, Request, Side, UPSTREAM_IDLE_TIMEOUT,
 };
@@ -221,14 +222,6 @@ fn one_framing(resp: &mut ResponseHeader) -> Result<()> {
     Ok(())
 }
 
-/// The `grpc-status` in a response head or trailers, when it is a number.
-fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// The answer to a request the HTTP/1 front refused, as the fast path writes it.
 async fn write_refusal(session: &mut Session, refusal: sluice_h1::Refusal) -> Result<()> {
     let body = front::refusal_body(refusal);
@@ -386,7 +379,7 @@ impl ProxyHttp for SluiceProxy {
     ) -> Result<()> {
         one_framing(resp)?;
         let status = resp.status.as_u16();
-        let grpc_status = grpc_status(&resp.headers);
+        let grpc_status = grpc::status_of(&resp.headers);
         ctx.grpc_status = grpc_status;
         let event = Event::Response {
             status,
@@ -410,7 +403,7 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         // A gRPC call's outcome, settled when the request finishes (`logging`).
-        if let Some(code) = grpc_status(trailers) {
+        if let Some(code) = grpc::status_of(trailers) {
             ctx.grpc_status = Some(code);
         }
         Ok(())

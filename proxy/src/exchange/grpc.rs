@@ -19,6 +19,13 @@ use super::Reply;
 
 pub use crate::runtime::is_grpc;
 
+/// The `grpc-status` in a response head or its trailers, when it is a number (what
+/// both engines report in `Event::Response` and `Event::Finished`).
+pub fn status_of(headers: &http::HeaderMap) -> Option<u32> {
+    let value = headers.get("grpc-status")?;
+    std::str::from_utf8(value.as_bytes()).ok()?.parse().ok()
+}
+
 /// A `grpc-timeout` value (`TimeoutValue TimeoutUnit`: at most 8 digits, then one
 /// of `H M S m u n`); `None` when malformed (the call then has no deadline of its
 /// own, as gRPC servers treat it).
@@ -146,6 +153,16 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_status_is_a_number_or_nothing() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(status_of(&headers), None);
+        headers.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert_eq!(status_of(&headers), Some(14));
+        headers.insert("grpc-status", http::HeaderValue::from_static("unavailable"));
+        assert_eq!(status_of(&headers), None);
+    }
 
     #[test]
     fn grpc_content_types() {

@@ -1,13 +1,10 @@
 //! The events whose shape follows what the response says (its status, and for
-//! gRPC its `grpc-status`), and the gRPC deadline sent upstream, in one place.
+//! gRPC its `grpc-status`, read by `exchange::grpc::status_of` as pingora's phases
+//! read it), and the gRPC deadline sent upstream, in one place.
 
 use crate::exchange::Event;
 
-/// The `grpc-status` of a response head or its trailers, when it is one.
-pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    let value = headers.get("grpc-status")?;
-    std::str::from_utf8(value.as_bytes()).ok()?.parse().ok()
-}
+pub(super) use crate::exchange::grpc::status_of as grpc_status;
 
 /// The upstream response head arrived. `grpc_status`: in the head (a
 /// trailers-only response).
@@ -37,20 +34,5 @@ pub(super) fn grpc_timeout(
     let left = exchange.upstream_grpc_timeout(std::time::Instant::now());
     if let Some(value) = left.and_then(|t| http::HeaderValue::from_str(&t).ok()) {
         headers.insert("grpc-timeout", value);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_status_is_a_number_or_nothing() {
-        let mut headers = http::HeaderMap::new();
-        assert_eq!(grpc_status(&headers), None);
-        headers.insert("grpc-status", http::HeaderValue::from_static("14"));
-        assert_eq!(grpc_status(&headers), Some(14));
-        headers.insert("grpc-status", http::HeaderValue::from_static("unavailable"));
-        assert_eq!(grpc_status(&headers), None);
     }
 }
