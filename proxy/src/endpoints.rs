@@ -111,6 +111,9 @@ pub struct Target {
     pub label: String,
     pub addr: SocketAddr,
     pub protocol: Protocol,
+    /// A meshed endpoint's workload identity: attempts speak mTLS to it and check
+    /// the certificate names it.
+    pub identity: Option<Arc<str>>,
     /// Not ready (see [`Member`]): unavailable to a pick while something else is.
     pub draining: bool,
     /// `sluice_upstream_requests_total` handles, by outcome: the backend's, shared

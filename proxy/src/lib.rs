@@ -53,6 +53,7 @@ pub mod h1;
 pub mod h2;
 pub mod hashring;
 pub mod health;
+pub mod identity;
 pub mod iptables;
 pub mod listeners;
 pub mod metrics;

@@ -147,6 +147,7 @@ impl Endpoints {
                     label: set.label.clone(),
                     addr: *addr,
                     protocol: backend.protocol,
+                    identity: None,
                     draining: *draining,
                     upstream: Arc::clone(&set.upstream),
                 });

@@ -38,6 +38,7 @@ impl<O: Observe> Exchange<O> {
             connect_timeout: remaining.map_or(CONNECT_TIMEOUT, |r| r.min(CONNECT_TIMEOUT)),
             io_timeout: remaining,
             fresh,
+            tls: None,
         };
         let next = match self.target {
             Target::FallbackBackend => match self.route().and_then(|r| r.fallback_addr) {
@@ -62,7 +63,10 @@ impl<O: Observe> Exchange<O> {
                 self.policy().map_or("", |p| p.name.as_str())
             )),
             Target::Balanced => match self.pick(req, now) {
-                Ok((addr, h2c)) => Ok(peer(addr, h2c)),
+                Ok((addr, h2c, tls)) => Ok(Peer {
+                    tls,
+                    ..peer(addr, h2c)
+                }),
                 Err(e) => Err(e),
             },
         };
@@ -80,7 +84,7 @@ impl<O: Observe> Exchange<O> {
         &mut self,
         req: &(impl Request + ?Sized),
         now: Instant,
-    ) -> Result<(SocketAddr, bool), String> {
+    ) -> Result<(SocketAddr, bool, Option<Arc<str>>), String> {
         let (Some(policy), Some(endpoints)) = (self.policy(), self.endpoints()) else {
             return Err("request was not routed".into());
         };
@@ -93,16 +97,16 @@ impl<O: Observe> Exchange<O> {
             .pick(now, key.as_bytes(), &self.tried)
             .and_then(|i| {
                 let t = endpoints.targets.get(i)?;
-                Some((i, t.addr, t.protocol))
+                Some((i, t.addr, t.protocol, t.identity.clone()))
             });
-        let Some((index, addr, protocol)) = picked else {
+        let Some((index, addr, protocol, tls)) = picked else {
             return Err(format!("policy {:?} has no reachable backend", policy.name));
         };
         self.tried.push(index);
         self.backend = Some(index);
         endpoints.begin(index);
         self.attempt = Some((index, now));
-        Ok((addr, protocol == Protocol::H2c))
+        Ok((addr, protocol == Protocol::H2c, tls))
     }
 
     /// A connection attempt failed: another backend, the fallback backend, or a 502.

@@ -113,6 +113,10 @@ pub trait Request {
     fn client_ip(&self) -> Option<IpAddr>;
     /// The body kept for resending is incomplete, so once sent it cannot be retried.
     fn body_truncated(&self) -> bool;
+    /// The caller's workload identity, when it came over mTLS (verified).
+    fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
+        None
+    }
 }
 
 /// Something that happened to the request.
@@ -192,6 +196,9 @@ pub struct Peer {
     pub io_timeout: Option<Duration>,
     /// A stale pooled connection broke: this attempt must use a new connection.
     pub fresh: bool,
+    /// The peer is a meshed proxy: speak mTLS to it and check that its certificate
+    /// names this workload identity (a SPIFFE ID).
+    pub tls: Option<Arc<str>>,
 }
 
 /// Where the request's attempts go.

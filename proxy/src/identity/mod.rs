@@ -1,0 +1,99 @@
+//! Workload identities: who a meshed peer is, as its certificate says.
+//!
+//! A Sluice proxy's certificate carries one URI SAN,
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>` (SPIFFE X.509-SVID
+//! form): the Kubernetes ServiceAccount the workload runs as. The inbound side
+//! learns the caller's identity from the client certificate of an mTLS connection
+//! ([`PeerIdentity`]) and authorizes on it; the outbound side checks the server's
+//! against the one expected for the destination.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A verified peer's workload identity (from a certificate that chained to the
+/// trust roots).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerIdentity {
+    /// The whole SPIFFE ID, as the certificate says it.
+    pub id: Arc<str>,
+    /// Where `/ns/` and `/sa/` are in `id` (namespace, service account).
+    ns: (usize, usize),
+    sa: (usize, usize),
+}
+
+/// Why a string is not a workload identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a workload identity (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)")]
+pub struct NotAnIdentity(pub String);
+
+impl PeerIdentity {
+    /// Parses `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; every part non-empty.
+    pub fn parse(id: &str) -> Result<Self, NotAnIdentity> {
+        let bad = || NotAnIdentity(id.to_owned());
+        let rest = id.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let mut parts = rest.split('/');
+        let (Some(domain), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad());
+        };
+        if domain.is_empty() || ns.is_empty() || sa.is_empty() {
+            return Err(bad());
+        }
+        let ns_start = "spiffe://".len() + domain.len() + "/ns/".len();
+        let sa_start = ns_start + ns.len() + "/sa/".len();
+        Ok(PeerIdentity {
+            id: Arc::from(id),
+            ns: (ns_start, ns_start + ns.len()),
+            sa: (sa_start, sa_start + sa.len()),
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.id[self.ns.0..self.ns.1]
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.id[self.sa.0..self.sa.1]
+    }
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_namespace_and_service_account() {
+        let id = PeerIdentity::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
+        assert_eq!(id.namespace(), "shop");
+        assert_eq!(id.service_account(), "frontend");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend");
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_workload_identity() {
+        for bad in [
+            "",
+            "spiffe://cluster.local",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://td/ns//sa/b",
+            "spiffe://td/ns/a/sa/",
+            "spiffe://td/ns/a/sa/b/c",
+            "spiffe://td/sa/b/ns/a",
+            "https://td/ns/a/sa/b",
+        ] {
+            assert!(PeerIdentity::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
