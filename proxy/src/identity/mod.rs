@@ -10,6 +10,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+pub mod credentials;
+
 /// A verified peer's workload identity (from a certificate that chained to the
 /// trust roots).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
