@@ -48,6 +48,7 @@ async fn serve(
         operators: Vec::new(),
         telemetry: None,
         webhook: None,
+        ca: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = start(config, async {
