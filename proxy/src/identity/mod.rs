@@ -11,6 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub mod credentials;
+pub mod issuer;
 
 /// A verified peer's workload identity (from a certificate that chained to the
 /// trust roots).

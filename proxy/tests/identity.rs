@@ -1,0 +1,161 @@
+//! The proxy's certificate client against an in-process control plane that is the
+//! mesh's CA, over TLS with the static token (`--static-token-identities`, the
+//! only way to name a workload outside Kubernetes).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use sluice_control_plane::ca::CaConfig;
+use sluice_control_plane::serve::{start, Running, ServeConfig};
+use sluice_proxy::control_plane::Ca;
+use sluice_proxy::identity::issuer::{certify_at, IssueError, Renewal};
+
+const ID: &str = "spiffe://cluster.local/ns/dev/sa/tester";
+
+struct ControlPlane {
+    running: Running,
+    dir: PathBuf,
+    /// The control plane's own TLS certificate (what `--ca-file` names).
+    tls_ca: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn control_plane(name: &str, static_token_identities: bool) -> ControlPlane {
+    let unique = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-proxy-identity-{name}-{}-{unique}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    sluice_control_plane::ca::init(&dir.join("ca"), "cluster.local").expect("ca init");
+    let tls = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("tls");
+    std::fs::write(dir.join("tls.crt"), tls.cert.pem()).expect("tls.crt");
+    std::fs::write(dir.join("tls.key"), tls.signing_key.serialize_pem()).expect("tls.key");
+    std::fs::write(dir.join("token"), "s3cret\n").expect("token");
+    let config = ServeConfig {
+        policies: None,
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        tls: Some((dir.join("tls.crt"), dir.join("tls.key"))),
+        cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
+        token_file: Some(dir.join("token")),
+        kubernetes: None,
+        token_review: None,
+        operators: Vec::new(),
+        telemetry: None,
+        webhook: None,
+        ca: Some(CaConfig {
+            cert: dir.join("ca/ca.crt"),
+            key: dir.join("ca/ca.key"),
+            trust_roots: None,
+            trust_domain: "cluster.local".into(),
+            ttl: Duration::from_secs(3600),
+            static_token_identities,
+        }),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = start(config, async {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("serve");
+    ControlPlane {
+        running,
+        tls_ca: tls.cert.pem(),
+        dir,
+        _stop: stop,
+    }
+}
+
+impl ControlPlane {
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.running.addr.port())
+    }
+
+    fn ca(&self) -> Ca {
+        Ca::Pem(self.tls_ca.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_gets_credentials_for_its_identity_that_chain_to_the_mesh_root() {
+    let cp = control_plane("issued", true).await;
+    let token = cp.dir.join("token");
+    let credentials = certify_at(&cp.url(), Some(&cp.ca()), Some(&token), Some(ID))
+        .await
+        .expect("issued");
+    assert_eq!(credentials.identity, ID);
+    assert_eq!(credentials.peer_identity().service_account(), "tester");
+    assert_eq!(credentials.chain.len(), 1);
+    let root = std::fs::read_to_string(cp.dir.join("ca/ca.crt")).expect("root");
+    let roots: Vec<_> = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_slice_iter(root.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("root pem")
+    };
+    assert_eq!(credentials.roots, roots);
+    let left = credentials
+        .not_after
+        .duration_since(SystemTime::now())
+        .expect("in the future");
+    assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
+    // Two requests, two keys.
+    let again = certify_at(&cp.url(), Some(&cp.ca()), Some(&token), Some(ID))
+        .await
+        .expect("issued");
+    assert_ne!(
+        again.key.secret_der(),
+        credentials.key.secret_der(),
+        "a fresh key per certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_says_why() {
+    let cp = control_plane("refused", false).await;
+    let token = cp.dir.join("token");
+    let refused = certify_at(&cp.url(), Some(&cp.ca()), Some(&token), Some(ID))
+        .await
+        .expect_err("refused");
+    let IssueError::Refused(status) = &refused else {
+        panic!("{refused}");
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(refused.to_string().contains("--static-token-identities"));
+    // Without the control plane's CA the https channel is not even opened.
+    let unverified = certify_at(&cp.url(), None, Some(&token), Some(ID))
+        .await
+        .expect_err("no CA");
+    assert!(matches!(unverified, IssueError::Connect(_)), "{unverified}");
+}
+
+#[tokio::test]
+async fn renewal_hands_over_credentials_and_stops_on_shutdown() {
+    let cp = control_plane("renewal", true).await;
+    let renewal = Renewal {
+        url: cp.url(),
+        ca: Some(cp.ca()),
+        token_file: Some(cp.dir.join("token")),
+        requested: Some(ID.to_owned()),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(renewal.run(
+        move |credentials| {
+            let _ = tx.send(credentials);
+        },
+        shutdown,
+    ));
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("in time")
+        .expect("credentials");
+    assert_eq!(first.identity, ID);
+    stop.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops")
+        .expect("no panic");
+}
