@@ -14,7 +14,12 @@
 //! each new set to whoever serves with it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use tonic::transport::Channel;
@@ -164,5 +169,26 @@ impl Renewal {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
+    }
+}
+
+/// `--identity-from-control-plane`: renews on a background service of its own and
+/// keeps the newest credentials in `current` (what the TLS transport serves with).
+pub struct RenewIdentity {
+    pub renewal: Renewal,
+    pub current: Arc<ArcSwapOption<Credentials>>,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for RenewIdentity {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let current = Arc::clone(&self.current);
+        self.renewal
+            .clone()
+            .run(
+                move |credentials| current.store(Some(Arc::new(credentials))),
+                shutdown,
+            )
+            .await;
     }
 }
