@@ -365,6 +365,9 @@ pub async fn start(
                 Arc::clone(&endpoints),
                 client.clone(),
                 metrics.clone(),
+                // Endpoints name their pods' identities only when this control
+                // plane issues them.
+                config.ca.as_ref().map(|ca| ca.trust_domain.clone()),
             ));
         }
         // No cluster, no Services: subscriptions are answered at once, empty.
