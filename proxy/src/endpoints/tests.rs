@@ -475,6 +475,7 @@ fn members(ready: std::ops::Range<u8>, draining: std::ops::Range<u8>) -> Vec<Mem
     let draining = addrs(draining).into_iter().map(|addr| Member {
         addr,
         draining: true,
+        identity: None,
     });
     ready.chain(draining).collect()
 }
@@ -551,6 +552,7 @@ fn a_changed_set_keeps_the_state_of_remaining_endpoints_and_their_conditions_cou
         Member {
             addr: addrs(1..2)[0],
             draining: true,
+            identity: None,
         },
         Member::ready(addrs(2..3)[0]),
         Member::ready(addrs(4..5)[0]),
@@ -569,4 +571,31 @@ fn a_changed_set_keeps_the_state_of_remaining_endpoints_and_their_conditions_cou
         .chain(members(4..5, 4..4))
         .collect();
     assert!(new.with_members(vec![ready_again], now).is_some());
+}
+
+#[test]
+fn a_members_identity_reaches_its_target_and_a_change_of_it_alone_rebuilds() {
+    let now = Instant::now();
+    let r = rule(vec![backend(1, 1)], Algorithm::WeightedRoundRobin, None);
+    let id: Arc<str> = Arc::from("spiffe://cluster.local/ns/shop/sa/reviews");
+    let meshed = |addr| Member {
+        identity: Some(Arc::clone(&id)),
+        ..Member::ready(addr)
+    };
+    let set = addrs(1..3);
+    let e = Endpoints::build_members(
+        r,
+        vec![vec![meshed(set[0]), Member::ready(set[1])]],
+        None,
+        now,
+    );
+    assert_eq!(e.targets[0].identity.as_deref(), Some(&*id));
+    assert_eq!(e.targets[1].identity, None);
+    assert!(e
+        .with_members(vec![vec![meshed(set[0]), Member::ready(set[1])]], now)
+        .is_none());
+    let all = e
+        .with_members(vec![vec![meshed(set[0]), meshed(set[1])]], now)
+        .expect("an identity changed");
+    assert_eq!(all.targets[1].identity.as_deref(), Some(&*id));
 }
