@@ -177,6 +177,7 @@ mod tests {
             weight: 1,
             protocol: sluice_policy::Protocol::Http1,
             service: Some(service),
+            tls: None,
         }
     }
 
