@@ -11,7 +11,8 @@
 //!   connections opening with the HTTP/2 preface go to [`h2`] (Sluice's HTTP/2
 //!   engine on the `h2` crate), whose upstream connections also carry the h1
 //!   engine's requests for h2c backends;
-//! - [`exchange`] decides everything about it, for both engines: routing, the
+//! - [`exchange`] decides everything about it, for both engines: routing, an
+//!   inbound policy's mTLS mode and authorization of the caller ([`authz`]), the
 //!   rate limits, breaker and concurrency limit, peers, retries, fallbacks (a gRPC
 //!   call by its `grpc-status`, answered in gRPC's terms: `exchange/grpc.rs`), and
 //!   settlement (metrics and the access log through its `Observe`r; a route's and a
@@ -27,7 +28,7 @@
 //!   endpoints like DNS answers ([`tasks`]), without a reload.
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
-//! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`,
+//! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`, `authz`,
 //! `endpoints`, `resolve`, `services`, `globallimit`, `tcplimit`...) < runtime (`runtime`, `shared`) < engine
 //! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `admin`,
 //! `shutdown`; `main.rs` above all).
@@ -35,6 +36,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod authz;
 pub mod backoff;
 pub mod balancer;
 pub mod breaker;

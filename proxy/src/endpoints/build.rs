@@ -138,6 +138,11 @@ impl Endpoints {
         let mut targets = Vec::new();
         let mut weights = Vec::new();
         for (index, (backend, set)) in rule.backends.iter().zip(&resolved).enumerate() {
+            // The one place an endpoint's expected identity is decided. Members
+            // (the control plane's endpoints) carry none yet; when they do, a
+            // member's own identity goes first: `member.identity.or(backend's)`.
+            let identity: Option<Arc<str>> =
+                backend.tls.as_ref().map(|t| Arc::from(t.identity.as_str()));
             let ready = set.draining.iter().filter(|d| !**d).count();
             let over = if ready > 0 { ready } else { set.addrs.len() };
             let weight = split(backend.weight, over, scale);
@@ -147,7 +152,7 @@ impl Endpoints {
                     label: set.label.clone(),
                     addr: *addr,
                     protocol: backend.protocol,
-                    identity: None,
+                    identity: identity.clone(),
                     draining: *draining,
                     upstream: Arc::clone(&set.upstream),
                 });
