@@ -7,6 +7,9 @@
 //! ([`PeerIdentity`]) and authorizes on it; the outbound side checks the server's
 //! against the one expected for the destination.
 
+pub mod files;
+pub mod tls;
+
 use std::fmt;
 use std::sync::Arc;
 
