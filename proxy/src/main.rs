@@ -229,6 +229,15 @@ enum MtlsArg {
     Permissive,
 }
 
+impl MtlsArg {
+    fn mode(self) -> sluice_policy::MtlsMode {
+        match self {
+            MtlsArg::Strict => sluice_policy::MtlsMode::Strict,
+            MtlsArg::Permissive => sluice_policy::MtlsMode::Permissive,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum EngineArg {
     H1,
@@ -535,7 +544,7 @@ fn main() -> ExitCode {
             inbound_policy: None,
             inbound_app: None,
             own_ports: own_ports.clone(),
-            mtls_default: sluice_policy::MtlsMode::Permissive,
+            mtls_default: args.mtls_mode.mode(),
         },
         transparent: args.transparent,
         detect: detect.clone(),
@@ -559,7 +568,7 @@ fn main() -> ExitCode {
                 inbound_policy: args.inbound_policy.clone(),
                 inbound_app: args.app,
                 own_ports,
-                mtls_default: sluice_policy::MtlsMode::Permissive,
+                mtls_default: args.mtls_mode.mode(),
             },
             transparent: args.transparent,
             detect,

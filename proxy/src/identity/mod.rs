@@ -31,23 +31,12 @@ pub struct NotAnIdentity(pub String);
 
 impl PeerIdentity {
     /// Parses `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; every part non-empty.
+    /// The form is `sluice_policy::identity`'s, the one policy validation checks a
+    /// backend's expected identity with, so the two sides never disagree.
     pub fn parse(id: &str) -> Result<Self, NotAnIdentity> {
-        let bad = || NotAnIdentity(id.to_owned());
-        let rest = id.strip_prefix("spiffe://").ok_or_else(bad)?;
-        let mut parts = rest.split('/');
-        let (Some(domain), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return Err(bad());
-        };
-        if domain.is_empty() || ns.is_empty() || sa.is_empty() {
-            return Err(bad());
-        }
+        let parts =
+            sluice_policy::identity::parse(id).ok_or_else(|| NotAnIdentity(id.to_owned()))?;
+        let (domain, ns, sa) = (parts.trust_domain, parts.namespace, parts.service_account);
         let ns_start = "spiffe://".len() + domain.len() + "/ns/".len();
         let sa_start = ns_start + ns.len() + "/sa/".len();
         Ok(PeerIdentity {
