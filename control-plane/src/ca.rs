@@ -404,21 +404,11 @@ fn random_serial() -> Result<SerialNumber, String> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-/// Checks that `id` is `spiffe://<trust_domain>/ns/<ns>/sa/<sa>` with non-empty,
-/// slash-free parts.
+/// Whether `id` is a workload identity of `trust_domain`, by the rule policies
+/// and proxies use ([`sluice_policy::identity`]).
 fn is_workload_identity(id: &str, trust_domain: &str) -> bool {
-    let Some(rest) = id
-        .strip_prefix("spiffe://")
-        .and_then(|r| r.strip_prefix(trust_domain))
-        .and_then(|r| r.strip_prefix("/ns/"))
-    else {
-        return false;
-    };
-    let mut parts = rest.split('/');
-    matches!(
-        (parts.next(), parts.next(), parts.next(), parts.next()),
-        (Some(ns), Some("sa"), Some(sa), None) if !ns.is_empty() && !sa.is_empty()
-    )
+    sluice_policy::identity::is_valid(id)
+        && sluice_policy::identity::parse(id).is_some_and(|p| p.trust_domain == trust_domain)
 }
 
 /// The identity a caller's certificate is for, or why it gets none.

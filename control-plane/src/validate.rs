@@ -45,7 +45,9 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
 }
 
 /// `demo: valid, 4 hosts, 3 backends (weighted-round-robin), 5 routes, mode enforce`;
-/// routes with backends of their own are counted: `2 routes (1 with backends of its own)`.
+/// routes with backends of their own are counted: `2 routes (1 with backends of its own)`;
+/// `spec.mtls` and `spec.authorization` follow when set (`, mtls strict,
+/// authorization: 2 rules, default deny`).
 pub fn summary(p: &TrafficPolicy) -> String {
     let algorithm = match &p.load_balancer.algorithm {
         Algorithm::WeightedRoundRobin => "weighted-round-robin".to_owned(),
@@ -61,8 +63,24 @@ pub fn summary(p: &TrafficPolicy) -> String {
             plural(own, "its own", "their own")
         )
     };
+    let mtls = p
+        .mtls
+        .map(|m| format!(", mtls {}", m.as_str()))
+        .unwrap_or_default();
+    let authorization = p
+        .authorization
+        .as_ref()
+        .map(|a| {
+            format!(
+                ", authorization: {} {}, default {}",
+                a.rules.len(),
+                plural(a.rules.len(), "rule", "rules"),
+                a.default.as_str()
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{}: valid, {} {}, {} {} ({algorithm}), {} {}{own}, mode {}",
+        "{}: valid, {} {}, {} {} ({algorithm}), {} {}{own}, mode {}{mtls}{authorization}",
         p.name,
         p.hosts.len(),
         plural(p.hosts.len(), "host", "hosts"),

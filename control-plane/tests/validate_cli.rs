@@ -29,7 +29,10 @@ fn accepts_the_example_policies_with_one_line_per_policy() {
     assert!(stdout.contains(
         "example-grpc: valid, 1 host, 2 backends (weighted-round-robin), 2 routes, mode enforce\n"
     ));
-    assert!(stdout.ends_with("12 valid policies\n"), "{stdout}");
+    assert!(stdout.contains(
+        "example-mtls: valid, 1 host, 1 backend (weighted-round-robin), 2 routes, mode enforce, mtls strict, authorization: 2 rules, default deny\n"
+    ));
+    assert!(stdout.ends_with("13 valid policies\n"), "{stdout}");
 }
 
 #[test]

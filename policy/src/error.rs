@@ -95,6 +95,13 @@ pub enum Problem {
     NotOpenRatio { got: f64 },
     #[error("must not be empty")]
     Empty,
+    #[error("no route named {route:?} in this policy{}", suggest(.suggestion, &[]))]
+    UnknownRoute {
+        route: String,
+        suggestion: Option<String>,
+    },
+    #[error("a rule needs `serviceAccounts` or `namespaces`: naming nobody, it would allow nobody (to allow every caller, write `default: allow`)")]
+    NoCallers,
     #[error("{0}")]
     Invalid(String),
 }

@@ -11,6 +11,7 @@
 pub mod duration;
 pub mod error;
 pub mod hash;
+pub mod identity;
 pub mod lint;
 pub mod load;
 pub mod model;

@@ -12,6 +12,9 @@
 //! A route that takes gRPC calls (`match.grpc`) whose backends all speak HTTP/1:
 //! gRPC runs over HTTP/2 only, so every call would fail.
 //!
+//! An authorization that denies every caller (`default: deny` and no rule), or that
+//! allows every caller (`default: allow`: rules only allow, so they change nothing).
+//!
 //! The unreachable-route check never warns wrongly: a route is reported only when one earlier route
 //! covers it condition by condition (path, methods, headers), each judged the way the
 //! proxy matches requests. It stays silent when only several earlier routes together
@@ -20,7 +23,9 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::model::{Backend, PathMatch, Protocol, RouteMatch, ServicePort, TrafficPolicy};
+use crate::model::{
+    AuthorizationDefault, Backend, PathMatch, Protocol, RouteMatch, ServicePort, TrafficPolicy,
+};
 
 /// Something valid but suspicious, independent of where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +38,10 @@ pub enum Warning {
     },
     #[error("route {route:?} takes gRPC calls but its backends speak HTTP/1: gRPC needs HTTP/2, so every call would fail; give them `protocol: h2c`")]
     GrpcOverHttp1 { route: String },
+    #[error("`default: deny` and no rules: every caller is denied; add rules naming who may call")]
+    DeniesEveryCaller,
+    #[error("`default: allow` lets every caller through, and rules only allow: this authorization changes nothing; use `default: deny`")]
+    AllowsEveryCaller,
     #[error("Service {service:?} is reached by the port name {port:?}: a proxy only dials a port number, so this backend gets no traffic until the control plane sends its endpoints; give the number")]
     NamedServicePort { service: String, port: String },
 }
@@ -108,6 +117,20 @@ pub(crate) fn warnings(policy: &TrafficPolicy) -> Vec<(String, Warning)> {
                     route: route.name.clone(),
                 },
             ));
+        }
+    }
+    if let Some(authz) = &policy.authorization {
+        match authz.default {
+            AuthorizationDefault::Deny if authz.rules.is_empty() => {
+                out.push(("spec.authorization".into(), Warning::DeniesEveryCaller));
+            }
+            AuthorizationDefault::Allow => {
+                out.push((
+                    "spec.authorization.default".into(),
+                    Warning::AllowsEveryCaller,
+                ));
+            }
+            AuthorizationDefault::Deny => {}
         }
     }
     let unreachable = unreachable_routes(policy).into_iter().map(|u| {

@@ -4,6 +4,9 @@
 use std::fmt;
 use std::time::Duration;
 
+mod access;
+pub use access::*;
+
 /// Every policy loaded from one source, in load order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PolicySet {
@@ -35,6 +38,10 @@ pub struct TrafficPolicy {
     /// First match wins. Never empty: a policy written without routes has one
     /// [`Route::catch_all`] named [`DEFAULT_ROUTE`].
     pub routes: Vec<Route>,
+    /// `spec.mtls.mode`; `None`: the proxy's mesh-wide default.
+    pub mtls: Option<MtlsMode>,
+    /// `spec.authorization`; `None`: every caller may call every route.
+    pub authorization: Option<Authorization>,
 }
 
 /// A policy's identity: `namespace/name`, or `name` for a policy written without a
@@ -127,6 +134,8 @@ pub struct Backend {
     pub protocol: Protocol,
     /// The Kubernetes Service the backend was written as; `None` for an `address`.
     pub service: Option<ServiceRef>,
+    /// A meshed backend: the identity it must prove over mTLS.
+    pub tls: Option<BackendTls>,
 }
 
 impl Backend {

@@ -67,6 +67,71 @@ pub struct PolicyBodySpec {
     /// Without routes, one implicit route named `default` matches every request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
+    /// Whether callers of an inbound policy must come over mutual TLS; absent: the
+    /// proxy's mesh-wide default (`sluice-proxy --mtls-mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSpec>,
+    /// Which callers (by workload identity: the ServiceAccount of an mTLS caller)
+    /// may call which routes of an inbound policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<AuthorizationSpec>,
+}
+
+/// `spec.mtls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsSpec {
+    /// `strict`: plaintext callers are refused (403); `permissive`: both are served.
+    pub mode: MtlsModeSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MtlsModeSpec {
+    Strict,
+    Permissive,
+}
+
+/// `spec.authorization`: rules that allow callers; whoever no rule allows gets
+/// `default`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationSpec {
+    /// What a caller no rule allows gets: `deny` (the default: listing who may
+    /// call means nobody else may) or `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<AuthorizationDefaultSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthorizationRuleSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthorizationDefaultSpec {
+    Allow,
+    Deny,
+}
+
+/// One rule: callers `from` these identities may call these `routes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationRuleSpec {
+    pub from: AuthorizationFromSpec,
+    /// Route names of this policy; absent: every route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<String>>,
+}
+
+/// Who a rule allows: any listed ServiceAccount, or anyone in a listed namespace
+/// (at least one entry).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationFromSpec {
+    /// `namespace/name` of a Kubernetes ServiceAccount.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -95,6 +160,17 @@ pub struct BackendSpec {
     /// `http1` (default) or `h2c`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<ProtocolSpec>,
+    /// The backend is meshed: speak mTLS to it and expect this identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BackendTlsSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendTlsSpec {
+    /// The workload identity its certificate must name:
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub identity: String,
 }
 
 /// A port by number or by name, as a Kubernetes Service port is referred to.

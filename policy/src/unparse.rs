@@ -80,6 +80,13 @@ impl From<&TrafficPolicy> for TrafficPolicySpec {
                 } else {
                     p.routes.iter().map(route).collect()
                 },
+                mtls: p.mtls.map(|m| MtlsSpec {
+                    mode: match m {
+                        MtlsMode::Strict => MtlsModeSpec::Strict,
+                        MtlsMode::Permissive => MtlsModeSpec::Permissive,
+                    },
+                }),
+                authorization: p.authorization.as_ref().map(authorization),
             },
         }
     }
@@ -107,6 +114,29 @@ fn backend(b: &Backend) -> BackendSpec {
             Protocol::Http1 => ProtocolSpec::Http1,
             Protocol::H2c => ProtocolSpec::H2c,
         }),
+        tls: b.tls.as_ref().map(|t| BackendTlsSpec {
+            identity: t.identity.clone(),
+        }),
+    }
+}
+
+fn authorization(a: &Authorization) -> AuthorizationSpec {
+    AuthorizationSpec {
+        default: Some(match a.default {
+            AuthorizationDefault::Allow => AuthorizationDefaultSpec::Allow,
+            AuthorizationDefault::Deny => AuthorizationDefaultSpec::Deny,
+        }),
+        rules: a
+            .rules
+            .iter()
+            .map(|r| AuthorizationRuleSpec {
+                from: AuthorizationFromSpec {
+                    service_accounts: r.service_accounts.iter().map(ToString::to_string).collect(),
+                    namespaces: r.namespaces.clone(),
+                },
+                routes: r.routes.clone(),
+            })
+            .collect(),
     }
 }
 

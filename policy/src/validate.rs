@@ -4,6 +4,7 @@
 //! Checks accumulate: a document with five mistakes reports five violations, so an
 //! author fixes them in one pass instead of five.
 
+mod access;
 mod backends;
 
 use std::time::Duration;
@@ -149,15 +150,7 @@ fn is_header_name(name: &str) -> bool {
 }
 
 /// DNS-1123 label, as Kubernetes requires of object names.
-fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
+use crate::identity::is_dns_label;
 
 fn mode(spec: ModeSpec) -> Mode {
     match spec {
@@ -288,6 +281,12 @@ fn body(c: &mut Checker, spec: &PolicyBodySpec, meta: &MetadataSpec) -> TrafficP
         routes.push(Route::catch_all(DEFAULT_ROUTE));
     }
 
+    let mtls = spec.mtls.as_ref().map(access::mtls);
+    let authorization = spec
+        .authorization
+        .as_ref()
+        .map(|a| access::authorization(c, a, &routes));
+
     TrafficPolicy {
         name: meta.name.clone(),
         namespace: meta.namespace.clone(),
@@ -300,6 +299,8 @@ fn body(c: &mut Checker, spec: &PolicyBodySpec, meta: &MetadataSpec) -> TrafficP
         slo,
         tcp,
         routes,
+        mtls,
+        authorization,
     }
 }
 

@@ -59,14 +59,20 @@ fn backends(count: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Backend>
     )
     .prop_flat_map(|targets| {
         let n = targets.len();
-        (Just(targets), vec(1u32..=10_000, n), vec(any::<bool>(), n))
+        (
+            Just(targets),
+            vec(1u32..=10_000, n),
+            vec(any::<bool>(), n),
+            vec(option::of(identity()), n),
+        )
     })
-    .prop_map(|(targets, weights, h2c)| {
+    .prop_map(|(targets, weights, h2c, tls)| {
         targets
             .into_iter()
             .zip(weights)
             .zip(h2c)
-            .map(|((target, weight), h2c)| {
+            .zip(tls)
+            .map(|(((target, weight), h2c), tls)| {
                 let (address, service) = match target {
                     Ok(address) => (address, None),
                     Err(service) => (service.address(None), Some(service)),
@@ -76,10 +82,49 @@ fn backends(count: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Backend>
                     weight,
                     protocol: if h2c { Protocol::H2c } else { Protocol::Http1 },
                     service,
+                    tls: tls.map(|identity| BackendTls { identity }),
                 }
             })
             .collect()
     })
+}
+
+/// A workload identity a policy may name.
+fn identity() -> impl Strategy<Value = String> {
+    ("[a-z]{1,6}(\\.[a-z]{1,5})?", name(), name())
+        .prop_map(|(domain, ns, sa)| format!("spiffe://{domain}/ns/{ns}/sa/{sa}"))
+}
+
+/// An authorization whose rules name some of `routes`. Validation drops repeats
+/// within a rule's lists, so the generated lists have none.
+fn authorization(routes: Vec<String>) -> impl Strategy<Value = Authorization> {
+    let rule = (
+        btree_set((name(), name()), 0..3),
+        btree_set(name(), 0..3),
+        option::of(proptest::sample::subsequence(
+            routes.clone(),
+            1..=routes.len(),
+        )),
+    )
+        .prop_filter("a rule names some caller", |(sas, namespaces, _)| {
+            !sas.is_empty() || !namespaces.is_empty()
+        })
+        .prop_map(|(sas, namespaces, routes)| AuthorizationRule {
+            service_accounts: sas
+                .into_iter()
+                .map(|(namespace, name)| ServiceAccount { namespace, name })
+                .collect(),
+            namespaces: namespaces.into_iter().collect(),
+            routes,
+        });
+    (
+        prop_oneof![
+            Just(AuthorizationDefault::Deny),
+            Just(AuthorizationDefault::Allow)
+        ],
+        vec(rule, 0..3),
+    )
+        .prop_map(|(default, rules)| Authorization { default, rules })
 }
 
 fn key() -> impl Strategy<Value = Key> {
@@ -391,9 +436,27 @@ fn policy() -> impl Strategy<Value = TrafficPolicy> {
                     slo,
                     tcp,
                     routes,
+                    mtls: None,
+                    authorization: None,
                 }
             },
         )
+        .prop_flat_map(|policy| {
+            let routes: Vec<String> = policy.routes.iter().map(|r| r.name.clone()).collect();
+            (
+                Just(policy),
+                option::of(prop_oneof![
+                    Just(MtlsMode::Strict),
+                    Just(MtlsMode::Permissive)
+                ]),
+                option::of(authorization(routes)),
+            )
+        })
+        .prop_map(|(policy, mtls, authorization)| TrafficPolicy {
+            mtls,
+            authorization,
+            ..policy
+        })
 }
 
 proptest! {

@@ -141,6 +141,7 @@ fn balancer(c: &mut Criterion) {
             weight: u32::from(i) + 1,
             protocol: Protocol::Http1,
             service: None,
+            tls: None,
         })
         .collect();
     let now = Instant::now();

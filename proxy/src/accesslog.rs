@@ -40,6 +40,9 @@ pub struct AccessRecord<'a> {
     pub attempts: u32,
     pub policy_version: Option<&'a str>,
     pub direction: &'a str,
+    /// The caller's workload identity (SPIFFE ID) when it came over mTLS; `null`
+    /// for plaintext.
+    pub peer: Option<&'a str>,
 }
 
 /// Buffered bytes at which a request writes them itself (the flush task is behind).
@@ -158,6 +161,7 @@ impl AccessRecord<'_> {
         out.extend_from_slice(digits.format(self.attempts).as_bytes());
         text(out, "policy_version", self.policy_version);
         text(out, "direction", Some(self.direction));
+        text(out, "peer", self.peer);
         out.push(b'}');
     }
 }
@@ -253,6 +257,7 @@ mod tests {
                 attempts: 2,
                 policy_version: Some("abc"),
                 direction: "outbound",
+                peer: Some("spiffe://cluster.local/ns/shop/sa/frontend"),
             };
             let mut out = Vec::new();
             record.encode(&mut out);
@@ -265,7 +270,8 @@ mod tests {
             assert_eq!(v["attempts"], 2);
             assert_eq!(v["fallback"], "rate-limited");
             assert_eq!(v["direction"], "outbound");
-            assert_eq!(v.as_object().map(|o| o.len()), Some(16));
+            assert_eq!(v["peer"], "spiffe://cluster.local/ns/shop/sa/frontend");
+            assert_eq!(v.as_object().map(|o| o.len()), Some(17));
         }
         let mut out = Vec::new();
         let short = AccessRecord {
@@ -320,6 +326,7 @@ mod tests {
             attempts: 0,
             policy_version: None,
             direction: "outbound",
+            peer: None,
         }
     }
 }

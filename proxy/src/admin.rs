@@ -101,7 +101,46 @@ fn service_endpoints(services: &crate::services::ServiceSets) -> serde_json::Val
         .into()
 }
 
+/// Per policy, who may call it (its inbound requests): the mTLS mode as compiled
+/// (`null`: the listener's `--mtls-mode`) and its authorization in brief.
+fn access(rt: &crate::runtime::Runtime) -> serde_json::Value {
+    rt.set
+        .policies
+        .iter()
+        .map(|p| {
+            let authorization = p.authorization.as_ref().map(|a| {
+                let rules: Vec<serde_json::Value> = a
+                    .rules
+                    .iter()
+                    .map(|r| {
+                        let from: Vec<String> = r
+                            .service_accounts
+                            .iter()
+                            .map(ToString::to_string)
+                            .chain(r.namespaces.iter().map(|ns| format!("{ns}/*")))
+                            .collect();
+                        serde_json::json!({"from": from, "routes": r.routes})
+                    })
+                    .collect();
+                serde_json::json!({"default": a.default.as_str(), "rules": rules})
+            });
+            let access = serde_json::json!({
+                "mtls": p.mtls.map(|m| m.as_str()),
+                "authorization": authorization,
+            });
+            (p.id().to_string(), access)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 impl Admin {
+    /// The proxy's own workload identity (its SPIFFE ID and certificate), for
+    /// `/config_dump`: `null` until the transport (mTLS) side provides it.
+    fn identity(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// The global rate limits' state: whether Redis answers, and per route its
     /// bucket's Redis key, the keys tracked and the tokens leased right now.
     fn global_limits(&self, rt: &crate::runtime::Runtime) -> serde_json::Value {
@@ -192,6 +231,8 @@ impl Admin {
                         // Each policy's version as the control plane names it.
                         "policyVersions": rt.set.policies.iter().map(|p| (p.id().to_string(), sluice_policy::policy_yaml(p).1)).collect::<std::collections::BTreeMap<_, _>>(),
                         "policies": rt.set.policies.iter().map(TrafficPolicySpec::from).collect::<Vec<_>>(),
+                        "identity": self.identity(),
+                        "access": access(rt),
                         "globalRateLimits": self.global_limits(rt),
                         "endpoints": endpoints(rt),
                         "serviceEndpoints": service_endpoints(&self.shared.services.load()),
@@ -273,5 +314,33 @@ impl BackgroundService for AdminListener {
                 Service::<Admin>::handle_event(Box::new(stream), admin, shutdown).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dump_shows_each_policys_mtls_mode_and_authorization_in_brief() {
+        let yaml = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orders, namespace: shop}\nspec:\n  mtls: {mode: strict}\n  authorization:\n    rules:\n      - from: {serviceAccounts: [shop/frontend], namespaces: [ops]}\n        routes: [default]\n---\napiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: open}\nspec: {}\n";
+        let set = sluice_policy::parse_str(std::path::Path::new("p.yaml"), yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let globals = crate::globallimit::GlobalLimits::new(false);
+        let rt = crate::runtime::Runtime::build(set, "test".into(), None, &globals)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            access(&rt),
+            serde_json::json!({
+                "shop/orders": {
+                    "mtls": "strict",
+                    "authorization": {
+                        "default": "deny",
+                        "rules": [{"from": ["shop/frontend", "ops/*"], "routes": ["default"]}],
+                    },
+                },
+                "open": {"mtls": null, "authorization": null},
+            })
+        );
     }
 }

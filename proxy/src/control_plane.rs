@@ -339,7 +339,7 @@ impl ControlPlaneSource {
 
     /// A channel to the control plane (TLS as configured) and the credentials every
     /// call carries: shared by the policy stream, the endpoints stream
-    /// (`discovery`) and certificate requests (`identity::issuer`).
+    /// (`discovery`) and certificate requests (`issuer`).
     pub async fn connect(&self) -> anyhow::Result<(Channel, Bearer)> {
         connect(&self.url, self.ca.as_ref(), self.token_file.as_deref()).await
     }

@@ -39,6 +39,7 @@ use sluice_h1::{Refusal, RequestStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::exchange::Exchange;
+use crate::identity::PeerIdentity;
 use crate::shared::Shared;
 
 /// What pingora reads in place of a refused head. Its values matter to no one:
@@ -75,6 +76,8 @@ pub struct Front {
     /// [`REFUSAL_HEAD`] was handed out.
     refusal_sent: bool,
     handed: Handed,
+    /// The client's verified workload identity (an mTLS connection).
+    peer_identity: Option<PeerIdentity>,
 }
 
 impl Front {
@@ -88,7 +91,15 @@ impl Front {
             eof: false,
             refusal_sent: false,
             handed: Handed::default(),
+            peer_identity: None,
         }
+    }
+
+    /// The client proved this identity (mTLS): every request on the connection
+    /// is the identity's.
+    pub fn with_peer_identity(mut self, peer: Option<PeerIdentity>) -> Self {
+        self.peer_identity = peer;
+        self
     }
 
     /// The first request's exchange, already routed by the fast path.
@@ -129,6 +140,15 @@ impl Front {
 /// The refusal the phases must answer on this session's connection, if any.
 pub fn refusal(stream: Option<&pingora::protocols::Stream>) -> Option<Refused> {
     stream?.as_any().downcast_ref::<Front>()?.refused()
+}
+
+/// The verified workload identity of this session's client, if it came over mTLS.
+pub fn peer_identity(stream: Option<&pingora::protocols::Stream>) -> Option<&PeerIdentity> {
+    stream?
+        .as_any()
+        .downcast_ref::<Front>()?
+        .peer_identity
+        .as_ref()
 }
 
 /// The exchange the fast path handed over with this connection, once.

@@ -11,7 +11,8 @@
 //!   connections opening with the HTTP/2 preface go to [`h2`] (Sluice's HTTP/2
 //!   engine on the `h2` crate), whose upstream connections also carry the h1
 //!   engine's requests for h2c backends;
-//! - [`exchange`] decides everything about it, for both engines: routing, the
+//! - [`exchange`] decides everything about it, for both engines: routing, an
+//!   inbound policy's mTLS mode and authorization of the caller ([`authz`]), the
 //!   rate limits, breaker and concurrency limit, peers, retries, fallbacks (a gRPC
 //!   call by its `grpc-status`, answered in gRPC's terms: `exchange/grpc.rs`), and
 //!   settlement (metrics and the access log through its `Observe`r; a route's and a
@@ -24,23 +25,27 @@
 //!   the control plane's answer about it ([`demand`], asked by [`phases`]' `discover`);
 //! - a `service:` backend's pods come from the control plane's endpoint stream
 //!   ([`discovery`], kept in [`services`]) and are swapped into the live snapshot's
-//!   endpoints like DNS answers ([`tasks`]), without a reload.
+//!   endpoints like DNS answers ([`tasks`]), without a reload;
+//! - the proxy's workload identity for mTLS ([`identity`]) comes from files or from
+//!   the control plane's CA ([`issuer`], renewed before it expires).
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
-//! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`,
+//! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`, `authz`,
 //! `endpoints`, `resolve`, `services`, `globallimit`, `tcplimit`...) < runtime (`runtime`, `shared`) < engine
-//! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `admin`,
-//! `shutdown`; `main.rs` above all).
+//! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `issuer`,
+//! `admin`, `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
 pub mod admin;
+pub mod authz;
 pub mod backoff;
 pub mod balancer;
 pub mod breaker;
 pub mod budget;
 pub mod cli;
 pub mod concurrency;
+pub mod conn;
 pub mod control_plane;
 pub mod demand;
 pub mod detect;
@@ -55,6 +60,7 @@ pub mod hashring;
 pub mod health;
 pub mod identity;
 pub mod iptables;
+pub mod issuer;
 pub mod listeners;
 pub mod metrics;
 pub mod opaque;
@@ -62,6 +68,7 @@ pub mod outlier;
 pub mod p2c;
 pub mod pathmatch;
 pub mod phases;
+pub mod pool;
 pub mod ratelimit;
 pub mod resolve;
 pub mod respond;

@@ -100,7 +100,7 @@ struct Args {
     ca_pem: Option<String>,
     /// Get this workload's certificate (mTLS, docs/mtls.md) from the control plane's
     /// CA, with the --token-file token, and renew it before it expires.
-    #[arg(long, requires = "control_plane")]
+    #[arg(long, requires = "control_plane", conflicts_with = "identity_cert")]
     identity_from_control_plane: bool,
     /// The identity to ask for (spiffe://TD/ns/NS/sa/SA); only a control plane with
     /// --static-token-identities heeds it (tests, development), others take the
@@ -203,6 +203,24 @@ struct Args {
     /// policy loads, still uses).
     #[arg(long, value_name = "ADDR")]
     dns_server: Option<SocketAddr>,
+    /// This proxy's workload identity for mTLS with other Sluice proxies: its
+    /// certificate chain (PEM, leaf first; the leaf names a
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` URI). Re-read when it changes.
+    /// Needs `--identity-key` and `--trust-roots`.
+    #[arg(long, value_name = "PATH", requires_all = ["identity_key", "trust_roots"])]
+    identity_cert: Option<PathBuf>,
+    /// The private key of `--identity-cert` (PEM).
+    #[arg(long, value_name = "PATH", requires = "identity_cert")]
+    identity_key: Option<PathBuf>,
+    /// The roots peers' certificates must chain to (PEM; several during a root
+    /// rotation).
+    #[arg(long, value_name = "PATH", requires = "identity_cert")]
+    trust_roots: Option<PathBuf>,
+    /// What an inbound listener does with plaintext callers when their policy
+    /// does not say (`spec.mtls.mode`): `permissive` serves them beside mTLS
+    /// ones, `strict` refuses them.
+    #[arg(long, value_enum, default_value_t = MtlsArg::Permissive)]
+    mtls_mode: MtlsArg,
     /// What the operational log (JSON lines on stderr) writes, in RUST_LOG syntax:
     /// `warn`, or `info,sluice_proxy=debug`.
     #[arg(
@@ -213,6 +231,24 @@ struct Args {
         value_parser = sluice_logging::parse_filter
     )]
     log_level: sluice_logging::LogFilter,
+}
+
+/// How often the identity files are checked for a renewal (a stat of each).
+const IDENTITY_FILES_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MtlsArg {
+    Strict,
+    Permissive,
+}
+
+impl MtlsArg {
+    fn mode(self) -> sluice_policy::MtlsMode {
+        match self {
+            MtlsArg::Strict => sluice_policy::MtlsMode::Strict,
+            MtlsArg::Permissive => sluice_policy::MtlsMode::Permissive,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -404,6 +440,29 @@ fn main() -> ExitCode {
         }
     };
 
+    // The identity files must load at start (like a bad flag, a broken set is
+    // fixed before the proxy runs); later changes are picked up by `identity-files`.
+    let identity_files = match (&args.identity_cert, &args.identity_key, &args.trust_roots) {
+        (Some(cert), Some(key), Some(roots)) => {
+            let files = sluice_proxy::identity::files::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                roots: roots.clone(),
+            };
+            match files.load(&shared.identity) {
+                Ok(active) => {
+                    tracing::info!(identity = %active.identity, "workload identity loaded")
+                }
+                Err(e) => {
+                    eprintln!("sluice-proxy: --identity-cert: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            }
+            Some(files)
+        }
+        _ => None,
+    };
+
     // An invalid policy at start is logged and leaves /ready at 503 until a valid
     // one arrives: the pod gets no traffic, and fixing the source recovers it.
     let mut _watcher = None;
@@ -498,6 +557,7 @@ fn main() -> ExitCode {
             inbound_policy: None,
             inbound_app: None,
             own_ports: own_ports.clone(),
+            mtls_default: args.mtls_mode.mode(),
         },
         transparent: args.transparent,
         detect: detect.clone(),
@@ -521,6 +581,7 @@ fn main() -> ExitCode {
                 inbound_policy: args.inbound_policy.clone(),
                 inbound_app: args.app,
                 own_ports,
+                mtls_default: args.mtls_mode.mode(),
             },
             transparent: args.transparent,
             detect,
@@ -550,6 +611,27 @@ fn main() -> ExitCode {
             job: move || log.access_log.flush(),
         },
     ));
+    if let Some(files) = identity_files {
+        let (tls, seen) = (Arc::clone(&shared), std::sync::Mutex::new(files.stamp()));
+        server.add_service(background_service(
+            "identity-files",
+            Every {
+                period: IDENTITY_FILES_EVERY,
+                job: move || {
+                    let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match files.reload_if_changed(&tls.identity, &mut seen) {
+                        Some(Ok(active)) => {
+                            tracing::info!(identity = %active.identity, "workload identity renewed")
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "workload identity files do not load; keeping the current identity")
+                        }
+                        None => {}
+                    }
+                },
+            },
+        ));
+    }
     let checks = Arc::clone(&shared);
     server.add_service(background_service(
         "health-checks",
@@ -586,21 +668,18 @@ fn main() -> ExitCode {
             },
         ));
     }
-    // The workload's certificate, kept fresh; the TLS transport serves with it.
-    let identity = Arc::new(arc_swap::ArcSwapOption::<
-        sluice_proxy::identity::credentials::Credentials,
-    >::empty());
+    // The workload's certificate from the control plane's CA, kept fresh.
     if let (true, Some(source)) = (args.identity_from_control_plane, &control_plane) {
         server.add_service(background_service(
             "identity",
-            sluice_proxy::identity::issuer::RenewIdentity {
-                renewal: sluice_proxy::identity::issuer::Renewal {
+            sluice_proxy::issuer::RenewIdentity {
+                renewal: sluice_proxy::issuer::Renewal {
                     url: source.url.clone(),
                     ca: source.ca.clone(),
                     token_file: source.token_file.clone(),
                     requested: args.identity_request.clone(),
                 },
-                current: Arc::clone(&identity),
+                tls: Arc::clone(&shared.identity),
             },
         ));
     }

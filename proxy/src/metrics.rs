@@ -41,6 +41,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    /// Requests an inbound policy refused: mTLS required, or its authorization.
+    pub authz_denied: IntCounterVec,
     pub rate_limit_keys: IntGaugeVec,
     pub rate_limit_overflow: IntCounterVec,
     pub upstream_requests: IntCounterVec,
@@ -140,6 +142,12 @@ impl Metrics {
                 r,
                 "sluice_rate_limited_total",
                 "Requests over a route's rate limit; mode=shadow ones were let through.",
+                &["policy", "route", "mode"],
+            )?,
+            authz_denied: counter(
+                r,
+                "sluice_authz_denied_total",
+                "Requests an inbound policy refused (a plaintext caller under mTLS strict, or its authorization); mode=shadow ones were let through.",
                 &["policy", "route", "mode"],
             )?,
             rate_limit_keys: gauge(
@@ -355,6 +363,7 @@ impl Metrics {
         for counters in [
             &self.requests,
             &self.rate_limited,
+            &self.authz_denied,
             &self.rate_limit_overflow,
             &self.breaker_transitions,
             &self.breaker_rejected,

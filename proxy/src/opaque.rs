@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::accesslog::{TcpRecord, Timestamp};
+use crate::conn::Conn;
 use crate::detect::{sniff, Detection, Protocol, Sniffed};
 use crate::exchange::{Direction, Side};
 use crate::runtime::{PolicyRuntime, Runtime};
@@ -50,31 +51,71 @@ use crate::tcplimit::{Refused, TcpPermit};
 
 /// What the listener goes on with after [`sort`]: an HTTP connection and the
 /// bytes already read from it (`None`: the connection was taken, or is gone).
-pub type ForHttp = Option<(TcpStream, BytesMut)>;
+pub type ForHttp = Option<(Conn, BytesMut)>;
+
+/// Longest wait for a meshed caller's TLS handshake to complete.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first byte of a TLS record carrying a handshake message (a ClientHello
+/// opens every TLS connection with one); no HTTP/1 method or HTTP/2 preface
+/// starts with it.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Sorts a new connection of a listener: with `detection` (transparent listeners),
 /// one whose destination port is listed opaque, or whose first bytes are neither
 /// HTTP/1 nor the HTTP/2 preface, is proxied here as opaque TCP and `None` is
 /// returned once it is done; HTTP goes back to the caller with what was read.
 /// Without `detection`, every connection is HTTP (nothing is read).
+///
+/// Before that, on inbound listeners of a proxy that has a workload identity, a
+/// connection that opens with a TLS handshake record is a meshed caller: its mTLS
+/// handshake is completed here (waiting at most `wait` for its first byte) and the
+/// decrypted connection, with the caller's verified identity, is HTTP. Ports
+/// listed opaque are not looked at (an app's own TLS goes through untouched).
 pub async fn sort(
     shared: &Arc<Shared>,
     side: &Side,
     detection: Option<&Detection>,
     mut stream: TcpStream,
     original_dst: Option<SocketAddr>,
+    wait: Duration,
 ) -> ForHttp {
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let Some(detection) = detection else {
-        return Some((stream, buf));
+    let listed = match (detection, original_dst) {
+        (Some(d), Some(dst)) => d.opaque_ports.contains(&dst.port()),
+        _ => false,
     };
-    let listed = original_dst.is_some_and(|d| detection.opaque_ports.contains(&d.port()));
     let detected = |result: &str| {
         shared
             .metrics
             .protocol_detections
             .with_label_values(&[side.direction.as_str(), result])
             .inc();
+    };
+    if side.direction == Direction::Inbound && !listed {
+        if let Some(identity) = shared.identity.current() {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+                Ok(Ok(0) | Err(_)) => return None,
+                Ok(Ok(_)) if first[0] == TLS_HANDSHAKE => {
+                    detected("mtls");
+                    let accepted =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, identity.accept(stream)).await;
+                    return match accepted {
+                        Ok(Ok((tls, peer))) => Conn::server(tls, peer).ok().map(|c| (c, buf)),
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "mTLS handshake refused");
+                            None
+                        }
+                        Err(_) => None,
+                    };
+                }
+                // Plaintext, or a silent client (a server that speaks first).
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+    }
+    let Some(detection) = detection else {
+        return Some((Conn::Tcp(stream), buf));
     };
     if listed {
         detected("opaque_port");
@@ -83,7 +124,9 @@ pub async fn sort(
         detected(sniffed.as_str());
         match sniffed {
             Sniffed::Closed => return None,
-            Sniffed::Protocol(Protocol::Http1 | Protocol::Http2) => return Some((stream, buf)),
+            Sniffed::Protocol(Protocol::Http1 | Protocol::Http2) => {
+                return Some((Conn::Tcp(stream), buf))
+            }
             Sniffed::Protocol(Protocol::Opaque) | Sniffed::Silent => {}
         }
     }

@@ -149,6 +149,34 @@ impl Request for Session {
     fn body_truncated(&self) -> bool {
         self.retry_buffer_truncated()
     }
+
+    fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
+        front::peer_identity(self.downstream_session.stream())
+    }
+}
+
+/// Dials a meshed peer for pingora: TCP, then mTLS checking its identity.
+#[derive(Debug)]
+struct MeshConnect {
+    identity: Arc<crate::identity::tls::Tls>,
+    expected: Arc<str>,
+    limit: std::time::Duration,
+}
+
+#[async_trait]
+impl pingora::connectors::L4Connect for MeshConnect {
+    async fn connect(
+        &self,
+        addr: &pingora::protocols::l4::socket::SocketAddr,
+    ) -> Result<pingora::protocols::l4::stream::Stream> {
+        let Some(addr) = addr.as_inet() else {
+            return Err(Error::new(ErrorType::ConnectError));
+        };
+        crate::conn::dial(*addr, Some(&self.expected), &self.identity, self.limit)
+            .await
+            .map(crate::conn::Conn::into_pingora)
+            .map_err(Error::new)
+    }
 }
 
 /// The destination an iptables-redirected connection was really for (pingora reads
@@ -324,6 +352,18 @@ impl ProxyHttp for SluiceProxy {
         if peer.h2c {
             http.options.set_http_version(2, 2);
             http.options.max_h2_streams = 100;
+        }
+        if let Some(expected) = &peer.tls {
+            // mTLS to a meshed peer, by Sluice's own connector (pingora is built
+            // without TLS; its pool keeps connections per SNI, which is otherwise
+            // unused here, so a connection verified as one workload serves only
+            // attempts that expect that workload).
+            http.sni = expected.to_string();
+            http.options.custom_l4 = Some(Arc::new(MeshConnect {
+                identity: Arc::clone(&self.shared.identity),
+                expected: Arc::clone(expected),
+                limit: peer.connect_timeout,
+            }));
         }
         Ok(Box::new(http))
     }

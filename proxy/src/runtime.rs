@@ -17,6 +17,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use sluice_policy::{Backend, FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
 
+use crate::authz::Access;
 use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
 use crate::concurrency::ConcurrencyLimiter;
@@ -69,6 +70,8 @@ pub struct PolicyRuntime {
     /// `spec.tcp`: the limits on its opaque TCP connections, carried while the
     /// rule is unchanged (open connections keep their slots across a reload).
     pub tcp: Option<Arc<TcpLimiter>>,
+    /// `spec.mtls` and `spec.authorization`, for its inbound requests.
+    pub access: Arc<Access>,
 }
 
 impl PolicyRuntime {
@@ -458,6 +461,7 @@ fn compile_policy(
         route_endpoints,
         series,
         tcp,
+        access: Arc::new(Access::new(policy)),
     })
 }
 

@@ -182,6 +182,7 @@ mod tests {
             weight: 1,
             protocol: sluice_policy::Protocol::Http1,
             service: Some(service),
+            tls: None,
         }
     }
 

@@ -41,6 +41,9 @@ pub struct Shared {
     /// Policies discovered on demand (`--control-plane` without
     /// `--all-policies`): set once at start, before any listener serves.
     pub demand: std::sync::OnceLock<Demand>,
+    /// This proxy's workload identity (mTLS between proxies): none until
+    /// credentials are installed (files, or the control plane's CA).
+    pub identity: Arc<crate::identity::tls::Tls>,
 }
 
 impl Shared {
@@ -60,6 +63,7 @@ impl Shared {
             globals: GlobalLimits::new(redis),
             services: ArcSwap::from_pointee(ServiceSets::default()),
             demand: std::sync::OnceLock::new(),
+            identity: Arc::default(),
         })
     }
 }

@@ -192,14 +192,21 @@ pub fn health_checks(shared: &Arc<Shared>) {
             let (runtime, shared, rule) = (Arc::clone(&runtime), Arc::clone(shared), rule.clone());
             let host = target.label.clone();
             let h2c = target.protocol == sluice_policy::Protocol::H2c;
+            let to = crate::health::probe::Dial {
+                addr,
+                tls: target
+                    .identity
+                    .clone()
+                    .map(|id| (id, Arc::clone(&shared.identity))),
+            };
             tokio::spawn(async move {
                 use crate::health::probe::{probe, probe_h2};
                 let ok = match (&rule.grpc, h2c) {
                     (Some(service), _) => {
-                        probe_h2(addr, &host, "", Some(service), rule.timeout).await
+                        probe_h2(to, &host, "", Some(service), rule.timeout).await
                     }
-                    (None, true) => probe_h2(addr, &host, &rule.path, None, rule.timeout).await,
-                    (None, false) => probe(addr, &host, &rule.path, rule.timeout).await,
+                    (None, true) => probe_h2(to, &host, &rule.path, None, rule.timeout).await,
+                    (None, false) => probe(to, &host, &rule.path, rule.timeout).await,
                 };
                 let Some(policy) = runtime.policies.get(p) else {
                     return;

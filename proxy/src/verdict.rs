@@ -15,11 +15,13 @@ pub enum Verdict {
     NotReady,
     /// Transparent outbound traffic no policy claims, forwarded untouched.
     Passthrough,
+    /// Refused by an inbound policy's mTLS mode or authorization (403).
+    Unauthorized,
 }
 
 impl Verdict {
     /// How many verdicts there are (for per-route counter caches).
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -32,6 +34,7 @@ impl Verdict {
             Verdict::NoRoute => "no_route",
             Verdict::NotReady => "not_ready",
             Verdict::Passthrough => "passthrough",
+            Verdict::Unauthorized => "unauthorized",
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use sluice_control_plane::ca::CaConfig;
 use sluice_control_plane::serve::{start, Running, ServeConfig};
 use sluice_proxy::control_plane::Ca;
-use sluice_proxy::identity::issuer::{certify_at, IssueError, Renewal};
+use sluice_proxy::issuer::{certify_at, IssueError, Renewal};
 
 const ID: &str = "spiffe://cluster.local/ns/dev/sa/tester";
 

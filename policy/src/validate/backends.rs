@@ -100,6 +100,10 @@ fn backend(c: &mut Checker, at: &str, b: &BackendSpec, namespace: Option<&str>) 
             Some(ProtocolSpec::H2c) => Protocol::H2c,
         },
         service,
+        tls: b
+            .tls
+            .as_ref()
+            .map(|t| super::access::backend_tls(c, &format!("{at}.tls"), t)),
     };
     (backend, target_ok)
 }

@@ -141,6 +141,11 @@ impl Endpoints {
         let mut targets = Vec::new();
         let mut weights = Vec::new();
         for (index, (backend, set)) in rule.backends.iter().zip(&resolved).enumerate() {
+            // The one place an endpoint's expected identity is decided: a
+            // member's own (the control plane's endpoints: its pod's service
+            // account) goes first, else the backend's `tls.identity`.
+            let backend_identity: Option<Arc<str>> =
+                backend.tls.as_ref().map(|t| Arc::from(t.identity.as_str()));
             let ready = set.draining.iter().filter(|d| !**d).count();
             let over = if ready > 0 { ready } else { set.addrs.len() };
             let weight = split(backend.weight, over, scale);
@@ -151,8 +156,7 @@ impl Endpoints {
                     label: set.label.clone(),
                     addr: *addr,
                     protocol: backend.protocol,
-                    // The pod's own identity (the control plane's endpoints).
-                    identity: identity.clone(),
+                    identity: identity.clone().or_else(|| backend_identity.clone()),
                     draining: *draining,
                     upstream: Arc::clone(&set.upstream),
                 });

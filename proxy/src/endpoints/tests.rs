@@ -11,6 +11,7 @@ fn backend(port: u16, weight: u32) -> Backend {
         weight,
         protocol: Protocol::Http1,
         service: None,
+        tls: None,
     }
 }
 

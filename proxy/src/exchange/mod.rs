@@ -14,8 +14,9 @@
 //!                                  Finished{status} ──► settle breaker, limiter, balancer; metrics; access log
 //! ```
 //!
-//! Governance order, cheapest refusal first: rate limit (local, then global),
-//! circuit breaker, concurrency limit. A refusal is answered by the route's fallback
+//! An inbound policy first decides who may call (`authz.rs`: its mTLS mode, then
+//! its authorization; 403 or gRPC `PERMISSION_DENIED`). Then governance, cheapest
+//! refusal first: rate limit (local, then global), circuit breaker, concurrency limit. A refusal is answered by the route's fallback
 //! when its `on` lists the cause, else 429/503. In shadow mode nothing is refused:
 //! what would have happened is counted (`mode="shadow"`) and logged as
 //! `shadow_decision`.
@@ -27,6 +28,7 @@
 //! latest, whatever order events come in.
 
 mod attempts;
+mod authz;
 mod govern;
 pub mod grpc;
 mod observe;
@@ -39,7 +41,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_policy::{FallbackCause, GrpcCode, Key};
+use sluice_policy::{FallbackCause, GrpcCode, Key, MtlsMode};
 
 use crate::breaker::Admission;
 use crate::endpoints::Endpoints;
@@ -89,6 +91,9 @@ pub struct Side {
     /// port, where it would reach the proxy itself (the loopback-only admin
     /// listener's `/config_dump` among it) from outside the pod.
     pub own_ports: Vec<u16>,
+    /// The mesh-wide mTLS mode (`--mtls-mode`): what an inbound policy without
+    /// `spec.mtls` gets. Only inbound requests are judged by it.
+    pub mtls_default: MtlsMode,
 }
 
 impl Side {
@@ -528,7 +533,9 @@ impl<O: Observe> Exchange<O> {
             }
             return Some(Reply::no_policy(side.inbound_policy.as_deref(), req.host()));
         }
-        None
+        // Before any engine hand-off and any governance: a caller refused here
+        // spends no rate-limit token, breaker probe or concurrency slot.
+        self.authorize(req, side)
     }
 
     /// After routing: passthrough, 404s, then governance and the first attempt.

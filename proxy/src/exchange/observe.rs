@@ -76,6 +76,9 @@ pub trait Observe {
     /// A `traceparent` for a request that came without one.
     fn new_traceparent(&self) -> String;
     fn rate_limited(&self, route: &RouteRuntime);
+    /// An inbound policy refused the caller (mTLS required, or authorization);
+    /// in `route.mode` (shadow: let through).
+    fn unauthorized(&self, route: &RouteRuntime);
     fn breaker_rejected(&self, route: &RouteRuntime);
     fn breaker_changed(&self, route: &RouteRuntime, t: Transition);
     fn shed(&self, route: &RouteRuntime, class: &str);
@@ -140,6 +143,16 @@ impl Observe for Arc<Shared> {
             route.mode.as_str(),
         ];
         self.metrics.rate_limited.with_label_values(&labels).inc();
+    }
+
+    fn unauthorized(&self, route: &RouteRuntime) {
+        self.route_used(route);
+        let labels = [
+            route.policy.as_str(),
+            route.name.as_str(),
+            route.mode.as_str(),
+        ];
+        self.metrics.authz_denied.with_label_values(&labels).inc();
     }
 
     fn breaker_rejected(&self, route: &RouteRuntime) {
@@ -294,6 +307,7 @@ impl Observe for Arc<Shared> {
                 attempts: r.attempts,
                 policy_version: r.policy_version,
                 direction: r.direction.as_str(),
+                peer: r.req.peer_identity().map(|p| &*p.id),
             });
         }
     }

@@ -82,6 +82,19 @@ impl Reply {
         Reply::text(404, Vec::new(), body)
     }
 
+    /// A plaintext caller under `mtls.mode: strict`.
+    pub(super) fn mtls_required(policy: &str) -> Reply {
+        let body = format!("sluice: mTLS required by policy {policy:?}\n");
+        Reply::text(403, Vec::new(), body).with_grpc(GrpcCode::PermissionDenied)
+    }
+
+    /// A caller no rule of the policy's authorization allows (rules only allow, so
+    /// a denial is always the default's).
+    pub(super) fn unauthorized(policy: &str) -> Reply {
+        let body = format!("sluice: denied by authorization of policy {policy:?} (default deny)\n");
+        Reply::text(403, Vec::new(), body).with_grpc(GrpcCode::PermissionDenied)
+    }
+
     pub(super) fn rate_limited(
         policy: &str,
         route: &str,

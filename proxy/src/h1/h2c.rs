@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
 
 use super::upstream::unless_client_leaves;
 use super::{
@@ -113,9 +112,8 @@ impl Engine {
         // Requests already read behind this one: the client means to stay.
         let watch = client.buf.is_empty();
         let sent = {
-            let (client_reader, _) = client.stream.split();
             let sending = backends.send(client.thread, peer, request, body.clone());
-            unless_client_leaves(sending, watch, &client_reader).await
+            unless_client_leaves(sending, watch, client.stream.tcp()).await
         };
         let response = match sent {
             None => {
@@ -217,7 +215,7 @@ impl Engine {
                     }
                     more = !response.is_end_stream();
                     if more {
-                        client_ok = client.stream.write_all(out).await.is_ok();
+                        client_ok = client.stream.send(out).await.is_ok();
                         written_any = true;
                         out.clear();
                         if !client_ok {
@@ -247,7 +245,7 @@ impl Engine {
             if chunked {
                 out.extend_from_slice(b"0\r\n\r\n");
             }
-            client_ok = client.stream.write_all(out).await.is_ok();
+            client_ok = client.stream.send(out).await.is_ok();
         }
         exchange.on(req, Instant::now(), finished(status, !client_ok));
         H2cStep::Done(if client_ok && keep_alive {

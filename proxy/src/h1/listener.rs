@@ -11,9 +11,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::net::TcpListener;
 
-use super::pool::Pool;
 use super::Engine;
 use crate::phases::SluiceProxy;
+use crate::pool::Pool;
 
 /// How often idle upstream connections are checked for expiry and closure.
 const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -41,14 +41,17 @@ impl Listener {
         idle_timeout: Duration,
         fast_path: bool,
     ) -> Self {
-        // The h2 engine takes the preface with `--h2c`, and on transparent
-        // listeners always (intercepted clients speak what they speak).
-        let h2 = (fast_path && (pingora_h2c.is_some() || flow.transparent))
+        // The h2 engine takes the preface with `--h2c`, on transparent listeners
+        // always (intercepted clients speak what they speak), and on inbound ones
+        // (a meshed caller speaks HTTP/2 inside mTLS when its backend does).
+        let inbound = flow.side.direction == crate::exchange::Direction::Inbound;
+        let h2 = (fast_path && (pingora_h2c.is_some() || flow.transparent || inbound))
             .then(|| crate::h2::Engine::new(flow.clone(), idle_timeout));
         Listener {
             inner: Arc::new(Engine {
                 h2,
-                h2c: fast_path.then(crate::h2::H2Backends::default),
+                h2c: fast_path
+                    .then(|| crate::h2::H2Backends::new(Arc::clone(&flow.shared.identity))),
                 flow,
                 listen: socket.addr,
                 pingora: Arc::new(pingora),

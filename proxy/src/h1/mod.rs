@@ -28,7 +28,6 @@ mod h2c;
 mod listener;
 mod proxying;
 pub use listener::Listener;
-pub mod pool;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
@@ -42,14 +41,15 @@ use bytes::{Bytes, BytesMut};
 use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::conn::Conn;
 use crate::exchange::{Action, Exchange, Request};
 use crate::front;
 use crate::phases::SluiceProxy;
+use crate::pool::Pool;
 use crate::shared::Shared;
-use pool::Pool;
 use sluice_h1::{Body, ChunkedDecoder, Form, Refusal, RequestHead};
 
 /// Request bodies up to this size are read whole on the fast path; larger ones go
@@ -85,6 +85,9 @@ struct Engine {
 struct FastRequest<'a> {
     head: &'a RequestHead,
     client_ip: IpAddr,
+    /// The caller's verified identity (mTLS); a clone, since the client's
+    /// connection is borrowed mutably while the request is served.
+    peer_identity: Option<crate::identity::PeerIdentity>,
 }
 
 impl Request for FastRequest<'_> {
@@ -112,11 +115,15 @@ impl Request for FastRequest<'_> {
     fn body_truncated(&self) -> bool {
         false
     }
+
+    fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
+        self.peer_identity.as_ref()
+    }
 }
 
 /// The client side of a connection.
 struct Client {
-    stream: TcpStream,
+    stream: Conn,
     peer: SocketAddr,
     /// Bytes received and not yet used (pipelined requests stay here).
     buf: BytesMut,
@@ -191,9 +198,10 @@ impl Engine {
         // Transparent listeners: opaque TCP is proxied there and never comes back.
         let detect = self.flow.detect.as_ref();
         let side = &self.flow.side;
-        let Some((stream, buf)) =
-            crate::opaque::sort(&self.flow.shared, side, detect, stream, original_dst).await
-        else {
+        let wait = detect.map_or(self.idle_timeout, |d| d.timeout);
+        let sorted =
+            crate::opaque::sort(&self.flow.shared, side, detect, stream, original_dst, wait).await;
+        let Some((stream, buf)) = sorted else {
             return;
         };
         let mut client = Client {
@@ -209,7 +217,8 @@ impl Engine {
             idle_timeout: self.idle_timeout,
             last_active: Instant::now(),
         };
-        if self.h2.is_some() || self.pingora_h2c.is_some() {
+        // Inside mTLS, a meshed caller speaks HTTP/2 whenever its backend does.
+        if self.h2.is_some() || self.pingora_h2c.is_some() || client.stream.is_tls() {
             match client.starts_with_preface().await {
                 Some(true) => return self.serve_h2(client).await,
                 Some(false) => {}
@@ -331,6 +340,7 @@ impl Engine {
         let req = FastRequest {
             head,
             client_ip: client.peer.ip(),
+            peer_identity: client.stream.peer_identity().cloned(),
         };
         let mut exchange = self.flow.exchange(Instant::now());
         client.last_active = exchange.start();
@@ -410,7 +420,7 @@ impl Engine {
             true,
         );
         out.extend_from_slice(body.as_bytes());
-        let _ = client.stream.write_all(&out).await;
+        let _ = client.stream.send(&out).await;
         Served::Close
     }
 }
@@ -506,12 +516,15 @@ async fn hand_off(client: Client, app: &Arc<HttpProxy<SluiceProxy>>, front: bool
         shutdown,
         ..
     } = client;
-    let mut stream: pingora::protocols::l4::stream::Stream = stream.into();
-    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let fd = stream.tcp().as_raw_fd();
+    let peer_identity = stream.peer_identity().cloned();
+    let mut stream = stream.into_pingora();
+    // From the socket itself: a TLS connection is a virtual stream to pingora.
+    let digest = SocketDigest::from_raw_fd(fd);
     let _ = digest.peer_addr.set(Some(peer.into()));
     stream.set_socket_digest(digest);
     let stream: pingora::protocols::Stream = if front {
-        let front = front::Front::new(stream, &buf);
+        let front = front::Front::new(stream, &buf).with_peer_identity(peer_identity);
         match handed {
             Some(exchange) => Box::new(front.with_exchange(exchange)),
             None => Box::new(front),

@@ -2,14 +2,11 @@
 //! on pooled or new upstream connections), the response relayed, or the proxy's
 //! own answer written; the request settled either way.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use sluice_h1::{Framing, ResponseHead};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::h2c::H2cStep;
 use super::upstream::{
@@ -18,8 +15,8 @@ use super::upstream::{
 use super::{
     push_governance_fields, push_header, write_reply_head, Client, Engine, FastRequest, Served,
 };
-use crate::exchange::{Action, Event, Exchange, Reply, Request, MAX_ATTEMPTS};
-use crate::h2::connect;
+use crate::conn::{dial, Conn};
+use crate::exchange::{Action, Event, Exchange, Peer, Reply, Request, MAX_ATTEMPTS};
 use crate::shared::Shared;
 
 impl Engine {
@@ -46,7 +43,7 @@ impl Engine {
         if req.method() != "HEAD" {
             out.extend_from_slice(&reply.body);
         }
-        let written = client.stream.write_all(out).await.is_ok();
+        let written = client.stream.send(out).await.is_ok();
         let finished = Event::Finished {
             status: reply.status,
             failed: !written,
@@ -105,11 +102,18 @@ impl Engine {
             // A connection: pooled (unless a stale one just broke), else new.
             let pooled = match peer.fresh {
                 true => None,
-                false => self.pool.take(client.thread, peer.addr),
+                false => self.pool.take(client.thread, peer.addr, peer.tls.as_ref()),
             };
             let (mut upstream, reused) = match pooled {
                 Some(s) => (s, true),
-                None => match connect(peer.addr, peer.connect_timeout).await {
+                None => match dial(
+                    peer.addr,
+                    peer.tls.as_ref(),
+                    &self.flow.shared.identity,
+                    peer.connect_timeout,
+                )
+                .await
+                {
                     Ok(s) => (s, false),
                     Err(kind) => {
                         let failed = Event::ConnectFailed {
@@ -135,7 +139,7 @@ impl Engine {
             let watch = client.buf.is_empty();
             let (client_reader, mut client_writer) = client.stream.split();
             let attempt = async {
-                within(peer.io_timeout, upstream.write_all(out)).await?;
+                within(peer.io_timeout, upstream.send(out)).await?;
                 read_response_head(
                     &mut upstream,
                     ubuf,
@@ -145,7 +149,7 @@ impl Engine {
                 )
                 .await
             };
-            let response = match unless_client_leaves(attempt, watch, &client_reader).await {
+            let response = match unless_client_leaves(attempt, watch, client_reader).await {
                 None => {
                     // As nginx (499) and Envoy (downstream reset): the backend's
                     // answer would go nowhere; its connection is dropped mid-exchange.
@@ -180,15 +184,7 @@ impl Engine {
             if let Action::Relay = action {
                 return self
                     .relay(
-                        client,
-                        req,
-                        exchange,
-                        upstream,
-                        (peer.addr, peer.io_timeout),
-                        response,
-                        ubuf,
-                        keep_alive,
-                        out,
+                        client, req, exchange, upstream, &peer, response, ubuf, keep_alive, out,
                     )
                     .await;
             }
@@ -214,8 +210,8 @@ impl Engine {
         client: &mut Client,
         req: &FastRequest<'_>,
         mut exchange: Exchange<Arc<Shared>>,
-        mut upstream: TcpStream,
-        (addr, io_timeout): (SocketAddr, Option<Duration>),
+        mut upstream: Conn,
+        peer: &Peer,
         response: ResponseHead,
         ubuf: &mut BytesMut,
         keep_alive: bool,
@@ -240,7 +236,7 @@ impl Engine {
             &mut client.stream,
             response.framing,
             out,
-            io_timeout,
+            peer.io_timeout,
         )
         .await;
         let (upstream_ok, client_ok) = match result {
@@ -258,7 +254,8 @@ impl Engine {
             }
         };
         if upstream_ok && !response.close && ubuf.is_empty() {
-            self.pool.put(client.thread, addr, upstream);
+            self.pool
+                .put(client.thread, peer.addr, peer.tls.as_ref(), upstream);
         }
         let finished = Event::Finished {
             status,

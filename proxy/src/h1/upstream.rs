@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use pingora::ErrorType;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+
+use crate::conn::{Conn, Writer};
 
 use sluice_h1::{parse_response, ChunkedDecoder, Framing, ResponseHead};
 
@@ -47,7 +48,7 @@ pub(super) async fn within<T>(
 
 /// Reads more into `buf`; EOF is [`Broken::Closed`].
 pub(super) async fn fill(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     buf: &mut BytesMut,
     limit: Option<Duration>,
 ) -> Result<(), Broken> {
@@ -73,7 +74,7 @@ pub(super) const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(100);
 pub(super) async fn unless_client_leaves<T>(
     exchange: impl std::future::Future<Output = T>,
     watch: bool,
-    client: &ReadHalf<'_>,
+    client: &TcpStream,
 ) -> Option<T> {
     if !watch {
         return Some(exchange.await);
@@ -94,9 +95,9 @@ pub(super) async fn unless_client_leaves<T>(
 /// Resolves when the client has closed or reset its connection. A client that
 /// sends more (a pipelined request) is not watched further: its bytes stay in the
 /// socket for the next request, and a close after them is noticed at the write.
-pub(super) async fn client_gone(client: &ReadHalf<'_>) {
+pub(super) async fn client_gone(client: &TcpStream) {
     let mut probe = [0u8; 1];
-    match client.as_ref().peek(&mut probe).await {
+    match client.peek(&mut probe).await {
         Ok(0) | Err(_) => {}
         Ok(_) => std::future::pending().await,
     }
@@ -104,11 +105,11 @@ pub(super) async fn client_gone(client: &ReadHalf<'_>) {
 
 /// Reads a response head into `buf`, passing interim (1xx) responses on to the client.
 pub(super) async fn read_response_head(
-    upstream: &mut TcpStream,
+    upstream: &mut Conn,
     buf: &mut BytesMut,
     head_request: bool,
     limit: Option<Duration>,
-    client: &mut WriteHalf<'_>,
+    client: &mut Writer<'_>,
 ) -> Result<ResponseHead, Broken> {
     loop {
         fill(upstream, buf, limit).await?;
@@ -119,7 +120,7 @@ pub(super) async fn read_response_head(
                     let mut interim = Vec::with_capacity(head.len);
                     head.write_relayed(buf, &mut interim);
                     interim.extend_from_slice(b"\r\n");
-                    client.write_all(&interim).await.map_err(|_| Broken::Io)?;
+                    client.send(&interim).await.map_err(|_| Broken::Io)?;
                     bytes::Buf::advance(buf, head.len);
                 }
                 Ok(Some(head)) if head.status == 101 => return Err(Broken::BadResponse),
@@ -144,29 +145,26 @@ pub(super) enum Relay {
 /// `buf`/`upstream` to `client`. On success the body was relayed whole and `buf`
 /// holds whatever the backend sent beyond it.
 pub(super) async fn relay_body(
-    upstream: &mut TcpStream,
+    upstream: &mut Conn,
     buf: &mut BytesMut,
-    client: &mut TcpStream,
+    client: &mut Conn,
     framing: Framing,
     prefix: &mut Vec<u8>,
     limit: Option<Duration>,
 ) -> Result<(), Relay> {
     match framing {
-        Framing::Empty => client.write_all(prefix).await.map_err(|_| Relay::Client),
+        Framing::Empty => client.send(prefix).await.map_err(|_| Relay::Client),
         Framing::Length(total) => {
             let mut left = total;
             let take = left.min(buf.len() as u64) as usize;
             prefix.extend_from_slice(&buf[..take]);
             bytes::Buf::advance(buf, take);
             left -= take as u64;
-            client.write_all(prefix).await.map_err(|_| Relay::Client)?;
+            client.send(prefix).await.map_err(|_| Relay::Client)?;
             while left > 0 {
                 fill(upstream, buf, limit).await.map_err(Relay::Upstream)?;
                 let take = left.min(buf.len() as u64) as usize;
-                client
-                    .write_all(&buf[..take])
-                    .await
-                    .map_err(|_| Relay::Client)?;
+                client.send(&buf[..take]).await.map_err(|_| Relay::Client)?;
                 bytes::Buf::advance(buf, take);
                 left -= take as u64;
             }
@@ -184,10 +182,7 @@ pub(super) async fn relay_body(
                 let (n, done) = (progress.consumed, progress.done);
                 bytes::Buf::advance(buf, n);
                 if done || !pending.is_empty() {
-                    client
-                        .write_all(&pending)
-                        .await
-                        .map_err(|_| Relay::Client)?;
+                    client.send(&pending).await.map_err(|_| Relay::Client)?;
                     pending.clear();
                 }
                 if done {
@@ -198,10 +193,10 @@ pub(super) async fn relay_body(
             }
         }
         Framing::UntilClose => {
-            client.write_all(prefix).await.map_err(|_| Relay::Client)?;
+            client.send(prefix).await.map_err(|_| Relay::Client)?;
             loop {
                 if !buf.is_empty() {
-                    client.write_all(buf).await.map_err(|_| Relay::Client)?;
+                    client.send(buf).await.map_err(|_| Relay::Client)?;
                     buf.clear();
                 }
                 match fill(upstream, buf, limit).await {

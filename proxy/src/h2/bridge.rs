@@ -16,7 +16,6 @@ use super::upstream::{unprocessed, within, Lease, Upstreams};
 use crate::exchange::Peer;
 
 /// The h2c backends of one listener's h1 engine.
-#[derive(Default)]
 pub struct H2Backends {
     upstreams: Upstreams,
 }
@@ -77,6 +76,13 @@ impl H2Response {
 }
 
 impl H2Backends {
+    /// Connections made with `identity` to meshed backends.
+    pub fn new(identity: std::sync::Arc<crate::identity::tls::Tls>) -> Self {
+        H2Backends {
+            upstreams: Upstreams::new(identity),
+        }
+    }
+
     /// Drops closed and idle connections (run periodically).
     pub fn sweep(&self, now: std::time::Instant) {
         self.upstreams.sweep(now);

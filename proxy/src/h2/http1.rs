@@ -8,81 +8,25 @@
 //! Request trailers do not go to HTTP/1 backends (a chunked request could carry
 //! them, but few HTTP/1 servers read them); gRPC backends speak h2c.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::thread::ThreadId;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use fnv::FnvHashMap;
 use h2::server::SendResponse;
 use h2::SendStream;
 use pingora::ErrorType;
 use sluice_h1::{parse_response, ChunkedDecoder, Framing, ResponseHead};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
 use super::stream::{client_reset, send_data, Body, H2Request, Side};
 use super::translate::{translate, Dechunk};
-use super::upstream::{broken, connect, is_hop_by_hop, relayed_head, within, Upstreams};
+use super::upstream::{broken, is_hop_by_hop, relayed_head, within, Upstreams};
 use super::{events, Conn};
-use crate::exchange::{Action, Event, Exchange, Peer, UPSTREAM_IDLE_TIMEOUT};
+use crate::exchange::{Action, Event, Exchange, Peer};
 use crate::shared::Shared;
 
-/// The most idle HTTP/1 connections kept per worker thread and backend.
-pub const MAX_IDLE_PER_BACKEND: usize = 128;
 /// Request bytes gathered before a write to the backend.
 const WRITE_CHUNK: usize = 16 * 1024;
-
-/// A worker thread and a backend: a connection belongs to the runtime (thread)
-/// that opened it.
-type Key = (ThreadId, SocketAddr);
-
-/// Idle HTTP/1 connections to backends, oldest first, with when they went idle.
-#[derive(Default)]
-pub(super) struct Pool {
-    idle: Mutex<FnvHashMap<Key, Vec<(TcpStream, Instant)>>>,
-}
-
-/// Still open and silent (a backend that closed shows as readable); no system
-/// call when the reactor already knows.
-fn usable(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-impl Pool {
-    fn take(&self, thread: ThreadId, addr: SocketAddr) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&(thread, addr))?;
-        let now = Instant::now();
-        while let Some((stream, since)) = list.pop() {
-            if now.saturating_duration_since(since) < UPSTREAM_IDLE_TIMEOUT && usable(&stream) {
-                return Some(stream);
-            }
-        }
-        None
-    }
-
-    fn put(&self, thread: ThreadId, addr: SocketAddr, stream: TcpStream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry((thread, addr)).or_default();
-        if list.len() >= MAX_IDLE_PER_BACKEND {
-            list.remove(0);
-        }
-        list.push((stream, Instant::now()));
-    }
-
-    pub(super) fn sweep(&self, now: Instant) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        for list in idle.values_mut() {
-            list.retain(|(stream, since)| {
-                now.saturating_duration_since(*since) < UPSTREAM_IDLE_TIMEOUT && usable(stream)
-            });
-        }
-        idle.retain(|_, list| !list.is_empty());
-    }
-}
 
 /// Where an exchange with an HTTP/1 backend failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +49,7 @@ impl Broken {
 }
 
 async fn fill(
-    up: &mut TcpStream,
+    up: &mut crate::conn::Conn,
     buf: &mut BytesMut,
     limit: Option<Duration>,
 ) -> Result<(), Broken> {
@@ -181,7 +125,7 @@ fn write_head(
 
 /// Sends the request: head and body, in writes of up to [`WRITE_CHUNK`].
 async fn send_request(
-    up: &mut TcpStream,
+    up: &mut crate::conn::Conn,
     out: &mut Vec<u8>,
     body: &mut Body,
     chunked: bool,
@@ -209,11 +153,11 @@ async fn send_request(
 
 /// Writes out what `out` gathered, within the route's timeout, and empties it.
 async fn write_out(
-    up: &mut TcpStream,
+    up: &mut crate::conn::Conn,
     out: &mut Vec<u8>,
     limit: Option<Duration>,
 ) -> Result<(), Side> {
-    let written = matches!(within(limit, up.write_all(out)).await, Some(Ok(())));
+    let written = matches!(within(limit, up.send(out)).await, Some(Ok(())));
     out.clear();
     if written {
         Ok(())
@@ -225,7 +169,7 @@ async fn write_out(
 /// Reads the final response head into `buf` (interim 1xx answers are dropped:
 /// the client asked nothing of them over HTTP/2 that Sluice relays).
 async fn read_head(
-    up: &mut TcpStream,
+    up: &mut crate::conn::Conn,
     buf: &mut BytesMut,
     head_request: bool,
     limit: Option<Duration>,
@@ -251,7 +195,7 @@ async fn read_head(
 
 /// Relays the response body framed by `framing`; its trailers, if any.
 async fn relay_body(
-    up: &mut TcpStream,
+    up: &mut crate::conn::Conn,
     buf: &mut BytesMut,
     down: &mut SendStream<Bytes>,
     framing: Framing,
@@ -332,11 +276,18 @@ impl Upstreams {
     ) -> Option<Action> {
         let pooled = match peer.fresh {
             true => None,
-            false => self.http1.take(conn.thread, peer.addr),
+            false => self.http1.take(conn.thread, peer.addr, peer.tls.as_ref()),
         };
         let (mut up, reused) = match pooled {
             Some(s) => (s, true),
-            None => match connect(peer.addr, peer.connect_timeout).await {
+            None => match crate::conn::dial(
+                peer.addr,
+                peer.tls.as_ref(),
+                &self.identity,
+                peer.connect_timeout,
+            )
+            .await
+            {
                 Ok(s) => (s, false),
                 Err(kind) => {
                     let failed = Event::ConnectFailed {
@@ -420,7 +371,8 @@ impl Upstreams {
                     },
                 };
                 if !head.close && buf.is_empty() {
-                    self.http1.put(conn.thread, peer.addr, up);
+                    self.http1
+                        .put(conn.thread, peer.addr, peer.tls.as_ref(), up);
                 }
                 events::finished(status, !ended, grpc)
             }

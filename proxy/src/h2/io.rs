@@ -7,16 +7,17 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use crate::conn::Conn;
 
 /// A socket with bytes put back in front of it.
 pub(super) struct Rewound {
     prefix: BytesMut,
-    inner: TcpStream,
+    inner: Conn,
 }
 
 impl Rewound {
-    pub(super) fn new(inner: TcpStream, prefix: BytesMut) -> Self {
+    pub(super) fn new(inner: Conn, prefix: BytesMut) -> Self {
         Rewound { prefix, inner }
     }
 }

@@ -62,11 +62,10 @@ use bytes::BytesMut;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use pingora::server::ShutdownWatch;
-use tokio::net::TcpStream;
+use std::sync::Arc;
 
 use crate::phases::SluiceProxy;
 pub use bridge::{BodyBroken, H2Backends, H2Response, Sent};
-pub use upstream::connect;
 
 /// Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS), and
 /// streams whose work Sluice has in progress per connection.
@@ -111,16 +110,19 @@ struct Conn {
     thread: ThreadId,
     /// The `x-forwarded-for` value, formatted once.
     forwarded_for: http::HeaderValue,
+    /// The client's verified workload identity (mTLS).
+    peer_identity: Option<crate::identity::PeerIdentity>,
 }
 
 impl Engine {
     /// Serves `flow`'s requests over HTTP/2; a connection idle (no streams) for
     /// `idle_timeout` is closed.
     pub fn new(flow: SluiceProxy, idle_timeout: Duration) -> Self {
+        let identity = Arc::clone(&flow.shared.identity);
         Engine {
             flow,
             idle_timeout,
-            upstream: upstream::Upstreams::default(),
+            upstream: upstream::Upstreams::new(identity),
         }
     }
 
@@ -133,12 +135,13 @@ impl Engine {
     /// bytes already read from it (the preface first).
     pub async fn serve(
         &self,
-        stream: TcpStream,
+        stream: crate::conn::Conn,
         read: BytesMut,
         peer: SocketAddr,
         original_dst: Option<SocketAddr>,
         mut shutdown: ShutdownWatch,
     ) {
+        let peer_identity = stream.peer_identity().cloned();
         let io = io::Rewound::new(stream, read);
         let handshake = server_builder().handshake::<_, bytes::Bytes>(io);
         let mut conn = match tokio::time::timeout(self.idle_timeout, handshake).await {
@@ -152,6 +155,7 @@ impl Engine {
             thread: std::thread::current().id(),
             forwarded_for: http::HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| http::HeaderValue::from_static("")),
+            peer_identity,
         };
         let mut streams = FuturesUnordered::new();
         let mut idle: Pin<Box<tokio::time::Sleep>> =

@@ -19,6 +19,7 @@ use crate::shared::Shared;
 pub(super) struct H2Request<'a> {
     pub(super) parts: &'a http::request::Parts,
     client_ip: IpAddr,
+    peer_identity: Option<&'a crate::identity::PeerIdentity>,
     /// Part of the body went upstream and was not kept: it cannot be resent.
     pub(super) truncated: bool,
 }
@@ -63,6 +64,10 @@ impl Request for H2Request<'_> {
 
     fn body_truncated(&self) -> bool {
         self.truncated
+    }
+
+    fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
+        self.peer_identity
     }
 }
 
@@ -249,6 +254,7 @@ impl Engine {
         let mut req = H2Request {
             parts: &parts,
             client_ip: conn.peer.ip(),
+            peer_identity: conn.peer_identity.as_ref(),
             truncated: false,
         };
         let mut exchange = self.flow.exchange(Instant::now());

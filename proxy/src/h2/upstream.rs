@@ -4,7 +4,6 @@
 //! relayed with its trailers while the request body may still be streaming.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
@@ -16,12 +15,11 @@ use h2::client::SendRequest;
 use h2::server::SendResponse;
 use h2::SendStream;
 use pingora::ErrorType;
-use tokio::net::TcpStream;
 
 use super::stream::{client_reset, send_data, Body, H2Request, Side};
 use super::{
-    events, http1, Conn, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER,
-    MAX_STREAMS_PER_UPSTREAM, MAX_UPSTREAM_CONNECTIONS, STREAM_WINDOW,
+    events, Conn, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, MAX_STREAMS_PER_UPSTREAM,
+    MAX_UPSTREAM_CONNECTIONS, STREAM_WINDOW,
 };
 use crate::exchange::{Action, Event, Exchange, Peer, UPSTREAM_IDLE_TIMEOUT};
 use crate::shared::Shared;
@@ -68,12 +66,24 @@ impl Drop for Lease {
 type Connections = Vec<Arc<H2Conn>>;
 
 /// The upstream connections of one listener's h2 engine.
-#[derive(Default)]
 pub(super) struct Upstreams {
-    /// Per (worker thread, backend): a connection belongs to the runtime (thread)
-    /// that opened it, threads only share the lock.
-    h2: Mutex<FnvHashMap<(ThreadId, SocketAddr), Connections>>,
-    pub(super) http1: http1::Pool,
+    /// Per (worker thread, backend, expected identity): a connection belongs to
+    /// the runtime (thread) that opened it, threads only share the lock; one
+    /// verified as a workload serves only attempts that expect that workload.
+    h2: Mutex<FnvHashMap<crate::pool::Key, Connections>>,
+    pub(super) http1: crate::pool::Pool,
+    /// This proxy's identity, for mTLS to meshed backends.
+    pub(super) identity: Arc<crate::identity::tls::Tls>,
+}
+
+impl Upstreams {
+    pub(super) fn new(identity: Arc<crate::identity::tls::Tls>) -> Self {
+        Upstreams {
+            h2: Mutex::default(),
+            http1: crate::pool::Pool::default(),
+            identity,
+        }
+    }
 }
 
 /// Runs `io` within `limit`; `None` when it took longer.
@@ -81,23 +91,6 @@ pub(super) async fn within<T>(limit: Option<Duration>, io: impl Future<Output = 
     match limit {
         Some(limit) => tokio::time::timeout(limit, io).await.ok(),
         None => Some(io.await),
-    }
-}
-
-/// A new TCP connection to a backend, or why there is none (in pingora's terms,
-/// which the error answers and metrics use for every engine; the h1 engine dials
-/// with it too).
-pub async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, ErrorType> {
-    match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err(ErrorType::ConnectRefused)
-        }
-        Ok(Err(_)) => Err(ErrorType::ConnectError),
-        Err(_) => Err(ErrorType::ConnectTimedout),
     }
 }
 
@@ -247,7 +240,7 @@ impl Upstreams {
         thread: ThreadId,
         peer: &Peer,
     ) -> Result<(Lease, bool), ErrorType> {
-        let key = (thread, peer.addr);
+        let key = (thread, peer.addr, peer.tls.clone());
         if !peer.fresh {
             let mut pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(list) = pool.get_mut(&key) {
@@ -270,8 +263,14 @@ impl Upstreams {
                 }
             }
         }
-        let tcp = connect(peer.addr, peer.connect_timeout).await?;
-        let handshake = client_builder().handshake::<_, Bytes>(tcp);
+        let io = crate::conn::dial(
+            peer.addr,
+            peer.tls.as_ref(),
+            &self.identity,
+            peer.connect_timeout,
+        )
+        .await?;
+        let handshake = client_builder().handshake::<_, Bytes>(io);
         let (send, connection) = match tokio::time::timeout(peer.connect_timeout, handshake).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(_)) => return Err(ErrorType::ConnectError),

@@ -17,11 +17,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
+
+use crate::conn::Conn;
 
 /// The most bytes of a gRPC health answer read (a `HealthCheckResponse` is 2).
 pub const MAX_GRPC_ANSWER: usize = 1024;
@@ -34,18 +36,44 @@ const SERVING: u64 = 1;
 /// Hints); more than this fails the check.
 const MAX_INTERIM_RESPONSES: usize = 8;
 
-/// Whether `GET path` on `addr` gets a 2xx or 3xx final status within `timeout`.
-pub async fn probe(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> bool {
-    tokio::time::timeout(timeout, final_status(addr, host, path))
+/// Where a check goes: an address, and for a meshed backend the identity it must
+/// prove over mTLS (a check is a client like any other: a strict peer refuses
+/// plaintext, and a check in plaintext would mark it down).
+pub struct Dial {
+    pub addr: SocketAddr,
+    pub tls: Option<(Arc<str>, Arc<crate::identity::tls::Tls>)>,
+}
+
+impl From<SocketAddr> for Dial {
+    fn from(addr: SocketAddr) -> Self {
+        Dial { addr, tls: None }
+    }
+}
+
+impl Dial {
+    async fn connect(&self, timeout: Duration) -> io::Result<Conn> {
+        let (expected, identity) = match &self.tls {
+            Some((expected, identity)) => (Some(expected), identity.as_ref()),
+            None => (None, &crate::identity::tls::Tls::default()),
+        };
+        crate::conn::dial(self.addr, expected, identity, timeout)
+            .await
+            .map_err(|e| io::Error::other(e.as_str()))
+    }
+}
+
+/// Whether `GET path` on `to` gets a 2xx or 3xx final status within `timeout`.
+pub async fn probe(to: impl Into<Dial>, host: &str, path: &str, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, final_status(to.into(), host, path, timeout))
         .await
         .is_ok_and(|status| status.is_ok_and(|status| (200..400).contains(&status)))
 }
 
-/// The status of the final response to `GET path`, on a new connection to `addr`.
-async fn final_status(addr: SocketAddr, host: &str, path: &str) -> io::Result<u16> {
-    let mut stream = TcpStream::connect(addr).await?;
+/// The status of the final response to `GET path`, on a new connection to `to`.
+async fn final_status(to: Dial, host: &str, path: &str, timeout: Duration) -> io::Result<u16> {
+    let mut stream = to.connect(timeout).await?;
     let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
+    stream.send(request.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
     let mut interim = 0;
     // Each pass consumes a head or reads more bytes; the parser refuses a head past
@@ -77,25 +105,25 @@ async fn final_status(addr: SocketAddr, host: &str, path: &str) -> io::Result<u1
 /// `grpc` (a service, "" for the whole server) whether the gRPC health check
 /// answers SERVING, within `timeout`.
 pub async fn probe_h2(
-    addr: SocketAddr,
+    to: impl Into<Dial>,
     host: &str,
     path: &str,
     grpc: Option<&str>,
     timeout: Duration,
 ) -> bool {
-    tokio::time::timeout(timeout, h2_check(addr, host, path, grpc))
+    tokio::time::timeout(timeout, h2_check(to.into(), host, path, grpc, timeout))
         .await
         .is_ok_and(|passed| passed.unwrap_or(false))
 }
 
 async fn h2_check(
-    addr: SocketAddr,
+    to: Dial,
     host: &str,
     path: &str,
     grpc: Option<&str>,
+    timeout: Duration,
 ) -> io::Result<bool> {
-    let tcp = TcpStream::connect(addr).await?;
-    let _ = tcp.set_nodelay(true);
+    let tcp = to.connect(timeout).await?;
     let (mut client, conn) = h2::client::Builder::new()
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake::<_, Bytes>(tcp)
@@ -243,6 +271,7 @@ fn invalid_data(reason: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
     /// A one-connection backend that reads the request head, answers `response`,

@@ -8,11 +8,10 @@
 //! holds a key that matches its leaf and a leaf with exactly one SPIFFE URI SAN
 //! (the X.509-SVID rule), and never an empty chain or empty roots.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use x509_parser::extensions::GeneralName;
 
 use super::PeerIdentity;
 
@@ -58,33 +57,15 @@ fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The leaf's notAfter and its one SPIFFE URI SAN.
+/// The leaf's notAfter and its one SPIFFE URI SAN (the reader mTLS uses for
+/// peers' certificates, so both agree).
 fn read_leaf(leaf: &CertificateDer<'_>) -> Result<(SystemTime, String), CredentialsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| CredentialsError::BadCertificate(format!("the leaf: {e}")))?;
-    let not_after = cert.validity().not_after.timestamp();
-    let not_after = u64::try_from(not_after)
-        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-        .map_err(|_| CredentialsError::BadCertificate("the leaf expired before 1970".into()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| CredentialsError::BadCertificate(format!("the leaf's SAN: {e}")))?;
-    let uris: Vec<&str> = san
-        .map(|ext| {
-            ext.value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    GeneralName::URI(uri) => Some(*uri),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    match uris.as_slice() {
-        [one] if PeerIdentity::parse(one).is_ok() => Ok((not_after, (*one).to_owned())),
-        [] => Err(CredentialsError::Identity("none".into())),
-        several => Err(CredentialsError::Identity(format!("{several:?}"))),
+    match super::tls::read_leaf(leaf) {
+        Ok((identity, not_after)) => Ok((not_after, identity.id.to_string())),
+        Err(super::tls::TlsError::NoIdentity) => {
+            Err(CredentialsError::Identity("none or several".into()))
+        }
+        Err(e) => Err(CredentialsError::BadCertificate(format!("the leaf: {e}"))),
     }
 }
 
@@ -167,6 +148,7 @@ mod tests {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, IsCa, Issuer, KeyPair, SanType,
     };
+    use std::time::Duration;
 
     struct Ca {
         pem: String,

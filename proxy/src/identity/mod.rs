@@ -7,11 +7,13 @@
 //! ([`PeerIdentity`]) and authorizes on it; the outbound side checks the server's
 //! against the one expected for the destination.
 
+pub mod files;
+pub mod tls;
+
 use std::fmt;
 use std::sync::Arc;
 
 pub mod credentials;
-pub mod issuer;
 
 /// A verified peer's workload identity (from a certificate that chained to the
 /// trust roots).
@@ -31,23 +33,12 @@ pub struct NotAnIdentity(pub String);
 
 impl PeerIdentity {
     /// Parses `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; every part non-empty.
+    /// The form is `sluice_policy::identity`'s, the one policy validation checks a
+    /// backend's expected identity with, so the two sides never disagree.
     pub fn parse(id: &str) -> Result<Self, NotAnIdentity> {
-        let bad = || NotAnIdentity(id.to_owned());
-        let rest = id.strip_prefix("spiffe://").ok_or_else(bad)?;
-        let mut parts = rest.split('/');
-        let (Some(domain), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return Err(bad());
-        };
-        if domain.is_empty() || ns.is_empty() || sa.is_empty() {
-            return Err(bad());
-        }
+        let parts =
+            sluice_policy::identity::parse(id).ok_or_else(|| NotAnIdentity(id.to_owned()))?;
+        let (domain, ns, sa) = (parts.trust_domain, parts.namespace, parts.service_account);
         let ns_start = "spiffe://".len() + domain.len() + "/ns/".len();
         let sa_start = ns_start + ns.len() + "/sa/".len();
         Ok(PeerIdentity {

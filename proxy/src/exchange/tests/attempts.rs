@@ -305,6 +305,7 @@ fn inbound_requests_go_to_the_app_and_never_back_to_the_proxy() {
         inbound_policy: Some("p".into()),
         inbound_app: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
         own_ports: vec![15001],
+        mtls_default: MtlsMode::Permissive,
     };
     let (_ex, action) = h.arrive(&Req::get("/"), 0);
     let Action::Connect(peer) = action else {

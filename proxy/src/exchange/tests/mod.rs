@@ -14,6 +14,7 @@ use super::*;
 
 mod admission;
 mod attempts;
+mod authz;
 mod backends;
 mod grpc;
 use crate::breaker::Transition;
@@ -69,6 +70,13 @@ impl Observe for Arc<Recorder> {
     fn rate_limited(&self, route: &RouteRuntime) {
         self.note(format!(
             "rate_limited {} {}",
+            route.name,
+            route.mode.as_str()
+        ));
+    }
+    fn unauthorized(&self, route: &RouteRuntime) {
+        self.note(format!(
+            "unauthorized {} {}",
             route.name,
             route.mode.as_str()
         ));
@@ -133,6 +141,8 @@ struct Req {
     host: &'static str,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
+    /// The caller's identity, as an engine would give it for an mTLS connection.
+    peer: Option<crate::identity::PeerIdentity>,
 }
 
 impl Req {
@@ -142,6 +152,7 @@ impl Req {
             host: "svc",
             path,
             headers: Vec::new(),
+            peer: None,
         }
     }
 
@@ -175,6 +186,9 @@ impl Request for Req {
     fn body_truncated(&self) -> bool {
         false
     }
+    fn peer_identity(&self) -> Option<&crate::identity::PeerIdentity> {
+        self.peer.as_ref()
+    }
 }
 
 /// A snapshot of one policy for host `svc` with `backends` (IP literals: no DNS)
@@ -195,6 +209,7 @@ fn outbound() -> Side {
         inbound_policy: None,
         inbound_app: None,
         own_ports: Vec::new(),
+        mtls_default: MtlsMode::Permissive,
     }
 }
 

@@ -17,18 +17,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use tonic::transport::Channel;
 
-use super::credentials::{Credentials, CredentialsError};
 use crate::backoff::Backoff;
 use crate::control_plane::api::identity_client::IdentityClient;
 use crate::control_plane::api::CertifyRequest;
 use crate::control_plane::{self, Bearer, Ca};
+use crate::identity::credentials::{Credentials, CredentialsError};
+use crate::identity::tls::Tls;
 
 /// Why no certificate was had.
 #[derive(Debug, thiserror::Error)]
@@ -173,20 +173,27 @@ impl Renewal {
 }
 
 /// `--identity-from-control-plane`: renews on a background service of its own and
-/// keeps the newest credentials in `current` (what the TLS transport serves with).
+/// installs each new set as the proxy's identity (`tls`, what both sides of mTLS
+/// use from their next handshake on; established connections keep theirs).
 pub struct RenewIdentity {
     pub renewal: Renewal,
-    pub current: Arc<ArcSwapOption<Credentials>>,
+    pub tls: Arc<Tls>,
 }
 
 #[async_trait::async_trait]
 impl BackgroundService for RenewIdentity {
     async fn start(&self, shutdown: ShutdownWatch) {
-        let current = Arc::clone(&self.current);
+        let tls = Arc::clone(&self.tls);
         self.renewal
             .clone()
             .run(
-                move |credentials| current.store(Some(Arc::new(credentials))),
+                move |c| {
+                    // Checked already (Credentials::from_pem); this also checks
+                    // the leaf chains to the roots the control plane named.
+                    if let Err(e) = tls.install(c.chain, c.key, c.roots) {
+                        tracing::error!(error = %e, "the issued certificate does not install; keeping the current identity");
+                    }
+                },
                 shutdown,
             )
             .await;

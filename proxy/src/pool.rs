@@ -1,5 +1,8 @@
-//! Idle upstream connections of the h1 engine: one process-wide `Mutex` over a map
-//! from (worker thread, backend) to a list of idle connections. Every worker thread
+//! Idle HTTP/1 upstream connections of the h1 and h2 engines: one process-wide
+//! `Mutex` over a map from (worker thread, backend, expected identity) to a list of
+//! idle connections. The expected identity is in the key so that a connection
+//! made in plaintext, or verified as another workload, is never handed to an
+//! attempt that requires mTLS with this one (a policy can change in between). Every worker thread
 //! shares that one lock: a proxied request takes it in [`Pool::take`] before it
 //! connects and again in [`Pool::put`] when its connection can be reused, and
 //! [`Pool::sweep`] holds it while it walks every list.
@@ -11,38 +14,47 @@
 //! dropping that list's expired ones (no task, no timer per connection).
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Instant;
 
 use fnv::FnvHashMap;
-use tokio::net::TcpStream;
 
+use crate::conn::Conn;
 use crate::exchange::UPSTREAM_IDLE_TIMEOUT;
 
 /// The most idle connections kept per worker thread and backend.
 pub const MAX_IDLE_PER_BACKEND: usize = 128;
 
-type Idle = Vec<(TcpStream, Instant)>;
+type Idle = Vec<(Conn, Instant)>;
+/// A worker thread, a backend, and the workload identity its connections were
+/// verified as (`None`: plaintext).
+pub type Key = (ThreadId, SocketAddr, Option<Arc<str>>);
 
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<FnvHashMap<(ThreadId, SocketAddr), Idle>>,
+    idle: Mutex<FnvHashMap<Key, Idle>>,
 }
 
 /// Still open and silent: a backend that closed its end (or sent unasked-for
-/// bytes) shows as readable. `try_read` consults the readiness the reactor already
-/// has, so an idle connection costs no system call here.
-fn usable(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+/// bytes) shows as readable. On TCP, `try_read` consults the readiness the reactor
+/// already has, so an idle connection costs no system call here; through TLS the
+/// socket is peeked, not read (its bytes belong to the session).
+fn usable(stream: &Conn) -> bool {
+    match stream {
+        Conn::Tcp(s) => {
+            let mut probe = [0u8; 1];
+            matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+        Conn::Tls { .. } => stream.idle_usable(),
+    }
 }
 
 impl Pool {
     /// The most recently returned usable connection to `addr` of `thread`; the
     /// expired or closed ones popped on the way are dropped.
-    pub fn take(&self, thread: ThreadId, addr: SocketAddr) -> Option<TcpStream> {
-        let key = (thread, addr);
+    pub fn take(&self, thread: ThreadId, addr: SocketAddr, tls: Option<&Arc<str>>) -> Option<Conn> {
+        let key = (thread, addr, tls.cloned());
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&key)?;
         let now = Instant::now();
@@ -54,9 +66,10 @@ impl Pool {
         None
     }
 
-    /// Keeps `stream` for the next request to `addr` on `thread`.
-    pub fn put(&self, thread: ThreadId, addr: SocketAddr, stream: TcpStream) {
-        let key = (thread, addr);
+    /// Keeps `stream` (verified as `tls`, or plaintext) for the next request to
+    /// `addr` on `thread`.
+    pub fn put(&self, thread: ThreadId, addr: SocketAddr, tls: Option<&Arc<str>>, stream: Conn) {
+        let key = (thread, addr, tls.cloned());
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(key).or_default();
@@ -96,7 +109,7 @@ impl Pool {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     #[tokio::test]
     async fn reuses_open_connections_and_drops_closed_ones() {
@@ -104,19 +117,19 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let pool = Pool::default();
         let me = std::thread::current().id();
-        assert!(pool.take(me, addr).is_none());
+        assert!(pool.take(me, addr, None).is_none());
 
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        pool.put(me, addr, client);
+        pool.put(me, addr, None, client.into());
         assert_eq!(pool.idle(), 1);
         let client = pool
-            .take(me, addr)
+            .take(me, addr, None)
             .expect("an open idle connection is reused");
         assert_eq!(pool.idle(), 0);
 
         // The backend closes: the connection must not be handed out again.
-        pool.put(me, addr, client);
+        pool.put(me, addr, None, client);
         let mut server = server;
         server.shutdown().await.unwrap();
         drop(server);
@@ -129,7 +142,7 @@ mod tests {
                 break;
             }
         }
-        assert!(pool.take(me, addr).is_none());
+        assert!(pool.take(me, addr, None).is_none());
         assert_eq!(pool.idle(), 0);
     }
 
@@ -143,8 +156,8 @@ mod tests {
         let (_open_server, _) = listener.accept().await.unwrap();
         let closing = TcpStream::connect(addr).await.unwrap();
         let (closing_server, _) = listener.accept().await.unwrap();
-        pool.put(me, addr, open);
-        pool.put(me, addr, closing);
+        pool.put(me, addr, None, open.into());
+        pool.put(me, addr, None, closing.into());
         drop(closing_server);
         // Bounded wait for the reactor to see the FIN.
         for _ in 0..100 {
@@ -172,7 +185,7 @@ mod tests {
         for _ in 0..MAX_IDLE_PER_BACKEND + 3 {
             let client = TcpStream::connect(addr).await.unwrap();
             servers.push(listener.accept().await.unwrap());
-            pool.put(std::thread::current().id(), addr, client);
+            pool.put(std::thread::current().id(), addr, None, client.into());
         }
         assert_eq!(pool.idle(), MAX_IDLE_PER_BACKEND);
     }

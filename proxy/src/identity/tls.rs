@@ -1,0 +1,318 @@
+//! The proxy's own workload identity as TLS configurations: what the inbound side
+//! accepts mTLS with, and what the outbound side connects to meshed peers with.
+//!
+//! Both sides are TLS 1.3 only and verify the other: a client certificate is
+//! required and must chain to the trust roots; a server certificate must chain to
+//! them *and* name the workload identity expected for the destination (its URI
+//! SAN). Names other than the SPIFFE ID mean nothing here: the peer is dialled by
+//! address, so there is no DNS name to check, and SNI is not sent.
+//!
+//! Rotation: [`Tls::install`] swaps in configurations built from new credentials in
+//! one step; connections already established keep the session they negotiated
+//! (nothing is dropped), new ones use the new certificate. Outbound
+//! configurations are built per expected identity on first use and cached (at
+//! most [`MAX_DESTINATIONS`]) with the credentials they were built from, so each
+//! keeps its own session-resumption cache: a pool's reconnects resume instead of
+//! doing full handshakes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::PeerIdentity;
+
+/// Outbound configurations kept, one per expected identity (a proxy talks to few;
+/// past this the cache starts over rather than grow).
+pub const MAX_DESTINATIONS: usize = 1024;
+
+/// Why credentials cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("no trust roots")]
+    NoRoots,
+    #[error("trust root: {0}")]
+    Root(rustls::Error),
+    #[error("the certificate names no workload identity (a spiffe:// URI SAN)")]
+    NoIdentity,
+    #[error("the certificate cannot be read: {0}")]
+    Certificate(String),
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The live identity: `None` until credentials are installed.
+#[derive(Default, Debug)]
+pub struct Tls {
+    current: ArcSwapOption<Active>,
+}
+
+impl Tls {
+    /// Builds configurations from `chain` (leaf first), `key` and `roots`, checks
+    /// the leaf chains to the roots, and makes them the current ones.
+    pub fn install(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Arc<Active>, TlsError> {
+        let active = Arc::new(Active::new(chain, key, roots)?);
+        self.current.store(Some(Arc::clone(&active)));
+        Ok(active)
+    }
+
+    pub fn current(&self) -> Option<Arc<Active>> {
+        self.current.load_full()
+    }
+}
+
+/// Configurations built from one set of credentials.
+pub struct Active {
+    /// Who this proxy is.
+    pub identity: PeerIdentity,
+    pub not_after: SystemTime,
+    acceptor: TlsAcceptor,
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    connectors: Mutex<HashMap<Arc<str>, TlsConnector>>,
+}
+
+impl std::fmt::Debug for Active {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Active")
+            .field("identity", &self.identity.id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Active {
+    fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, TlsError> {
+        let provider = provider();
+        let mut store = RootCertStore::empty();
+        for root in roots {
+            store.add(root).map_err(TlsError::Root)?;
+        }
+        if store.is_empty() {
+            return Err(TlsError::NoRoots);
+        }
+        let roots = Arc::new(store);
+        let leaf = chain.first().ok_or(TlsError::NoIdentity)?;
+        let (identity, not_after) = read_leaf(leaf)?;
+        // Our own certificate must be one our peers accept: caught here, at load,
+        // not as every peer's handshake failure.
+        let parsed = ParsedCertificate::try_from(leaf)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+                .build()?;
+        let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Active {
+            identity,
+            not_after,
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            provider,
+            roots,
+            chain,
+            key,
+            connectors: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Accepts an mTLS connection (the ClientHello not yet read); returns it with
+    /// the client's verified identity (`None`: its certificate names none).
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<(
+        tokio_rustls::server::TlsStream<TcpStream>,
+        Option<PeerIdentity>,
+    )> {
+        let tls = self.acceptor.accept(tcp).await?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| read_leaf(leaf).ok())
+            .map(|(id, _)| id);
+        Ok((tls, peer))
+    }
+
+    /// Connects TLS over `tcp` to a peer that must prove it is `expected`.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        expected: &Arc<str>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let connector = self.connector(expected).map_err(std::io::Error::other)?;
+        let addr = tcp.peer_addr()?;
+        // An IP name: no SNI is sent, and the session cache is per address.
+        connector
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+    }
+
+    fn connector(&self, expected: &Arc<str>) -> Result<TlsConnector, TlsError> {
+        let mut connectors = self
+            .connectors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = connectors.get(expected) {
+            return Ok(c.clone());
+        }
+        if connectors.len() >= MAX_DESTINATIONS {
+            connectors.clear();
+        }
+        let verifier = Arc::new(MeshVerifier {
+            expected: Arc::clone(expected),
+            roots: Arc::clone(&self.roots),
+            provider: Arc::clone(&self.provider),
+        });
+        let config = ClientConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        let connector = TlsConnector::from(Arc::new(config));
+        connectors.insert(Arc::clone(expected), connector.clone());
+        Ok(connector)
+    }
+
+    /// How long until the certificate is half-way through its life from `issued`
+    /// (when the proxy got it): when to renew.
+    pub fn renew_in(&self, issued: SystemTime) -> Duration {
+        let life = self
+            .not_after
+            .duration_since(issued)
+            .unwrap_or(Duration::ZERO);
+        life / 2
+    }
+}
+
+/// A leaf's workload identity and expiry.
+pub fn read_leaf(der: &CertificateDer<'_>) -> Result<(PeerIdentity, SystemTime), TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::Certificate(e.to_string()))?
+        .ok_or(TlsError::NoIdentity)?;
+    // Exactly one spiffe URI (an X.509-SVID has one); several would be ambiguous.
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+            Some(*uri)
+        }
+        _ => None,
+    });
+    match (ids.next(), ids.next()) {
+        (Some(id), None) => PeerIdentity::parse(id)
+            .map(|id| (id, not_after))
+            .map_err(|_| TlsError::NoIdentity),
+        _ => Err(TlsError::NoIdentity),
+    }
+}
+
+/// Checks a server certificate chains to the roots and names `expected`.
+#[derive(Debug)]
+struct MeshVerifier {
+    expected: Arc<str>,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for MeshVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        match read_leaf(end_entity) {
+            Ok((id, _)) if *id.id == *self.expected => Ok(ServerCertVerified::assertion()),
+            Ok((id, _)) => Err(rustls::Error::General(format!(
+                "the peer is {id}, not {}",
+                self.expected
+            ))),
+            Err(_) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
