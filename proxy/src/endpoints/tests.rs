@@ -600,3 +600,27 @@ fn a_members_identity_reaches_its_target_and_a_change_of_it_alone_rebuilds() {
         .expect("an identity changed");
     assert_eq!(all.targets[1].identity.as_deref(), Some(&*id));
 }
+
+#[test]
+fn a_members_own_identity_goes_before_the_backends_tls_identity() {
+    let now = Instant::now();
+    let mut meshed = backend(1, 1);
+    meshed.tls = Some(sluice_policy::BackendTls {
+        identity: "spiffe://cluster.local/ns/shop/sa/declared".into(),
+    });
+    let r = rule(vec![meshed], Algorithm::WeightedRoundRobin, None);
+    let set = addrs(1..3);
+    let own = Member {
+        identity: Some(Arc::from("spiffe://cluster.local/ns/shop/sa/pod")),
+        ..Member::ready(set[0])
+    };
+    let e = Endpoints::build_members(r, vec![vec![own, Member::ready(set[1])]], None, now);
+    let identities: Vec<Option<&str>> = e.targets.iter().map(|t| t.identity.as_deref()).collect();
+    assert_eq!(
+        identities,
+        [
+            Some("spiffe://cluster.local/ns/shop/sa/pod"),
+            Some("spiffe://cluster.local/ns/shop/sa/declared")
+        ]
+    );
+}
