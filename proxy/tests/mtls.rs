@@ -245,6 +245,28 @@ async fn the_hop_between_proxies_is_tls_and_carries_the_callers_identity() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(line["peer"], CALLER, "{line}");
+
+    // Each proxy shows who it is, and when its certificate expires.
+    let dump = support::get(callee.admin_addr(), "admin", "/config_dump")
+        .await
+        .expect("config_dump");
+    let dump: serde_json::Value = serde_json::from_slice(&dump.body).expect("json");
+    assert_eq!(dump["identity"]["id"], CALLEE, "{dump}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    // Published by the once-a-second housekeeping: wait for it (bounded).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let metrics = support::metrics(&caller).await;
+        let expiry = support::sample(&metrics, "sluice_identity_expiry_timestamp_seconds");
+        if expiry > now + 3600.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
