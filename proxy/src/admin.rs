@@ -135,10 +135,19 @@ fn access(rt: &crate::runtime::Runtime) -> serde_json::Value {
 }
 
 impl Admin {
-    /// The proxy's own workload identity (its SPIFFE ID and certificate), for
-    /// `/config_dump`: `null` until the transport (mTLS) side provides it.
+    /// The proxy's own workload identity for `/config_dump`: its SPIFFE ID and
+    /// when its certificate expires; `null` without one (no mTLS).
     fn identity(&self) -> serde_json::Value {
-        serde_json::Value::Null
+        match self.shared.identity.current() {
+            Some(active) => serde_json::json!({
+                "id": active.identity.to_string(),
+                "not_after_unix": active
+                    .not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            }),
+            None => serde_json::Value::Null,
+        }
     }
 
     /// The global rate limits' state: whether Redis answers, and per route its

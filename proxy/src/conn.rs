@@ -27,6 +27,9 @@ use crate::identity::PeerIdentity;
 
 type Tls = tokio_rustls::TlsStream<TcpStream>;
 
+/// The longest a closing TLS connection waits to send its close_notify.
+pub const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
+
 pub enum Conn {
     Tcp(TcpStream),
     Tls {
@@ -163,6 +166,15 @@ impl Conn {
                 tls.write_all(bytes).await?;
                 tls.flush().await
             }
+        }
+    }
+
+    /// Ends the connection: through TLS, with a close_notify first, so that a
+    /// response framed by the close is not mistaken for a truncated one (bounded:
+    /// a peer that does not read gets [`CLOSE_NOTIFY_WAIT`]). TCP is just dropped.
+    pub async fn close(mut self) {
+        if let Conn::Tls { tls, .. } = &mut self {
+            let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, tls.shutdown()).await;
         }
     }
 

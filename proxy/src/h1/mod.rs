@@ -233,14 +233,14 @@ impl Engine {
         let mut upstream_buf = BytesMut::with_capacity(16 * 1024);
         loop {
             if *client.shutdown.borrow() {
-                return;
+                return client.stream.close().await;
             }
             match self
                 .serve_one(&mut client, &mut head, &mut out, &mut upstream_buf)
                 .await
             {
                 Served::KeepAlive => {}
-                Served::Close => return,
+                Served::Close => return client.stream.close().await,
                 Served::HandOff => return hand_off(client, &self.pingora, true).await,
             }
         }
