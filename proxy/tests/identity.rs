@@ -1,6 +1,9 @@
 //! The proxy's certificate client against an in-process control plane that is the
 //! mesh's CA, over TLS with the static token (`--static-token-identities`, the
-//! only way to name a workload outside Kubernetes).
+//! only way to name a workload outside Kubernetes); and two real proxies started
+//! with `--identity-from-control-plane` speaking mTLS with what it issued.
+
+mod support;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -34,8 +37,9 @@ async fn control_plane(name: &str, static_token_identities: bool) -> ControlPlan
     std::fs::write(dir.join("tls.crt"), tls.cert.pem()).expect("tls.crt");
     std::fs::write(dir.join("tls.key"), tls.signing_key.serialize_pem()).expect("tls.key");
     std::fs::write(dir.join("token"), "s3cret\n").expect("token");
+    std::fs::create_dir_all(dir.join("policies")).expect("policies");
     let config = ServeConfig {
-        policies: None,
+        policies: Some(dir.join("policies")),
         listen: "127.0.0.1:0".parse().expect("addr"),
         tls: Some((dir.join("tls.crt"), dir.join("tls.key"))),
         cert_check_every: sluice_control_plane::tls::CERT_CHECK_EVERY,
@@ -158,4 +162,123 @@ async fn renewal_hands_over_credentials_and_stops_on_shutdown() {
         .await
         .expect("stops")
         .expect("no panic");
+}
+
+const CALLEE: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
+const CALLER: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+
+/// A proxy following the control plane at `url` with the static token, asking for
+/// `identity`, with `extra` arguments.
+fn meshed_proxy(
+    url: &str,
+    token: &std::path::Path,
+    identity: &str,
+    extra: &[&str],
+) -> support::ProxyProcess {
+    let mut args: Vec<String> = [
+        "--control-plane",
+        url,
+        "--token-file",
+        &token.display().to_string(),
+        "--identity-from-control-plane",
+        "--identity-request",
+        identity,
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    support::ProxyProcess::start_args(&args)
+}
+
+/// Waits (bounded) until the proxy's /config_dump names `identity` as its own.
+async fn wait_for_identity(proxy: &support::ProxyProcess, identity: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(dump) = support::get(proxy.admin_addr(), "admin", "/config_dump").await {
+            let dump: serde_json::Value = serde_json::from_slice(&dump.body).unwrap_or_default();
+            if dump["identity"]["id"] == identity {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no identity {identity}: {}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_proxies_speak_mtls_with_certificates_from_the_control_plane() {
+    let cp = control_plane("e2e", true).await;
+    let policies = cp.dir.join("policies");
+    let app = support::upstream("reviews-app").await;
+    std::fs::write(
+        policies.join("reviews.yaml"),
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews-inbound]\n  mtls: {mode: strict}\n  routes:\n    - name: all\n",
+    )
+    .expect("policy");
+    let url = format!("https://127.0.0.1:{}", cp.running.addr.port());
+    let token = cp.dir.join("token");
+    let ca_file = cp.dir.join("tls.crt");
+    let ca_file = ca_file.display().to_string();
+    let callee = meshed_proxy(
+        &url,
+        &token,
+        CALLEE,
+        &[
+            "--ca-file",
+            &ca_file,
+            "--inbound",
+            "127.0.0.1:0",
+            "--app",
+            &app.addr().to_string(),
+            "--inbound-policy",
+            "reviews",
+        ],
+    );
+    callee.wait_ready().await;
+    wait_for_identity(&callee, CALLEE).await;
+    std::fs::write(
+        policies.join("to-reviews.yaml"),
+        format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: to-reviews}}\nspec:\n  hosts: [reviews]\n  backends:\n    - address: \"{}\"\n      tls: {{identity: \"{CALLEE}\"}}\n  routes:\n    - name: all\n",
+            callee.addr("inbound")
+        ),
+    )
+    .expect("policy");
+    let caller = meshed_proxy(&url, &token, CALLER, &["--ca-file", &ca_file]);
+    caller.wait_ready().await;
+    wait_for_identity(&caller, CALLER).await;
+
+    // The policy directory is watched: the caller learns `reviews` on demand.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let response = loop {
+        let response = support::get(caller.listen_addr(), "reviews", "/")
+            .await
+            .expect("request");
+        if response.status == 200 || std::time::Instant::now() > deadline {
+            break response;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        response.status,
+        200,
+        "caller: {}\ncallee: {}",
+        caller.stderr(),
+        callee.stderr()
+    );
+    assert_eq!(response.header("x-upstream"), Some("reviews-app"));
+    // Strict mTLS let it in, and the callee knows who called.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let line = loop {
+        if let Some(line) = callee.access_log().into_iter().find(|l| l["path"] == "/") {
+            break line;
+        }
+        assert!(std::time::Instant::now() < deadline, "no access log line");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["peer"], CALLER, "{line}");
 }
