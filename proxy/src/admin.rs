@@ -27,6 +27,11 @@ pub struct Admin {
     pub listeners: Vec<std::net::SocketAddr>,
     /// What this listener serves.
     pub scope: Scope,
+    /// The workload identity comes from the control plane: not ready until the
+    /// first certificate is in (as Linkerd's proxy), so that a strict peer never
+    /// sees this pod's traffic in plaintext and its inbound listener can answer
+    /// meshed callers from its first request.
+    pub needs_identity: bool,
 }
 
 /// What an admin-style listener serves.
@@ -207,6 +212,11 @@ impl Admin {
                     503,
                     "text/plain",
                     b"not ready: no valid policy loaded yet\n".to_vec(),
+                ),
+                _ if self.needs_identity && self.shared.identity.current().is_none() => reply(
+                    503,
+                    "text/plain",
+                    b"not ready: no workload certificate from the control plane yet\n".to_vec(),
                 ),
                 _ if closed_listener(&self.listeners).is_some() => reply(
                     503,

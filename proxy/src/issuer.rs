@@ -127,7 +127,7 @@ impl Renewal {
         .await
     }
 
-    /// Asks for credentials, hands them to `issued`, and asks again at two thirds
+    /// Asks for credentials, hands them to `issued`, and asks again at half
     /// of their life, until `shutdown` turns true. A failure is logged and retried
     /// with backoff; the credentials handed over last stay in use meanwhile.
     pub async fn run(

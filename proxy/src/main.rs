@@ -594,6 +594,7 @@ fn main() -> ExitCode {
     ] {
         let Some(bound) = bound else { continue };
         let admin = Admin {
+            needs_identity: args.identity_from_control_plane,
             shared: Arc::clone(&shared),
             listeners: served.clone(),
             scope,

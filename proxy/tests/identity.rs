@@ -24,6 +24,16 @@ struct ControlPlane {
 }
 
 async fn control_plane(name: &str, static_token_identities: bool) -> ControlPlane {
+    control_plane_with_ttl(name, static_token_identities, Duration::from_secs(3600)).await
+}
+
+/// A control plane whose CA issues certificates for `ttl` (below the CLI's
+/// minimum: the configuration is built here, so renewals can be watched).
+async fn control_plane_with_ttl(
+    name: &str,
+    static_token_identities: bool,
+    ttl: Duration,
+) -> ControlPlane {
     let unique = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -54,7 +64,7 @@ async fn control_plane(name: &str, static_token_identities: bool) -> ControlPlan
             key: dir.join("ca/ca.key"),
             trust_roots: None,
             trust_domain: "cluster.local".into(),
-            ttl: Duration::from_secs(3600),
+            ttl,
             static_token_identities,
         }),
     };
@@ -137,7 +147,9 @@ async fn a_refusal_says_why() {
 
 #[tokio::test]
 async fn renewal_hands_over_credentials_and_stops_on_shutdown() {
-    let cp = control_plane("renewal", true).await;
+    // Four-second certificates: renewed at half life, so a second one comes
+    // about two seconds after the first (and before the first expires).
+    let cp = control_plane_with_ttl("renewal", true, Duration::from_secs(4)).await;
     let renewal = Renewal {
         url: cp.url(),
         ca: Some(cp.ca()),
@@ -157,6 +169,16 @@ async fn renewal_hands_over_credentials_and_stops_on_shutdown() {
         .expect("in time")
         .expect("credentials");
     assert_eq!(first.identity, ID);
+    let second = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("renewed in time")
+        .expect("credentials");
+    assert_eq!(second.identity, ID);
+    assert!(second.not_after > first.not_after, "a new certificate");
+    assert!(
+        SystemTime::now() < first.not_after,
+        "renewed before the first expired"
+    );
     stop.send(true).expect("stop");
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -281,4 +303,34 @@ async fn two_proxies_speak_mtls_with_certificates_from_the_control_plane() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(line["peer"], CALLER, "{line}");
+}
+
+#[tokio::test]
+async fn a_proxy_is_not_ready_until_it_has_a_workload_certificate() {
+    // The static token may not name an identity here: every request is refused,
+    // so the proxy never gets a certificate.
+    let cp = control_plane("not-ready", false).await;
+    let ca_file = cp.dir.join("tls.crt").display().to_string();
+    let proxy = meshed_proxy(
+        &cp.url(),
+        &cp.dir.join("token"),
+        CALLER,
+        &["--ca-file", &ca_file],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let last = loop {
+        let ready = support::get(proxy.admin_addr(), "admin", "/ready").await;
+        if let Ok(r) = &ready {
+            if r.status == 503 && r.text().contains("workload certificate") {
+                break r.text();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ready:?}\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(last.starts_with("not ready"), "{last}");
 }

@@ -313,7 +313,7 @@ fn refuses_a_key_of_another_certificate_a_leaf_and_a_bundle_without_the_ca() {
         Err(CaError::TrustDomain(_))
     ));
     assert!(matches!(
-        Authority::from_pem(&cert, &key, None, TD, Duration::from_secs(1), now()),
+        Authority::from_pem(&cert, &key, None, TD, Duration::from_millis(999), now()),
         Err(CaError::Ttl(_))
     ));
     assert!(matches!(

@@ -119,12 +119,12 @@ impl Credentials {
         PeerIdentity::parse(&self.identity).expect("checked by from_pem")
     }
 
-    /// When to ask for the next certificate: at two thirds of the way from `now`
-    /// to expiry (a day's certificate is renewed 8 hours before it ends), at once
-    /// when it has expired.
+    /// When to ask for the next certificate: half-way from `now` to expiry (a
+    /// day's certificate is renewed after 12 hours, leaving as long again for
+    /// retries while the control plane is away), at once when it has expired.
     pub fn renew_at(&self, now: SystemTime) -> SystemTime {
         match self.not_after.duration_since(now) {
-            Ok(left) => now + left * 2 / 3,
+            Ok(left) => now + left / 2,
             Err(_) => now,
         }
     }
@@ -244,12 +244,12 @@ mod tests {
     }
 
     #[test]
-    fn renews_at_two_thirds_of_the_remaining_life() {
+    fn renews_at_half_the_remaining_life() {
         let ca = ca();
         let (cert, key) = leaf(&ca, &[ID]);
         let c = Credentials::from_pem(&cert, &key.serialize_pem(), &ca.pem).unwrap();
         let now = c.not_after - Duration::from_secs(24 * 3600);
-        assert_eq!(c.renew_at(now), now + Duration::from_secs(16 * 3600));
+        assert_eq!(c.renew_at(now), now + Duration::from_secs(12 * 3600));
         assert_eq!(
             c.renew_at(c.not_after + Duration::from_secs(1)),
             c.not_after + Duration::from_secs(1)

@@ -208,16 +208,6 @@ impl Active {
         connectors.insert(Arc::clone(expected), connector.clone());
         Ok(connector)
     }
-
-    /// How long until the certificate is half-way through its life from `issued`
-    /// (when the proxy got it): when to renew.
-    pub fn renew_in(&self, issued: SystemTime) -> Duration {
-        let life = self
-            .not_after
-            .duration_since(issued)
-            .unwrap_or(Duration::ZERO);
-        life / 2
-    }
 }
 
 /// A leaf's workload identity and expiry.
