@@ -657,3 +657,65 @@ async fn a_reload_that_changes_the_rules_applies_without_dropping_requests() {
         .expect("request");
     assert_eq!(let_in.status, 200, "{}", let_in.text());
 }
+
+#[tokio::test]
+async fn strict_refuses_plaintext_where_no_route_or_no_policy_governs() {
+    let ca = Ca::new("mesh");
+    let app = upstream("reviews-app").await;
+    let (routed_dir, unowned_dir) = (TempDir::new(), TempDir::new());
+    // A policy whose only route is /orders: a plaintext caller asking elsewhere is
+    // refused for want of mTLS, not told which paths are routed (404).
+    let routed = callee_with(
+        &ca,
+        &routed_dir,
+        app.addr(),
+        "  routes:\n    - name: orders\n      match: {pathPrefix: /orders}\n",
+        &["--mtls-mode", "strict"],
+    )
+    .await;
+    let response = get(routed.addr("inbound"), "reviews", "/elsewhere")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 403, "{}", response.text());
+    assert!(response.text().contains("mTLS"), "{}", response.text());
+
+    // No inbound policy loaded at all (ungoverned traffic reaches the app as it
+    // is): strict still keeps plaintext out.
+    let mut args = ca.write_identity(&unowned_dir, "shop", "reviews", DAY);
+    let path = unowned_dir.write(
+        "policy.yaml",
+        &reviews_policy("  routes:\n    - name: all\n"),
+    );
+    args.extend(
+        [
+            "--policy",
+            &path.display().to_string(),
+            "--inbound",
+            "127.0.0.1:0",
+            "--app",
+            &app.addr().to_string(),
+            "--inbound-policy",
+            "not-loaded",
+            "--mtls-mode",
+            "strict",
+        ]
+        .map(String::from),
+    );
+    let unowned = ProxyProcess::start_args(&args);
+    unowned.wait_ready().await;
+    let response = get(unowned.addr("inbound"), "reviews", "/")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 403, "{}", response.text());
+    assert_eq!(app.requests(), 0, "no plaintext request reached the app");
+    // A meshed caller still gets through where nothing governs.
+    let (chain, key) = ca.workload("shop", "frontend", DAY);
+    let served = tls_get(unowned.addr("inbound"), &chain, &key)
+        .await
+        .expect("mesh client");
+    assert!(
+        served.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&served)
+    );
+}

@@ -7,7 +7,7 @@
 //! `unauthorized`; in shadow mode it is only counted and logged
 //! (`shadow_decision`), and the request goes on, as every mechanism's shadow does.
 
-use sluice_policy::Mode;
+use sluice_policy::{Mode, MtlsMode};
 
 use super::{Direction, Exchange, Observe, Reply, Request, Side};
 use crate::authz::Decision;
@@ -37,20 +37,48 @@ impl<O: Observe> Exchange<O> {
         side: &Side,
         runtime: &Runtime,
     ) -> Option<Reply> {
-        let Routed::Route { policy, route } = self.routed else {
-            return None;
-        };
-        let policy = runtime.policies.get(policy)?;
         let caller = req
             .peer_identity()
             .map(|peer| (peer.namespace(), peer.service_account()));
+        let (policy, route) = match self.routed {
+            Routed::Route { policy, route } => (policy, route),
+            // No route, or no policy (the app is reached ungoverned): nothing to
+            // authorize against, but a plaintext caller under `strict` learns
+            // nothing and reaches nothing (not even which paths are routed).
+            Routed::NoRoute { policy } => {
+                let policy = runtime.policies.get(policy)?;
+                let strict = policy.access.mode(side.mtls_default) == MtlsMode::Strict;
+                return (caller.is_none() && strict && policy.mode != Mode::Shadow).then(|| {
+                    self.verdict = Verdict::Unauthorized;
+                    Reply::mtls_required(&policy.name)
+                });
+            }
+            Routed::NoPolicy => {
+                let strict = side.mtls_default == MtlsMode::Strict;
+                return (caller.is_none() && strict).then(|| {
+                    self.verdict = Verdict::Unauthorized;
+                    Reply::mtls_required(side.inbound_policy.as_deref().unwrap_or(""))
+                });
+            }
+        };
+        // Fails closed: a snapshot without the policy or route it routed to
+        // (not reached: routing and this read the same snapshot) refuses.
+        let (Some(policy), Some(route_rt)) = (
+            runtime.policies.get(policy),
+            runtime
+                .policies
+                .get(policy)
+                .and_then(|p| p.routes.get(route)),
+        ) else {
+            self.verdict = Verdict::Unauthorized;
+            return Some(Reply::unauthorized(""));
+        };
         let decision = policy.access.decide(side.mtls_default, caller, route);
         if decision == Decision::Allowed {
             return None;
         }
-        let route = policy.routes.get(route)?;
-        self.obs.unauthorized(route);
-        if route.mode == Mode::Shadow {
+        self.obs.unauthorized(route_rt);
+        if route_rt.mode == Mode::Shadow {
             self.shadow.get_or_insert(Verdict::Unauthorized);
             return None;
         }
