@@ -719,3 +719,49 @@ async fn strict_refuses_plaintext_where_no_route_or_no_policy_governs() {
         String::from_utf8_lossy(&served)
     );
 }
+
+#[tokio::test]
+async fn http2_inside_mtls_keeps_the_callers_identity() {
+    let ca = Ca::new("mesh");
+    let app = upstream("reviews-app").await;
+    let (callee_dir, caller_dir) = (TempDir::new(), TempDir::new());
+    // Strict, and only the frontend allowed: a stream that lost its connection's
+    // identity would be refused.
+    let rules = "  mtls: {mode: strict}\n  authorization:\n    rules:\n      - from: {serviceAccounts: [shop/frontend]}\n";
+    let callee = callee(&ca, &callee_dir, app.addr(), rules, &[]).await;
+    let tap = Tap::start(callee.addr("inbound")).await;
+    let mut args = ca.write_identity(&caller_dir, "shop", "frontend", DAY);
+    let policy = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: to-reviews}}\nspec:\n  hosts: [reviews]\n  backends:\n    - address: {}\n      protocol: h2c\n      tls: {{identity: \"{CALLEE}\"}}\n  routes:\n    - name: all\n",
+        tap.addr
+    );
+    let path = caller_dir.write("policy.yaml", &policy);
+    args.extend(["--policy".to_owned(), path.display().to_string()]);
+    let caller = ProxyProcess::start_args(&args);
+    caller.wait_ready().await;
+
+    for i in 0..3 {
+        let response = get(caller.listen_addr(), "reviews", &format!("/h2/{i}"))
+            .await
+            .expect("request");
+        assert_eq!(
+            response.status,
+            200,
+            "{}\n{}",
+            response.text(),
+            callee.stderr()
+        );
+    }
+    let up = tap.up();
+    assert_eq!(&up[..2], &[0x16, 0x03], "TLS from the first byte");
+    assert!(
+        !contains(&up, b"PRI * HTTP/2.0"),
+        "the HTTP/2 preface is visible"
+    );
+    let log = support::log_lines(&callee, 3).await;
+    assert!(
+        log.iter()
+            .all(|l| l["peer"] == CALLER && l["status"] == 200),
+        "{log:?}"
+    );
+}

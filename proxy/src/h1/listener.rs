@@ -45,7 +45,9 @@ impl Listener {
         // always (intercepted clients speak what they speak), and on inbound ones
         // (a meshed caller speaks HTTP/2 inside mTLS when its backend does).
         let inbound = flow.side.direction == crate::exchange::Direction::Inbound;
-        let h2 = (fast_path && (pingora_h2c.is_some() || flow.transparent || inbound))
+        // Inbound, whatever the engine: pingora's h2 does not show a stream its
+        // connection's mTLS identity, so HTTP/2 inside mTLS is always Sluice's.
+        let h2 = ((fast_path && (pingora_h2c.is_some() || flow.transparent)) || inbound)
             .then(|| crate::h2::Engine::new(flow.clone(), idle_timeout));
         Listener {
             inner: Arc::new(Engine {

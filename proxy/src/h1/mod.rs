@@ -249,8 +249,11 @@ impl Engine {
     /// A connection that opened with the HTTP/2 preface: to the h2 engine, or to
     /// pingora's h2c with `--engine pingora`.
     async fn serve_h2(&self, client: Client) {
+        // mTLS connections always to Sluice's engine (it keeps the caller's
+        // identity for every stream); with `--engine pingora`, h2c to pingora's.
+        let ours = self.fast_path || client.stream.is_tls() || self.pingora_h2c.is_none();
         match (&self.h2, &self.pingora_h2c) {
-            (Some(h2), _) => {
+            (Some(h2), _) if ours => {
                 let Client {
                     stream,
                     peer,
@@ -261,8 +264,9 @@ impl Engine {
                 } = client;
                 h2.serve(stream, buf, peer, original_dst, shutdown).await;
             }
-            (None, Some(h2c)) => hand_off(client, h2c, false).await,
-            (None, None) => {}
+            (_, Some(h2c)) => hand_off(client, h2c, false).await,
+            // No engine for HTTP/2 here: nothing to answer it with.
+            _ => {}
         }
     }
 
