@@ -45,12 +45,15 @@
 #    s_time resumed (its `r` marks), and the callee's CPU per connection.
 #    Interleaved for ROUNDS rounds; medians.
 #
+# 3. Syscalls per request (not timed): once per variant, a ${SYSCALL_SECS} s wrk run with
+#    `strace -f -c` attached to the caller and to the callee; calls counted / requests.
+#
 # It installs what it needs (Debian: nginx-light wrk openssl apache2-utils), builds sluice-proxy in
 # release, waits until no cargo/rustc build runs on the machine (up to IDLE_WAIT
 # seconds), measures, prints the tables and appends them to bench/RESULTS.md. No
 # pass/fail. Takes about 2 minutes of measuring (ROUNDS=3) plus the build.
 #
-# Knobs (environment): ROUNDS=3 DURATION=10 CONNS=64 HS_TIME=5 IDLE_WAIT=900
+# Knobs (environment): ROUNDS=3 DURATION=10 CONNS=64 HS_TIME=5 SYSCALL_SECS=3 IDLE_WAIT=900
 # APPEND=1 (0: print only) KEEP=0 (1: keep the temp dir with configs and logs).
 set -euo pipefail
 
@@ -59,6 +62,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 HS_TIME=${HS_TIME:-5}
+SYSCALL_SECS=${SYSCALL_SECS:-3}
 IDLE_WAIT=${IDLE_WAIT:-900}
 APPEND=${APPEND:-1}
 KEEP=${KEEP:-0}
@@ -67,9 +71,9 @@ URLPATH=/api/v1/items
 TRUST_DOMAIN=cluster.local
 export PATH="$HOME/.cargo/bin:/usr/sbin:/sbin:$PATH"
 COMMAND="bench/mtls.sh"
-for v in ROUNDS DURATION CONNS HS_TIME; do
+for v in ROUNDS DURATION CONNS HS_TIME SYSCALL_SECS; do
     case "$v:${!v}" in
-    ROUNDS:3 | DURATION:10 | CONNS:64 | HS_TIME:5) ;;
+    ROUNDS:3 | DURATION:10 | CONNS:64 | HS_TIME:5 | SYSCALL_SECS:3) ;;
     *) COMMAND="$v=${!v} $COMMAND" ;;
     esac
 done
@@ -92,6 +96,7 @@ command -v ab >/dev/null || missing+=(apache2-utils)
 command -v curl >/dev/null || missing+=(curl)
 command -v taskset >/dev/null || missing+=(util-linux)
 command -v ss >/dev/null || missing+=(iproute2)
+command -v strace >/dev/null || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing from Debian: ${missing[*]}"
     $SUDO apt-get update -qq
@@ -317,6 +322,32 @@ keepalive() { # variant round
         $((h1 - h0)) "$conns" "${mark:+ (a build was running)}" | tee -a "$RAW" >&2
 }
 
+syscalls() { # variant: strace -c on the caller and the callee during a short wrk run
+    local v=$1 caller=${CALLER[$1]} sa se
+    strace -f -c -o "$TMP/strace-$v-caller.txt" -p "${PROC[$caller]}" 2>/dev/null &
+    sa=$!
+    strace -f -c -o "$TMP/strace-$v-callee.txt" -p "${PROC[callee]}" 2>/dev/null &
+    se=$!
+    PIDS+=("$sa" "$se")
+    sleep 1 # attached
+    wrk_run "$v" "$SYSCALL_SECS"
+    kill -INT "$sa" "$se"
+    wait "$sa" "$se" || true
+    local side f calls errs top
+    for side in caller callee; do
+        f="$TMP/strace-$v-$side.txt"
+        # The total line: % seconds usecs/call calls [errors] total.
+        calls=$(awk '$NF == "total" {print $4}' "$f")
+        errs=$(awk '$NF == "total" {print (NF == 6 ? $5 : 0)}' "$f")
+        top=$(awk '$1 ~ /^[0-9.]+$/ && $NF != "total" {print $NF "=" $4}' "$f" | sort -t= -k2 -gr | head -5 |
+            awk -F= -v n="$W_REQS" '{printf "%s%s:%.2f", (NR > 1 ? " " : ""), $1, $2 / n}')
+        add "sys|$v|$side" "$(awk -v c="${calls:-0}" -v n="$W_REQS" 'BEGIN {printf "%.2f", c / n}')"
+        add "syserr|$v|$side" "$(awk -v c="${errs:-0}" -v n="$W_REQS" 'BEGIN {printf "%.2f", c / n}')"
+        printf 'syscalls variant=%s process=%s requests=%s calls=%s errors=%s per_request: %s\n' \
+            "$v" "$side" "$W_REQS" "${calls:-0}" "${errs:-0}" "$top" | tee -a "$RAW" >&2
+    done
+}
+
 declare -A HS_ARGS=([plain]="ab" [new]="-new" [new-www]="-new -www /" [reuse-www]="-reuse -www /")
 HS_MODES=(plain new new-www reuse-www)
 handshakes() { # mode round
@@ -399,6 +430,8 @@ log "keep-alive: ${ROUNDS} rounds x ${#VARIANTS[@]} variants x ${DURATION}s"
 for ((r = 1; r <= ROUNDS; r++)); do
     for v in "${VARIANTS[@]}"; do keepalive "$v" "$r"; done
 done
+log "syscalls per request: strace -c during a ${SYSCALL_SECS}s run per variant"
+for v in "${VARIANTS[@]}"; do syscalls "$v"; done
 log "handshakes: ${ROUNDS} rounds x ${#HS_MODES[@]} s_time modes x ${HS_TIME}s"
 for ((r = 1; r <= ROUNDS; r++)); do
     for mode in "${HS_MODES[@]}"; do handshakes "$mode" "$r"; done
@@ -483,6 +516,16 @@ REPORT="$TMP/report.md"
     echo "(about $REQS_PER_RUN requests per mTLS run); the 2 s warm-ups before them, from fresh pools, made"
     echo "${WARM_HS[plaintext]} (plaintext) and ${WARM_HS[mtls]} (mtls). Hop connections: caller -> callee connections"
     echo "established (\`ss -p\`) by the variant's caller at the end of each run (median; after the warm-ups: $WARM_CONNS)."
+    echo
+    echo "Syscalls per request (\`strace -f -c\` attached to each proxy during one ${SYSCALL_SECS} s wrk run per"
+    echo "variant, after the timed rounds; strace slows the proxies, so these runs are not timed):"
+    echo
+    echo "| hop | caller: calls/request | of which returned an error | callee: calls/request | of which returned an error |"
+    echo "|---|---|---|---|---|"
+    for v in "${VARIANTS[@]}"; do
+        printf '| %s | %s | %s | %s | %s |\n' "$(label "$v")" "${R[sys|$v|caller]# }" "${R[syserr|$v|caller]# }" \
+            "${R[sys|$v|callee]# }" "${R[syserr|$v|callee]# }"
+    done
     echo
     echo "### Handshakes: \`openssl s_time -connect <callee inbound> -tls1_3 -cert caller.crt -key caller.key -CAfile root.crt -time $HS_TIME\`"
     echo
