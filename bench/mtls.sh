@@ -53,7 +53,8 @@
 # seconds), measures, prints the tables and appends them to bench/RESULTS.md. No
 # pass/fail. Takes about 2 minutes of measuring (ROUNDS=3) plus the build.
 #
-# Knobs (environment): ROUNDS=3 DURATION=10 CONNS=64 HS_TIME=5 SYSCALL_SECS=3 IDLE_WAIT=900
+# Knobs (environment): ROUNDS=3 DURATION=10 CONNS=64 HS_TIME=5 SYSCALL_SECS=3 IDLE_WAIT=900 FOREIGN_MAX=10 (% of a core other
+# processes may use for the machine to count as idle and a run as undisturbed)
 # APPEND=1 (0: print only) KEEP=0 (1: keep the temp dir with configs and logs).
 set -euo pipefail
 
@@ -104,6 +105,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
+FOREIGN_MAX=${FOREIGN_MAX:-10}
 
 log "building sluice-proxy (release)"
 nice -n 10 cargo build --release --locked -p sluice-proxy --bin sluice-proxy
@@ -259,6 +261,32 @@ probe=$(openssl s_client -connect 127.0.0.1:18201 -tls1_3 -cert "$PKI/caller.crt
 grep -q 'Protocol version: TLSv1.3' <<<"$probe" || die "openssl s_client cannot do mTLS with the callee: $probe"
 
 # --- helpers --------------------------------------------------------------------------
+# CPU used by processes outside the benchmark (a test binary that cargo started, another
+# benchmark...: busy() sees only cargo and rustc): the machine's user+nice+system ticks
+# minus those of our processes (proxies, nginx) and of this script's waited-for children
+# (wrk, s_time, ab, curl, strace), as % of one core over the interval.
+OURS=("${PROC[callee]}" "${PROC[caller-plain]}" "${PROC[caller-mtls]}" "$BACKEND_PID" $(pgrep -P "$BACKEND_PID"))
+foreign_ticks() {
+    local machine children
+    machine=$(awk '/^cpu / {print $2 + $3 + $4}' /proc/stat)
+    children=$(sed 's/^.*) //' "/proc/$$/stat" | awk '{print $14 + $15}')
+    echo $((machine - $(cpu_ticks "${OURS[@]}") - children))
+}
+foreign_begin() {
+    F_T0=$(date +%s%N)
+    F_0=$(foreign_ticks)
+}
+foreign_end() { # -> FOREIGN (% of a core), and marks the run disturbed past FOREIGN_MAX
+    local f1 t1
+    f1=$(foreign_ticks)
+    t1=$(date +%s%N)
+    FOREIGN=$(awk -v d=$((f1 - F_0)) -v hz="$(getconf CLK_TCK)" -v ns=$((t1 - F_T0)) \
+        'BEGIN {p = d / hz / (ns / 1e9) * 100; if (p < 0) p = 0; printf "%.0f", p}')
+    if [ "$FOREIGN" -gt "$FOREIGN_MAX" ] && [ -z "$mark" ]; then
+        mark="*"
+        DISTURBED=$((DISTURBED + 1))
+    fi
+}
 to_ms() { # wrk durations: 812.00us 1.23ms 1.02s 2.00m
     awk -v v="$1" 'BEGIN {
         n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
@@ -296,6 +324,7 @@ keepalive() { # variant round
     local v=$1 round=$2 caller=${CALLER[$1]} mark="" a0 a1 e0 e1 h0 h1 conns
     busy && mark="*" && DISTURBED=$((DISTURBED + 1))
     RUNS=$((RUNS + 1))
+    foreign_begin
     h0=$(mtls_accepted)
     a0=$(cpu_ticks "${PROC[$caller]}")
     e0=$(cpu_ticks "${PROC[callee]}")
@@ -304,6 +333,7 @@ keepalive() { # variant round
     e1=$(cpu_ticks "${PROC[callee]}")
     h1=$(mtls_accepted)
     conns=$(hop_conns "${PROC[$caller]}")
+    foreign_end
     local cpu_a cpu_e cpu_s
     cpu_a=$(per $((a1 - a0)) "$W_REQS")
     cpu_e=$(per $((e1 - e0)) "$W_REQS")
@@ -317,9 +347,9 @@ keepalive() { # variant round
     add "err|$v" $((W_NON2XX + W_SOCKERR))
     add "hs|$v" $((h1 - h0))
     add "conns|$v" "$conns"
-    printf 'keepalive round=%s variant=%s rps=%s p50=%sms p99=%sms requests=%s non2xx=%s sockerr=%s cpu_us_per_req caller=%s callee=%s sum=%s mtls_handshakes=%s hop_conns_established=%s%s\n' \
+    printf 'keepalive round=%s variant=%s rps=%s p50=%sms p99=%sms requests=%s non2xx=%s sockerr=%s cpu_us_per_req caller=%s callee=%s sum=%s mtls_handshakes=%s hop_conns_established=%s other_cpu=%s%%%s\n' \
         "$round" "$v" "$W_RPS" "$W_P50" "$W_P99" "$W_REQS" "$W_NON2XX" "$W_SOCKERR" "$cpu_a" "$cpu_e" "$cpu_s" \
-        $((h1 - h0)) "$conns" "${mark:+ (a build was running)}" | tee -a "$RAW" >&2
+        $((h1 - h0)) "$conns" "$FOREIGN" "${mark:+ (disturbed)}" | tee -a "$RAW" >&2
 }
 
 syscalls() { # variant: strace -c on the caller and the callee during a short wrk run
@@ -354,6 +384,7 @@ handshakes() { # mode round
     local mode=$1 round=$2 mark="" e0 e1 h0 h1 r0 r1 t0 t1 out n secs rate resumed cpu
     busy && mark="*" && DISTURBED=$((DISTURBED + 1))
     RUNS=$((RUNS + 1))
+    foreign_begin
     h0=$(mtls_accepted)
     r0=$(refused)
     e0=$(cpu_ticks "${PROC[callee]}")
@@ -371,6 +402,7 @@ handshakes() { # mode round
     fi
     t1=$(date +%s%N)
     e1=$(cpu_ticks "${PROC[callee]}")
+    foreign_end
     sleep 0.2 # the callee logs a refused handshake after the client has gone
     h1=$(mtls_accepted)
     r1=$(refused)
@@ -398,9 +430,9 @@ handshakes() { # mode round
     add "hsn|$mode" "$n"
     add "hsref|$mode" $((r1 - r0))
     add "hsacc|$mode" $((h1 - h0))
-    printf 'handshake round=%s mode="%s" connections=%s seconds=%s per_s=%s resumed=%s callee_mtls_detections=%s callee_refused=%s callee_cpu_us_per_conn=%s%s\n' \
+    printf 'handshake round=%s mode="%s" connections=%s seconds=%s per_s=%s resumed=%s callee_mtls_detections=%s callee_refused=%s callee_cpu_us_per_conn=%s other_cpu=%s%%%s\n' \
         "$round" "${HS_ARGS[$mode]}" "$n" "$secs" "$rate" "$resumed" $((h1 - h0)) $((r1 - r0)) "$cpu" \
-        "${mark:+ (a build was running)}" | tee -a "$RAW" >&2
+        "$FOREIGN" "${mark:+ (disturbed)}" | tee -a "$RAW" >&2
 }
 
 # --- wait for a quiet machine -------------------------------------------------------
@@ -410,9 +442,23 @@ while busy && [ $waited -lt "$IDLE_WAIT" ]; do
     sleep 15
     waited=$((waited + 15))
 done
+# ... and until other processes use less than FOREIGN_MAX % of a core (over 3 s).
+mark=""
+while :; do
+    foreign_begin
+    sleep 3
+    foreign_end
+    [ "$FOREIGN" -le "$FOREIGN_MAX" ] || [ $waited -ge "$IDLE_WAIT" ] && break
+    log "other processes use ${FOREIGN}% of a core; waiting (${waited}s of at most ${IDLE_WAIT}s)"
+    waited=$((waited + 3))
+done
+IDLE_AT_START=$FOREIGN
+mark=""
+DISTURBED=0
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 BUSY_AT_START=no
 busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyway (noted in the results)"
+[ "$IDLE_AT_START" -le "$FOREIGN_MAX" ] || BUSY_AT_START=yes
 
 # --- measure ------------------------------------------------------------------------
 VARIANTS=(plaintext mtls)
@@ -483,10 +529,13 @@ REPORT="$TMP/report.md"
     echo "(rustls, ring), the suite rustls prefers (AES-256-GCM unless the CPU lacks AES)."
     echo "Tools: $(nginx -v 2>&1 | sed 's/^nginx version: //'), wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}'), $(openssl version | cut -d' ' -f1-2)."
     echo "sluice-proxy from $BUILD_REV$([ "$BUILD_DIRTY" -gt 0 ] && echo " plus $BUILD_DIRTY uncommitted file(s)"), \`--threads 1 --no-access-log\`."
-    echo "Medians of $ROUNDS interleaved rounds. Load average at start: $LOADAVG (cargo/rustc running: $BUSY_AT_START)."
+    echo "Medians of $ROUNDS interleaved rounds. Load average at start: $LOADAVG; other processes used"
+    echo "$IDLE_AT_START% of a core just before (busy at start: $BUSY_AT_START). A run counts as disturbed when cargo/rustc"
+    echo "ran or other processes used more than $FOREIGN_MAX% of a core during it (\`other_cpu\` in the raw lines:"
+    echo "the machine's user+system time minus the benchmark's own processes')."
     if [ "$BUSY_AT_START" = yes ] || [ "$DISTURBED" -gt 0 ]; then
         echo
-        echo "**Caution:** a cargo/rustc build ran during $DISTURBED of $RUNS runs; those are disturbed (marked in the raw lines)."
+        echo "**Caution:** $DISTURBED of $RUNS runs were disturbed by other work on the machine (marked in the raw lines)."
     fi
     echo
     echo "### Keep-alive: \`wrk -t1 -c$CONNS -d${DURATION}s --latency -H '$HOSTHDR'\` against the caller"
