@@ -259,6 +259,7 @@ done
 probe=$(openssl s_client -connect 127.0.0.1:18201 -tls1_3 -cert "$PKI/caller.crt" -key "$PKI/caller.key" \
     -CAfile "$PKI/root.crt" -verify_return_error -brief </dev/null 2>&1 || true)
 grep -q 'Protocol version: TLSv1.3' <<<"$probe" || die "openssl s_client cannot do mTLS with the callee: $probe"
+CIPHER=$(awk -F': ' '/^Ciphersuite:/ {print $2}' <<<"$probe")
 
 # --- helpers --------------------------------------------------------------------------
 # CPU used by processes outside the benchmark (a test binary that cargo started, another
@@ -526,7 +527,7 @@ REPORT="$TMP/report.md"
     echo "\`callee\`, one route) -> nginx; one caller per variant, identical but for the backend's"
     echo "\`tls: {identity: \"$CALLEE_ID\"}\`, both with identities, the same callee (permissive)."
     echo "Certificates: openssl, P-256 root and leaves (ECDSA P-256 SHA-256 signatures); TLS 1.3"
-    echo "(rustls, ring), the suite rustls prefers (AES-256-GCM unless the CPU lacks AES)."
+    echo "(rustls with ring), ${CIPHER:-?} (what \`openssl s_client\` negotiates with the callee)."
     echo "Tools: $(nginx -v 2>&1 | sed 's/^nginx version: //'), wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}'), $(openssl version | cut -d' ' -f1-2)."
     echo "sluice-proxy from $BUILD_REV$([ "$BUILD_DIRTY" -gt 0 ] && echo " plus $BUILD_DIRTY uncommitted file(s)"), \`--threads 1 --no-access-log\`."
     echo "Medians of $ROUNDS interleaved rounds. Load average at start: $LOADAVG; other processes used"
