@@ -95,6 +95,8 @@ pub fn merge<'a>(
                     terminating: e.terminating,
                     pod: e.pod.clone(),
                     zone: e.zone.clone(),
+                    // Filled in by whoever knows the pods ([`crate::services`]).
+                    identity: String::new(),
                 });
             }
         }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod cli;
 pub mod diff;
 mod discovery;

@@ -106,6 +106,68 @@ impl LogArgs {
     }
 }
 
+/// `serve` as the mesh's certificate authority (`Identity.Certify`).
+#[derive(clap::Args)]
+struct CaArgs {
+    /// CA certificate (PEM) that signs workload certificates; in Kubernetes the
+    /// tls.crt of the `sluice-ca` Secret (`sluice-cp ca init` makes one).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Its private key (PKCS#8 PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The roots proxies trust (PEM bundle; default: --ca-cert). Holds the old and
+    /// the new root while the root rotates.
+    #[arg(long, requires = "ca_cert")]
+    trust_roots: Option<PathBuf>,
+    /// The trust domain of workload identities
+    /// (spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT).
+    #[arg(
+        long,
+        default_value = sluice_control_plane::ca::DEFAULT_TRUST_DOMAIN,
+        value_parser = sluice_control_plane::ca::parse_trust_domain
+    )]
+    trust_domain: String,
+    /// How long a workload certificate is valid (5m to 720h).
+    #[arg(long, default_value = "24h", value_parser = sluice_control_plane::ca::parse_ttl)]
+    cert_ttl: std::time::Duration,
+    /// Let callers holding the static --token-file token name their identity in
+    /// the CSR's URI SAN. For tests and development outside Kubernetes only: the
+    /// static token proves no workload.
+    #[arg(long, requires_all = ["ca_cert", "token_file"])]
+    static_token_identities: bool,
+}
+
+impl CaArgs {
+    fn config(self) -> Option<sluice_control_plane::ca::CaConfig> {
+        let (cert, key) = self.ca_cert.zip(self.ca_key)?;
+        Some(sluice_control_plane::ca::CaConfig {
+            cert,
+            key,
+            trust_roots: self.trust_roots,
+            trust_domain: self.trust_domain,
+            ttl: self.cert_ttl,
+            static_token_identities: self.static_token_identities,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new root CA (ECDSA P-256, 10 years) as ca.crt and ca.key in DIR,
+    /// for the `sluice-ca` Secret; never overwrites.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+        #[arg(
+            long,
+            default_value = sluice_control_plane::ca::DEFAULT_TRUST_DOMAIN,
+            value_parser = sluice_control_plane::ca::parse_trust_domain
+        )]
+        trust_domain: String,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve validated, versioned policy to every proxy (and optionally the webhook).
@@ -156,8 +218,13 @@ enum Command {
         #[command(flatten)]
         inject: InjectArgs,
         #[command(flatten)]
+        ca: Box<CaArgs>,
+        #[command(flatten)]
         log: LogArgs,
     },
+    /// The mesh's certificate authority (see docs/mtls.md).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Each connected proxy and the version it runs; the served version and source.
     Status {
         #[command(flatten)]
@@ -253,6 +320,7 @@ fn main() -> ExitCode {
             webhook,
             telemetry,
             inject,
+            ca,
             log,
         } => {
             if let Err(code) = log.init() {
@@ -283,10 +351,27 @@ fn main() -> ExitCode {
                     operators,
                     telemetry,
                     webhook,
+                    ca: ca.config(),
                 },
                 kubernetes,
             )
         }
+        Command::Ca(CaCommand::Init {
+            out_dir,
+            trust_domain,
+        }) => match sluice_control_plane::ca::init(&out_dir, &trust_domain) {
+            Ok(()) => {
+                println!(
+                    "wrote {0}/ca.crt and {0}/ca.key (keep the key secret; see docs/mtls.md)",
+                    out_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluice-cp: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Crd => {
             print!("{}", sluice_control_plane::kubernetes::crd_yaml());
             ExitCode::SUCCESS

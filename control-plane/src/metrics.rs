@@ -56,6 +56,9 @@ pub struct Metrics {
     token_reviews: IntCounterVec,
     webhook_reviews: IntCounterVec,
     status_writes: IntCounterVec,
+    /// The CA certificate's notAfter (`--ca-cert`; 0 without a CA).
+    pub ca_not_after: IntGauge,
+    certificate_requests: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -180,6 +183,18 @@ impl Metrics {
                 "result",
                 &STATUS_WRITE_RESULTS,
             )?,
+            ca_not_after: gauge(
+                r,
+                "sluice_cp_ca_not_after_timestamp_seconds",
+                "When the CA certificate that signs workload certificates expires (Unix seconds; 0 when the control plane is no CA).",
+            )?,
+            certificate_requests: counter_vec(
+                r,
+                "sluice_cp_certificate_requests_total",
+                "Workload certificate requests (Identity.Certify), by result (issued, refused, invalid, error).",
+                "result",
+                &crate::ca::CERTIFY_RESULTS,
+            )?,
             registry,
         })
     }
@@ -206,6 +221,12 @@ impl Metrics {
     /// Counts one status write; `result` is one of [`STATUS_WRITE_RESULTS`].
     pub fn status_written(&self, result: &'static str) {
         self.status_writes.with_label_values(&[result]).inc();
+    }
+
+    /// Counts one certificate request; `result` is one of
+    /// [`crate::ca::CERTIFY_RESULTS`].
+    pub fn certified(&self, result: &'static str) {
+        self.certificate_requests.with_label_values(&[result]).inc();
     }
 
     /// Prometheus text exposition of everything registered.
@@ -261,6 +282,11 @@ mod tests {
         for outcome in WEBHOOK_OUTCOMES {
             assert!(text.contains(&format!(
                 "sluice_cp_webhook_reviews_total{{outcome=\"{outcome}\"}} 0"
+            )));
+        }
+        for result in crate::ca::CERTIFY_RESULTS {
+            assert!(text.contains(&format!(
+                "sluice_cp_certificate_requests_total{{result=\"{result}\"}} 0"
             )));
         }
         for result in STATUS_WRITE_RESULTS {

@@ -34,8 +34,10 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 
 use crate::api::endpoint_discovery_server::EndpointDiscoveryServer;
+use crate::api::identity_server::IdentityServer;
 use crate::api::policy_discovery_server::PolicyDiscoveryServer;
 use crate::auth::{Authenticator, TokenReviewer};
+use crate::ca::{Authority, CaConfig, IdentityService};
 use crate::discovery::Discovery;
 use crate::endpoint_discovery::Endpoints;
 use crate::endpoints::EndpointStore;
@@ -72,6 +74,8 @@ pub struct ServeConfig {
     pub telemetry: Option<SocketAddr>,
     /// Also serve the sidecar-injecting admission webhook.
     pub webhook: Option<WebhookConfig>,
+    /// Be the mesh's certificate authority (`Identity.Certify`, [`crate::ca`]).
+    pub ca: Option<CaConfig>,
 }
 
 /// `serve --webhook`: where, with which certificate, injecting what.
@@ -319,6 +323,20 @@ pub async fn start(
         None => None,
     };
 
+    let authority = match &config.ca {
+        Some(ca) => {
+            let authority = Authority::load(ca)?;
+            metrics.ca_not_after.set(authority.ca_not_after_unix());
+            tracing::info!(
+                trust_domain = authority.trust_domain(),
+                ttl_secs = ca.ttl.as_secs(),
+                "issuing workload certificates"
+            );
+            Some(Arc::new(authority))
+        }
+        None => None,
+    };
+
     let store = Arc::new(Store::default());
     let watcher = match &config.policies {
         Some(dir) => {
@@ -347,6 +365,9 @@ pub async fn start(
                 Arc::clone(&endpoints),
                 client.clone(),
                 metrics.clone(),
+                // Endpoints name their pods' identities only when this control
+                // plane issues them.
+                config.ca.as_ref().map(|ca| ca.trust_domain.clone()),
             ));
         }
         // No cluster, no Services: subscriptions are answered at once, empty.
@@ -383,6 +404,15 @@ pub async fn start(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let identity_service = IdentityServer::new(IdentityService {
+        authority,
+        auth: Arc::clone(&auth),
+        static_token_identities: config
+            .ca
+            .as_ref()
+            .is_some_and(|c| c.static_token_identities),
+        metrics: metrics.clone(),
+    });
     let service = PolicyDiscoveryServer::new(Discovery {
         store: Arc::clone(&store),
         nonce: AtomicU64::new(0),
@@ -394,7 +424,10 @@ pub async fn start(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = builder.add_service(service).add_service(endpoint_service);
+    let router = builder
+        .add_service(service)
+        .add_service(endpoint_service)
+        .add_service(identity_service);
     let stopped = until_stopped(stopping.clone());
     type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
     let serving: Serving = match tls {

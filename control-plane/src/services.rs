@@ -12,12 +12,22 @@
 //! (ports, addresses, conditions), not the objects. A Service without slices has an
 //! empty set; slices without their Service are kept but serve nothing until it exists
 //! (their ports cannot be resolved without it).
+//!
+//! When the control plane is the mesh's CA, each endpoint also carries the
+//! identity its pod's certificate will name: meshed pods (labelled
+//! `sluice.dev/proxy=injected`, and whose proxy asks for a certificate,
+//! `--identity-from-control-plane`) are watched, and only their service accounts
+//! kept (pod → identity), so memory follows the meshed pods, not the cluster.
+//! A pod meshed without a certificate (injected before mTLS) gets no identity, so
+//! its callers keep speaking plain to it. Nothing is published before the pods are
+//! listed too: a set first sent without identities would have proxies connect in
+//! plain text for a moment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
@@ -25,6 +35,46 @@ use kube::runtime::WatchStreamExt;
 
 use crate::endpoints::{merge, EndpointStore, ServicePort, Slice, SliceEndpoint, SlicePort};
 use crate::metrics::Metrics;
+
+/// The proxy flag that makes a pod's proxy get a certificate (see the injector).
+pub const IDENTITY_FLAG: &str = "--identity-from-control-plane";
+/// Most meshed pods whose identities are kept (beyond it, new ones get none and a
+/// warning is logged: their callers speak plain to them).
+pub const MAX_MESHED_PODS: usize = 200_000;
+
+/// The identity of a meshed pod that gets a certificate from the control plane,
+/// `spiffe://TD/ns/NS/sa/SA`; `None` for any other pod.
+pub fn pod_identity(pod: &Pod, trust_domain: &str) -> Option<String> {
+    let injected = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(crate::inject::INJECTED_LABEL))
+        .is_some_and(|v| v == "injected");
+    let spec = pod.spec.as_ref()?;
+    let certified = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .filter(|c| c.name == crate::inject::PROXY_CONTAINER)
+        .any(|c| c.args.iter().flatten().any(|a| a == IDENTITY_FLAG));
+    if !(injected && certified) {
+        return None;
+    }
+    let namespace = pod.metadata.namespace.as_deref()?;
+    // The API server fills in "default"; an object without it means the same.
+    let service_account = spec
+        .service_account_name
+        .as_deref()
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or("default");
+    Some(crate::ca::spiffe_id(
+        trust_domain,
+        namespace,
+        service_account,
+    ))
+}
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -115,6 +165,10 @@ struct Index {
     slices: BTreeMap<String, Slice>,
     /// Slice keys by Service key.
     by_service: BTreeMap<String, BTreeSet<String>>,
+    /// Meshed pods' identities, by pod key (only with a CA).
+    identities: BTreeMap<String, String>,
+    /// Slice keys by the pod keys of their endpoints.
+    by_pod: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Index {
@@ -137,6 +191,14 @@ impl Index {
                     self.by_service.remove(&old.service);
                 }
             }
+            for e in old.endpoints.iter().filter(|e| !e.pod.is_empty()) {
+                if let Some(keys) = self.by_pod.get_mut(&e.pod) {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        self.by_pod.remove(&e.pod);
+                    }
+                }
+            }
             affected.push(old.service);
         }
         if let Some(new) = slice {
@@ -144,10 +206,51 @@ impl Index {
                 .entry(new.service.clone())
                 .or_default()
                 .insert(key.clone());
+            for e in new.endpoints.iter().filter(|e| !e.pod.is_empty()) {
+                self.by_pod
+                    .entry(e.pod.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
             affected.push(new.service.clone());
             self.slices.insert(key, new);
         }
         affected
+    }
+
+    /// Sets (or with `None` removes) a pod's identity; returns the Services whose
+    /// endpoints it is (none when its identity did not change).
+    fn pod(&mut self, key: String, identity: Option<String>) -> Vec<String> {
+        let changed = match identity {
+            Some(id) if self.identities.get(&key) != Some(&id) => {
+                if self.identities.len() >= MAX_MESHED_PODS && !self.identities.contains_key(&key) {
+                    tracing::warn!(
+                        pod = key.as_str(),
+                        kept = MAX_MESHED_PODS,
+                        "too many meshed pods: this one's callers are given no identity for it"
+                    );
+                    return Vec::new();
+                }
+                self.identities.insert(key.clone(), id);
+                true
+            }
+            Some(_) => false,
+            None => self.identities.remove(&key).is_some(),
+        };
+        if !changed {
+            return Vec::new();
+        }
+        self.services_of_pod(&key)
+    }
+
+    fn services_of_pod(&self, pod: &str) -> Vec<String> {
+        self.by_pod
+            .get(pod)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .map(|s| s.service.clone())
+            .collect()
     }
 
     /// Offers each affected Service's set to the store.
@@ -161,7 +264,13 @@ impl Index {
                         .into_iter()
                         .flatten()
                         .filter_map(|k| self.slices.get(k));
-                    store.put(&service, merge(ports, slices)).is_some()
+                    let mut endpoints = merge(ports, slices);
+                    for e in &mut endpoints {
+                        if let Some(id) = self.identities.get(&e.pod) {
+                            e.identity.clone_from(id);
+                        }
+                    }
+                    store.put(&service, endpoints).is_some()
                 }
                 None => store.remove(&service),
             };
@@ -198,11 +307,19 @@ fn change<K: kube::Resource, T>(event: Event<K>, keep: impl Fn(&K) -> T) -> Chan
 enum Update {
     Service(Result<Change<Vec<ServicePort>>, watcher::Error>),
     Slice(Result<Change<Option<Slice>>, watcher::Error>),
+    Pod(Result<Change<Option<String>>, watcher::Error>),
 }
 
 /// Lists and watches Services and EndpointSlices until the streams end (never,
-/// under normal operation: errors are retried with backoff).
-pub async fn follow(store: Arc<EndpointStore>, client: kube::Client, metrics: Metrics) {
+/// under normal operation: errors are retried with backoff); with a
+/// `trust_domain` (the control plane is a CA), meshed pods too, for the
+/// endpoints' identities.
+pub async fn follow(
+    store: Arc<EndpointStore>,
+    client: kube::Client,
+    metrics: Metrics,
+    trust_domain: Option<String>,
+) {
     let services = watcher::watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -210,12 +327,24 @@ pub async fn follow(store: Arc<EndpointStore>, client: kube::Client, metrics: Me
     .default_backoff()
     .map(|e| Update::Service(e.map(|e| change(e, service_ports))));
     let slices = watcher::watcher(
-        Api::<EndpointSlice>::all(client),
+        Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
     .map(|e| Update::Slice(e.map(|e| change(e, slice))));
     let mut events = futures::stream::select(services, slices).boxed();
+    let mut pods_listed = trust_domain.is_none();
+    if let Some(td) = trust_domain {
+        let selector = format!("{}=injected", crate::inject::INJECTED_LABEL);
+        let pods = watcher::watcher(
+            Api::<Pod>::all(client),
+            watcher::Config::default().labels(&selector),
+        )
+        .default_backoff()
+        .map(move |e| Update::Pod(e.map(|e| change(e, |p| pod_identity(p, &td)))));
+        events = futures::stream::select(events, pods).boxed();
+    }
+    let mut listing_pods: Option<BTreeMap<String, String>> = None;
     let mut index = Index::default();
     // A relist in progress: the objects listed so far (they replace the index's
     // at its end, so a Service deleted while the watch was down goes too).
@@ -267,18 +396,41 @@ pub async fn follow(store: Arc<EndpointStore>, client: kube::Client, metrics: Me
                 Change::Apply(k, kept) => affected.extend(index.slice(k, kept)),
                 Change::Delete(k) => affected.extend(index.slice(k, None)),
             },
+            Update::Pod(Ok(event)) => match event {
+                Change::Init => listing_pods = Some(BTreeMap::new()),
+                Change::InitApply(k, id) => {
+                    if let (Some(list), Some(id)) = (listing_pods.as_mut(), id) {
+                        list.insert(k, id);
+                    }
+                }
+                Change::InitDone => {
+                    let listed = listing_pods.take().unwrap_or_default();
+                    let old: Vec<String> = index.identities.keys().cloned().collect();
+                    for k in old {
+                        if !listed.contains_key(&k) {
+                            affected.extend(index.pod(k, None));
+                        }
+                    }
+                    for (k, id) in listed {
+                        affected.extend(index.pod(k, Some(id)));
+                    }
+                    pods_listed = true;
+                }
+                Change::Apply(k, id) => affected.extend(index.pod(k, id)),
+                Change::Delete(k) => affected.extend(index.pod(k, None)),
+            },
             // Retried with backoff by the watcher; the sets served stay as they were.
-            Update::Service(Err(e)) | Update::Slice(Err(e)) => {
+            Update::Service(Err(e)) | Update::Slice(Err(e)) | Update::Pod(Err(e)) => {
                 metrics.endpoint_watch_restarts.inc();
                 tracing::warn!(
                     error = &e as &dyn std::error::Error,
-                    "kubernetes watch of Services or EndpointSlices failed; retrying"
+                    "kubernetes watch of Services, EndpointSlices or meshed Pods failed; retrying"
                 );
             }
         }
         // Before both lists are complete a Service may look endpoint-less only
         // because its slices are not listed yet: publish nothing until then.
-        if services_listed && slices_listed {
+        if services_listed && slices_listed && pods_listed {
             if !store.synced() {
                 affected.extend(index.services.keys().cloned());
             }
@@ -366,5 +518,70 @@ mod tests {
         assert!(!index.by_service.contains_key("shop/a"));
         assert_eq!(index.slice("shop/s1".into(), None), ["shop/b"]);
         assert!(index.by_service.is_empty());
+    }
+
+    #[test]
+    fn only_meshed_pods_with_a_certificate_have_an_identity() {
+        let pod = |labels: serde_json::Value, args: serde_json::Value, sa: Option<&str>| -> Pod {
+            let mut spec = json!({"initContainers": [{"name": "sluice-proxy", "args": args}],
+                "containers": [{"name": "app"}]});
+            if let Some(sa) = sa {
+                spec["serviceAccountName"] = json!(sa);
+            }
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "shop", "labels": labels}, "spec": spec}))
+            .unwrap()
+        };
+        let meshed = json!({"sluice.dev/proxy": "injected"});
+        let certified = json!(["--identity-from-control-plane"]);
+        assert_eq!(
+            pod_identity(
+                &pod(meshed.clone(), certified.clone(), Some("reviews")),
+                "td"
+            ),
+            Some("spiffe://td/ns/shop/sa/reviews".into())
+        );
+        assert_eq!(
+            pod_identity(&pod(meshed.clone(), certified.clone(), None), "td"),
+            Some("spiffe://td/ns/shop/sa/default".into())
+        );
+        assert_eq!(
+            pod_identity(&pod(meshed, json!(["--token-file", "t"]), None), "td"),
+            None
+        );
+        assert_eq!(pod_identity(&pod(json!({}), certified, None), "td"), None);
+    }
+
+    #[test]
+    fn a_pod_meshed_or_gone_affects_the_services_it_serves() {
+        let mut index = Index::default();
+        let mut s = slice(
+            &serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "reviews-a", "namespace": "shop",
+                    "labels": {"kubernetes.io/service-name": "reviews"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": ["10.0.0.1"],
+                    "targetRef": {"kind": "Pod", "namespace": "shop", "name": "reviews-0"}}],
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        index.slice("shop/reviews-a".into(), Some(s.clone()));
+        let id = Some("spiffe://td/ns/shop/sa/r".to_owned());
+        assert_eq!(
+            index.pod("shop/reviews-0".into(), id.clone()),
+            ["shop/reviews"]
+        );
+        assert!(
+            index.pod("shop/reviews-0".into(), id).is_empty(),
+            "unchanged"
+        );
+        assert!(index.pod("shop/other".into(), None).is_empty());
+        // The slice moves on: the pod no longer affects the Service.
+        s.endpoints.clear();
+        index.slice("shop/reviews-a".into(), Some(s));
+        assert!(index.pod("shop/reviews-0".into(), None).is_empty());
+        assert!(index.by_pod.is_empty());
     }
 }

@@ -53,6 +53,7 @@ async fn status_diff_history_and_rollback_work_against_a_server() {
         operators: Vec::new(),
         telemetry: None,
         webhook: None,
+        ca: None,
     };
     let running = start(config, async {
         let _ = stopped.await;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_apiserver::{endpoint_slice, service, FakeApiServer, Kind};
+use fake_apiserver::{endpoint_slice, pod, service, FakeApiServer, Kind};
 use serde_json::json;
 use sluice_control_plane::api::endpoint_discovery_client::EndpointDiscoveryClient;
 use sluice_control_plane::api::policy_discovery_client::PolicyDiscoveryClient;
@@ -35,6 +35,15 @@ async fn serve(
     fake: &Arc<FakeApiServer>,
     dir: &Path,
 ) -> (Running, tokio::sync::oneshot::Sender<()>) {
+    serve_with(fake, dir, None).await
+}
+
+/// The same, as the mesh's CA (trust domain `mesh.test`), or not.
+async fn serve_with(
+    fake: &Arc<FakeApiServer>,
+    dir: &Path,
+    ca: Option<sluice_control_plane::ca::CaConfig>,
+) -> (Running, tokio::sync::oneshot::Sender<()>) {
     let (url, _) = fake.start().await;
     std::fs::write(dir.join("token"), OPERATOR_TOKEN).expect("token");
     let config = ServeConfig {
@@ -48,6 +57,7 @@ async fn serve(
         operators: Vec::new(),
         telemetry: None,
         webhook: None,
+        ca,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = start(config, async {
@@ -441,4 +451,89 @@ async fn an_unauthenticated_stream_is_refused() {
     );
     let _ = stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `(ip, identity)` of a Service's set in `update`.
+fn identities_of(update: &EndpointsUpdate, service: &str) -> Vec<(String, String)> {
+    update
+        .sets
+        .iter()
+        .find(|s| s.service == service)
+        .unwrap_or_else(|| panic!("{service} not in {update:?}"))
+        .endpoints
+        .iter()
+        .map(|e| (e.ip.clone(), e.identity.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshed_pods_endpoints_carry_their_service_accounts_identity() {
+    let fake = Arc::new(FakeApiServer::default());
+    fake.add_token(PROXY_TOKEN, "sluice", "shop", "client", "client-0");
+    fake.apply(service("shop", "reviews", &[("http", 80, json!("http"))]));
+    fake.apply(reviews_slice(&[
+        ("127.0.0.1", true),
+        ("127.0.0.2", true),
+        ("127.0.0.3", true),
+    ]));
+    // reviews-1 is meshed with a certificate; reviews-2 is meshed by an older
+    // injector (no certificate), reviews-3 not at all.
+    fake.apply(pod("shop", "reviews-1", "reviews-sa", true));
+    let mut old = pod("shop", "reviews-2", "reviews-sa", true);
+    old["spec"]["initContainers"][0]["args"] = json!(["--token-file", "/t"]);
+    fake.apply(old);
+    fake.apply(pod("shop", "reviews-3", "reviews-sa", false));
+    let dir = temp("identities");
+    sluice_control_plane::ca::init(&dir.join("ca"), "mesh.test").expect("ca");
+    let ca = sluice_control_plane::ca::CaConfig {
+        cert: dir.join("ca/ca.crt"),
+        key: dir.join("ca/ca.key"),
+        trust_roots: None,
+        trust_domain: "mesh.test".into(),
+        ttl: Duration::from_secs(3600),
+        static_token_identities: false,
+    };
+    let (running, _stop) = serve_with(&fake, &dir, Some(ca)).await;
+    let mut proxy = subscribe(&running, Some(PROXY_TOKEN), &["shop/reviews"])
+        .await
+        .expect("subscribed");
+    let first = proxy.next().await;
+    let id = "spiffe://mesh.test/ns/shop/sa/reviews-sa".to_owned();
+    assert_eq!(
+        identities_of(&first, "shop/reviews"),
+        [
+            ("127.0.0.1".to_owned(), id.clone()),
+            ("127.0.0.2".to_owned(), String::new()),
+            ("127.0.0.3".to_owned(), String::new()),
+        ]
+    );
+    proxy.answer(&first, "").await;
+
+    // A pod meshed later changes its Service's set; one going away too.
+    fake.apply(pod("shop", "reviews-3", "reviews-sa", true));
+    let update = proxy.next().await;
+    assert_eq!(identities_of(&update, "shop/reviews")[2].1, id);
+    proxy.answer(&update, "").await;
+    assert!(fake.delete(Kind::Pod, "shop", "reviews-1"));
+    let update = proxy.next().await;
+    assert_eq!(identities_of(&update, "shop/reviews")[0].1, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_ca_no_endpoint_carries_an_identity() {
+    let fake = Arc::new(FakeApiServer::default());
+    fake.add_token(PROXY_TOKEN, "sluice", "shop", "client", "client-0");
+    fake.apply(service("shop", "reviews", &[("http", 80, json!("http"))]));
+    fake.apply(reviews_slice(&[("127.0.0.1", true)]));
+    fake.apply(pod("shop", "reviews-1", "reviews-sa", true));
+    let dir = temp("no-identities");
+    let (running, _stop) = serve(&fake, &dir).await;
+    let mut proxy = subscribe(&running, Some(PROXY_TOKEN), &["shop/reviews"])
+        .await
+        .expect("subscribed");
+    let first = proxy.next().await;
+    assert_eq!(
+        identities_of(&first, "shop/reviews"),
+        [("127.0.0.1".to_owned(), String::new())]
+    );
 }

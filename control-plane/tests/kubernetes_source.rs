@@ -164,6 +164,7 @@ async fn follows_custom_resources_through_a_broken_watch() {
         operators: Vec::new(),
         telemetry: None,
         webhook: None,
+        ca: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = start(config, async {

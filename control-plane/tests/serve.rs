@@ -37,6 +37,7 @@ async fn serve(
         operators: Vec::new(),
         telemetry: None,
         webhook: None,
+        ca: None,
     };
     config(&mut c);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -300,6 +300,7 @@ async fn follower(
             operators: Vec::new(),
             telemetry: None,
             webhook: None,
+            ca: None,
         },
         async {
             let _ = stopped.await;

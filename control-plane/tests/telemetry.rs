@@ -51,6 +51,7 @@ async fn serve(
         operators: Vec::new(),
         telemetry: Some("127.0.0.1:0".parse().expect("addr")),
         webhook: None,
+        ca: None,
     };
     config(&mut c);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -152,6 +152,7 @@ mod through_the_api {
             operators: vec!["sluice-system/sluice-operator".into()],
             telemetry: None,
             webhook: None,
+            ca: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = start(config, async {

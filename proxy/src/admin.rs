@@ -27,6 +27,11 @@ pub struct Admin {
     pub listeners: Vec<std::net::SocketAddr>,
     /// What this listener serves.
     pub scope: Scope,
+    /// The workload identity comes from the control plane: not ready until the
+    /// first certificate is in (as Linkerd's proxy), so that a strict peer never
+    /// sees this pod's traffic in plaintext and its inbound listener can answer
+    /// meshed callers from its first request.
+    pub needs_identity: bool,
 }
 
 /// What an admin-style listener serves.
@@ -135,10 +140,19 @@ fn access(rt: &crate::runtime::Runtime) -> serde_json::Value {
 }
 
 impl Admin {
-    /// The proxy's own workload identity (its SPIFFE ID and certificate), for
-    /// `/config_dump`: `null` until the transport (mTLS) side provides it.
+    /// The proxy's own workload identity for `/config_dump`: its SPIFFE ID and
+    /// when its certificate expires; `null` without one (no mTLS).
     fn identity(&self) -> serde_json::Value {
-        serde_json::Value::Null
+        match self.shared.identity.current() {
+            Some(active) => serde_json::json!({
+                "id": active.identity.to_string(),
+                "not_after_unix": active
+                    .not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            }),
+            None => serde_json::Value::Null,
+        }
     }
 
     /// The global rate limits' state: whether Redis answers, and per route its
@@ -198,6 +212,11 @@ impl Admin {
                     503,
                     "text/plain",
                     b"not ready: no valid policy loaded yet\n".to_vec(),
+                ),
+                _ if self.needs_identity && self.shared.identity.current().is_none() => reply(
+                    503,
+                    "text/plain",
+                    b"not ready: no workload certificate from the control plane yet\n".to_vec(),
                 ),
                 _ if closed_listener(&self.listeners).is_some() => reply(
                     503,

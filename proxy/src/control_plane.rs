@@ -131,6 +131,45 @@ impl Interceptor for Bearer {
     }
 }
 
+async fn endpoint(url: &str, ca: Option<&Ca>) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if url.starts_with("https://") {
+        // No system roots are built in: the control plane's CA is named, never
+        // guessed, so a certificate from anyone else's CA is refused.
+        let pem = match ca {
+            Some(Ca::File(path)) => tokio::fs::read(path).await?,
+            Some(Ca::Pem(pem)) => pem.clone().into_bytes(),
+            None => anyhow::bail!("{url} is https: name its CA with --ca-file or $SLUICE_CA_PEM"),
+        };
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint)
+}
+
+/// A channel to the control plane at `url` (https:// checked against `ca`) and the
+/// bearer token of `token_file` for every call. The token file is read on each
+/// connection, so a rotated token is picked up by the next reconnect.
+pub async fn connect(
+    url: &str,
+    ca: Option<&Ca>,
+    token_file: Option<&Path>,
+) -> anyhow::Result<(Channel, Bearer)> {
+    let channel = endpoint(url, ca).await?.connect().await?;
+    let token = match token_file {
+        Some(path) => Some(tokio::fs::read_to_string(path).await?.trim().to_owned()),
+        None => None,
+    };
+    let header = token
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
+    Ok((channel, Bearer(header)))
+}
+
 /// Writes what the proxy holds (multi-document YAML, after a comment naming where
 /// it came from).
 fn persist(dir: &Path, url: &str, yaml: &str) -> std::io::Result<()> {
@@ -298,43 +337,11 @@ impl ControlPlaneSource {
         result == ReloadResult::Accepted
     }
 
-    async fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        let mut endpoint = Endpoint::from_shared(self.url.clone())?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
-        if self.url.starts_with("https://") {
-            // No system roots are built in: the control plane's CA is named, never
-            // guessed, so a certificate from anyone else's CA is refused.
-            let pem = match &self.ca {
-                Some(Ca::File(path)) => tokio::fs::read(path).await?,
-                Some(Ca::Pem(pem)) => pem.clone().into_bytes(),
-                None => anyhow::bail!(
-                    "{} is https: name its CA with --ca-file or $SLUICE_CA_PEM",
-                    self.url
-                ),
-            };
-            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        Ok(endpoint)
-    }
-
     /// A channel to the control plane (TLS as configured) and the credentials every
-    /// call carries: shared by the policy stream and the endpoints stream
-    /// (`discovery`). The token file is read on each connection, so a rotated
-    /// token is picked up by the next reconnect.
+    /// call carries: shared by the policy stream, the endpoints stream
+    /// (`discovery`) and certificate requests (`issuer`).
     pub async fn connect(&self) -> anyhow::Result<(Channel, Bearer)> {
-        let channel = self.endpoint().await?.connect().await?;
-        let token = match &self.token_file {
-            Some(path) => Some(tokio::fs::read_to_string(path).await?.trim().to_owned()),
-            None => None,
-        };
-        let header = token
-            .map(|t| format!("Bearer {t}").parse())
-            .transpose()
-            .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
-        Ok((channel, Bearer(header)))
+        connect(&self.url, self.ca.as_ref(), self.token_file.as_deref()).await
     }
 
     /// The first message of a stream: who this proxy is, what it wants, and what

@@ -89,6 +89,14 @@ fn endpoint(service: &str, e: &api::Endpoint) -> Result<PodEndpoint, String> {
         terminating: e.terminating,
         pod: e.pod.clone(),
         zone: e.zone.clone(),
+        identity: match e.identity.as_str() {
+            "" => None,
+            id => Some(
+                crate::identity::PeerIdentity::parse(id)
+                    .map_err(|bad| format!("service {service:?}: {bad}"))?
+                    .id,
+            ),
+        },
     })
 }
 

@@ -86,11 +86,13 @@ pub struct EndpointsRule {
 }
 
 /// One address of a backend and whether it is draining (still serving, not ready:
-/// it takes new requests only when nothing available is left).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// it takes new requests only when nothing available is left), and the workload
+/// identity of a meshed pod (from the control plane's endpoints).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Member {
     pub addr: SocketAddr,
     pub draining: bool,
+    pub identity: Option<Arc<str>>,
 }
 
 impl Member {
@@ -99,6 +101,7 @@ impl Member {
         Member {
             addr,
             draining: false,
+            identity: None,
         }
     }
 }
@@ -128,6 +131,8 @@ struct Resolved {
     addrs: Vec<SocketAddr>,
     /// Per address of `addrs`, whether it is draining.
     draining: Vec<bool>,
+    /// Per address of `addrs`, the identity of its pod when it is meshed.
+    identities: Vec<Option<Arc<str>>>,
     upstream: Arc<CounterCache>,
 }
 

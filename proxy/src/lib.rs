@@ -25,13 +25,15 @@
 //!   the control plane's answer about it ([`demand`], asked by [`phases`]' `discover`);
 //! - a `service:` backend's pods come from the control plane's endpoint stream
 //!   ([`discovery`], kept in [`services`]) and are swapped into the live snapshot's
-//!   endpoints like DNS answers ([`tasks`]), without a reload.
+//!   endpoints like DNS answers ([`tasks`]), without a reload;
+//! - the proxy's workload identity for mTLS ([`identity`]) comes from files or from
+//!   the control plane's CA ([`issuer`], renewed before it expires).
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
 //! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`, `authz`,
 //! `endpoints`, `resolve`, `services`, `globallimit`, `tcplimit`...) < runtime (`runtime`, `shared`) < engine
-//! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `admin`,
-//! `shutdown`; `main.rs` above all).
+//! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `issuer`,
+//! `admin`, `shutdown`; `main.rs` above all).
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
@@ -58,6 +60,7 @@ pub mod hashring;
 pub mod health;
 pub mod identity;
 pub mod iptables;
+pub mod issuer;
 pub mod listeners;
 pub mod metrics;
 pub mod opaque;

@@ -98,6 +98,19 @@ struct Args {
     /// cannot mount a ConfigMap of the control plane's namespace).
     #[arg(long, env = "SLUICE_CA_PEM", hide_env_values = true)]
     ca_pem: Option<String>,
+    /// Get this workload's certificate (mTLS, docs/mtls.md) from the control plane's
+    /// CA, with the --token-file token, and renew it before it expires.
+    #[arg(long, requires = "control_plane", conflicts_with = "identity_cert")]
+    identity_from_control_plane: bool,
+    /// The identity to ask for (spiffe://TD/ns/NS/sa/SA); only a control plane with
+    /// --static-token-identities heeds it (tests, development), others take the
+    /// identity from the token.
+    #[arg(
+        long,
+        value_name = "SPIFFE_ID",
+        requires = "identity_from_control_plane"
+    )]
+    identity_request: Option<String>,
     /// The HTTP listener.
     #[arg(long, default_value = "127.0.0.1:15001")]
     listen: SocketAddr,
@@ -581,6 +594,7 @@ fn main() -> ExitCode {
     ] {
         let Some(bound) = bound else { continue };
         let admin = Admin {
+            needs_identity: args.identity_from_control_plane,
             shared: Arc::clone(&shared),
             listeners: served.clone(),
             scope,
@@ -652,6 +666,21 @@ fn main() -> ExitCode {
                 shared: Arc::clone(&shared),
                 redis,
                 timeout: args.redis_timeout,
+            },
+        ));
+    }
+    // The workload's certificate from the control plane's CA, kept fresh.
+    if let (true, Some(source)) = (args.identity_from_control_plane, &control_plane) {
+        server.add_service(background_service(
+            "identity",
+            sluice_proxy::issuer::RenewIdentity {
+                renewal: sluice_proxy::issuer::Renewal {
+                    url: source.url.clone(),
+                    ca: source.ca.clone(),
+                    token_file: source.token_file.clone(),
+                    requested: args.identity_request.clone(),
+                },
+                tls: Arc::clone(&shared.identity),
             },
         ));
     }

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub dns_lookups: IntCounterVec,
     pub backend_ejections: IntCounterVec,
     pub control_plane_connected: IntGauge,
+    /// When this proxy's workload certificate expires (0: it has none).
+    pub identity_expiry: IntGauge,
     pub endpoints_stream_connected: IntGauge,
     pub endpoint_updates: IntCounterVec,
     pub passthrough: IntCounterVec,
@@ -121,6 +123,11 @@ impl Metrics {
             "1 while the proxy holds a policy stream to the control plane.",
         )?;
         r.register(Box::new(control_plane_connected.clone()))?;
+        let identity_expiry = IntGauge::new(
+            "sluice_identity_expiry_timestamp_seconds",
+            "When this proxy's workload (mTLS) certificate expires, in Unix seconds; 0 without one.",
+        )?;
+        r.register(Box::new(identity_expiry.clone()))?;
         let endpoints_stream_connected = IntGauge::new(
             "sluice_endpoints_stream_connected",
             "1 while the proxy holds an endpoints stream to the control plane.",
@@ -341,6 +348,7 @@ impl Metrics {
             global_redis_up,
             inflight,
             control_plane_connected,
+            identity_expiry,
             endpoints_stream_connected,
             registry,
         })

@@ -193,6 +193,8 @@ pub async fn proxy(
             // Outbound without an original destination (a connection made to the
             // proxy itself), or inbound to one of the proxy's own ports.
             Err("no_destination")
+        } else if plaintext_refused(side, policy) {
+            Err("mtls_required")
         } else {
             admit(policy)
         };
@@ -310,6 +312,16 @@ fn admit(
         )),
         Err(refused) => Err(refused.as_str()),
     }
+}
+
+/// An inbound opaque connection is plaintext (a meshed caller's TLS is HTTP,
+/// sorted before): `strict` mTLS (the policy's, else the listener's default)
+/// refuses it (counted `mtls_required`); in shadow mode it is let through.
+fn plaintext_refused(side: &Side, policy: Option<&PolicyRuntime>) -> bool {
+    side.direction == Direction::Inbound
+        && policy.map_or(side.mtls_default, |p| p.access.mode(side.mtls_default))
+            == sluice_policy::MtlsMode::Strict
+        && !policy.is_some_and(|p| p.mode == Mode::Shadow)
 }
 
 /// The policy governing a connection to `dst`: inbound, the listener's; outbound,

@@ -50,6 +50,9 @@ pub struct PodEndpoint {
     /// `namespace/name` of the pod, for /config_dump.
     pub pod: String,
     pub zone: String,
+    /// The workload identity of a meshed pod (a checked SPIFFE ID): attempts to it
+    /// speak mTLS and check its certificate names it.
+    pub identity: Option<Arc<str>>,
 }
 
 /// Every endpoint of one Service, and the control plane's version of the set.
@@ -74,6 +77,7 @@ impl ServiceSet {
             .map(|e| Member {
                 addr: SocketAddr::new(e.ip, e.target_port),
                 draining: !e.ready,
+                identity: e.identity.clone(),
             })
             .collect()
     }
@@ -163,6 +167,7 @@ mod tests {
             terminating: !ready,
             pod: format!("default/reviews-{last}"),
             zone: String::new(),
+            identity: None,
         }
     }
 
@@ -206,6 +211,7 @@ mod tests {
             Member {
                 addr: addr(2, 8080),
                 draining: true,
+                identity: None,
             },
         ];
         assert_eq!(by_number, Some(expected.clone()));

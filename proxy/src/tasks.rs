@@ -49,6 +49,15 @@ impl<F: Fn() + Send + Sync + 'static> BackgroundService for Every<F> {
 pub fn housekeeping(shared: &Shared, n: u64, now: Instant) {
     let runtime = shared.runtime.load_full();
     let metrics = &shared.metrics;
+    // Read here rather than set by each source that installs an identity (files,
+    // the control plane): one place, at most a second late.
+    let expiry = shared.identity.current().map_or(0, |active| {
+        active
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    });
+    metrics.identity_expiry.set(expiry);
     for (policy, endpoints) in runtime
         .policies
         .iter()

@@ -50,6 +50,7 @@ impl ControlPlane {
                 operators: Vec::new(),
                 telemetry: None,
                 webhook: None,
+                ca: None,
             };
             match start(config, async {
                 let _ = stopped.await;
@@ -531,6 +532,7 @@ async fn a_proxy_with_its_service_account_token_gets_policies_over_tls() {
             operators: Vec::new(),
             telemetry: None,
             webhook: None,
+            ca: None,
         },
         async {
             let _ = stopped.await;

@@ -119,6 +119,7 @@ fn update(version: u64, pods: &[(SocketAddr, bool)]) -> api::EndpointsUpdate {
             terminating: !*ready,
             pod: format!("default/reviews-{}", addr.ip()),
             zone: String::new(),
+            identity: String::new(),
         })
         .collect();
     api::EndpointsUpdate {

@@ -76,6 +76,7 @@ async fn cluster(policies: &[(&str, serde_json::Value)]) -> Cluster {
             operators: Vec::new(),
             telemetry: None,
             webhook: None,
+            ca: None,
         },
         async {
             let _ = stopped.await;

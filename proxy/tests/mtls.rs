@@ -115,7 +115,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The callee's sidecar: an inbound listener delivering to `app` under policy
-/// `reviews` (`spec` lines given), with the workload identity shop/reviews.
+/// `reviews` (one route `all`, then the `spec` lines given), with the workload
+/// identity shop/reviews.
 async fn callee(
     ca: &Ca,
     dir: &TempDir,
@@ -123,11 +124,30 @@ async fn callee(
     spec: &str,
     extra: &[&str],
 ) -> ProxyProcess {
+    callee_with(
+        ca,
+        dir,
+        app,
+        &format!("  routes:\n    - name: all\n{spec}"),
+        extra,
+    )
+    .await
+}
+
+fn reviews_policy(spec: &str) -> String {
+    format!("apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: reviews}}\nspec:\n{spec}")
+}
+
+/// Like [`callee`], with the whole `spec` body given.
+async fn callee_with(
+    ca: &Ca,
+    dir: &TempDir,
+    app: SocketAddr,
+    spec: &str,
+    extra: &[&str],
+) -> ProxyProcess {
     let mut args: Vec<String> = ca.write_identity(dir, "shop", "reviews", DAY);
-    let policy = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: reviews}}\nspec:\n  routes:\n    - name: all\n{spec}"
-    );
-    let path = dir.write("policy.yaml", &policy);
+    let path = dir.write("policy.yaml", &reviews_policy(spec));
     args.extend(
         [
             "--policy",
@@ -155,7 +175,19 @@ async fn caller(
     expected: &str,
     life: Duration,
 ) -> ProxyProcess {
-    let mut args = ca.write_identity(dir, "shop", "frontend", life);
+    caller_as(ca, dir, "frontend", to, expected, life).await
+}
+
+/// A caller running as ServiceAccount `shop/{sa}`.
+async fn caller_as(
+    ca: &Ca,
+    dir: &TempDir,
+    sa: &str,
+    to: SocketAddr,
+    expected: &str,
+    life: Duration,
+) -> ProxyProcess {
+    let mut args = ca.write_identity(dir, "shop", sa, life);
     let policy = format!(
         "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: to-reviews}}\nspec:\n  hosts: [reviews]\n  backends:\n    - address: {to}\n      tls: {{identity: \"{expected}\"}}\n  routes:\n    - name: all\n      retries: {{attempts: 2, on: [connect-failure, reset]}}\n"
     );
@@ -213,6 +245,28 @@ async fn the_hop_between_proxies_is_tls_and_carries_the_callers_identity() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(line["peer"], CALLER, "{line}");
+
+    // Each proxy shows who it is, and when its certificate expires.
+    let dump = support::get(callee.admin_addr(), "admin", "/config_dump")
+        .await
+        .expect("config_dump");
+    let dump: serde_json::Value = serde_json::from_slice(&dump.body).expect("json");
+    assert_eq!(dump["identity"]["id"], CALLEE, "{dump}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    // Published by the once-a-second housekeeping: wait for it (bounded).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let metrics = support::metrics(&caller).await;
+        let expiry = support::sample(&metrics, "sluice_identity_expiry_timestamp_seconds");
+        if expiry > now + 3600.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -440,4 +494,166 @@ async fn certificates_that_expire_are_renewed_without_a_failed_request() {
         "{}",
         caller.stderr()
     );
+}
+
+const AUTHORIZED_ROUTES: &str =
+    "  routes:\n    - name: orders\n      match: {pathPrefix: /orders}\n    - name: all\n";
+
+#[tokio::test]
+async fn authorization_lets_named_accounts_in_and_refuses_the_others() {
+    let ca = Ca::new("mesh");
+    let app = upstream("reviews-app").await;
+    let (callee_dir, frontend_dir, checkout_dir) = (TempDir::new(), TempDir::new(), TempDir::new());
+    let rules = "  authorization:\n    default: deny\n    rules:\n      - from: {serviceAccounts: [shop/frontend]}\n        routes: [orders]\n";
+    let callee = callee_with(
+        &ca,
+        &callee_dir,
+        app.addr(),
+        &format!("{AUTHORIZED_ROUTES}{rules}"),
+        &[],
+    )
+    .await;
+    let inbound = callee.addr("inbound");
+    let frontend = caller_as(&ca, &frontend_dir, "frontend", inbound, CALLEE, DAY).await;
+    let checkout = caller_as(&ca, &checkout_dir, "checkout", inbound, CALLEE, DAY).await;
+
+    let allowed = get(frontend.listen_addr(), "reviews", "/orders/1")
+        .await
+        .expect("request");
+    assert_eq!(allowed.status, 200, "{}", allowed.text());
+    let other_route = get(frontend.listen_addr(), "reviews", "/profile")
+        .await
+        .expect("request");
+    assert_eq!(other_route.status, 403, "{}", other_route.text());
+    let other_account = get(checkout.listen_addr(), "reviews", "/orders/1")
+        .await
+        .expect("request");
+    assert_eq!(other_account.status, 403, "{}", other_account.text());
+    assert!(
+        other_account.text().contains("reviews"),
+        "the refusal names the rule set: {}",
+        other_account.text()
+    );
+    let plaintext = get(inbound, "reviews", "/orders/1").await.expect("request");
+    assert_eq!(
+        plaintext.status,
+        403,
+        "a plaintext caller has no identity: {}",
+        plaintext.text()
+    );
+    assert_eq!(app.requests(), 1, "only the allowed call reached the app");
+
+    let metrics = support::metrics_once(
+        &callee,
+        r#"sluice_authz_denied_total{mode="enforce",policy="reviews",route="orders"}"#,
+        2.0,
+    )
+    .await;
+    assert_eq!(
+        support::sample(
+            &metrics,
+            r#"sluice_authz_denied_total{mode="enforce",policy="reviews",route="all"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // The refusal is logged with the caller's identity (4 requests, 4 lines).
+    let log = support::log_lines(&callee, 4).await;
+    assert!(
+        log.iter().any(|l| l["decision"] == "unauthorized"
+            && l["peer"] == "spiffe://cluster.local/ns/shop/sa/checkout"),
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn shadow_authorization_counts_and_lets_through() {
+    let ca = Ca::new("mesh");
+    let app = upstream("reviews-app").await;
+    let (callee_dir, checkout_dir) = (TempDir::new(), TempDir::new());
+    let rules = "  mode: shadow\n  authorization:\n    default: deny\n    rules:\n      - from: {serviceAccounts: [shop/frontend]}\n";
+    let callee = callee_with(
+        &ca,
+        &callee_dir,
+        app.addr(),
+        &format!("{AUTHORIZED_ROUTES}{rules}"),
+        &[],
+    )
+    .await;
+    let checkout = caller_as(
+        &ca,
+        &checkout_dir,
+        "checkout",
+        callee.addr("inbound"),
+        CALLEE,
+        DAY,
+    )
+    .await;
+    let response = get(checkout.listen_addr(), "reviews", "/orders/1")
+        .await
+        .expect("request");
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(app.requests(), 1);
+    support::metrics_once(
+        &callee,
+        r#"sluice_authz_denied_total{mode="shadow",policy="reviews",route="orders"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_the_rules_applies_without_dropping_requests() {
+    let ca = Ca::new("mesh");
+    let app = upstream("reviews-app").await;
+    let (callee_dir, frontend_dir, checkout_dir) = (TempDir::new(), TempDir::new(), TempDir::new());
+    let rules = |accounts: &str| {
+        format!("{AUTHORIZED_ROUTES}  authorization:\n    default: deny\n    rules:\n      - from: {{serviceAccounts: [{accounts}]}}\n")
+    };
+    let callee = callee_with(&ca, &callee_dir, app.addr(), &rules("shop/frontend"), &[]).await;
+    let inbound = callee.addr("inbound");
+    let frontend = caller_as(&ca, &frontend_dir, "frontend", inbound, CALLEE, DAY).await;
+    let checkout = caller_as(&ca, &checkout_dir, "checkout", inbound, CALLEE, DAY).await;
+    let refused = get(checkout.listen_addr(), "reviews", "/orders/1")
+        .await
+        .expect("request");
+    assert_eq!(refused.status, 403);
+
+    // The frontend keeps calling while the rules change; checkout is let in.
+    let old = support::version(&callee).await;
+    let to = frontend.listen_addr();
+    let load = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        let client = support::HttpClient::connect(to).await;
+        let Ok(mut client) = client else {
+            return statuses;
+        };
+        // Bounded: 400 requests on one keep-alive connection.
+        for _ in 0..400 {
+            match client
+                .request("GET", "reviews", "/orders/1", &[], b"")
+                .await
+            {
+                Ok(r) => statuses.push(r.status),
+                Err(_) => statuses.push(0),
+            }
+        }
+        statuses
+    });
+    support::replace(
+        &callee_dir,
+        &reviews_policy(&rules("shop/frontend, shop/checkout")),
+    );
+    support::wait_new_version(&callee, &old).await;
+    let statuses = load.await.expect("load");
+    assert_eq!(statuses.len(), 400);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    let let_in = get(checkout.listen_addr(), "reviews", "/orders/1")
+        .await
+        .expect("request");
+    assert_eq!(let_in.status, 200, "{}", let_in.text());
 }

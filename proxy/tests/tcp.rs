@@ -403,6 +403,28 @@ async fn opaque_tcp_reaches_the_app_and_is_counted() {
 }
 
 #[tokio::test]
+async fn strict_mtls_closes_inbound_plaintext_tcp() {
+    let (app, connections) = resp_server().await;
+    let dir = TempDir::new();
+    let proxy = transparent_proxy_with(&dir, app, "  mtls: {mode: strict}\n", "{}").await;
+    let mut client = TcpStream::connect(proxy.addr("inbound"))
+        .await
+        .expect("connect");
+    client.write_all(RESP_PING).await.expect("ping");
+    let got = read_until(&mut client, |b| b.ends_with(b"\r\n")).await;
+    assert!(got.is_empty(), "a plaintext caller got {got:?}");
+    let refused =
+        r#"sluice_tcp_connections_total{direction="inbound",outcome="mtls_required",policy="db"}"#;
+    let m = metrics_at(&proxy, refused, 1.0).await;
+    assert_eq!(sample(&m, refused), 1.0, "{m}");
+    assert_eq!(
+        connections.load(Ordering::Relaxed),
+        0,
+        "the app saw nothing"
+    );
+}
+
+#[tokio::test]
 async fn a_server_that_speaks_first_is_reached_after_the_detect_timeout() {
     let app = banner_server().await;
     let dir = TempDir::new();

@@ -60,8 +60,11 @@ class Run:
 
     def tls_secret(self, cluster, pod, name):
         """A Secret no manifest creates (as k8s/README.md has the operator make it):
-        a serving certificate for the Services selecting the pod, from this run's CA."""
+        a serving certificate for the Services selecting the pod, from this run's CA;
+        for `sluice-ca` (the mesh's CA, k8s/README.md) this run's CA itself."""
         ca_crt, ca_key = self.ca()
+        if name == "sluice-ca":
+            return {"tls.crt": open(ca_crt, "rb").read(), "tls.key": open(ca_key, "rb").read()}
         dns = cluster.services_of(pod) or [pod.name]
         d = os.path.join(pod.dir, "secrets", name)
         os.makedirs(d, exist_ok=True)

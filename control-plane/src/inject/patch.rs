@@ -286,6 +286,9 @@ fn proxy_container(
             STATE_MOUNT.into(),
             "--token-file".into(),
             format!("{TOKEN_MOUNT}/token"),
+            // Its workload certificate (mTLS) from the control plane's CA, for the
+            // identity that token proves.
+            "--identity-from-control-plane".into(),
         ]);
         env.push(EnvVar {
             name: "SLUICE_CA_PEM".to_owned(),

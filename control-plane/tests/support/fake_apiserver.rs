@@ -14,8 +14,9 @@
 //!   it a new resourceVersion and answers the object; 404 for an object it does not
 //!   hold, 415 for another patch type. Every such PATCH is recorded
 //!   ([`StatusPatch`]); no watch event follows (the policy watch has none).
-//! - `GET /api/v1/services` and `GET /apis/discovery.k8s.io/v1/endpointslices`
-//!   (list, then watch): the Services and EndpointSlices it holds; a test changes
+//! - `GET /api/v1/services`, `GET /apis/discovery.k8s.io/v1/endpointslices` and
+//!   `GET /api/v1/pods` (list, then watch; a label selector is not applied): the
+//!   Services, EndpointSlices and Pods it holds; a test changes
 //!   them with [`FakeApiServer::apply`] and [`FakeApiServer::delete`], and each
 //!   change is an event on the open watches (a watch from resourceVersion N first
 //!   gets every change after N, as the real one does).
@@ -85,6 +86,7 @@ pub struct StatusPatch {
 pub enum Kind {
     Service,
     EndpointSlice,
+    Pod,
 }
 
 impl Kind {
@@ -93,6 +95,8 @@ impl Kind {
             Some(Kind::Service)
         } else if path.ends_with("/endpointslices") {
             Some(Kind::EndpointSlice)
+        } else if path.ends_with("/pods") {
+            Some(Kind::Pod)
         } else {
             None
         }
@@ -102,6 +106,7 @@ impl Kind {
         match self {
             Kind::Service => ("v1", "ServiceList"),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+            Kind::Pod => ("v1", "PodList"),
         }
     }
 }
@@ -131,6 +136,28 @@ pub fn service(namespace: &str, name: &str, ports: &[(&str, u16, Value)]) -> Val
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-svc-{namespace}-{name}")},
         "spec": {"ports": ports, "type": "ClusterIP"},
+    })
+}
+
+/// A Pod `namespace/name` running as `service_account`; `meshed` gives it the
+/// injector's label and a proxy that asks the control plane for its certificate.
+pub fn pod(namespace: &str, name: &str, service_account: &str, meshed: bool) -> Value {
+    let (labels, containers) = if meshed {
+        (
+            json!({"app": "x", "sluice.dev/proxy": "injected"}),
+            json!([{"name": "sluice-proxy", "image": "sluice",
+                "args": ["--token-file", "/var/run/secrets/sluice/token", "--identity-from-control-plane"],
+                "restartPolicy": "Always"}]),
+        )
+    } else {
+        (json!({"app": "x"}), json!([]))
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-pod-{namespace}-{name}"),
+            "labels": labels},
+        "spec": {"serviceAccountName": service_account, "initContainers": containers,
+            "containers": [{"name": "app", "image": "app"}]},
     })
 }
 
@@ -361,13 +388,14 @@ impl FakeApiServer {
         self.changed.notify_waiters();
     }
 
-    /// Creates or replaces a Service or EndpointSlice (by its metadata's namespace
+    /// Creates or replaces a Service, EndpointSlice or Pod (by its metadata's namespace
     /// and name), as `kubectl apply` would: an ADDED or MODIFIED event.
     pub fn apply(&self, mut object: Value) {
         let kind = match object["kind"].as_str() {
             Some("Service") => Kind::Service,
             Some("EndpointSlice") => Kind::EndpointSlice,
-            other => panic!("the fake keeps Services and EndpointSlices, not {other:?}"),
+            Some("Pod") => Kind::Pod,
+            other => panic!("the fake keeps Services, EndpointSlices and Pods, not {other:?}"),
         };
         let ns = object["metadata"]["namespace"]
             .as_str()

@@ -27,6 +27,7 @@ fn pod(last: u8, ready: bool) -> api::Endpoint {
         terminating: !ready,
         pod: format!("shop/reviews-{last}"),
         zone: String::new(),
+        identity: String::new(),
     }
 }
 
@@ -126,4 +127,37 @@ fn a_route_backend_on_a_numeric_port_takes_its_set_over_dns() {
         .unwrap_or_else(|| panic!("route r has backends of its own"));
     let addrs: Vec<String> = route.targets.iter().map(|t| t.addr.to_string()).collect();
     assert_eq!(addrs, ["10.0.0.7:9000", "127.0.0.1:1"]);
+}
+
+#[test]
+fn a_meshed_pods_identity_reaches_its_target_and_a_malformed_one_is_nacked() {
+    let shared = shared_with(POLICY);
+    let mut meshed = pod(1, true);
+    meshed.identity = "spiffe://cluster.local/ns/shop/sa/reviews".into();
+    let error = take_update(
+        &shared,
+        &update("1", "shop/reviews", 1, vec![meshed, pod(2, true)]),
+    );
+    assert_eq!(error, "");
+    let runtime = shared.runtime.load();
+    let identities: Vec<(String, Option<&str>)> = runtime.policies[0]
+        .endpoints
+        .targets
+        .iter()
+        .map(|t| (t.addr.to_string(), t.identity.as_deref()))
+        .collect();
+    assert_eq!(
+        identities,
+        [
+            (
+                "10.0.0.1:8080".to_owned(),
+                Some("spiffe://cluster.local/ns/shop/sa/reviews")
+            ),
+            ("10.0.0.2:8080".to_owned(), None),
+        ]
+    );
+    let mut bad = pod(3, true);
+    bad.identity = "spiffe://cluster.local/shop/reviews".into();
+    let error = take_update(&shared, &update("2", "shop/reviews", 2, vec![bad]));
+    assert!(error.contains("not a workload identity"), "{error}");
 }

@@ -45,9 +45,11 @@ pub(super) fn members(r: &Resolved) -> Vec<Member> {
     r.addrs
         .iter()
         .zip(&r.draining)
-        .map(|(addr, draining)| Member {
+        .zip(&r.identities)
+        .map(|((addr, draining), identity)| Member {
             addr: *addr,
             draining: *draining,
+            identity: identity.clone(),
         })
         .collect()
 }
@@ -128,6 +130,7 @@ impl Endpoints {
                 Resolved {
                     addrs: set.iter().map(|m| m.addr).collect(),
                     draining: set.iter().map(|m| m.draining).collect(),
+                    identities: set.iter().map(|m| m.identity.clone()).collect(),
                     label,
                     upstream,
                 }
@@ -138,21 +141,22 @@ impl Endpoints {
         let mut targets = Vec::new();
         let mut weights = Vec::new();
         for (index, (backend, set)) in rule.backends.iter().zip(&resolved).enumerate() {
-            // The one place an endpoint's expected identity is decided. Members
-            // (the control plane's endpoints) carry none yet; when they do, a
-            // member's own identity goes first: `member.identity.or(backend's)`.
-            let identity: Option<Arc<str>> =
+            // The one place an endpoint's expected identity is decided: a
+            // member's own (the control plane's endpoints: its pod's service
+            // account) goes first, else the backend's `tls.identity`.
+            let backend_identity: Option<Arc<str>> =
                 backend.tls.as_ref().map(|t| Arc::from(t.identity.as_str()));
             let ready = set.draining.iter().filter(|d| !**d).count();
             let over = if ready > 0 { ready } else { set.addrs.len() };
             let weight = split(backend.weight, over, scale);
-            for (addr, draining) in set.addrs.iter().zip(&set.draining) {
+            let members = set.addrs.iter().zip(&set.draining).zip(&set.identities);
+            for ((addr, draining), identity) in members {
                 targets.push(Target {
                     backend: index,
                     label: set.label.clone(),
                     addr: *addr,
                     protocol: backend.protocol,
-                    identity: identity.clone(),
+                    identity: identity.clone().or_else(|| backend_identity.clone()),
                     draining: *draining,
                     upstream: Arc::clone(&set.upstream),
                 });
@@ -261,7 +265,7 @@ impl Endpoints {
 
     /// [`Self::with_resolved`] with conditions: a rebuild at `members` (one set per
     /// backend), or `None` when every backend already has exactly those, draining
-    /// flags included.
+    /// flags and identities included.
     pub fn with_members(&self, members: Vec<Vec<Member>>, now: Instant) -> Option<Endpoints> {
         let members: Vec<Vec<Member>> = members.into_iter().map(normalize_members).collect();
         let same = members.len() == self.resolved.len()
@@ -269,8 +273,10 @@ impl Endpoints {
                 new.len() == old.addrs.len()
                     && new
                         .iter()
-                        .zip(old.addrs.iter().zip(&old.draining))
-                        .all(|(m, (a, d))| m.addr == *a && m.draining == *d)
+                        .zip(old.addrs.iter().zip(&old.draining).zip(&old.identities))
+                        .all(|(m, ((a, d), i))| {
+                            m.addr == *a && m.draining == *d && m.identity == *i
+                        })
             });
         if same {
             return None;

@@ -476,6 +476,7 @@ fn members(ready: std::ops::Range<u8>, draining: std::ops::Range<u8>) -> Vec<Mem
     let draining = addrs(draining).into_iter().map(|addr| Member {
         addr,
         draining: true,
+        identity: None,
     });
     ready.chain(draining).collect()
 }
@@ -552,6 +553,7 @@ fn a_changed_set_keeps_the_state_of_remaining_endpoints_and_their_conditions_cou
         Member {
             addr: addrs(1..2)[0],
             draining: true,
+            identity: None,
         },
         Member::ready(addrs(2..3)[0]),
         Member::ready(addrs(4..5)[0]),
@@ -570,4 +572,55 @@ fn a_changed_set_keeps_the_state_of_remaining_endpoints_and_their_conditions_cou
         .chain(members(4..5, 4..4))
         .collect();
     assert!(new.with_members(vec![ready_again], now).is_some());
+}
+
+#[test]
+fn a_members_identity_reaches_its_target_and_a_change_of_it_alone_rebuilds() {
+    let now = Instant::now();
+    let r = rule(vec![backend(1, 1)], Algorithm::WeightedRoundRobin, None);
+    let id: Arc<str> = Arc::from("spiffe://cluster.local/ns/shop/sa/reviews");
+    let meshed = |addr| Member {
+        identity: Some(Arc::clone(&id)),
+        ..Member::ready(addr)
+    };
+    let set = addrs(1..3);
+    let e = Endpoints::build_members(
+        r,
+        vec![vec![meshed(set[0]), Member::ready(set[1])]],
+        None,
+        now,
+    );
+    assert_eq!(e.targets[0].identity.as_deref(), Some(&*id));
+    assert_eq!(e.targets[1].identity, None);
+    assert!(e
+        .with_members(vec![vec![meshed(set[0]), Member::ready(set[1])]], now)
+        .is_none());
+    let all = e
+        .with_members(vec![vec![meshed(set[0]), meshed(set[1])]], now)
+        .expect("an identity changed");
+    assert_eq!(all.targets[1].identity.as_deref(), Some(&*id));
+}
+
+#[test]
+fn a_members_own_identity_goes_before_the_backends_tls_identity() {
+    let now = Instant::now();
+    let mut meshed = backend(1, 1);
+    meshed.tls = Some(sluice_policy::BackendTls {
+        identity: "spiffe://cluster.local/ns/shop/sa/declared".into(),
+    });
+    let r = rule(vec![meshed], Algorithm::WeightedRoundRobin, None);
+    let set = addrs(1..3);
+    let own = Member {
+        identity: Some(Arc::from("spiffe://cluster.local/ns/shop/sa/pod")),
+        ..Member::ready(set[0])
+    };
+    let e = Endpoints::build_members(r, vec![vec![own, Member::ready(set[1])]], None, now);
+    let identities: Vec<Option<&str>> = e.targets.iter().map(|t| t.identity.as_deref()).collect();
+    assert_eq!(
+        identities,
+        [
+            Some("spiffe://cluster.local/ns/shop/sa/pod"),
+            Some("spiffe://cluster.local/ns/shop/sa/declared")
+        ]
+    );
 }

@@ -13,6 +13,8 @@ pub mod tls;
 use std::fmt;
 use std::sync::Arc;
 
+pub mod credentials;
+
 /// A verified peer's workload identity (from a certificate that chained to the
 /// trust roots).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -86,6 +88,26 @@ mod tests {
             "https://td/ns/a/sa/b",
         ] {
             assert!(PeerIdentity::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Certificates are the peer's to write: whatever a URI SAN holds, parsing
+        /// never panics, and what it accepts reads back as the parts the policy
+        /// crate sees in it.
+        #[test]
+        fn any_uri_parses_safely_and_consistently(
+            id in "(spiffe://)?[a-z.]{0,6}(/ns/)?[a-z0-9/-]{0,6}(/sa/)?[a-z0-9/-]{0,6}|\\PC{0,40}"
+        ) {
+            if let Ok(peer) = PeerIdentity::parse(&id) {
+                let parts = sluice_policy::identity::parse(&id).expect("same rule");
+                proptest::prop_assert_eq!(peer.namespace(), parts.namespace);
+                proptest::prop_assert_eq!(peer.service_account(), parts.service_account);
+                proptest::prop_assert_eq!(
+                    format!("spiffe://{}/ns/{}/sa/{}", parts.trust_domain, peer.namespace(), peer.service_account()),
+                    id
+                );
+            }
         }
     }
 }

@@ -208,16 +208,6 @@ impl Active {
         connectors.insert(Arc::clone(expected), connector.clone());
         Ok(connector)
     }
-
-    /// How long until the certificate is half-way through its life from `issued`
-    /// (when the proxy got it): when to renew.
-    pub fn renew_in(&self, issued: SystemTime) -> Duration {
-        let life = self
-            .not_after
-            .duration_since(issued)
-            .unwrap_or(Duration::ZERO);
-        life / 2
-    }
 }
 
 /// A leaf's workload identity and expiry.
@@ -314,5 +304,122 @@ impl ServerCertVerifier for MeshVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+
+    struct Root {
+        der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn new_root() -> Root {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Root {
+            der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf with `uris` as its URI SANs, valid from `from` to `to` (seconds
+    /// from now).
+    fn leaf(
+        root: &Root,
+        uris: &[&str],
+        (from, to): (i64, i64),
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(to);
+        let cert = params.signed_by(&key, &root.issuer).unwrap();
+        let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (vec![cert.der().clone()], key)
+    }
+
+    const ID: &str = "spiffe://cluster.local/ns/shop/sa/reviews";
+
+    #[test]
+    fn installs_a_workload_certificate_and_reads_its_identity() {
+        let root = new_root();
+        let (chain, key) = leaf(&root, &[ID], (-60, 3600));
+        let tls = Tls::default();
+        let active = tls.install(chain, key, vec![root.der.clone()]).unwrap();
+        assert_eq!(&*active.identity.id, ID);
+        assert!(tls.current().is_some());
+    }
+
+    #[test]
+    fn refuses_certificates_that_would_fail_every_peer_and_keeps_the_current_one() {
+        let root = new_root();
+        let other = new_root();
+        let tls = Tls::default();
+        let (chain, key) = leaf(&root, &[ID], (-60, 3600));
+        tls.install(chain, key, vec![root.der.clone()]).unwrap();
+        let cases = [
+            ("expired", leaf(&root, &[ID], (-120, -60)), &root),
+            ("no identity", leaf(&root, &[], (-60, 3600)), &root),
+            (
+                "two identities",
+                leaf(&root, &[ID, "spiffe://x/ns/a/sa/b"], (-60, 3600)),
+                &root,
+            ),
+            ("another root", leaf(&other, &[ID], (-60, 3600)), &root),
+        ];
+        for (why, (chain, key), trusted) in cases {
+            assert!(
+                tls.install(chain, key, vec![trusted.der.clone()]).is_err(),
+                "{why}"
+            );
+        }
+        assert_eq!(
+            &*tls.current().unwrap().identity.id,
+            ID,
+            "the last good one stays"
+        );
+        // A key that is not the certificate's.
+        let (chain, _) = leaf(&root, &[ID], (-60, 3600));
+        let (_, key) = leaf(&root, &[ID], (-60, 3600));
+        assert!(tls.install(chain, key, vec![root.der.clone()]).is_err());
+    }
+
+    #[test]
+    fn the_outbound_check_accepts_only_the_expected_workload() {
+        let root = new_root();
+        let (chain, _) = leaf(&root, &[ID], (-60, 3600));
+        let verifier = |expected: &str, roots: &Root| MeshVerifier {
+            expected: Arc::from(expected),
+            roots: Arc::new({
+                let mut store = RootCertStore::empty();
+                store.add(roots.der.clone()).unwrap();
+                store
+            }),
+            provider: provider(),
+        };
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let check =
+            |v: MeshVerifier| v.verify_server_cert(&chain[0], &[], &name, &[], UnixTime::now());
+        assert!(check(verifier(ID, &root)).is_ok());
+        assert!(check(verifier("spiffe://cluster.local/ns/shop/sa/ratings", &root)).is_err());
+        assert!(check(verifier(ID, &new_root())).is_err(), "another root");
     }
 }

@@ -127,6 +127,7 @@ fn start_server(
             operators: Vec::new(),
             telemetry: None,
             webhook: None,
+            ca: None,
         };
         let running = start(config, async {
             let _ = stopped.await;
