@@ -187,8 +187,16 @@ impl Conn {
     }
 
     /// An idle pooled connection is usable when the peer has neither closed it nor
-    /// sent anything unasked (nothing is readable).
+    /// sent anything unasked (nothing is readable). Through TLS, the session's own
+    /// socket is asked first: when the reactor knows it is not readable (the last
+    /// read drained it), no system call is made; otherwise it is peeked.
     pub fn idle_usable(&self) -> bool {
+        if let Conn::Tls { tls, .. } = self {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if tls.get_ref().0.poll_read_ready(&mut cx).is_pending() {
+                return true;
+            }
+        }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         matches!(
             socket2::SockRef::from(self.tcp()).peek(&mut probe),

@@ -45,6 +45,8 @@ pub enum IssueError {
     Answer(#[from] CredentialsError),
     #[error("the control plane says the certificate is for {said}, but it names {names}")]
     IdentityMismatch { said: String, names: String },
+    #[error("{0}")]
+    Install(String),
 }
 
 /// A new key, a CSR for it, and the certificate the control plane signs for it.
@@ -103,6 +105,10 @@ pub async fn certify_at(
 /// First wait after a failed request; doubles up to [`MAX_RETRY`].
 pub const MIN_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_RETRY: Duration = Duration::from_secs(60);
+/// The longest one request may take (connecting included): a control plane that
+/// takes the call and never answers must not hold renewal while the certificate
+/// runs out.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Keeps a workload certificate from the control plane fresh.
 #[derive(Debug, Clone)]
@@ -116,41 +122,55 @@ pub struct Renewal {
 }
 
 impl Renewal {
-    /// One request.
+    /// One request, within [`REQUEST_TIMEOUT`].
     pub async fn once(&self) -> Result<Credentials, IssueError> {
-        certify_at(
+        let request = certify_at(
             &self.url,
             self.ca.as_ref(),
             self.token_file.as_deref(),
             self.requested.as_deref(),
-        )
-        .await
+        );
+        tokio::time::timeout(REQUEST_TIMEOUT, request)
+            .await
+            .unwrap_or_else(|_| {
+                Err(IssueError::Connect(format!(
+                    "{}: no answer within {REQUEST_TIMEOUT:?}",
+                    self.url
+                )))
+            })
     }
 
     /// Asks for credentials, hands them to `issued`, and asks again at half
-    /// of their life, until `shutdown` turns true. A failure is logged and retried
-    /// with backoff; the credentials handed over last stay in use meanwhile.
+    /// of their life (less up to a tenth, so that proxies started together do not
+    /// all ask at once), until `shutdown` turns true. A failure, of the request or
+    /// of `issued` (credentials that do not install), is logged and retried with
+    /// backoff; the credentials handed over last stay in use meanwhile.
     pub async fn run(
         self,
-        mut issued: impl FnMut(Credentials) + Send,
+        mut issued: impl FnMut(Credentials) -> Result<(), String> + Send,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut backoff = Backoff::new(MIN_RETRY, MAX_RETRY);
         loop {
-            let wait = match self.once().await {
-                Ok(credentials) => {
+            let installed = self.once().await.and_then(|credentials| {
+                let now = SystemTime::now();
+                let wait = credentials
+                    .renew_at(now)
+                    .duration_since(now)
+                    .unwrap_or_default();
+                let identity = credentials.identity.clone();
+                issued(credentials).map_err(IssueError::Install)?;
+                Ok((identity, wait))
+            });
+            let wait = match installed {
+                Ok((identity, wait)) => {
                     backoff.reset();
-                    let now = SystemTime::now();
-                    let wait = credentials
-                        .renew_at(now)
-                        .duration_since(now)
-                        .unwrap_or_default();
+                    let wait = jittered(wait);
                     tracing::info!(
-                        identity = credentials.identity.as_str(),
+                        identity = identity.as_str(),
                         renew_in_secs = wait.as_secs(),
                         "workload certificate issued"
                     );
-                    issued(credentials);
                     wait.max(MIN_RETRY)
                 }
                 Err(e) => {
@@ -172,6 +192,15 @@ impl Renewal {
     }
 }
 
+/// `wait` less up to a tenth of it, from the clock's nanoseconds (no state, no
+/// dependency: spreading renewals needs no good randomness).
+fn jittered(wait: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    wait - wait / 10 * nanos / 1_000_000_000
+}
+
 /// `--identity-from-control-plane`: renews on a background service of its own and
 /// installs each new set as the proxy's identity (`tls`, what both sides of mTLS
 /// use from their next handshake on; established connections keep theirs).
@@ -189,10 +218,11 @@ impl BackgroundService for RenewIdentity {
             .run(
                 move |c| {
                     // Checked already (Credentials::from_pem); this also checks
-                    // the leaf chains to the roots the control plane named.
-                    if let Err(e) = tls.install(c.chain, c.key, c.roots) {
-                        tracing::error!(error = %e, "the issued certificate does not install; keeping the current identity");
-                    }
+                    // the leaf chains to the roots the control plane named, and
+                    // is valid now (a clock behind the control plane's is not).
+                    tls.install(c.chain, c.key, c.roots)
+                        .map(drop)
+                        .map_err(|e| format!("the issued certificate does not install: {e}"))
                 },
                 shutdown,
             )

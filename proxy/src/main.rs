@@ -613,7 +613,11 @@ fn main() -> ExitCode {
         },
     ));
     if let Some(files) = identity_files {
-        let (tls, seen) = (Arc::clone(&shared), std::sync::Mutex::new(files.stamp()));
+        use sluice_proxy::identity::files::{Reload, Seen};
+        let (tls, seen) = (
+            Arc::clone(&shared),
+            std::sync::Mutex::new(Seen::loaded(files.stamp())),
+        );
         server.add_service(background_service(
             "identity-files",
             Every {
@@ -621,13 +625,13 @@ fn main() -> ExitCode {
                 job: move || {
                     let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     match files.reload_if_changed(&tls.identity, &mut seen) {
-                        Some(Ok(active)) => {
+                        Reload::Loaded(active) => {
                             tracing::info!(identity = %active.identity, "workload identity renewed")
                         }
-                        Some(Err(e)) => {
-                            tracing::error!(error = %e, "workload identity files do not load; keeping the current identity")
+                        Reload::Refused { error, first: true } => {
+                            tracing::error!(error = %error, "workload identity files do not load; keeping the current identity and trying again every second")
                         }
-                        None => {}
+                        Reload::Refused { first: false, .. } | Reload::Unchanged => {}
                     }
                 },
             },

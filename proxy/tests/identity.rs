@@ -161,6 +161,7 @@ async fn renewal_hands_over_credentials_and_stops_on_shutdown() {
     let task = tokio::spawn(renewal.run(
         move |credentials| {
             let _ = tx.send(credentials);
+            Ok(())
         },
         shutdown,
     ));
@@ -333,4 +334,43 @@ async fn a_proxy_is_not_ready_until_it_has_a_workload_certificate() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(last.starts_with("not ready"), "{last}");
+}
+
+#[tokio::test]
+async fn credentials_that_do_not_install_are_asked_for_again_soon() {
+    // Hour-long certificates: renewal would wait half an hour, so a second set
+    // within seconds means the failed install was retried.
+    let cp = control_plane("retry", true).await;
+    let renewal = Renewal {
+        url: cp.url(),
+        ca: Some(cp.ca()),
+        token_file: Some(cp.dir.join("token")),
+        requested: Some(ID.to_owned()),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut refused_once = false;
+    let task = tokio::spawn(renewal.run(
+        move |credentials| {
+            let _ = tx.send(credentials);
+            if refused_once {
+                Ok(())
+            } else {
+                refused_once = true;
+                Err("not valid yet (a clock behind the control plane's)".to_owned())
+            }
+        },
+        shutdown,
+    ));
+    for n in ["first", "second"] {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{n} set in time"))
+            .expect("credentials");
+    }
+    stop.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops")
+        .expect("no panic");
 }

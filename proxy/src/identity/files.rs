@@ -25,13 +25,47 @@ pub struct Files {
     pub roots: PathBuf,
 }
 
-/// The files' modification times: what [`Files::reload_if_changed`] compares.
-pub type Stamp = [Option<SystemTime>; 3];
+/// The files' modification times and lengths: what [`Files::reload_if_changed`]
+/// compares (a rewrite within one mtime tick usually changes a length).
+pub type Stamp = [Option<(SystemTime, u64)>; 3];
+
+/// What the reloads have seen: the files as last loaded, and as last refused.
+#[derive(Debug, Default)]
+pub struct Seen {
+    loaded: Stamp,
+    refused: Option<Stamp>,
+}
+
+impl Seen {
+    /// The files as loaded at start.
+    pub fn loaded(stamp: Stamp) -> Self {
+        Seen {
+            loaded: stamp,
+            refused: None,
+        }
+    }
+}
+
+/// What a reload check did.
+pub enum Reload {
+    /// The files are as loaded last.
+    Unchanged,
+    Loaded(std::sync::Arc<Active>),
+    /// They changed and do not load; `first`: this is news (the same files are
+    /// tried again at every check, but reported once).
+    Refused {
+        error: String,
+        first: bool,
+    },
+}
 
 impl Files {
     pub fn stamp(&self) -> Stamp {
-        [&self.cert, &self.key, &self.roots]
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        [&self.cert, &self.key, &self.roots].map(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| Ok((m.modified()?, m.len())))
+                .ok()
+        })
     }
 
     /// Reads the three files and installs them as `tls`'s identity.
@@ -51,18 +85,105 @@ impl Files {
             .map_err(|e| named(&self.cert, &e))
     }
 
-    /// Reloads when a file changed since `seen` (which is updated); `None` when
-    /// nothing changed.
-    pub fn reload_if_changed(
-        &self,
-        tls: &Tls,
-        seen: &mut Stamp,
-    ) -> Option<Result<std::sync::Arc<Active>, String>> {
+    /// Reloads when a file changed since it last loaded. A set that does not
+    /// load is tried again at every check until it does (a certificate whose
+    /// notBefore is a moment ahead of this clock loads a moment later; a renewal
+    /// written in several steps loads once complete).
+    pub fn reload_if_changed(&self, tls: &Tls, seen: &mut Seen) -> Reload {
         let now = self.stamp();
-        if now == *seen {
-            return None;
+        if now == seen.loaded {
+            return Reload::Unchanged;
         }
-        *seen = now;
-        Some(self.load(tls))
+        match self.load(tls) {
+            Ok(active) => {
+                *seen = Seen::loaded(now);
+                Reload::Loaded(active)
+            }
+            Err(error) => {
+                let first = seen.refused != Some(now);
+                seen.refused = Some(now);
+                Reload::Refused { error, first }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+    /// Writes a root and a workload certificate valid from `from` seconds from
+    /// now into `dir`, as the three files.
+    fn write_set(dir: &std::path::Path, issuer: &Issuer<'_, KeyPair>, root: &str, from: i64) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/reviews"
+                .try_into()
+                .unwrap(),
+        )];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::hours(1);
+        let cert = params.signed_by(&key, issuer).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("roots.pem"), root).unwrap();
+    }
+
+    #[test]
+    fn a_set_not_valid_yet_is_refused_once_then_loaded_when_it_becomes_valid() {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-identity-files-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root_key = KeyPair::generate().unwrap();
+        let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_pem = root.self_signed(&root_key).unwrap().pem();
+        let issuer = Issuer::new(root, root_key);
+        let files = Files {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            roots: dir.join("roots.pem"),
+        };
+        let tls = Tls::default();
+        write_set(&dir, &issuer, &root_pem, -60);
+        files.load(&tls).unwrap();
+        let mut seen = Seen::loaded(files.stamp());
+        assert!(matches!(
+            files.reload_if_changed(&tls, &mut seen),
+            Reload::Unchanged
+        ));
+
+        // A renewal whose notBefore is a little ahead of this clock.
+        write_set(&dir, &issuer, &root_pem, 2);
+        let first = tls.current().unwrap();
+        assert!(matches!(
+            files.reload_if_changed(&tls, &mut seen),
+            Reload::Refused { first: true, .. }
+        ));
+        assert!(matches!(
+            files.reload_if_changed(&tls, &mut seen),
+            Reload::Refused { first: false, .. }
+        ));
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &tls.current().unwrap()),
+            "kept"
+        );
+        // Loaded once valid, without another change to the files (bounded wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            if let Reload::Loaded(_) = files.reload_if_changed(&tls, &mut seen) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never loaded");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(!std::sync::Arc::ptr_eq(&first, &tls.current().unwrap()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
