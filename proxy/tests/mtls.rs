@@ -765,3 +765,30 @@ async fn http2_inside_mtls_keeps_the_callers_identity() {
         "{log:?}"
     );
 }
+
+#[tokio::test]
+async fn an_identity_of_another_trust_domain_matches_no_rule() {
+    let ca = Ca::new("mesh");
+    let app = upstream("reviews-app").await;
+    let dir = TempDir::new();
+    let rules = "  authorization:\n    rules:\n      - from: {serviceAccounts: [shop/frontend]}\n";
+    let callee = callee(&ca, &dir, app.addr(), rules, &[]).await;
+    let inbound = callee.addr("inbound");
+    // The same root signs both (a shared or federated root): only the trust
+    // domain differs.
+    let (chain, key) = ca.workload("shop", "frontend", DAY);
+    let ours = tls_get(inbound, &chain, &key).await.expect("ours");
+    assert!(
+        ours.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&ours)
+    );
+    let (chain, key) = ca.workload_in("elsewhere.example", "shop", "frontend", DAY);
+    let theirs = tls_get(inbound, &chain, &key).await.expect("theirs");
+    assert!(
+        theirs.starts_with(b"HTTP/1.1 403"),
+        "{}",
+        String::from_utf8_lossy(&theirs)
+    );
+    assert_eq!(app.requests(), 1);
+}

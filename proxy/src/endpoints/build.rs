@@ -141,9 +141,11 @@ impl Endpoints {
         let mut targets = Vec::new();
         let mut weights = Vec::new();
         for (index, (backend, set)) in rule.backends.iter().zip(&resolved).enumerate() {
-            // The one place an endpoint's expected identity is decided: a
-            // member's own (the control plane's endpoints: its pod's service
-            // account) goes first, else the backend's `tls.identity`.
+            // The one place an endpoint's expected identity is decided: the
+            // backend's `tls.identity` when the policy pins one (a pod of
+            // another service account behind the same Service, whoever created
+            // it, then fails the handshake instead of being trusted), else the
+            // member's own (the control plane's endpoints: its pod's account).
             let backend_identity: Option<Arc<str>> =
                 backend.tls.as_ref().map(|t| Arc::from(t.identity.as_str()));
             let ready = set.draining.iter().filter(|d| !**d).count();
@@ -156,7 +158,7 @@ impl Endpoints {
                     label: set.label.clone(),
                     addr: *addr,
                     protocol: backend.protocol,
-                    identity: identity.clone().or_else(|| backend_identity.clone()),
+                    identity: backend_identity.clone().or_else(|| identity.clone()),
                     draining: *draining,
                     upstream: Arc::clone(&set.upstream),
                 });

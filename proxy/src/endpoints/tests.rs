@@ -602,7 +602,7 @@ fn a_members_identity_reaches_its_target_and_a_change_of_it_alone_rebuilds() {
 }
 
 #[test]
-fn a_members_own_identity_goes_before_the_backends_tls_identity() {
+fn the_policys_pinned_identity_goes_before_a_members_own() {
     let now = Instant::now();
     let mut meshed = backend(1, 1);
     meshed.tls = Some(sluice_policy::BackendTls {
@@ -619,8 +619,20 @@ fn a_members_own_identity_goes_before_the_backends_tls_identity() {
     assert_eq!(
         identities,
         [
-            Some("spiffe://cluster.local/ns/shop/sa/pod"),
+            Some("spiffe://cluster.local/ns/shop/sa/declared"),
             Some("spiffe://cluster.local/ns/shop/sa/declared")
         ]
+    );
+    // Without a pin, each member's own.
+    let r = rule(vec![backend(1, 1)], Algorithm::WeightedRoundRobin, None);
+    let own = Member {
+        identity: Some(Arc::from("spiffe://cluster.local/ns/shop/sa/pod")),
+        ..Member::ready(set[0])
+    };
+    let e = Endpoints::build_members(r, vec![vec![own, Member::ready(set[1])]], None, now);
+    let identities: Vec<Option<&str>> = e.targets.iter().map(|t| t.identity.as_deref()).collect();
+    assert_eq!(
+        identities,
+        [Some("spiffe://cluster.local/ns/shop/sa/pod"), None]
     );
 }

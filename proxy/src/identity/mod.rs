@@ -52,6 +52,11 @@ impl PeerIdentity {
         &self.id[self.ns.0..self.ns.1]
     }
 
+    /// What comes between `spiffe://` and `/ns/`.
+    pub fn trust_domain(&self) -> &str {
+        &self.id["spiffe://".len()..self.ns.0 - "/ns/".len()]
+    }
+
     pub fn service_account(&self) -> &str {
         &self.id[self.sa.0..self.sa.1]
     }
@@ -72,6 +77,7 @@ mod tests {
         let id = PeerIdentity::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.service_account(), "frontend");
+        assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend");
     }
 

@@ -150,7 +150,12 @@ impl Active {
     }
 
     /// Accepts an mTLS connection (the ClientHello not yet read); returns it with
-    /// the client's verified identity (`None`: its certificate names none).
+    /// the client's verified identity: `None` when its certificate names none, or
+    /// names one of another trust domain (a roots bundle may hold a federated
+    /// domain's root; authorization rules name this domain's accounts only).
+    ///
+    /// A resumed session skips certificate verification, so the expiry of the
+    /// certificate it was made with is checked here: an expired one is refused.
     pub async fn accept(
         &self,
         tcp: TcpStream,
@@ -159,13 +164,21 @@ impl Active {
         Option<PeerIdentity>,
     )> {
         let tls = self.acceptor.accept(tcp).await?;
-        let peer = tls
+        let leaf = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|leaf| read_leaf(leaf).ok())
-            .map(|(id, _)| id);
+            .and_then(|leaf| read_leaf(leaf).ok());
+        let peer = match leaf {
+            Some((_, not_after)) if not_after < SystemTime::now() => {
+                return Err(std::io::Error::other(
+                    "the client's certificate has expired (resumed session)",
+                ))
+            }
+            Some((id, _)) => (id.trust_domain() == self.identity.trust_domain()).then_some(id),
+            None => None,
+        };
         Ok((tls, peer))
     }
 

@@ -37,9 +37,20 @@ impl Ca {
     /// A workload certificate for `spiffe://cluster.local/ns/{ns}/sa/{sa}`, valid
     /// from a minute ago for `life`: (chain PEM, key PEM).
     pub fn workload(&self, ns: &str, sa: &str, life: Duration) -> (String, String) {
+        self.workload_in("cluster.local", ns, sa, life)
+    }
+
+    /// Like [`Ca::workload`], in trust domain `domain`.
+    pub fn workload_in(
+        &self,
+        domain: &str,
+        ns: &str,
+        sa: &str,
+        life: Duration,
+    ) -> (String, String) {
         let key = KeyPair::generate().expect("leaf key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+        let id = format!("spiffe://{domain}/ns/{ns}/sa/{sa}");
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().expect("uri"))];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
