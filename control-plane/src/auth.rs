@@ -189,12 +189,16 @@ pub fn identity_of(answer: &TokenReview, audience: &str) -> Result<Identity, Str
             .clone()
             .unwrap_or_else(|| "not authenticated".into()));
     }
-    // An API server that does not support audiences answers without them; one
-    // that does must name ours (a token for the API server itself is no proof).
-    if let Some(audiences) = &status.audiences {
-        if !audiences.iter().any(|a| a == audience) {
-            return Err(format!("the token is not for the audience \"{audience}\""));
-        }
+    // The answer must name our audience. Without audiences, an authenticated
+    // answer means the token is good for the API server's own audience: any
+    // automounted or legacy Secret token, which now would mint a workload
+    // certificate. Every supported API server names them when asked (we ask).
+    let ours = status
+        .audiences
+        .as_ref()
+        .is_some_and(|audiences| audiences.iter().any(|a| a == audience));
+    if !ours {
+        return Err(format!("the token is not for the audience \"{audience}\""));
     }
     let user = status.user.as_ref().ok_or("no user in the answer")?;
     let name = user.username.as_deref().unwrap_or("");
@@ -356,6 +360,10 @@ mod tests {
         ))
         .contains("not a ServiceAccount"));
         assert!(identity_of(&TokenReview::default(), "sluice").is_err());
+        // No audiences in the answer: the token is the API server's, not ours.
+        assert!(
+            refused(answer(true, "system:serviceaccount:shop:reviews", None)).contains("audience")
+        );
     }
 
     #[tokio::test]

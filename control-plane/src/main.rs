@@ -326,6 +326,14 @@ fn main() -> ExitCode {
             if let Err(code) = log.init() {
                 return code;
             }
+            // In a cluster the static token proves no workload: with it naming
+            // identities, whoever leaks it can be any workload of the mesh.
+            if ca.static_token_identities && token_review {
+                eprintln!(
+                    "sluice-cp: --static-token-identities cannot be used with --token-review: in a cluster, workloads prove who they are with their ServiceAccount tokens"
+                );
+                return ExitCode::from(sluice_control_plane::cli::EX_USAGE);
+            }
             let inject = match inject.options() {
                 Ok(opts) => opts,
                 Err(code) => return code,

@@ -169,3 +169,24 @@ fn serve_exits_1_when_its_webhook_cannot_listen_instead_of_running_without_it() 
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn static_token_identities_in_a_cluster_exit_64() {
+    let (code, _, stderr) = sluice_cp(&[
+        "serve",
+        "--kubernetes",
+        "--token-review",
+        "--token-file",
+        "t",
+        "--ca-cert",
+        "c",
+        "--ca-key",
+        "k",
+        "--static-token-identities",
+    ]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("--static-token-identities cannot be used with --token-review"),
+        "{stderr}"
+    );
+}

@@ -233,6 +233,26 @@ struct Args {
     log_level: sluice_logging::LogFilter,
 }
 
+/// Whether `url` is `https://`, or plain HTTP to a loopback address.
+fn url_is_https_or_loopback(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// How often the identity files are checked for a renewal (a stat of each).
 const IDENTITY_FILES_EVERY: Duration = Duration::from_secs(1);
 
@@ -409,6 +429,16 @@ fn main() -> ExitCode {
             "sluice-proxy: --inbound needs --app (or --transparent, which delivers to the original port)"
         );
         return ExitCode::from(EX_USAGE);
+    }
+    // The control plane's answer carries the trust roots this proxy will trust:
+    // over plaintext anyone on the path could hand it theirs.
+    if let (true, Some(url)) = (args.identity_from_control_plane, &args.control_plane) {
+        if !url_is_https_or_loopback(url) {
+            eprintln!(
+                "sluice-proxy: --identity-from-control-plane needs an https:// --control-plane (or one on loopback): its answer names the roots this proxy trusts"
+            );
+            return ExitCode::from(EX_USAGE);
+        }
     }
     let listeners = match Listeners::bind(args.listen, args.admin, args.telemetry, args.inbound) {
         Ok(listeners) => listeners,

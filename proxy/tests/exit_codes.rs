@@ -83,3 +83,56 @@ fn an_inbound_listener_without_an_app_exits_64_before_binding() {
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("--inbound needs --app"), "{stderr}");
 }
+
+#[test]
+fn certificates_over_plaintext_from_a_remote_control_plane_exit_64() {
+    let (code, _, stderr) = run(
+        PROXY,
+        &[
+            "--control-plane",
+            "http://10.0.0.1:15010",
+            "--identity-from-control-plane",
+        ],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("--identity-from-control-plane needs an https://"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn identity_files_that_do_not_load_exit_64_naming_the_flag() {
+    let dir = std::env::temp_dir().join(format!("sluice-exit-identity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").expect("write");
+    let junk = junk.display().to_string();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  routes:\n    - name: all\n",
+    )
+    .expect("write");
+    let policy = policy.display().to_string();
+    let (code, _, stderr) = run(
+        PROXY,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--policy",
+            &policy,
+            "--identity-cert",
+            &junk,
+            "--identity-key",
+            &junk,
+            "--trust-roots",
+            &junk,
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("--identity-cert"), "{stderr}");
+}
