@@ -91,6 +91,9 @@ pub async fn sort(
             .with_label_values(&[side.direction.as_str(), result])
             .inc();
     };
+    // The client stayed silent for the whole wait already (no need to wait as
+    // long again for detection: a server that speaks first is waiting too).
+    let mut silent = false;
     if side.direction == Direction::Inbound && !listed {
         if let Some(identity) = shared.identity.current() {
             let mut first = [0u8; 1];
@@ -109,8 +112,9 @@ pub async fn sort(
                         Err(_) => None,
                     };
                 }
-                // Plaintext, or a silent client (a server that speaks first).
-                Ok(Ok(_)) | Err(_) => {}
+                Ok(Ok(_)) => {}
+                // A silent client (a server that speaks first).
+                Err(_) => silent = true,
             }
         }
     }
@@ -119,6 +123,8 @@ pub async fn sort(
     };
     if listed {
         detected("opaque_port");
+    } else if silent && wait >= detection.timeout {
+        detected(Sniffed::Silent.as_str());
     } else {
         let sniffed = sniff(&mut stream, &mut buf, detection.timeout).await;
         detected(sniffed.as_str());
