@@ -44,16 +44,23 @@ pub fn parse(id: &str) -> Option<SpiffeId<'_>> {
 
 /// Whether a policy may name `id`: [`parse`]s, with a trust domain of lower-case
 /// letters, digits, '.', '-' and '_' (the SPIFFE spec's), and a namespace and a
-/// ServiceAccount that are DNS-1123 labels (what Kubernetes allows, so a typo is
-/// caught here rather than as a certificate that never matches).
+/// ServiceAccount that Kubernetes allows (a DNS-1123 label, a DNS-1123 subdomain),
+/// so a typo is caught here rather than as a certificate that never matches.
 pub fn is_valid(id: &str) -> bool {
     parse(id).is_some_and(|id| {
         id.trust_domain
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
             && is_dns_label(id.namespace)
-            && is_dns_label(id.service_account)
+            && is_dns_subdomain(id.service_account)
     })
+}
+
+/// DNS-1123 subdomain, as Kubernetes requires of most object names
+/// (ServiceAccounts among them): at most 253 characters, DNS-1123 labels joined
+/// by '.'.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
 }
 
 /// DNS-1123 label, as Kubernetes requires of namespaces and object names: 1..=63

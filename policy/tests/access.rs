@@ -93,7 +93,7 @@ fn rejects_service_account_without_namespace() {
 ");
     assert_eq!(
         errors(&yaml),
-        ["p.yaml:13:49: spec.authorization.rules[0].from.serviceAccounts[1]: expected a ServiceAccount as `namespace/name` (each a DNS-1123 label: lower-case letters, digits and '-', at most 63), got \"checkout\""]
+        ["p.yaml:13:49: spec.authorization.rules[0].from.serviceAccounts[1]: expected a ServiceAccount as `namespace/name` (a DNS-1123 label: lower-case letters, digits and '-', at most 63; then a DNS-1123 subdomain: such labels joined by '.'), got \"checkout\""]
     );
 }
 
@@ -102,7 +102,7 @@ fn rejects_service_account_parts_that_are_not_dns_labels() {
     let yaml = doc("  authorization:
     rules:
       - from:
-          serviceAccounts: [Shop/frontend, shop/front_end, shop/frontend/x]
+          serviceAccounts: [Shop/frontend, shop/front_end, shop/frontend/x, shop/web.v2]
 ");
     let got = errors(&yaml);
     let places: Vec<&str> = got
@@ -216,7 +216,7 @@ fn rejects_backend_identity_that_is_not_a_spiffe_workload_id() {
 ");
     assert_eq!(
         errors(&yaml),
-        ["p.yaml:13:23: spec.backends[0].tls.identity: expected a workload identity, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (namespace and service account: DNS-1123 labels), got \"spiffe://cluster.local/sa/reviews\""]
+        ["p.yaml:13:23: spec.backends[0].tls.identity: expected a workload identity, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (namespace: a DNS-1123 label; service account: a DNS-1123 subdomain), got \"spiffe://cluster.local/sa/reviews\""]
     );
 }
 

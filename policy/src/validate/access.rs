@@ -60,8 +60,9 @@ fn authorization_rule(
             None => c.fail(
                 format!("{at}.from.serviceAccounts[{i}]"),
                 Problem::BadValue {
-                    expected: "a ServiceAccount as `namespace/name` (each a DNS-1123 label: \
-                               lower-case letters, digits and '-', at most 63)"
+                    expected: "a ServiceAccount as `namespace/name` (a DNS-1123 label: \
+                               lower-case letters, digits and '-', at most 63; then a \
+                               DNS-1123 subdomain: such labels joined by '.')"
                         .into(),
                     got: text.clone(),
                 },
@@ -111,10 +112,12 @@ fn authorization_rule(
     }
 }
 
-/// `namespace/name`, both DNS-1123 labels.
+/// `namespace/name`: a DNS-1123 label, then a DNS-1123 subdomain (Kubernetes'
+/// rules for a namespace and a ServiceAccount's name).
 fn service_account(text: &str) -> Option<ServiceAccount> {
     let (namespace, name) = text.split_once('/')?;
-    (is_dns_label(namespace) && is_dns_label(name)).then(|| ServiceAccount {
+    let subdomain = crate::identity::is_dns_subdomain(name);
+    (is_dns_label(namespace) && subdomain).then(|| ServiceAccount {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
     })
@@ -127,7 +130,7 @@ pub(super) fn backend_tls(c: &mut Checker, at: &str, spec: &BackendTlsSpec) -> B
             format!("{at}.identity"),
             Problem::BadValue {
                 expected: format!(
-                    "a workload identity, {} (namespace and service account: DNS-1123 labels)",
+                    "a workload identity, {} (namespace: a DNS-1123 label; service account: a DNS-1123 subdomain)",
                     identity::FORM
                 ),
                 got: spec.identity.clone(),
