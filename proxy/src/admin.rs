@@ -77,7 +77,7 @@ fn endpoints(rt: &crate::runtime::Runtime) -> serde_json::Value {
 
 /// The Services' endpoint sets pushed by the control plane: `{"ns/name": {"version":
 /// 3, "endpoints": [{"ip", "servicePort", "servicePortName", "targetPort", "ready",
-/// "serving", "terminating", "pod", "zone"}]}}`; empty in file mode.
+/// "serving", "terminating", "pod", "zone", "identity"}]}}`; empty in file mode.
 fn service_endpoints(services: &crate::services::ServiceSets) -> serde_json::Value {
     services
         .iter()
@@ -96,6 +96,8 @@ fn service_endpoints(services: &crate::services::ServiceSets) -> serde_json::Val
                         "terminating": e.terminating,
                         "pod": e.pod,
                         "zone": e.zone,
+                        // The workload it must prove to be (mTLS), if meshed.
+                        "identity": e.identity.as_deref(),
                     })
                 })
                 .collect();
