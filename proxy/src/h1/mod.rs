@@ -136,8 +136,10 @@ struct Client {
     /// The `x-forwarded-for` line added to each request, formatted once.
     forwarded_for: Vec<u8>,
     /// The worker thread serving the connection (its runtime is single-threaded, so
-    /// the task never moves): the upstream pool's key.
+    /// the task never moves): the h2c backends' key.
     thread: ThreadId,
+    /// The same thread, as the upstream pool knows it.
+    pooled: crate::pool::Worker,
     /// One idle timer per connection, re-armed lazily from `last_active` when it
     /// fires, so requests do not touch the timer wheel.
     idle: Pin<Box<tokio::time::Sleep>>,
@@ -213,6 +215,7 @@ impl Engine {
             shutdown,
             forwarded_for: format!("x-forwarded-for: {}\r\n", peer.ip()).into_bytes(),
             thread: std::thread::current().id(),
+            pooled: self.pool.worker(),
             idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
             idle_timeout: self.idle_timeout,
             last_active: Instant::now(),

@@ -102,7 +102,7 @@ impl Engine {
             // A connection: pooled (unless a stale one just broke), else new.
             let pooled = match peer.fresh {
                 true => None,
-                false => self.pool.take(client.thread, peer.addr, peer.tls.as_ref()),
+                false => self.pool.take(client.pooled, peer.addr, peer.tls.as_ref()),
             };
             let (mut upstream, reused) = match pooled {
                 Some(s) => (s, true),
@@ -255,7 +255,7 @@ impl Engine {
         };
         if upstream_ok && !response.close && ubuf.is_empty() {
             self.pool
-                .put(client.thread, peer.addr, peer.tls.as_ref(), upstream);
+                .put(client.pooled, peer.addr, peer.tls.as_ref(), upstream);
         }
         let finished = Event::Finished {
             status,

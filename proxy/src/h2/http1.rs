@@ -276,7 +276,7 @@ impl Upstreams {
     ) -> Option<Action> {
         let pooled = match peer.fresh {
             true => None,
-            false => self.http1.take(conn.thread, peer.addr, peer.tls.as_ref()),
+            false => self.http1.take(conn.pooled, peer.addr, peer.tls.as_ref()),
         };
         let (mut up, reused) = match pooled {
             Some(s) => (s, true),
@@ -372,7 +372,7 @@ impl Upstreams {
                 };
                 if !head.close && buf.is_empty() {
                     self.http1
-                        .put(conn.thread, peer.addr, peer.tls.as_ref(), up);
+                        .put(conn.pooled, peer.addr, peer.tls.as_ref(), up);
                 }
                 events::finished(status, !ended, grpc)
             }

@@ -106,8 +106,10 @@ pub struct Engine {
 struct Conn {
     peer: SocketAddr,
     original_dst: Option<SocketAddr>,
-    /// The worker thread serving the connection: the upstream pools' key.
+    /// The worker thread serving the connection: the h2c upstream pool's key.
     thread: ThreadId,
+    /// The same thread, as the HTTP/1 upstream pool knows it.
+    pooled: crate::pool::Worker,
     /// The `x-forwarded-for` value, formatted once.
     forwarded_for: http::HeaderValue,
     /// The client's verified workload identity (mTLS).
@@ -153,6 +155,7 @@ impl Engine {
             peer,
             original_dst,
             thread: std::thread::current().id(),
+            pooled: self.upstream.http1.worker(),
             forwarded_for: http::HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| http::HeaderValue::from_static("")),
             peer_identity,

@@ -1,0 +1,291 @@
+//! What the request path's shared structures cost when several worker threads use
+//! them at once (issue 23): each operation a request performs on state shared by
+//! every worker thread, run on 1, 2 and 4 threads together (4 is oversubscribed on
+//! the 2-core bench machine: it shows queueing on a lock, not more parallelism).
+//!
+//! Each row reports the time per operation *per thread* (every thread's own
+//! elapsed time over its own operations, averaged over the threads): with no
+//! contention it stays flat as threads are added; a lock or a cache line bounced
+//! between cores makes it grow. Results go to bench/RESULTS.md with the command.
+//!
+//! - the h1 upstream pool: a take and a put, as every proxied request does, each
+//!   thread on its own connection to the same backend;
+//! - the metrics of a settled request (`Observe` on the proxy's `Shared`: in flight
+//!   up and down, the upstream attempt's counter, the route's duration histogram
+//!   and request counter);
+//! - a local rate limit decision (one bucket shared by every thread, as a route's is);
+//! - a balancer pick (smooth WRR), and a P2C pick with its finish (in-flight count
+//!   up and down, the latency estimate).
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use governor::clock::DefaultClock;
+use sluice_policy::{Algorithm, Backend, LoadBalancer, Protocol, RateLimit};
+use sluice_proxy::endpoints::{Endpoints, EndpointsRule};
+use sluice_proxy::exchange::{Direction, Observe, Outcome, Record, Request};
+use sluice_proxy::pool::Pool;
+use sluice_proxy::ratelimit::RouteLimiter;
+use sluice_proxy::runtime::Runtime;
+use sluice_proxy::shared::Shared;
+use sluice_proxy::verdict::Verdict;
+
+/// Thread counts, with how each is labelled in the report.
+const THREADS: [(usize, &str); 3] = [
+    (1, "1 thread"),
+    (2, "2 threads"),
+    (4, "4 threads (oversubscribed on 2 cores)"),
+];
+
+/// Runs `op` `iters` times on each of `threads` threads, all started together
+/// (after each thread's `setup`, untimed); the mean of the threads' own elapsed
+/// times.
+fn concurrently<S>(
+    threads: usize,
+    iters: u64,
+    setup: impl Fn() -> S + Sync,
+    op: impl Fn(&mut S) + Sync,
+) -> Duration {
+    let start = Barrier::new(threads);
+    let total: Duration = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut state = setup();
+                    start.wait();
+                    let began = Instant::now();
+                    for _ in 0..iters {
+                        op(&mut state);
+                    }
+                    let elapsed = began.elapsed();
+                    drop(state);
+                    elapsed
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a bench thread"))
+            .sum()
+    });
+    total / threads as u32
+}
+
+fn group(c: &mut Criterion, name: &str, mut run: impl FnMut(usize, u64) -> Duration) {
+    let mut group = c.benchmark_group(name);
+    for (threads, label) in THREADS {
+        group.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.iter_custom(|iters| run(threads, iters))
+        });
+    }
+    group.finish();
+}
+
+/// The upstream pool, as a proxied request uses it: take the idle connection to the
+/// backend, put it back. Each thread runs a current-thread runtime (as a worker
+/// thread does) holding its own connection.
+fn pool(c: &mut Criterion) {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = backend.local_addr().expect("local address");
+    let pool = Pool::default();
+    group(c, "contention/pool take+put", |threads, iters| {
+        concurrently(
+            threads,
+            iters,
+            || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let conn = {
+                    let _entered = runtime.enter();
+                    let std = std::net::TcpStream::connect(addr).expect("connect");
+                    std.set_nonblocking(true).expect("non-blocking");
+                    tokio::net::TcpStream::from_std(std).expect("register")
+                };
+                // Some thread's server end (whose does not matter), held open
+                // while the connection is in use.
+                let (held, _) = backend.accept().expect("accept");
+                let me = pool.worker();
+                let _entered = runtime.enter();
+                pool.put(me, addr, None, conn.into());
+                (runtime, me, held)
+            },
+            |(runtime, me, _)| {
+                let _entered = runtime.enter();
+                let conn = pool.take(*me, addr, None).expect("the idle connection");
+                pool.put(*me, addr, None, black_box(conn));
+            },
+        )
+    });
+}
+
+struct BenchRequest;
+
+impl Request for BenchRequest {
+    fn method(&self) -> &str {
+        "GET"
+    }
+    fn path(&self) -> &str {
+        "/api/v1/items"
+    }
+    fn host(&self) -> &str {
+        "bench"
+    }
+    fn header(&self, _: &str) -> Option<&[u8]> {
+        None
+    }
+    fn client_ip(&self) -> Option<IpAddr> {
+        Some(IpAddr::from([127, 0, 0, 1]))
+    }
+    fn body_truncated(&self) -> bool {
+        false
+    }
+}
+
+/// The metrics a proxied request updates, on bench/policy.yaml's busy route (no
+/// access log: that is the access log's own concern).
+fn metrics(c: &mut Criterion) {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml"))
+            .unwrap_or_default();
+    let Ok(set) = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text) else {
+        return;
+    };
+    let Ok(shared) = Shared::new(false, false).map(Arc::new) else {
+        return;
+    };
+    let Ok(runtime) = Runtime::build(set, "bench".into(), None, &shared.globals) else {
+        return;
+    };
+    let routed = runtime.route("bench", "GET", "/api/v1/items", |_| None);
+    let sluice_proxy::runtime::Routed::Route { policy, route } = routed else {
+        return;
+    };
+    let policy = &runtime.policies[policy];
+    let endpoints = policy.endpoints_of(route);
+    let route = &policy.routes[route];
+    group(c, "contention/request metrics", |threads, iters| {
+        concurrently(
+            threads,
+            iters,
+            || (),
+            |()| {
+                shared.begin();
+                shared.upstream(policy, endpoints, 0, Outcome::Success);
+                shared.finished(&Record {
+                    req: &BenchRequest,
+                    policy: Some(policy),
+                    route: Some(route),
+                    status: 200,
+                    class_status: 200,
+                    grpc_status: None,
+                    elapsed: Duration::from_micros(350),
+                    verdict: Verdict::Allowed,
+                    shadow: None,
+                    fallback: None,
+                    backend: Some("127.0.0.1:18080"),
+                    attempts: 1,
+                    trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+                    policy_version: None,
+                    direction: Direction::Outbound,
+                });
+                shared.end();
+            },
+        )
+    });
+}
+
+/// A route's token bucket: every thread draws from the same one.
+fn limiter(c: &mut Criterion) {
+    let rule = RateLimit {
+        requests_per_second: 1e9,
+        burst: 1_000_000,
+        key: None,
+    };
+    let limiter = RouteLimiter::new(&rule, DefaultClock::default());
+    group(c, "contention/rate limit decision", |threads, iters| {
+        concurrently(
+            threads,
+            iters,
+            || (),
+            |()| {
+                black_box(limiter.check(black_box("")));
+            },
+        )
+    });
+}
+
+fn endpoints(algorithm: Algorithm) -> Endpoints {
+    let backends: Vec<Backend> = (0..5u16)
+        .map(|i| Backend {
+            address: sluice_policy::Address {
+                host: "127.0.0.1".into(),
+                port: 9000 + i,
+            },
+            weight: u32::from(i) + 1,
+            protocol: Protocol::Http1,
+            service: None,
+            tls: None,
+        })
+        .collect();
+    Endpoints::new(
+        EndpointsRule {
+            backends,
+            load_balancer: LoadBalancer {
+                algorithm,
+                slow_start: None,
+            },
+            health_check: None,
+            outlier_detection: None,
+            namespace: None,
+        },
+        None,
+        Instant::now(),
+    )
+}
+
+/// A backend pick from one policy's endpoints, which every thread shares.
+fn balancer(c: &mut Criterion) {
+    let now = Instant::now();
+    let wrr = endpoints(Algorithm::WeightedRoundRobin);
+    group(
+        c,
+        "contention/balancer pick (smooth WRR)",
+        |threads, iters| {
+            concurrently(
+                threads,
+                iters,
+                || (),
+                |()| {
+                    black_box(wrr.pick(now, b"", &[]));
+                },
+            )
+        },
+    );
+    let p2c = endpoints(Algorithm::P2cEwma);
+    let rtt = Duration::from_micros(350);
+    group(
+        c,
+        "contention/balancer pick+finish (P2C peak-EWMA)",
+        |threads, iters| {
+            concurrently(
+                threads,
+                iters,
+                || (),
+                |()| {
+                    if let Some(i) = p2c.pick(now, b"", &[]) {
+                        p2c.finish(i, now, rtt, false);
+                    }
+                },
+            )
+        },
+    );
+}
+
+criterion_group!(contention, pool, metrics, limiter, balancer);
+criterion_main!(contention);
