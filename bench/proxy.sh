@@ -606,13 +606,13 @@ pct() { # a b -> "+3.1%" (a against b)
     awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b == "" || b == 0) print "-"; else printf "%+.1f%%", (a / b - 1) * 100 }'
 }
 scaling_report() {
-    local t n k k1 kn kd cores note cpu_vs unres=() why=() loadbound=()
+    local t n k k1 kn kd cores note cpu_vs lb unres=() why=() loadbound=()
     echo "### Scaling: N threads per proxy (closed loop, \`wrk -t$LOAD_THREADS -c64*N -d${DURATION}s\`)"
     echo
     echo "Layout: \`$LAYOUT\`. At N threads sluice runs \`--threads N\`, nginx \`worker_processes N\`,"
     echo "HAProxy \`nbthread N\`, each pinned to the cores in the table; N = 1 is the one-thread instance of the"
     echo "closed-loop table above. \`direct\` at 64*N connections is what the backend and load cores deliver"
-    echo "without a proxy: no proxy row can pass it."
+    echo "without a proxy: a proxy row near it is bounded by those cores, not by the proxy."
     echo
     echo "| target | N | proxy cores | req/s | speed-up vs N=1 | CPU/request | CPU/request vs N=1 (target: within 5%) | req/s vs nginx at N | CPU/request vs nginx at N | p99 | errors |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|"
@@ -670,14 +670,17 @@ scaling_report() {
     if [ ${#unres[@]} -gt 0 ]; then
         echo "**What this run cannot resolve.** This machine ($(nproc) cores, layout above) cannot give"
         echo "each proxy thread a core of its own with the load generator and the backend on other cores:"
+        echo
         printf -- '- %s\n' "${why[@]}"
+        lb=$(common L_CORES B_CORES)
+        [ -n "$lb" ] && echo "- at every N the load generator and the backend share core(s) $lb: the load side does not grow with N (see \`direct\`)"
         echo
         echo "So, for N = ${unres[*]}:"
         echo
         echo "- **Meaningless:** req/s, the speed-up vs N=1 and req/s vs nginx. Throughput cannot scale past"
         echo "  the cores the proxy has free, so a speed-up near (or under) 1.00x says nothing about how"
         echo "  sluice scales, and the ratio to nginx compares how each copes with time-slicing, not scaling."
-        echo "  p99 is mostly the scheduler's time slice."
+        echo "  p99 there is largely the scheduler's time slice."
         echo "- **Still meaningful, roughly:** CPU per request, its change vs N=1 and its ratio to nginx at"
         echo "  the same N. It is the work per request summed over the threads, so it still shows what more"
         echo "  threads cost (shared state, locks, cross-thread wake-ups, more connections to the backend);"
