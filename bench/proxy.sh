@@ -530,7 +530,7 @@ reloader() {
     for ((i = 1; i <= RELOADS; i++)); do
         n0=$(reload_metric 18000 accepted)
         t0=$(date +%s%N)
-        sed "s/requestsPerSecond: 1000000000 # BENCH_RELOAD/requestsPerSecond: $((1000000000 + i)) # BENCH_RELOAD/" \
+        sed "s/requestsPerSecond: 1000000000 # BENCH_RELOAD/requestsPerSecond: $((1000000000 - i)) # BENCH_RELOAD/" \
             bench/policy.yaml >"$dir/.policy.yaml.tmp"
         mv -f "$dir/.policy.yaml.tmp" "$dir/policy.yaml"
         for ((j = 0; j < 100; j++)); do
