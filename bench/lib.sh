@@ -23,11 +23,12 @@ stop_pids() {
     for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
-# nginx_conf DIR < server-blocks: a one-worker nginx.conf with every path under DIR,
-# no access log and long keep-alive; the http{} body comes from stdin.
+# nginx_conf DIR [WORKERS] < server-blocks: an nginx.conf of WORKERS workers (default
+# 1) with every path under DIR, no access log and long keep-alive; the http{} body
+# comes from stdin.
 nginx_conf() {
     cat <<EOF
-worker_processes 1;
+worker_processes ${2:-1};
 daemon off;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
@@ -56,4 +57,30 @@ hwm_kb() {
     local t=0 pid
     for pid in "$@"; do t=$((t + $(awk '/^VmHWM/ {print $2}' "/proc/$pid/status"))); done
     echo $t
+}
+
+# cpu_list_expand LIST: a taskset-style CPU list ("1", "0-3,6", "2 3") as the cores in
+# it, in the order given, one space apart; fails (naming it) on anything else.
+cpu_list_expand() {
+    local part a b out=()
+    for part in ${1//,/ }; do
+        if [[ $part =~ ^([0-9]+)-([0-9]+)$ ]]; then
+            a=${BASH_REMATCH[1]} b=${BASH_REMATCH[2]}
+            [ "$a" -le "$b" ] || { echo "bad CPU range '$part' in '$1'" >&2; return 1; }
+            for ((; a <= b; a++)); do out+=("$a"); done
+        elif [[ $part =~ ^[0-9]+$ ]]; then
+            out+=("$((10#$part))")
+        else
+            echo "bad CPU list '$1' (want e.g. 1 or 0-3,6)" >&2
+            return 1
+        fi
+    done
+    [ ${#out[@]} -gt 0 ] || { echo "empty CPU list" >&2; return 1; }
+    # Each core once, first occurrence first.
+    printf '%s\n' "${out[@]}" | awk '!seen[$1]++' | tr '\n' ' ' | sed 's/ $//'
+}
+
+# allowed_cpus: the cores this shell may run on (what nproc counts), one space apart.
+allowed_cpus() {
+    cpu_list_expand "$(awk '/^Cpus_allowed_list:/ {print $2}' /proc/self/status)"
 }

@@ -1,6 +1,7 @@
 //! Per-decision costs of the request path's components (criterion):
 //! a token-bucket check (local, and global from a lease), a route match against a
-//! ten-route policy, and a balancer pick for each algorithm. Results go to
+//! ten-route policy, a balancer pick for each algorithm, and an access-log line
+//! (issue 23). Results go to
 //! bench/RESULTS.md with the command.
 
 use std::hint::black_box;
@@ -195,5 +196,113 @@ fn balancer(c: &mut Criterion) {
     }
 }
 
-criterion_group!(components, limiter, global_limiter, route_match, balancer);
+/// An access-log line as the request path pays for it: the clock read, the
+/// encoding and the append, with the flush task's drain (into a sink, every 1,000
+/// lines: about what one flush period holds at 50k requests/s) amortised in.
+fn access_log(c: &mut Criterion) {
+    use sluice_proxy::accesslog::{AccessLog, AccessRecord, TcpRecord, Timestamp};
+    use std::time::Duration;
+
+    let record = |ts| AccessRecord {
+        ts,
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+        method: "GET",
+        host: "bench",
+        path: "/api/v1/items",
+        policy: Some("bench"),
+        route: Some("items"),
+        backend: Some("127.0.0.1:18080"),
+        status: 200,
+        grpc_status: None,
+        duration: Duration::from_micros(734),
+        decision: "allowed",
+        shadow_decision: None,
+        fallback: None,
+        attempts: 1,
+        policy_version: Some("3f2a9c1b7d4e"),
+        direction: "outbound",
+        peer: None,
+    };
+    let mut group = c.benchmark_group("access_log");
+    let mut out = Vec::with_capacity(1024);
+    group.bench_function("encode a request line", |b| {
+        b.iter(|| {
+            out.clear();
+            record(Timestamp(std::time::SystemTime::UNIX_EPOCH)).encode(&mut out);
+            black_box(&out);
+        })
+    });
+    let log = AccessLog::new(
+        true,
+        prometheus::IntCounter::new("d", "d").expect("counter"),
+    );
+    group.bench_function("write a request line (clock, encode, append, drain)", |b| {
+        let mut n = 0u32;
+        b.iter(|| {
+            log.write(black_box(&record(Timestamp::now())));
+            n += 1;
+            if n == 1_000 {
+                n = 0;
+                log.flush_to(&mut std::io::sink());
+            }
+        })
+    });
+    // The same with a second thread writing lines all the while (another worker):
+    // what sharing the log between workers costs.
+    group.bench_function("write a request line, a second thread writing too", |b| {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // It drains its share too, as the flush task would.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..1_000 {
+                        log.write(&record(Timestamp::now()));
+                    }
+                    log.flush_to(&mut std::io::sink());
+                }
+            });
+            let mut n = 0u32;
+            b.iter(|| {
+                log.write(black_box(&record(Timestamp::now())));
+                n += 1;
+                if n == 1_000 {
+                    n = 0;
+                    log.flush_to(&mut std::io::sink());
+                }
+            });
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    });
+    group.bench_function("write a TCP line (clock, encode, append, drain)", |b| {
+        let mut n = 0u32;
+        b.iter(|| {
+            log.write_tcp(black_box(&TcpRecord {
+                ts: Timestamp::now(),
+                direction: "outbound",
+                policy: Some("bench/db"),
+                port: 5432,
+                end: "closed",
+                bytes_received: 1234,
+                bytes_sent: 56789,
+                duration: Duration::from_millis(1500),
+                policy_version: Some("3f2a9c1b7d4e"),
+            }));
+            n += 1;
+            if n == 1_000 {
+                n = 0;
+                log.flush_to(&mut std::io::sink());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    components,
+    limiter,
+    global_limiter,
+    route_match,
+    balancer,
+    access_log
+);
 criterion_main!(components);

@@ -1,18 +1,39 @@
 //! One JSON line per request on stdout. (Operational logs go to stderr through
 //! `tracing`, sluice-logging; the two share the `ts` format, [`Timestamp`].)
 //!
-//! Lines are encoded by hand straight into a shared buffer (no intermediate
-//! `String`, no serializer: serde_json's generic path was ~4% of a proxied request's
-//! CPU, bench/RESULTS.md). The request path only appends: a background task writes
-//! the buffer out every [`FLUSH_EVERY`] (Envoy's file access log has a flush thread
-//! too), so a slow disk or pipe never stalls a worker in the middle of serving
-//! requests (each 64 KiB write there added to the p99). Only when the writer falls
-//! behind by [`MAX_BUFFERED`] does a request write (back-pressure, nothing is lost).
-//! Lines never interleave; at most `FLUSH_EVERY` of lines is lost if the process is
-//! killed outright (a drain flushes).
+//! Lines are encoded by hand straight into a buffer (no intermediate `String`, no
+//! serializer: serde_json's generic path was ~4% of a proxied request's CPU,
+//! bench/RESULTS.md). The request path only appends, and never makes a system
+//! call: a background task writes the buffers out every [`FLUSH_EVERY`] (Envoy's
+//! file access log has a flush thread too), so a slow disk or pipe never stalls a
+//! worker in the middle of serving requests.
+//!
+//! What a line costs (issue 23, bench/RESULTS.md "Access log cost"):
+//! - no allocation in steady state: the buffers keep their capacity from one flush
+//!   to the next (the flush swaps a full buffer for an empty one);
+//! - the timestamp's `YYYY-MM-DDTHH:MM:SS.` is formatted once a second and reused
+//!   (only the milliseconds are formatted per line);
+//! - strings are copied as they are unless a byte needs escaping (checked eight
+//!   bytes at a time);
+//! - one buffer per worker thread (a shard, chosen by the thread's id), so workers
+//!   never wait on each other; the flush task takes each shard's lock only for a
+//!   swap.
+//!
+//! Invariants: lines never interleave (a line is appended whole under its shard's
+//! lock); a thread's lines keep their order (lines of different worker threads
+//! written in the same flush period may not be in `ts` order); a shard holds at
+//! most [`MAX_BUFFERED`] bytes (plus one line): when the flush task falls that far
+//! behind (stdout a full pipe), further lines are dropped and counted in
+//! `sluice_access_log_dropped_lines_total` instead of blocking a request or growing
+//! without bound. At most `FLUSH_EVERY` of lines is lost if the process is killed
+//! outright (a drain flushes).
 
+use std::hash::{Hash, Hasher};
 use std::io::Write;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, SystemTime};
+
+use prometheus::IntCounter;
 
 /// RFC 3339 UTC time with milliseconds, as in the operational log.
 pub use sluice_logging::Timestamp;
@@ -31,7 +52,7 @@ pub struct AccessRecord<'a> {
     /// A gRPC call's `grpc-status` (the field is left out for other requests).
     pub grpc_status: Option<u32>,
     /// Written in milliseconds with microsecond precision.
-    pub duration: std::time::Duration,
+    pub duration: Duration,
     pub decision: &'a str,
     /// What shadow mode would have done (`rate_limited`, ...), when it would have acted.
     pub shadow_decision: Option<&'a str>,
@@ -45,27 +66,56 @@ pub struct AccessRecord<'a> {
     pub peer: Option<&'a str>,
 }
 
-/// Buffered bytes at which a request writes them itself (the flush task is behind).
+/// Bytes a shard may hold; lines beyond it are dropped (and counted) until the
+/// flush task catches up. At 70k requests/s on one thread and ~350 bytes a line,
+/// 2 MiB is ~80 ms of lines: four flush periods.
 pub const MAX_BUFFERED: usize = 2 * 1024 * 1024;
 /// Longest a line waits in the buffer (the flush task's period): at 70k requests/s
 /// and ~350 bytes a line, about 0.5 MB per flush.
-pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// A shard's first capacity; it grows to what a flush period brings and keeps it.
+const SHARD_CAPACITY: usize = 64 * 1024;
+/// More shards than cores buys nothing: at most one thread per core runs at once.
+const MAX_SHARDS: usize = 8;
 
 /// The access log of one proxy (off with `--no-access-log`).
 pub struct AccessLog {
     enabled: bool,
-    buffer: Mutex<Vec<u8>>,
-    /// The flush task's side of the double buffer: swapped with `buffer` under its
-    /// lock, written out after the lock is released.
+    shards: Box<[Mutex<Shard>]>,
+    /// The flush task's side of the double buffer: swapped with a shard's buffer
+    /// under that shard's lock, written out after the lock is released.
     spare: Mutex<Vec<u8>>,
+    /// Lines dropped because their shard was full.
+    dropped: IntCounter,
+}
+
+/// One worker thread's lines, and the second its clock last formatted.
+struct Shard {
+    lines: Vec<u8>,
+    clock: SecondStamp,
 }
 
 impl AccessLog {
-    pub fn new(enabled: bool) -> Self {
+    /// A log with a shard per core (the cores this process may run on), at most
+    /// [`MAX_SHARDS`]. `dropped` counts the lines a full shard refused.
+    pub fn new(enabled: bool, dropped: IntCounter) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_shards(enabled, cores.min(MAX_SHARDS), dropped)
+    }
+
+    /// A log with `shards` buffers (at least one).
+    pub fn with_shards(enabled: bool, shards: usize, dropped: IntCounter) -> Self {
+        let shard = || {
+            Mutex::new(Shard {
+                lines: Vec::with_capacity(if enabled { SHARD_CAPACITY } else { 0 }),
+                clock: SecondStamp::default(),
+            })
+        };
         AccessLog {
             enabled,
-            buffer: Mutex::new(Vec::with_capacity(64 * 1024)),
-            spare: Mutex::new(Vec::with_capacity(64 * 1024)),
+            shards: (0..shards.max(1)).map(|_| shard()).collect(),
+            spare: Mutex::new(Vec::with_capacity(if enabled { SHARD_CAPACITY } else { 0 })),
+            dropped,
         }
     }
 
@@ -73,71 +123,159 @@ impl AccessLog {
         self.enabled
     }
 
-    /// Appends `record` as one line. Errors (a closed stdout) are dropped: the access
-    /// log must never fail a request.
+    /// Appends `record` as one line. Never fails or blocks a request: errors (a
+    /// closed stdout) are the flush task's and are dropped there.
     pub fn write(&self, record: &AccessRecord<'_>) {
-        self.append(|out| record.encode(out));
+        self.append(|out, clock| record.encode_with(out, clock));
     }
 
     /// Appends the line of a closed opaque TCP connection.
     pub fn write_tcp(&self, record: &TcpRecord<'_>) {
-        self.append(|out| record.encode(out));
+        self.append(|out, clock| record.encode_with(out, clock));
     }
 
-    fn append(&self, encode: impl FnOnce(&mut Vec<u8>)) {
+    fn append(&self, encode: impl FnOnce(&mut Vec<u8>, &mut SecondStamp)) {
         if !self.enabled {
             return;
         }
-        let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
-        encode(&mut buffer);
-        buffer.push(b'\n');
-        if buffer.len() >= MAX_BUFFERED {
-            let _ = std::io::stdout().lock().write_all(&buffer);
-            buffer.clear();
+        let mut shard = self.shard();
+        if shard.lines.len() >= MAX_BUFFERED {
+            drop(shard);
+            self.dropped.inc();
+            return;
         }
+        let Shard { lines, clock } = &mut *shard;
+        encode(lines, clock);
+        lines.push(b'\n');
     }
 
-    /// Writes out whatever is buffered, holding the request path's lock only for
-    /// the swap.
-    pub fn flush(&self) {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        {
-            let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
-            if buffer.is_empty() {
-                return;
+    /// The calling thread's shard; when another thread holds it (more threads than
+    /// shards, or the flush task's swap), the next free one rather than waiting.
+    fn shard(&self) -> MutexGuard<'_, Shard> {
+        let n = self.shards.len();
+        let home = if n == 1 { 0 } else { thread_slot(n) };
+        for shard in self.shards.iter().cycle().skip(home).take(n) {
+            match shard.try_lock() {
+                Ok(guard) => return guard,
+                Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
             }
-            std::mem::swap(&mut *buffer, &mut *spare);
         }
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&spare);
+        self.shards[home]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes out whatever is buffered, holding each shard's lock only for a swap.
+    pub fn flush(&self) {
+        self.flush_to(&mut std::io::stdout().lock());
+    }
+
+    /// [`flush`](Self::flush) into `out` (benchmarks and tests). One write per
+    /// shard that has lines.
+    pub fn flush_to(&self, out: &mut impl Write) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        for shard in self.shards.iter() {
+            {
+                let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+                if shard.lines.is_empty() {
+                    continue;
+                }
+                std::mem::swap(&mut shard.lines, &mut *spare);
+            }
+            let _ = out.write_all(&spare);
+            spare.clear();
+        }
         let _ = out.flush();
-        spare.clear();
+    }
+}
+
+/// The shard of the calling thread, out of `n`: a hash of its id (a worker thread
+/// keeps its shard, and so its lines' order, for its life).
+fn thread_slot(n: usize) -> usize {
+    let mut hasher = fnv::FnvHasher::default();
+    std::thread::current().id().hash(&mut hasher);
+    (hasher.finish() % n as u64) as usize
+}
+
+/// Formats timestamps, reusing `YYYY-MM-DDTHH:MM:SS.` while the second is the
+/// same: a line then costs three digits and a `Z`, not a calendar computation.
+struct SecondStamp {
+    /// Seconds since the epoch the prefix is for (`u64::MAX`: none yet).
+    second: u64,
+    prefix: [u8; PREFIX],
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.`
+const PREFIX: usize = 20;
+
+impl Default for SecondStamp {
+    fn default() -> Self {
+        SecondStamp {
+            second: u64::MAX,
+            prefix: [0; PREFIX],
+        }
+    }
+}
+
+impl SecondStamp {
+    /// Appends `ts` exactly as [`Timestamp::encode`] does.
+    fn encode(&mut self, ts: Timestamp, out: &mut Vec<u8>) {
+        let since =
+            ts.0.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+        if since.as_secs() != self.second {
+            let start = out.len();
+            ts.encode(out);
+            if let Some(prefix) = out.get(start..start + PREFIX) {
+                self.prefix.copy_from_slice(prefix);
+                self.second = since.as_secs();
+            }
+            return;
+        }
+        let ms = since.subsec_millis();
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(&[
+            b'0' + (ms / 100) as u8,
+            b'0' + (ms / 10 % 10) as u8,
+            b'0' + (ms % 10) as u8,
+            b'Z',
+        ]);
+    }
+}
+
+/// `null`, or the string.
+fn json_opt(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(v) => json_string(out, v),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
 impl AccessRecord<'_> {
     /// Appends the record as one JSON object (field order as declared).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"ts\":\"");
-        self.ts.encode(out);
-        out.push(b'"');
-        let text = |out: &mut Vec<u8>, name: &str, value: Option<&str>| {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-            match value {
-                Some(v) => json_string(out, v),
-                None => out.extend_from_slice(b"null"),
-            }
-        };
+        self.encode_with(out, &mut SecondStamp::default());
+    }
+
+    fn encode_with(&self, out: &mut Vec<u8>, clock: &mut SecondStamp) {
         let mut digits = itoa::Buffer::new();
-        text(out, "trace_id", Some(self.trace_id));
-        text(out, "method", Some(self.method));
-        text(out, "host", Some(self.host));
-        text(out, "path", Some(self.path));
-        text(out, "policy", self.policy);
-        text(out, "route", self.route);
-        text(out, "backend", self.backend);
+        out.extend_from_slice(b"{\"ts\":\"");
+        clock.encode(self.ts, out);
+        out.extend_from_slice(b"\",\"trace_id\":");
+        json_string(out, self.trace_id);
+        out.extend_from_slice(b",\"method\":");
+        json_string(out, self.method);
+        out.extend_from_slice(b",\"host\":");
+        json_string(out, self.host);
+        out.extend_from_slice(b",\"path\":");
+        json_string(out, self.path);
+        out.extend_from_slice(b",\"policy\":");
+        json_opt(out, self.policy);
+        out.extend_from_slice(b",\"route\":");
+        json_opt(out, self.route);
+        out.extend_from_slice(b",\"backend\":");
+        json_opt(out, self.backend);
         out.extend_from_slice(b",\"status\":");
         out.extend_from_slice(digits.format(self.status).as_bytes());
         if let Some(code) = self.grpc_status {
@@ -147,21 +285,27 @@ impl AccessRecord<'_> {
         let micros = self.duration.as_micros();
         out.extend_from_slice(b",\"duration_ms\":");
         out.extend_from_slice(digits.format(micros / 1000).as_bytes());
-        out.push(b'.');
         let frac = (micros % 1000) as u16;
         out.extend_from_slice(&[
+            b'.',
             b'0' + (frac / 100) as u8,
             b'0' + (frac / 10 % 10) as u8,
             b'0' + (frac % 10) as u8,
         ]);
-        text(out, "decision", Some(self.decision));
-        text(out, "shadow_decision", self.shadow_decision);
-        text(out, "fallback", self.fallback);
+        out.extend_from_slice(b",\"decision\":");
+        json_string(out, self.decision);
+        out.extend_from_slice(b",\"shadow_decision\":");
+        json_opt(out, self.shadow_decision);
+        out.extend_from_slice(b",\"fallback\":");
+        json_opt(out, self.fallback);
         out.extend_from_slice(b",\"attempts\":");
         out.extend_from_slice(digits.format(self.attempts).as_bytes());
-        text(out, "policy_version", self.policy_version);
-        text(out, "direction", Some(self.direction));
-        text(out, "peer", self.peer);
+        out.extend_from_slice(b",\"policy_version\":");
+        json_opt(out, self.policy_version);
+        out.extend_from_slice(b",\"direction\":");
+        json_string(out, self.direction);
+        out.extend_from_slice(b",\"peer\":");
+        json_opt(out, self.peer);
         out.push(b'}');
     }
 }
@@ -189,16 +333,17 @@ pub struct TcpRecord<'a> {
 
 impl TcpRecord<'_> {
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_with(out, &mut SecondStamp::default());
+    }
+
+    fn encode_with(&self, out: &mut Vec<u8>, clock: &mut SecondStamp) {
         let mut digits = itoa::Buffer::new();
         out.extend_from_slice(b"{\"ts\":\"");
-        self.ts.encode(out);
+        clock.encode(self.ts, out);
         out.extend_from_slice(b"\",\"protocol\":\"tcp\",\"direction\":");
         json_string(out, self.direction);
         out.extend_from_slice(b",\"policy\":");
-        match self.policy {
-            Some(p) => json_string(out, p),
-            None => out.extend_from_slice(b"null"),
-        }
+        json_opt(out, self.policy);
         out.extend_from_slice(b",\"port\":");
         out.extend_from_slice(digits.format(self.port).as_bytes());
         out.extend_from_slice(b",\"end\":");
@@ -210,10 +355,7 @@ impl TcpRecord<'_> {
         out.extend_from_slice(b",\"duration_ms\":");
         out.extend_from_slice(digits.format(self.duration.as_millis()).as_bytes());
         out.extend_from_slice(b",\"policy_version\":");
-        match self.policy_version {
-            Some(v) => json_string(out, v),
-            None => out.extend_from_slice(b"null"),
-        }
+        json_opt(out, self.policy_version);
         out.push(b'}');
     }
 }
@@ -221,112 +363,44 @@ impl TcpRecord<'_> {
 /// A JSON string literal: copied as is when nothing needs escaping (the usual case
 /// for methods, hosts, paths and names), else escaped by serde_json.
 fn json_string(out: &mut Vec<u8>, value: &str) {
-    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if needs_escape(value.as_bytes()) {
+        if serde_json::to_writer(&mut *out, value).is_err() {
+            out.extend_from_slice(b"\"\"");
+        }
+    } else {
         out.push(b'"');
         out.extend_from_slice(value.as_bytes());
         out.push(b'"');
-    } else if serde_json::to_writer(&mut *out, value).is_err() {
-        out.extend_from_slice(b"\"\"");
     }
+}
+
+/// Whether a byte is a control character, `"` or `\\` (what JSON must escape;
+/// bytes of multi-byte UTF-8 characters are all >= 0x80 and need nothing).
+/// Eight bytes at a time (SWAR): a string with nothing to escape, the usual one,
+/// is read without a branch per byte.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `x` is zero iff the result has its high bit (exact for "any").
+    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut words = bytes.chunks_exact(8);
+    let mut found = 0;
+    for word in &mut words {
+        let mut w = [0; 8];
+        w.copy_from_slice(word);
+        let x = u64::from_ne_bytes(w);
+        // Below 0x20: `x - 0x20` borrows into the high bit of a byte whose own
+        // high bit is clear.
+        found |= x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        found |= zero_in(x ^ (ONES * u64::from(b'"')));
+        found |= zero_in(x ^ (ONES * u64::from(b'\\')));
+    }
+    found != 0
+        || words
+            .remainder()
+            .iter()
+            .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::{Duration, SystemTime};
-
-    #[test]
-    fn records_are_valid_json_with_every_field() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
-        for path in ["/plain", "/quote\"back\\slash", "/ctl\u{1}\n\t", "/ünï€😀"] {
-            let record = AccessRecord {
-                ts: Timestamp(t),
-                trace_id: "0af7651916cd43dd8448eb211c80319c",
-                method: "GET",
-                host: "shop",
-                path,
-                policy: Some("shop"),
-                route: None,
-                backend: Some("10.0.0.1:80"),
-                status: 200,
-                grpc_status: None,
-                duration: Duration::from_micros(12_345_678),
-                decision: "allowed",
-                shadow_decision: None,
-                fallback: Some("rate-limited"),
-                attempts: 2,
-                policy_version: Some("abc"),
-                direction: "outbound",
-                peer: Some("spiffe://cluster.local/ns/shop/sa/frontend"),
-            };
-            let mut out = Vec::new();
-            record.encode(&mut out);
-            let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
-            assert_eq!(v["ts"], "2026-11-18T11:06:40.123Z");
-            assert_eq!(v["path"], path);
-            assert_eq!(v["route"], serde_json::Value::Null);
-            assert_eq!(v["status"], 200);
-            assert_eq!(v["duration_ms"].as_f64(), Some(12_345.678));
-            assert_eq!(v["attempts"], 2);
-            assert_eq!(v["fallback"], "rate-limited");
-            assert_eq!(v["direction"], "outbound");
-            assert_eq!(v["peer"], "spiffe://cluster.local/ns/shop/sa/frontend");
-            assert_eq!(v.as_object().map(|o| o.len()), Some(17));
-        }
-        let mut out = Vec::new();
-        let short = AccessRecord {
-            duration: Duration::from_micros(7),
-            ..sample()
-        };
-        short.encode(&mut out);
-        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
-        assert_eq!(v["duration_ms"].as_f64(), Some(0.007));
-    }
-
-    #[test]
-    fn tcp_records_are_valid_json() {
-        let record = TcpRecord {
-            ts: Timestamp(SystemTime::UNIX_EPOCH),
-            direction: "outbound",
-            policy: Some("shop/db"),
-            port: 5432,
-            end: "closed",
-            bytes_received: 12,
-            bytes_sent: 3400,
-            duration: Duration::from_millis(1500),
-            policy_version: None,
-        };
-        let mut out = Vec::new();
-        record.encode(&mut out);
-        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
-        assert_eq!(v["protocol"], "tcp");
-        assert_eq!(v["policy"], "shop/db");
-        assert_eq!(v["port"], 5432);
-        assert_eq!(v["bytes_sent"], 3400);
-        assert_eq!(v["duration_ms"], 1500);
-        assert_eq!(v["policy_version"], serde_json::Value::Null);
-    }
-
-    fn sample() -> AccessRecord<'static> {
-        AccessRecord {
-            ts: Timestamp(SystemTime::UNIX_EPOCH),
-            trace_id: "",
-            method: "GET",
-            host: "",
-            path: "/",
-            policy: None,
-            route: None,
-            backend: None,
-            status: 0,
-            grpc_status: None,
-            duration: Duration::ZERO,
-            decision: "allowed",
-            shadow_decision: None,
-            fallback: None,
-            attempts: 0,
-            policy_version: None,
-            direction: "outbound",
-            peer: None,
-        }
-    }
-}
+mod tests;

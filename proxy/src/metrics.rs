@@ -77,6 +77,8 @@ pub struct Metrics {
     pub tcp_bytes: IntCounterVec,
     /// What protocol detection found on the transparent listeners.
     pub protocol_detections: IntCounterVec,
+    /// Access-log lines dropped because the flush task fell behind (`accesslog`).
+    pub access_log_dropped: IntCounter,
 }
 
 fn counter(
@@ -128,6 +130,11 @@ impl Metrics {
             "When this proxy's workload (mTLS) certificate expires, in Unix seconds; 0 without one.",
         )?;
         r.register(Box::new(identity_expiry.clone()))?;
+        let access_log_dropped = IntCounter::new(
+            "sluice_access_log_dropped_lines_total",
+            "Access-log lines dropped because stdout took them slower than they came.",
+        )?;
+        r.register(Box::new(access_log_dropped.clone()))?;
         let endpoints_stream_connected = IntGauge::new(
             "sluice_endpoints_stream_connected",
             "1 while the proxy holds an endpoints stream to the control plane.",
@@ -349,6 +356,7 @@ impl Metrics {
             inflight,
             control_plane_connected,
             identity_expiry,
+            access_log_dropped,
             endpoints_stream_connected,
             registry,
         })

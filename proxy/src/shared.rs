@@ -53,13 +53,15 @@ impl Shared {
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::empty()));
         let registry = Registry::new();
         registry.register(Box::new(DurationCollector::new(Arc::clone(&runtime))?))?;
+        let metrics = Metrics::register(registry)?;
+        let dropped = metrics.access_log_dropped.clone();
         Ok(Shared {
             runtime,
-            metrics: Metrics::register(registry)?,
+            metrics,
             series: Ledger::new(ROUTE_SERIES_IDLE),
             ids: IdGenerator::default(),
             inflight: AtomicUsize::new(0),
-            access_log: AccessLog::new(access_log),
+            access_log: AccessLog::new(access_log, dropped),
             globals: GlobalLimits::new(redis),
             services: ArcSwap::from_pointee(ServiceSets::default()),
             demand: std::sync::OnceLock::new(),
