@@ -88,11 +88,27 @@ fn group(c: &mut Criterion, name: &str, mut run: impl FnMut(usize, u64) -> Durat
 /// The upstream pool, as a proxied request uses it: take the idle connection to the
 /// backend, put it back. Each thread runs a current-thread runtime (as a worker
 /// thread does) holding its own connection.
+///
+/// The control row gives each thread a pool of its own: nothing shared, so how
+/// far its per-thread time still grows with threads is the machine's (both cores
+/// busy, a VM's vCPUs, other load), not contention.
 fn pool(c: &mut Criterion) {
+    pool_take_put(c, "contention/pool take+put", false);
+    pool_take_put(
+        c,
+        "contention/pool take+put, a pool per thread (control)",
+        true,
+    );
+}
+
+fn pool_take_put(c: &mut Criterion, name: &str, private: bool) {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = backend.local_addr().expect("local address");
-    let pool = Pool::default();
-    group(c, "contention/pool take+put", |threads, iters| {
+    group(c, name, |threads, iters| {
+        // A pool per sample: each sample's threads are new ones, and a pool's
+        // shards are claimed by the threads that use it (worker threads live as
+        // long as the proxy; these would use up the shards).
+        let shared = Pool::default();
         concurrently(
             threads,
             iters,
@@ -110,13 +126,16 @@ fn pool(c: &mut Criterion) {
                 // Some thread's server end (whose does not matter), held open
                 // while the connection is in use.
                 let (held, _) = backend.accept().expect("accept");
+                let own = private.then(Pool::default);
+                let pool = own.as_ref().unwrap_or(&shared);
                 let me = pool.worker();
                 let _entered = runtime.enter();
                 pool.put(me, addr, None, conn.into());
-                (runtime, me, held)
+                (runtime, me, held, own)
             },
-            |(runtime, me, _)| {
+            |(runtime, me, _, own)| {
                 let _entered = runtime.enter();
+                let pool = own.as_ref().unwrap_or(&shared);
                 let conn = pool.take(*me, addr, None).expect("the idle connection");
                 pool.put(*me, addr, None, black_box(conn));
             },
