@@ -562,10 +562,15 @@ impl ProxyHttp for SluiceProxy {
                 }
             }
         };
+        // pingora does not reuse the client connection after a failed proxy
+        // attempt, whatever this says (its proxy path passes on the attempt's own
+        // reuse flag, not ours): the answer must say `Connection: close`, or the
+        // client sends its next request into a closing connection (a reset).
+        session.set_keepalive(None);
         let _ = write_reply(session, &reply).await;
         FailToProxy {
             error_code: reply.status,
-            can_reuse_downstream: !reply.close,
+            can_reuse_downstream: false,
         }
     }
 

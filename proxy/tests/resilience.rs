@@ -460,3 +460,40 @@ async fn a_reload_of_an_unrelated_route_keeps_an_open_breaker_open() {
     );
     assert_eq!(a.requests(), 3);
 }
+
+/// A fallback answered for an upstream error leaves the client connection usable,
+/// or says `Connection: close` (pingora's engine closes it after a failed attempt):
+/// never a keep-alive answer on a connection that then resets the next request.
+#[tokio::test]
+async fn a_fallback_for_an_upstream_error_keeps_its_word_about_the_connection() {
+    let shop = upstream("shop").await;
+    let dir = TempDir::new();
+    let yaml = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: shop}}\n\
+         spec:\n  hosts: [shop]\n  backends: [{{address: \"{}\"}}]\n  routes:\n\
+         \x20   - name: kept\n      match: {{pathPrefix: /kept}}\n      fallback: {{status: 200, body: cached, on: [upstream-error]}}\n\
+         \x20   - name: all\n",
+        shop.addr()
+    );
+    let proxy = start(&dir, &yaml).await;
+    let mut client = HttpClient::connect(proxy.listen_addr())
+        .await
+        .expect("connect");
+    for _ in 0..3 {
+        let kept = client
+            .request("GET", "shop", "/kept", &[("x-demo-status", "503")], b"")
+            .await
+            .expect("fallback");
+        assert_eq!((kept.status, kept.text().as_str()), (200, "cached"));
+        if kept.header("connection") == Some("close") {
+            client = HttpClient::connect(proxy.listen_addr())
+                .await
+                .expect("connect");
+        }
+        let next = client
+            .request("GET", "shop", "/", &[], b"")
+            .await
+            .expect("the connection the fallback left open serves the next request");
+        assert_eq!(next.status, 200);
+    }
+}
