@@ -191,7 +191,9 @@ impl AccessLog {
 }
 
 /// The shard of the calling thread, out of `n`: a hash of its id (a worker thread
-/// keeps its shard, and so its lines' order, for its life).
+/// keeps its shard for its life, and its lines their order, unless the shard is
+/// taken when it writes: then the line goes to the next free shard, and may come
+/// out before lines the thread wrote earlier; its timestamp still tells).
 fn thread_slot(n: usize) -> usize {
     let mut hasher = fnv::FnvHasher::default();
     std::thread::current().id().hash(&mut hasher);
