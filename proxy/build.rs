@@ -10,6 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(false)
         .compile_fds(fds)?;
+    // The OTLP trace service (the span exporter's client; the tests' receiver).
+    let otlp = "proto/opentelemetry/proto/collector/trace/v1/trace_service.proto";
+    println!("cargo:rerun-if-changed=proto/opentelemetry");
+    let fds = protox::compile([otlp], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
     let test_protos = [
         "tests/proto/echo.proto",
         "tests/proto/grpc/health/v1/health.proto",

@@ -485,13 +485,25 @@ impl RequestHead {
     /// A head that is canonical already (origin-form, nothing to leave out) is
     /// copied as received: every line of it was checked to end in CRLF.
     pub fn write_forwarded(&self, out: &mut Vec<u8>, keep_connection: bool) {
+        self.write_forwarded_without(out, keep_connection, None);
+    }
+
+    /// [`Self::write_forwarded`], leaving out every `replaced` field (any case):
+    /// one the caller writes itself after the head (a proxy's own `traceparent`).
+    pub fn write_forwarded_without(
+        &self,
+        out: &mut Vec<u8>,
+        keep_connection: bool,
+        replaced: Option<&str>,
+    ) {
         let head = self.bytes.get(self.start..).unwrap_or(b"");
         let verbatim = if keep_connection {
             !self.nominates_kept
         } else {
             !self.hop_by_hop
         };
-        if self.form == Form::Origin && verbatim {
+        let replaced = replaced.filter(|name| self.header(name).is_some());
+        if self.form == Form::Origin && verbatim && replaced.is_none() {
             out.extend_from_slice(head.strip_suffix(b"\r\n").unwrap_or(head));
             return;
         }
@@ -514,6 +526,9 @@ impl RequestHead {
         for (n, v) in &self.fields {
             let name = self.get(n);
             if !keep_connection && self.dropped(name) {
+                continue;
+            }
+            if replaced.is_some_and(|r| name.eq_ignore_ascii_case(r.as_bytes())) {
                 continue;
             }
             if name.eq_ignore_ascii_case(b"connection") && self.nominates_kept {
@@ -601,6 +616,26 @@ mod tests {
 
     fn status(text: &[u8]) -> u16 {
         parsed(text).err().map_or(200, |r| r.status)
+    }
+
+    #[test]
+    fn a_replaced_field_is_left_out_in_any_case_and_only_when_present() {
+        let text = b"GET /a HTTP/1.1\r\nHost: api\r\nTraceParent: 00-x\r\nX-Key: k1\r\ntraceparent: 00-y\r\n\r\n";
+        let mut out = Vec::new();
+        parsed(text)
+            .unwrap()
+            .write_forwarded_without(&mut out, false, Some("traceparent"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a HTTP/1.1\r\nHost: api\r\nX-Key: k1\r\n"
+        );
+        // Absent: the head goes as it would without the name.
+        let plain = b"GET /a HTTP/1.1\r\nHost: api\r\n\r\n";
+        let mut out = Vec::new();
+        parsed(plain)
+            .unwrap()
+            .write_forwarded_without(&mut out, false, Some("traceparent"));
+        assert_eq!(String::from_utf8(out).unwrap(), forwarded(plain, false));
     }
 
     #[test]

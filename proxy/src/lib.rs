@@ -27,13 +27,15 @@
 //!   ([`discovery`], kept in [`services`]) and are swapped into the live snapshot's
 //!   endpoints like DNS answers ([`tasks`]), without a reload;
 //! - the proxy's workload identity for mTLS ([`identity`]) comes from files or from
-//!   the control plane's CA ([`issuer`], renewed before it expires).
+//!   the control plane's CA ([`issuer`], renewed before it expires);
+//! - with `--otlp-endpoint`, each request's span and its attempts' ([`trace`]) are
+//!   queued at settlement and exported over OTLP/gRPC off the request path ([`otlp`]).
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
 //! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`, `authz`,
 //! `endpoints`, `resolve`, `services`, `globallimit`, `tcplimit`...) < runtime (`runtime`, `shared`) < engine
 //! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `issuer`,
-//! `admin`, `shutdown`; `main.rs` above all).
+//! `admin`, `shutdown`, `otlp`; `main.rs` above all).
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
@@ -64,6 +66,7 @@ pub mod issuer;
 pub mod listeners;
 pub mod metrics;
 pub mod opaque;
+pub mod otlp;
 pub mod outlier;
 pub mod p2c;
 pub mod pathmatch;

@@ -136,6 +136,24 @@ struct Args {
     /// Turn the JSON access log on stdout off.
     #[arg(long)]
     no_access_log: bool,
+    /// Record a span per request (and per attempt at a backend) and export them
+    /// over OTLP/gRPC to this collector, `http://HOST:PORT` (usually port 4317) or
+    /// `https://...` (with --otlp-ca-file). Tracing is off without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL", value_parser = parse_otlp_endpoint)]
+    otlp_endpoint: Option<String>,
+    /// The CA certificate (PEM) an `https://` --otlp-endpoint is checked against.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        value_name = "PATH",
+        requires = "otlp_endpoint"
+    )]
+    otlp_ca_file: Option<PathBuf>,
+    /// The share of traces started here that are sampled at the head (0 to 1). A
+    /// caller's sampled flag is followed whatever this says, and every refused,
+    /// failed, retried or fallback request is exported anyway.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 0.01, value_parser = parse_ratio)]
+    trace_sample_ratio: f64,
     /// Also accept HTTP/2 with prior knowledge (h2c) on the listeners: served by
     /// Sluice's h2 engine (docs/http2.md), or pingora's with `--engine pingora`.
     /// Transparent listeners accept it without this flag (`--engine h1`). The first
@@ -231,6 +249,28 @@ struct Args {
         value_parser = sluice_logging::parse_filter
     )]
     log_level: sluice_logging::LogFilter,
+}
+
+/// An OTLP/gRPC endpoint: an absolute http:// or https:// URL with a host.
+fn parse_otlp_endpoint(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| format!("{s:?}: expected http://HOST:PORT or https://HOST:PORT"))?;
+    if rest.split('/').next().is_none_or(str::is_empty) {
+        return Err(format!("{s:?}: no host"));
+    }
+    tonic::transport::Endpoint::from_shared(s.to_owned())
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A ratio in [0, 1].
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: expected a number from 0 to 1")),
+    }
 }
 
 /// Whether `url` is `https://`, or plain HTTP to a loopback address.
@@ -462,8 +502,41 @@ fn main() -> ExitCode {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("sluice-proxy-{}", std::process::id()));
 
+    let otlp_ca = match &args.otlp_ca_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("sluice-proxy: --otlp-ca-file {}: {e}", path.display());
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        None => None,
+    };
+    if let (Some(url), None) = (&args.otlp_endpoint, &otlp_ca) {
+        if url.starts_with("https://") {
+            eprintln!("sluice-proxy: --otlp-endpoint {url} is https: name its CA with --otlp-ca-file (or $OTEL_EXPORTER_OTLP_CERTIFICATE)");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
+    let (tracer, spans) = match &args.otlp_endpoint {
+        Some(_) => {
+            let (queue, rx) = sluice_proxy::trace::SpanQueue::new(sluice_proxy::trace::SPAN_QUEUE);
+            let sampler = sluice_proxy::trace::Sampler::new(args.trace_sample_ratio);
+            (
+                Some(sluice_proxy::trace::Tracer { sampler, queue }),
+                Some(rx),
+            )
+        }
+        None => (None, None),
+    };
     let shared = match Shared::new(!args.no_access_log, args.redis.is_some()) {
-        Ok(shared) => Arc::new(shared.with_metrics_idle(args.metrics_idle)),
+        Ok(shared) => {
+            let shared = shared.with_metrics_idle(args.metrics_idle);
+            Arc::new(match tracer {
+                Some(tracer) => shared.with_tracer(tracer),
+                None => shared,
+            })
+        }
         Err(e) => {
             eprintln!("sluice-proxy: metrics: {e}");
             return ExitCode::FAILURE;
@@ -664,6 +737,30 @@ fn main() -> ExitCode {
                         Reload::Refused { first: false, .. } | Reload::Unchanged => {}
                     }
                 },
+            },
+        ));
+    }
+    if let (Some(endpoint), Some(rx)) = (&args.otlp_endpoint, spans) {
+        let resource = sluice_proxy::otlp::Config::resource_from(
+            std::env::var("OTEL_SERVICE_NAME").ok().as_deref(),
+            std::env::var("OTEL_RESOURCE_ATTRIBUTES").ok().as_deref(),
+        );
+        tracing::info!(
+            endpoint,
+            ratio = args.trace_sample_ratio,
+            "exporting spans over OTLP"
+        );
+        server.add_service(background_service(
+            "otlp-export",
+            sluice_proxy::otlp::ExportSpans {
+                config: sluice_proxy::otlp::Config {
+                    endpoint: endpoint.clone(),
+                    ca_pem: otlp_ca,
+                    resource,
+                },
+                spans: std::sync::Mutex::new(Some(rx)),
+                exported: shared.metrics.trace_spans_exported.clone(),
+                failed: shared.metrics.trace_spans_dropped_export_failed.clone(),
             },
         ));
     }

@@ -79,6 +79,12 @@ pub struct Metrics {
     pub protocol_detections: IntCounterVec,
     /// Access-log lines dropped because the flush task fell behind (`accesslog`).
     pub access_log_dropped: IntCounter,
+    /// Spans not exported (`sluice_trace_spans_dropped_total{reason}`): the queue
+    /// to the exporter was full, or the collector did not take a batch.
+    pub trace_spans_dropped_queue_full: IntCounter,
+    pub trace_spans_dropped_export_failed: IntCounter,
+    /// Spans the collector accepted.
+    pub trace_spans_exported: IntCounter,
 }
 
 fn counter(
@@ -135,6 +141,17 @@ impl Metrics {
             "Access-log lines dropped because stdout took them slower than they came.",
         )?;
         r.register(Box::new(access_log_dropped.clone()))?;
+        let trace_dropped = counter(
+            r,
+            "sluice_trace_spans_dropped_total",
+            "Spans not exported: the queue to the exporter was full (queue_full), or the collector did not take their batch (export_failed).",
+            &["reason"],
+        )?;
+        let trace_spans_exported = IntCounter::new(
+            "sluice_trace_spans_exported_total",
+            "Spans the OTLP collector accepted.",
+        )?;
+        r.register(Box::new(trace_spans_exported.clone()))?;
         let endpoints_stream_connected = IntGauge::new(
             "sluice_endpoints_stream_connected",
             "1 while the proxy holds an endpoints stream to the control plane.",
@@ -357,6 +374,9 @@ impl Metrics {
             control_plane_connected,
             identity_expiry,
             access_log_dropped,
+            trace_spans_dropped_queue_full: trace_dropped.with_label_values(&["queue_full"]),
+            trace_spans_dropped_export_failed: trace_dropped.with_label_values(&["export_failed"]),
+            trace_spans_exported,
             endpoints_stream_connected,
             registry,
         })

@@ -18,7 +18,7 @@ use crate::resolve::Names;
 use crate::runtime::{DurationCollector, Runtime};
 use crate::series::Ledger;
 use crate::services::ServiceSets;
-use crate::trace::IdGenerator;
+use crate::trace::{IdGenerator, Tracer};
 
 pub struct Shared {
     /// The live snapshot, replaced whole on reload; [`Runtime::empty`] until a
@@ -44,6 +44,8 @@ pub struct Shared {
     /// This proxy's workload identity (mTLS between proxies): none until
     /// credentials are installed (files, or the control plane's CA).
     pub identity: Arc<crate::identity::tls::Tls>,
+    /// Spans are recorded and queued for the OTLP exporter (`--otlp-endpoint`).
+    pub tracer: Option<Tracer>,
 }
 
 impl Shared {
@@ -66,6 +68,7 @@ impl Shared {
             services: ArcSwap::from_pointee(ServiceSets::default()),
             demand: std::sync::OnceLock::new(),
             identity: Arc::default(),
+            tracer: None,
         })
     }
 }
@@ -75,6 +78,12 @@ impl Shared {
     /// [`ROUTE_SERIES_IDLE`] (`--metrics-idle`).
     pub fn with_metrics_idle(mut self, idle: Duration) -> Self {
         self.series = Ledger::new(idle);
+        self
+    }
+
+    /// Records spans and queues them on `tracer` (for the exporter).
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = Some(tracer);
         self
     }
 

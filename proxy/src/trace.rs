@@ -1,12 +1,24 @@
-//! W3C Trace Context (`traceparent`): reuse the caller's trace, or start one.
+//! W3C Trace Context (`traceparent`): reuse the caller's trace, or start one; and
+//! the spans the proxy records of a request when tracing is on (`--otlp-endpoint`).
 //!
-//! The proxy records no spans of its own, so a valid incoming `traceparent` is
-//! forwarded unchanged (the upstream's parent is the caller's span); when there is
-//! none, a new trace is started so every access-log line can be joined with the
-//! upstream's logs.
+//! Without tracing, a valid incoming `traceparent` is forwarded unchanged (the
+//! upstream's parent is the caller's span); when there is none, a new trace is
+//! started so every access-log line can be joined with the upstream's logs.
+//!
+//! With tracing, each request is a span (server side on the inbound listener,
+//! client side on the outbound one) whose parent is the caller's span, and each
+//! attempt at a backend a child span; the `traceparent` sent upstream names the
+//! attempt's span, so the upstream's spans hang under it. Sampling is decided twice:
+//! at the head, parent-based (the caller's sampled flag) or by [`Sampler`]'s ratio
+//! for a trace started here, and that decision travels upstream in the flags; at the
+//! end, a request that was refused, failed or served a fallback is exported as well
+//! (tail-friendly: the outcome is known when the span ends). Spans go into a bounded
+//! queue ([`SpanQueue`]) that an exporter drains off the request path (`otlp`); a
+//! full queue drops the span (counted), never waits.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Trace and span ids from a splitmix64 stream: unique per process and cheap (one
 /// atomic add). Seeded from the clock and the pid so restarts do not repeat ids.
@@ -27,14 +39,15 @@ impl Default for IdGenerator {
 }
 
 impl IdGenerator {
-    fn next(&self) -> u64 {
+    /// A fresh id, never 0 (the invalid span id).
+    pub fn next(&self) -> u64 {
         let mut z = self
             .state
             .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
             .wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        (z ^ (z >> 31)).max(1)
     }
 
     /// A fresh sampled `traceparent` value (`00-<32 hex>-<16 hex>-01`), written
@@ -79,6 +92,251 @@ pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
     valid.then_some(trace)
 }
 
+/// Whether a valid `traceparent`'s flags say the caller sampled its trace.
+pub fn sampled(traceparent: &[u8]) -> bool {
+    parse(traceparent).is_some_and(|p| p.sampled)
+}
+
+/// A caller's trace context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parent {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub sampled: bool,
+}
+
+/// A valid `traceparent`, parsed (any version's first four fields, as the
+/// specification asks of a version this code does not know).
+pub fn parse(traceparent: &[u8]) -> Option<Parent> {
+    let trace = trace_id(traceparent)?;
+    let span = traceparent.get(36..52)?;
+    let flags = traceparent.get(53..55)?;
+    fn hex(b: &[u8]) -> Option<&str> {
+        std::str::from_utf8(b).ok()
+    }
+    Some(Parent {
+        trace_id: u128::from_str_radix(trace, 16).ok()?,
+        span_id: u64::from_str_radix(hex(span)?, 16).ok()?,
+        sampled: u8::from_str_radix(hex(flags)?, 16).ok()? & 1 == 1,
+    })
+}
+
+/// `00-<trace>-<span>-<flags>`, in lower-case hex.
+pub fn format_traceparent(trace_id: u128, span_id: u64, sampled: bool) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    for shift in (0..32).rev() {
+        out.push(char::from(HEX[(trace_id >> (shift * 4)) as usize & 0xf]));
+    }
+    out.push('-');
+    for shift in (0..16).rev() {
+        out.push(char::from(HEX[(span_id >> (shift * 4)) as usize & 0xf]));
+    }
+    out.push_str(if sampled { "-01" } else { "-00" });
+    out
+}
+
+/// The head sampling decision for a trace started here: the trace id's low 64
+/// bits below `ratio` of their range. Consistent for a trace id (every proxy with
+/// the same ratio decides the same), as OpenTelemetry's `TraceIdRatioBased`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampler {
+    ratio: f64,
+    threshold: u64,
+}
+
+impl Sampler {
+    /// `ratio` in [0, 1] (checked where it is parsed; clamped here).
+    pub fn new(ratio: f64) -> Sampler {
+        let ratio = if ratio.is_nan() {
+            0.0
+        } else {
+            ratio.clamp(0.0, 1.0)
+        };
+        // 2^64 as f64 is exact; the product saturates at u64::MAX in the cast.
+        let threshold = (ratio * 18_446_744_073_709_551_616.0) as u64;
+        Sampler { ratio, threshold }
+    }
+
+    pub fn ratio(&self) -> f64 {
+        self.ratio
+    }
+
+    pub fn sampled(&self, trace_id: u128) -> bool {
+        self.ratio >= 1.0 || (trace_id as u64) < self.threshold
+    }
+}
+
+/// One request's span while it runs (the exchange keeps it when tracing is on).
+#[derive(Debug, Clone)]
+pub struct RequestTrace {
+    pub trace_id: u128,
+    /// The caller's span, when it sent a `traceparent`.
+    pub parent: Option<u64>,
+    pub span_id: u64,
+    /// The head decision: the caller's flag, or the sampler's for a trace started here.
+    pub head_sampled: bool,
+    /// The request's start in Unix nanoseconds; the other times are the exchange's
+    /// `Instant`s, measured from `start`.
+    pub start_unix_nanos: u64,
+    pub start: Instant,
+    /// One per attempt at a backend, in order (bounded by the exchange's
+    /// `MAX_ATTEMPTS`).
+    pub attempts: Vec<AttemptTrace>,
+}
+
+/// One attempt at a backend: a child span of the request's.
+#[derive(Debug, Clone)]
+pub struct AttemptTrace {
+    pub span_id: u64,
+    pub addr: SocketAddr,
+    pub start: Instant,
+    /// Set when the attempt ended before the request did (else: at its end).
+    pub end: Option<Instant>,
+    /// `sluice_upstream_requests_total`'s outcome, once known.
+    pub outcome: Option<&'static str>,
+    /// The response status, 0 if none came.
+    pub status: u16,
+}
+
+impl RequestTrace {
+    /// A span for a request arriving `now` with the caller's `traceparent` (if
+    /// valid), ids from `ids`.
+    pub fn start(
+        traceparent: Option<&[u8]>,
+        sampler: Sampler,
+        ids: &IdGenerator,
+        now: Instant,
+    ) -> RequestTrace {
+        let parent = traceparent.and_then(parse);
+        let trace_id = match parent {
+            Some(p) => p.trace_id,
+            None => (u128::from(ids.next()) << 64) | u128::from(ids.next()),
+        };
+        RequestTrace {
+            trace_id,
+            parent: parent.map(|p| p.span_id),
+            span_id: ids.next(),
+            head_sampled: match parent {
+                Some(p) => p.sampled,
+                None => sampler.sampled(trace_id),
+            },
+            start_unix_nanos: unix_nanos(SystemTime::now()),
+            start: now,
+            attempts: Vec::new(),
+        }
+    }
+
+    /// `t` in Unix nanoseconds.
+    pub fn unix_nanos_at(&self, t: Instant) -> u64 {
+        let since = t.saturating_duration_since(self.start).as_nanos();
+        self.start_unix_nanos
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    /// The `traceparent` for the next hop, naming `span_id` as its parent.
+    pub fn traceparent(&self, span_id: u64) -> String {
+        format_traceparent(self.trace_id, span_id, self.head_sampled)
+    }
+
+    /// Opens an attempt's span (closing the previous one at `now` if still open);
+    /// its `traceparent` for the backend.
+    pub fn begin_attempt(&mut self, ids: &IdGenerator, addr: SocketAddr, now: Instant) -> String {
+        if let Some(last) = self.attempts.last_mut() {
+            last.end.get_or_insert(now);
+        }
+        let span_id = ids.next();
+        self.attempts.push(AttemptTrace {
+            span_id,
+            addr,
+            start: now,
+            end: None,
+            outcome: None,
+            status: 0,
+        });
+        self.traceparent(span_id)
+    }
+
+    /// What the attempt in progress came to (`end`: it is over, another may follow).
+    pub fn attempt_outcome(&mut self, outcome: &'static str, status: u16, end: Option<Instant>) {
+        if let Some(last) = self.attempts.last_mut() {
+            if last.end.is_none() {
+                last.outcome = Some(outcome);
+                last.status = status;
+                last.end = end;
+            }
+        }
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// OpenTelemetry's span kinds that the proxy records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+/// An attribute's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+}
+
+/// A finished span, as the exporter sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanData {
+    pub trace_id: u128,
+    pub span_id: u64,
+    /// 0: a root span.
+    pub parent_span_id: u64,
+    pub name: String,
+    pub kind: SpanKind,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    pub attributes: Vec<(&'static str, Value)>,
+    /// `Some(message)`: the span's status is ERROR; `None`: unset (OpenTelemetry's
+    /// HTTP conventions leave it unset unless the request failed).
+    pub error: Option<String>,
+}
+
+/// Spans on their way to the exporter: bounded, never waited on. A span that does
+/// not fit is dropped (and counted by the caller).
+#[derive(Debug, Clone)]
+pub struct SpanQueue {
+    tx: tokio::sync::mpsc::Sender<SpanData>,
+}
+
+/// The most spans waiting for the exporter; beyond it spans are dropped.
+pub const SPAN_QUEUE: usize = 4096;
+
+impl SpanQueue {
+    /// A queue of `capacity` spans and its receiving end, for the exporter.
+    pub fn new(capacity: usize) -> (SpanQueue, tokio::sync::mpsc::Receiver<SpanData>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (SpanQueue { tx }, rx)
+    }
+
+    /// Whether `span` was queued (false: full, or the exporter is gone).
+    pub fn push(&self, span: SpanData) -> bool {
+        self.tx.try_send(span).is_ok()
+    }
+}
+
+/// What the proxy's observer needs to record spans: the sampler and the queue.
+#[derive(Debug, Clone)]
+pub struct Tracer {
+    pub sampler: Sampler,
+    pub queue: SpanQueue,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +371,97 @@ mod tests {
             assert_eq!(tp, format!("00-{hi:016x}{lo:016x}-{span:016x}-01"));
             assert_eq!(tp.len(), 55);
         }
+    }
+
+    #[test]
+    fn parses_the_callers_context_and_formats_ours() {
+        let p = parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(p.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(p.span_id, 0x00f067aa0ba902b7);
+        assert!(p.sampled);
+        let unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(!sampled(unsampled));
+        // A later version's extra fields are ignored, its first four read.
+        let later = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-extra";
+        assert!(sampled(later));
+        assert_eq!(parse(b"garbage"), None);
+        assert_eq!(
+            format_traceparent(p.trace_id, 0x1234, false),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000001234-00"
+        );
+        let ours = format_traceparent(p.trace_id, 7, true);
+        assert_eq!(parse(ours.as_bytes()).map(|q| q.span_id), Some(7));
+    }
+
+    #[test]
+    fn the_sampler_takes_its_ratio_of_trace_ids_and_decides_alike_everywhere() {
+        assert!(!Sampler::new(0.0).sampled(0));
+        assert!(Sampler::new(1.0).sampled(u128::MAX));
+        assert!(!Sampler::new(f64::NAN).sampled(0));
+        let ids = IdGenerator::default();
+        let sampler = Sampler::new(0.25);
+        let n = 20_000;
+        let hits = (0..n)
+            .filter(|_| sampler.sampled(u128::from(ids.next())))
+            .count();
+        // 25% of 20,000 with a binomial sd of ~61: 6 sd either way.
+        assert!((4_630..=5_370).contains(&hits), "{hits}");
+        let id = 0xdead_beef_u128 << 64 | 3;
+        assert_eq!(sampler.sampled(id), Sampler::new(0.25).sampled(id));
+    }
+
+    #[test]
+    fn a_request_continues_its_callers_trace_and_names_each_attempt_upstream() {
+        let ids = IdGenerator::default();
+        let now = Instant::now();
+        let caller = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut t = RequestTrace::start(Some(caller), Sampler::new(0.0), &ids, now);
+        assert_eq!(t.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(t.parent, Some(0x00f067aa0ba902b7));
+        assert!(t.head_sampled, "parent-based: the caller sampled it");
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let first = t.begin_attempt(&ids, addr, now);
+        t.attempt_outcome("connect_error", 0, Some(now));
+        let second = t.begin_attempt(&ids, addr, now);
+        assert_eq!(t.attempts.len(), 2);
+        let spans: Vec<u64> = [&first, &second]
+            .iter()
+            .map(|tp| parse(tp.as_bytes()).unwrap().span_id)
+            .collect();
+        assert_eq!(spans, [t.attempts[0].span_id, t.attempts[1].span_id]);
+        assert_ne!(spans[0], spans[1]);
+        assert!(
+            first.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && first.ends_with("-01")
+        );
+        // A trace started here with ratio 0 is not head-sampled, and says so.
+        let fresh = RequestTrace::start(None, Sampler::new(0.0), &ids, now);
+        assert_eq!(fresh.parent, None);
+        assert!(fresh.traceparent(1).ends_with("-00"));
+        assert!(
+            t.unix_nanos_at(now + std::time::Duration::from_millis(2))
+                >= t.start_unix_nanos + 2_000_000
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_spans_instead_of_waiting() {
+        let (queue, mut rx) = SpanQueue::new(2);
+        let span = SpanData {
+            trace_id: 1,
+            span_id: 1,
+            parent_span_id: 0,
+            name: "GET".into(),
+            kind: SpanKind::Server,
+            start_unix_nanos: 0,
+            end_unix_nanos: 1,
+            attributes: Vec::new(),
+            error: None,
+        };
+        assert!(queue.push(span.clone()));
+        assert!(queue.push(span.clone()));
+        assert!(!queue.push(span.clone()));
+        assert_eq!(rx.try_recv().ok(), Some(span.clone()));
+        assert!(queue.push(span));
     }
 
     #[test]

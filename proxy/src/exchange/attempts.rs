@@ -73,6 +73,9 @@ impl<O: Observe> Exchange<O> {
         match next {
             Ok(peer) => {
                 self.attempts += 1;
+                if let Some(t) = &mut self.trace {
+                    self.traceparent = t.begin_attempt(self.obs.ids(), peer.addr, now);
+                }
                 Action::Connect(peer)
             }
             Err(reason) => self.fail(502, reply::Failure::Status(&reason)),
@@ -117,6 +120,7 @@ impl<O: Observe> Exchange<O> {
         error: &'static str,
     ) -> Action {
         self.record_upstream(Outcome::ConnectError);
+        self.trace_attempt(Outcome::ConnectError, 0, Some(now));
         self.last_attempt_failed = true;
         self.end_attempt(now, true);
         let failed = |ex: &mut Self| ex.fail(502, reply::Failure::Connect(error));
@@ -171,11 +175,14 @@ impl<O: Observe> Exchange<O> {
         self.upstream_status = Some(status);
         self.last_attempt_failed = status >= 500;
         self.end_attempt(now, status >= 500);
-        self.record_upstream(if status >= 500 {
+        let outcome = if status >= 500 {
             Outcome::Http5xx
         } else {
             Outcome::Success
-        });
+        };
+        self.record_upstream(outcome);
+        // Still open: the body is being relayed (a retry or the end closes it).
+        self.trace_attempt(outcome, status, None);
         if status < 500 || self.target == Target::FallbackBackend {
             self.state = State::Relaying;
             return Action::Relay;
@@ -224,11 +231,13 @@ impl<O: Observe> Exchange<O> {
         let failed = self.grpc_failure(code);
         self.last_attempt_failed = failed;
         self.end_attempt(now, failed);
-        self.record_upstream(if failed {
+        let outcome = if failed {
             Outcome::GrpcError
         } else {
             Outcome::Success
-        });
+        };
+        self.record_upstream(outcome);
+        self.trace_attempt(outcome, 200, None);
         failed
     }
 
@@ -277,11 +286,13 @@ impl<O: Observe> Exchange<O> {
     ) -> Action {
         self.last_attempt_failed = true;
         self.end_attempt(now, true);
-        self.record_upstream(if timed_out {
+        let outcome = if timed_out {
             Outcome::Timeout
         } else {
             Outcome::Error
-        });
+        };
+        self.record_upstream(outcome);
+        self.trace_attempt(outcome, self.upstream_status.unwrap_or(0), Some(now));
         if responding {
             // Part of the answer went out: it cannot be replaced, only cut short.
             return Action::Abort;
@@ -399,6 +410,13 @@ impl<O: Observe> Exchange<O> {
         let rtt = now.saturating_duration_since(started);
         if endpoints.finish(index, now, rtt, failed) {
             self.obs.ejected(policy, endpoints, index);
+        }
+    }
+
+    /// What the attempt in progress came to, on its span (tracing on).
+    fn trace_attempt(&mut self, outcome: Outcome, status: u16, end: Option<Instant>) {
+        if let Some(t) = &mut self.trace {
+            t.attempt_outcome(outcome.as_str(), status, end);
         }
     }
 

@@ -49,7 +49,7 @@ use crate::runtime::{PolicyRuntime, RouteRuntime, Routed, Runtime};
 use crate::trace;
 use crate::verdict::Verdict;
 
-pub use observe::{Observe, Outcome, Record};
+pub use observe::{spans, Observe, Outcome, Record};
 pub use reply::Reply;
 
 /// How long a connection attempt to a backend may take before the next one is tried.
@@ -255,10 +255,14 @@ pub struct Exchange<O: Observe> {
     routed: Routed,
     verdict: Verdict,
     shadow: Option<Verdict>,
-    /// The `traceparent` sent upstream: the caller's, or one started here.
+    /// The `traceparent` sent upstream: the caller's, or one started here; with
+    /// tracing, one naming the attempt's span.
     traceparent: String,
-    /// Set when the traceparent was generated here and must be added upstream.
+    /// Set when the traceparent was made here and must replace the caller's
+    /// upstream.
     traceparent_generated: bool,
+    /// The request's span and its attempts' (tracing on: `Observe::sampler`).
+    trace: Option<trace::RequestTrace>,
     target: Target,
     /// Backends tried so far, by index (bounded by [`MAX_ATTEMPTS`]).
     tried: Vec<usize>,
@@ -313,6 +317,7 @@ impl<O: Observe> Exchange<O> {
             shadow: None,
             traceparent: String::new(),
             traceparent_generated: false,
+            trace: None,
             target: Target::Balanced,
             tried: Vec::new(),
             backend: None,
@@ -357,7 +362,8 @@ impl<O: Observe> Exchange<O> {
         (self.rate_headers, self.fallback.map(FallbackCause::as_str))
     }
 
-    /// The traceparent to add upstream, when it was started here.
+    /// The traceparent to send upstream in place of the caller's, when it was
+    /// made here (a trace started here, or with tracing, the attempt's span).
     pub fn generated_traceparent(&self) -> Option<&str> {
         self.traceparent_generated
             .then_some(self.traceparent.as_str())
@@ -470,14 +476,22 @@ impl<O: Observe> Exchange<O> {
         self.state = State::Proxying;
         self.direction = side.direction;
         self.grpc = crate::runtime::is_grpc(req.header("content-type"));
-        match req
+        let caller = req
             .header("traceparent")
-            .filter(|v| trace::trace_id(v).is_some())
-            .and_then(|v| std::str::from_utf8(v).ok())
-        {
-            Some(tp) => self.traceparent = tp.to_owned(),
-            None => {
-                self.traceparent = self.obs.new_traceparent();
+            .filter(|v| trace::trace_id(v).is_some());
+        match (
+            self.obs.sampler(),
+            caller.and_then(|v| std::str::from_utf8(v).ok()),
+        ) {
+            (Some(sampler), _) => {
+                let t = trace::RequestTrace::start(caller, sampler, self.obs.ids(), self.start);
+                self.traceparent = t.traceparent(t.span_id);
+                self.traceparent_generated = true;
+                self.trace = Some(t);
+            }
+            (None, Some(tp)) => self.traceparent = tp.to_owned(),
+            (None, None) => {
+                self.traceparent = self.obs.ids().new_traceparent();
                 self.traceparent_generated = true;
             }
         }

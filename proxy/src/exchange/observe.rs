@@ -18,6 +18,7 @@ use crate::endpoints::Endpoints;
 use crate::metrics::{code_class, code_class_index};
 use crate::runtime::{PolicyRuntime, RouteRuntime};
 use crate::shared::Shared;
+use crate::trace::{IdGenerator, RequestTrace, Sampler, SpanData, SpanKind, Value};
 use crate::verdict::Verdict;
 
 /// How one attempt at a backend ended (`sluice_upstream_requests_total`'s outcome).
@@ -64,6 +65,9 @@ pub struct Record<'a, R: ?Sized> {
     pub backend: Option<&'a str>,
     pub attempts: u32,
     pub trace_id: &'a str,
+    /// The request's span and its attempts', when they are to be exported
+    /// (tracing on, and sampled at the head or for the way the request ended).
+    pub trace: Option<&'a RequestTrace>,
     pub policy_version: Option<&'a str>,
     pub direction: Direction,
 }
@@ -73,8 +77,10 @@ pub trait Observe {
     /// The exchange starts (it counts as in flight until `end`).
     fn begin(&self);
     fn end(&self);
-    /// A `traceparent` for a request that came without one.
-    fn new_traceparent(&self) -> String;
+    /// Trace and span ids (`traceparent`s for requests that came without one).
+    fn ids(&self) -> &IdGenerator;
+    /// Tracing is on (spans are recorded): how traces started here are sampled.
+    fn sampler(&self) -> Option<Sampler>;
     fn rate_limited(&self, route: &RouteRuntime);
     /// An inbound policy refused the caller (mTLS required, or authorization);
     /// in `route.mode` (shadow: let through).
@@ -131,8 +137,12 @@ impl Observe for Arc<Shared> {
         self.metrics.inflight.dec();
     }
 
-    fn new_traceparent(&self) -> String {
-        self.ids.new_traceparent()
+    fn ids(&self) -> &IdGenerator {
+        &self.ids
+    }
+
+    fn sampler(&self) -> Option<Sampler> {
+        self.tracer.as_ref().map(|t| t.sampler)
     }
 
     fn rate_limited(&self, route: &RouteRuntime) {
@@ -310,5 +320,118 @@ impl Observe for Arc<Shared> {
                 peer: r.req.peer_identity().map(|p| &*p.id),
             });
         }
+        if let (Some(trace), Some(tracer)) = (r.trace, &self.tracer) {
+            for span in spans(r, trace) {
+                if !tracer.queue.push(span) {
+                    self.metrics.trace_spans_dropped_queue_full.inc();
+                }
+            }
+        }
     }
+}
+
+/// The spans of a finished request: its own, then one per attempt, as
+/// OpenTelemetry's HTTP semantic conventions name their attributes (the route
+/// template is Sluice's route name), plus Sluice's own (`sluice.*`).
+pub fn spans<R: Request + ?Sized>(r: &Record<'_, R>, t: &RequestTrace) -> Vec<SpanData> {
+    let method = r.req.method();
+    let str_attr = |key: &'static str, value: &str| (key, Value::Str(value.to_owned()));
+    let mut attributes = vec![
+        str_attr("http.request.method", method),
+        str_attr("url.path", r.req.path()),
+        str_attr("sluice.direction", r.direction.as_str()),
+        str_attr("sluice.decision", r.verdict.as_str()),
+        ("sluice.attempts", Value::Int(i64::from(r.attempts))),
+    ];
+    let optional = [
+        ("http.route", r.route.map(|x| x.name.as_str())),
+        ("sluice.route", r.route.map(|x| x.name.as_str())),
+        ("sluice.policy", r.policy.map(|p| p.name.as_str())),
+        ("sluice.backend", r.backend),
+        ("sluice.policy_version", r.policy_version),
+        ("sluice.shadow_decision", r.shadow.map(Verdict::as_str)),
+        (
+            "sluice.fallback_cause",
+            r.fallback.map(FallbackCause::as_str),
+        ),
+        (
+            "sluice.peer_identity",
+            r.req.peer_identity().map(|p| &*p.id),
+        ),
+        (
+            "server.address",
+            Some(r.req.host()).filter(|h| !h.is_empty()),
+        ),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            attributes.push(str_attr(key, value));
+        }
+    }
+    if let Some(ip) = r.req.client_ip() {
+        attributes.push(("client.address", Value::Str(ip.to_string())));
+    }
+    if r.status != 0 {
+        attributes.push(("http.response.status_code", Value::Int(i64::from(r.status))));
+    }
+    if let Some(code) = r.grpc_status {
+        attributes.push(("rpc.grpc.status_code", Value::Int(i64::from(code))));
+    }
+    let kind = match r.direction {
+        Direction::Inbound => SpanKind::Server,
+        Direction::Outbound => SpanKind::Client,
+    };
+    // The conventions: a server span is an error on 5xx, a client span on 4xx too;
+    // no status at all (the response never went out) is one either way.
+    let error_from = match kind {
+        SpanKind::Server => 500,
+        SpanKind::Client => 400,
+    };
+    let error = (r.status == 0 || r.status >= error_from).then(|| match r.verdict {
+        Verdict::Allowed => format!("HTTP {}", r.status),
+        v => v.as_str().to_owned(),
+    });
+    let name = match r.route {
+        Some(route) => format!("{method} {}", route.name),
+        None => method.to_owned(),
+    };
+    let mut spans = Vec::with_capacity(1 + t.attempts.len());
+    spans.push(SpanData {
+        trace_id: t.trace_id,
+        span_id: t.span_id,
+        parent_span_id: t.parent.unwrap_or(0),
+        name,
+        kind,
+        start_unix_nanos: t.start_unix_nanos,
+        end_unix_nanos: t.unix_nanos_at(t.start + r.elapsed),
+        attributes,
+        error,
+    });
+    for (n, a) in t.attempts.iter().enumerate() {
+        let mut attributes = vec![
+            str_attr("http.request.method", method),
+            str_attr("server.address", &a.addr.ip().to_string()),
+            ("server.port", Value::Int(i64::from(a.addr.port()))),
+            ("sluice.attempt", Value::Int(n as i64 + 1)),
+            str_attr("sluice.outcome", a.outcome.unwrap_or("abandoned")),
+        ];
+        if a.status != 0 {
+            attributes.push(("http.response.status_code", Value::Int(i64::from(a.status))));
+        }
+        spans.push(SpanData {
+            trace_id: t.trace_id,
+            span_id: a.span_id,
+            parent_span_id: t.span_id,
+            name: format!("attempt {}", n + 1),
+            kind: SpanKind::Client,
+            start_unix_nanos: t.unix_nanos_at(a.start),
+            end_unix_nanos: t.unix_nanos_at(a.end.unwrap_or(t.start + r.elapsed)),
+            attributes,
+            error: match a.outcome {
+                Some("success") => None,
+                other => Some(other.unwrap_or("abandoned").to_owned()),
+            },
+        });
+    }
+    spans
 }

@@ -7,6 +7,7 @@ use sluice_policy::GrpcCode;
 
 use super::{grpc, Exchange, Observe, Record, Request, State, Target};
 use crate::trace;
+use crate::verdict::Verdict;
 
 impl<O: Observe> Exchange<O> {
     /// Settles the request with the route's components, metrics and access log.
@@ -63,10 +64,25 @@ impl<O: Observe> Exchange<O> {
                 }
             }
         }
+        // The attempt relayed to the end (or cut short by the client) ends now.
+        if let Some(last) = self.trace.as_mut().and_then(|t| t.attempts.last_mut()) {
+            last.end.get_or_insert(now);
+        }
         let backend = match self.target {
             Target::FallbackBackend => Some("fallback"),
             _ => self.backend_label(),
         };
+        // Exported: sampled at the head, or refused, failed, retried or served a
+        // fallback (the tail's reasons, known only now).
+        let export = self.trace.as_ref().is_some_and(|t| {
+            t.head_sampled
+                || !matches!(self.verdict, Verdict::Allowed | Verdict::Passthrough)
+                || self.fallback.is_some()
+                || failed
+                || status == 0
+                || status >= 500
+                || t.attempts.iter().any(|a| a.outcome != Some("success"))
+        });
         // What the request is classed by (`code_class`, the SLO rules): the HTTP
         // status, or for a gRPC call its gRPC status, as docs/grpc.md maps it (the
         // proxy's own answers keep the class of the HTTP answer they stand for).
@@ -101,6 +117,7 @@ impl<O: Observe> Exchange<O> {
             attempts: (self.tried.len() + usize::from(self.target == Target::FallbackBackend))
                 as u32,
             trace_id: trace::trace_id(self.traceparent.as_bytes()).unwrap_or(""),
+            trace: self.trace.as_ref().filter(|_| export),
             policy_version: self.runtime.as_ref().map(|r| r.version.as_str()),
             direction: self.direction,
         });

@@ -126,8 +126,10 @@ impl Engine {
             };
             // The request: the client's head, Sluice's headers, the body, one write.
             out.clear();
-            req.head.write_forwarded(out, false);
-            if let Some(tp) = exchange.generated_traceparent() {
+            let tp = exchange.generated_traceparent();
+            req.head
+                .write_forwarded_without(out, false, tp.map(|_| "traceparent"));
+            if let Some(tp) = tp {
                 push_header(out, "traceparent", tp.as_bytes());
             }
             out.extend_from_slice(&client.forwarded_for);

@@ -17,8 +17,10 @@ mod attempts;
 mod authz;
 mod backends;
 mod grpc;
+mod tracing;
 use crate::breaker::Transition;
 use crate::globallimit::GlobalLimits;
+use crate::trace::{IdGenerator, Sampler};
 
 /// What an exchange told its observer, in order.
 #[derive(Default)]
@@ -26,6 +28,9 @@ struct Recorder {
     notes: Mutex<Vec<String>>,
     finished: Mutex<Vec<Settled>>,
     inflight: Mutex<i64>,
+    ids: crate::trace::IdGenerator,
+    /// Tracing on (spans recorded) with this sampler.
+    sampler: Option<crate::trace::Sampler>,
 }
 
 /// A settled request, owned.
@@ -41,6 +46,9 @@ struct Settled {
     elapsed: Duration,
     class_status: u16,
     grpc_status: Option<u32>,
+    /// The spans exported for it (tracing on and sampled), none otherwise.
+    spans: Vec<crate::trace::SpanData>,
+    trace_id: String,
 }
 
 impl Recorder {
@@ -64,8 +72,11 @@ impl Observe for Arc<Recorder> {
     fn end(&self) {
         *self.inflight.lock().unwrap() -= 1;
     }
-    fn new_traceparent(&self) -> String {
-        "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01".into()
+    fn ids(&self) -> &IdGenerator {
+        &self.ids
+    }
+    fn sampler(&self) -> Option<Sampler> {
+        self.sampler
     }
     fn rate_limited(&self, route: &RouteRuntime) {
         self.note(format!(
@@ -123,6 +134,8 @@ impl Observe for Arc<Recorder> {
             elapsed: r.elapsed,
             class_status: r.class_status,
             grpc_status: r.grpc_status,
+            spans: r.trace.map(|t| observe::spans(r, t)).unwrap_or_default(),
+            trace_id: r.trace_id.to_owned(),
         });
     }
 }
@@ -227,6 +240,17 @@ impl Harness {
             rt,
             side: outbound(),
             t0: Instant::now(),
+        }
+    }
+
+    /// With tracing on, traces started here sampled at `ratio`.
+    fn traced(rt: Arc<Runtime>, ratio: f64) -> Harness {
+        Harness {
+            rec: Arc::new(Recorder {
+                sampler: Some(crate::trace::Sampler::new(ratio)),
+                ..Recorder::default()
+            }),
+            ..Harness::new(rt)
         }
     }
 
