@@ -21,7 +21,7 @@ use sluice_proxy::otlp::proto::collector::trace::v1::{
 };
 use sluice_proxy::otlp::proto::common::v1::any_value;
 use sluice_proxy::otlp::proto::trace::v1::{span, status, Span};
-use support::{metrics, sample, upstream, HttpClient, ProxyProcess, TempDir};
+use support::{metrics, metrics_once, sample, upstream, HttpClient, ProxyProcess, TempDir};
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -351,9 +351,10 @@ async fn spans_of_allowed_limited_retried_and_fallback_requests_reach_the_collec
         .spans()
         .iter()
         .all(|(service, _)| service == "sluice-proxy"));
-    let m = metrics(&proxy).await;
+    // Counted when the collector's answer is back (after it has the spans).
+    let m = metrics_once(&proxy, "sluice_trace_spans_exported_total", 8.0).await;
     assert!(
-        sample(&m, "sluice_trace_spans_exported_total") >= 7.0,
+        sample(&m, "sluice_trace_spans_exported_total") >= 8.0,
         "{m}"
     );
 
@@ -393,4 +394,43 @@ async fn without_an_endpoint_the_callers_traceparent_goes_upstream_unchanged() {
     assert_eq!(res.header("x-seen-traceparent"), Some(caller.as_str()));
     let m = metrics(&proxy).await;
     assert_eq!(sample(&m, "sluice_trace_spans_exported_total"), 0.0);
+}
+
+/// Over HTTP/2 (to an HTTP/1 backend) the proxy's `traceparent` replaces the
+/// caller's too: one field upstream, naming the attempt's span.
+#[tokio::test]
+async fn an_h2_request_sends_one_traceparent_upstream_naming_the_attempt() {
+    let (otlp, r, _stop) = receiver().await;
+    let shop = upstream("shop").await;
+    let dir = TempDir::new();
+    policies(&dir, shop.addr(), shop.addr());
+    let endpoint = format!("http://{otlp}");
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &[
+            "--h2c",
+            "--otlp-endpoint",
+            &endpoint,
+            "--trace-sample-ratio",
+            "0",
+        ],
+    );
+    proxy.wait_ready().await;
+    let client = support::http2::connect(proxy.listen_addr()).await;
+    let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+    let req = support::http2::request("GET", "shop", "/h2")
+        .header("traceparent", caller.as_str())
+        .body(())
+        .expect("request");
+    let got = support::http2::send(&client, req, None, None)
+        .await
+        .expect("exchange");
+    assert_eq!(got.status, 200);
+    let seen = support::http2::header(&got.headers, "x-seen-traceparent").to_owned();
+    assert!(seen.starts_with(&format!("00-{CALLER_TRACE}-")), "{seen}");
+    assert!(!seen.contains(CALLER_SPAN), "{seen}");
+    let (request, attempts) =
+        request_span(&r, |s| attr(s, "url.path").as_deref() == Some("/h2")).await;
+    assert_eq!(hex(&request.parent_span_id), CALLER_SPAN);
+    assert!(seen.contains(&hex(&attempts[0].span_id)), "{seen}");
 }

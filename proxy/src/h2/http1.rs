@@ -93,8 +93,13 @@ fn write_head(
     out.extend_from_slice(req.authority().as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut cookies: Option<Vec<u8>> = None;
+    let traceparent = exchange.generated_traceparent();
     for (name, value) in &parts.headers {
         if name == http::header::HOST || name == http::header::TE || is_hop_by_hop(name) {
+            continue;
+        }
+        if traceparent.is_some() && name.as_str() == "traceparent" {
+            // Ours goes instead, below.
             continue;
         }
         if name == http::header::COOKIE {
@@ -111,7 +116,7 @@ fn write_head(
     if let Some(cookies) = cookies {
         push_field(out, b"cookie", &cookies);
     }
-    if let Some(tp) = exchange.generated_traceparent() {
+    if let Some(tp) = traceparent {
         push_field(out, b"traceparent", tp.as_bytes());
     }
     push_field(out, b"x-forwarded-for", conn.forwarded_for.as_bytes());
