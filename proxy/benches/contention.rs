@@ -210,6 +210,8 @@ fn metrics(c: &mut Criterion) {
                     backend: Some("127.0.0.1:18080"),
                     attempts: 1,
                     trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+                    // The common case: a request of no sampled trace.
+                    exemplar: None,
                     policy_version: None,
                     direction: Direction::Outbound,
                 });

@@ -79,6 +79,19 @@ pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
     valid.then_some(trace)
 }
 
+/// Whether a valid `traceparent` has the sampled flag (bit 0 of its trace flags):
+/// the caller records its trace, so something that points to it (an exemplar)
+/// leads somewhere.
+pub fn sampled(traceparent: &[u8]) -> bool {
+    // A valid traceparent has its flags at bytes 53..55, whatever the version.
+    trace_id(traceparent).is_some()
+        && traceparent
+            .get(53..55)
+            .and_then(|flags| std::str::from_utf8(flags).ok())
+            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 0x01 == 0x01)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +110,23 @@ mod tests {
         ] {
             assert_eq!(trace_id(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn sampled_reads_the_sampled_flag_of_valid_traceparents_only() {
+        let tp =
+            |flags: &str| format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+        assert!(sampled(tp("01").as_bytes()));
+        assert!(sampled(tp("03").as_bytes()), "other flags set too");
+        assert!(!sampled(tp("00").as_bytes()));
+        assert!(!sampled(tp("02").as_bytes()));
+        assert!(sampled(
+            b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later-fields"
+        ));
+        assert!(!sampled(
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!sampled(b"garbage"));
     }
 
     #[test]

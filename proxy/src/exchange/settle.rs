@@ -101,6 +101,11 @@ impl<O: Observe> Exchange<O> {
             attempts: (self.tried.len() + usize::from(self.target == Target::FallbackBackend))
                 as u32,
             trace_id: trace::trace_id(self.traceparent.as_bytes()).unwrap_or(""),
+            // A caller's sampled trace has its span recorded, so an exemplar can lead
+            // to it; a trace started here records nothing (yet) and gets none.
+            exemplar: trace::trace_id(self.traceparent.as_bytes()).filter(|_| {
+                !self.traceparent_generated && trace::sampled(self.traceparent.as_bytes())
+            }),
             policy_version: self.runtime.as_ref().map(|r| r.version.as_str()),
             direction: self.direction,
         });
