@@ -211,6 +211,8 @@ fn metrics(c: &mut Criterion) {
                     attempts: 1,
                     trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
                     trace: None,
+                    // The common case: a request of no sampled trace.
+                    exemplar: None,
                     policy_version: None,
                     direction: Direction::Outbound,
                 });

@@ -1,6 +1,9 @@
 //! The admin listener (loopback by default): `/live`, `/ready`, `/metrics`,
 //! `/config_dump`. Read-only; it never changes the proxy's state.
 //!
+//! `/metrics` is Prometheus' text format, or OpenMetrics with exemplars on the
+//! request-duration buckets for a scrape whose `Accept` asks for it (`openmetrics`).
+//!
 //! The telemetry listener (`--telemetry`, the pod IP in Kubernetes) serves the
 //! same `/live`, `/ready` and `/metrics` for probes and Prometheus, and nothing
 //! else: `/config_dump` shows every policy and the Redis keys, and stays on the
@@ -9,6 +12,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use fnv::FnvHashMap;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
@@ -17,6 +21,8 @@ use pingora::services::listening::Service;
 use sluice_policy::spec::TrafficPolicySpec;
 
 use crate::accesslog::Timestamp;
+use crate::exemplar::Exemplar;
+use crate::openmetrics;
 use crate::shared::Shared;
 
 pub struct Admin {
@@ -197,8 +203,43 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u
 }
 
 impl Admin {
-    /// The admin response for `path` (separate from the session for tests).
-    pub fn answer(&self, path: &str) -> http::Response<Vec<u8>> {
+    /// `/metrics`: OpenMetrics, with the duration histograms' exemplars, when the
+    /// scrape's `accept` header asks for it (Prometheus does); else the text format.
+    fn metrics(&self, accept: Option<&str>) -> http::Response<Vec<u8>> {
+        let metrics = &self.shared.metrics;
+        if !accept.is_some_and(openmetrics::accepted) {
+            return reply(200, "text/plain; version=0.0.4", metrics.render());
+        }
+        // Read before the histograms are gathered: an exemplar shown is one its
+        // bucket has already counted (`RouteLive::observe` counts first).
+        let runtime = self.shared.runtime.load();
+        // By policy, then route: a map keyed by both could not be looked up with
+        // the labels' shorter-lived strings.
+        let mut exemplars: FnvHashMap<&str, FnvHashMap<&str, Vec<Exemplar>>> =
+            FnvHashMap::default();
+        for route in runtime.routes() {
+            let latest = route.series.exemplars();
+            if !latest.is_empty() {
+                let series = &route.series;
+                exemplars
+                    .entry(series.policy())
+                    .or_default()
+                    .insert(series.route(), latest);
+            }
+        }
+        let body = metrics.render_openmetrics(|policy, route| {
+            exemplars
+                .get(policy)
+                .and_then(|routes| routes.get(route))
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+        });
+        reply(200, openmetrics::CONTENT_TYPE, body)
+    }
+
+    /// The admin response for `path`, for a client that sent `accept` (separate
+    /// from the session for tests).
+    pub fn answer(&self, path: &str, accept: Option<&str>) -> http::Response<Vec<u8>> {
         if self.scope == Scope::Telemetry && !matches!(path, "/live" | "/ready" | "/metrics") {
             return reply(
                 404,
@@ -238,11 +279,7 @@ impl Admin {
                     .into_bytes(),
                 ),
             },
-            "/metrics" => reply(
-                200,
-                "text/plain; version=0.0.4",
-                self.shared.metrics.render(),
-            ),
+            "/metrics" => self.metrics(accept),
             "/config_dump" => {
                 let dump = match &runtime {
                     rt if rt.loaded() => serde_json::json!({
@@ -276,8 +313,12 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        let path = session.req_header().uri.path().to_owned();
-        self.answer(&path)
+        let head = session.req_header();
+        let accept = head
+            .headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        self.answer(head.uri.path(), accept)
     }
 }
 
@@ -341,6 +382,88 @@ impl BackgroundService for AdminListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    /// What Prometheus 2.x sends with every scrape.
+    const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+    /// An admin over a proxy holding policy `p` (route `r`, SLO threshold 300 ms)
+    /// whose route settled one request of 20 ms carrying trace [`TRACE`].
+    fn admin_with_an_exemplar() -> Admin {
+        let yaml = "apiVersion: sluice.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  hosts: [h]\n  backends: [{address: \"127.0.0.1:9\"}]\n  slo: {availability: 0.99, latency: {threshold: 300ms, target: 0.99}}\n  routes: [{name: r}]\n";
+        let set = sluice_policy::parse_str(std::path::Path::new("p.yaml"), yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shared = Arc::new(Shared::new(false, false).unwrap_or_else(|e| panic!("{e}")));
+        let rt = crate::runtime::Runtime::build(set, "test".into(), None, &shared.globals)
+            .unwrap_or_else(|e| panic!("{e}"));
+        shared.runtime.store(Arc::new(rt));
+        let runtime = shared.runtime.load();
+        let route = runtime.routes().next().expect("route r");
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_733_390_000_123);
+        route
+            .series
+            .record(&shared.series, route.slo_threshold, |live| {
+                live.observe(0.02, Some((TRACE, at)))
+            })
+            .expect("series");
+        Admin {
+            shared: Arc::clone(&shared),
+            listeners: Vec::new(),
+            scope: Scope::Telemetry,
+            needs_identity: false,
+        }
+    }
+
+    fn content_type(response: &http::Response<Vec<u8>>) -> &str {
+        response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    #[test]
+    fn a_scrape_asking_for_openmetrics_gets_the_duration_exemplars() {
+        let admin = admin_with_an_exemplar();
+        let response = admin.answer("/metrics", Some(PROMETHEUS_ACCEPT));
+        assert_eq!(response.status(), 200);
+        assert_eq!(content_type(&response), openmetrics::CONTENT_TYPE);
+        let body = String::from_utf8_lossy(response.body());
+        assert!(body.ends_with("\n# EOF\n"), "{body}");
+        let marked: Vec<&str> = body.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(
+            marked,
+            [format!("sluice_request_duration_seconds_bucket{{policy=\"p\",route=\"r\",le=\"0.025\"}} 1 # {{trace_id=\"{TRACE}\"}} 0.02 1733390000.123")],
+            "{body}"
+        );
+        // Every family of the text format is there, counters declared without
+        // their `_total`.
+        let text = admin.answer("/metrics", None);
+        let text = String::from_utf8_lossy(text.body());
+        let declared = |body: &str| -> Vec<String> {
+            body.lines()
+                .filter_map(|l| l.strip_prefix("# TYPE "))
+                .map(|t| t.replacen("_total counter", " counter", 1))
+                .collect()
+        };
+        assert_eq!(declared(&body), declared(&text));
+        assert!(declared(&body).contains(&"sluice_passthrough_requests counter".to_owned()));
+    }
+
+    #[test]
+    fn other_scrapes_get_the_text_format_without_exemplars() {
+        let admin = admin_with_an_exemplar();
+        for accept in [None, Some("*/*"), Some("text/plain;version=0.0.4")] {
+            let response = admin.answer("/metrics", accept);
+            assert_eq!(content_type(&response), "text/plain; version=0.0.4");
+            let body = String::from_utf8_lossy(response.body());
+            assert!(!body.contains("# EOF") && !body.contains(" # {"), "{body}");
+            assert!(
+                body.contains("sluice_request_duration_seconds_bucket{policy=\"p\",route=\"r\",le=\"0.025\"} 1\n"),
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn the_dump_shows_each_policys_mtls_mode_and_authorization_in_brief() {

@@ -32,7 +32,7 @@
 //!   queued at settlement and exported over OTLP/gRPC off the request path ([`otlp`]).
 //!
 //! Modules are layered and only look down (checked by `scripts/check-layers`):
-//! leaves (`metrics`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`, `authz`,
+//! leaves (`metrics`, `openmetrics`, `exemplar`, `trace`, `verdict`, `detect`...) < components (`ratelimit`, `breaker`, `authz`,
 //! `endpoints`, `resolve`, `services`, `globallimit`, `tcplimit`...) < runtime (`runtime`, `shared`) < engine
 //! (`exchange`, `front`, `phases`, `h1`, `h2`, `opaque`) < app (`source`, `control_plane`, `discovery`, `issuer`,
 //! `admin`, `shutdown`, `otlp`; `main.rs` above all).
@@ -54,6 +54,7 @@ pub mod detect;
 pub mod discovery;
 pub mod endpoints;
 pub mod exchange;
+pub mod exemplar;
 pub mod front;
 pub mod globallimit;
 pub mod h1;
@@ -66,6 +67,7 @@ pub mod issuer;
 pub mod listeners;
 pub mod metrics;
 pub mod opaque;
+pub mod openmetrics;
 pub mod otlp;
 pub mod outlier;
 pub mod p2c;

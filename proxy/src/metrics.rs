@@ -12,6 +12,11 @@
 //! [`ROUTE_SERIES_IDLE`] without traffic (see `series`, which decides; this module
 //! only knows how to remove a set of them: [`Metrics::remove_routes`],
 //! [`Metrics::remove_policies`]).
+//!
+//! Two expositions of the same families: Prometheus' text format
+//! ([`Metrics::render`]), and OpenMetrics for scrapes that ask for it
+//! ([`Metrics::render_openmetrics`]), which alone can carry the exemplars kept
+//! beside the duration histograms (see `exemplar`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +29,9 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+
+use crate::exemplar::Exemplar;
+use crate::openmetrics;
 
 /// How long a route or a policy keeps its series without traffic (`--metrics-idle`
 /// overrides it). Longer than any scrape interval and than the windows dashboards
@@ -382,12 +390,27 @@ impl Metrics {
         })
     }
 
-    /// Prometheus text exposition of everything registered.
+    /// Prometheus text exposition (format 0.0.4) of everything registered.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec only fails on malformed families, which we never build.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+
+    /// OpenMetrics exposition of everything registered (see [`openmetrics`]), with
+    /// `exemplars(policy, route)` on the buckets of each route's duration histogram.
+    pub fn render_openmetrics<'e>(
+        &self,
+        exemplars: impl Fn(&str, &str) -> &'e [Exemplar],
+    ) -> Vec<u8> {
+        openmetrics::encode(&self.registry.gather(), |family, metric| {
+            if family != DURATION_NAME {
+                return &[];
+            }
+            let labels = metric.get_label();
+            exemplars(label(labels, "policy"), label(labels, "route"))
+        })
     }
 
     /// Removes, from every per-route metric, the series of the routes for which
@@ -470,16 +493,13 @@ fn label<'a>(labels: &'a [LabelPair], name: &str) -> &'a str {
         .map_or("", |l| l.value())
 }
 
-/// A route's duration histogram: base buckets plus its SLO threshold.
+/// The routes' duration histogram: base buckets plus the route's SLO threshold.
 pub const DURATION_NAME: &str = "sluice_request_duration_seconds";
 pub const DURATION_HELP: &str =
     "Time from request received to response finished, by policy and route.";
 
-pub fn route_histogram(
-    policy: &str,
-    route: &str,
-    slo_threshold: Option<Duration>,
-) -> prometheus::Result<Histogram> {
+/// A route's bucket bounds: the base buckets plus its SLO threshold, ascending.
+pub fn route_buckets(slo_threshold: Option<Duration>) -> Vec<f64> {
     let mut buckets = BASE_BUCKETS.to_vec();
     if let Some(t) = slo_threshold {
         let t = t.as_secs_f64();
@@ -488,6 +508,15 @@ pub fn route_histogram(
             buckets.sort_by(f64::total_cmp);
         }
     }
+    buckets
+}
+
+/// A route's duration histogram, with `buckets` from [`route_buckets`].
+pub fn route_histogram(
+    policy: &str,
+    route: &str,
+    buckets: Vec<f64>,
+) -> prometheus::Result<Histogram> {
     Histogram::with_opts(
         HistogramOpts::new(DURATION_NAME, DURATION_HELP)
             .const_label("policy", policy)

@@ -1,10 +1,11 @@
 //! Metric series that follow traffic, not configuration.
 //!
-//! A route's series (its duration histogram, `sluice_requests_total` and every other
-//! per-route counter and gauge) and a policy's own (its backends' gauges and counters,
-//! its requests that matched no route) exist once the route or the policy has been
-//! used — a request settled on it, or a governance event (rate limited, shed, breaker
-//! change, retry...) happened on it — and are removed after a period without traffic
+//! A route's series (its duration histogram and the exemplars kept beside it,
+//! `sluice_requests_total` and every other per-route counter and gauge) and a
+//! policy's own (its backends' gauges and counters, its requests that matched no
+//! route) exist once the route or the policy has been used — a request settled on
+//! it, or a governance event (rate limited, shed, breaker change, retry...)
+//! happened on it — and are removed after a period without traffic
 //! ([`ROUTE_SERIES_IDLE`](crate::metrics::ROUTE_SERIES_IDLE) unless `--metrics-idle` says otherwise). Why: a proxy is
 //! handed every policy of its mesh but serves a few of them; exporting every route of
 //! 2,000 policies made 116,048 lines (9 MB) per scrape, 102,000 of them histogram
@@ -37,7 +38,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use fnv::FnvHashSet;
@@ -45,7 +46,8 @@ use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::Histogram;
 
-use crate::metrics::{route_histogram, CounterCache, Metrics, CODE_CLASSES};
+use crate::exemplar::{Exemplar, Exemplars};
+use crate::metrics::{route_buckets, route_histogram, CounterCache, Metrics, CODE_CLASSES};
 use crate::verdict::Verdict;
 
 /// Sets `flag` without writing when it is already set: on a busy route every
@@ -70,6 +72,9 @@ pub struct RouteSeries {
 pub struct RouteLive {
     /// `sluice_request_duration_seconds{policy,route}`.
     pub duration: Histogram,
+    /// The latest exemplar of each of `duration`'s buckets: made and dropped with
+    /// it, so expired or remade series never keep another's exemplars.
+    pub exemplars: Exemplars,
     /// The SLO threshold its buckets include.
     layout: Option<Duration>,
     /// `sluice_requests_total` handles, by status class, verdict and direction.
@@ -78,11 +83,24 @@ pub struct RouteLive {
 
 impl RouteLive {
     fn new(policy: &str, route: &str, layout: Option<Duration>) -> prometheus::Result<Self> {
+        let buckets = route_buckets(layout);
         Ok(RouteLive {
-            duration: route_histogram(policy, route, layout)?,
+            exemplars: Exemplars::new(&buckets),
+            duration: route_histogram(policy, route, buckets)?,
             layout,
             requests: CounterCache::new(CODE_CLASSES * Verdict::COUNT * 2),
         })
+    }
+
+    /// Counts a request that took `seconds`; `exemplar` (a sampled trace's id and
+    /// when the request settled) becomes its bucket's exemplar. The histogram is
+    /// counted first, so a scrape that reads the exemplars before gathering the
+    /// histograms never shows an exemplar its bucket has not counted.
+    pub fn observe(&self, seconds: f64, exemplar: Option<(&str, SystemTime)>) {
+        self.duration.observe(seconds);
+        if let Some((trace_id, at)) = exemplar {
+            self.exemplars.record(trace_id, seconds, at);
+        }
     }
 }
 
@@ -150,6 +168,16 @@ impl RouteSeries {
             .load()
             .as_ref()
             .map(|live| live.duration.collect())
+            .unwrap_or_default()
+    }
+
+    /// The latest exemplar of each bucket of the duration histogram, empty while
+    /// the route has no series.
+    pub fn exemplars(&self) -> Vec<Exemplar> {
+        self.live
+            .load()
+            .as_ref()
+            .map(|live| live.exemplars.latest())
             .unwrap_or_default()
     }
 

@@ -358,6 +358,23 @@ mod tests {
     }
 
     #[test]
+    fn sampled_reads_the_sampled_flag_of_valid_traceparents_only() {
+        let tp =
+            |flags: &str| format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+        assert!(sampled(tp("01").as_bytes()));
+        assert!(sampled(tp("03").as_bytes()), "other flags set too");
+        assert!(!sampled(tp("00").as_bytes()));
+        assert!(!sampled(tp("02").as_bytes()));
+        assert!(sampled(
+            b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later-fields"
+        ));
+        assert!(!sampled(
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!sampled(b"garbage"));
+    }
+
+    #[test]
     fn generated_traceparents_spell_the_ids_in_lower_case_hex() {
         let ids = IdGenerator {
             state: AtomicU64::new(7),

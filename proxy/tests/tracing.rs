@@ -358,6 +358,35 @@ async fn spans_of_allowed_limited_retried_and_fallback_requests_reach_the_collec
         "{m}"
     );
 
+    // Exemplars on the duration histogram name exported traces only (the latest
+    // per bucket): never an unsampled, uneventful one.
+    let mut admin = HttpClient::connect(proxy.admin_addr())
+        .await
+        .expect("connect");
+    let om = admin
+        .request(
+            "GET",
+            "admin",
+            "/metrics",
+            &[("accept", "application/openmetrics-text; version=1.0.0")],
+            b"",
+        )
+        .await
+        .expect("scrape")
+        .text();
+    let exemplars: Vec<&str> = om
+        .split("trace_id=\"")
+        .skip(1)
+        .filter_map(|rest| rest.get(..32))
+        .collect();
+    assert!(!exemplars.is_empty(), "{om}");
+    for id in &exemplars {
+        assert!(
+            exported.iter().any(|e| e == id),
+            "exemplar of an unexported trace {id}"
+        );
+    }
+
     // The collector goes away: requests go on, spans are counted lost.
     stop.send(()).expect("stop the receiver");
     let deadline = Instant::now() + Duration::from_secs(30);

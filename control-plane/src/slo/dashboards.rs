@@ -19,6 +19,10 @@ use super::{error_ratio_record, BURN_ALERTS, OBJECTIVE_RECORD, WINDOWS};
 /// Grafana's dashboard JSON model version these dashboards are written for.
 const SCHEMA_VERSION: u32 = 39;
 
+/// The duration histogram's buckets: what latency panels plot, and what carries
+/// exemplars.
+const DURATION_BUCKETS: &str = "sluice_request_duration_seconds_bucket";
+
 /// Filters every request-level query applies.
 const REQ: &str = r#"namespace=~"$namespace",policy=~"$policy",route=~"$route""#;
 /// Filters of per-policy series that have no route.
@@ -79,14 +83,22 @@ impl Dashboard {
                 .iter()
                 .enumerate()
                 .map(|(j, (expr, legend))| {
-                    json!({
+                    let mut target = json!({
                         "refId": ref_id(j),
                         "datasource": ds,
                         "expr": expr,
                         "legendFormat": legend,
                         "range": !instant,
                         "instant": instant,
-                    })
+                    });
+                    // The proxy puts sampled traces' ids on the duration buckets
+                    // (docs/metrics.md, "Exemplars"): Grafana plots them on the
+                    // latency graphs, linked to the trace. It asks once per metric
+                    // and panel, so marking every such target costs nothing more.
+                    if !instant && expr.contains(DURATION_BUCKETS) {
+                        target["exemplar"] = json!(true);
+                    }
+                    target
                 })
                 .collect();
             let mut panel = json!({
@@ -197,12 +209,7 @@ fn rate(metric: &str, filters: &str, extra: &str, by: &str) -> String {
 fn quantile(q: &str) -> String {
     format!(
         "histogram_quantile({q}, {})",
-        rate(
-            "sluice_request_duration_seconds_bucket",
-            REQ,
-            "",
-            "policy, route, le"
-        )
+        rate(DURATION_BUCKETS, REQ, "", "policy, route, le")
     )
 }
 
@@ -769,6 +776,25 @@ mod tests {
                 assert!(!p["targets"].as_array().is_none_or(Vec::is_empty));
             }
         }
+    }
+
+    #[test]
+    fn latency_graphs_show_exemplars_and_nothing_else_asks_for_them() {
+        let mut marked = 0;
+        for d in all() {
+            let json = d.to_json();
+            for p in json["panels"].as_array().into_iter().flatten() {
+                for t in p["targets"].as_array().into_iter().flatten() {
+                    let plots_buckets = t["expr"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(DURATION_BUCKETS))
+                        && t["range"] == true;
+                    assert_eq!(t["exemplar"] == true, plots_buckets, "{}: {t}", d.file);
+                    marked += usize::from(plots_buckets);
+                }
+            }
+        }
+        assert!(marked >= 3, "the mesh overview's p50, p95 and p99");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use sluice_policy::{FallbackCause, Mode};
 
@@ -68,6 +68,9 @@ pub struct Record<'a, R: ?Sized> {
     /// The request's span and its attempts', when they are to be exported
     /// (tracing on, and sampled at the head or for the way the request ended).
     pub trace: Option<&'a RequestTrace>,
+    /// The trace id to attach to this request's duration observation as an
+    /// exemplar (a sampled trace's, so it can be looked up), `None` for none.
+    pub exemplar: Option<&'a str>,
     pub policy_version: Option<&'a str>,
     pub direction: Direction,
 }
@@ -291,7 +294,9 @@ impl Observe for Arc<Shared> {
             route
                 .series
                 .record(&self.series, route.slo_threshold, |series| {
-                    series.duration.observe(r.elapsed.as_secs_f64());
+                    // The wall clock is read only for the few requests with an exemplar.
+                    let exemplar = r.exemplar.map(|id| (id, SystemTime::now()));
+                    series.observe(r.elapsed.as_secs_f64(), exemplar);
                     series.requests.inc(index, make);
                 })
         });

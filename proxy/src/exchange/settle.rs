@@ -118,6 +118,16 @@ impl<O: Observe> Exchange<O> {
                 as u32,
             trace_id: trace::trace_id(self.traceparent.as_bytes()).unwrap_or(""),
             trace: self.trace.as_ref().filter(|_| export),
+            // An exemplar leads to a trace that was recorded: with tracing on, this
+            // request's own when it is exported; without, a caller's sampled trace
+            // (its span is recorded upstream of the proxy), never one started here.
+            exemplar: match self.trace {
+                Some(_) if export => trace::trace_id(self.traceparent.as_bytes()),
+                Some(_) => None,
+                None => trace::trace_id(self.traceparent.as_bytes()).filter(|_| {
+                    !self.traceparent_generated && trace::sampled(self.traceparent.as_bytes())
+                }),
+            },
             policy_version: self.runtime.as_ref().map(|r| r.version.as_str()),
             direction: self.direction,
         });

@@ -247,3 +247,79 @@ fn a_changed_slo_threshold_remakes_the_histogram_with_a_bucket_at_it() {
     assert!(buckets(&route).contains(&0.3));
     assert_eq!(observed(&route), Some(0));
 }
+
+/// A request of `seconds` on `route` that carries trace `trace_id` as its exemplar.
+fn traced(
+    ledger: &Ledger,
+    route: &Arc<RouteSeries>,
+    layout: Option<Duration>,
+    seconds: f64,
+    trace_id: &str,
+) {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(1_733_390_000);
+    route
+        .record(ledger, layout, |live| {
+            live.observe(seconds, Some((trace_id, at)))
+        })
+        .expect("series");
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+#[test]
+fn a_routes_exemplars_are_the_latest_of_each_bucket_its_histogram_counted() {
+    let (metrics, ledger) = (metrics(), Ledger::new(IDLE));
+    let route = Arc::new(RouteSeries::new("p", "r"));
+    assert!(route.exemplars().is_empty(), "no series, no exemplars");
+    request(&metrics, &ledger, &route);
+    assert!(
+        route.exemplars().is_empty(),
+        "a request without a trace leaves none"
+    );
+    traced(&ledger, &route, None, 0.02, TRACE);
+    traced(
+        &ledger,
+        &route,
+        None,
+        0.3,
+        "0af7651916cd43dd8448eb211c80319c",
+    );
+    let values: Vec<f64> = route.exemplars().iter().map(|e| e.value).collect();
+    assert_eq!(values, [0.02, 0.3]);
+    assert_eq!(observed(&route), Some(3));
+}
+
+#[test]
+fn expired_series_lose_their_exemplars_and_come_back_without_them() {
+    let (metrics, ledger) = (metrics(), Ledger::new(IDLE));
+    let route = Arc::new(RouteSeries::new("p", "r"));
+    let routes = [Arc::clone(&route)];
+    let t0 = Instant::now();
+    traced(&ledger, &route, None, 0.02, TRACE);
+    assert_eq!(route.exemplars().len(), 1);
+    pass(&metrics, &ledger, &routes, t0);
+    pass(&metrics, &ledger, &routes, t0 + IDLE);
+    assert!(!route.is_live());
+    assert!(route.exemplars().is_empty());
+    request(&metrics, &ledger, &route);
+    assert!(route.is_live());
+    assert!(
+        route.exemplars().is_empty(),
+        "new series start without exemplars"
+    );
+}
+
+#[test]
+fn a_remade_histogram_starts_without_the_old_buckets_exemplars() {
+    let (_metrics, ledger) = (metrics(), Ledger::new(IDLE));
+    let route = Arc::new(RouteSeries::new("p", "r"));
+    traced(&ledger, &route, None, 0.28, TRACE);
+    route.relayout(None);
+    assert_eq!(route.exemplars().len(), 1, "the same layout keeps them");
+    let threshold = Some(Duration::from_millis(300));
+    route.relayout(threshold);
+    assert!(route.exemplars().is_empty());
+    traced(&ledger, &route, threshold, 0.28, TRACE);
+    assert_eq!(route.exemplars().len(), 1);
+    assert_eq!(observed(&route), Some(1));
+}
