@@ -64,6 +64,15 @@ struct InjectArgs {
     /// proxies that follow it; required to inject those.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// OTLP/gRPC collector proxies send their spans to, for pods without a
+    /// `sluice.dev/otlp-endpoint` (e.g. http://otel-collector.monitoring.svc:4317);
+    /// without either a pod's proxy does not trace.
+    #[arg(long, value_name = "URL", value_parser = sluice_control_plane::inject::OtlpEndpoint::parse)]
+    otlp_endpoint: Option<sluice_control_plane::inject::OtlpEndpoint>,
+    /// Share of traces proxies sample (0 to 1), for pods without a
+    /// `sluice.dev/trace-sample-ratio`; default: the proxy's own (0.01).
+    #[arg(long, value_name = "RATIO", value_parser = sluice_control_plane::inject::SampleRatio::parse)]
+    trace_sample_ratio: Option<sluice_control_plane::inject::SampleRatio>,
 }
 
 impl InjectArgs {
@@ -71,6 +80,8 @@ impl InjectArgs {
         let mut opts = sluice_control_plane::inject::InjectOptions::default();
         opts.image = self.image.unwrap_or(opts.image);
         opts.control_plane = self.control_plane.unwrap_or(opts.control_plane);
+        opts.otlp_endpoint = self.otlp_endpoint;
+        opts.trace_sample_ratio = self.trace_sample_ratio;
         if let Some(path) = self.ca_file {
             opts.ca_pem = Some(std::fs::read_to_string(&path).map_err(|e| {
                 eprintln!("sluice-cp: --ca-file {}: {e}", path.display());

@@ -28,6 +28,8 @@ fn opts() -> InjectOptions {
         image: "ghcr.io/sluice/sluice:test".into(),
         control_plane: "https://sluice-control-plane.sluice-system.svc:15010".into(),
         ca_pem: Some("-----BEGIN CERTIFICATE-----\nTEST-CA\n-----END CERTIFICATE-----\n".into()),
+        otlp_endpoint: None,
+        trace_sample_ratio: None,
     }
 }
 
@@ -117,6 +119,11 @@ fn annotations_reach_the_init_step_and_the_proxy() {
         "memory: 512Mi",
         "- --app\n        - 127.0.0.1:8080\n",
         "- --redis\n        - redis.sluice-system.svc:6379\n",
+        // Tracing: the workload's name, and the pod's identity from the downward API.
+        "- name: OTEL_EXPORTER_OTLP_ENDPOINT\n          value: http://otel-collector.monitoring.svc:4317\n",
+        "- name: OTEL_TRACES_SAMPLER_ARG\n          value: \"0.1\"\n",
+        "- name: OTEL_SERVICE_NAME\n          value: checkout\n",
+        "- name: OTEL_RESOURCE_ATTRIBUTES\n          value: k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)\n",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }
@@ -237,4 +244,57 @@ fn cli_reads_a_file_or_stdin_and_fails_with_the_reason() {
     assert_eq!(code, 1);
     assert!(stderr.contains("--ca-file"), "{stderr}");
     assert!(stderr.contains("sluice.dev/policy-configmap"), "{stderr}");
+}
+
+#[test]
+fn cli_flags_set_the_mesh_wide_tracing_default_and_refuse_bad_values() {
+    let path = dir().join("pod.yaml");
+    let path = path.to_str().expect("utf-8 path");
+    let (code, out, stderr) = sluice_cp(
+        &[
+            "inject",
+            "--ca-file",
+            "/dev/null",
+            "--otlp-endpoint",
+            "http://tempo.tracing.svc:4317",
+            "--trace-sample-ratio",
+            "0.02",
+            "-f",
+            path,
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    // Indentation-free: a bare Pod's containers sit less deep than a template's.
+    let env = |name: &str, value: &str| {
+        let pair = format!("- name: {name}\n");
+        let at = out
+            .find(&pair)
+            .unwrap_or_else(|| panic!("no {name} in\n{out}"));
+        let next = out[at + pair.len()..].trim_start();
+        assert!(
+            next.starts_with(&format!("value: {value}\n")),
+            "{name}: {next}"
+        );
+    };
+    env(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://tempo.tracing.svc:4317",
+    );
+    env("OTEL_TRACES_SAMPLER_ARG", "\"0.02\"");
+    // pod.yaml has no workload label.
+    env("OTEL_SERVICE_NAME", "sluice-proxy");
+
+    for (flag, value, expected) in [
+        ("--otlp-endpoint", "tempo:4317", "OTLP/gRPC endpoint URL"),
+        ("--trace-sample-ratio", "2", "sampling ratio from 0 to 1"),
+    ] {
+        let (code, out, stderr) = sluice_cp(&["inject", flag, value, "-f", path], "");
+        assert_eq!(code, 64, "{flag} {value}: {stderr}");
+        assert!(out.is_empty());
+        assert!(
+            stderr.contains(flag) && stderr.contains(expected),
+            "{flag} {value}: {stderr}"
+        );
+    }
 }

@@ -33,6 +33,8 @@ fn opts() -> InjectOptions {
         image: "ghcr.io/sluice/sluice:test".into(),
         control_plane: "https://sluice-control-plane.sluice-system.svc:15010".into(),
         ca_pem: Some("-----BEGIN CERTIFICATE-----\nTEST-CA\n-----END CERTIFICATE-----\n".into()),
+        otlp_endpoint: None,
+        trace_sample_ratio: None,
     }
 }
 
@@ -194,9 +196,9 @@ async fn every_admission_review_fixture_gets_its_expected_answer() {
 #[test]
 fn every_fixture_counts_as_its_outcome() {
     let expected = |name: &str| match name {
-        "patched" | "patched-annotated" => Outcome::Patched,
+        "patched" | "patched-annotated" | "patched-traced" => Outcome::Patched,
         "already-injected" | "opt-out" | "not-a-pod" | "update" => Outcome::Unchanged,
-        "bad-annotation" => Outcome::Refused,
+        "bad-annotation" | "bad-trace-annotation" => Outcome::Refused,
         "invalid-pod" | "malformed-no-request" | "malformed-not-json" | "malformed-wrong-kind" => {
             Outcome::Error
         }

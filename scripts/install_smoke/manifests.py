@@ -18,6 +18,9 @@ TEMPLATE_PATHS = {
 }
 # A workload whose sidecar takes its policy from the control plane: no
 # `sluice.dev/policy-configmap` annotation. Injected, and run beside k8s/base.
+# Its tracing annotations give the proxy the OTEL_* environment (issue 24), with
+# a collector that is not there (k8s/monitoring is not in this cluster): a proxy
+# must get ready, and stay so, whether or not its spans can be sent.
 CONTROL_PLANE_SOURCED = {
     "apiVersion": "apps/v1",
     "kind": "Deployment",
@@ -26,7 +29,13 @@ CONTROL_PLANE_SOURCED = {
         "replicas": 1,
         "selector": {"matchLabels": {"app.kubernetes.io/name": "smoke-app"}},
         "template": {
-            "metadata": {"labels": {"app.kubernetes.io/name": "smoke-app"}},
+            "metadata": {
+                "labels": {"app.kubernetes.io/name": "smoke-app"},
+                "annotations": {
+                    "sluice.dev/otlp-endpoint": "http://otel-collector.sluice-system.svc:4317",
+                    "sluice.dev/trace-sample-ratio": "1",
+                },
+            },
             "spec": {
                 "containers": [
                     {

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+use super::trace::{OtlpEndpoint, SampleRatio, ENDPOINT_EXPECTED, RATIO_EXPECTED};
 use super::InjectError;
 
 /// `enabled` or `disabled`: opt a pod in or out (the namespace label opts in too).
@@ -33,6 +34,13 @@ pub const REDIS: &str = "sluice.dev/redis";
 /// releases (its `--dependency`): what it calls by address rather than by a Host a
 /// policy names, or what must not wait for discovery on the first request.
 pub const DEPENDENCIES: &str = "sluice.dev/dependencies";
+/// The OTLP/gRPC collector the proxy sends its spans to (its
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`); defaults to [`super::InjectOptions::otlp_endpoint`],
+/// and without either the proxy does not trace.
+pub const OTLP_ENDPOINT: &str = "sluice.dev/otlp-endpoint";
+/// The share of new traces the proxy samples, 0 to 1 (its `OTEL_TRACES_SAMPLER_ARG`);
+/// defaults to [`super::InjectOptions::trace_sample_ratio`], else the proxy's own.
+pub const TRACE_SAMPLE_RATIO: &str = "sluice.dev/trace-sample-ratio";
 pub const PROXY_CPU_REQUEST: &str = "sluice.dev/proxy-cpu-request";
 pub const PROXY_MEMORY_REQUEST: &str = "sluice.dev/proxy-memory-request";
 pub const PROXY_CPU_LIMIT: &str = "sluice.dev/proxy-cpu-limit";
@@ -142,6 +150,38 @@ pub fn redis(annotations: &BTreeMap<String, String>) -> Result<Option<String>, I
             expected: "host:port, such as redis.sluice-system.svc:6379".to_owned(),
         }),
     }
+}
+
+/// The `sluice.dev/otlp-endpoint` URL, if set.
+pub fn otlp_endpoint(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<OtlpEndpoint>, InjectError> {
+    let Some(raw) = annotations.get(OTLP_ENDPOINT) else {
+        return Ok(None);
+    };
+    OtlpEndpoint::parse(raw)
+        .map(Some)
+        .map_err(|_| InjectError::Annotation {
+            key: OTLP_ENDPOINT.to_owned(),
+            value: raw.clone(),
+            expected: ENDPOINT_EXPECTED.to_owned(),
+        })
+}
+
+/// The `sluice.dev/trace-sample-ratio`, if set.
+pub fn trace_sample_ratio(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<SampleRatio>, InjectError> {
+    let Some(raw) = annotations.get(TRACE_SAMPLE_RATIO) else {
+        return Ok(None);
+    };
+    SampleRatio::parse(raw)
+        .map(Some)
+        .map_err(|_| InjectError::Annotation {
+            key: TRACE_SAMPLE_RATIO.to_owned(),
+            value: raw.clone(),
+            expected: RATIO_EXPECTED.to_owned(),
+        })
 }
 
 /// A Kubernetes resource quantity (`50m`, `1`, `0.5`, `64Mi`, `1G`), or the default.
@@ -281,6 +321,39 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn tracing_annotations_are_checked_and_name_themselves_when_bad() {
+        assert_eq!(otlp_endpoint(&BTreeMap::new()), Ok(None));
+        assert_eq!(trace_sample_ratio(&BTreeMap::new()), Ok(None));
+        assert_eq!(
+            otlp_endpoint(&map(
+                OTLP_ENDPOINT,
+                "http://otel-collector.monitoring.svc:4317"
+            ))
+            .map(|e| e.map(|e| e.to_string())),
+            Ok(Some("http://otel-collector.monitoring.svc:4317".into()))
+        );
+        assert_eq!(
+            trace_sample_ratio(&map(TRACE_SAMPLE_RATIO, "0.5")).map(|r| r.map(|r| r.get())),
+            Ok(Some(0.5))
+        );
+        assert_eq!(
+            otlp_endpoint(&map(OTLP_ENDPOINT, "otel-collector:4317"))
+                .unwrap_err()
+                .to_string(),
+            "annotation sluice.dev/otlp-endpoint: expected an OTLP/gRPC endpoint URL such as \
+             http://otel-collector.monitoring.svc:4317 (http:// or https://, a host, an optional \
+             port, no path), got `otel-collector:4317`"
+        );
+        assert_eq!(
+            trace_sample_ratio(&map(TRACE_SAMPLE_RATIO, "5%"))
+                .unwrap_err()
+                .to_string(),
+            "annotation sluice.dev/trace-sample-ratio: expected a sampling ratio from 0 to 1, \
+             such as 0.01, got `5%`"
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!   proxy serves a policy, and Jobs still complete;
 //! - the policy source: a ConfigMap (`sluice.dev/policy-configmap`) or the control plane;
 //! - resources from `sluice.dev/proxy-*` annotations, Prometheus scrape annotations,
-//!   and a drain timeout 5 s shorter than the termination grace period.
+//!   and a drain timeout 5 s shorter than the termination grace period;
+//! - with an OTLP endpoint (`sluice.dev/otlp-endpoint`, else the mesh's default), the
+//!   OpenTelemetry variables that turn the proxy's tracing on (`trace.rs`).
 //!
 //! Manifests are read as untyped documents and only the pod template is read with
 //! `k8s-openapi`'s types, so fields this version of the API does not know survive.
@@ -18,6 +20,7 @@
 
 mod annotations;
 mod patch;
+mod trace;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -29,16 +32,22 @@ use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use serde_json::Value;
 
 pub use annotations::{
-    INJECT, POLICY_CONFIGMAP, PROXY_CPU_LIMIT, PROXY_CPU_REQUEST, PROXY_IMAGE, PROXY_MEMORY_LIMIT,
-    PROXY_MEMORY_REQUEST, SKIP_INBOUND_PORTS, SKIP_OUTBOUND_CIDRS, SKIP_OUTBOUND_PORTS,
+    INJECT, OTLP_ENDPOINT, POLICY_CONFIGMAP, PROXY_CPU_LIMIT, PROXY_CPU_REQUEST, PROXY_IMAGE,
+    PROXY_MEMORY_LIMIT, PROXY_MEMORY_REQUEST, SKIP_INBOUND_PORTS, SKIP_OUTBOUND_CIDRS,
+    SKIP_OUTBOUND_PORTS, TRACE_SAMPLE_RATIO,
 };
 pub use patch::{
     drain_timeout_seconds, patch_for_pod, ADMIN_PORT, INBOUND_PORT, INIT_CONTAINER, INJECTED_LABEL,
     OUTBOUND_PORT, POLICY_MOUNT, POLICY_VOLUME, PROXY_CONTAINER, PROXY_UID, TELEMETRY_PORT,
     TOKEN_AUDIENCE, TOKEN_MOUNT,
 };
+pub use trace::{
+    OtlpEndpoint, SampleRatio, DEFAULT_SERVICE_NAME, ENDPOINT_ENV, RESOURCE_ATTRIBUTES_ENV,
+    SAMPLE_RATIO_ENV, SERVICE_NAME_ENV,
+};
 
-/// Cluster-wide injection settings; pod annotations override the image.
+/// Cluster-wide injection settings; pod annotations override the image and the
+/// tracing settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectOptions {
     /// The proxy image when the pod does not name one (`sluice.dev/proxy-image`).
@@ -48,6 +57,12 @@ pub struct InjectOptions {
     /// The CA (PEM) of the control plane's certificate, given to those pods'
     /// proxies (`$SLUICE_CA_PEM`); required for them.
     pub ca_pem: Option<String>,
+    /// Where proxies send their spans when the pod does not say
+    /// (`sluice.dev/otlp-endpoint`); `None` leaves tracing off for those pods.
+    pub otlp_endpoint: Option<OtlpEndpoint>,
+    /// The share of traces they sample when the pod does not say
+    /// (`sluice.dev/trace-sample-ratio`); `None` leaves the proxy's default (0.01).
+    pub trace_sample_ratio: Option<SampleRatio>,
 }
 
 impl Default for InjectOptions {
@@ -56,6 +71,9 @@ impl Default for InjectOptions {
             image: format!("ghcr.io/sluice/sluice:{}", env!("CARGO_PKG_VERSION")),
             control_plane: "https://sluice-control-plane.sluice-system.svc:15010".to_owned(),
             ca_pem: None,
+            // Tracing is opt-in: a collector must exist before proxies send to it.
+            otlp_endpoint: None,
+            trace_sample_ratio: None,
         }
     }
 }

@@ -309,6 +309,9 @@ fn proxy_container(
             },
         ])
     };
+    // Last: OTEL_RESOURCE_ATTRIBUTES refers to POD_NAME and POD_NAMESPACE, which the
+    // kubelet expands only when they are defined before it.
+    env.extend(super::trace::env(pod, annotations, opts)?);
     let resources = ResourceRequirements {
         requests: Some(BTreeMap::from([
             (
