@@ -207,6 +207,15 @@ impl Admin {
     /// scrape's `accept` header asks for it (Prometheus does); else the text format.
     fn metrics(&self, accept: Option<&str>) -> http::Response<Vec<u8>> {
         let metrics = &self.shared.metrics;
+        // Requests count themselves in `Shared::inflight` only; the gauge is that
+        // count as of this scrape.
+        let inflight = self
+            .shared
+            .inflight
+            .load(std::sync::atomic::Ordering::Acquire);
+        metrics
+            .inflight
+            .set(i64::try_from(inflight).unwrap_or(i64::MAX));
         if !accept.is_some_and(openmetrics::accepted) {
             return reply(200, "text/plain; version=0.0.4", metrics.render());
         }
