@@ -344,8 +344,9 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "annotation sluice.dev/otlp-endpoint: expected an OTLP/gRPC endpoint URL such as \
-             http://otel-collector.monitoring.svc:4317 (http:// or https://, a host, an optional \
-             port, no path), got `otel-collector:4317`"
+             http://otel-collector.monitoring.svc:4317 (http://, a host, an optional port, no \
+             path; https:// needs the collector's CA, which injection does not carry), got \
+             `otel-collector:4317`"
         );
         assert_eq!(
             trace_sample_ratio(&map(TRACE_SAMPLE_RATIO, "5%"))

@@ -42,12 +42,18 @@ const RESOURCE_ATTRIBUTES: &str = "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$
 /// What an endpoint must look like, for flag and annotation errors alike.
 pub const ENDPOINT_EXPECTED: &str =
     "an OTLP/gRPC endpoint URL such as http://otel-collector.monitoring.svc:4317 \
-     (http:// or https://, a host, an optional port, no path)";
+     (http://, a host, an optional port, no path; https:// needs the collector's CA, \
+     which injection does not carry)";
 /// What a ratio must look like.
 pub const RATIO_EXPECTED: &str = "a sampling ratio from 0 to 1, such as 0.01";
 
-/// An OTLP/gRPC collector address: `http://` or `https://`, a host (DNS name, IPv4,
-/// or `[IPv6]`) and an optional port, nothing else.
+/// An OTLP/gRPC collector address: `http://`, a host (DNS name, IPv4, or `[IPv6]`)
+/// and an optional port, nothing else.
+///
+/// Not `https://`: the proxy checks an https collector against a CA it is given
+/// (`--otlp-ca-file`, no system roots) and refuses to start without one, and
+/// injection has no CA to give it, so an https endpoint here would crash-loop the
+/// sidecar. A collector in the cluster takes plaintext OTLP on 4317.
 ///
 /// No path: gRPC sends every call to its own method path, so a path here is a
 /// mistake (most often the OTLP/HTTP `/v1/traces` endpoint on 4318). No `$`: the
@@ -62,7 +68,6 @@ impl OtlpEndpoint {
         let url = text.trim();
         let valid = url
             .strip_prefix("http://")
-            .or_else(|| url.strip_prefix("https://"))
             .map(|rest| rest.strip_suffix('/').unwrap_or(rest))
             .is_some_and(is_authority);
         if valid {
@@ -206,13 +211,12 @@ mod tests {
     use crate::inject::patch::{patch_for_pod, PROXY_CONTAINER};
 
     #[test]
-    fn accepts_http_and_https_endpoints_with_a_host() {
+    fn accepts_http_endpoints_with_a_host() {
         for (text, parsed) in [
             (
                 "http://otel-collector.monitoring.svc:4317",
                 "http://otel-collector.monitoring.svc:4317",
             ),
-            ("https://tempo.example.com", "https://tempo.example.com"),
             (" http://10.0.0.7:4317/ ", "http://10.0.0.7:4317"),
             ("http://[fd00::7]:4317", "http://[fd00::7]:4317"),
             ("http://[::1]", "http://[::1]"),
@@ -231,6 +235,8 @@ mod tests {
             "",
             "otel-collector:4317",
             "grpc://otel-collector:4317",
+            // The proxy needs a CA for it, which injection does not give it.
+            "https://tempo.example.com",
             "HTTP://otel-collector:4317",
             "http://",
             "http://:4317",
@@ -411,7 +417,7 @@ mod tests {
             ]
         );
         let own = annotated(json!({
-            "sluice.dev/otlp-endpoint": "https://collector.shop.svc:4317",
+            "sluice.dev/otlp-endpoint": "http://collector.shop.svc:4317",
             "sluice.dev/trace-sample-ratio": "1",
         }));
         let env = proxy_env(&patch_for_pod(&own, &mesh).expect("patch"));
@@ -420,7 +426,7 @@ mod tests {
             [
                 (
                     "OTEL_EXPORTER_OTLP_ENDPOINT",
-                    "https://collector.shop.svc:4317"
+                    "http://collector.shop.svc:4317"
                 ),
                 ("OTEL_TRACES_SAMPLER_ARG", "1"),
             ]
