@@ -98,6 +98,34 @@ pub fn request_head(data: &[u8]) {
         reread.write_forwarded(&mut twice, keep);
         twice.extend_from_slice(b"\r\n");
         assert_eq!(text(&twice), text(&out), "not a fixed point");
+        // With a field replaced (the proxy's own traceparent after the head): the
+        // same request, that field gone, nothing else changed.
+        let mut without = Vec::new();
+        head.write_forwarded_without(&mut without, keep, Some("traceparent"));
+        without.extend_from_slice(b"\r\n");
+        let parsed = reference::parse_head(&without).unwrap_or_else(|e| {
+            panic!(
+                "forwarded {:?} without traceparent as {:?}, which the reference refuses ({e:?})",
+                text(data),
+                text(&without)
+            )
+        });
+        assert_eq!(parsed.method, expected.method);
+        assert_eq!(parsed.framing, expected.framing);
+        assert_eq!(parsed.authority, expected.authority);
+        assert_eq!(parsed.target, expected.origin_path);
+        let kept: Vec<&(Vec<u8>, Vec<u8>)> = again
+            .fields
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case(b"traceparent"))
+            .collect();
+        assert_eq!(
+            parsed.fields.iter().collect::<Vec<_>>(),
+            kept,
+            "{:?} without traceparent: {:?}",
+            text(data),
+            text(&without)
+        );
     }
 }
 
