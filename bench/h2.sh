@@ -85,7 +85,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
 
 log "building sluice-proxy (release)"
 nice -n 10 cargo build --release --locked -p sluice-proxy --bin sluice-proxy
@@ -252,8 +251,6 @@ BUSY_AT_START=no
 busy && BUSY_AT_START=yes && log "still busy after ${IDLE_WAIT}s; measuring anyway (noted in the results)"
 
 # --- measure ------------------------------------------------------------------------
-median() { tr ' ' '\n' | awk NF | sort -g | awk '{a[NR] = $1} END {
-    if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 CLK=$(getconf CLK_TCK)
 declare -A R
 add() { R[$1]="${R[$1]:-} $2"; }

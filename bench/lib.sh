@@ -84,3 +84,19 @@ cpu_list_expand() {
 allowed_cpus() {
     cpu_list_expand "$(awk '/^Cpus_allowed_list:/ {print $2}' /proc/self/status)"
 }
+
+# busy: whether a cargo or rustc build runs on the machine (benchmarks wait it out
+# and mark runs it overlapped).
+busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
+
+# to_ms DURATION: a wrk duration (812.00us 1.23ms 1.02s 2.00m) in milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.3f", n }'
+}
+
+# median < numbers: the median of whitespace-separated numbers ("nan" for none).
+median() { tr ' ' '\n' | awk NF | sort -g | awk '{a[NR] = $1} END {
+    if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }

@@ -104,7 +104,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
 FOREIGN_MAX=${FOREIGN_MAX:-10}
 
 log "building sluice-proxy (release)"
@@ -288,14 +287,6 @@ foreign_end() { # -> FOREIGN (% of a core), and marks the run disturbed past FOR
         DISTURBED=$((DISTURBED + 1))
     fi
 }
-to_ms() { # wrk durations: 812.00us 1.23ms 1.02s 2.00m
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
-        printf "%.3f", n }'
-}
-median() { tr ' ' '\n' | awk NF | sort -g | awk '{a[NR] = $1} END {
-    if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 CLK=$(getconf CLK_TCK)
 per() { # ticks count -> µs each
     awk -v d="$1" -v n="$2" -v hz="$CLK" 'BEGIN {if (n > 0) printf "%.2f", d / hz * 1e6 / n; else print "nan"}'

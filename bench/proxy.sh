@@ -387,15 +387,6 @@ end
 EOF
 
 # --- helpers ------------------------------------------------------------------------
-busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
-to_ms() { # wrk durations: 812.00us 1.23ms 1.02s 2.00m
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
-        printf "%.3f", n }'
-}
-median() { tr ' ' '\n' | awk NF | sort -g | awk '{a[NR] = $1} END {
-    if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 CLK=$(getconf CLK_TCK)
 
 declare -A R # "metric|target[|rate]" -> values of the rounds, space separated

@@ -67,7 +67,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-busy() { pgrep -x rustc >/dev/null || pgrep -f 'cargo (build|test|clippy)' >/dev/null; }
 
 log "building sluice-proxy and the OTLP sink (release)"
 nice -n 10 cargo build --release --locked -p sluice-proxy --bin sluice-proxy --example otlp-sink
@@ -141,14 +140,6 @@ metric() { # variant series-prefix: its value (summed over label sets)
     curl -fsS --max-time 2 "http://127.0.0.1:${ADMIN[$1]}/metrics" |
         awk -v s="$2" 'index($0, s) == 1 {t += $NF} END {print t + 0}'
 }
-to_ms() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
-        printf "%.3f", n }'
-}
-median() { tr ' ' '\n' | awk NF | sort -g | awk '{a[NR] = $1} END {
-    if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 CLK=$(getconf CLK_TCK)
 declare -A R
 add() { R[$1]="${R[$1]:-} $2"; }
