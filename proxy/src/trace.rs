@@ -123,18 +123,35 @@ pub fn parse(traceparent: &[u8]) -> Option<Parent> {
 
 /// `00-<trace>-<span>-<flags>`, in lower-case hex.
 pub fn format_traceparent(trace_id: u128, span_id: u64, sampled: bool) -> String {
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    out[3..19].copy_from_slice(&hex16((trace_id >> 64) as u64));
+    out[19..35].copy_from_slice(&hex16(trace_id as u64));
+    out[35] = b'-';
+    out[36..52].copy_from_slice(&hex16(span_id));
+    out[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    // Every byte above is ASCII.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `n` as 16 lower-case hex digits.
+fn hex16(n: u64) -> [u8; 16] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(55);
-    out.push_str("00-");
-    for shift in (0..32).rev() {
-        out.push(char::from(HEX[(trace_id >> (shift * 4)) as usize & 0xf]));
+    let mut out = [0u8; 16];
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = HEX[(n >> ((15 - i) * 4)) as usize & 0xf];
     }
-    out.push('-');
-    for shift in (0..16).rev() {
-        out.push(char::from(HEX[(span_id >> (shift * 4)) as usize & 0xf]));
-    }
-    out.push_str(if sampled { "-01" } else { "-00" });
     out
+}
+
+/// Makes `traceparent` (one [`format_traceparent`] wrote) name `span_id` as the
+/// parent, in place: an attempt's `traceparent` costs no new string.
+pub fn set_parent_span(traceparent: &mut String, span_id: u64) {
+    let hex = hex16(span_id);
+    // Anything else is not one of ours (never happens): left whole.
+    if let (55, Ok(hex)) = (traceparent.len(), std::str::from_utf8(&hex)) {
+        traceparent.replace_range(36..52, hex);
+    }
 }
 
 /// The head sampling decision for a trace started here: the trace id's low 64
@@ -241,8 +258,15 @@ impl RequestTrace {
     }
 
     /// Opens an attempt's span (closing the previous one at `now` if still open);
-    /// its `traceparent` for the backend.
-    pub fn begin_attempt(&mut self, ids: &IdGenerator, addr: SocketAddr, now: Instant) -> String {
+    /// `traceparent` (this trace's, as [`Self::traceparent`] made it) is rewritten
+    /// to name it, for the backend.
+    pub fn begin_attempt(
+        &mut self,
+        ids: &IdGenerator,
+        addr: SocketAddr,
+        now: Instant,
+        traceparent: &mut String,
+    ) {
         if let Some(last) = self.attempts.last_mut() {
             last.end.get_or_insert(now);
         }
@@ -255,7 +279,7 @@ impl RequestTrace {
             outcome: None,
             status: 0,
         });
-        self.traceparent(span_id)
+        set_parent_span(traceparent, span_id);
     }
 
     /// What the attempt in progress came to (`end`: it is over, another may follow).
@@ -406,8 +430,10 @@ mod tests {
             format_traceparent(p.trace_id, 0x1234, false),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000001234-00"
         );
-        let ours = format_traceparent(p.trace_id, 7, true);
+        let mut ours = format_traceparent(p.trace_id, 7, true);
         assert_eq!(parse(ours.as_bytes()).map(|q| q.span_id), Some(7));
+        set_parent_span(&mut ours, u64::MAX - 1);
+        assert_eq!(ours, format_traceparent(p.trace_id, u64::MAX - 1, true));
     }
 
     #[test]
@@ -437,9 +463,12 @@ mod tests {
         assert_eq!(t.parent, Some(0x00f067aa0ba902b7));
         assert!(t.head_sampled, "parent-based: the caller sampled it");
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let first = t.begin_attempt(&ids, addr, now);
+        let mut tp = t.traceparent(t.span_id);
+        t.begin_attempt(&ids, addr, now, &mut tp);
+        let first = tp.clone();
         t.attempt_outcome("connect_error", 0, Some(now));
-        let second = t.begin_attempt(&ids, addr, now);
+        t.begin_attempt(&ids, addr, now, &mut tp);
+        let second = tp;
         assert_eq!(t.attempts.len(), 2);
         let spans: Vec<u64> = [&first, &second]
             .iter()

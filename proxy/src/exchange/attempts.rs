@@ -74,7 +74,7 @@ impl<O: Observe> Exchange<O> {
             Ok(peer) => {
                 self.attempts += 1;
                 if let Some(t) = &mut self.trace {
-                    self.traceparent = t.begin_attempt(self.obs.ids(), peer.addr, now);
+                    t.begin_attempt(self.obs.ids(), peer.addr, now, &mut self.traceparent);
                 }
                 Action::Connect(peer)
             }
