@@ -8,6 +8,8 @@
 //! What cannot be read one way (conflicting lengths, a bare CR, obs-fold) is
 //! refused (the proxy answers 502).
 
+use std::mem::MaybeUninit;
+
 use crate::request::{names, nomination_dropped};
 use crate::syntax::{bare_line_break, decimal_number, trim_ows};
 use crate::{Refusal, MAX_FIELDS, MAX_HEAD};
@@ -58,10 +60,12 @@ fn has_token(value: &[u8], token: &str) -> bool {
 
 fn parse_fields<'h, 'b>(
     buf: &'b [u8],
-    fields: &'h mut [httparse::Header<'b>],
+    fields: &'h mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Option<(usize, httparse::Response<'h, 'b>)>, Refusal> {
-    let mut resp = httparse::Response::new(fields);
-    match resp.parse(buf) {
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, fields)
+    {
         Ok(httparse::Status::Complete(n)) => Ok(Some((n, resp))),
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
             Err(Refusal::too_large("response head too large"))
@@ -109,14 +113,14 @@ impl ResponseHead {
             out.extend_from_slice(head.strip_suffix(b"\r\n").unwrap_or(head));
             return;
         }
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
         // Parsed before with the same bytes, so this cannot fail; an empty head
         // (never relayed as such) would be the answer if it did.
         let Ok(Some((_, resp))) = parse_fields(head, &mut fields) else {
             return;
         };
         out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(format_status(resp.code.unwrap_or(502)).as_bytes());
+        out.extend_from_slice(&status_digits(resp.code.unwrap_or(502)));
         out.push(b' ');
         out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -140,13 +144,17 @@ impl ResponseHead {
     }
 }
 
-fn format_status(status: u16) -> String {
-    format!("{status:03}")
+/// A status code as its three digits (httparse reads exactly three).
+fn status_digits(status: u16) -> [u8; 3] {
+    let digit = |n: u16| b'0' + (n % 10) as u8;
+    [digit(status / 100), digit(status / 10), digit(status)]
 }
 
 /// Parses a response head at the start of `buf`; `head_request`: it answers a HEAD.
 pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>, Refusal> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    // Uninitialized: httparse writes the fields it finds (filling 100 empty ones
+    // first cost more than parsing a typical head).
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
     let Some((len, resp)) = parse_fields(buf, &mut fields)? else {
         return Ok(None);
     };

@@ -53,14 +53,17 @@ pub struct AccessRecord<'a> {
     pub grpc_status: Option<u32>,
     /// Written in milliseconds with microsecond precision.
     pub duration: Duration,
-    pub decision: &'a str,
+    /// The fixed vocabulary's fields (decision, shadow decision, fallback cause,
+    /// direction) are `'static`: identifiers that need no JSON escaping, written
+    /// without the check.
+    pub decision: &'static str,
     /// What shadow mode would have done (`rate_limited`, ...), when it would have acted.
-    pub shadow_decision: Option<&'a str>,
+    pub shadow_decision: Option<&'static str>,
     /// The cause a fallback was served for, when one was.
-    pub fallback: Option<&'a str>,
+    pub fallback: Option<&'static str>,
     pub attempts: u32,
     pub policy_version: Option<&'a str>,
-    pub direction: &'a str,
+    pub direction: &'static str,
     /// The caller's workload identity (SPIFFE ID) when it came over mTLS; `null`
     /// for plaintext.
     pub peer: Option<&'a str>,
@@ -295,17 +298,17 @@ impl AccessRecord<'_> {
             b'0' + (frac % 10) as u8,
         ]);
         out.extend_from_slice(b",\"decision\":");
-        json_string(out, self.decision);
+        json_word(out, Some(self.decision));
         out.extend_from_slice(b",\"shadow_decision\":");
-        json_opt(out, self.shadow_decision);
+        json_word(out, self.shadow_decision);
         out.extend_from_slice(b",\"fallback\":");
-        json_opt(out, self.fallback);
+        json_word(out, self.fallback);
         out.extend_from_slice(b",\"attempts\":");
         out.extend_from_slice(digits.format(self.attempts).as_bytes());
         out.extend_from_slice(b",\"policy_version\":");
         json_opt(out, self.policy_version);
         out.extend_from_slice(b",\"direction\":");
-        json_string(out, self.direction);
+        json_word(out, Some(self.direction));
         out.extend_from_slice(b",\"peer\":");
         json_opt(out, self.peer);
         out.push(b'}');
@@ -359,6 +362,19 @@ impl TcpRecord<'_> {
         out.extend_from_slice(b",\"policy_version\":");
         json_opt(out, self.policy_version);
         out.push(b'}');
+    }
+}
+
+/// `null`, or one of the fixed vocabulary's words (an identifier: nothing to escape).
+fn json_word(out: &mut Vec<u8>, word: Option<&'static str>) {
+    match word {
+        Some(w) => {
+            debug_assert!(!needs_escape(w.as_bytes()), "{w:?}");
+            out.push(b'"');
+            out.extend_from_slice(w.as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
     }
 }
 

@@ -50,51 +50,55 @@ impl IdGenerator {
         (z ^ (z >> 31)).max(1)
     }
 
-    /// A fresh sampled `traceparent` value (`00-<32 hex>-<16 hex>-01`), written
-    /// digit by digit into one exact-size allocation (this runs per request; the
-    /// `format!` machinery cost more than the rest of the function).
+    /// A fresh sampled `traceparent` value (`00-<32 hex>-<16 hex>-01`): runs per
+    /// request when tracing is off (every access-log line gets a trace id), so it is
+    /// written from byte arrays, not char by char (that was 800 instructions).
     pub fn new_traceparent(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        let word = |w: u64, out: &mut String| {
-            for shift in (0..16).rev() {
-                out.push(char::from(HEX[(w >> (shift * 4)) as usize & 0xf]));
-            }
-        };
-        word(self.next(), &mut out);
-        word(self.next(), &mut out);
-        out.push('-');
-        word(self.next(), &mut out);
-        out.push_str("-01");
-        out
+        let trace = (u128::from(self.next()) << 64) | u128::from(self.next());
+        format_traceparent(trace, self.next(), true)
     }
 }
 
 /// The trace id (32 hex digits) of a valid `traceparent`, or `None`.
+///
+/// Read at fixed offsets (`vv-<32>-<16>-ff`, W3C Trace Context §3.2): this runs for
+/// every request, and the split-on-`-` reading it replaced was a tenth of a
+/// proxied request's instructions (bench/RESULTS.md, issue 23). A test holds it to
+/// that reading.
 pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(traceparent).ok()?;
-    let mut parts = text.split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    let tp = traceparent;
+    if tp.len() < 55 || tp[2] != b'-' || tp[35] != b'-' || tp[52] != b'-' {
+        return None;
+    }
+    let (version, trace, span, flags) = (&tp[..2], &tp[3..35], &tp[36..52], &tp[53..55]);
+    // Without a branch per byte (a vector loop): any byte outside 0-9a-f sets a bit.
+    let hex = |s: &[u8]| {
+        s.iter().fold(0u8, |bad, &b| {
+            bad | u8::from(b.wrapping_sub(b'0') > 9 && b.wrapping_sub(b'a') > 5)
+        }) == 0
     };
-    let valid = hex(version, 2)
-        && version != "ff"
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(span, 16)
-        && span.bytes().any(|b| b != b'0')
-        && hex(flags, 2)
-        // Version 00 has exactly four fields; later versions may append more.
-        && (version != "00" || parts.next().is_none());
-    valid.then_some(trace)
+    let valid = hex(version)
+        && version != b"ff"
+        && hex(trace)
+        && trace != [b'0'; 32]
+        && hex(span)
+        && span != [b'0'; 16]
+        && hex(flags)
+        // Version 00 has exactly four fields; later versions may append more, each
+        // after a `-`.
+        && (tp.len() == 55 || (version != b"00" && tp[55] == b'-'));
+    // All 32 bytes are ASCII hex digits: the conversion cannot fail.
+    valid.then(|| std::str::from_utf8(trace).ok()).flatten()
 }
 
 /// Whether a valid `traceparent`'s flags say the caller sampled its trace.
 pub fn sampled(traceparent: &[u8]) -> bool {
-    parse(traceparent).is_some_and(|p| p.sampled)
+    // The flags' low bit is the last hex digit's (checked to be 0-9a-f).
+    trace_id(traceparent).is_some()
+        && matches!(
+            traceparent[54],
+            b'1' | b'3' | b'5' | b'7' | b'9' | b'b' | b'd' | b'f'
+        )
 }
 
 /// A caller's trace context.
@@ -130,18 +134,30 @@ pub fn format_traceparent(trace_id: u128, span_id: u64, sampled: bool) -> String
     out[35] = b'-';
     out[36..52].copy_from_slice(&hex16(span_id));
     out[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
-    // Every byte above is ASCII.
-    String::from_utf8_lossy(&out).into_owned()
+    // Every byte above is ASCII, so this is never the empty default (and is cheaper
+    // than `from_utf8_lossy`, which walked the bytes in chunks).
+    String::from_utf8(out.to_vec()).unwrap_or_default()
 }
 
-/// `n` as 16 lower-case hex digits.
+/// `n` as 16 lower-case hex digits, eight at a time: each half's nibbles spread
+/// into the bytes of a word, then made digits with no branch or table (three of
+/// these per traced attempt; the table walk was 300 instructions).
 fn hex16(n: u64) -> [u8; 16] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 16];
-    for (i, digit) in out.iter_mut().enumerate() {
-        *digit = HEX[(n >> ((15 - i) * 4)) as usize & 0xf];
-    }
+    out[..8].copy_from_slice(&hex8((n >> 32) as u32));
+    out[8..].copy_from_slice(&hex8(n as u32));
     out
+}
+
+fn hex8(n: u32) -> [u8; 8] {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut x = u64::from(n);
+    x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+    x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    x = (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // 1 in each byte whose nibble is 10 or more: those become 'a'..'f'.
+    let letters = ((x + ONES * 6) >> 4) & ONES;
+    (x + ONES * u64::from(b'0') + letters * u64::from(b'a' - b'0' - 10)).to_be_bytes()
 }
 
 /// Makes `traceparent` (one [`format_traceparent`] wrote) name `span_id` as the
@@ -378,6 +394,70 @@ mod tests {
             b"garbage",
         ] {
             assert_eq!(trace_id(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// The reading `trace_id` replaced: split on `-`, four fields (more after
+    /// version 00), each checked.
+    fn trace_id_by_fields(traceparent: &[u8]) -> Option<&str> {
+        let text = std::str::from_utf8(traceparent).ok()?;
+        let mut parts = text.split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, n: usize| {
+            s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
+        let valid = hex(version, 2)
+            && version != "ff"
+            && hex(trace, 32)
+            && trace.bytes().any(|b| b != b'0')
+            && hex(span, 16)
+            && span.bytes().any(|b| b != b'0')
+            && hex(flags, 2)
+            && (version != "00" || parts.next().is_none());
+        valid.then_some(trace)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn trace_id_reads_like_the_field_by_field_reading(
+            version in "[0-9a-fA-F-]{2}|ff|00|01",
+            trace in "[0-9a-f]{32}|0{32}|[0-9a-fA-F-]{30,34}",
+            span in "[0-9a-f]{16}|0{16}|[0-9a-fA-F-]{15,17}",
+            flags in "[0-9a-f]{2}|[0-9a-fA-F-]{1,3}",
+            tail in "|-|-[a-z0-9-]{0,8}|[a-z0-9]{1,3}|\\PC{0,4}",
+            seps in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just('-'), proptest::strategy::Just('_')], 3),
+        ) {
+            let tp = format!("{version}{}{trace}{}{span}{}{flags}{tail}", seps[0], seps[1], seps[2]);
+            proptest::prop_assert_eq!(trace_id(tp.as_bytes()), trace_id_by_fields(tp.as_bytes()), "{:?}", tp);
+            let bytes = tp.as_bytes();
+            for cut in [0, 1, 2, 35, 52, 54, 55, 56] {
+                let b = &bytes[..cut.min(bytes.len())];
+                proptest::prop_assert_eq!(trace_id(b), trace_id_by_fields(b));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hex16_spells_like_format(n in proptest::num::u64::ANY) {
+            proptest::prop_assert_eq!(hex16(n).to_vec(), format!("{n:016x}").into_bytes());
+        }
+    }
+
+    #[test]
+    fn hex16_spells_the_edges() {
+        for n in [
+            0,
+            9,
+            10,
+            15,
+            16,
+            u64::MAX,
+            0x0123_4567_89ab_cdef,
+            0xa0a0_a0a0_9f9f_9f9f,
+        ] {
+            assert_eq!(hex16(n).to_vec(), format!("{n:016x}").into_bytes());
         }
     }
 

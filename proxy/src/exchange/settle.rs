@@ -102,6 +102,7 @@ impl<O: Observe> Exchange<O> {
                 }
             }
         }
+        let trace_id = trace::trace_id(self.traceparent.as_bytes());
         self.obs.finished(&Record {
             req,
             route: self.route(),
@@ -116,15 +117,15 @@ impl<O: Observe> Exchange<O> {
             backend,
             attempts: (self.tried.len() + usize::from(self.target == Target::FallbackBackend))
                 as u32,
-            trace_id: trace::trace_id(self.traceparent.as_bytes()).unwrap_or(""),
+            trace_id: trace_id.unwrap_or(""),
             trace: self.trace.as_ref().filter(|_| export),
             // An exemplar leads to a trace that was recorded: with tracing on, this
             // request's own when it is exported; without, a caller's sampled trace
             // (its span is recorded upstream of the proxy), never one started here.
             exemplar: match self.trace {
-                Some(_) if export => trace::trace_id(self.traceparent.as_bytes()),
+                Some(_) if export => trace_id,
                 Some(_) => None,
-                None => trace::trace_id(self.traceparent.as_bytes()).filter(|_| {
+                None => trace_id.filter(|_| {
                     !self.traceparent_generated && trace::sampled(self.traceparent.as_bytes())
                 }),
             },

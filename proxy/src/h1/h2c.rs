@@ -55,9 +55,9 @@ fn h2_request(
     let mut head = Vec::with_capacity(req.head.bytes().len() + 2);
     req.head.write_forwarded(&mut head, false);
     head.extend_from_slice(b"\r\n");
-    let mut fields = [httparse::EMPTY_HEADER; sluice_h1::MAX_FIELDS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    parsed.parse(&head).ok()?;
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; sluice_h1::MAX_FIELDS];
+    let mut parsed = httparse::Request::new(&mut []);
+    parsed.parse_with_uninit_headers(&head, &mut fields).ok()?;
     let authority = match req.host() {
         "" => peer.addr.to_string(),
         host => host.to_owned(),

@@ -84,6 +84,11 @@ struct Engine {
 /// A request as the flow sees it on the fast path.
 struct FastRequest<'a> {
     head: &'a RequestHead,
+    /// The head's method, path and host, read once: the flow asks for them twice
+    /// (routing, then the access log) and each read checks UTF-8 again.
+    method: &'a str,
+    path: &'a str,
+    host: &'a str,
     client_ip: IpAddr,
     /// The caller's verified identity (mTLS); a clone, since the client's
     /// connection is borrowed mutably while the request is served.
@@ -92,16 +97,15 @@ struct FastRequest<'a> {
 
 impl Request for FastRequest<'_> {
     fn method(&self) -> &str {
-        self.head.method()
+        self.method
     }
 
     fn path(&self) -> &str {
-        self.head.path()
+        self.path
     }
 
     fn host(&self) -> &str {
-        let host = self.head.host();
-        std::str::from_utf8(host).unwrap_or("")
+        self.host
     }
 
     fn header(&self, name: &str) -> Option<&[u8]> {
@@ -346,6 +350,9 @@ impl Engine {
 
         let req = FastRequest {
             head,
+            method: head.method(),
+            path: head.path(),
+            host: std::str::from_utf8(head.host()).unwrap_or(""),
             client_ip: client.peer.ip(),
             peer_identity: client.stream.peer_identity().cloned(),
         };

@@ -13,10 +13,14 @@ pub(super) fn translate(buf: &[u8], head: &ResponseHead) -> http::response::Part
     let mut response = http::Response::new(());
     *response.status_mut() =
         http::StatusCode::from_u16(head.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
-    let mut fields = [httparse::EMPTY_HEADER; sluice_h1::MAX_FIELDS];
-    let mut parsed = httparse::Response::new(&mut fields);
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; sluice_h1::MAX_FIELDS];
+    let mut parsed = httparse::Response::new(&mut []);
     // Parsed before with the same bytes by sluice_h1: cannot fail here.
-    let _ = parsed.parse(&buf[..head.len]);
+    let _ = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        &buf[..head.len],
+        &mut fields,
+    );
     let nominated: Vec<&[u8]> = parsed
         .headers
         .iter()
