@@ -113,7 +113,7 @@ impl Engine {
         let watch = client.buf.is_empty();
         let sent = {
             let sending = backends.send(client.thread, peer, request, body.clone());
-            unless_client_leaves(sending, watch, client.stream.tcp()).await
+            unless_client_leaves(sending, watch, client.stream.tcp(), &mut client.watch_timer).await
         };
         let response = match sent {
             None => {

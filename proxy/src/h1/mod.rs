@@ -149,6 +149,9 @@ struct Client {
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
     last_active: Instant,
+    /// The upstream side's timers, kept across requests for the same reason.
+    io_timer: upstream::Timer,
+    watch_timer: upstream::Timer,
 }
 
 /// How a request ended, for the connection loop.
@@ -223,6 +226,8 @@ impl Engine {
             idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
             idle_timeout: self.idle_timeout,
             last_active: Instant::now(),
+            io_timer: upstream::Timer::new(),
+            watch_timer: upstream::Timer::new(),
         };
         // Inside mTLS, a meshed caller speaks HTTP/2 whenever its backend does.
         if self.h2.is_some() || self.pingora_h2c.is_some() || client.stream.is_tls() {

@@ -9,9 +9,7 @@ use bytes::{Bytes, BytesMut};
 use sluice_h1::{Framing, ResponseHead};
 
 use super::h2c::H2cStep;
-use super::upstream::{
-    read_response_head, relay_body, unless_client_leaves, within, Broken, Relay,
-};
+use super::upstream::{read_response_head, relay_body, unless_client_leaves, Broken, Relay};
 use super::{
     push_governance_fields, push_header, write_reply_head, Client, Engine, FastRequest, Served,
 };
@@ -140,18 +138,21 @@ impl Engine {
             // if it has half-closed after sending them), so it is not watched.
             let watch = client.buf.is_empty();
             let (client_reader, mut client_writer) = client.stream.split();
+            let io_timer = &mut client.io_timer;
             let attempt = async {
-                within(peer.io_timeout, upstream.send(out)).await?;
+                io_timer.within(peer.io_timeout, upstream.send(out)).await?;
                 read_response_head(
                     &mut upstream,
                     ubuf,
                     head_request,
                     peer.io_timeout,
                     &mut client_writer,
+                    io_timer,
                 )
                 .await
             };
-            let response = match unless_client_leaves(attempt, watch, client_reader).await {
+            let left = unless_client_leaves(attempt, watch, client_reader, &mut client.watch_timer);
+            let response = match left.await {
                 None => {
                     // As nginx (499) and Envoy (downstream reset): the backend's
                     // answer would go nowhere; its connection is dropped mid-exchange.
@@ -239,6 +240,7 @@ impl Engine {
             response.framing,
             out,
             peer.io_timeout,
+            &mut client.io_timer,
         )
         .await;
         let (upstream_ok, client_ok) = match result {

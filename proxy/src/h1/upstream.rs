@@ -3,12 +3,16 @@
 //! on), relaying the body framed as the head says, and noticing a client that
 //! leaves while it waits.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use pingora::ErrorType;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::conn::{Conn, Writer};
 
@@ -33,16 +37,57 @@ impl Broken {
     }
 }
 
-pub(super) async fn within<T>(
-    limit: Option<Duration>,
-    io: impl std::future::Future<Output = std::io::Result<T>>,
-) -> Result<T, Broken> {
-    match limit {
-        Some(limit) => match tokio::time::timeout(limit, io).await {
-            Ok(r) => r.map_err(|_| Broken::Io),
-            Err(_) => Err(Broken::TimedOut),
-        },
-        None => io.await.map_err(|_| Broken::Io),
+/// A timer kept by a client connection from one request to the next: for its
+/// upstream reads' and writes' limit (`io_timeout`), and for when to start watching
+/// whether the client left ([`WATCH_CLIENT_AFTER`]).
+///
+/// Why not a fresh `timeout()` or `sleep()` each time: tokio moves a registered
+/// timer to a later deadline with one atomic operation (the wheel entry is fixed up
+/// when the earlier deadline passes), where a fresh one was put in the timer wheel
+/// and taken out again under the driver's lock, per read; that was a tenth of a
+/// proxied request's instructions (bench/RESULTS.md, issue 23). Deadlines here only
+/// move later, except after one fired (a timeout, or a request slower than the
+/// watch), which registers the timer anew: the cost a fresh one always had.
+pub(super) struct Timer(Pin<Box<Sleep>>);
+
+impl Timer {
+    pub(super) fn new() -> Self {
+        // Never waited on before a `reset`: the first deadline is any.
+        Timer(Box::pin(tokio::time::sleep(Duration::ZERO)))
+    }
+
+    /// Restarts the timer to fire after `after`; `false` when that is beyond what
+    /// an `Instant` holds (then it is not armed: wait without it).
+    fn reset(&mut self, after: Duration) -> bool {
+        match Instant::now().checked_add(after) {
+            Some(deadline) => {
+                self.0.as_mut().reset(deadline);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs `io` for at most `limit` (`None`: no limit).
+    pub(super) async fn within<T>(
+        &mut self,
+        limit: Option<Duration>,
+        io: impl Future<Output = std::io::Result<T>>,
+    ) -> Result<T, Broken> {
+        tokio::pin!(io);
+        // Most writes, and reads whose bytes are in, finish on the first try: they
+        // need no timer (nor the clock read that arms it).
+        if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await {
+            return r.map_err(|_| Broken::Io);
+        }
+        if !limit.is_some_and(|limit| self.reset(limit)) {
+            return io.await.map_err(|_| Broken::Io);
+        }
+        tokio::select! {
+            biased;
+            r = &mut io => r.map_err(|_| Broken::Io),
+            () = self.0.as_mut() => Err(Broken::TimedOut),
+        }
     }
 }
 
@@ -51,11 +96,12 @@ pub(super) async fn fill(
     stream: &mut Conn,
     buf: &mut BytesMut,
     limit: Option<Duration>,
+    timer: &mut Timer,
 ) -> Result<(), Broken> {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
-    match within(limit, stream.read_buf(buf)).await? {
+    match timer.within(limit, stream.read_buf(buf)).await? {
         0 => Err(Broken::Closed),
         _ => Ok(()),
     }
@@ -75,15 +121,16 @@ pub(super) async fn unless_client_leaves<T>(
     exchange: impl std::future::Future<Output = T>,
     watch: bool,
     client: &TcpStream,
+    timer: &mut Timer,
 ) -> Option<T> {
-    if !watch {
+    if !watch || !timer.reset(WATCH_CLIENT_AFTER) {
         return Some(exchange.await);
     }
     tokio::pin!(exchange);
     tokio::select! {
         biased;
         done = &mut exchange => return Some(done),
-        () = tokio::time::sleep(WATCH_CLIENT_AFTER) => {}
+        () = timer.0.as_mut() => {}
     }
     tokio::select! {
         biased;
@@ -110,9 +157,10 @@ pub(super) async fn read_response_head(
     head_request: bool,
     limit: Option<Duration>,
     client: &mut Writer<'_>,
+    timer: &mut Timer,
 ) -> Result<ResponseHead, Broken> {
     loop {
-        fill(upstream, buf, limit).await?;
+        fill(upstream, buf, limit, timer).await?;
         loop {
             match parse_response(buf, head_request) {
                 Ok(Some(head)) if (100..200).contains(&head.status) && head.status != 101 => {
@@ -151,6 +199,7 @@ pub(super) async fn relay_body(
     framing: Framing,
     prefix: &mut Vec<u8>,
     limit: Option<Duration>,
+    timer: &mut Timer,
 ) -> Result<(), Relay> {
     match framing {
         Framing::Empty => client.send(prefix).await.map_err(|_| Relay::Client),
@@ -162,7 +211,9 @@ pub(super) async fn relay_body(
             left -= take as u64;
             client.send(prefix).await.map_err(|_| Relay::Client)?;
             while left > 0 {
-                fill(upstream, buf, limit).await.map_err(Relay::Upstream)?;
+                fill(upstream, buf, limit, timer)
+                    .await
+                    .map_err(Relay::Upstream)?;
                 let take = left.min(buf.len() as u64) as usize;
                 client.send(&buf[..take]).await.map_err(|_| Relay::Client)?;
                 bytes::Buf::advance(buf, take);
@@ -189,7 +240,9 @@ pub(super) async fn relay_body(
                     *prefix = pending;
                     return Ok(());
                 }
-                fill(upstream, buf, limit).await.map_err(Relay::Upstream)?;
+                fill(upstream, buf, limit, timer)
+                    .await
+                    .map_err(Relay::Upstream)?;
             }
         }
         Framing::UntilClose => {
@@ -199,12 +252,57 @@ pub(super) async fn relay_body(
                     client.send(buf).await.map_err(|_| Relay::Client)?;
                     buf.clear();
                 }
-                match fill(upstream, buf, limit).await {
+                match fill(upstream, buf, limit, timer).await {
                     Ok(()) => {}
                     Err(Broken::Closed) => return Ok(()),
                     Err(e) => return Err(Relay::Upstream(e)),
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Paused time: the clock moves only when every task waits, straight to the next
+    // deadline, so the limits below are exact and nothing waits in real time.
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_timer_bounds_each_wait_from_its_own_start() {
+        let mut timer = Timer::new();
+        let limit = Some(Duration::from_millis(200));
+        // Five waits of 150 ms: longer together than the limit, none alone. The
+        // timer moved later each time must not fire at an earlier deadline.
+        for _ in 0..5 {
+            let io = async {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                Ok(())
+            };
+            assert!(timer.within(limit, io).await.is_ok());
+        }
+        // A wait that never ends is cut at the limit; fired, the timer serves again.
+        for _ in 0..2 {
+            let start = Instant::now();
+            let never = std::future::pending::<std::io::Result<()>>();
+            assert!(matches!(
+                timer.within(limit, never).await,
+                Err(Broken::TimedOut)
+            ));
+            let waited = start.elapsed();
+            assert!(
+                waited >= Duration::from_millis(200) && waited < Duration::from_millis(205),
+                "{waited:?}"
+            );
+        }
+        assert!(timer.within(limit, async { Ok(()) }).await.is_ok());
+        // No limit, or one beyond what an Instant holds: not armed.
+        assert!(timer.within(None, async { Ok(()) }).await.is_ok());
+        assert!(timer
+            .within(Some(Duration::MAX), async { Ok(()) })
+            .await
+            .is_ok());
+        let failed = async { Err::<(), _>(std::io::Error::other("reset")) };
+        assert!(matches!(timer.within(limit, failed).await, Err(Broken::Io)));
     }
 }
