@@ -15,7 +15,9 @@
 //!   and request counter);
 //! - a local rate limit decision (one bucket shared by every thread, as a route's is);
 //! - a balancer pick (smooth WRR), and a P2C pick with its finish (in-flight count
-//!   up and down, the latency estimate).
+//!   up and down, the latency estimate);
+//! - a whole request through the flow (everything above a request touches but the
+//!   pool, and what the rows leave out), without sockets.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -25,9 +27,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use governor::clock::DefaultClock;
-use sluice_policy::{Algorithm, Backend, LoadBalancer, Protocol, RateLimit};
+use sluice_policy::{Algorithm, Backend, LoadBalancer, MtlsMode, Protocol, RateLimit};
 use sluice_proxy::endpoints::{Endpoints, EndpointsRule};
-use sluice_proxy::exchange::{Direction, Observe, Outcome, Record, Request};
+use sluice_proxy::exchange::{
+    Action, Direction, Event, Exchange, Observe, Outcome, Record, Request, Side,
+};
 use sluice_proxy::pool::Pool;
 use sluice_proxy::ratelimit::RouteLimiter;
 use sluice_proxy::runtime::Runtime;
@@ -309,5 +313,85 @@ fn balancer(c: &mut Criterion) {
     );
 }
 
-criterion_group!(contention, pool, metrics, limiter, balancer);
+/// A whole request through the flow, as the h1 engine drives it minus the sockets:
+/// arrived (routed on the live snapshot, admitted by the route's bucket and
+/// breaker, a backend picked), the response head, finished (breaker, balancer and
+/// metrics settled); every thread on bench/policy.yaml's busy route of one shared
+/// proxy state. Whatever the rows above leave out (the snapshot's and the shared
+/// state's reference counts, the breaker's window) shows here as the difference.
+fn flow(c: &mut Criterion) {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml"))
+            .unwrap_or_default();
+    let Ok(set) = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text) else {
+        return;
+    };
+    let Ok(shared) = Shared::new(false, false).map(Arc::new) else {
+        return;
+    };
+    let Ok(runtime) = Runtime::build(set, "bench".into(), None, &shared.globals) else {
+        return;
+    };
+    shared.runtime.store(Arc::new(runtime));
+    let side = Side {
+        direction: Direction::Outbound,
+        inbound_policy: None,
+        inbound_app: None,
+        own_ports: Vec::new(),
+        mtls_default: MtlsMode::Permissive,
+    };
+    let req = BenchRequest;
+    // What every request's exchange takes and drops: a reference to the shared
+    // state and one to the live snapshot (two atomic adds and two subtracts on
+    // lines every thread writes).
+    group(
+        c,
+        "contention/request references (state, snapshot)",
+        |threads, iters| {
+            concurrently(
+                threads,
+                iters,
+                || (),
+                |()| {
+                    let state = black_box(Arc::clone(&shared));
+                    let snapshot = black_box(shared.runtime.load_full());
+                    drop((state, snapshot));
+                },
+            )
+        },
+    );
+    group(c, "contention/whole request flow", |threads, iters| {
+        concurrently(
+            threads,
+            iters,
+            || (),
+            |()| {
+                let now = Instant::now();
+                let mut exchange = Exchange::new(Arc::clone(&shared), now);
+                let arrived = Event::Arrived {
+                    runtime: shared.runtime.load_full(),
+                    side: &side,
+                    original_dst: None,
+                    h2c: true,
+                    undiscovered: false,
+                };
+                let connect = exchange.on(&req, now, arrived);
+                debug_assert!(matches!(connect, Action::Connect(_)), "{connect:?}");
+                let head = Event::Response {
+                    status: 200,
+                    grpc_status: None,
+                };
+                black_box(exchange.on(&req, now, head));
+                let finished = Event::Finished {
+                    status: 200,
+                    failed: false,
+                    grpc_status: None,
+                };
+                black_box(exchange.on(&req, now, finished));
+            },
+        )
+    });
+}
+
+criterion_group!(contention, pool, metrics, limiter, balancer, flow);
 criterion_main!(contention);

@@ -412,7 +412,7 @@ mod tests {
         route
             .series
             .record(&shared.series, route.slo_threshold, |live| {
-                live.observe(0.02, Some((TRACE, at)))
+                live.observe(std::time::Duration::from_millis(20), Some((TRACE, at)))
             })
             .expect("series");
         Admin {

@@ -61,6 +61,7 @@ pub mod h1;
 pub mod h2;
 pub mod hashring;
 pub mod health;
+pub mod histogram;
 pub mod identity;
 pub mod iptables;
 pub mod issuer;

@@ -42,12 +42,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use fnv::FnvHashSet;
-use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
-use prometheus::Histogram;
 
 use crate::exemplar::{Exemplar, Exemplars};
-use crate::metrics::{route_buckets, route_histogram, CounterCache, Metrics, CODE_CLASSES};
+use crate::histogram::ShardedHistogram;
+use crate::metrics::{
+    route_buckets, CounterCache, Metrics, CODE_CLASSES, DURATION_HELP, DURATION_NAME,
+};
 use crate::verdict::Verdict;
 
 /// Sets `flag` without writing when it is already set: on a busy route every
@@ -70,36 +71,45 @@ pub struct RouteSeries {
 
 /// The handles of a route's series, while it has them.
 pub struct RouteLive {
-    /// `sluice_request_duration_seconds{policy,route}`.
-    pub duration: Histogram,
+    /// `sluice_request_duration_seconds{policy,route}`, a shard per worker thread.
+    pub duration: ShardedHistogram,
     /// The latest exemplar of each of `duration`'s buckets: made and dropped with
     /// it, so expired or remade series never keep another's exemplars.
     pub exemplars: Exemplars,
     /// The SLO threshold its buckets include.
     layout: Option<Duration>,
+    /// How many shards `duration` has.
+    shards: usize,
     /// `sluice_requests_total` handles, by status class, verdict and direction.
     pub requests: CounterCache,
 }
 
 impl RouteLive {
-    fn new(policy: &str, route: &str, layout: Option<Duration>) -> prometheus::Result<Self> {
+    fn new(policy: &str, route: &str, layout: Option<Duration>, shards: usize) -> Self {
         let buckets = route_buckets(layout);
-        Ok(RouteLive {
+        RouteLive {
             exemplars: Exemplars::new(&buckets),
-            duration: route_histogram(policy, route, buckets)?,
+            duration: ShardedHistogram::new(
+                DURATION_NAME,
+                DURATION_HELP,
+                &[("policy", policy), ("route", route)],
+                buckets,
+                shards,
+            ),
             layout,
+            shards,
             requests: CounterCache::new(CODE_CLASSES * Verdict::COUNT * 2),
-        })
+        }
     }
 
     /// Counts a request that took `seconds`; `exemplar` (a sampled trace's id and
     /// when the request settled) becomes its bucket's exemplar. The histogram is
     /// counted first, so a scrape that reads the exemplars before gathering the
     /// histograms never shows an exemplar its bucket has not counted.
-    pub fn observe(&self, seconds: f64, exemplar: Option<(&str, SystemTime)>) {
-        self.duration.observe(seconds);
+    pub fn observe(&self, elapsed: Duration, exemplar: Option<(&str, SystemTime)>) {
+        self.duration.observe(elapsed);
         if let Some((trace_id, at)) = exemplar {
-            self.exemplars.record(trace_id, seconds, at);
+            self.exemplars.record(trace_id, elapsed.as_secs_f64(), at);
         }
     }
 }
@@ -123,9 +133,7 @@ impl RouteSeries {
     }
 
     /// Marks the route used and hands its series to `f`, making them first if it
-    /// has none (with buckets for `layout`, the route's SLO threshold). `None` only
-    /// when the histogram cannot be made, which the names and thresholds of a
-    /// validated policy never cause.
+    /// has none (with buckets for `layout`, the route's SLO threshold).
     pub fn record<R>(
         self: &Arc<Self>,
         ledger: &Ledger,
@@ -137,7 +145,12 @@ impl RouteSeries {
         if let Some(live) = current.as_ref() {
             return Some(f(live));
         }
-        let made = Arc::new(RouteLive::new(&self.policy, &self.route, layout).ok()?);
+        let made = Arc::new(RouteLive::new(
+            &self.policy,
+            &self.route,
+            layout,
+            ledger.histogram_shards,
+        ));
         let before = self
             .live
             .compare_and_swap(&current, Some(Arc::clone(&made)));
@@ -192,9 +205,8 @@ impl RouteSeries {
         if live.layout == layout {
             return;
         }
-        if let Ok(fresh) = RouteLive::new(&self.policy, &self.route, layout) {
-            self.live.compare_and_swap(&current, Some(Arc::new(fresh)));
-        }
+        let fresh = RouteLive::new(&self.policy, &self.route, layout, live.shards);
+        self.live.compare_and_swap(&current, Some(Arc::new(fresh)));
     }
 
     /// Drops the handles; the next use makes new series.
@@ -279,6 +291,9 @@ struct Entry<S> {
 /// than walking the snapshot, so series of routes a reload removed are found too.
 pub struct Ledger {
     idle: Duration,
+    /// Shards of each route's duration histogram: one per core this process may
+    /// run on (at most 8; more shards than running threads buy nothing).
+    histogram_shards: usize,
     routes: Mutex<Vec<Entry<RouteSeries>>>,
     policies: Mutex<Vec<Entry<PolicySeries>>>,
 }
@@ -290,8 +305,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Ledger {
     /// Series without traffic for `idle` are removed.
     pub fn new(idle: Duration) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ledger {
             idle,
+            histogram_shards: cores.min(8),
             routes: Mutex::new(Vec::new()),
             policies: Mutex::new(Vec::new()),
         }

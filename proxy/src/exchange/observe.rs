@@ -296,7 +296,7 @@ impl Observe for Arc<Shared> {
                 .record(&self.series, route.slo_threshold, |series| {
                     // The wall clock is read only for the few requests with an exemplar.
                     let exemplar = r.exemplar.map(|id| (id, SystemTime::now()));
-                    series.observe(r.elapsed.as_secs_f64(), exemplar);
+                    series.observe(r.elapsed, exemplar);
                     series.requests.inc(index, make);
                 })
         });

@@ -17,7 +17,7 @@ fn request(metrics: &Metrics, ledger: &Ledger, route: &Arc<RouteSeries>) {
     let labels = [route.policy(), route.route(), "2xx", "allowed", "outbound"];
     route
         .record(ledger, None, |live| {
-            live.duration.observe(0.01);
+            live.duration.observe(Duration::from_millis(10));
             live.requests
                 .inc(0, || metrics.requests.with_label_values(&labels));
         })
@@ -259,7 +259,7 @@ fn traced(
     let at = std::time::UNIX_EPOCH + Duration::from_secs(1_733_390_000);
     route
         .record(ledger, layout, |live| {
-            live.observe(seconds, Some((trace_id, at)))
+            live.observe(Duration::from_secs_f64(seconds), Some((trace_id, at)))
         })
         .expect("series");
 }
