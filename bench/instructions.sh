@@ -34,11 +34,9 @@ export PATH="$HOME/.cargo/bin:/usr/sbin:/sbin:$PATH"
 for tool in valgrind curl callgrind_control callgrind_annotate; do
     command -v "$tool" >/dev/null || { echo "needs $tool (Debian: valgrind curl)" >&2; exit 1; }
 done
-REV=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/RESULTS.md' || echo "+changes")
-cargo build --release --locked -p sluice-proxy --bin sluice-proxy --example otlp-sink -p sluice-demo --bin sluice-demo-upstream
-BINS=${BINS:-$REV=target/release/sluice-proxy}
 . bench/lib.sh
 TMP=$(mktemp -d /tmp/sluice-bench-instr.XXXXXX)
+TMP_BIN=$TMP/sluice-proxy
 PIDS=()
 cleanup() {
     set +e
@@ -46,6 +44,13 @@ cleanup() {
     rm -rf "$TMP"
 }
 trap cleanup EXIT
+REV=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/RESULTS.md' || echo "+changes")
+# The proxy binary built on its own: built together with the demo crate (or examples),
+# cargo unifies their dependencies' features into a slightly different binary.
+cargo build --release --locked -p sluice-proxy --bin sluice-proxy
+cp target/release/sluice-proxy "$TMP_BIN"
+cargo build --release --locked -p sluice-proxy --example otlp-sink -p sluice-demo --bin sluice-demo-upstream
+BINS=${BINS:-$REV=$TMP_BIN}
 
 target/release/sluice-demo-upstream --listen 127.0.0.1:18480 --name b >"$TMP/upstream.log" 2>&1 &
 PIDS+=($!)
@@ -132,7 +137,7 @@ report=$(
     echo
     echo "## $TITLE ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
-    echo "Command: \`$([ "$BINS" = "$REV=target/release/sluice-proxy" ] || echo "BINS=\"$BINS\" ")VARIANTS=\"$VARIANTS\" PAR=$PAR bench/instructions.sh\` (REQUESTS=$REQUESTS, tree $REV)."
+    echo "Command: \`$([ "$BINS" = "$REV=$TMP_BIN" ] || echo "BINS=\"$BINS\" ")VARIANTS=\"$VARIANTS\" PAR=$PAR bench/instructions.sh\` (REQUESTS=$REQUESTS, tree $REV)."
     echo "The whole proxy process (every thread), $REQUESTS keep-alive GETs over $PAR connection(s) after"
     echo "$WARM warm-up ones, bench/policy.yaml, one thread; user-space instructions only."
     echo
