@@ -170,24 +170,28 @@ impl Request for BenchRequest {
     }
 }
 
+/// A proxy's shared state (no access log) with bench/policy.yaml loaded as its live
+/// snapshot. Panics if it does not load: a bench on no policy would measure nothing.
+fn bench_proxy() -> Arc<Shared> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml");
+    let text = std::fs::read_to_string(path).expect("bench/policy.yaml is readable");
+    let set = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text)
+        .expect("bench/policy.yaml is valid");
+    let shared = Arc::new(Shared::new(false, false).expect("the proxy's metrics register"));
+    let runtime = Runtime::build(set, "bench".into(), None, &shared.globals)
+        .expect("bench/policy.yaml builds a snapshot");
+    shared.runtime.store(Arc::new(runtime));
+    shared
+}
+
 /// The metrics a proxied request updates, on bench/policy.yaml's busy route (no
 /// access log: that is the access log's own concern).
 fn metrics(c: &mut Criterion) {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml"))
-            .unwrap_or_default();
-    let Ok(set) = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text) else {
-        return;
-    };
-    let Ok(shared) = Shared::new(false, false).map(Arc::new) else {
-        return;
-    };
-    let Ok(runtime) = Runtime::build(set, "bench".into(), None, &shared.globals) else {
-        return;
-    };
+    let shared = bench_proxy();
+    let runtime = shared.runtime.load_full();
     let routed = runtime.route("bench", "GET", "/api/v1/items", |_| None);
     let sluice_proxy::runtime::Routed::Route { policy, route } = routed else {
-        return;
+        panic!("bench/policy.yaml routes GET bench/api/v1/items");
     };
     let policy = &runtime.policies[policy];
     let endpoints = policy.endpoints_of(route);
@@ -320,19 +324,7 @@ fn balancer(c: &mut Criterion) {
 /// proxy state. Whatever the rows above leave out (the snapshot's and the shared
 /// state's reference counts, the breaker's window) shows here as the difference.
 fn flow(c: &mut Criterion) {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/policy.yaml"))
-            .unwrap_or_default();
-    let Ok(set) = sluice_policy::parse_str(Path::new("bench/policy.yaml"), &text) else {
-        return;
-    };
-    let Ok(shared) = Shared::new(false, false).map(Arc::new) else {
-        return;
-    };
-    let Ok(runtime) = Runtime::build(set, "bench".into(), None, &shared.globals) else {
-        return;
-    };
-    shared.runtime.store(Arc::new(runtime));
+    let shared = bench_proxy();
     let side = Side {
         direction: Direction::Outbound,
         inbound_policy: None,
@@ -341,6 +333,37 @@ fn flow(c: &mut Criterion) {
         mtls_default: MtlsMode::Permissive,
     };
     let req = BenchRequest;
+    let side = &side;
+    let one = |shared: &Arc<Shared>| {
+        let now = Instant::now();
+        let mut exchange = Exchange::new(Arc::clone(shared), now);
+        let arrived = Event::Arrived {
+            runtime: shared.runtime.load_full(),
+            side,
+            original_dst: None,
+            h2c: true,
+            undiscovered: false,
+        };
+        let connect = exchange.on(&req, now, arrived);
+        let head = Event::Response {
+            status: 200,
+            grpc_status: None,
+        };
+        let relay = exchange.on(&req, now, head);
+        let finished = Event::Finished {
+            status: 200,
+            failed: false,
+            grpc_status: None,
+        };
+        exchange.on(&req, now, finished);
+        (connect, relay)
+    };
+    // The request is proxied, as on the busy route: not refused before any work.
+    let (connect, relay) = one(&shared);
+    assert!(
+        matches!((&connect, &relay), (Action::Connect(_), Action::Relay)),
+        "{connect:?} {relay:?}"
+    );
     // What every request's exchange takes and drops: a reference to the shared
     // state and one to the live snapshot (two atomic adds and two subtracts on
     // lines every thread writes).
@@ -366,28 +389,7 @@ fn flow(c: &mut Criterion) {
             iters,
             || (),
             |()| {
-                let now = Instant::now();
-                let mut exchange = Exchange::new(Arc::clone(&shared), now);
-                let arrived = Event::Arrived {
-                    runtime: shared.runtime.load_full(),
-                    side: &side,
-                    original_dst: None,
-                    h2c: true,
-                    undiscovered: false,
-                };
-                let connect = exchange.on(&req, now, arrived);
-                debug_assert!(matches!(connect, Action::Connect(_)), "{connect:?}");
-                let head = Event::Response {
-                    status: 200,
-                    grpc_status: None,
-                };
-                black_box(exchange.on(&req, now, head));
-                let finished = Event::Finished {
-                    status: 200,
-                    failed: false,
-                    grpc_status: None,
-                };
-                black_box(exchange.on(&req, now, finished));
+                black_box(one(&shared));
             },
         )
     });
