@@ -26,8 +26,7 @@ use arc_swap::ArcSwapOption;
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::proto::LabelPair;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::exemplar::Exemplar;
@@ -509,20 +508,6 @@ pub fn route_buckets(slo_threshold: Option<Duration>) -> Vec<f64> {
         }
     }
     buckets
-}
-
-/// A route's duration histogram, with `buckets` from [`route_buckets`].
-pub fn route_histogram(
-    policy: &str,
-    route: &str,
-    buckets: Vec<f64>,
-) -> prometheus::Result<Histogram> {
-    Histogram::with_opts(
-        HistogramOpts::new(DURATION_NAME, DURATION_HELP)
-            .const_label("policy", policy)
-            .const_label("route", route)
-            .buckets(buckets),
-    )
 }
 
 /// Label handles resolved once and kept: `with_label_values` hashes the labels and

@@ -44,10 +44,12 @@ impl Broken {
 /// Why not a fresh `timeout()` or `sleep()` each time: tokio moves a registered
 /// timer to a later deadline with one atomic operation (the wheel entry is fixed up
 /// when the earlier deadline passes), where a fresh one was put in the timer wheel
-/// and taken out again under the driver's lock, per read; that was a tenth of a
-/// proxied request's instructions (bench/RESULTS.md, issue 23). Deadlines here only
-/// move later, except after one fired (a timeout, or a request slower than the
-/// watch), which registers the timer anew: the cost a fresh one always had.
+/// and taken out again under the driver's lock, per read (2% of a proxied request's
+/// instructions, bench/RESULTS.md, issue 23). Deadlines here only move later, except
+/// after one fired (a timeout, or a request slower than the watch), which registers
+/// the timer anew: the cost a fresh one always had. A deadline left armed after its
+/// request wakes the connection's task once, for nothing, if no later request moved
+/// it on (an idle connection, 100 ms or `io_timeout` after its last request).
 pub(super) struct Timer(Pin<Box<Sleep>>);
 
 impl Timer {
