@@ -77,19 +77,21 @@ impl Timer {
         io: impl Future<Output = std::io::Result<T>>,
     ) -> Result<T, Broken> {
         tokio::pin!(io);
-        // Most writes, and reads whose bytes are in, finish on the first try: they
-        // need no timer (nor the clock read that arms it).
-        if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(io.as_mut().poll(cx))).await {
-            return r.map_err(|_| Broken::Io);
-        }
-        if !limit.is_some_and(|limit| self.reset(limit)) {
-            return io.await.map_err(|_| Broken::Io);
-        }
-        tokio::select! {
-            biased;
-            r = &mut io => r.map_err(|_| Broken::Io),
-            () = self.0.as_mut() => Err(Broken::TimedOut),
-        }
+        // Whether the timer runs: decided when the first try did not finish. Most
+        // writes, and reads whose bytes are in, finish on it and need no timer (nor
+        // the clock read that arms it). `io` is polled once per wake-up, first.
+        let mut armed = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = io.as_mut().poll(cx) {
+                return Poll::Ready(r.map_err(|_| Broken::Io));
+            }
+            let armed = *armed.get_or_insert_with(|| limit.is_some_and(|l| self.reset(l)));
+            if armed && self.0.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Broken::TimedOut));
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 
