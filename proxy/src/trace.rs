@@ -163,11 +163,25 @@ fn hex8(n: u32) -> [u8; 8] {
 /// Makes `traceparent` (one [`format_traceparent`] wrote) name `span_id` as the
 /// parent, in place: an attempt's `traceparent` costs no new string.
 pub fn set_parent_span(traceparent: &mut String, span_id: u64) {
-    let hex = hex16(span_id);
     // Anything else is not one of ours (never happens): left whole.
-    if let (55, Ok(hex)) = (traceparent.len(), std::str::from_utf8(&hex)) {
-        traceparent.replace_range(36..52, hex);
-    }
+    let Some(flags) = traceparent
+        .as_bytes()
+        .get(52..55)
+        .filter(|_| traceparent.len() == 55)
+    else {
+        return;
+    };
+    let mut tail = [0u8; 3];
+    tail.copy_from_slice(flags);
+    let hex = hex16(span_id);
+    let (Ok(hex), Ok(tail)) = (std::str::from_utf8(&hex), std::str::from_utf8(&tail)) else {
+        return;
+    };
+    // Cut and appended, not `replace_range`: its general splice cost more than the
+    // rest of an attempt's tracing; the capacity stays, so nothing is allocated.
+    traceparent.truncate(36);
+    traceparent.push_str(hex);
+    traceparent.push_str(tail);
 }
 
 /// The head sampling decision for a trace started here: the trace id's low 64
@@ -514,6 +528,18 @@ mod tests {
         assert_eq!(parse(ours.as_bytes()).map(|q| q.span_id), Some(7));
         set_parent_span(&mut ours, u64::MAX - 1);
         assert_eq!(ours, format_traceparent(p.trace_id, u64::MAX - 1, true));
+        let mut unsampled = format_traceparent(p.trace_id, 7, false);
+        set_parent_span(&mut unsampled, 0x1234);
+        assert_eq!(unsampled, format_traceparent(p.trace_id, 0x1234, false));
+        // Not one of ours: left whole.
+        for other in [
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+        ] {
+            let mut kept = other.to_owned();
+            set_parent_span(&mut kept, 7);
+            assert_eq!(kept, other);
+        }
     }
 
     #[test]
