@@ -89,6 +89,13 @@ fn group(c: &mut Criterion, name: &str, mut run: impl FnMut(usize, u64) -> Durat
     group.finish();
 }
 
+/// A row whose operation keeps no per-thread state: `op` on 1, 2 and 4 threads at once.
+fn shared_row(c: &mut Criterion, name: &str, op: impl Fn() + Sync) {
+    group(c, name, |threads, iters| {
+        concurrently(threads, iters, || (), |()| op())
+    });
+}
+
 /// The upstream pool, as a proxied request uses it: take the idle connection to the
 /// backend, put it back. Each thread runs a current-thread runtime (as a worker
 /// thread does) holding its own connection.
@@ -196,37 +203,30 @@ fn metrics(c: &mut Criterion) {
     let policy = &runtime.policies[policy];
     let endpoints = policy.endpoints_of(route);
     let route = &policy.routes[route];
-    group(c, "contention/request metrics", |threads, iters| {
-        concurrently(
-            threads,
-            iters,
-            || (),
-            |()| {
-                shared.begin();
-                shared.upstream(policy, endpoints, 0, Outcome::Success);
-                shared.finished(&Record {
-                    req: &BenchRequest,
-                    policy: Some(policy),
-                    route: Some(route),
-                    status: 200,
-                    class_status: 200,
-                    grpc_status: None,
-                    elapsed: Duration::from_micros(350),
-                    verdict: Verdict::Allowed,
-                    shadow: None,
-                    fallback: None,
-                    backend: Some("127.0.0.1:18080"),
-                    attempts: 1,
-                    trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
-                    trace: None,
-                    // The common case: a request of no sampled trace.
-                    exemplar: None,
-                    policy_version: None,
-                    direction: Direction::Outbound,
-                });
-                shared.end();
-            },
-        )
+    shared_row(c, "contention/request metrics", || {
+        shared.begin();
+        shared.upstream(policy, endpoints, 0, Outcome::Success);
+        shared.finished(&Record {
+            req: &BenchRequest,
+            policy: Some(policy),
+            route: Some(route),
+            status: 200,
+            class_status: 200,
+            grpc_status: None,
+            elapsed: Duration::from_micros(350),
+            verdict: Verdict::Allowed,
+            shadow: None,
+            fallback: None,
+            backend: Some("127.0.0.1:18080"),
+            attempts: 1,
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+            trace: None,
+            // The common case: a request of no sampled trace.
+            exemplar: None,
+            policy_version: None,
+            direction: Direction::Outbound,
+        });
+        shared.end();
     });
 }
 
@@ -238,15 +238,8 @@ fn limiter(c: &mut Criterion) {
         key: None,
     };
     let limiter = RouteLimiter::new(&rule, DefaultClock::default());
-    group(c, "contention/rate limit decision", |threads, iters| {
-        concurrently(
-            threads,
-            iters,
-            || (),
-            |()| {
-                black_box(limiter.check(black_box("")));
-            },
-        )
+    shared_row(c, "contention/rate limit decision", || {
+        black_box(limiter.check(black_box("")));
     });
 }
 
@@ -283,38 +276,16 @@ fn endpoints(algorithm: Algorithm) -> Endpoints {
 fn balancer(c: &mut Criterion) {
     let now = Instant::now();
     let wrr = endpoints(Algorithm::WeightedRoundRobin);
-    group(
-        c,
-        "contention/balancer pick (smooth WRR)",
-        |threads, iters| {
-            concurrently(
-                threads,
-                iters,
-                || (),
-                |()| {
-                    black_box(wrr.pick(now, b"", &[]));
-                },
-            )
-        },
-    );
+    shared_row(c, "contention/balancer pick (smooth WRR)", || {
+        black_box(wrr.pick(now, b"", &[]));
+    });
     let p2c = endpoints(Algorithm::P2cEwma);
     let rtt = Duration::from_micros(350);
-    group(
-        c,
-        "contention/balancer pick+finish (P2C peak-EWMA)",
-        |threads, iters| {
-            concurrently(
-                threads,
-                iters,
-                || (),
-                |()| {
-                    if let Some(i) = p2c.pick(now, b"", &[]) {
-                        p2c.finish(i, now, rtt, false);
-                    }
-                },
-            )
-        },
-    );
+    shared_row(c, "contention/balancer pick+finish (P2C peak-EWMA)", || {
+        if let Some(i) = p2c.pick(now, b"", &[]) {
+            p2c.finish(i, now, rtt, false);
+        }
+    });
 }
 
 /// A whole request through the flow, as the h1 engine drives it minus the sockets:
@@ -367,31 +338,13 @@ fn flow(c: &mut Criterion) {
     // What every request's exchange takes and drops: a reference to the shared
     // state and one to the live snapshot (two atomic adds and two subtracts on
     // lines every thread writes).
-    group(
-        c,
-        "contention/request references (state, snapshot)",
-        |threads, iters| {
-            concurrently(
-                threads,
-                iters,
-                || (),
-                |()| {
-                    let state = black_box(Arc::clone(&shared));
-                    let snapshot = black_box(shared.runtime.load_full());
-                    drop((state, snapshot));
-                },
-            )
-        },
-    );
-    group(c, "contention/whole request flow", |threads, iters| {
-        concurrently(
-            threads,
-            iters,
-            || (),
-            |()| {
-                black_box(one(&shared));
-            },
-        )
+    shared_row(c, "contention/request references (state, snapshot)", || {
+        let state = black_box(Arc::clone(&shared));
+        let snapshot = black_box(shared.runtime.load_full());
+        drop((state, snapshot));
+    });
+    shared_row(c, "contention/whole request flow", || {
+        black_box(one(&shared));
     });
 }
 
