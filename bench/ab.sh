@@ -13,13 +13,18 @@
 # same backend (nginx, core 0). Every round runs `wrk -t1 -c64 -d${SECS}s` against each
 # target in turn (the first target moving by one each round), printing req/s, p99 and CPU µs per request (utime+stime
 # from /proc), and the peak RSS (VmHWM) at the end. Knobs: ROUNDS=3 SECS=5, and
-# RATE=N for an open loop instead (`oha -q N --latency-correction -c 64`: p50, p99).
+# RATE=N for an open loop instead (`oha -q N --latency-correction -c 64`: p50, p99);
+# THREADS=N runs every proxy with N threads (nginx with N workers) on PROXY_CORES
+# (default "1"; e.g. THREADS=2 PROXY_CORES=0,1 shares the cores with the load).
 # Needs nginx and wrk (bench/proxy.sh installs them). Stops what it started by PID.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-5}
+THREADS=${THREADS:-1}
+PROXY_CORES=${PROXY_CORES:-1}
+[[ $THREADS =~ ^[1-9][0-9]?$ ]] || { echo "ab.sh: THREADS=$THREADS is not a thread count (1..99)" >&2; exit 64; }
 [ $# -ge 1 ] || { sed -n '2,16p' "$0" >&2; exit 64; }
 for tool in nginx wrk taskset; do
     command -v "$tool" >/dev/null || { echo "ab.sh: $tool is missing (bench/proxy.sh installs it)" >&2; exit 1; }
@@ -42,7 +47,7 @@ mkdir -p "$TMP/backend" "$TMP/nginx"
 nginx_conf "$TMP/backend" >"$TMP/backend/nginx.conf" <<'EOF'
   server { listen 127.0.0.1:18080; location / { default_type text/plain; return 200 "hello\n"; } }
 EOF
-nginx_conf "$TMP/nginx" >"$TMP/nginx/nginx.conf" <<'EOF'
+nginx_conf "$TMP/nginx" "$THREADS" >"$TMP/nginx/nginx.conf" <<'EOF'
   upstream backend { server 127.0.0.1:18080; keepalive 64; keepalive_requests 10000000; keepalive_timeout 300s; }
   server {
     listen 127.0.0.1:18002;
@@ -70,7 +75,7 @@ done
 
 taskset -c 0 nginx -p "$TMP/backend" -c "$TMP/backend/nginx.conf" -e "$TMP/backend/error.log" &
 PIDS+=($!)
-taskset -c 1 nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" &
+taskset -c "$PROXY_CORES" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" &
 NGINX=$!
 PIDS+=($NGINX)
 for spec in "$@"; do
@@ -80,7 +85,7 @@ for spec in "$@"; do
     cp bench/policy.yaml "$TMP/$label/policy/policy.yaml"
     # A private copy: a rebuild during the run must not swap the binary.
     cp "${parts[0]}" "$TMP/$label/bin"
-    taskset -c 1 "$TMP/$label/bin" --threads 1 --listen "127.0.0.1:${PORT[$label]}" \
+    taskset -c "$PROXY_CORES" "$TMP/$label/bin" --threads "$THREADS" --listen "127.0.0.1:${PORT[$label]}" \
         --admin "127.0.0.1:$((PORT[$label] + 1))" --policy "$TMP/$label/policy/policy.yaml" \
         --drain-timeout 1s "${parts[@]:1}" >"$TMP/$label/access.log" 2>"$TMP/$label/stderr.log" &
     PIDS+=($!)
@@ -106,9 +111,9 @@ if [ -n "$RATE" ]; then
     for tool in oha jq; do
         command -v "$tool" >/dev/null || { echo "ab.sh: RATE needs $tool (bench/proxy.sh installs it)" >&2; exit 1; }
     done
-    echo "ab.sh: $ROUNDS rounds x ${SECS}s, oha -q $RATE -c 64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+    echo "ab.sh: $ROUNDS rounds x ${SECS}s, oha -q $RATE -c 64 on core 0, proxies ($THREADS threads) on cores $PROXY_CORES ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 fi
-[ -n "$RATE" ] || echo "ab.sh: $ROUNDS rounds x ${SECS}s, wrk -t1 -c64 on core 0, proxies on core 1 ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+[ -n "$RATE" ] || echo "ab.sh: $ROUNDS rounds x ${SECS}s, wrk -t1 -c64 on core 0, proxies ($THREADS threads) on cores $PROXY_CORES ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 for ((r = 1; r <= ROUNDS; r++)); do
     # Each round starts one target later, so every target runs in every position
     # equally often over a multiple of the target count (position moves p99 as much

@@ -2,6 +2,7 @@
 //! pingora's runtimes, worker threads and shutdown) that accepts connections and
 //! serves each on a worker thread's runtime.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,8 @@ use async_trait::async_trait;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 
 use super::Engine;
 use crate::phases::SluiceProxy;
@@ -112,10 +114,142 @@ impl BackgroundService for Listener {
             };
             let engine = Arc::clone(&self.inner);
             let shutdown = shutdown.clone();
-            // A random worker thread's runtime (each is single-threaded).
-            pingora_runtime::current_handle().spawn(async move {
+            let worker = less_busy(
+                pingora_runtime::current_handle(),
+                pingora_runtime::current_handle(),
+            );
+            place(&worker, stream, move |stream| async move {
                 engine.serve(stream, peer, shutdown).await;
             });
         }
+    }
+}
+
+/// Of two randomly drawn worker runtimes, the one with fewer live tasks (each
+/// worker thread runs its own single-threaded runtime, and a connection is
+/// served where it is placed for its whole life). One random draw spreads 256
+/// connections over 4 threads binomially (a spread of +-7 each, and the busiest
+/// thread sets the pace); the less busy of two keeps the spread to about one,
+/// for two atomic loads per connection (the "power of two choices").
+fn less_busy(a: Handle, b: Handle) -> Handle {
+    if b.metrics().num_alive_tasks() < a.metrics().num_alive_tasks() {
+        b
+    } else {
+        a
+    }
+}
+
+/// Serves an accepted connection on `worker`, with its socket registered with
+/// that worker's reactor. Why: tokio registers a socket with the reactor of the
+/// runtime that accepted it (the listener's), and keeps delivering its
+/// readiness there wherever the task that reads it runs: every read and write
+/// readiness of a connection placed on another thread went through the
+/// listener thread's epoll and then a cross-thread wake-up (an eventfd write
+/// and a futex): 0.67 extra system calls per request at 2 threads, 0.85 at 4,
+/// and one thread doing every connection's epoll work (bench/RESULTS.md,
+/// "Connections registered with the listener's reactor"). Moving it costs two
+/// epoll_ctl calls per connection, not per request.
+fn place<F, Fut>(worker: &Handle, stream: TcpStream, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    // Deregisters it from this runtime's reactor (it stays non-blocking).
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(
+                error = &e as &dyn std::error::Error,
+                "accepted connection lost"
+            );
+            return;
+        }
+    };
+    worker.spawn(async move {
+        // Inside the worker's runtime: registered with its reactor.
+        match TcpStream::from_std(stream) {
+            Ok(stream) => serve(stream).await,
+            Err(e) => {
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    "accepted connection lost"
+                );
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::runtime::{Builder, Runtime};
+
+    use super::{less_busy, place};
+
+    fn runtime() -> Runtime {
+        Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// The accepting runtime is dropped once it has placed the connection: a
+    /// socket still registered with its reactor would never be readable again
+    /// (the old placement), one registered with the worker's is served.
+    #[test]
+    fn a_placed_connection_is_driven_by_its_worker_runtime() {
+        let worker = runtime();
+        let handle = worker.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker_thread = std::thread::spawn(move || {
+            worker.block_on(async {
+                let _ = stopped.await;
+            })
+        });
+
+        let accepting = runtime();
+        let mut client = accepting.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            place(&handle, stream, |mut stream| async move {
+                let mut asked = [0u8; 5];
+                if stream.read_exact(&mut asked).await.is_ok() && &asked == b"hello" {
+                    let _ = stream.write_all(b"world").await;
+                }
+            });
+            client
+        });
+        drop(accepting);
+
+        client.write_all(b"hello").unwrap();
+        // A generous deadline: a failure shows as an error or end of stream.
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = [0u8; 5];
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"world");
+        stop.send(()).unwrap();
+        worker_thread.join().unwrap();
+    }
+
+    #[test]
+    fn the_runtime_with_fewer_live_tasks_is_chosen_whichever_is_drawn_first() {
+        let idle = runtime();
+        let busy = runtime();
+        let (_hold, held) = tokio::sync::watch::channel(());
+        for _ in 0..3 {
+            let mut held = held.clone();
+            busy.spawn(async move {
+                let _ = held.changed().await;
+            });
+        }
+        assert_eq!(busy.metrics().num_alive_tasks(), 3);
+        let chosen = less_busy(idle.handle().clone(), busy.handle().clone());
+        assert_eq!(chosen.metrics().num_alive_tasks(), 0);
+        let chosen = less_busy(busy.handle().clone(), idle.handle().clone());
+        assert_eq!(chosen.metrics().num_alive_tasks(), 0);
     }
 }
