@@ -204,7 +204,7 @@ fn metrics(c: &mut Criterion) {
     let endpoints = policy.endpoints_of(route);
     let route = &policy.routes[route];
     shared_row(c, "contention/request metrics", || {
-        shared.begin();
+        let ticket = shared.begin();
         shared.upstream(policy, endpoints, 0, Outcome::Success);
         shared.finished(&Record {
             req: &BenchRequest,
@@ -226,7 +226,7 @@ fn metrics(c: &mut Criterion) {
             policy_version: None,
             direction: Direction::Outbound,
         });
-        shared.end();
+        shared.end(ticket);
     });
 }
 

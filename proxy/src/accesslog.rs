@@ -15,7 +15,8 @@
 //!   (only the milliseconds are formatted per line);
 //! - strings are copied as they are unless a byte needs escaping (checked eight
 //!   bytes at a time);
-//! - one buffer per worker thread (a shard, chosen by the thread's id), so workers
+//! - one buffer per worker thread (a shard, chosen by the thread's ordinal,
+//!   `crate::shard`, on a cache line of its own), so workers
 //!   never wait on each other; the flush task takes each shard's lock only for a
 //!   swap.
 //!
@@ -28,12 +29,13 @@
 //! without bound. At most `FLUSH_EVERY` of lines is lost if the process is killed
 //! outright (a drain flushes).
 
-use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
+
+use crate::shard::{thread_ordinal, CacheLine};
 
 /// RFC 3339 UTC time with milliseconds, as in the operational log.
 pub use sluice_logging::Timestamp;
@@ -88,7 +90,9 @@ const MAX_SHARDS: usize = 8;
 /// The access log of one proxy (off with `--no-access-log`).
 pub struct AccessLog {
     enabled: bool,
-    shards: Box<[Mutex<Shard>]>,
+    /// Each on a cache line of its own: neighbouring workers' appends must not
+    /// bounce one line between their cores.
+    shards: Box<[CacheLine<Mutex<Shard>>]>,
     /// The flush task's side of the double buffer: swapped with a shard's buffer
     /// under that shard's lock, written out after the lock is released.
     spare: Mutex<Vec<u8>>,
@@ -113,10 +117,10 @@ impl AccessLog {
     /// A log with `shards` buffers (at least one).
     pub fn with_shards(enabled: bool, shards: usize, dropped: IntCounter) -> Self {
         let shard = || {
-            Mutex::new(Shard {
+            CacheLine(Mutex::new(Shard {
                 lines: Vec::with_capacity(if enabled { SHARD_CAPACITY } else { 0 }),
                 clock: SecondStamp::default(),
-            })
+            }))
         };
         AccessLog {
             enabled,
@@ -156,11 +160,14 @@ impl AccessLog {
         lines.push(b'\n');
     }
 
-    /// The calling thread's shard; when another thread holds it (more threads than
-    /// shards, or the flush task's swap), the next free one rather than waiting.
+    /// The calling thread's shard (a worker thread keeps its shard for its life,
+    /// and its lines their order); when another thread holds it (more threads than
+    /// shards, or the flush task's swap), the next free one rather than waiting:
+    /// that line may come out before lines the thread wrote earlier (its timestamp
+    /// still tells).
     fn shard(&self) -> MutexGuard<'_, Shard> {
         let n = self.shards.len();
-        let home = if n == 1 { 0 } else { thread_slot(n) };
+        let home = if n == 1 { 0 } else { thread_ordinal() % n };
         for shard in self.shards.iter().cycle().skip(home).take(n) {
             match shard.try_lock() {
                 Ok(guard) => return guard,
@@ -195,16 +202,6 @@ impl AccessLog {
         }
         let _ = out.flush();
     }
-}
-
-/// The shard of the calling thread, out of `n`: a hash of its id (a worker thread
-/// keeps its shard for its life, and its lines their order, unless the shard is
-/// taken when it writes: then the line goes to the next free shard, and may come
-/// out before lines the thread wrote earlier; its timestamp still tells).
-fn thread_slot(n: usize) -> usize {
-    let mut hasher = fnv::FnvHasher::default();
-    std::thread::current().id().hash(&mut hasher);
-    (hasher.finish() % n as u64) as usize
 }
 
 /// Formats timestamps, reusing `YYYY-MM-DDTHH:MM:SS.` while the second is the

@@ -209,10 +209,7 @@ impl Admin {
         let metrics = &self.shared.metrics;
         // Requests count themselves in `Shared::inflight` only; the gauge is that
         // count as of this scrape.
-        let inflight = self
-            .shared
-            .inflight
-            .load(std::sync::atomic::Ordering::Acquire);
+        let inflight = self.shared.inflight.count();
         metrics
             .inflight
             .set(i64::try_from(inflight).unwrap_or(i64::MAX));

@@ -23,7 +23,6 @@
 //! sum is kept in whole nanoseconds (exact; it wraps after 584 years of request
 //! time).
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -104,7 +103,7 @@ impl ShardedHistogram {
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(self.bounds.len());
-        let shard = thread_slot() & self.mask;
+        let shard = crate::shard::thread_ordinal() & self.mask;
         self.cell(shard, bucket).fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.cell(shard, self.bounds.len() + 1)
@@ -155,20 +154,6 @@ impl ShardedHistogram {
         family.set_metric(vec![metric]);
         vec![family]
     }
-}
-
-/// The calling thread's slot: a hash of its id, computed once per thread (a worker
-/// thread keeps its shard for its life; threads that share a shard stay correct,
-/// the adds are atomic, and merely contend).
-fn thread_slot() -> usize {
-    thread_local! {
-        static SLOT: usize = {
-            let mut hasher = fnv::FnvHasher::default();
-            std::thread::current().id().hash(&mut hasher);
-            hasher.finish() as usize
-        };
-    }
-    SLOT.with(|slot| *slot)
 }
 
 #[cfg(test)]

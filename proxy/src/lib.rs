@@ -81,6 +81,7 @@ pub mod respond;
 pub mod runtime;
 pub mod series;
 pub mod services;
+pub mod shard;
 pub mod shared;
 pub mod shutdown;
 pub mod slowstart;

@@ -1,7 +1,6 @@
 //! State shared by every request of every listener and by the admin, reload and
 //! background tasks: the live snapshot, the metrics, the access log.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use crate::resolve::Names;
 use crate::runtime::{DurationCollector, Runtime};
 use crate::series::Ledger;
 use crate::services::ServiceSets;
+use crate::shard::InFlight;
 use crate::trace::{IdGenerator, Tracer};
 
 pub struct Shared {
@@ -30,7 +30,7 @@ pub struct Shared {
     pub series: Ledger,
     pub ids: IdGenerator,
     /// Requests between their exchange's start and its end; the drain waits for 0.
-    pub inflight: AtomicUsize,
+    pub inflight: InFlight,
     pub access_log: AccessLog,
     /// Redis reachability and the sync task's wake-up, for the global rate limits.
     pub globals: Arc<GlobalLimits>,
@@ -62,7 +62,7 @@ impl Shared {
             metrics,
             series: Ledger::new(ROUTE_SERIES_IDLE),
             ids: IdGenerator::default(),
-            inflight: AtomicUsize::new(0),
+            inflight: InFlight::default(),
             access_log: AccessLog::new(access_log, dropped),
             globals: GlobalLimits::new(redis),
             services: ArcSwap::from_pointee(ServiceSets::default()),

@@ -6,7 +6,6 @@
 //! the in-flight count has stayed at zero briefly, or when the drain timeout is up.
 
 use std::io::Write;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,10 +42,7 @@ impl ShutdownSignalWatch for DrainOnSigterm {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         };
         if matches!(signal, ShutdownSignal::GracefulTerminate) {
-            tracing::info!(
-                inflight = self.shared.inflight.load(Ordering::Acquire),
-                "draining"
-            );
+            tracing::info!(inflight = self.shared.inflight.count(), "draining");
             let shared = Arc::clone(&self.shared);
             let timeout = self.drain_timeout;
             // A plain thread: pingora is about to shut the async runtimes down.
@@ -62,7 +58,7 @@ fn drain_then_exit(shared: &Shared, timeout: Duration) {
     let started = Instant::now();
     let mut idle_since: Option<Instant> = None;
     while started.elapsed() < timeout {
-        if shared.inflight.load(Ordering::Acquire) == 0 {
+        if shared.inflight.count() == 0 {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= SETTLE {
                 break;
@@ -72,7 +68,7 @@ fn drain_then_exit(shared: &Shared, timeout: Duration) {
         }
         std::thread::sleep(POLL);
     }
-    let left = shared.inflight.load(Ordering::Acquire);
+    let left = shared.inflight.count();
     tracing::info!(
         inflight_dropped = left,
         drain_ms = started.elapsed().as_millis() as u64,

@@ -20,10 +20,25 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Trace and span ids from a splitmix64 stream: unique per process and cheap (one
-/// atomic add). Seeded from the clock and the pid so restarts do not repeat ids.
+use crate::shard::CacheLine;
+
+/// The splitmix64 stream's step (odd, so a stream visits every state once in 2^64).
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Streams per generator: each thread draws from the one of its ordinal
+/// (`crate::shard`), a power of two.
+const STREAMS: usize = 8;
+
+/// Trace and span ids from splitmix64 streams: unique per process and cheap.
+/// Seeded from the clock and the pid so restarts do not repeat ids.
+///
+/// A request draws three ids (two for its trace id, one for its span), so one
+/// stream shared by every worker thread was three atomic adds per request on a
+/// line all of them write. Each thread draws from one of [`STREAMS`] streams
+/// instead, each on a cache line of its own: stream `s` starts `s * 2^61` steps
+/// into the same sequence, so no two streams meet before one of them has given
+/// 2^61 ids (centuries), and the ids stay unique.
 pub struct IdGenerator {
-    state: AtomicU64,
+    streams: [CacheLine<AtomicU64>; STREAMS],
 }
 
 impl Default for IdGenerator {
@@ -32,19 +47,26 @@ impl Default for IdGenerator {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        IdGenerator {
-            state: AtomicU64::new(nanos ^ (u64::from(std::process::id()) << 32)),
-        }
+        IdGenerator::with_seed(nanos ^ (u64::from(std::process::id()) << 32))
     }
 }
 
 impl IdGenerator {
+    fn with_seed(seed: u64) -> Self {
+        IdGenerator {
+            streams: std::array::from_fn(|s| {
+                let offset = ((s as u64) << 61).wrapping_mul(GAMMA);
+                CacheLine(AtomicU64::new(seed.wrapping_add(offset)))
+            }),
+        }
+    }
+
     /// A fresh id, never 0 (the invalid span id).
     pub fn next(&self) -> u64 {
-        let mut z = self
-            .state
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
-            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let stream = &self.streams[crate::shard::thread_ordinal() & (STREAMS - 1)];
+        let mut z = stream
+            .fetch_add(GAMMA, Ordering::Relaxed)
+            .wrapping_add(GAMMA);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         (z ^ (z >> 31)).max(1)
@@ -492,14 +514,43 @@ mod tests {
         assert!(!sampled(b"garbage"));
     }
 
+    /// Stream `s` starts `s * 2^61` steps into the one sequence (so they cannot
+    /// meet before 2^61 ids), and threads drawing at once get distinct ids.
+    #[test]
+    fn id_streams_start_far_apart_on_one_sequence() {
+        let seed = 0x1234_5678_9abc_def0;
+        let ids = IdGenerator::with_seed(seed);
+        // GAMMA's inverse mod 2^64 (Newton's iteration doubles the good bits).
+        let mut inverse: u64 = 1;
+        for _ in 0..6 {
+            inverse = inverse.wrapping_mul(2u64.wrapping_sub(GAMMA.wrapping_mul(inverse)));
+        }
+        assert_eq!(GAMMA.wrapping_mul(inverse), 1);
+        for (s, stream) in ids.streams.iter().enumerate() {
+            let state = stream.load(Ordering::Relaxed);
+            assert_eq!(
+                state.wrapping_sub(seed).wrapping_mul(inverse),
+                (s as u64) << 61,
+                "stream {s}"
+            );
+        }
+        let drawn: Vec<u64> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..STREAMS)
+                .map(|_| scope.spawn(|| (0..1000).map(|_| ids.next()).collect::<Vec<_>>()))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        let distinct: std::collections::HashSet<_> = drawn.iter().collect();
+        assert_eq!(distinct.len(), drawn.len());
+    }
+
     #[test]
     fn generated_traceparents_spell_the_ids_in_lower_case_hex() {
-        let ids = IdGenerator {
-            state: AtomicU64::new(7),
-        };
-        let twin = IdGenerator {
-            state: AtomicU64::new(7),
-        };
+        let ids = IdGenerator::with_seed(7);
+        let twin = IdGenerator::with_seed(7);
         for _ in 0..100 {
             let (hi, lo, span) = (twin.next(), twin.next(), twin.next());
             let tp = ids.new_traceparent();

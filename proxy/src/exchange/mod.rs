@@ -46,6 +46,7 @@ use sluice_policy::{FallbackCause, GrpcCode, Key, MtlsMode};
 use crate::breaker::Admission;
 use crate::endpoints::Endpoints;
 use crate::runtime::{PolicyRuntime, RouteRuntime, Routed, Runtime};
+use crate::shard::Ticket;
 use crate::trace;
 use crate::verdict::Verdict;
 
@@ -247,6 +248,8 @@ pub struct RateHeaders {
 /// One request, from its head to its settlement.
 pub struct Exchange<O: Observe> {
     obs: O,
+    /// Its count among the requests in flight, given back when it is dropped.
+    ticket: Ticket,
     start: Instant,
     state: State,
     direction: Direction,
@@ -305,9 +308,10 @@ const APP: usize = usize::MAX;
 impl<O: Observe> Exchange<O> {
     /// An exchange that counts as in flight (for the drain) until it is dropped.
     pub fn new(obs: O, now: Instant) -> Self {
-        obs.begin();
+        let ticket = obs.begin();
         Exchange {
             obs,
+            ticket,
             start: now,
             state: State::New,
             direction: Direction::Outbound,

@@ -5,7 +5,6 @@
 //! Every event on a route or a policy marks it used first (see `series`): that is
 //! what makes its series exist, and what keeps them while traffic lasts.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +16,7 @@ use crate::breaker::Transition;
 use crate::endpoints::Endpoints;
 use crate::metrics::{code_class, code_class_index};
 use crate::runtime::{PolicyRuntime, RouteRuntime};
+use crate::shard::Ticket;
 use crate::shared::Shared;
 use crate::trace::{IdGenerator, RequestTrace, Sampler, SpanData, SpanKind, Value};
 use crate::verdict::Verdict;
@@ -77,9 +77,10 @@ pub struct Record<'a, R: ?Sized> {
 
 /// The side effects of an exchange.
 pub trait Observe {
-    /// The exchange starts (it counts as in flight until `end`).
-    fn begin(&self);
-    fn end(&self);
+    /// The exchange starts (it counts as in flight until `end`, which gives the
+    /// ticket back).
+    fn begin(&self) -> Ticket;
+    fn end(&self, ticket: Ticket);
     /// Trace and span ids (`traceparent`s for requests that came without one).
     fn ids(&self) -> &IdGenerator;
     /// Tracing is on (spans are recorded): how traces started here are sampled.
@@ -130,14 +131,14 @@ impl Shared {
 /// handles where the request path is hot), the access log, warnings for state
 /// changes.
 impl Observe for Arc<Shared> {
-    fn begin(&self) {
+    fn begin(&self) -> Ticket {
         // The gauge is set from this count at each scrape (admin), not here: two
         // fewer writes per request to a line every worker thread shares.
-        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.inflight.enter()
     }
 
-    fn end(&self) {
-        self.inflight.fetch_sub(1, Ordering::AcqRel);
+    fn end(&self, ticket: Ticket) {
+        self.inflight.leave(ticket);
     }
 
     fn ids(&self) -> &IdGenerator {

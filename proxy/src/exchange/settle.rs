@@ -153,6 +153,6 @@ impl<O: Observe> Drop for Exchange<O> {
             let now = Instant::now();
             endpoints.abandon(index, now, now.saturating_duration_since(started));
         }
-        self.obs.end();
+        self.obs.end(self.ticket);
     }
 }

@@ -459,7 +459,7 @@ proptest! {
         }
         drop(ex);
         prop_assert!(h.rec.settled().len() <= 1);
-        prop_assert_eq!(*h.rec.inflight.lock().unwrap(), 0);
+        prop_assert_eq!(h.rec.inflight.count(), 0);
         let route = &h.rt.policies[0].routes[0];
         prop_assert_eq!(route.concurrency.as_ref().unwrap().inflight(), 0);
         // The breaker admits the next request, or is open with its probe free.

@@ -27,7 +27,7 @@ use crate::trace::{IdGenerator, Sampler};
 struct Recorder {
     notes: Mutex<Vec<String>>,
     finished: Mutex<Vec<Settled>>,
-    inflight: Mutex<i64>,
+    inflight: crate::shard::InFlight,
     ids: crate::trace::IdGenerator,
     /// Tracing on (spans recorded) with this sampler.
     sampler: Option<crate::trace::Sampler>,
@@ -66,11 +66,11 @@ impl Recorder {
 }
 
 impl Observe for Arc<Recorder> {
-    fn begin(&self) {
-        *self.inflight.lock().unwrap() += 1;
+    fn begin(&self) -> crate::shard::Ticket {
+        self.inflight.enter()
     }
-    fn end(&self) {
-        *self.inflight.lock().unwrap() -= 1;
+    fn end(&self, ticket: crate::shard::Ticket) {
+        self.inflight.leave(ticket);
     }
     fn ids(&self) -> &IdGenerator {
         &self.ids
