@@ -21,6 +21,8 @@
 #             revision); default: this tree's release build, named by its revision.
 #   TOP       also print each run's TOP functions by their own instructions per request.
 #   TITLE     the heading of the section appended to bench/RESULTS.md (APPEND=0: don't).
+#   KEEP=1    keep the temp dir (its NAME.VARIANT.cg.N are the callgrind dumps, for
+#             `callgrind_annotate --tree=caller`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-4000}
@@ -41,7 +43,7 @@ PIDS=()
 cleanup() {
     set +e
     stop_pids "${PIDS[@]}"
-    rm -rf "$TMP"
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 REV=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/RESULTS.md' || echo "+changes")
