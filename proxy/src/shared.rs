@@ -20,6 +20,9 @@ use crate::services::ServiceSets;
 use crate::shard::InFlight;
 use crate::trace::{IdGenerator, Tracer};
 
+/// Aligned to 128 bytes so that its `Arc`'s reference counts (each exchange holds
+/// a clone) sit on a line of their own, not on the fields every request reads.
+#[repr(align(128))]
 pub struct Shared {
     /// The live snapshot, replaced whole on reload; [`Runtime::empty`] until a
     /// policy loads.

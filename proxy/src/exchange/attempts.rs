@@ -91,7 +91,9 @@ impl<O: Observe> Exchange<O> {
         let (Some(policy), Some(endpoints)) = (self.policy(), self.endpoints()) else {
             return Err("request was not routed".into());
         };
-        let endpoints = Arc::clone(endpoints);
+        // Borrowed, not cloned: an `Arc` clone here was a refcount write per
+        // request on a line every worker thread writes. The borrow of `self` ends
+        // with `begin`, before the attempt is recorded.
         let key = endpoints
             .hash_key()
             .map(|k| request_key(req, k))
@@ -105,9 +107,9 @@ impl<O: Observe> Exchange<O> {
         let Some((index, addr, protocol, tls)) = picked else {
             return Err(format!("policy {:?} has no reachable backend", policy.name));
         };
+        endpoints.begin(index);
         self.tried.push(index);
         self.backend = Some(index);
-        endpoints.begin(index);
         self.attempt = Some((index, now));
         Ok((addr, protocol == Protocol::H2c, tls))
     }
