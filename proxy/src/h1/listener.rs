@@ -235,6 +235,44 @@ mod tests {
         worker_thread.join().unwrap();
     }
 
+    /// 256 connections placed from one worker, as the accept loop does, over 4
+    /// worker runtimes of pingora's: within 4 of each other (runs gave ranges of 0-2).
+    /// One random runtime per connection, the old placement, spreads them
+    /// binomially: ranges of 5-15 in the same runs, over 4 in most.
+    #[test]
+    fn connections_are_spread_evenly_over_pingora_s_worker_runtimes() {
+        let runtime = pingora_runtime::Runtime::new_no_steal(4, "placement-test");
+        let pingora_runtime::Runtime::NoSteal(workers) = &runtime else {
+            panic!("a no-steal runtime");
+        };
+        let (hold, held) = tokio::sync::watch::channel(());
+        let (placed, all_placed) = std::sync::mpsc::channel();
+        workers.get_runtime_at(0).spawn(async move {
+            for _ in 0..256 {
+                let worker = less_busy(
+                    pingora_runtime::current_handle(),
+                    pingora_runtime::current_handle(),
+                );
+                let mut held = held.clone();
+                worker.spawn(async move {
+                    let _ = held.changed().await;
+                });
+            }
+            placed.send(()).unwrap();
+        });
+        all_placed.recv_timeout(Duration::from_secs(60)).unwrap();
+        let alive: Vec<usize> = (0..4)
+            .map(|i| workers.get_runtime_at(i).metrics().num_alive_tasks())
+            .collect();
+        // Worker 0 may still count the placing task.
+        let placed_total: usize = alive.iter().sum();
+        assert!((256..=257).contains(&placed_total), "{alive:?}");
+        let (least, most) = (alive.iter().min().unwrap(), alive.iter().max().unwrap());
+        assert!(most - least <= 4, "uneven: {alive:?}");
+        drop(hold);
+        runtime.shutdown_timeout(Duration::from_secs(10));
+    }
+
     #[test]
     fn the_runtime_with_fewer_live_tasks_is_chosen_whichever_is_drawn_first() {
         let idle = runtime();
