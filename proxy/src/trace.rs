@@ -88,9 +88,26 @@ impl IdGenerator {
 /// proxied request's instructions (bench/RESULTS.md, issue 23). A test holds it to
 /// that reading.
 pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
+    // All 32 bytes are ASCII hex digits: the conversion cannot fail.
+    valid(traceparent)
+        .then(|| std::str::from_utf8(&traceparent[3..35]).ok())
+        .flatten()
+}
+
+/// [`trace_id`] of a `traceparent` that is a `str` already (the one a request
+/// sends upstream, ours or the caller's): the id sliced out of it, without the
+/// second UTF-8 check (150 instructions per request).
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    valid(traceparent.as_bytes())
+        .then(|| traceparent.get(3..35))
+        .flatten()
+}
+
+/// Whether `traceparent` is a valid W3C `traceparent` (see [`trace_id`]).
+fn valid(traceparent: &[u8]) -> bool {
     let tp = traceparent;
     if tp.len() < 55 || tp[2] != b'-' || tp[35] != b'-' || tp[52] != b'-' {
-        return None;
+        return false;
     }
     let (version, trace, span, flags) = (&tp[..2], &tp[3..35], &tp[36..52], &tp[53..55]);
     // Without a branch per byte (a vector loop): any byte outside 0-9a-f sets a bit.
@@ -99,7 +116,7 @@ pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
             bad | u8::from(b.wrapping_sub(b'0') > 9 && b.wrapping_sub(b'a') > 5)
         }) == 0
     };
-    let valid = hex(version)
+    hex(version)
         && version != b"ff"
         && hex(trace)
         && trace != [b'0'; 32]
@@ -108,9 +125,7 @@ pub fn trace_id(traceparent: &[u8]) -> Option<&str> {
         && hex(flags)
         // Version 00 has exactly four fields; later versions may append more, each
         // after a `-`.
-        && (tp.len() == 55 || (version != b"00" && tp[55] == b'-'));
-    // All 32 bytes are ASCII hex digits: the conversion cannot fail.
-    valid.then(|| std::str::from_utf8(trace).ok()).flatten()
+        && (tp.len() == 55 || (version != b"00" && tp[55] == b'-'))
 }
 
 /// Whether a valid `traceparent`'s flags say the caller sampled its trace.
@@ -466,6 +481,7 @@ mod tests {
         ) {
             let tp = format!("{version}{}{trace}{}{span}{}{flags}{tail}", seps[0], seps[1], seps[2]);
             proptest::prop_assert_eq!(trace_id(tp.as_bytes()), trace_id_by_fields(tp.as_bytes()), "{:?}", tp);
+            proptest::prop_assert_eq!(trace_id_of(&tp), trace_id(tp.as_bytes()), "{:?}", tp);
             let bytes = tp.as_bytes();
             for cut in [0, 1, 2, 35, 52, 54, 55, 56] {
                 let b = &bytes[..cut.min(bytes.len())];

@@ -102,7 +102,7 @@ impl<O: Observe> Exchange<O> {
                 }
             }
         }
-        let trace_id = trace::trace_id(self.traceparent.as_bytes());
+        let trace_id = trace::trace_id_of(&self.traceparent);
         self.obs.finished(&Record {
             req,
             route: self.route(),
