@@ -84,9 +84,6 @@ pub const MAX_BUFFERED: usize = 2 * 1024 * 1024;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(10);
 /// A shard's first capacity; it grows to what a flush period brings and keeps it.
 const SHARD_CAPACITY: usize = 64 * 1024;
-/// More shards than cores buys nothing: at most one thread per core runs at once.
-const MAX_SHARDS: usize = 8;
-
 /// The access log of one proxy (off with `--no-access-log`).
 pub struct AccessLog {
     enabled: bool,
@@ -107,11 +104,10 @@ struct Shard {
 }
 
 impl AccessLog {
-    /// A log with a shard per core (the cores this process may run on), at most
-    /// [`MAX_SHARDS`]. `dropped` counts the lines a full shard refused.
+    /// A log with a shard per core ([`crate::shard::per_core`]). `dropped` counts
+    /// the lines a full shard refused.
     pub fn new(enabled: bool, dropped: IntCounter) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with_shards(enabled, cores.min(MAX_SHARDS), dropped)
+        Self::with_shards(enabled, crate::shard::per_core(), dropped)
     }
 
     /// A log with `shards` buffers (at least one).

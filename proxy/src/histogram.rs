@@ -28,19 +28,14 @@ use std::time::Duration;
 
 use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 
+use crate::shard::{thread_ordinal, CacheLine};
+
 /// Cells per cache line pair (128 bytes: a line and the one the hardware
 /// prefetches beside it).
 const CELLS: usize = 16;
 
 /// 128 bytes of counters, aligned so no two shards ever share a line.
-#[repr(align(128))]
-struct Line([AtomicU64; CELLS]);
-
-impl Default for Line {
-    fn default() -> Self {
-        Line(std::array::from_fn(|_| AtomicU64::new(0)))
-    }
-}
+type Line = CacheLine<[AtomicU64; CELLS]>;
 
 pub struct ShardedHistogram {
     name: String,
@@ -89,7 +84,12 @@ impl ShardedHistogram {
     }
 
     fn cell(&self, shard: usize, i: usize) -> &AtomicU64 {
-        &self.cells[shard * self.lines + i / CELLS].0[i % CELLS]
+        &self.cells[shard * self.lines + i / CELLS][i % CELLS]
+    }
+
+    /// How many shards it has (a power of two).
+    pub fn shards(&self) -> usize {
+        self.shards
     }
 
     /// Counts one observation of `elapsed`, in the calling thread's shard.
@@ -103,7 +103,7 @@ impl ShardedHistogram {
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(self.bounds.len());
-        let shard = crate::shard::thread_ordinal() & self.mask;
+        let shard = thread_ordinal() & self.mask;
         self.cell(shard, bucket).fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.cell(shard, self.bounds.len() + 1)

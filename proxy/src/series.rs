@@ -78,8 +78,6 @@ pub struct RouteLive {
     pub exemplars: Exemplars,
     /// The SLO threshold its buckets include.
     layout: Option<Duration>,
-    /// How many shards `duration` has.
-    shards: usize,
     /// `sluice_requests_total` handles, by status class, verdict and direction.
     pub requests: CounterCache,
 }
@@ -97,7 +95,6 @@ impl RouteLive {
                 shards,
             ),
             layout,
-            shards,
             requests: CounterCache::new(CODE_CLASSES * Verdict::COUNT * 2),
         }
     }
@@ -139,11 +136,11 @@ impl RouteSeries {
         ledger: &Ledger,
         layout: Option<Duration>,
         f: impl FnOnce(&RouteLive) -> R,
-    ) -> Option<R> {
+    ) -> R {
         mark(&self.used);
         let current = self.live.load();
         if let Some(live) = current.as_ref() {
-            return Some(f(live));
+            return f(live);
         }
         let made = Arc::new(RouteLive::new(
             &self.policy,
@@ -156,10 +153,10 @@ impl RouteSeries {
             .compare_and_swap(&current, Some(Arc::clone(&made)));
         match before.as_ref() {
             // Another request made them meanwhile: one set of series.
-            Some(theirs) => Some(f(theirs)),
+            Some(theirs) => f(theirs),
             None => {
                 ledger.track_route(Arc::clone(self));
-                Some(f(&made))
+                f(&made)
             }
         }
     }
@@ -205,7 +202,7 @@ impl RouteSeries {
         if live.layout == layout {
             return;
         }
-        let fresh = RouteLive::new(&self.policy, &self.route, layout, live.shards);
+        let fresh = RouteLive::new(&self.policy, &self.route, layout, live.duration.shards());
         self.live.compare_and_swap(&current, Some(Arc::new(fresh)));
     }
 
@@ -291,8 +288,8 @@ struct Entry<S> {
 /// than walking the snapshot, so series of routes a reload removed are found too.
 pub struct Ledger {
     idle: Duration,
-    /// Shards of each route's duration histogram: one per core this process may
-    /// run on (at most 8; more shards than running threads buy nothing).
+    /// Shards of each route's duration histogram: one per core
+    /// ([`crate::shard::per_core`]).
     histogram_shards: usize,
     routes: Mutex<Vec<Entry<RouteSeries>>>,
     policies: Mutex<Vec<Entry<PolicySeries>>>,
@@ -305,10 +302,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Ledger {
     /// Series without traffic for `idle` are removed.
     pub fn new(idle: Duration) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ledger {
             idle,
-            histogram_shards: cores.min(8),
+            histogram_shards: crate::shard::per_core(),
             routes: Mutex::new(Vec::new()),
             policies: Mutex::new(Vec::new()),
         }

@@ -14,6 +14,18 @@ use std::hash::{Hash, Hasher};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Most shards a per-thread structure sized by cores gets.
+const MAX_PER_CORE: usize = 8;
+
+/// Shards for state sharded by core: one per core this process may run on (its
+/// affinity and cgroup quota count), at most 8. More shards than cores buy
+/// nothing: at most one thread per core runs at once.
+pub fn per_core() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_PER_CORE)
+}
+
 /// The calling thread's ordinal: the sequence number std gives each thread it
 /// creates (increasing in creation order), read once per thread. Reduce it modulo
 /// the shard count.

@@ -288,7 +288,7 @@ impl Observe for Arc<Shared> {
             r.direction.as_str(),
         ];
         let make = || self.metrics.requests.with_label_values(&labels);
-        let recorded = r.route.and_then(|route| {
+        let recorded = r.route.map(|route| {
             let index = (code_class_index(r.class_status) * Verdict::COUNT + r.verdict as usize)
                 * 2
                 + usize::from(r.direction == Direction::Inbound);

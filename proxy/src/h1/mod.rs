@@ -493,11 +493,11 @@ impl Client {
     /// Reads more from the client: `false` when it closed, failed or stayed idle
     /// for its idle timeout.
     async fn read_more(&mut self) -> bool {
-        // A page at a time: a keep-alive connection keeps this buffer between
-        // requests (see `upstream::HEAD_ROOM`); a large request body accumulating
-        // here still grows it geometrically (`BytesMut` doubles when it moves).
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(4 * 1024);
+        // A page at a time (`upstream::HEAD_ROOM`); a large request body
+        // accumulating here still grows it geometrically (`BytesMut` doubles when
+        // it moves).
+        if self.buf.capacity() - self.buf.len() < upstream::HEAD_ROOM {
+            self.buf.reserve(upstream::HEAD_ROOM);
         }
         // Bounded: each pass either returns or moves the deadline forward to a
         // later `last_active`, which only requests (not this loop) advance.

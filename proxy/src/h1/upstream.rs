@@ -95,10 +95,11 @@ impl Timer {
     }
 }
 
-/// Room made before reading a response head: a page. A head and a small body fit,
-/// and a keep-alive connection keeps this buffer between requests: at 256
-/// connections 16 KB buffers (on both sides) made the proxy's peak RSS 29.5 MB,
-/// 4 KB ones 22.6 MB (bench/RESULTS.md).
+/// Room made before reading a head (a response's here, a request's in
+/// `Client::read_more`): a page. A head and a small body fit, and a keep-alive
+/// connection keeps its buffers between requests: at 256 connections 16 KB ones
+/// (on both sides) made the proxy's peak RSS 29.5 MB, 4 KB ones 22.8 MB
+/// (bench/RESULTS.md).
 pub(super) const HEAD_ROOM: usize = 4 * 1024;
 /// Room made before each read of a body being relayed: larger reads, fewer system
 /// calls; only a connection that relays a large body grows its buffer to it.
@@ -113,7 +114,7 @@ pub(super) async fn fill(
     limit: Option<Duration>,
     timer: &mut Timer,
 ) -> Result<(), Broken> {
-    if buf.capacity() - buf.len() < 4096 {
+    if buf.capacity() - buf.len() < HEAD_ROOM {
         buf.reserve(room);
     }
     match timer.within(limit, stream.read_buf(buf)).await? {

@@ -22,8 +22,7 @@ fn use_route(shared: &Shared, route: usize) {
     policy.series.record(&shared.series);
     route
         .series
-        .record(&shared.series, route.slo_threshold, |_| ())
-        .expect("series");
+        .record(&shared.series, route.slo_threshold, |_| ());
 }
 
 fn rendered(shared: &Shared) -> String {
