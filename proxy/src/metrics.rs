@@ -19,7 +19,8 @@
 //! beside the duration histograms (see `exemplar`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -31,6 +32,7 @@ use prometheus::{
 
 use crate::exemplar::Exemplar;
 use crate::openmetrics;
+use crate::shard::{per_core, thread_ordinal, CacheLine};
 
 /// How long a route or a policy keeps its series without traffic (`--metrics-idle`
 /// overrides it). Longer than any scrape interval and than the windows dashboards
@@ -92,6 +94,9 @@ pub struct Metrics {
     pub trace_spans_dropped_export_failed: IntCounter,
     /// Spans the collector accepted.
     pub trace_spans_exported: IntCounter,
+    /// The request path's sharded counters, added into their series before every
+    /// scrape ([`Tally`]).
+    tallies: Tallies,
 }
 
 fn counter(
@@ -386,11 +391,13 @@ impl Metrics {
             trace_spans_exported,
             endpoints_stream_connected,
             registry,
+            tallies: Tallies::default(),
         })
     }
 
     /// Prometheus text exposition (format 0.0.4) of everything registered.
     pub fn render(&self) -> Vec<u8> {
+        self.tallies.fold();
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec only fails on malformed families, which we never build.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -403,6 +410,7 @@ impl Metrics {
         &self,
         exemplars: impl Fn(&str, &str) -> &'e [Exemplar],
     ) -> Vec<u8> {
+        self.tallies.fold();
         openmetrics::encode(&self.registry.gather(), |family, metric| {
             if family != DURATION_NAME {
                 return &[];
@@ -513,13 +521,14 @@ pub fn route_buckets(slo_threshold: Option<Duration>) -> Vec<f64> {
 /// Label handles resolved once and kept: `with_label_values` hashes the labels and
 /// takes a lock on every call, which the request path should not pay per request.
 /// A cache belongs to one fixed label prefix (a route, a backend); the remaining
-/// labels index into it.
+/// labels index into it. What it keeps for each is a [`Tally`]: the request path
+/// counts on its own thread's line, and a scrape adds the lines into the series.
 ///
 /// A cache can be emptied ([`CounterCache::clear`]): once its series are removed
 /// from the registry (a policy idle too long), the handles it holds count into
 /// series nobody exports, and the next use must resolve them again.
 pub struct CounterCache {
-    cells: Box<[ArcSwapOption<IntCounter>]>,
+    cells: Box<[ArcSwapOption<Tally>]>,
 }
 
 impl CounterCache {
@@ -530,30 +539,134 @@ impl CounterCache {
     }
 
     /// Adds one to the counter at `index`, made by `make` the first time (and the
-    /// first time after a [`CounterCache::clear`]). An index out of range is counted
-    /// through `make` every time.
-    pub fn inc(&self, index: usize, make: impl FnOnce() -> IntCounter) {
+    /// first time after a [`CounterCache::clear`]) and entered in `metrics`' tallies
+    /// so that scrapes see its count. An index out of range is counted through
+    /// `make` every time.
+    pub fn inc(&self, index: usize, metrics: &Metrics, make: impl FnOnce() -> IntCounter) {
         let Some(cell) = self.cells.get(index) else {
             make().inc();
             return;
         };
         let cached = cell.load();
         match cached.as_ref() {
-            Some(counter) => counter.inc(),
+            Some(tally) => tally.inc(),
             None => {
-                // Two requests may both make it: they resolve the same series.
-                let counter = make();
-                counter.inc();
-                cell.store(Some(Arc::new(counter)));
+                // Two requests may both make one: they resolve the same series,
+                // and the tally not kept adds its count in as it is dropped.
+                let tally = metrics.tallies.track(make());
+                tally.inc();
+                cell.store(Some(tally));
             }
         }
     }
 
-    /// Forgets every handle (the series stay as they are in the registry).
+    /// Forgets every handle (the series stay as they are in the registry); what
+    /// they counted since the last scrape is added into their series.
     pub fn clear(&self) {
         for cell in self.cells.iter() {
             cell.store(None);
         }
+    }
+}
+
+/// One series of a counter that every worker thread adds to on every request
+/// (`sluice_requests_total` of a busy route, `sluice_upstream_requests_total` of its
+/// backend), counted on a line per thread and added into the series before each
+/// scrape.
+///
+/// Why: the Prometheus counter is one atomic; with a route busy on every thread,
+/// each request's add pulled that line from the core that added last (two of them
+/// per request, the route's and the backend's).
+///
+/// Invariants: every count lands in the series exactly once: by a scrape's
+/// [`Tallies::fold`] (each line is taken with a swap, so a count added meanwhile
+/// stays for the next), or by the tally's drop. A scrape reads every count added
+/// before it began; one added during it may show at the next.
+pub struct Tally {
+    counter: IntCounter,
+    /// A power of two of lines ([`per_core`]); a thread counts on
+    /// `thread_ordinal() & mask`.
+    lines: Box<[CacheLine<AtomicU64>]>,
+    mask: usize,
+}
+
+impl Tally {
+    fn new(counter: IntCounter) -> Self {
+        let lines = per_core().next_power_of_two();
+        Tally {
+            counter,
+            lines: (0..lines).map(|_| CacheLine(AtomicU64::new(0))).collect(),
+            mask: lines - 1,
+        }
+    }
+
+    pub fn inc(&self) {
+        self.lines[thread_ordinal() & self.mask].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Moves what the lines hold into the series.
+    fn fold(&self) {
+        let counted = self
+            .lines
+            .iter()
+            .map(|line| line.swap(0, Ordering::Relaxed))
+            .fold(0, u64::wrapping_add);
+        if counted > 0 {
+            self.counter.inc_by(counted);
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.fold();
+    }
+}
+
+/// The tallies alive, for the scrape to fold. Entries of dropped tallies are
+/// pruned at each fold, and when entering one finds the list twice as long as at
+/// the last pruning (so a proxy never scraped holds at most twice its live tallies).
+#[derive(Default)]
+struct Tallies {
+    list: Mutex<TallyList>,
+}
+
+#[derive(Default)]
+struct TallyList {
+    tallies: Vec<Weak<Tally>>,
+    /// Prune when the list reaches this length.
+    prune_at: usize,
+}
+
+impl TallyList {
+    fn prune(&mut self) {
+        self.tallies.retain(|t| t.strong_count() > 0);
+        self.prune_at = (self.tallies.len() * 2).max(64);
+    }
+}
+
+impl Tallies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TallyList> {
+        self.list.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn track(&self, counter: IntCounter) -> Arc<Tally> {
+        let tally = Arc::new(Tally::new(counter));
+        let mut list = self.lock();
+        if list.tallies.len() >= list.prune_at {
+            list.prune();
+        }
+        list.tallies.push(Arc::downgrade(&tally));
+        tally
+    }
+
+    /// Adds every live tally's count into its series.
+    fn fold(&self) {
+        let mut list = self.lock();
+        for tally in list.tallies.iter().filter_map(Weak::upgrade) {
+            tally.fold();
+        }
+        list.prune();
     }
 }
 
@@ -581,5 +694,102 @@ pub fn code_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        Metrics::register(Registry::new()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `sluice_requests_total` of route `r` as a scrape exports it.
+    fn scraped(metrics: &Metrics) -> Option<u64> {
+        let text = String::from_utf8(metrics.render()).expect("utf-8");
+        text.lines().find_map(|l| {
+            l.strip_prefix("sluice_requests_total{code_class=\"2xx\",decision=\"allowed\",direction=\"outbound\",policy=\"p\",route=\"r\"} ")
+                .map(|v| v.parse().expect("a count"))
+        })
+    }
+
+    fn make(metrics: &Metrics) -> IntCounter {
+        metrics
+            .requests
+            .with_label_values(&["p", "r", "2xx", "allowed", "outbound"])
+    }
+
+    #[test]
+    fn counts_on_every_thread_are_in_the_next_scrape() {
+        let metrics = metrics();
+        let cache = CounterCache::new(1);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        cache.inc(0, &metrics, || make(&metrics));
+                    }
+                });
+            }
+        });
+        assert_eq!(scraped(&metrics), Some(4000));
+        // Nothing is added twice by a second scrape.
+        assert_eq!(scraped(&metrics), Some(4000));
+        cache.inc(0, &metrics, || make(&metrics));
+        assert_eq!(scraped(&metrics), Some(4001));
+    }
+
+    #[test]
+    fn scrapes_while_threads_count_lose_and_double_nothing() {
+        let metrics = metrics();
+        let cache = CounterCache::new(1);
+        let mut seen = Vec::new();
+        std::thread::scope(|s| {
+            let counting: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        for _ in 0..50_000 {
+                            cache.inc(0, &metrics, || make(&metrics));
+                        }
+                    })
+                })
+                .collect();
+            // Bounded: as many scrapes as it takes the counters to finish, at most 10,000.
+            for _ in 0..10_000 {
+                seen.push(scraped(&metrics).unwrap_or(0));
+                if counting.iter().all(|t| t.is_finished()) {
+                    break;
+                }
+            }
+        });
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "a scrape went back");
+        assert_eq!(scraped(&metrics), Some(100_000));
+    }
+
+    #[test]
+    fn a_cleared_cache_adds_its_counts_in_and_counts_on_into_a_new_handle() {
+        let metrics = metrics();
+        let cache = CounterCache::new(1);
+        for _ in 0..3 {
+            cache.inc(0, &metrics, || make(&metrics));
+        }
+        // Dropped unscraped: its counts are not lost.
+        cache.clear();
+        assert_eq!(scraped(&metrics), Some(3));
+        cache.inc(0, &metrics, || make(&metrics));
+        assert_eq!(scraped(&metrics), Some(4));
+    }
+
+    #[test]
+    fn entries_of_dropped_tallies_do_not_pile_up_without_scrapes() {
+        let metrics = metrics();
+        for _ in 0..1000 {
+            let cache = CounterCache::new(1);
+            cache.inc(0, &metrics, || make(&metrics));
+        }
+        let held = metrics.tallies.lock().tallies.len();
+        assert!(held <= 128, "{held} entries for no live tally");
+        assert_eq!(scraped(&metrics), Some(1000));
     }
 }

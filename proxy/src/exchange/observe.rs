@@ -248,7 +248,7 @@ impl Observe for Arc<Shared> {
             ])
         };
         match endpoints.targets.get(backend) {
-            Some(t) => t.upstream.inc(outcome as usize, make),
+            Some(t) => t.upstream.inc(outcome as usize, &self.metrics, make),
             None => make().inc(),
         }
     }
@@ -298,7 +298,7 @@ impl Observe for Arc<Shared> {
                     // The wall clock is read only for the few requests with an exemplar.
                     let exemplar = r.exemplar.map(|id| (id, SystemTime::now()));
                     series.observe(r.elapsed, exemplar);
-                    series.requests.inc(index, make);
+                    series.requests.inc(index, &self.metrics, make);
                 })
         });
         if recorded.is_none() {

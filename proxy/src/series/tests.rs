@@ -18,7 +18,7 @@ fn request(metrics: &Metrics, ledger: &Ledger, route: &Arc<RouteSeries>) {
     route.record(ledger, None, |live| {
         live.duration.observe(Duration::from_millis(10));
         live.requests
-            .inc(0, || metrics.requests.with_label_values(&labels));
+            .inc(0, metrics, || metrics.requests.with_label_values(&labels));
     });
 }
 
