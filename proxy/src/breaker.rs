@@ -27,13 +27,25 @@
 //!   means "any failure once `minRequests` is reached", never "trip on a healthy
 //!   window".
 //!
+//! Concurrency: the Closed path, which every request of a healthy route takes,
+//! writes nothing every worker thread writes: outcomes are counted in a window per
+//! thread (each on its own cache line; a trip decision sums them), the state is read
+//! from an atomic, and a success clears the consecutive-failure count only when it
+//! is not already 0. The windows are summed for a decision only when the window can
+//! trip: after a failure or a slow call, and after a success while one of those is
+//! still in the window (a success can reach `minRequests`). A request recorded in
+//! the instant a trip resets the windows may land in the fresh window, as one
+//! admitted before a trip and finishing after the breaker closed again does.
+//!
 //! The caller must end every `Allowed` or `Probe` admission with exactly one
 //! [`CircuitBreaker::record`] or [`CircuitBreaker::cancel`]; a probe that is never
 //! ended holds its slot for good (use a drop guard on the request path).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use crate::shard::{per_core, thread_ordinal, CacheLine};
 
 /// Time buckets per window: a tenth-of-a-window resolution is plenty for a breaker,
 /// and keeps memory fixed whatever the traffic.
@@ -102,13 +114,14 @@ struct Bucket {
     slow: u32,
 }
 
+/// One thread's share of the sliding window.
+type Window = [Bucket; BUCKETS];
+
 #[derive(Debug)]
 struct Inner {
     state: BreakerState,
     /// When the breaker last opened; meaningful while Open.
     opened_at: Instant,
-    consecutive: u32,
-    buckets: [Bucket; BUCKETS],
     /// Probes admitted and not yet recorded or cancelled, from any period.
     probes_in_flight: u32,
     /// Probes that succeeded in the current half-open period.
@@ -125,22 +138,35 @@ pub struct CircuitBreaker {
     width_nanos: u128,
     /// Mirrors `inner.state` so the Closed fast path of `admit` takes no lock.
     state: AtomicU8,
+    /// Failures in a row, across threads.
+    consecutive: AtomicU32,
+    /// One more than the window slice of the latest failure or slow call (0: none
+    /// since the window was last reset).
+    last_bad: AtomicU64,
+    /// The window, a share per thread (`thread_ordinal() & mask`); a power of two.
+    windows: Box<[CacheLine<Mutex<Window>>]>,
+    mask: usize,
     inner: Mutex<Inner>,
 }
 
 impl CircuitBreaker {
     pub fn new(rule: &sluice_policy::CircuitBreaker, now: Instant) -> Self {
         let width_nanos = (rule.window.as_nanos() / BUCKETS as u128).max(1);
+        let windows = per_core().next_power_of_two();
         CircuitBreaker {
             rule: rule.clone(),
             origin: now,
             width_nanos,
             state: AtomicU8::new(BreakerState::Closed as u8),
+            consecutive: AtomicU32::new(0),
+            last_bad: AtomicU64::new(0),
+            windows: (0..windows)
+                .map(|_| CacheLine(Mutex::new([Bucket::default(); BUCKETS])))
+                .collect(),
+            mask: windows - 1,
             inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
                 opened_at: now,
-                consecutive: 0,
-                buckets: [Bucket::default(); BUCKETS],
                 probes_in_flight: 0,
                 probes_succeeded: 0,
             }),
@@ -197,8 +223,7 @@ impl CircuitBreaker {
                 if self.state() != BreakerState::Closed {
                     return None;
                 }
-                let mut inner = self.lock();
-                self.record_closed(&mut inner, now, failed, latency)
+                self.record_closed(now, failed, latency)
             }
             Admission::Probe => {
                 let mut inner = self.lock();
@@ -215,7 +240,7 @@ impl CircuitBreaker {
                         } else {
                             inner.probes_succeeded += 1;
                             if inner.probes_succeeded >= self.rule.half_open_requests {
-                                Self::reset_window(&mut inner);
+                                self.reset_window();
                                 self.set_state(&mut inner, BreakerState::Closed)
                             } else {
                                 None
@@ -254,57 +279,76 @@ impl CircuitBreaker {
         }
     }
 
-    fn record_closed(
-        &self,
-        inner: &mut Inner,
-        now: Instant,
-        failed: bool,
-        latency: Duration,
-    ) -> Option<Transition> {
+    fn record_closed(&self, now: Instant, failed: bool, latency: Duration) -> Option<Transition> {
+        let slow = self.is_slow(latency);
+        let current = self.bucket_index(now);
+        {
+            let mut window = lock(&self.windows[thread_ordinal() & self.mask]);
+            let bucket = &mut window[(current % BUCKETS as u64) as usize];
+            if bucket.index != current {
+                *bucket = Bucket {
+                    index: current,
+                    ..Bucket::default()
+                };
+            }
+            bucket.total = bucket.total.saturating_add(1);
+            bucket.failures = bucket.failures.saturating_add(u32::from(failed));
+            bucket.slow = bucket.slow.saturating_add(u32::from(slow));
+        }
+        let consecutive = if failed {
+            self.consecutive
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1)
+        } else {
+            // Read first: on a healthy route the count is 0 and stays unwritten.
+            if self.consecutive.load(Ordering::Relaxed) != 0 {
+                self.consecutive.store(0, Ordering::Relaxed);
+            }
+            0
+        };
+        if failed || slow {
+            self.last_bad
+                .fetch_max(current.saturating_add(1), Ordering::Relaxed);
+        } else {
+            // A success trips nothing unless a failure or slow call is in the window
+            // for it to bring to `minRequests`.
+            let last_bad = self.last_bad.load(Ordering::Relaxed);
+            if last_bad == 0 || current.saturating_sub(last_bad - 1) >= BUCKETS as u64 {
+                return None;
+            }
+        }
+        if !self.should_trip(consecutive, current) {
+            return None;
+        }
+        let mut inner = self.lock();
+        // Another thread tripped it meanwhile: one transition.
         if inner.state != BreakerState::Closed {
             return None;
         }
-        let slow = self.is_slow(latency);
-        let current = self.bucket_index(now);
-        let bucket = &mut inner.buckets[(current % BUCKETS as u64) as usize];
-        if bucket.index != current {
-            *bucket = Bucket {
-                index: current,
-                ..Bucket::default()
-            };
-        }
-        bucket.total = bucket.total.saturating_add(1);
-        bucket.failures = bucket.failures.saturating_add(u32::from(failed));
-        bucket.slow = bucket.slow.saturating_add(u32::from(slow));
-        inner.consecutive = if failed {
-            inner.consecutive.saturating_add(1)
-        } else {
-            0
-        };
-
-        if self.should_trip(inner, current) {
-            inner.opened_at = now;
-            Self::reset_window(inner);
-            self.set_state(inner, BreakerState::Open)
-        } else {
-            None
-        }
+        inner.opened_at = now;
+        self.reset_window();
+        self.set_state(&mut inner, BreakerState::Open)
     }
 
-    fn should_trip(&self, inner: &Inner, current: u64) -> bool {
+    fn should_trip(&self, consecutive: u32, current: u64) -> bool {
         if let Some(n) = self.rule.consecutive_failures {
-            if inner.consecutive >= n {
+            if consecutive >= n {
                 return true;
             }
+        }
+        if self.rule.error_ratio.is_none() && self.rule.slow_call.is_none() {
+            return false;
         }
         let (mut total, mut failures, mut slow) = (0u64, 0u64, 0u64);
         // A bucket is in the window if it counts one of the last BUCKETS slices;
         // anything older is stale, whatever its slot still holds.
         let live = |b: &&Bucket| b.index <= current && current - b.index < BUCKETS as u64;
-        for b in inner.buckets.iter().filter(live) {
-            total += u64::from(b.total);
-            failures += u64::from(b.failures);
-            slow += u64::from(b.slow);
+        for window in self.windows.iter() {
+            for b in lock(window).iter().filter(live) {
+                total += u64::from(b.total);
+                failures += u64::from(b.failures);
+                slow += u64::from(b.slow);
+            }
         }
         if total == 0 || total < u64::from(self.rule.min_requests) {
             return false;
@@ -334,9 +378,14 @@ impl CircuitBreaker {
         u64::try_from(elapsed / self.width_nanos).unwrap_or(u64::MAX)
     }
 
-    fn reset_window(inner: &mut Inner) {
-        inner.consecutive = 0;
-        inner.buckets = [Bucket::default(); BUCKETS];
+    /// Empties every thread's window (called with `inner` locked: the lock order is
+    /// `inner`, then a window; no window lock is held while taking `inner`).
+    fn reset_window(&self) {
+        for window in self.windows.iter() {
+            *lock(window) = [Bucket::default(); BUCKETS];
+        }
+        self.consecutive.store(0, Ordering::Relaxed);
+        self.last_bad.store(0, Ordering::Relaxed);
     }
 
     fn set_state(&self, inner: &mut Inner, to: BreakerState) -> Option<Transition> {
@@ -347,10 +396,14 @@ impl CircuitBreaker {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // No method panics while holding the lock, so a poisoned state is still
-        // consistent; keep serving rather than take the route down.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.inner)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No method panics while holding a lock, so a poisoned state is still
+    // consistent; keep serving rather than take the route down.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -300,3 +300,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn outcomes_counted_on_other_threads_are_in_the_window_a_decision_sums() {
+    let (b, t0) = breaker(|r| {
+        r.error_ratio = Some(0.5);
+        r.min_requests = 20;
+    });
+    // 4 threads (each counting in its own share of the window): 20 outcomes, 8
+    // of them failures: 40%, below the ratio.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for failed in [true, false, true, false, false] {
+                    assert_eq!(call(&b, t0, failed, MS), None);
+                }
+            });
+        }
+    });
+    assert_eq!(b.state(), Closed);
+    // Here: 10 failures of 22 (45%), then 12 of 24: the ratio is reached only
+    // counting the other threads' outcomes too.
+    for _ in 0..3 {
+        assert_eq!(call(&b, t0, true, MS), None);
+    }
+    assert_eq!(call(&b, t0, true, MS), moved(Closed, Open));
+}
+
+#[test]
+fn a_trip_empties_every_threads_share_of_the_window() {
+    let (b, t0) = breaker(|r| {
+        r.error_ratio = Some(0.5);
+        r.min_requests = 4;
+        r.open_for = Duration::from_secs(1);
+    });
+    // Other threads' failures (3 of 3: below minRequests), one thread after
+    // another: consecutive threads count in different shares of the window.
+    for _ in 0..3 {
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(call(&b, t0, true, MS), None));
+        });
+    }
+    assert_eq!(call(&b, t0, true, MS), moved(Closed, Open));
+    let probe_at = t0 + Duration::from_secs(1);
+    let (probe, _) = b.admit(probe_at);
+    assert_eq!(probe, Admission::Probe);
+    assert_eq!(
+        b.record(probe_at, probe, false, MS),
+        moved(HalfOpen, Closed)
+    );
+    // A fresh window, the other threads' shares too: with any of their old
+    // failures still counted, these 3 would reach minRequests and trip.
+    for _ in 0..3 {
+        assert_eq!(call(&b, probe_at, true, MS), None);
+    }
+    assert_eq!(b.state(), Closed);
+}
