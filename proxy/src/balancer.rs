@@ -8,6 +8,14 @@
 //! sequence is exactly nginx's, so any window of `period` consecutive picks splits
 //! exactly by weight (90/10: any 100 consecutive picks are exactly 90 and 10).
 //!
+//! Each worker thread walks the sequence on a cursor of its own (on its own cache
+//! line), as Envoy's workers each keep their own balancer: one shared cursor was an
+//! add per request on a line every worker wrote. So the exact split holds for the
+//! picks of one thread (a connection's requests, which one thread serves); across
+//! threads, each is at most one period from exact. The cursors start one entry
+//! apart, so the first requests on several threads do not all go to the first
+//! backend.
+//!
 //! Bound: periods longer than [`MAX_PERIOD`] (only with many backends and large,
 //! coprime weights) are scaled down proportionally, keeping every weight >= 1.
 
@@ -15,6 +23,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
+
+use crate::shard::{per_core, thread_ordinal, CacheLine};
 
 /// Longest precomputed sequence (2 bytes per entry: 128 KiB at most).
 pub const MAX_PERIOD: u64 = 1 << 16;
@@ -58,9 +68,11 @@ enum Order {
 pub struct Balancer {
     order: Order,
     weights: Mutex<Vec<u32>>,
-    /// Picks so far, wrapping at 2^32: once in four billion picks the order jumps
-    /// (2^32 is rarely a multiple of the period), a one-pick glitch.
-    cursor: AtomicU32,
+    /// A cursor per thread (`thread_ordinal() & mask`; a power of two of them):
+    /// picks so far, from its start, wrapping at 2^32: once in four billion picks
+    /// the order jumps (2^32 is rarely a multiple of the period), a one-pick glitch.
+    cursors: Box<[CacheLine<AtomicU32>]>,
+    mask: usize,
 }
 
 impl Balancer {
@@ -73,10 +85,14 @@ impl Balancer {
         } else {
             Order::Fixed(sequence)
         };
+        let cursors = per_core().next_power_of_two();
         Balancer {
             order,
             weights: Mutex::new(weights.to_vec()),
-            cursor: AtomicU32::new(0),
+            cursors: (0..cursors)
+                .map(|start| CacheLine(AtomicU32::new(start as u32)))
+                .collect(),
+            mask: cursors - 1,
         }
     }
 
@@ -106,9 +122,10 @@ impl Balancer {
 
     #[inline]
     fn pick_in(&self, sequence: &Sequence, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        let cursor = &self.cursors[thread_ordinal() & self.mask];
         // Bounded: one full period visits every backend with weight > 0.
         for _ in 0..sequence.order.len() {
-            let index = usize::from(sequence.at(self.cursor.fetch_add(1, Ordering::Relaxed))?);
+            let index = usize::from(sequence.at(cursor.fetch_add(1, Ordering::Relaxed))?);
             if !skip(index) {
                 return Some(index);
             }
@@ -192,7 +209,8 @@ mod tests {
         let fixed = Balancer::new(&[1, 1], false);
         fixed.set_weights(&[1, 0]);
         let picks: Vec<usize> = (0..4).filter_map(|_| fixed.pick(|_| false)).collect();
-        assert_eq!(picks, vec![0, 1, 0, 1]);
+        // Where this thread's cursor starts, the order alternates.
+        assert!(picks == [0, 1, 0, 1] || picks == [1, 0, 1, 0], "{picks:?}");
         let ramping = Balancer::new(&[1, 1], true);
         ramping.set_weights(&[1, 0]);
         let picks: Vec<usize> = (0..4).filter_map(|_| ramping.pick(|_| false)).collect();
@@ -206,8 +224,41 @@ mod tests {
     #[test]
     fn matches_nginx_smooth_order() {
         let b = balancer(&[5, 1, 1]);
-        let picks: Vec<usize> = (0..7).map(|_| b.pick(|_| false).unwrap_or(99)).collect();
-        assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
+        let nginx = [0, 0, 1, 0, 2, 0, 0];
+        let picks: Vec<usize> = (0..14).map(|_| b.pick(|_| false).unwrap_or(99)).collect();
+        // nginx's order, from wherever this thread's cursor starts in it.
+        let start =
+            (0..nginx.len()).find(|&k| (0..picks.len()).all(|i| picks[i] == nginx[(k + i) % 7]));
+        assert!(start.is_some(), "{picks:?}");
+    }
+
+    #[test]
+    fn every_threads_picks_split_exactly_and_threads_start_apart() {
+        let b = balancer(&[90, 10]);
+        let (firsts, splits): (Vec<usize>, Vec<bool>) = (0..4)
+            .map(|_| {
+                // One thread after another: consecutive threads, consecutive cursors.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let picks: Vec<usize> =
+                            (0..300).map(|_| b.pick(|_| false).unwrap_or(99)).collect();
+                        let exact = picks
+                            .windows(100)
+                            .all(|w| w.iter().filter(|i| **i == 0).count() == 90);
+                        (picks[..10].to_vec(), exact)
+                    })
+                    .join()
+                    .expect("a picking thread")
+                })
+            })
+            .map(|(first, exact)| (first.iter().position(|&i| i == 1).unwrap_or(99), exact))
+            .unzip();
+        assert!(splits.iter().all(|exact| *exact), "{splits:?}");
+        if per_core() > 1 {
+            // Where each thread's first pick of the small backend falls: not the
+            // same for all, so a burst of first requests on every thread is spread.
+            assert!(firsts.iter().any(|f| *f != firsts[0]), "{firsts:?}");
+        }
     }
 
     #[test]
