@@ -14,6 +14,7 @@
 //!   up and down, the upstream attempt's counter, the route's duration histogram
 //!   and request counter);
 //! - a local rate limit decision (one bucket shared by every thread, as a route's is);
+//! - a route's circuit breaker, admitting and recording a success while Closed;
 //! - a balancer pick (smooth WRR), and a P2C pick with its finish (in-flight count
 //!   up and down, the latency estimate);
 //! - a whole request through the flow (everything above a request touches but the
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use governor::clock::DefaultClock;
 use sluice_policy::{Algorithm, Backend, LoadBalancer, MtlsMode, Protocol, RateLimit};
+use sluice_proxy::breaker::CircuitBreaker;
 use sluice_proxy::endpoints::{Endpoints, EndpointsRule};
 use sluice_proxy::exchange::{
     Action, Direction, Event, Exchange, Observe, Outcome, Record, Request, Side,
@@ -272,6 +274,27 @@ fn endpoints(algorithm: Algorithm) -> Endpoints {
     )
 }
 
+/// A route's circuit breaker on a healthy route (bench/policy.yaml's `items` rule):
+/// admitted while Closed, a success recorded.
+fn breaker(c: &mut Criterion) {
+    let rule = sluice_policy::CircuitBreaker {
+        consecutive_failures: Some(50),
+        error_ratio: Some(0.5),
+        slow_call: None,
+        window: Duration::from_secs(10),
+        min_requests: 100,
+        open_for: Duration::from_secs(5),
+        half_open_requests: 5,
+    };
+    let breaker = CircuitBreaker::new(&rule, Instant::now());
+    let latency = Duration::from_micros(350);
+    shared_row(c, "contention/circuit breaker admit+record", || {
+        let now = Instant::now();
+        let (admission, _) = breaker.admit(now);
+        black_box(breaker.record(now, admission, false, latency));
+    });
+}
+
 /// A backend pick from one policy's endpoints, which every thread shares.
 fn balancer(c: &mut Criterion) {
     let now = Instant::now();
@@ -348,5 +371,5 @@ fn flow(c: &mut Criterion) {
     });
 }
 
-criterion_group!(contention, pool, metrics, limiter, balancer, flow);
+criterion_group!(contention, pool, metrics, limiter, breaker, balancer, flow);
 criterion_main!(contention);
