@@ -8,11 +8,13 @@
 //! sequence is exactly nginx's, so any window of `period` consecutive picks splits
 //! exactly by weight (90/10: any 100 consecutive picks are exactly 90 and 10).
 //!
-//! Each worker thread walks the sequence on a cursor of its own (on its own cache
-//! line), as Envoy's workers each keep their own balancer: one shared cursor was an
-//! add per request on a line every worker wrote. So the exact split holds for the
-//! picks of one thread (a connection's requests, which one thread serves); across
-//! threads, each is at most one period from exact. The cursors start one entry
+//! The sequence is walked by several cursors, one per core (at most 8, each on its
+//! own cache line), a thread using the cursor of its ordinal: each worker thread
+//! has one of its own while there are no more workers than cursors, as Envoy's
+//! workers each keep their own balancer. One shared cursor was an add per request
+//! on a line every worker wrote. So the exact split holds for the consecutive picks
+//! of one cursor (all of a worker's picks, for every connection it serves); across
+//! cursors, each is at most one period from exact. The cursors start one entry
 //! apart, so the first requests on several threads do not all go to the first
 //! backend.
 //!
@@ -79,13 +81,19 @@ impl Balancer {
     /// One backend per weight; `ramping` (slow start) lets [`Balancer::set_weights`]
     /// change them later.
     pub fn new(weights: &[u32], ramping: bool) -> Self {
+        Self::with_cursors(weights, ramping, per_core())
+    }
+
+    /// [`Balancer::new`] with `cursors` cursors (rounded up to a power of two;
+    /// tests choose it, the proxy has one per core).
+    fn with_cursors(weights: &[u32], ramping: bool, cursors: usize) -> Self {
         let sequence = Sequence::new(weights);
         let order = if ramping {
             Order::Ramping(ArcSwap::from_pointee(sequence))
         } else {
             Order::Fixed(sequence)
         };
-        let cursors = per_core().next_power_of_two();
+        let cursors = cursors.max(1).next_power_of_two();
         Balancer {
             order,
             weights: Mutex::new(weights.to_vec()),
@@ -114,15 +122,26 @@ impl Balancer {
     /// The next backend index in the smooth order, skipping those `skip` rejects
     /// (already tried, unhealthy). `None` when every backend is skipped.
     pub fn pick(&self, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        self.pick_on(thread_ordinal() & self.mask, skip)
+    }
+
+    /// [`Balancer::pick`] on cursor `cursor` (< the cursor count).
+    #[inline]
+    fn pick_on(&self, cursor: usize, skip: impl Fn(usize) -> bool) -> Option<usize> {
         match &self.order {
-            Order::Fixed(sequence) => self.pick_in(sequence, skip),
-            Order::Ramping(sequence) => self.pick_in(&sequence.load(), skip),
+            Order::Fixed(sequence) => self.pick_in(sequence, cursor, skip),
+            Order::Ramping(sequence) => self.pick_in(&sequence.load(), cursor, skip),
         }
     }
 
     #[inline]
-    fn pick_in(&self, sequence: &Sequence, skip: impl Fn(usize) -> bool) -> Option<usize> {
-        let cursor = &self.cursors[thread_ordinal() & self.mask];
+    fn pick_in(
+        &self,
+        sequence: &Sequence,
+        cursor: usize,
+        skip: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let cursor = &self.cursors[cursor & self.mask];
         // Bounded: one full period visits every backend with weight > 0.
         for _ in 0..sequence.order.len() {
             let index = usize::from(sequence.at(cursor.fetch_add(1, Ordering::Relaxed))?);
@@ -233,31 +252,25 @@ mod tests {
     }
 
     #[test]
-    fn every_threads_picks_split_exactly_and_threads_start_apart() {
-        let b = balancer(&[90, 10]);
-        let (firsts, splits): (Vec<usize>, Vec<bool>) = (0..4)
-            .map(|_| {
-                // One thread after another: consecutive threads, consecutive cursors.
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        let picks: Vec<usize> =
-                            (0..300).map(|_| b.pick(|_| false).unwrap_or(99)).collect();
-                        let exact = picks
-                            .windows(100)
-                            .all(|w| w.iter().filter(|i| **i == 0).count() == 90);
-                        (picks[..10].to_vec(), exact)
-                    })
-                    .join()
-                    .expect("a picking thread")
-                })
-            })
-            .map(|(first, exact)| (first.iter().position(|&i| i == 1).unwrap_or(99), exact))
-            .unzip();
-        assert!(splits.iter().all(|exact| *exact), "{splits:?}");
-        if per_core() > 1 {
-            // Where each thread's first pick of the small backend falls: not the
-            // same for all, so a burst of first requests on every thread is spread.
-            assert!(firsts.iter().any(|f| *f != firsts[0]), "{firsts:?}");
+    fn every_cursors_picks_split_exactly_and_cursors_start_apart() {
+        let b = Balancer::with_cursors(&[90, 10], false, 4);
+        let mut firsts = Vec::new();
+        for cursor in 0..4 {
+            let picks: Vec<usize> = (0..300)
+                .map(|_| b.pick_on(cursor, |_| false).unwrap_or(99))
+                .collect();
+            for window in picks.windows(100) {
+                assert_eq!(window.iter().filter(|i| **i == 0).count(), 90, "cursor {cursor}");
+            }
+            firsts.push(picks.iter().position(|&i| i == 1));
+        }
+        // Where each cursor's first pick of the small backend falls: not the same
+        // for all, so a burst of first requests on every thread is spread.
+        assert!(firsts.iter().any(|f| *f != firsts[0]), "{firsts:?}");
+        // A thread picks on one cursor, always the same.
+        let mine: Vec<usize> = (0..300).map(|_| b.pick(|_| false).unwrap_or(99)).collect();
+        for window in mine.windows(100) {
+            assert_eq!(window.iter().filter(|i| **i == 0).count(), 90);
         }
     }
 

@@ -33,9 +33,13 @@
 //! from an atomic, and a success clears the consecutive-failure count only when it
 //! is not already 0. The windows are summed for a decision only when the window can
 //! trip: after a failure or a slow call, and after a success while one of those is
-//! still in the window (a success can reach `minRequests`). A request recorded in
-//! the instant a trip resets the windows may land in the fresh window, as one
-//! admitted before a trip and finishing after the breaker closed again does.
+//! still in the window and the window may still be short of `minRequests` (a
+//! success lowers both ratios otherwise: at most one sum per slice of the window
+//! for a route with a steady trickle of failures). A decision is taken for the
+//! window it summed: one that a reset overtook (the breaker tripped and closed
+//! again meanwhile) is dropped. A request recorded in the instant a trip resets
+//! the windows may land in the fresh window, as one admitted before a trip and
+//! finishing after the breaker closed again does.
 //!
 //! The caller must end every `Allowed` or `Probe` admission with exactly one
 //! [`CircuitBreaker::record`] or [`CircuitBreaker::cancel`]; a probe that is never
@@ -117,6 +121,16 @@ struct Bucket {
 /// One thread's share of the sliding window.
 type Window = [Bucket; BUCKETS];
 
+/// What a sum of the window found.
+enum Reading {
+    /// A trigger is reached.
+    Trip,
+    /// `minRequests` reached, no trigger: no success in this slice can trip it.
+    Full,
+    /// Short of `minRequests` (or no ratio trigger): a later outcome may trip it.
+    Short,
+}
+
 #[derive(Debug)]
 struct Inner {
     state: BreakerState,
@@ -143,6 +157,11 @@ pub struct CircuitBreaker {
     /// One more than the window slice of the latest failure or slow call (0: none
     /// since the window was last reset).
     last_bad: AtomicU64,
+    /// One more than the slice in which a sum found `minRequests` reached without
+    /// tripping (0: none since the last reset): successes in that slice need no sum.
+    checked: AtomicU64,
+    /// Resets of the window so far: a decision stands only for the window it summed.
+    generation: AtomicU64,
     /// The window, a share per thread (`thread_ordinal() & mask`); a power of two.
     windows: Box<[CacheLine<Mutex<Window>>]>,
     mask: usize,
@@ -151,8 +170,14 @@ pub struct CircuitBreaker {
 
 impl CircuitBreaker {
     pub fn new(rule: &sluice_policy::CircuitBreaker, now: Instant) -> Self {
+        Self::with_windows(rule, now, per_core())
+    }
+
+    /// A breaker whose window is kept in `windows` shares (rounded up to a power
+    /// of two; tests choose it, the proxy has one per core).
+    fn with_windows(rule: &sluice_policy::CircuitBreaker, now: Instant, windows: usize) -> Self {
         let width_nanos = (rule.window.as_nanos() / BUCKETS as u128).max(1);
-        let windows = per_core().next_power_of_two();
+        let windows = windows.max(1).next_power_of_two();
         CircuitBreaker {
             rule: rule.clone(),
             origin: now,
@@ -160,6 +185,8 @@ impl CircuitBreaker {
             state: AtomicU8::new(BreakerState::Closed as u8),
             consecutive: AtomicU32::new(0),
             last_bad: AtomicU64::new(0),
+            checked: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             windows: (0..windows)
                 .map(|_| CacheLine(Mutex::new([Bucket::default(); BUCKETS])))
                 .collect(),
@@ -316,13 +343,28 @@ impl CircuitBreaker {
             if last_bad == 0 || current.saturating_sub(last_bad - 1) >= BUCKETS as u64 {
                 return None;
             }
+            if self.checked.load(Ordering::Relaxed) == current.saturating_add(1) {
+                return None;
+            }
         }
-        if !self.should_trip(consecutive, current) {
-            return None;
+        let generation = self.generation.load(Ordering::Acquire);
+        match self.should_trip(consecutive, current) {
+            Reading::Trip => {}
+            Reading::Full => {
+                if self.checked.load(Ordering::Relaxed) != current.saturating_add(1) {
+                    self.checked
+                        .store(current.saturating_add(1), Ordering::Relaxed);
+                }
+                return None;
+            }
+            Reading::Short => return None,
         }
         let mut inner = self.lock();
-        // Another thread tripped it meanwhile: one transition.
-        if inner.state != BreakerState::Closed {
+        // Another thread tripped it meanwhile (one transition), or the window
+        // summed is gone (tripped and closed again since): no decision.
+        if inner.state != BreakerState::Closed
+            || self.generation.load(Ordering::Acquire) != generation
+        {
             return None;
         }
         inner.opened_at = now;
@@ -330,14 +372,14 @@ impl CircuitBreaker {
         self.set_state(&mut inner, BreakerState::Open)
     }
 
-    fn should_trip(&self, consecutive: u32, current: u64) -> bool {
+    fn should_trip(&self, consecutive: u32, current: u64) -> Reading {
         if let Some(n) = self.rule.consecutive_failures {
             if consecutive >= n {
-                return true;
+                return Reading::Trip;
             }
         }
         if self.rule.error_ratio.is_none() && self.rule.slow_call.is_none() {
-            return false;
+            return Reading::Short;
         }
         let (mut total, mut failures, mut slow) = (0u64, 0u64, 0u64);
         // A bucket is in the window if it counts one of the last BUCKETS slices;
@@ -351,18 +393,24 @@ impl CircuitBreaker {
             }
         }
         if total == 0 || total < u64::from(self.rule.min_requests) {
-            return false;
+            return Reading::Short;
         }
         let ratio_reached =
             |count: u64, ratio: f64| count > 0 && count as f64 / total as f64 >= ratio;
-        self.rule
+        let trip = self
+            .rule
             .error_ratio
             .is_some_and(|r| ratio_reached(failures, r))
             || self
                 .rule
                 .slow_call
                 .as_ref()
-                .is_some_and(|s| ratio_reached(slow, s.ratio))
+                .is_some_and(|s| ratio_reached(slow, s.ratio));
+        if trip {
+            Reading::Trip
+        } else {
+            Reading::Full
+        }
     }
 
     fn is_slow(&self, latency: Duration) -> bool {
@@ -386,6 +434,8 @@ impl CircuitBreaker {
         }
         self.consecutive.store(0, Ordering::Relaxed);
         self.last_bad.store(0, Ordering::Relaxed);
+        self.checked.store(0, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn set_state(&self, inner: &mut Inner, to: BreakerState) -> Option<Transition> {

@@ -25,7 +25,13 @@
 //! request took a token from the bucket), and a lease is never wasted. When the
 //! bucket has fewer tokens than a lease, requests draw one token each, exactly.
 //! The `RateLimit-Remaining` of a leased request is the bucket's at the lease plus
-//! what the lease has left.
+//! what the lease has left. Tokens a thread holds are not in the bucket for the
+//! others: while one thread is idle, the rest can pass up to its lease (at most
+//! burst/8 over all threads) fewer at once, as many more later. At the limit,
+//! where the bucket rarely holds a lease's worth, a request tries a lease (a read
+//! of the bucket's word, no write) and then takes its one token. Connection rates
+//! of opaque TCP (`tcplimit`) take no leases ([`RouteLimiter::exact`]): a check per
+//! connection is not worth an approximation.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -120,7 +126,17 @@ impl<C: Clock + Clone> RouteLimiter<C>
 where
     C::Instant: governor::clock::Reference,
 {
+    /// A limiter for `rule`, drawn in leases where the rate allows them.
     pub fn new(rule: &RateLimit, clock: C) -> Self {
+        Self::build(rule, clock, true)
+    }
+
+    /// A limiter for `rule` that takes every token from the bucket, one per check.
+    pub fn exact(rule: &RateLimit, clock: C) -> Self {
+        Self::build(rule, clock, false)
+    }
+
+    fn build(rule: &RateLimit, clock: C, leased: bool) -> Self {
         // The model guarantees rps > 0 and finite and burst >= 1.
         let period =
             Duration::from_secs_f64(1.0 / rule.requests_per_second).max(Duration::from_nanos(1));
@@ -147,8 +163,8 @@ where
             }
         };
         let leases = match &buckets {
-            Buckets::Single(_) => Leases::for_rule(rule),
-            Buckets::PerKey(..) => None,
+            Buckets::Single(_) if leased => Leases::for_rule(rule),
+            _ => None,
         };
         RouteLimiter {
             rule: rule.clone(),
@@ -499,6 +515,12 @@ mod tests {
         // A millisecond of the rate.
         let leases = Leases::for_rule(&rule(5000.0, 1_000_000, None)).expect("a lease");
         assert_eq!(leases.size.get(), 5);
+    }
+
+    #[test]
+    fn an_exact_limiter_takes_no_leases_whatever_its_rate() {
+        let limiter = RouteLimiter::exact(&rule(1e9, 1_000_000, None), FakeRelativeClock::default());
+        assert!(limiter.leases.is_none());
     }
 
     #[test]

@@ -20,10 +20,18 @@ const MAX_PER_CORE: usize = 8;
 /// Shards for state sharded by core: one per core this process may run on (its
 /// affinity and cgroup quota count), at most 8. More shards than cores buy
 /// nothing: at most one thread per core runs at once.
+///
+/// Read once per process: std reads the cgroup's files for the quota on every
+/// call, and every breaker, balancer and limiter of a snapshot asks (10,000
+/// services' worth on a reload), as does a request making a counter's first
+/// handle. A process constant, like the core count it stands for.
 pub fn per_core() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(MAX_PER_CORE)
+    static PER_CORE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PER_CORE.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_PER_CORE)
+    })
 }
 
 /// The calling thread's ordinal: the sequence number std gives each thread it

@@ -94,7 +94,7 @@ where
             rate: rule
                 .connection_rate
                 .as_ref()
-                .map(|r| Arc::new(RouteLimiter::new(r, clock))),
+                .map(|r| Arc::new(RouteLimiter::exact(r, clock))),
         }
     }
 

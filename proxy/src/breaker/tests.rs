@@ -301,9 +301,16 @@ proptest! {
     }
 }
 
+/// [`breaker`] with its window in 4 shares, whatever the machine's cores (threads
+/// spawned one after another use different shares).
+fn sharded(tune: impl FnOnce(&mut sluice_policy::CircuitBreaker)) -> (CircuitBreaker, Instant) {
+    let (b, t0) = breaker(tune);
+    (CircuitBreaker::with_windows(b.rule(), t0, 4), t0)
+}
+
 #[test]
 fn outcomes_counted_on_other_threads_are_in_the_window_a_decision_sums() {
-    let (b, t0) = breaker(|r| {
+    let (b, t0) = sharded(|r| {
         r.error_ratio = Some(0.5);
         r.min_requests = 20;
     });
@@ -329,7 +336,7 @@ fn outcomes_counted_on_other_threads_are_in_the_window_a_decision_sums() {
 
 #[test]
 fn a_trip_empties_every_threads_share_of_the_window() {
-    let (b, t0) = breaker(|r| {
+    let (b, t0) = sharded(|r| {
         r.error_ratio = Some(0.5);
         r.min_requests = 4;
         r.open_for = Duration::from_secs(1);
@@ -355,4 +362,23 @@ fn a_trip_empties_every_threads_share_of_the_window() {
         assert_eq!(call(&b, probe_at, true, MS), None);
     }
     assert_eq!(b.state(), Closed);
+}
+
+#[test]
+fn a_success_trips_when_older_successes_age_out_of_the_window() {
+    let (b, t0) = breaker(|r| r.error_ratio = Some(0.5));
+    for _ in 0..10 {
+        assert_eq!(call(&b, t0, false, MS), None);
+    }
+    // A slice later: 9 failures of 19, and successes in this slice (already at
+    // minRequests) change nothing.
+    let t1 = t0 + Duration::from_secs(1);
+    for _ in 0..9 {
+        assert_eq!(call(&b, t1, true, MS), None);
+    }
+    assert_eq!(call(&b, t1, false, MS), None);
+    assert_eq!(b.state(), Closed);
+    // The first slice leaves the window: 9 failures of 11 with this success.
+    let t10 = t0 + Duration::from_secs(10);
+    assert_eq!(call(&b, t10, false, MS), moved(Closed, Open));
 }
