@@ -260,7 +260,11 @@ mod tests {
                 .map(|_| b.pick_on(cursor, |_| false).unwrap_or(99))
                 .collect();
             for window in picks.windows(100) {
-                assert_eq!(window.iter().filter(|i| **i == 0).count(), 90, "cursor {cursor}");
+                assert_eq!(
+                    window.iter().filter(|i| **i == 0).count(),
+                    90,
+                    "cursor {cursor}"
+                );
             }
             firsts.push(picks.iter().position(|&i| i == 1));
         }

@@ -519,7 +519,8 @@ mod tests {
 
     #[test]
     fn an_exact_limiter_takes_no_leases_whatever_its_rate() {
-        let limiter = RouteLimiter::exact(&rule(1e9, 1_000_000, None), FakeRelativeClock::default());
+        let limiter =
+            RouteLimiter::exact(&rule(1e9, 1_000_000, None), FakeRelativeClock::default());
         assert!(limiter.leases.is_none());
     }
 
