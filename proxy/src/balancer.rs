@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
-use crate::shard::{per_core, thread_ordinal, CacheLine};
+use crate::shard::{per_core, thread_ordinal, PerThread};
 
 /// Longest precomputed sequence (2 bytes per entry: 128 KiB at most).
 pub const MAX_PERIOD: u64 = 1 << 16;
@@ -70,11 +70,10 @@ enum Order {
 pub struct Balancer {
     order: Order,
     weights: Mutex<Vec<u32>>,
-    /// A cursor per thread (`thread_ordinal() & mask`; a power of two of them):
-    /// picks so far, from its start, wrapping at 2^32: once in four billion picks
-    /// the order jumps (2^32 is rarely a multiple of the period), a one-pick glitch.
-    cursors: Box<[CacheLine<AtomicU32>]>,
-    mask: usize,
+    /// A cursor per thread: picks so far, from its start, wrapping at 2^32: once
+    /// in four billion picks the order jumps (2^32 is rarely a multiple of the
+    /// period), a one-pick glitch.
+    cursors: PerThread<AtomicU32>,
 }
 
 impl Balancer {
@@ -93,14 +92,10 @@ impl Balancer {
         } else {
             Order::Fixed(sequence)
         };
-        let cursors = cursors.max(1).next_power_of_two();
         Balancer {
             order,
             weights: Mutex::new(weights.to_vec()),
-            cursors: (0..cursors)
-                .map(|start| CacheLine(AtomicU32::new(start as u32)))
-                .collect(),
-            mask: cursors - 1,
+            cursors: PerThread::new(cursors, |start| AtomicU32::new(start as u32)),
         }
     }
 
@@ -122,10 +117,10 @@ impl Balancer {
     /// The next backend index in the smooth order, skipping those `skip` rejects
     /// (already tried, unhealthy). `None` when every backend is skipped.
     pub fn pick(&self, skip: impl Fn(usize) -> bool) -> Option<usize> {
-        self.pick_on(thread_ordinal() & self.mask, skip)
+        self.pick_on(thread_ordinal(), skip)
     }
 
-    /// [`Balancer::pick`] on cursor `cursor` (< the cursor count).
+    /// [`Balancer::pick`] on cursor `cursor` (modulo the cursor count).
     #[inline]
     fn pick_on(&self, cursor: usize, skip: impl Fn(usize) -> bool) -> Option<usize> {
         match &self.order {
@@ -141,7 +136,7 @@ impl Balancer {
         cursor: usize,
         skip: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let cursor = &self.cursors[cursor & self.mask];
+        let cursor = self.cursors.get(cursor);
         // Bounded: one full period visits every backend with weight > 0.
         for _ in 0..sequence.order.len() {
             let index = usize::from(sequence.at(cursor.fetch_add(1, Ordering::Relaxed))?);

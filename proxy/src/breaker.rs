@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::shard::{per_core, thread_ordinal, CacheLine};
+use crate::shard::{per_core, PerThread};
 
 /// Time buckets per window: a tenth-of-a-window resolution is plenty for a breaker,
 /// and keeps memory fixed whatever the traffic.
@@ -162,9 +162,8 @@ pub struct CircuitBreaker {
     checked: AtomicU64,
     /// Resets of the window so far: a decision stands only for the window it summed.
     generation: AtomicU64,
-    /// The window, a share per thread (`thread_ordinal() & mask`); a power of two.
-    windows: Box<[CacheLine<Mutex<Window>>]>,
-    mask: usize,
+    /// The window, a share per thread.
+    windows: PerThread<Mutex<Window>>,
     inner: Mutex<Inner>,
 }
 
@@ -177,7 +176,6 @@ impl CircuitBreaker {
     /// of two; tests choose it, the proxy has one per core).
     fn with_windows(rule: &sluice_policy::CircuitBreaker, now: Instant, windows: usize) -> Self {
         let width_nanos = (rule.window.as_nanos() / BUCKETS as u128).max(1);
-        let windows = windows.max(1).next_power_of_two();
         CircuitBreaker {
             rule: rule.clone(),
             origin: now,
@@ -187,10 +185,7 @@ impl CircuitBreaker {
             last_bad: AtomicU64::new(0),
             checked: AtomicU64::new(0),
             generation: AtomicU64::new(0),
-            windows: (0..windows)
-                .map(|_| CacheLine(Mutex::new([Bucket::default(); BUCKETS])))
-                .collect(),
-            mask: windows - 1,
+            windows: PerThread::new(windows, |_| Mutex::new([Bucket::default(); BUCKETS])),
             inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
                 opened_at: now,
@@ -310,7 +305,7 @@ impl CircuitBreaker {
         let slow = self.is_slow(latency);
         let current = self.bucket_index(now);
         {
-            let mut window = lock(&self.windows[thread_ordinal() & self.mask]);
+            let mut window = lock(self.windows.mine());
             let bucket = &mut window[(current % BUCKETS as u64) as usize];
             if bucket.index != current {
                 *bucket = Bucket {

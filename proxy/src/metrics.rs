@@ -32,7 +32,7 @@ use prometheus::{
 
 use crate::exemplar::Exemplar;
 use crate::openmetrics;
-use crate::shard::{per_core, thread_ordinal, CacheLine};
+use crate::shard::PerThread;
 
 /// How long a route or a policy keeps its series without traffic (`--metrics-idle`
 /// overrides it). Longer than any scrape interval and than the windows dashboards
@@ -585,28 +585,24 @@ impl CounterCache {
 /// stays for the next), or by the tally's drop. A scrape reads every count added
 /// before it began; one added during it may show at the next.
 ///
-/// Cost: a tally is [`per_core`] lines of 128 bytes (at most 1 KiB) where the
+/// Cost: a tally is [`per_core`](crate::shard::per_core) lines of 128 bytes (at most 1 KiB) where the
 /// counter handle was one pointer: ~10 MiB for 10,000 series in use at once.
 pub struct Tally {
     counter: IntCounter,
-    /// A power of two of lines ([`per_core`]); a thread counts on
-    /// `thread_ordinal() & mask`.
-    lines: Box<[CacheLine<AtomicU64>]>,
-    mask: usize,
+    /// A line per thread ([`per_core`](crate::shard::per_core) of them).
+    lines: PerThread<AtomicU64>,
 }
 
 impl Tally {
     fn new(counter: IntCounter) -> Self {
-        let lines = per_core().next_power_of_two();
         Tally {
             counter,
-            lines: (0..lines).map(|_| CacheLine(AtomicU64::new(0))).collect(),
-            mask: lines - 1,
+            lines: PerThread::per_core(|_| AtomicU64::new(0)),
         }
     }
 
     pub fn inc(&self) {
-        self.lines[thread_ordinal() & self.mask].fetch_add(1, Ordering::Relaxed);
+        self.lines.mine().fetch_add(1, Ordering::Relaxed);
     }
 
     /// Moves what the lines hold into the series.

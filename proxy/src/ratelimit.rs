@@ -47,7 +47,7 @@ use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use sluice_policy::{Key, RateLimit};
 
-use crate::shard::{per_core, thread_ordinal, CacheLine};
+use crate::shard::{per_core, PerThread};
 
 /// Most tokens a thread takes from a route's bucket at once.
 pub const MAX_LEASE: u32 = 32;
@@ -98,9 +98,8 @@ struct Lease {
 struct Leases {
     /// Tokens per lease (at least 2).
     size: NonZeroU32,
-    /// A lease per thread (`thread_ordinal() & mask`; a power of two of them).
-    lines: Box<[CacheLine<Mutex<Lease>>]>,
-    mask: usize,
+    /// A lease per thread.
+    lines: PerThread<Mutex<Lease>>,
 }
 
 impl Leases {
@@ -114,10 +113,7 @@ impl Leases {
         let size = NonZeroU32::new(size).filter(|n| n.get() >= 2)?;
         Some(Leases {
             size,
-            lines: (0..threads)
-                .map(|_| CacheLine(Mutex::new(Lease::default())))
-                .collect(),
-            mask: threads - 1,
+            lines: PerThread::new(threads, |_| Mutex::new(Lease::default())),
         })
     }
 }
@@ -209,7 +205,9 @@ where
         let Some(leases) = &self.leases else {
             return self.decision(limiter.check());
         };
-        let mut lease = leases.lines[thread_ordinal() & leases.mask]
+        let mut lease = leases
+            .lines
+            .mine()
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if lease.left == 0 {

@@ -83,6 +83,47 @@ impl<T> DerefMut for CacheLine<T> {
     }
 }
 
+/// A value per thread, each on its own cache line: a power of two of them, a
+/// thread using the one of its ordinal ([`PerThread::mine`]). Threads beyond the
+/// count share (correctly, with the traffic of a shared line between them).
+#[derive(Debug)]
+pub struct PerThread<T> {
+    lines: Box<[CacheLine<T>]>,
+    mask: usize,
+}
+
+impl<T> PerThread<T> {
+    /// `count` values (at least one, rounded up to a power of two), the `i`th
+    /// made by `make(i)`.
+    pub fn new(count: usize, mut make: impl FnMut(usize) -> T) -> Self {
+        let count = count.max(1).next_power_of_two();
+        PerThread {
+            lines: (0..count).map(|i| CacheLine(make(i))).collect(),
+            mask: count - 1,
+        }
+    }
+
+    /// One per core ([`per_core`]).
+    pub fn per_core(make: impl FnMut(usize) -> T) -> Self {
+        Self::new(per_core(), make)
+    }
+
+    /// The calling thread's.
+    pub fn mine(&self) -> &T {
+        self.get(thread_ordinal())
+    }
+
+    /// The `i`th, modulo the count.
+    pub fn get(&self, i: usize) -> &T {
+        &self.lines[i & self.mask]
+    }
+
+    /// Every thread's, for a reader that sums or resets them.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.lines.iter().map(|line| &line.0)
+    }
+}
+
 /// Shards of [`InFlight`] (a power of two).
 const IN_FLIGHT_SHARDS: usize = 8;
 
@@ -135,7 +176,7 @@ impl InFlight {
 
 #[cfg(test)]
 mod tests {
-    use super::{ordinal_of, thread_ordinal, CacheLine, InFlight};
+    use super::{ordinal_of, thread_ordinal, CacheLine, InFlight, PerThread};
 
     #[test]
     fn requests_in_flight_are_counted_across_threads_and_shards() {
@@ -169,6 +210,15 @@ mod tests {
     fn the_ordinal_is_std_s_thread_number() {
         let id = std::thread::current().id();
         assert_eq!(format!("ThreadId({})", ordinal_of(id)), format!("{id:?}"));
+    }
+
+    #[test]
+    fn per_thread_values_are_a_power_of_two_indexed_modulo_their_count() {
+        let values = PerThread::new(3, |i| i);
+        assert_eq!(values.iter().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(*values.get(5), 1);
+        assert_eq!(*values.mine(), thread_ordinal() % 4);
+        assert_eq!(PerThread::new(0, |i| i).iter().count(), 1);
     }
 
     #[test]
