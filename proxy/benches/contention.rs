@@ -17,6 +17,8 @@
 //! - a route's circuit breaker, admitting and recording a success while Closed;
 //! - a balancer pick (smooth WRR), and a P2C pick with its finish (in-flight count
 //!   up and down, the latency estimate);
+//! - the references every request takes: to the proxy's shared state and to the
+//!   live snapshot (on the `Arc`s, and on per-thread handles as the flow does);
 //! - a whole request through the flow (everything above a request touches but the
 //!   pool, and what the rows leave out), without sockets.
 
@@ -37,6 +39,7 @@ use sluice_proxy::exchange::{
 use sluice_proxy::pool::Pool;
 use sluice_proxy::ratelimit::RouteLimiter;
 use sluice_proxy::runtime::Runtime;
+use sluice_proxy::shard::{Handle, Handles};
 use sluice_proxy::shared::Shared;
 use sluice_proxy::verdict::Verdict;
 
@@ -205,6 +208,7 @@ fn metrics(c: &mut Criterion) {
     let policy = &runtime.policies[policy];
     let endpoints = policy.endpoints_of(route);
     let route = &policy.routes[route];
+    let shared = Handle::new(shared);
     shared_row(c, "contention/request metrics", || {
         let ticket = shared.begin();
         shared.upstream(policy, endpoints, 0, Outcome::Success);
@@ -328,11 +332,12 @@ fn flow(c: &mut Criterion) {
     };
     let req = BenchRequest;
     let side = &side;
+    let observers = Handles::new(&shared);
     let one = |shared: &Arc<Shared>| {
         let now = Instant::now();
-        let mut exchange = Exchange::new(Arc::clone(shared), now);
+        let mut exchange = Exchange::new(observers.mine(), now);
         let arrived = Event::Arrived {
-            runtime: shared.runtime.load_full(),
+            runtime: shared.snapshot(),
             side,
             original_dst: None,
             h2c: true,
@@ -359,13 +364,27 @@ fn flow(c: &mut Criterion) {
         "{connect:?} {relay:?}"
     );
     // What every request's exchange takes and drops: a reference to the shared
-    // state and one to the live snapshot (two atomic adds and two subtracts on
-    // lines every thread writes).
-    shared_row(c, "contention/request references (state, snapshot)", || {
-        let state = black_box(Arc::clone(&shared));
-        let snapshot = black_box(shared.runtime.load_full());
-        drop((state, snapshot));
-    });
+    // state and one to the live snapshot. Counted on their `Arc`s (as before the
+    // per-thread handles: two adds and two subtracts on lines every thread
+    // writes), and as the exchange takes them now (on the thread's own lines).
+    shared_row(
+        c,
+        "contention/request references (state, snapshot), on the Arcs",
+        || {
+            let state = black_box(Arc::clone(&shared));
+            let snapshot = black_box(shared.runtime.load_full());
+            drop((state, snapshot));
+        },
+    );
+    shared_row(
+        c,
+        "contention/request references (state, snapshot), per-thread handles",
+        || {
+            let state = black_box(observers.mine());
+            let snapshot = black_box(shared.snapshot());
+            drop((state, snapshot));
+        },
+    );
     shared_row(c, "contention/whole request flow", || {
         black_box(one(&shared));
     });

@@ -40,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::exchange::Exchange;
 use crate::identity::PeerIdentity;
+use crate::shard::Handle;
 use crate::shared::Shared;
 
 /// What pingora reads in place of a refused head. Its values matter to no one:
@@ -54,7 +55,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// backends speak h2c), for pingora's phases to go on with instead of routing
 /// the request again, maybe on a newer snapshot.
 #[derive(Default)]
-struct Handed(std::sync::Mutex<Option<Exchange<Arc<Shared>>>>);
+struct Handed(std::sync::Mutex<Option<Exchange<Handle<Shared>>>>);
 
 impl std::fmt::Debug for Handed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,7 +104,7 @@ impl Front {
     }
 
     /// The first request's exchange, already routed by the fast path.
-    pub fn with_exchange(self, exchange: Exchange<Arc<Shared>>) -> Self {
+    pub fn with_exchange(self, exchange: Exchange<Handle<Shared>>) -> Self {
         *self.handed.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(exchange);
         self
     }
@@ -152,7 +153,9 @@ pub fn peer_identity(stream: Option<&pingora::protocols::Stream>) -> Option<&Pee
 }
 
 /// The exchange the fast path handed over with this connection, once.
-pub fn take_exchange(stream: Option<&pingora::protocols::Stream>) -> Option<Exchange<Arc<Shared>>> {
+pub fn take_exchange(
+    stream: Option<&pingora::protocols::Stream>,
+) -> Option<Exchange<Handle<Shared>>> {
     let front = stream?.as_any().downcast_ref::<Front>()?;
     front
         .handed

@@ -653,18 +653,18 @@ fn main() -> ExitCode {
         timeout: args.detect_timeout,
         idle_timeout: args.tcp_idle_timeout,
     });
-    let outbound = SluiceProxy {
-        shared: Arc::clone(&shared),
-        side: Side {
+    let outbound = SluiceProxy::new(
+        Arc::clone(&shared),
+        Side {
             direction: Direction::Outbound,
             inbound_policy: None,
             inbound_app: None,
             own_ports: own_ports.clone(),
             mtls_default: args.mtls_mode.mode(),
         },
-        transparent: args.transparent,
-        detect: detect.clone(),
-    };
+        args.transparent,
+        detect.clone(),
+    );
     let Listeners {
         listen,
         admin,
@@ -677,18 +677,18 @@ fn main() -> ExitCode {
         .collect();
     add_listener(&mut server, &args, outbound, listen);
     if let Some(inbound_socket) = inbound {
-        let inbound = SluiceProxy {
-            shared: Arc::clone(&shared),
-            side: Side {
+        let inbound = SluiceProxy::new(
+            Arc::clone(&shared),
+            Side {
                 direction: Direction::Inbound,
                 inbound_policy: args.inbound_policy.clone(),
                 inbound_app: args.app,
                 own_ports,
                 mtls_default: args.mtls_mode.mode(),
             },
-            transparent: args.transparent,
+            args.transparent,
             detect,
-        };
+        );
         add_listener(&mut server, &args, inbound, inbound_socket);
     }
     for (name, bound, scope) in [

@@ -22,12 +22,16 @@ use crate::exchange::{
 };
 use crate::front;
 use crate::respond::respond;
+use crate::shard::{Handle, Handles};
 use crate::shared::Shared;
 
 /// One listener's flow: pingora's `ProxyHttp`, and what the fast path runs too.
 #[derive(Clone)]
 pub struct SluiceProxy {
     pub shared: Arc<Shared>,
+    /// References to `shared` for the exchanges, one per thread (see
+    /// [`Handles`]).
+    observers: Arc<Handles<Shared>>,
     pub side: Side,
     /// Connections arrive by iptables REDIRECT: use their original destination.
     pub transparent: bool,
@@ -37,9 +41,24 @@ pub struct SluiceProxy {
 }
 
 impl SluiceProxy {
+    pub fn new(
+        shared: Arc<Shared>,
+        side: Side,
+        transparent: bool,
+        detect: Option<crate::detect::Detection>,
+    ) -> Self {
+        SluiceProxy {
+            observers: Arc::new(Handles::new(&shared)),
+            shared,
+            side,
+            transparent,
+            detect,
+        }
+    }
+
     /// A fresh exchange, counted in flight until it is dropped.
-    pub fn exchange(&self, now: Instant) -> Exchange<Arc<Shared>> {
-        Exchange::new(Arc::clone(&self.shared), now)
+    pub fn exchange(&self, now: Instant) -> Exchange<Handle<Shared>> {
+        Exchange::new(self.observers.mine(), now)
     }
 
     /// Before routing an outbound request: when policies are discovered on demand
@@ -82,7 +101,7 @@ impl SluiceProxy {
         undiscovered: bool,
     ) -> Event<'_> {
         Event::Arrived {
-            runtime: self.shared.runtime.load_full(),
+            runtime: self.shared.snapshot(),
             side: &self.side,
             original_dst,
             h2c,
@@ -94,7 +113,7 @@ impl SluiceProxy {
 /// A request's state across pingora's phases: its exchange, and what the last
 /// event asked for that a later phase carries out.
 pub struct Ctx {
-    exchange: Exchange<Arc<Shared>>,
+    exchange: Exchange<Handle<Shared>>,
     /// The peer the next `upstream_peer` returns.
     next: Option<Peer>,
     /// The answer `fail_to_proxy` writes.

@@ -13,6 +13,9 @@
 use std::hash::{Hash, Hasher};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::{ArcSwap, Guard};
 
 /// Most shards a per-thread structure sized by cores gets.
 const MAX_PER_CORE: usize = 8;
@@ -124,6 +127,110 @@ impl<T> PerThread<T> {
     }
 }
 
+/// A reference to a `T` every thread shares, counted on a cache line of its own:
+/// cloning and dropping it writes that line, not the counts of the `T`'s `Arc`,
+/// which every thread would write. A request takes one from its thread
+/// ([`Handles::mine`], [`Pins::pin`]), so the counts it writes stay in its core's
+/// cache (issue 23: the shared state's and the snapshot's `Arc` counts were the
+/// last lines every request wrote).
+pub struct Handle<T>(Arc<CacheLine<Arc<T>>>);
+
+impl<T> Handle<T> {
+    /// A handle counted on a line of its own (requests take their thread's instead).
+    pub fn new(value: Arc<T>) -> Self {
+        Handle(Arc::new(CacheLine(value)))
+    }
+
+    /// The value's own `Arc`, for what must outlive every handle.
+    pub fn arc(&self) -> &Arc<T> {
+        &self.0 .0
+    }
+}
+
+impl<T> Clone for Handle<T> {
+    fn clone(&self) -> Self {
+        Handle(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Deref for Handle<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0 .0
+    }
+}
+
+/// A [`Handle`] per thread of a value that does not change (a listener's shared
+/// state).
+pub struct Handles<T> {
+    handles: PerThread<Handle<T>>,
+}
+
+impl<T> Handles<T> {
+    /// One per core ([`per_core`]).
+    pub fn new(value: &Arc<T>) -> Self {
+        Handles {
+            handles: PerThread::per_core(|_| Handle::new(Arc::clone(value))),
+        }
+    }
+
+    /// A handle counted on the calling thread's line.
+    pub fn mine(&self) -> Handle<T> {
+        self.handles.mine().clone()
+    }
+}
+
+/// A [`Handle`] per thread of whatever value an `ArcSwap` holds now (the live
+/// snapshot): a request pins its thread's, which is replaced when the `ArcSwap`'s
+/// value changed since that thread last pinned.
+///
+/// Each thread's handle keeps the value it pinned alive until the thread's next
+/// pin or [`Pins::clear`], which whoever swaps the value calls, so an old value
+/// (a whole snapshot) is not kept by an idle thread.
+pub struct Pins<T> {
+    slots: PerThread<Mutex<Option<Handle<T>>>>,
+}
+
+impl<T> Default for Pins<T> {
+    fn default() -> Self {
+        Pins {
+            slots: PerThread::per_core(|_| Mutex::new(None)),
+        }
+    }
+}
+
+impl<T> Pins<T> {
+    /// A handle of `current`'s value now, counted on the calling thread's line.
+    pub fn pin(&self, current: &ArcSwap<T>) -> Handle<T> {
+        let now = current.load();
+        // The thread's own lock: only `clear` (on a swap) ever waits on it.
+        let mut slot = self
+            .slots
+            .mine()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &*slot {
+            // The same allocation: the pinned handle keeps it alive, so its
+            // address cannot have been reused by a newer value.
+            Some(pinned) if Arc::ptr_eq(pinned.arc(), &now) => pinned.clone(),
+            _ => {
+                let pinned = Handle::new(Guard::into_inner(now));
+                *slot = Some(pinned.clone());
+                pinned
+            }
+        }
+    }
+
+    /// Lets go of every thread's handle (after a swap: requests pin the new value;
+    /// those in flight keep the old one until they end).
+    pub fn clear(&self) {
+        for slot in self.slots.iter() {
+            drop(slot.lock().unwrap_or_else(PoisonError::into_inner).take());
+        }
+    }
+}
+
 /// Shards of [`InFlight`] (a power of two).
 const IN_FLIGHT_SHARDS: usize = 8;
 
@@ -176,7 +283,13 @@ impl InFlight {
 
 #[cfg(test)]
 mod tests {
-    use super::{ordinal_of, thread_ordinal, CacheLine, InFlight, PerThread};
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+
+    use super::{
+        ordinal_of, thread_ordinal, CacheLine, Handle, Handles, InFlight, PerThread, Pins,
+    };
 
     #[test]
     fn requests_in_flight_are_counted_across_threads_and_shards() {
@@ -219,6 +332,64 @@ mod tests {
         assert_eq!(*values.get(5), 1);
         assert_eq!(*values.mine(), thread_ordinal() % 4);
         assert_eq!(PerThread::new(0, |i| i).iter().count(), 1);
+    }
+
+    #[test]
+    fn handles_are_counted_on_their_own_line_not_on_the_values_arc() {
+        let value = Arc::new(7);
+        let handles = Handles::new(&value);
+        let counts = Arc::strong_count(&value);
+        let mine: Vec<Handle<i32>> = (0..100).map(|_| handles.mine()).collect();
+        // A hundred references a request each would have taken, and the value's
+        // own count (the line every thread shares) never moved.
+        assert_eq!(Arc::strong_count(&value), counts);
+        assert!(mine
+            .iter()
+            .all(|h| **h == 7 && Arc::ptr_eq(h.arc(), &value)));
+        // Another thread's handle is another line (with at least two lines).
+        let theirs = std::thread::spawn({
+            let handles = Arc::new(handles);
+            move || handles.mine()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(*theirs, 7);
+    }
+
+    #[test]
+    fn a_pin_follows_the_swapped_value_and_a_clear_lets_the_old_one_go() {
+        let current = ArcSwap::from_pointee(String::from("first"));
+        let pins = Pins::default();
+        let first = pins.pin(&current);
+        assert_eq!(*first, "first");
+        // Pinned again on this thread: the same handle, no new count on the value.
+        let counts = Arc::strong_count(first.arc());
+        let again = pins.pin(&current);
+        assert!(Arc::ptr_eq(first.arc(), again.arc()));
+        assert_eq!(Arc::strong_count(first.arc()), counts);
+        let old = Arc::downgrade(first.arc());
+        drop((first, again));
+
+        current.store(Arc::new(String::from("second")));
+        // Without a clear, the next pin sees the pointer changed.
+        assert_eq!(*pins.pin(&current), "second");
+        // A thread that pinned the old value and went idle keeps it until a
+        // clear (as the snapshot's swap does).
+        current.store(Arc::new(String::from("third")));
+        let idle = std::thread::scope(|s| {
+            s.spawn(|| Arc::downgrade(pins.pin(&current).arc()))
+                .join()
+                .unwrap()
+        });
+        assert!(
+            old.upgrade().is_none(),
+            "the first value was replaced in its slot"
+        );
+        current.store(Arc::new(String::from("fourth")));
+        assert!(idle.upgrade().is_some(), "held by the idle thread's slot");
+        pins.clear();
+        assert!(idle.upgrade().is_none(), "let go by the clear");
+        assert_eq!(*pins.pin(&current), "fourth");
     }
 
     #[test]

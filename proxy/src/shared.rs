@@ -17,7 +17,7 @@ use crate::resolve::Names;
 use crate::runtime::{DurationCollector, Runtime};
 use crate::series::Ledger;
 use crate::services::ServiceSets;
-use crate::shard::InFlight;
+use crate::shard::{Handle, InFlight, Pins};
 use crate::trace::{IdGenerator, Tracer};
 
 /// Aligned to 128 bytes so that its `Arc`'s reference counts (each exchange holds
@@ -27,6 +27,9 @@ pub struct Shared {
     /// The live snapshot, replaced whole on reload; [`Runtime::empty`] until a
     /// policy loads.
     pub runtime: Arc<ArcSwap<Runtime>>,
+    /// Each thread's reference to the live snapshot, which its requests clone
+    /// ([`Shared::snapshot`]); cleared whenever `runtime` is replaced.
+    snapshots: Pins<Runtime>,
     pub metrics: Metrics,
     /// The routes and policies that have metric series now, and how long they keep
     /// them without traffic (see `series`).
@@ -62,6 +65,7 @@ impl Shared {
         let dropped = metrics.access_log_dropped.clone();
         Ok(Shared {
             runtime,
+            snapshots: Pins::default(),
             metrics,
             series: Ledger::new(ROUTE_SERIES_IDLE),
             ids: IdGenerator::default(),
@@ -77,6 +81,13 @@ impl Shared {
 }
 
 impl Shared {
+    /// The live snapshot, for a request to be routed by and to keep for its whole
+    /// life: a reference counted on the calling thread's line (see
+    /// [`crate::shard::Pins`]), not on the snapshot's, which every thread shares.
+    pub fn snapshot(&self) -> Handle<Runtime> {
+        self.snapshots.pin(&self.runtime)
+    }
+
     /// Routes and policies keep their series for `idle` without traffic, instead of
     /// [`ROUTE_SERIES_IDLE`] (`--metrics-idle`).
     pub fn with_metrics_idle(mut self, idle: Duration) -> Self {
@@ -96,6 +107,7 @@ impl Shared {
     /// what the build resolved).
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
+        self.snapshots.clear();
         apply_resolved(self, &Names::default(), Instant::now());
         self.forget_removed_backends();
     }
@@ -154,6 +166,7 @@ pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
         let next = Arc::new(current.with_endpoints(replaced));
         let before = shared.runtime.compare_and_swap(&current, next);
         if Arc::ptr_eq(&before, &current) {
+            shared.snapshots.clear();
             return true;
         }
     }

@@ -46,7 +46,7 @@ use sluice_policy::{FallbackCause, GrpcCode, Key, MtlsMode};
 use crate::breaker::Admission;
 use crate::endpoints::Endpoints;
 use crate::runtime::{PolicyRuntime, RouteRuntime, Routed, Runtime};
-use crate::shard::Ticket;
+use crate::shard::{Handle, Ticket};
 use crate::trace;
 use crate::verdict::Verdict;
 
@@ -132,7 +132,7 @@ pub enum Event<'a> {
     /// iptables-redirected connection was going. `h2c`: whether the engine can
     /// speak h2c to backends (else a policy that needs it is handed off).
     Arrived {
-        runtime: Arc<Runtime>,
+        runtime: Handle<Runtime>,
         side: &'a Side,
         original_dst: Option<SocketAddr>,
         h2c: bool,
@@ -254,7 +254,7 @@ pub struct Exchange<O: Observe> {
     state: State,
     direction: Direction,
     /// The snapshot the request was routed by, pinned for its whole life.
-    runtime: Option<Arc<Runtime>>,
+    runtime: Option<Handle<Runtime>>,
     routed: Routed,
     verdict: Verdict,
     shadow: Option<Verdict>,
@@ -472,7 +472,7 @@ impl<O: Observe> Exchange<O> {
     fn arrive(
         &mut self,
         req: &(impl Request + ?Sized),
-        runtime: Arc<Runtime>,
+        runtime: Handle<Runtime>,
         side: &Side,
         original_dst: Option<SocketAddr>,
         undiscovered: bool,

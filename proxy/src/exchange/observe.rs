@@ -5,7 +5,6 @@
 //! Every event on a route or a policy marks it used first (see `series`): that is
 //! what makes its series exist, and what keeps them while traffic lasts.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sluice_policy::{FallbackCause, Mode};
@@ -16,7 +15,7 @@ use crate::breaker::Transition;
 use crate::endpoints::Endpoints;
 use crate::metrics::{code_class, code_class_index};
 use crate::runtime::{PolicyRuntime, RouteRuntime};
-use crate::shard::Ticket;
+use crate::shard::{Handle, Ticket};
 use crate::shared::Shared;
 use crate::trace::{IdGenerator, RequestTrace, Sampler, SpanData, SpanKind, Value};
 use crate::verdict::Verdict;
@@ -130,7 +129,7 @@ impl Shared {
 /// The proxy's observer: Prometheus counters (through the snapshot's cached
 /// handles where the request path is hot), the access log, warnings for state
 /// changes.
-impl Observe for Arc<Shared> {
+impl Observe for Handle<Shared> {
     fn begin(&self) -> Ticket {
         // The gauge is set from this count at each scrape (admin), not here: two
         // fewer writes per request to a line every worker thread shares.

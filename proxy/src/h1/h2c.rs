@@ -8,7 +8,6 @@
 //! re-encoded form, not as data).
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -19,6 +18,7 @@ use super::{
 };
 use crate::exchange::{Action, Event, Exchange, Peer, Request};
 use crate::h2::{H2Response, Sent};
+use crate::shard::Handle;
 use crate::shared::Shared;
 
 /// What an attempt on an h2c backend came to.
@@ -48,7 +48,7 @@ fn hop_by_hop(name: &str) -> bool {
 /// `:authority`, Sluice's fields added. `None` if it cannot be said in HTTP/2.
 fn h2_request(
     req: &FastRequest<'_>,
-    exchange: &Exchange<Arc<Shared>>,
+    exchange: &Exchange<Handle<Shared>>,
     peer: &Peer,
     client_ip: IpAddr,
 ) -> Option<http::Request<()>> {
@@ -96,7 +96,7 @@ impl Engine {
         client: &mut Client,
         req: &FastRequest<'_>,
         body: &Bytes,
-        exchange: &mut Exchange<Arc<Shared>>,
+        exchange: &mut Exchange<Handle<Shared>>,
         peer: &Peer,
         keep_alive: bool,
         out: &mut Vec<u8>,
@@ -158,7 +158,7 @@ impl Engine {
         &self,
         client: &mut Client,
         req: &FastRequest<'_>,
-        exchange: &mut Exchange<Arc<Shared>>,
+        exchange: &mut Exchange<Handle<Shared>>,
         mut response: H2Response,
         keep_alive: bool,
         out: &mut Vec<u8>,

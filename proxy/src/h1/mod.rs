@@ -49,6 +49,7 @@ use crate::exchange::{Action, Exchange, Request};
 use crate::front;
 use crate::phases::SluiceProxy;
 use crate::pool::Pool;
+use crate::shard::Handle;
 use crate::shared::Shared;
 use sluice_h1::{Body, ChunkedDecoder, Form, Refusal, RequestHead};
 
@@ -133,7 +134,7 @@ struct Client {
     buf: BytesMut,
     /// The exchange of a request handed to pingora with the connection (routed
     /// here, governed there).
-    handed: Option<Exchange<Arc<Shared>>>,
+    handed: Option<Exchange<Handle<Shared>>>,
     /// Transparent mode: the destination the connection was redirected from.
     original_dst: Option<SocketAddr>,
     shutdown: ShutdownWatch,
@@ -184,7 +185,7 @@ fn push_number(out: &mut Vec<u8>, name: &str, value: u64) {
 
 /// The fields governance adds to a relayed response: `RateLimit-*` and
 /// `x-sluice-fallback`.
-fn push_governance_fields(out: &mut Vec<u8>, exchange: &Exchange<Arc<Shared>>) {
+fn push_governance_fields(out: &mut Vec<u8>, exchange: &Exchange<Handle<Shared>>) {
     let (rate, fallback) = exchange.response_headers();
     if let Some(h) = rate {
         push_number(out, "ratelimit-limit", u64::from(h.limit));

@@ -2,7 +2,6 @@
 //! on pooled or new upstream connections), the response relayed, or the proxy's
 //! own answer written; the request settled either way.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -15,6 +14,7 @@ use super::{
 };
 use crate::conn::{dial, Conn};
 use crate::exchange::{Action, Event, Exchange, Peer, Reply, Request, MAX_ATTEMPTS};
+use crate::shard::Handle;
 use crate::shared::Shared;
 
 impl Engine {
@@ -23,7 +23,7 @@ impl Engine {
         &self,
         client: &mut Client,
         req: &FastRequest<'_>,
-        mut exchange: Exchange<Arc<Shared>>,
+        mut exchange: Exchange<Handle<Shared>>,
         reply: Reply,
         keep_alive: bool,
         out: &mut Vec<u8>,
@@ -63,7 +63,7 @@ impl Engine {
         client: &mut Client,
         req: &FastRequest<'_>,
         body: &Bytes,
-        mut exchange: Exchange<Arc<Shared>>,
+        mut exchange: Exchange<Handle<Shared>>,
         mut action: Action,
         keep_alive: bool,
         out: &mut Vec<u8>,
@@ -212,7 +212,7 @@ impl Engine {
         &self,
         client: &mut Client,
         req: &FastRequest<'_>,
-        mut exchange: Exchange<Arc<Shared>>,
+        mut exchange: Exchange<Handle<Shared>>,
         mut upstream: Conn,
         peer: &Peer,
         response: ResponseHead,

@@ -28,7 +28,7 @@ pub(super) fn finished(status: u16, failed: bool, grpc_status: Option<u32>) -> E
 /// The `grpc-timeout` a backend gets: what is left of the call's deadline, in
 /// place of the client's (which is otherwise copied with the rest of its head).
 pub(super) fn grpc_timeout(
-    exchange: &crate::exchange::Exchange<std::sync::Arc<crate::shared::Shared>>,
+    exchange: &crate::exchange::Exchange<crate::shard::Handle<crate::shared::Shared>>,
     headers: &mut http::HeaderMap,
 ) {
     let left = exchange.upstream_grpc_timeout(std::time::Instant::now());

@@ -8,7 +8,6 @@
 //! Request trailers do not go to HTTP/1 backends (a chunked request could carry
 //! them, but few HTTP/1 servers read them); gRPC backends speak h2c.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -23,6 +22,7 @@ use super::translate::{translate, Dechunk};
 use super::upstream::{broken, is_hop_by_hop, relayed_head, within, Upstreams};
 use super::{events, Conn};
 use crate::exchange::{Action, Event, Exchange, Peer};
+use crate::shard::Handle;
 use crate::shared::Shared;
 
 /// Request bytes gathered before a write to the backend.
@@ -75,7 +75,7 @@ fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 fn write_head(
     out: &mut Vec<u8>,
     req: &H2Request<'_>,
-    exchange: &Exchange<Arc<Shared>>,
+    exchange: &Exchange<Handle<Shared>>,
     conn: &Conn,
     body: &Body,
 ) -> bool {
@@ -275,7 +275,7 @@ impl Upstreams {
         conn: &Conn,
         req: &mut H2Request<'_>,
         body: &mut Body,
-        exchange: &mut Exchange<Arc<Shared>>,
+        exchange: &mut Exchange<Handle<Shared>>,
         peer: &Peer,
         respond: &mut SendResponse<Bytes>,
     ) -> Option<Action> {

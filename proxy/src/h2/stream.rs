@@ -3,7 +3,6 @@
 //! carried out, and the proxy's own answers written.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -13,6 +12,7 @@ use http::HeaderMap;
 
 use super::{events, Conn, Engine, MAX_RESEND_BODY};
 use crate::exchange::{Action, Event, Exchange, Reply, Request, MAX_ATTEMPTS};
+use crate::shard::Handle;
 use crate::shared::Shared;
 
 /// A request as the flow sees it on the h2 engine.
@@ -272,7 +272,7 @@ impl Engine {
         conn: &Conn,
         req: &mut H2Request<'_>,
         body: &mut Body,
-        mut exchange: Exchange<Arc<Shared>>,
+        mut exchange: Exchange<Handle<Shared>>,
         mut action: Action,
         mut respond: SendResponse<Bytes>,
     ) {
@@ -322,7 +322,7 @@ impl Engine {
 /// frame with END_STREAM (trailers-only, as gRPC expects).
 fn answer(
     req: &H2Request<'_>,
-    mut exchange: Exchange<Arc<Shared>>,
+    mut exchange: Exchange<Handle<Shared>>,
     reply: Reply,
     mut respond: SendResponse<Bytes>,
 ) {

@@ -22,6 +22,7 @@ use super::{
     MAX_UPSTREAM_CONNECTIONS, STREAM_WINDOW,
 };
 use crate::exchange::{Action, Event, Exchange, Peer, UPSTREAM_IDLE_TIMEOUT};
+use crate::shard::Handle;
 use crate::shared::Shared;
 
 /// One HTTP/2 connection to a backend.
@@ -131,7 +132,7 @@ pub(super) fn is_hop_by_hop(name: &http::HeaderName) -> bool {
 /// fields, with Sluice's own added.
 pub(super) fn relayed_head(
     mut parts: http::response::Parts,
-    exchange: &Exchange<Arc<Shared>>,
+    exchange: &Exchange<Handle<Shared>>,
 ) -> http::Response<()> {
     let hop: Vec<http::HeaderName> = parts
         .headers
@@ -168,7 +169,7 @@ pub(super) fn relayed_head(
 /// the client's, Sluice's fields added.
 fn upstream_request(
     req: &H2Request<'_>,
-    exchange: &Exchange<Arc<Shared>>,
+    exchange: &Exchange<Handle<Shared>>,
     conn: &Conn,
 ) -> http::Request<()> {
     let parts = req.parts;
@@ -322,7 +323,7 @@ impl Upstreams {
         conn: &Conn,
         req: &mut H2Request<'_>,
         body: &mut Body,
-        exchange: &mut Exchange<Arc<Shared>>,
+        exchange: &mut Exchange<Handle<Shared>>,
         peer: &Peer,
         respond: &mut SendResponse<Bytes>,
     ) -> Option<Action> {

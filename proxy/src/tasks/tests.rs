@@ -306,14 +306,15 @@ fn a_policys_upstream_counts_are_exported_again_after_its_series_expired() {
     let t0 = Instant::now();
     let series =
         "sluice_upstream_requests_total{backend=\"127.0.0.1:1\",outcome=\"success\",policy=\"p\"}";
-    shared.upstream(policy, &policy.endpoints, 0, Outcome::Success);
+    let observer = crate::shard::Handle::new(Arc::clone(&shared));
+    observer.upstream(policy, &policy.endpoints, 0, Outcome::Success);
     assert!(rendered(&shared).contains(&format!("{series} 1")));
     housekeeping(&shared, 1, t0);
     housekeeping(&shared, 2, t0 + shared.series.idle());
     assert!(!rendered(&shared).contains(series));
     // The handle cached for the backend pointed at the removed series: it was
     // dropped with it, and the next attempt counts into a new one.
-    shared.upstream(policy, &policy.endpoints, 0, Outcome::Success);
+    observer.upstream(policy, &policy.endpoints, 0, Outcome::Success);
     assert!(
         rendered(&shared).contains(&format!("{series} 1")),
         "{}",
@@ -393,4 +394,45 @@ async fn a_job_runs_at_once_then_every_period_until_shutdown() {
         .await
         .expect("the job ends at shutdown")
         .unwrap();
+}
+
+/// Requests take the live snapshot from their thread's pin (`Shared::snapshot`);
+/// both ways the snapshot is replaced (a reload's `install`, the endpoint swap of
+/// `apply_resolved`) let go of every thread's pin, so no idle worker thread keeps
+/// a replaced snapshot (of a whole mesh) alive.
+#[tokio::test]
+async fn a_replaced_snapshot_is_let_go_by_every_threads_pin() {
+    let shared = shared_with(NAMED);
+    let idle_thread_pins = |shared: &Arc<Shared>| {
+        let pinned = std::thread::scope(|s| {
+            s.spawn(|| Arc::downgrade(shared.snapshot().arc()))
+                .join()
+                .unwrap()
+        });
+        assert!(pinned.upgrade().is_some(), "held by the thread's pin");
+        pinned
+    };
+
+    // The endpoint swap.
+    let before_resolve = idle_thread_pins(&shared);
+    let (resolver, mut names, t0) = (FakeResolver::new(), Names::default(), Instant::now());
+    resolver.answer(&[1, 2, 3], Some(Duration::from_secs(10)));
+    resolve_backends(&shared, &resolver, &mut names, t0).await;
+    assert!(
+        before_resolve.upgrade().is_none(),
+        "let go at the endpoint swap"
+    );
+    let now = shared.snapshot();
+    assert!(Arc::ptr_eq(now.arc(), &shared.runtime.load_full()));
+    assert_eq!(now.policies[0].endpoints.targets.len(), 4);
+    drop(now);
+
+    // A reload.
+    let before_reload = idle_thread_pins(&shared);
+    let set = sluice_policy::load::parse_str(Path::new("t.yaml"), GOVERNED).unwrap();
+    shared.install(Runtime::build(set, "t2".into(), None, &shared.globals).unwrap());
+    assert!(before_reload.upgrade().is_none(), "let go at the reload");
+    let now = shared.snapshot();
+    assert!(Arc::ptr_eq(now.arc(), &shared.runtime.load_full()));
+    assert_eq!(now.policies[0].routes[0].route.name, "r");
 }

@@ -124,7 +124,7 @@ fn no_policy_no_route_and_not_ready_are_answered_here() {
 
     let mut ex = Exchange::new(Arc::clone(&h.rec), h.at(0));
     let event = Event::Arrived {
-        runtime: Arc::new(Runtime::empty()),
+        runtime: Handle::new(Arc::new(Runtime::empty())),
         side: &h.side,
         original_dst: None,
         h2c: true,

@@ -273,7 +273,7 @@ fn policies_with_h2c_backends_are_handed_off_before_governance() {
     let h = Harness::new(rt);
     let mut ex = Exchange::new(Arc::clone(&h.rec), h.at(0));
     let event = Event::Arrived {
-        runtime: Arc::clone(&h.rt),
+        runtime: Handle::new(Arc::clone(&h.rt)),
         side: &h.side,
         original_dst: None,
         h2c: false,
@@ -315,7 +315,7 @@ fn inbound_requests_go_to_the_app_and_never_back_to_the_proxy() {
     // Redirected from one of the proxy's own ports: nowhere to deliver.
     let mut ex = Exchange::new(Arc::clone(&h.rec), h.at(0));
     let event = Event::Arrived {
-        runtime: Arc::clone(&h.rt),
+        runtime: Handle::new(Arc::clone(&h.rt)),
         side: &h.side,
         original_dst: Some(SocketAddr::from(([10, 0, 0, 1], 15001))),
         h2c: true,
@@ -335,7 +335,7 @@ fn unclaimed_transparent_traffic_passes_through_untouched() {
     let dst = SocketAddr::from(([10, 1, 2, 3], 80));
     let mut ex = Exchange::new(Arc::clone(&h.rec), h.at(0));
     let event = Event::Arrived {
-        runtime: Arc::clone(&h.rt),
+        runtime: Handle::new(Arc::clone(&h.rt)),
         side: &h.side,
         original_dst: Some(dst),
         h2c: true,

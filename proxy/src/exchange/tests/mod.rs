@@ -262,7 +262,7 @@ impl Harness {
     fn arrive(&self, req: &Req, ms: u64) -> (Exchange<Arc<Recorder>>, Action) {
         let mut ex = Exchange::new(Arc::clone(&self.rec), self.at(ms));
         let event = Event::Arrived {
-            runtime: Arc::clone(&self.rt),
+            runtime: Handle::new(Arc::clone(&self.rt)),
             side: &self.side,
             original_dst: None,
             h2c: true,
