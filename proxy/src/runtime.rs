@@ -12,7 +12,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use crate::shard::Live;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use sluice_policy::{Backend, FallbackAction, Mode, PolicySet, Route, TrafficPolicy};
@@ -508,12 +508,12 @@ fn version_of(set: &PolicySet) -> String {
 /// snapshot that has series (used lately, see `series`), with the SLO threshold among
 /// its buckets; routes without traffic and removed routes are left out.
 pub struct DurationCollector {
-    runtime: Arc<ArcSwap<Runtime>>,
+    runtime: Arc<Live<Runtime>>,
     desc: Desc,
 }
 
 impl DurationCollector {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> prometheus::Result<Self> {
+    pub fn new(runtime: Arc<Live<Runtime>>) -> prometheus::Result<Self> {
         let desc = Desc::new(
             DURATION_NAME.into(),
             DURATION_HELP.into(),

@@ -130,7 +130,7 @@ impl<T> PerThread<T> {
 /// A reference to a `T` every thread shares, counted on a cache line of its own:
 /// cloning and dropping it writes that line, not the counts of the `T`'s `Arc`,
 /// which every thread would write. A request takes one from its thread
-/// ([`Handles::mine`], [`Pins::pin`]), so the counts it writes stay in its core's
+/// ([`Handles::mine`], [`Live::pin`]), so the counts it writes stay in its core's
 /// cache (issue 23: the shared state's and the snapshot's `Arc` counts were the
 /// last lines every request wrote).
 pub struct Handle<T>(Arc<CacheLine<Arc<T>>>);
@@ -181,51 +181,79 @@ impl<T> Handles<T> {
     }
 }
 
-/// A [`Handle`] per thread of whatever value an `ArcSwap` holds now (the live
-/// snapshot): a request pins its thread's, which is replaced when the `ArcSwap`'s
-/// value changed since that thread last pinned.
+/// A value replaced whole from time to time (the live snapshot), read by every
+/// request and kept for the request's life: an `ArcSwap` for the readers that
+/// look ([`Live::load`]), and for requests a [`Handle`] per thread
+/// ([`Live::pin`]), renewed after each replacement.
 ///
-/// Each thread's handle keeps the value it pinned alive until the thread's next
-/// pin or [`Pins::clear`], which whoever swaps the value calls, so an old value
-/// (a whole snapshot) is not kept by an idle thread.
-pub struct Pins<T> {
-    slots: PerThread<Mutex<Option<Handle<T>>>>,
+/// Only its own methods replace the value, so no replacement can leave a thread
+/// pinning an older one; each lets go of every thread's handle, so an idle
+/// thread does not keep an old value (a whole snapshot) alive.
+pub struct Live<T> {
+    current: ArcSwap<T>,
+    /// Each thread's handle of the live value; emptied by every replacement.
+    pins: PerThread<Mutex<Option<Handle<T>>>>,
 }
 
-impl<T> Default for Pins<T> {
-    fn default() -> Self {
-        Pins {
-            slots: PerThread::per_core(|_| Mutex::new(None)),
+impl<T> Live<T> {
+    pub fn new(value: Arc<T>) -> Self {
+        Live {
+            current: ArcSwap::new(value),
+            pins: PerThread::per_core(|_| Mutex::new(None)),
         }
     }
-}
 
-impl<T> Pins<T> {
-    /// A handle of `current`'s value now, counted on the calling thread's line.
-    pub fn pin(&self, current: &ArcSwap<T>) -> Handle<T> {
-        let now = current.load();
-        // The thread's own lock: only `clear` (on a swap) ever waits on it.
+    /// A look at the value now (not to be kept across awaits: `ArcSwap::load`).
+    pub fn load(&self) -> Guard<Arc<T>> {
+        self.current.load()
+    }
+
+    /// The value now, as its own `Arc`.
+    pub fn load_full(&self) -> Arc<T> {
+        self.current.load_full()
+    }
+
+    /// A handle of the value now, counted on the calling thread's line: what a
+    /// request keeps.
+    ///
+    /// Why a pinned handle is never older than the last replacement that
+    /// returned: an empty slot is filled with a load made under the slot's lock,
+    /// and a replacement empties every slot under its lock after its store. So a
+    /// fill either comes before the emptying (and is emptied) or after it (and
+    /// its load sees the store). A request that begins during a replacement may
+    /// get the value being replaced, as if it had begun a moment earlier.
+    pub fn pin(&self) -> Handle<T> {
+        // The thread's own lock: only a replacement's emptying ever waits on it.
         let mut slot = self
-            .slots
+            .pins
             .mine()
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match &*slot {
-            // The same allocation: the pinned handle keeps it alive, so its
-            // address cannot have been reused by a newer value.
-            Some(pinned) if Arc::ptr_eq(pinned.arc(), &now) => pinned.clone(),
-            _ => {
-                let pinned = Handle::new(Guard::into_inner(now));
-                *slot = Some(pinned.clone());
-                pinned
-            }
-        }
+        slot.get_or_insert_with(|| Handle::new(self.current.load_full()))
+            .clone()
     }
 
-    /// Lets go of every thread's handle (after a swap: requests pin the new value;
-    /// those in flight keep the old one until they end).
-    pub fn clear(&self) {
-        for slot in self.slots.iter() {
+    /// Makes `value` the live one.
+    pub fn store(&self, value: Arc<T>) {
+        self.current.store(value);
+        self.replaced();
+    }
+
+    /// Makes `next` the live one if `current` still is; whether it did.
+    pub fn swap_if_current(&self, current: &Arc<T>, next: Arc<T>) -> bool {
+        let before = self.current.compare_and_swap(current, next);
+        let swapped = Arc::ptr_eq(&before, current);
+        drop(before);
+        if swapped {
+            self.replaced();
+        }
+        swapped
+    }
+
+    /// After a replacement: every thread's handle of the old value is let go
+    /// (requests in flight keep theirs until they end); the next pins load anew.
+    fn replaced(&self) {
+        for slot in self.pins.iter() {
             drop(slot.lock().unwrap_or_else(PoisonError::into_inner).take());
         }
     }
@@ -283,12 +311,11 @@ impl InFlight {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use arc_swap::ArcSwap;
-
     use super::{
-        ordinal_of, thread_ordinal, CacheLine, Handle, Handles, InFlight, PerThread, Pins,
+        ordinal_of, thread_ordinal, CacheLine, Handle, Handles, InFlight, Live, PerThread,
     };
 
     #[test]
@@ -357,39 +384,75 @@ mod tests {
     }
 
     #[test]
-    fn a_pin_follows_the_swapped_value_and_a_clear_lets_the_old_one_go() {
-        let current = ArcSwap::from_pointee(String::from("first"));
-        let pins = Pins::default();
-        let first = pins.pin(&current);
+    fn a_pin_follows_the_replaced_value_and_lets_the_old_one_go() {
+        let live = Live::new(Arc::new(String::from("first")));
+        let first = live.pin();
         assert_eq!(*first, "first");
         // Pinned again on this thread: the same handle, no new count on the value.
         let counts = Arc::strong_count(first.arc());
-        let again = pins.pin(&current);
+        let again = live.pin();
         assert!(Arc::ptr_eq(first.arc(), again.arc()));
         assert_eq!(Arc::strong_count(first.arc()), counts);
         let old = Arc::downgrade(first.arc());
-        drop((first, again));
+        // A request in flight keeps its value across a replacement.
+        drop(again);
+        live.store(Arc::new(String::from("second")));
+        assert_eq!(*first, "first");
+        assert_eq!(*live.pin(), "second");
+        drop(first);
+        assert!(old.upgrade().is_none(), "no pin kept the first value");
 
-        current.store(Arc::new(String::from("second")));
-        // Without a clear, the next pin sees the pointer changed.
-        assert_eq!(*pins.pin(&current), "second");
-        // A thread that pinned the old value and went idle keeps it until a
-        // clear (as the snapshot's swap does).
-        current.store(Arc::new(String::from("third")));
-        let idle = std::thread::scope(|s| {
-            s.spawn(|| Arc::downgrade(pins.pin(&current).arc()))
-                .join()
-                .unwrap()
+        // A thread that pinned and went idle lets go at the next replacement.
+        let idle =
+            std::thread::scope(|s| s.spawn(|| Arc::downgrade(live.pin().arc())).join().unwrap());
+        assert!(idle.upgrade().is_some(), "held by the idle thread's pin");
+        let second = live.load_full();
+        assert!(live.swap_if_current(&second, Arc::new(String::from("third"))));
+        drop(second);
+        assert!(idle.upgrade().is_none(), "let go at the replacement");
+        assert_eq!(*live.pin(), "third");
+        // A swap from a value no longer current does nothing.
+        let stale = Arc::new(String::from("stale"));
+        assert!(!live.swap_if_current(&stale, Arc::new(String::from("lost"))));
+        assert_eq!(*live.pin(), "third");
+        assert_eq!(**live.load(), "third");
+    }
+
+    /// The property `Live::pin` promises, under a replacer racing the pins: a pin
+    /// begun after a replacement returned never gets an older value. (Filling a
+    /// slot outside its lock breaks it: a fill of a value loaded before a
+    /// replacement, landing after its emptying, would stay pinned.)
+    #[test]
+    fn no_pin_is_older_than_the_last_replacement_before_it() {
+        let live = Live::new(Arc::new(0u64));
+        let published = AtomicUsize::new(0);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let pinners: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut pins = 0u64;
+                        // Bounded: the replacer's 20,000 stores end it first.
+                        while !done.load(Ordering::Acquire) && pins < 50_000_000 {
+                            let floor = published.load(Ordering::Acquire) as u64;
+                            let pinned = live.pin();
+                            assert!(*pinned >= floor, "pinned {} after {floor}", *pinned);
+                            pins += 1;
+                        }
+                        pins
+                    })
+                })
+                .collect();
+            for value in 1..=20_000u64 {
+                live.store(Arc::new(value));
+                published.store(value as usize, Ordering::Release);
+            }
+            done.store(true, Ordering::Release);
+            for pinner in pinners {
+                assert!(pinner.join().unwrap() > 0);
+            }
         });
-        assert!(
-            old.upgrade().is_none(),
-            "the first value was replaced in its slot"
-        );
-        current.store(Arc::new(String::from("fourth")));
-        assert!(idle.upgrade().is_some(), "held by the idle thread's slot");
-        pins.clear();
-        assert!(idle.upgrade().is_none(), "let go by the clear");
-        assert_eq!(*pins.pin(&current), "fourth");
+        assert_eq!(*live.pin(), 20_000);
     }
 
     #[test]

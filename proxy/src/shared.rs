@@ -17,7 +17,7 @@ use crate::resolve::Names;
 use crate::runtime::{DurationCollector, Runtime};
 use crate::series::Ledger;
 use crate::services::ServiceSets;
-use crate::shard::{Handle, InFlight, Pins};
+use crate::shard::{Handle, InFlight, Live};
 use crate::trace::{IdGenerator, Tracer};
 
 /// Aligned to 128 bytes so that its `Arc`'s reference counts (each exchange holds
@@ -26,10 +26,7 @@ use crate::trace::{IdGenerator, Tracer};
 pub struct Shared {
     /// The live snapshot, replaced whole on reload; [`Runtime::empty`] until a
     /// policy loads.
-    pub runtime: Arc<ArcSwap<Runtime>>,
-    /// Each thread's reference to the live snapshot, which its requests clone
-    /// ([`Shared::snapshot`]); cleared whenever `runtime` is replaced.
-    snapshots: Pins<Runtime>,
+    pub runtime: Arc<Live<Runtime>>,
     pub metrics: Metrics,
     /// The routes and policies that have metric series now, and how long they keep
     /// them without traffic (see `series`).
@@ -58,14 +55,13 @@ impl Shared {
     /// Everything empty: no policy yet, metrics on a registry of their own (which
     /// also exports the per-route duration histograms of whatever snapshot is live).
     pub fn new(access_log: bool, redis: bool) -> prometheus::Result<Shared> {
-        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::empty()));
+        let runtime = Arc::new(Live::new(Arc::new(Runtime::empty())));
         let registry = Registry::new();
         registry.register(Box::new(DurationCollector::new(Arc::clone(&runtime))?))?;
         let metrics = Metrics::register(registry)?;
         let dropped = metrics.access_log_dropped.clone();
         Ok(Shared {
             runtime,
-            snapshots: Pins::default(),
             metrics,
             series: Ledger::new(ROUTE_SERIES_IDLE),
             ids: IdGenerator::default(),
@@ -83,9 +79,9 @@ impl Shared {
 impl Shared {
     /// The live snapshot, for a request to be routed by and to keep for its whole
     /// life: a reference counted on the calling thread's line (see
-    /// [`crate::shard::Pins`]), not on the snapshot's, which every thread shares.
+    /// [`Live::pin`]), not on the snapshot's, which every thread shares.
     pub fn snapshot(&self) -> Handle<Runtime> {
-        self.snapshots.pin(&self.runtime)
+        self.runtime.pin()
     }
 
     /// Routes and policies keep their series for `idle` without traffic, instead of
@@ -107,7 +103,6 @@ impl Shared {
     /// what the build resolved).
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
-        self.snapshots.clear();
         apply_resolved(self, &Names::default(), Instant::now());
         self.forget_removed_backends();
     }
@@ -164,9 +159,7 @@ pub fn apply_resolved(shared: &Shared, names: &Names, now: Instant) -> bool {
             return false;
         }
         let next = Arc::new(current.with_endpoints(replaced));
-        let before = shared.runtime.compare_and_swap(&current, next);
-        if Arc::ptr_eq(&before, &current) {
-            shared.snapshots.clear();
+        if shared.runtime.swap_if_current(&current, next) {
             return true;
         }
     }
