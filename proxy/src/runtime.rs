@@ -29,10 +29,11 @@ use crate::ratelimit::RouteLimiter;
 use crate::series::{PolicySeries, RouteSeries};
 use crate::tcplimit::TcpLimiter;
 
-/// Aligned to 128 bytes so that its `Arc`'s reference counts, written by every
-/// request on every worker thread (each request pins the snapshot it was routed
-/// by), sit on a line of their own, not on the one holding the fields every
-/// request reads.
+/// Aligned to 128 bytes so that its `Arc`'s reference counts sit on a line of
+/// their own, not on the one holding the fields every request reads: they are
+/// written when a thread's pin is refilled after a swap and by background loads
+/// (requests clone the thread's pinned [`crate::shard::Handle`] instead, see
+/// [`Live::pin`]).
 #[repr(align(128))]
 pub struct Runtime {
     /// Content hash of the canonical policy: equal policies give equal versions on

@@ -254,7 +254,11 @@ impl<T> Live<T> {
     /// (requests in flight keep theirs until they end); the next pins load anew.
     fn replaced(&self) {
         for slot in self.pins.iter() {
-            drop(slot.lock().unwrap_or_else(PoisonError::into_inner).take());
+            let old = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            // Dropped after the lock is released: it may be the last reference
+            // to a whole snapshot, whose freeing must not hold up the worker
+            // thread that pins on this slot next.
+            drop(old);
         }
     }
 }
@@ -418,17 +422,52 @@ mod tests {
         assert_eq!(**live.load(), "third");
     }
 
+    /// Frees of replaced values happen outside the slots' locks: the last handle
+    /// of an old snapshot is often a thread's pin, and freeing a whole snapshot
+    /// under the lock would hold up that thread's next pin.
+    #[test]
+    fn a_replaced_value_is_freed_with_no_slot_locked() {
+        struct Probe {
+            live: std::sync::Weak<Live<Probe>>,
+            freed_unlocked: Arc<std::sync::Mutex<Vec<bool>>>,
+        }
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                if let Some(live) = self.live.upgrade() {
+                    let unlocked = live.pins.iter().all(|slot| slot.try_lock().is_ok());
+                    self.freed_unlocked.lock().unwrap().push(unlocked);
+                }
+            }
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let live = Arc::new_cyclic(|weak| {
+            Live::new(Arc::new(Probe {
+                live: weak.clone(),
+                freed_unlocked: Arc::clone(&seen),
+            }))
+        });
+        // The thread's pin becomes the first value's last reference.
+        drop(live.pin());
+        live.store(Arc::new(Probe {
+            live: Arc::downgrade(&live),
+            freed_unlocked: Arc::clone(&seen),
+        }));
+        assert_eq!(*seen.lock().unwrap(), [true], "freed once, with no slot locked");
+    }
+
     /// The property `Live::pin` promises, under a replacer racing the pins: a pin
     /// begun after a replacement returned never gets an older value. (Filling a
     /// slot outside its lock breaks it: a fill of a value loaded before a
     /// replacement, landing after its emptying, would stay pinned.)
     #[test]
     fn no_pin_is_older_than_the_last_replacement_before_it() {
+        const PINNERS: usize = 3;
         let live = Live::new(Arc::new(0u64));
         let published = AtomicUsize::new(0);
+        let pinning = AtomicUsize::new(0);
         let done = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
-            let pinners: Vec<_> = (0..3)
+            let pinners: Vec<_> = (0..PINNERS)
                 .map(|_| {
                     s.spawn(|| {
                         let mut pins = 0u64;
@@ -437,19 +476,31 @@ mod tests {
                             let floor = published.load(Ordering::Acquire) as u64;
                             let pinned = live.pin();
                             assert!(*pinned >= floor, "pinned {} after {floor}", *pinned);
+                            if pins == 0 {
+                                pinning.fetch_add(1, Ordering::AcqRel);
+                            }
                             pins += 1;
                         }
                         pins
                     })
                 })
                 .collect();
+            // The replacements race pins only once every pinner is pinning
+            // (bounded wait: the threads start within milliseconds).
+            for _ in 0..10_000_000 {
+                if pinning.load(Ordering::Acquire) == PINNERS {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            assert_eq!(pinning.load(Ordering::Acquire), PINNERS, "pinners started");
             for value in 1..=20_000u64 {
                 live.store(Arc::new(value));
                 published.store(value as usize, Ordering::Release);
             }
             done.store(true, Ordering::Release);
             for pinner in pinners {
-                assert!(pinner.join().unwrap() > 0);
+                assert!(pinner.join().unwrap() > 1);
             }
         });
         assert_eq!(*live.pin(), 20_000);

@@ -20,8 +20,10 @@ use crate::services::ServiceSets;
 use crate::shard::{Handle, InFlight, Live};
 use crate::trace::{IdGenerator, Tracer};
 
-/// Aligned to 128 bytes so that its `Arc`'s reference counts (each exchange holds
-/// a clone) sit on a line of their own, not on the fields every request reads.
+/// Aligned to 128 bytes so that its `Arc`'s reference counts sit on a line of
+/// their own, not on the fields every request reads. (Exchanges hold per-thread
+/// [`Handle`]s, so those counts are written at set-up and by background tasks,
+/// not per request; the alignment keeps it so should a per-request clone return.)
 #[repr(align(128))]
 pub struct Shared {
     /// The live snapshot, replaced whole on reload; [`Runtime::empty`] until a

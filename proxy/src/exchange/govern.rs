@@ -45,8 +45,10 @@ impl<O: Observe> Exchange<O> {
         req: &(impl Request + ?Sized),
         now: Instant,
     ) -> Result<(), Refusal> {
-        // Taken out and put back rather than cloned: a clone of the snapshot's Arc
-        // is an atomic write to a cache line every worker thread shares.
+        // Taken out and put back rather than cloned: a clone is an atomic add and
+        // a subtract (on the thread's own line since the snapshot is a per-thread
+        // handle, but two writes all the same) for a borrow `self` cannot lend
+        // while `govern_route` takes `&mut self`.
         let Some(runtime) = self.runtime.take() else {
             return Ok(());
         };

@@ -1,6 +1,6 @@
 //! Where an exchange's side effects go: one trait, so the flow's decisions are
 //! tested apart from Prometheus and stdout, and one implementation for the proxy
-//! (`Arc<Shared>`: the metrics, the access log, the in-flight count).
+//! (`Handle<Shared>`: the metrics, the access log, the in-flight count).
 //!
 //! Every event on a route or a policy marks it used first (see `series`): that is
 //! what makes its series exist, and what keeps them while traffic lasts.
