@@ -452,7 +452,11 @@ mod tests {
             live: Arc::downgrade(&live),
             freed_unlocked: Arc::clone(&seen),
         }));
-        assert_eq!(*seen.lock().unwrap(), [true], "freed once, with no slot locked");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [true],
+            "freed once, with no slot locked"
+        );
     }
 
     /// The property `Live::pin` promises, under a replacer racing the pins: a pin
