@@ -44,7 +44,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -161,7 +160,6 @@ pub struct Endpoints {
     /// When an endpoint joined (a reload or a DNS change; slow start); `None` for the
     /// first set.
     joined: Vec<Option<Instant>>,
-    random: AtomicU64,
     next_check: Mutex<Instant>,
     /// No health checks, outlier detection or draining endpoint: every endpoint is
     /// always available, so a pick only has to avoid the ones already tried.
@@ -245,25 +243,10 @@ impl Endpoints {
             && !self.is_ejected(index, now)
     }
 
-    /// splitmix64 over a shared counter. The counter moves by a plain load and
-    /// store, not an atomic add: the `lock xadd` was a third of a P2C pick (perf,
-    /// bench/RESULTS.md), and two threads racing here can only draw the same number,
-    /// which costs a balancer nothing (both requests see the same two candidates).
-    fn random(&self) -> u64 {
-        let mut z = self
-            .random
-            .load(Ordering::Relaxed)
-            .wrapping_add(0x9e37_79b9_7f4a_7c15);
-        self.random.store(z, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn pick_with(&self, key: &[u8], allowed: impl Fn(usize) -> bool) -> Option<usize> {
         match &self.picker {
             Picker::RoundRobin(b) => b.pick(|i| !allowed(i)),
-            Picker::P2c(p) => p.pick(&mut || self.random(), |i| !allowed(i)),
+            Picker::P2c(p) => p.pick(&mut || p.random_bits(), |i| !allowed(i)),
             Picker::Hash { ring, .. } => ring.load().pick_skipping(key, |i| !allowed(i)),
         }
     }

@@ -211,10 +211,6 @@ impl Endpoints {
                 }
             }
         };
-        // P2C's candidate draws only need to differ between processes, not be secret.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0x5eed, |d| d.as_nanos() as u64);
         let n = targets.len();
         let health = rule.health_check.as_ref().map(|rule| {
             match previous.and_then(|p| {
@@ -244,7 +240,6 @@ impl Endpoints {
             weights,
             picker,
             joined,
-            random: AtomicU64::new(seed),
             next_check: Mutex::new(match previous {
                 Some(p) => *p.next_check.lock().unwrap_or_else(PoisonError::into_inner),
                 None => now,

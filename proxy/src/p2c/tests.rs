@@ -311,3 +311,27 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn each_backend_s_state_is_on_a_line_of_its_own() {
+    assert_eq!(std::mem::align_of::<PeakEwma>(), 128);
+    let p2c = P2c::new(&[1, 1, 1], Instant::now());
+    let at = |i: usize| Arc::as_ptr(&p2c.backends[i]) as usize;
+    assert!(at(0).abs_diff(at(1)) >= 128 && at(1).abs_diff(at(2)) >= 128);
+}
+
+#[test]
+fn threads_draw_from_counters_of_their_own_and_never_alike() {
+    let p2c = P2c::new(&[1, 1], Instant::now());
+    let draws = |p2c: &P2c| (0..64).map(|_| p2c.random_bits()).collect::<Vec<_>>();
+    let here = draws(&p2c);
+    let there = std::thread::scope(|s| s.spawn(|| draws(&p2c)).join().unwrap());
+    // Distinct draws within a thread and across the two (on a one-core machine
+    // the threads share one counter, which still moves on at every draw).
+    let all: std::collections::HashSet<u64> = here.iter().chain(&there).copied().collect();
+    assert_eq!(all.len(), 128);
+    // Every bit varies (a well-mixed output, not the raw counter).
+    let or = all.iter().fold(0, |a, x| a | x);
+    let and = all.iter().fold(u64::MAX, |a, x| a & x);
+    assert_eq!((or, and), (u64::MAX, 0));
+}
