@@ -15,8 +15,9 @@
 //!   and request counter);
 //! - a local rate limit decision (one bucket shared by every thread, as a route's is);
 //! - a route's circuit breaker, admitting and recording a success while Closed;
-//! - a balancer pick (smooth WRR), and a P2C pick with its finish (in-flight count
-//!   up and down, the latency estimate);
+//! - a balancer pick (smooth WRR), one with its finish under outlier detection,
+//!   and a P2C pick with its finish (in-flight count up and down, the latency
+//!   estimate);
 //! - the references every request takes: to the proxy's shared state and to the
 //!   live snapshot (on the `Arc`s, and on per-thread handles as the flow does);
 //! - a whole request through the flow (everything above a request touches but the
@@ -250,6 +251,13 @@ fn limiter(c: &mut Criterion) {
 }
 
 fn endpoints(algorithm: Algorithm) -> Endpoints {
+    endpoints_with(algorithm, None)
+}
+
+fn endpoints_with(
+    algorithm: Algorithm,
+    outlier_detection: Option<sluice_policy::OutlierDetection>,
+) -> Endpoints {
     let backends: Vec<Backend> = (0..5u16)
         .map(|i| Backend {
             address: sluice_policy::Address {
@@ -270,7 +278,7 @@ fn endpoints(algorithm: Algorithm) -> Endpoints {
                 slow_start: None,
             },
             health_check: None,
-            outlier_detection: None,
+            outlier_detection,
             namespace: None,
         },
         None,
@@ -306,8 +314,27 @@ fn balancer(c: &mut Criterion) {
     shared_row(c, "contention/balancer pick (smooth WRR)", || {
         black_box(wrr.pick(now, b"", &[]));
     });
-    let p2c = endpoints(Algorithm::P2cEwma);
+    // With outlier detection (Envoy's consecutive-5xx): every pick asks whether
+    // each candidate is ejected, every response reports its outcome.
+    let watched = endpoints_with(
+        Algorithm::WeightedRoundRobin,
+        Some(sluice_policy::OutlierDetection {
+            consecutive_failures: 5,
+            eject_for: Duration::from_secs(30),
+            max_ejected_percent: 50,
+        }),
+    );
     let rtt = Duration::from_micros(350);
+    shared_row(
+        c,
+        "contention/balancer pick+finish (smooth WRR, outlier detection)",
+        || {
+            if let Some(i) = watched.pick(now, b"", &[]) {
+                watched.finish(i, now, rtt, false);
+            }
+        },
+    );
+    let p2c = endpoints(Algorithm::P2cEwma);
     shared_row(c, "contention/balancer pick+finish (P2C peak-EWMA)", || {
         if let Some(i) = p2c.pick(now, b"", &[]) {
             p2c.finish(i, now, rtt, false);
