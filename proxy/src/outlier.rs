@@ -28,12 +28,18 @@
 //! be ejected; the caller then has no candidate and should fall back to ignoring
 //! ejection (Envoy's panic mode) rather than fail every request.
 //!
-//! Thread safety: each backend's counters sit in their own small `Mutex`, held for a
-//! few assignments per recorded outcome, so requests to different backends do not
-//! contend. Ejecting (rare) additionally takes one detector-wide lock so that checking
-//! the cap and ejecting are one step: two backends failing at the same moment cannot
+//! Thread safety: what every request does (a pick asking whether a backend is
+//! ejected, a success resetting a streak that is already zero) reads two atomics of
+//! the backend's and writes nothing, takes no lock: each backend's cell is on a
+//! cache line of its own, shared by every worker thread, and a lock or a write per
+//! request there would bounce it between them (issue 23). A failure counts its
+//! streak with an atomic add. The ejection state sits in the backend's `Mutex`,
+//! taken when a streak reaches the threshold and while the backend is (or may be)
+//! ejected. Ejecting additionally takes one detector-wide lock so that checking the
+//! cap and ejecting are one step: two backends failing at the same moment cannot
 //! both squeeze under the cap. Lock order is always detector lock, then backend lock.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -42,9 +48,22 @@ use sluice_policy::OutlierDetection;
 /// Longest ejection, in multiples of `eject_for`.
 pub const MAX_EJECTION_MULTIPLIER: u32 = 10;
 
+/// One backend's state, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Cell {
+    /// Failures in a row (the streak), outside the lock: a success writes it only
+    /// when it is not zero already.
+    streak: AtomicU32,
+    /// Set (under `slot`'s lock) when the backend is ejected; cleared under it by
+    /// the first look after the ejection ended. While clear, the backend is not
+    /// ejected and nobody takes the lock to ask.
+    ejected: AtomicBool,
+    slot: Mutex<Slot>,
+}
+
 #[derive(Debug, Default)]
 struct Slot {
-    consecutive_failures: u32,
     ejected_until: Option<Instant>,
     /// Past ejections, before the decay for the clean time since `ejected_until`.
     times_ejected: u32,
@@ -61,7 +80,7 @@ pub struct OutlierDetector {
     rule: OutlierDetection,
     /// Shared with the detector this one was [carried](OutlierDetector::carried)
     /// from, so outcomes of requests in flight on the old backend set still count.
-    slots: Vec<Arc<Mutex<Slot>>>,
+    slots: Vec<Arc<Cell>>,
     /// Serialises "count ejected, then eject" so the cap holds under concurrency.
     ejecting: Mutex<()>,
 }
@@ -130,23 +149,27 @@ impl OutlierDetector {
     /// An outcome of a real request to `index` (failure = connect error, timeout or
     /// 5xx). Returns `true` when this call ejected the backend.
     pub fn record(&self, index: usize, failed: bool, now: Instant) -> bool {
-        let Some(slot) = self.slots.get(index) else {
+        let Some(cell) = self.slots.get(index) else {
             return false;
         };
-        {
-            let mut slot = lock(slot);
-            if slot.is_ejected(now) {
-                return false;
+        if ejected(cell, now) {
+            return false;
+        }
+        let threshold = self.rule.consecutive_failures.max(1);
+        if !failed {
+            if cell.streak.load(Ordering::Relaxed) != 0 {
+                cell.streak.store(0, Ordering::Relaxed);
             }
-            if !failed {
-                slot.consecutive_failures = 0;
-                return false;
-            }
-            slot.consecutive_failures = slot.consecutive_failures.saturating_add(1);
-            if slot.consecutive_failures < self.rule.consecutive_failures.max(1) {
-                return false;
-            }
-            // Released before taking the detector lock, to keep the lock order.
+            return false;
+        }
+        let streak = cell
+            .streak
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            })
+            .map_or(u32::MAX, |n| n.saturating_add(1));
+        if streak < threshold {
+            return false;
         }
         let _ejecting = lock(&self.ejecting);
         if self.ejected_count(now) >= self.max_ejected() {
@@ -154,11 +177,10 @@ impl OutlierDetector {
             // as another backend has returned.
             return false;
         }
-        let mut slot = lock(slot);
+        let mut slot = lock(&cell.slot);
         // Another thread may have ejected it, or a success reset the streak, while
         // no lock was held.
-        if slot.is_ejected(now) || slot.consecutive_failures < self.rule.consecutive_failures.max(1)
-        {
+        if slot.is_ejected(now) || cell.streak.load(Ordering::Relaxed) < threshold {
             return false;
         }
         let before = self.decayed_times_ejected(&slot, now);
@@ -168,7 +190,8 @@ impl OutlierDetector {
         };
         slot.ejected_until = Some(until);
         slot.times_ejected = before.saturating_add(1);
-        slot.consecutive_failures = 0;
+        cell.streak.store(0, Ordering::Relaxed);
+        cell.ejected.store(true, Ordering::Release);
         true
     }
 
@@ -185,23 +208,32 @@ impl OutlierDetector {
 
     /// An ejected backend returns by itself once its time is up.
     pub fn is_ejected(&self, index: usize, now: Instant) -> bool {
-        self.slots
-            .get(index)
-            .is_some_and(|slot| lock(slot).is_ejected(now))
+        self.slots.get(index).is_some_and(|cell| ejected(cell, now))
     }
 
     /// When an ejected backend returns; `None` when it is not ejected at `now`.
     pub fn ejected_until(&self, index: usize, now: Instant) -> Option<Instant> {
-        let slot = lock(self.slots.get(index)?);
+        let slot = lock(&self.slots.get(index)?.slot);
         slot.ejected_until.filter(|until| *until > now)
     }
 
     pub fn ejected_count(&self, now: Instant) -> usize {
-        self.slots
-            .iter()
-            .filter(|slot| lock(slot).is_ejected(now))
-            .count()
+        self.slots.iter().filter(|cell| ejected(cell, now)).count()
     }
+}
+
+/// Whether the backend is ejected at `now`: one load while it is not (the usual
+/// case); under its lock while it is, clearing the flag once the ejection ended.
+fn ejected(cell: &Cell, now: Instant) -> bool {
+    if !cell.ejected.load(Ordering::Acquire) {
+        return false;
+    }
+    let slot = lock(&cell.slot);
+    let ejected = slot.is_ejected(now);
+    if !ejected {
+        cell.ejected.store(false, Ordering::Release);
+    }
+    ejected
 }
 
 /// How long the `times`-th ejection (1-based, after decay) lasts:
@@ -368,6 +400,37 @@ mod tests {
             }
         });
         assert_eq!(d.ejected_count(t0), 3);
+    }
+
+    /// What every request does on a backend that is not failing (ask whether it is
+    /// ejected, report a success) takes no lock: it goes on while another thread
+    /// holds the backend's lock. (Waits for that with a generous deadline: a
+    /// version that locks blocks until the deadline and fails.)
+    #[test]
+    fn the_healthy_path_takes_no_lock() {
+        let t0 = Instant::now();
+        let d = detector(3, 100, 2);
+        // A short streak, then a success: the reset is a plain store.
+        assert!(!d.record(0, true, t0));
+        let held = lock(&d.slots[0].slot);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let ejected = d.is_ejected(0, t0);
+                let ejecting = d.record(0, false, t0);
+                let again = d.record(0, false, t0);
+                let failed = d.record(0, true, t0);
+                let _ = done.send((ejected, ejecting, again, failed));
+            });
+            let outcome = finished.recv_timeout(Duration::from_secs(30));
+            drop(held);
+            assert_eq!(outcome, Ok((false, false, false, false)));
+        });
+        assert_eq!(
+            d.slots[0].streak.load(Ordering::Relaxed),
+            1,
+            "reset, then one failure"
+        );
     }
 
     proptest::proptest! {
