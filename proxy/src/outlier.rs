@@ -15,7 +15,9 @@
 //!   every interval a host stays un-ejected, the count of past ejections drops by one
 //!   for every `eject_for` the backend has been back without being ejected again.
 //! - An ejected backend returns when its time is up; there is no timer, `is_ejected`
-//!   compares against the injected `now`.
+//!   compares against the injected `now`. The first look at a `now` past the end
+//!   ends the ejection for every caller (callers pass the current time, so a later
+//!   look with an earlier `now` differs from it by a moment at most).
 //! - Results of requests that finish while their backend is ejected (sent before the
 //!   ejection) are ignored: they say nothing about the backend after its break.
 //!
@@ -33,7 +35,7 @@
 //! the backend's and writes nothing, takes no lock: each backend's cell is on a
 //! cache line of its own, shared by every worker thread, and a lock or a write per
 //! request there would bounce it between them (issue 23). A failure counts its
-//! streak with an atomic add. The ejection state sits in the backend's `Mutex`,
+//! streak with a compare-and-swap (saturating). The ejection state sits in the backend's `Mutex`,
 //! taken when a streak reaches the threshold and while the backend is (or may be)
 //! ejected. Ejecting additionally takes one detector-wide lock so that checking the
 //! cap and ejecting are one step: two backends failing at the same moment cannot
@@ -231,6 +233,11 @@ fn ejected(cell: &Cell, now: Instant) -> bool {
     let slot = lock(&cell.slot);
     let ejected = slot.is_ejected(now);
     if !ejected {
+        // The backend starts its next streak from zero: a failure that saw the
+        // flag clear just before the ejection may have counted into the streak the
+        // ejection had reset, and would otherwise be carried into the next one.
+        // Before the flag: a failure that sees it clear counts after the reset.
+        cell.streak.store(0, Ordering::Relaxed);
         cell.ejected.store(false, Ordering::Release);
     }
     ejected
@@ -400,6 +407,23 @@ mod tests {
             }
         });
         assert_eq!(d.ejected_count(t0), 3);
+    }
+
+    /// A failure that raced the ejection (it saw the backend not yet ejected and
+    /// counted after the ejection reset the streak) does not count toward the next
+    /// streak: the backend's return starts it from zero.
+    #[test]
+    fn a_failure_racing_the_ejection_is_not_carried_into_the_next_streak() {
+        let t0 = Instant::now();
+        let d = detector(3, 100, 2);
+        assert_eq!(fail_until_ejected(&d, 0, t0), 3);
+        // Two failures that read the flag before it was set, landing after the reset.
+        d.slots[0].streak.fetch_add(2, Ordering::Relaxed);
+        let back = t0 + BASE;
+        assert!(!d.is_ejected(0, back));
+        assert!(!d.record(0, true, back));
+        assert!(!d.record(0, true, back), "two failures of three");
+        assert!(d.record(0, true, back), "the third ejects");
     }
 
     /// What every request does on a backend that is not failing (ask whether it is
