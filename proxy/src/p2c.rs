@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::shard::PerThread;
+use crate::trace::IdGenerator;
 
 /// Estimate for a backend that has not answered yet (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -205,28 +205,11 @@ pub struct P2c {
     per_decay_ms: f64,
     /// Time zero of the estimates' millisecond clock.
     epoch: Instant,
-    /// The candidates' random draws ([`P2c::random_bits`]): a splitmix64 counter per
-    /// thread, on its own line, so a pick writes nothing another thread writes
-    /// (one counter for the whole balancer was a store per pick to a line every
-    /// picking thread read).
-    random: PerThread<AtomicU64>,
-}
-
-/// Per-thread draw counters, each at a seed of its own: the draws only need to
-/// differ between threads and processes, not be secret (two balancers drawing
-/// alike would cost nothing either: they pick among different backends).
-fn draw_counters() -> PerThread<AtomicU64> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0x5eed, |d| d.as_nanos() as u64);
-    PerThread::per_core(|i| AtomicU64::new(splitmix64(nanos.wrapping_add(i as u64))))
-}
-
-/// splitmix64's output function: 64 well-mixed bits from a counter.
-fn splitmix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    /// The candidates' random draws ([`P2c::random_bits`]): the per-thread
+    /// splitmix64 streams trace ids come from (each on its own line), so a pick
+    /// writes nothing another thread writes (one counter for the whole balancer was
+    /// a store per pick to a line every picking thread read).
+    random: Box<IdGenerator>,
 }
 
 impl P2c {
@@ -243,7 +226,7 @@ impl P2c {
             decay,
             per_decay_ms: 1.0 / (decay.as_secs_f64() * 1e3).max(1.0),
             epoch: now,
-            random: draw_counters(),
+            random: Box::default(),
         }
     }
 
@@ -274,21 +257,13 @@ impl P2c {
             decay: previous.decay,
             per_decay_ms: previous.per_decay_ms,
             epoch: previous.epoch,
-            random: draw_counters(),
+            random: Box::default(),
         }
     }
 
-    /// 64 random bits for a pick's candidates: the calling thread's splitmix64
-    /// counter. A load and a store, not an atomic add: only a thread sharing the
-    /// counter (more threads than counters) can race it, and then two picks draw the
-    /// same number, which costs a balancer nothing.
+    /// 64 random bits for a pick's candidates, from the calling thread's stream.
     pub fn random_bits(&self) -> u64 {
-        let counter = self.random.mine();
-        let z = counter
-            .load(Ordering::Relaxed)
-            .wrapping_add(0x9e37_79b9_7f4a_7c15);
-        counter.store(z, Ordering::Relaxed);
-        splitmix64(z)
+        self.random.next()
     }
 
     /// `now` on the estimates' millisecond clock (wrapping, see [`Estimate`]).

@@ -37,6 +37,7 @@ const STREAMS: usize = 8;
 /// instead, each on a cache line of its own: stream `s` starts `s * 2^61` steps
 /// into the same sequence, so no two streams meet before one of them has given
 /// 2^61 ids (centuries), and the ids stay unique.
+#[derive(Debug)]
 pub struct IdGenerator {
     streams: [CacheLine<AtomicU64>; STREAMS],
 }
